@@ -1,0 +1,30 @@
+"""Llama-2-7B shapes (bf16 weights; for pod runs and ahead-of-time compilation)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.model = ml_collections.ConfigDict(dict(
+      vocab_size=32000,
+      hidden_size=4096,
+      intermediate_size=11008,
+      num_layers=32,
+      num_heads=32,
+      num_kv_heads=32,
+      head_dim=128,
+      rms_norm_eps=1e-5,
+      rope_theta=10_000.0,
+      rope_scaling=None,
+      max_position_embeddings=4096,
+      tie_word_embeddings=False,
+      bos_token_id=1,
+      eos_token_id=2,
+      pad_token_id=None,
+      dtype="bfloat16",
+      param_dtype="bfloat16",
+      scan_layers=True,
+      remat=True,
+      checkpoint="",  # an imported ir_jax checkpoint of Llama-2-7B
+  ))
+  return cfg

@@ -1,0 +1,109 @@
+"""The ir_jax model checkpoint directory: config, orbax parameters, tokenizer.
+
+Layout:
+  DIR/ir_jax.json     format marker, model config, provenance
+  DIR/params/         orbax StandardCheckpointer tree of the model's parameters
+  DIR/tokenizer.json  when the source carried a tokenizer
+
+Directories are written under a temporary name and renamed into place, so a
+failed write leaves nothing behind under the requested name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ir_jax.config import ConfigError, LlamaConfig
+
+META_FILE = "ir_jax.json"
+PARAMS_DIR = "params"
+FORMAT = "ir_jax.model"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory is missing a piece or is not an ir_jax checkpoint."""
+
+
+def is_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, META_FILE))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling directory that becomes `out` only on success."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+    raise FileExistsError(f"{out}: already exists; choose another --out or pass --overwrite")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def save(out: str, cfg: LlamaConfig, params: dict, *, tokenizer_json: str | None = None,
+         provenance: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+  """Writes a model checkpoint directory from a pure-dict parameter tree."""
+  with atomic_dir(out, overwrite) as tmp:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    ckptr.wait_until_finished()
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(),
+            "provenance": provenance or {}}
+    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=2)
+    if tokenizer_json is not None:
+      shutil.copyfile(tokenizer_json, os.path.join(tmp, "tokenizer.json"))
+  return os.path.abspath(out)
+
+
+def load_config(path: str) -> LlamaConfig:
+  meta_file = os.path.join(path, META_FILE)
+  if not os.path.isfile(meta_file):
+    raise CheckpointError(f"{path}: no {META_FILE}; not an ir_jax checkpoint directory")
+  try:
+    with open(meta_file, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{meta_file}: not valid JSON ({e})") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(f"{meta_file}: format is not {FORMAT!r}")
+  if meta.get("version") != FORMAT_VERSION:
+    raise CheckpointError(
+        f"{meta_file}: checkpoint version {meta.get('version')!r}, this ir_jax reads {FORMAT_VERSION}")
+  try:
+    return LlamaConfig.from_dict(meta["model"])
+  except (ConfigError, TypeError, KeyError) as e:
+    raise CheckpointError(f"{meta_file}: bad model config ({e})") from None
+
+
+def restore_params(path: str, target: dict) -> dict:
+  """Restores parameters into `target`, a pure dict of ShapeDtypeStructs
+  (with `.sharding` for sharded restore)."""
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise CheckpointError(f"{path}: no {PARAMS_DIR}/ directory; the checkpoint is incomplete")
+  try:
+    return ocp.StandardCheckpointer().restore(params_dir, target)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(f"{params_dir}: cannot restore parameters ({str(e)[:300]})") from None
+
+
+def to_numpy(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,111 @@
+"""Weight import (HuggingFace safetensors directory, GGUF) into ir_jax checkpoints."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ir_jax import checkpoint
+from ir_jax.config import LlamaConfig
+from ir_jax.convert import mapping
+from ir_jax.convert.sources import GGUFSource, HFSource, Source, WeightImportError
+from ir_jax.model import abstract_model
+
+FORMATS = ("hf", "gguf")
+
+
+def open_source(path: str, fmt: str | None = None, **config_overrides: Any) -> Source:
+  """Opens a weight source; `fmt` None guesses from the path."""
+  if fmt is None:
+    fmt = "gguf" if str(path).endswith(".gguf") else "hf"
+  if fmt == "hf":
+    return HFSource(path, **config_overrides)
+  if fmt == "gguf":
+    return GGUFSource(path, **config_overrides)
+  raise ValueError(f"unknown import format {fmt!r}; expected one of {FORMATS}")
+
+
+def abstract_params(cfg: LlamaConfig) -> dict:
+  """Pure dict of ShapeDtypeStructs, the parameter tree of a model of `cfg`."""
+  return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+
+
+def _get_in(tree: dict, path: tuple[str, ...]) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set_in(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def read_params(source: Source, cfg: LlamaConfig | None = None) -> dict:
+  """All parameters of `source` as a pure dict of numpy arrays in our layout.
+
+  Every tensor's shape is checked against the config before it is read.
+  """
+  cfg = cfg or source.config
+  target = abstract_params(cfg)
+  dtype = np.dtype(cfg.weight_dtype)
+  out: dict = {}
+  for e in mapping.entries(cfg.tie_word_embeddings):
+    want = _get_in(target, e.path)
+    layers = range(cfg.num_layers) if e.per_layer else [None]
+    ours = want.shape[1:] if e.per_layer else want.shape
+    slices = []
+    for i in layers:
+      key = e.hf.format(i=i)
+      if not source.has(key):
+        raise WeightImportError(
+            f"{source.where(key)}: tensor {key!r} is missing (the config needs it)")
+      expect = mapping.hf_shape(e, tuple(ours))
+      got = tuple(source.shape(key))
+      if got != expect:
+        raise WeightImportError(
+            f"{source.where(key)}: tensor {key!r} has shape {list(got)}, "
+            f"the config expects {list(expect)}")
+      slices.append(mapping.to_ours(e, source.get(key), tuple(ours)).astype(dtype))
+    _set_in(out, e.path, np.stack(slices) if e.per_layer else slices[0])
+  return out
+
+
+def model_from_params(cfg: LlamaConfig, params: dict) -> nnx.Module:
+  """Builds the model around an existing parameter tree (no random init)."""
+  graphdef, state = nnx.split(abstract_model(cfg))
+  params = jax.tree.map(lambda a: jax.numpy.asarray(a), params)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def import_weights(src: str, out: str, fmt: str | None = None, *,
+                   param_dtype: str | None = None, overwrite: bool = False) -> str:
+  """Converts a HF directory or GGUF file into an ir_jax checkpoint directory."""
+  overrides = {"param_dtype": param_dtype} if param_dtype else {}
+  source = open_source(src, fmt, **overrides)
+  cfg = source.config
+  params = read_params(source, cfg)
+  provenance = {"source": os.path.abspath(src), "format": fmt or
+                ("gguf" if src.endswith(".gguf") else "hf")}
+  with tempfile.TemporaryDirectory() as tmp:
+    tok_file = _tokenizer_file(source, tmp)
+    return checkpoint.save(out, cfg, params, tokenizer_json=tok_file,
+                           provenance=provenance, overwrite=overwrite)
+
+
+def _tokenizer_file(source: Source, tmp: str) -> str | None:
+  if isinstance(source, GGUFSource):
+    from ir_jax import tokenizer
+
+    tok = tokenizer.tokenizer_from_gguf(source.reader)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    return os.path.join(tmp, "tokenizer.json")
+  cand = os.path.join(source.path, "tokenizer.json")
+  return cand if os.path.isfile(cand) else None

@@ -1,0 +1,124 @@
+"""A validating safetensors reader (memory-mapped) and writer, numpy only.
+
+We parse the header ourselves so a hostile file is refused before any
+allocation: header size, dtypes, shapes, offsets and overlaps are checked
+against the file size first. Tensors are then read lazily from a memmap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+  """A safetensors file is malformed or inconsistent."""
+
+
+class SafetensorsFile:
+  """Random access to the tensors of one `.safetensors` file."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      size = os.path.getsize(path)
+    except OSError as e:
+      raise FileNotFoundError(f"{path}: cannot open safetensors file ({e.strerror})") from None
+    if size < 8:
+      raise SafetensorsError(f"{path}: too short to be a safetensors file ({size} bytes)")
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      if n > min(_MAX_HEADER, size - 8):
+        raise SafetensorsError(
+            f"{path}: header declares {n} bytes but the file has {size - 8} after the length")
+      raw = f.read(n)
+    try:
+      header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{path}: header must be a JSON object")
+    self.metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    self._base = 8 + n
+    self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+    spans = []
+    for name, info in header.items():
+      try:
+        dtype = _DTYPES[info["dtype"]]
+        shape = tuple(int(s) for s in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+      except (KeyError, TypeError, ValueError):
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} has a malformed entry {str(info)[:200]}") from None
+      if any(s < 0 for s in shape):
+        raise SafetensorsError(f"{path}: tensor {name!r} has a negative dimension {shape}")
+      nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+      if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} ({info['dtype']}{list(shape)}, {nbytes} bytes) has "
+            f"offsets [{begin}, {end}) inconsistent with {data_size} data bytes")
+      self._entries[name] = (dtype, shape, begin, end)
+      spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+      if b1 < e0:
+        raise SafetensorsError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    self._mm: np.memmap | None = None
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._entries[name][1]
+
+  def get(self, name: str) -> np.ndarray:
+    """A copy of one tensor (only its bytes are read)."""
+    dtype, shape, begin, end = self._entries[name]
+    if end == begin:
+      return np.zeros(shape, dtype)
+    if self._mm is None:
+      self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+    raw = self._mm[self._base + begin:self._base + end]
+    return np.array(raw.view(dtype).reshape(shape))
+
+
+def save_file(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+              path: str, metadata: Mapping[str, str] | None = None) -> None:
+  """Writes tensors in the safetensors format, streaming one tensor at a time."""
+  items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+  header: dict = {}
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  offset = 0
+  for name, a in items:
+    dt = np.dtype(a.dtype)
+    if dt not in _NAMES:
+      raise SafetensorsError(f"cannot write tensor {name!r} of dtype {dt}")
+    header[name] = {"dtype": _NAMES[dt], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for _, a in items:
+      f.write(np.ascontiguousarray(a).tobytes())

@@ -1,0 +1,190 @@
+"""Weight sources: a HuggingFace Llama directory and a GGUF Llama file.
+
+Both give the model config and tensors by HF key in HF layout, one at a time,
+so import never holds two copies of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Protocol
+
+import numpy as np
+
+from ir_jax.config import ConfigError, LlamaConfig, load_hf_config
+from ir_jax.convert import mapping
+from ir_jax.convert.safetensors_io import SafetensorsFile
+
+
+class WeightImportError(ValueError):
+  """A weight source is missing a piece or disagrees with its config."""
+
+
+class Source(Protocol):
+  path: str
+  config: LlamaConfig
+
+  def has(self, key: str) -> bool: ...
+  def shape(self, key: str) -> tuple[int, ...]: ...
+  def get(self, key: str) -> np.ndarray: ...
+  def where(self, key: str) -> str: ...
+
+
+class HFSource:
+  """A transformers `save_pretrained` directory with safetensors weights."""
+
+  def __init__(self, path: str, **config_overrides):
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path}: not a directory; expected a HuggingFace Llama directory")
+    self.path = path
+    self.config = load_hf_config(path, **config_overrides)
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    self._files: dict[str, SafetensorsFile] = {}
+    self._where: dict[str, str] = {}
+    if os.path.exists(index):
+      try:
+        with open(index, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise WeightImportError(f"{index}: not a valid safetensors index ({e!r})") from None
+      for key, fname in weight_map.items():
+        fpath = os.path.join(path, os.path.basename(str(fname)))
+        if fpath not in self._files:
+          self._files[fpath] = SafetensorsFile(fpath)
+        self._where[key] = fpath
+    elif os.path.exists(single):
+      st = SafetensorsFile(single)
+      self._files[single] = st
+      self._where = {k: single for k in st.keys()}
+    else:
+      bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+      hint = (f" (found {bins[0]}: pickled weights are never loaded; re-save with "
+              "safe_serialization=True)") if bins else ""
+      raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+  def has(self, key: str) -> bool:
+    return key in self._where and key in self._files[self._where[key]]
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._files[self._where[key]].shape(key)
+
+  def get(self, key: str) -> np.ndarray:
+    return self._files[self._where[key]].get(key)
+
+  def where(self, key: str) -> str:
+    return self._where.get(key, os.path.join(self.path, "model.safetensors"))
+
+
+def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+  """Undoes llama.cpp's per-head interleaving of q/k rows (rotary layout)."""
+  rows = w.shape[0]
+  return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFSource:
+  """A llama.cpp GGUF file of the `llama` architecture; tensors dequantized to float32."""
+
+  def __init__(self, path: str, **config_overrides):
+    import gguf  # imported lazily: only GGUF import needs it
+
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such GGUF file")
+    self.path = path
+    try:
+      self.reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises several types on bad files
+      raise WeightImportError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = self.field("general.architecture")
+    if arch != "llama":
+      raise WeightImportError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    self.tensors = {t.name: t for t in self.reader.tensors}
+    self.config = self._config(**config_overrides)
+
+  def field(self, name: str, default=None):
+    f = self.reader.fields.get(name)
+    if f is None:
+      return default
+    v = f.contents()
+    return v
+
+  def _config(self, **overrides) -> LlamaConfig:
+    def need(key: str):
+      v = self.field(key)
+      if v is None:
+        raise WeightImportError(f"{self.path}: GGUF metadata lacks {key!r}")
+      return v
+
+    tokens = self.field("tokenizer.ggml.tokens")
+    vocab = self.field("llama.vocab_size") or (len(tokens) if tokens else None)
+    if vocab is None:
+      raise WeightImportError(f"{self.path}: GGUF metadata gives no vocabulary size")
+    heads = int(need("llama.attention.head_count"))
+    d = int(need("llama.embedding_length"))
+    head_dim = int(self.field("llama.rope.dimension_count") or d // heads)
+    scaling = None
+    if self.field("llama.rope.scaling.type") not in (None, "none"):
+      raise WeightImportError(f"{self.path}: GGUF rope scaling "
+                         f"{self.field('llama.rope.scaling.type')!r} is not supported")
+    fields = dict(
+        vocab_size=int(vocab), hidden_size=d,
+        intermediate_size=int(need("llama.feed_forward_length")),
+        num_layers=int(need("llama.block_count")), num_heads=heads,
+        num_kv_heads=int(self.field("llama.attention.head_count_kv") or heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(need("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(self.field("llama.rope.freq_base") or 10_000.0),
+        rope_scaling=scaling,
+        max_position_embeddings=int(self.field("llama.context_length") or 4096),
+        tie_word_embeddings="output.weight" not in self.tensors,
+        bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+        eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
+        pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
+    )
+    fields.update(overrides)
+    try:
+      return LlamaConfig(**fields)
+    except ConfigError as e:
+      raise WeightImportError(f"{self.path}: {e}") from None
+
+  def _name(self, key: str) -> str:
+    for e in mapping.TABLE:
+      if e.per_layer:
+        prefix, suffix = e.hf.split("{i}")
+        if key.startswith(prefix) and key.endswith(suffix):
+          i = key[len(prefix):len(key) - len(suffix)]
+          if i.isdigit():
+            return e.gguf.replace("{i}", i)
+      elif e.hf == key:
+        return e.gguf
+    raise KeyError(key)
+
+  def has(self, key: str) -> bool:
+    try:
+      return self._name(key) in self.tensors
+    except KeyError:
+      return False
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    # GGUF lists dimensions fastest-first; numpy (and HF) order is the reverse.
+    return tuple(int(s) for s in reversed(self.tensors[self._name(key)].shape))
+
+  def get(self, key: str) -> np.ndarray:
+    from gguf import quants
+
+    t = self.tensors[self._name(key)]
+    try:
+      w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    except (NotImplementedError, ValueError) as e:
+      raise WeightImportError(f"{self.path}: tensor {t.name} of type {t.tensor_type.name} "
+                         f"cannot be dequantized ({e})") from None
+    w = w.reshape(self.shape(key))
+    if key.endswith("q_proj.weight"):
+      w = _unpermute_rows(w, self.config.num_heads)
+    elif key.endswith("k_proj.weight"):
+      w = _unpermute_rows(w, self.config.num_kv_heads)
+    return w
+
+  def where(self, key: str) -> str:
+    return self.path

@@ -1,0 +1,263 @@
+"""A Llama decoder in Flax NNX with HuggingFace parameter layout.
+
+Shapes use suffixes: B batch, T sequence, S a (possibly gathered) subset of
+the sequence, D hidden, H query heads, N kv heads, G = H // N, K head dim,
+F mlp width, V vocab, L layers.
+
+Every parameter carries logical axis names (`out_sharding` metadata) from
+AXES below; `ir_jax.sharding` maps them to mesh axes with one rules table.
+Kernels are HF weights transposed (and split per head for attention), so
+conversion is a rename, a transpose and a reshape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ir_jax.config import LlamaConfig
+
+Array = jax.Array
+
+# Logical axis names used on parameters.
+EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
+    "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any,
+           init: str = "normal") -> nnx.Param:
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:  # HF Llama initialises linear and embedding weights N(0, 0.02)
+    value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+# --------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies `[K/2]` (float64 numpy; a trace-time constant)."""
+  k = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
+  kind = cfg.rope_type
+  if kind == "linear":
+    inv = inv / cfg.rope_scaling["factor"]
+  elif kind == "llama3":
+    rs = cfg.rope_scaling
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    lo_wavelen, hi_wavelen = old_len / lo, old_len / hi
+    # Long wavelengths are stretched by `factor`, short ones kept; between
+    # the two bands the frequencies are blended linearly in 1/wavelength.
+    scaled = np.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+    inv = np.where(mid, blended, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x_BxTxHxK: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
+  """Rotate-half RoPE at explicit positions (gathered tokens keep theirs)."""
+  freqs_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  freqs_BxTxK = jnp.concatenate([freqs_BxTxK2, freqs_BxTxK2], axis=-1)
+  cos = jnp.cos(freqs_BxTxK)[:, :, None, :]
+  sin = jnp.sin(freqs_BxTxK)[:, :, None, :]
+  x = x_BxTxHxK.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxTxHxK.dtype)
+
+
+# ------------------------------------------------------------------ modules
+class RMSNorm(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.weight = _param(rngs, (cfg.hidden_size,), (EMBED,), cfg.weight_dtype, "ones")
+    self.eps = cfg.rms_norm_eps
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_BxTxD: Array) -> Array:
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (self.weight[...].astype(jnp.float32) * x).astype(self.dtype)
+
+
+def attention_mask(q_index_BxS: Array, k_index_BxT: Array,
+                   q_segment_BxS: Array | None, k_segment_BxT: Array | None) -> Array:
+  """Causal (by original index) and same-segment mask `[B, S, T]`."""
+  mask = k_index_BxT[:, None, :] <= q_index_BxS[:, :, None]
+  if q_segment_BxS is not None:
+    mask &= q_segment_BxS[:, :, None] == k_segment_BxT[:, None, :]
+  return mask
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention, split so a router can feed queries for a subset."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    d, h, n, k, dt = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                      cfg.weight_dtype)
+    self.q_proj = _param(rngs, (d, h, k), (EMBED, HEADS, HEAD_DIM), dt)
+    self.k_proj = _param(rngs, (d, n, k), (EMBED, KV_HEADS, HEAD_DIM), dt)
+    self.v_proj = _param(rngs, (d, n, k), (EMBED, KV_HEADS, HEAD_DIM), dt)
+    self.o_proj = _param(rngs, (h, k, d), (HEADS, HEAD_DIM, EMBED), dt)
+    self.config = cfg  # static: inv_freq is recomputed at trace time, never stored as state
+    self.dtype = cfg.compute_dtype
+
+  def _w(self, p: nnx.Param) -> Array:
+    return p[...].astype(self.dtype)
+
+  def keys_values(self, n_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array]:
+    k_BxTxNxK = jnp.einsum("btd,dnk->btnk", n_BxTxD, self._w(self.k_proj))
+    v_BxTxNxK = jnp.einsum("btd,dnk->btnk", n_BxTxD, self._w(self.v_proj))
+    return apply_rope(k_BxTxNxK, positions_BxT, rope_inv_freq(self.config)), v_BxTxNxK
+
+  def queries(self, n_BxSxD: Array, positions_BxS: Array) -> Array:
+    q_BxSxHxK = jnp.einsum("bsd,dhk->bshk", n_BxSxD, self._w(self.q_proj))
+    return apply_rope(q_BxSxHxK, positions_BxS, rope_inv_freq(self.config))
+
+  def attend(self, q_BxSxHxK: Array, k_BxTxNxK: Array, v_BxTxNxK: Array,
+             mask_BxSxT: Array) -> Array:
+    """Softmax attention and the output projection; returns `[B, S, D]`."""
+    b, s, h, kd = q_BxSxHxK.shape
+    n = k_BxTxNxK.shape[2]
+    q_BxSxNxGxK = q_BxSxHxK.reshape(b, s, n, h // n, kd)
+    logits_BxNxGxSxT = jnp.einsum("bsngk,btnk->bngst", q_BxSxNxGxK, k_BxTxNxK,
+                                  preferred_element_type=jnp.float32)
+    logits_BxNxGxSxT = logits_BxNxGxSxT / math.sqrt(kd)
+    big_neg = jnp.finfo(jnp.float32).min
+    logits_BxNxGxSxT = jnp.where(mask_BxSxT[:, None, None], logits_BxNxGxSxT, big_neg)
+    probs = jax.nn.softmax(logits_BxNxGxSxT, axis=-1).astype(self.dtype)
+    o_BxSxNxGxK = jnp.einsum("bngst,btnk->bsngk", probs, v_BxTxNxK)
+    o_BxSxHxK = o_BxSxNxGxK.reshape(b, s, h, kd)
+    return jnp.einsum("bshk,hkd->bsd", o_BxSxHxK, self._w(self.o_proj))
+
+  def __call__(self, n_BxTxD: Array, positions_BxT: Array, index_BxT: Array,
+               segment_ids_BxT: Array | None) -> Array:
+    k, v = self.keys_values(n_BxTxD, positions_BxT)
+    q = self.queries(n_BxTxD, positions_BxT)
+    mask = attention_mask(index_BxT, index_BxT, segment_ids_BxT, segment_ids_BxT)
+    return self.attend(q, k, v, mask)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(n)) * up(n))."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
+    self.gate_proj = _param(rngs, (d, f), (EMBED, MLP), dt)
+    self.up_proj = _param(rngs, (d, f), (EMBED, MLP), dt)
+    self.down_proj = _param(rngs, (f, d), (MLP, EMBED), dt)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, n_BxSxD: Array) -> Array:
+    w = lambda p: p[...].astype(self.dtype)
+    h_BxSxF = jax.nn.silu(n_BxSxD @ w(self.gate_proj)) * (n_BxSxD @ w(self.up_proj))
+    return h_BxSxF @ w(self.down_proj)
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg, rngs)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BxTxD: Array, positions_BxT: Array, index_BxT: Array,
+               segment_ids_BxT: Array | None) -> Array:
+    n = self.input_layernorm(x_BxTxD)
+    x_BxTxD = x_BxTxD + self.self_attn(n, positions_BxT, index_BxT, segment_ids_BxT)
+    return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+
+
+def _stacked_layers(cfg: LlamaConfig, rngs: nnx.Rngs) -> DecoderLayer:
+  """All decoder layers as one module whose parameters lead with a `layers` axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+  def create(r: nnx.Rngs) -> DecoderLayer:
+    return DecoderLayer(cfg, r)
+
+  return create(rngs)
+
+
+class Llama(nnx.Module):
+  """Llama causal LM: `model(tokens_BxT) -> logits_BxTxV` (float32)."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED),
+                               cfg.weight_dtype)
+    self.layers = _stacked_layers(cfg, rngs)
+    self.norm = RMSNorm(cfg, rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), (EMBED, VOCAB),
+                            cfg.weight_dtype)
+
+  # -------------------------------------------------------------- pieces
+  def embed(self, tokens_BxT: Array) -> Array:
+    return jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(
+        self.config.compute_dtype)
+
+  def logits(self, x_BxTxD: Array) -> Array:
+    h = self.norm(x_BxTxD)
+    if self.config.tie_word_embeddings:
+      w_VxD = self.embed_tokens[...].astype(h.dtype)
+      return jnp.einsum("btd,vd->btv", h, w_VxD, preferred_element_type=jnp.float32)
+    w_DxV = self.lm_head[...].astype(h.dtype)
+    return jnp.einsum("btd,dv->btv", h, w_DxV, preferred_element_type=jnp.float32)
+
+  def run_layers(self, layer_fn, x_BxTxD: Array, per_layer: Any = None) -> Array:
+    """Applies `layer_fn(layer, x, per_layer_slice) -> x` over all layers.
+
+    Scanned (one compiled body, fast compile) or unrolled per config; `per_layer`
+    is an optional pytree with a leading layers axis sliced alongside.
+    """
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x, xs):
+      layer_state, extra = xs
+      return layer_fn(nnx.merge(graphdef, layer_state), x, extra), None
+
+    if self.config.remat:
+      body = jax.checkpoint(body, prevent_cse=not self.config.scan_layers)
+    if self.config.scan_layers:
+      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (state, per_layer))
+      return x_BxTxD
+    for i in range(self.config.num_layers):
+      xs = jax.tree.map(lambda a: a[i], (state, per_layer))
+      x_BxTxD, _ = body(x_BxTxD, xs)
+    return x_BxTxD
+
+  # ------------------------------------------------------------- forward
+  def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+               segment_ids_BxT: Array | None = None) -> Array:
+    """Logits for int tokens. Packed rows pass `segment_ids` (and per-document
+    positions); tokens attend only within their segment."""
+    b, t = tokens_BxT.shape
+    index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if positions_BxT is None:
+      positions_BxT = index_BxT
+    x = self.embed(tokens_BxT)
+
+    def layer_fn(layer: DecoderLayer, x: Array, _: Any) -> Array:
+      return layer(x, positions_BxT, index_BxT, segment_ids_BxT)
+
+    return self.logits(self.run_layers(layer_fn, x))
+
+
+def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
+  """A randomly initialised model (for tests and tiny configs)."""
+  return Llama(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: LlamaConfig) -> Llama:
+  """The model with ShapeDtypeStruct leaves: shapes and axis names, no memory."""
+  return nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(params=0)))
