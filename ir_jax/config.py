@@ -51,6 +51,10 @@ class LlamaConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: bool = False
+  # Routing modules (shapes, so they live with the model): forecaster rank r
+  # (d -> r -> d) and router hidden width (0: a linear router).
+  lff_rank: int = 100
+  router_hidden: int = 128
 
   def __post_init__(self) -> None:
     if self.head_dim == 0 and self.num_heads > 0:
@@ -75,6 +79,11 @@ class LlamaConfig:
     positive("num_kv_heads", _MAX_HEADS)
     positive("head_dim", _MAX_HIDDEN)
     positive("max_position_embeddings", 1 << 24)
+    positive("lff_rank", _MAX_HIDDEN)
+    if not isinstance(self.router_hidden, int) or not 0 <= self.router_hidden <= _MAX_HIDDEN:
+      raise ConfigError(
+          f"model.router_hidden must be an integer in [0, {_MAX_HIDDEN}] (0: linear router), "
+          f"got {self.router_hidden!r}")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"model.num_heads ({self.num_heads}) must be a multiple of "

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ir_jax import forecast
 from ir_jax.config import LlamaConfig
 
 Array = jax.Array
@@ -201,6 +202,8 @@ class Llama(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), (Ax.EMBED, Ax.VOCAB),
                             cfg.weight_dtype)
+    # Forecasters, routers and thresholds for every unit, stacked like `layers`.
+    self.routing = forecast.routing_stack(cfg, rngs)
 
   # -------------------------------------------------------------- pieces
   def embed(self, tokens_BxT: Array) -> Array:
@@ -215,43 +218,66 @@ class Llama(nnx.Module):
     w_DxV = self.lm_head[...].astype(h.dtype)
     return jnp.einsum("btd,dv->btv", h, w_DxV, preferred_element_type=jnp.float32)
 
-  def run_layers(self, layer_fn, x_BxTxD: Array, per_layer: Any = None) -> Array:
-    """Applies `layer_fn(layer, x, per_layer_slice) -> x` over all layers.
+  def run_layers(self, layer_fn, x_BxTxD: Array, per_layer: Any = None,
+                 scan: bool | None = None) -> tuple[Array, Any]:
+    """Applies `layer_fn(layer, routing_layer, x, per_layer_slice) -> (x, aux)` over layers.
 
-    Scanned (one compiled body, fast compile) or unrolled per config; `per_layer`
-    is an optional pytree with a leading layers axis sliced alongside.
+    Scanned (one compiled body, fast compile) or unrolled (`scan=False`, or
+    the config's `scan_layers=False`); `per_layer` is an optional pytree with
+    a leading layers axis, sliced alongside. In the unrolled form numpy leaves
+    of `per_layer` stay static (per-layer shapes are possible). Returns the
+    final x and the per-layer `aux` stacked on a leading layers axis.
     """
+    scan = self.config.scan_layers if scan is None else scan
     graphdef, state = nnx.split(self.layers)
+    rgraphdef, rstate = nnx.split(self.routing)
 
     def body(x, xs):
-      layer_state, extra = xs
-      return layer_fn(nnx.merge(graphdef, layer_state), x, extra), None
+      layer_state, routing_state, extra = xs
+      return layer_fn(nnx.merge(graphdef, layer_state), nnx.merge(rgraphdef, routing_state),
+                      x, extra)
 
     if self.config.remat:
-      body = jax.checkpoint(body, prevent_cse=not self.config.scan_layers)
-    if self.config.scan_layers:
-      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (state, per_layer))
-      return x_BxTxD
+      body = jax.checkpoint(body, prevent_cse=not scan)
+    if scan:
+      return jax.lax.scan(body, x_BxTxD, (state, rstate, per_layer))
+    auxes = []
     for i in range(self.config.num_layers):
-      xs = jax.tree.map(lambda a: a[i], (state, per_layer))
-      x_BxTxD, _ = body(x_BxTxD, xs)
-    return x_BxTxD
+      sl = lambda a: a[i]
+      xs = (jax.tree.map(sl, state), jax.tree.map(sl, rstate), jax.tree.map(sl, per_layer))
+      x_BxTxD, aux = body(x_BxTxD, xs)
+      auxes.append(aux)
+    return x_BxTxD, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
   # ------------------------------------------------------------- forward
   def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
-               segment_ids_BxT: Array | None = None) -> Array:
-    """Logits for int tokens. Packed rows pass `segment_ids` (and per-document
-    positions); tokens attend only within their segment."""
+               segment_ids_BxT: Array | None = None, routing: Any = None, *,
+               rng: Array | None = None, return_aux: bool = False) -> Any:
+    """Logits `[B, T, V]` (float32) for int tokens.
+
+    Packed rows pass `segment_ids` (0 = padding) and per-document positions;
+    tokens attend only within their segment. `routing` (an
+    `ir_jax.RoutingSpec`) executes or approximates each unit per token; None
+    runs the dense model. `rng` feeds random / Gumbel routing; `return_aux`
+    also returns the routing statistics (see `ir_jax.routing`).
+    """
+    if routing is not None:
+      from ir_jax import routing as routing_lib  # routing builds on this module
+
+      return routing_lib.routed_forward(self, tokens_BxT, positions_BxT, segment_ids_BxT,
+                                        routing, rng=rng, return_aux=return_aux)
     b, t = tokens_BxT.shape
     index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if positions_BxT is None:
       positions_BxT = index_BxT
     x = self.embed(tokens_BxT)
 
-    def layer_fn(layer: DecoderLayer, x: Array, _: Any) -> Array:
-      return layer(x, positions_BxT, index_BxT, segment_ids_BxT)
+    def layer_fn(layer: DecoderLayer, _r: Any, x: Array, _: Any) -> tuple[Array, None]:
+      return layer(x, positions_BxT, index_BxT, segment_ids_BxT), None
 
-    return self.logits(self.run_layers(layer_fn, x))
+    x, _ = self.run_layers(layer_fn, x)
+    logits = self.logits(x)
+    return (logits, {}) if return_aux else logits
 
 
 def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:

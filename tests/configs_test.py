@@ -33,7 +33,9 @@ def load(name: str):
 def test_config_builds_abstract_model(name):
   cfg = from_config_dict(load(name).model)
   params = abstract_params(cfg)  # shapes only: no memory for 8B
+  routing = params.pop("routing")  # forecasters and routers: not in the published count
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert jax.tree.leaves(routing)
   if name in PUBLISHED:
     assert n == PUBLISHED[name]
   else:
@@ -45,11 +47,12 @@ def test_every_parameter_has_logical_axes():
   from ir_jax.model import abstract_model
 
   cfg = from_config_dict(load("tiny").model)
-  state = nnx.state(abstract_model(cfg), nnx.Param)
-  allowed = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers"}
+  state = nnx.state(abstract_model(cfg))
+  allowed = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
+             "lff", "router", "units"}
   for path, var in nnx.to_flat_state(state):
     axes = var.get_metadata()["out_sharding"]
     assert len(axes) == len(var.shape), path
     assert set(axes) <= allowed, (path, axes)
-    if path[0] == "layers":
+    if path[0] in ("layers", "routing"):
       assert axes[0] == "layers", path

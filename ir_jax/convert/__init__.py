@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ir_jax import checkpoint
+from ir_jax import checkpoint, forecast
 from ir_jax.config import LlamaConfig
 from ir_jax.convert import mapping
 from ir_jax.convert.sources import GGUFSource, HFSource, Source, WeightImportError
@@ -31,8 +31,14 @@ def open_source(path: str, fmt: str | None = None, **config_overrides: Any) -> S
 
 
 def abstract_params(cfg: LlamaConfig) -> dict:
-  """Pure dict of ShapeDtypeStructs, the parameter tree of a model of `cfg`."""
-  return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+  """Pure dict of ShapeDtypeStructs: the whole state of a model of `cfg`
+  (base weights, forecasters, routers, thresholds)."""
+  return nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
+
+
+def init_routing_params(cfg: LlamaConfig, seed: int = 0) -> dict:
+  """Freshly initialised forecasters, routers and thresholds (small; cheap to make)."""
+  return nnx.to_pure_dict(nnx.state(forecast.routing_stack(cfg, nnx.Rngs(params=seed))))
 
 
 def _get_in(tree: dict, path: tuple[str, ...]) -> Any:
@@ -48,7 +54,7 @@ def _set_in(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def read_params(source: Source, cfg: LlamaConfig | None = None) -> dict:
-  """All parameters of `source` as a pure dict of numpy arrays in our layout.
+  """The base weights of `source` as a pure dict of numpy arrays in our layout.
 
   Every tensor's shape is checked against the config before it is read.
   """
@@ -77,8 +83,11 @@ def read_params(source: Source, cfg: LlamaConfig | None = None) -> dict:
   return out
 
 
-def model_from_params(cfg: LlamaConfig, params: dict) -> nnx.Module:
-  """Builds the model around an existing parameter tree (no random init)."""
+def model_from_params(cfg: LlamaConfig, params: dict, seed: int = 0) -> nnx.Module:
+  """Builds the model around an existing parameter tree (no random init of the
+  base weights); routing modules are initialised when `params` lacks them."""
+  if "routing" not in params:
+    params = {**params, "routing": init_routing_params(cfg, seed)}
   graphdef, state = nnx.split(abstract_model(cfg))
   params = jax.tree.map(lambda a: jax.numpy.asarray(a), params)
   nnx.replace_by_pure_dict(state, params)
@@ -92,6 +101,7 @@ def import_weights(src: str, out: str, fmt: str | None = None, *,
   source = open_source(src, fmt, **overrides)
   cfg = source.config
   params = read_params(source, cfg)
+  params["routing"] = init_routing_params(cfg)  # untrained: forecasts ~0, like a skip
   provenance = {"source": os.path.abspath(src), "format": fmt or
                 ("gguf" if src.endswith(".gguf") else "hf")}
   with tempfile.TemporaryDirectory() as tmp:
