@@ -75,7 +75,8 @@ class Router(nnx.Module):
       self.w1 = _normal(rngs, (d, h), 0.02, RouterParam, ("embed", "router"), dt)
       self.b1 = _zeros((h,), RouterParam, ("router",), dt)
     self.w2 = _normal(rngs, (h or d,), 0.02, RouterParam, ("router" if h else "embed",), dt)
-    self.b2 = _zeros((), RouterParam, (), dt)
+    # Shape [1], not a scalar: the stacking transform can only name axes that exist.
+    self.b2 = _zeros((1,), RouterParam, ("score",), dt)
     self.hidden = h
 
   def __call__(self, n_BxTxD: Array) -> Array:
@@ -83,7 +84,7 @@ class Router(nnx.Module):
     n = n_BxTxD.astype(jnp.float32)
     if self.hidden:
       n = jax.nn.relu(n @ self.w1[...].astype(jnp.float32) + self.b1[...].astype(jnp.float32))
-    return n @ self.w2[...].astype(jnp.float32) + self.b2[...].astype(jnp.float32)
+    return n @ self.w2[...].astype(jnp.float32) + self.b2[...].astype(jnp.float32)[0]
 
 
 class RoutingLayer(nnx.Module):

@@ -49,7 +49,7 @@ def test_every_parameter_has_logical_axes():
   cfg = from_config_dict(load("tiny").model)
   state = nnx.state(abstract_model(cfg))
   allowed = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-             "lff", "router", "units"}
+             "lff", "router", "score", "units"}
   for path, var in nnx.to_flat_state(state):
     axes = var.get_metadata()["out_sharding"]
     assert len(axes) == len(var.shape), path
