@@ -1,0 +1,190 @@
+"""The input pipeline: data source -> shard -> shuffle -> tokenize -> pack -> global batches.
+
+grain's MapDataset gives a deterministic, random-access document stream
+(per-process shard, seeded shuffle reseeded every epoch, repeat); packing
+walks it with a two-integer cursor; batches become global `jax.Array`s on
+the caller's mesh. `DataIterator.get_state()` is a small JSON-able dict for
+this process (store one per process; `grain.checkpoint.CheckpointSave`
+does exactly that with orbax) and `set_state()` continues exactly there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ir_jax.data.builder import TextSource, open_split
+from ir_jax.data.config import DataConfig, DataError
+from ir_jax.data.packing import PACK, PAD, TokenBatches
+from ir_jax.data.tokenize import TextTokenizer, load_text_tokenizer
+
+STATE_FORMAT = "ir_jax.data/1"
+# State entries that must match between saving and restoring: anything
+# else would silently continue a different stream.
+_LAYOUT_KEYS = ("dataset", "split", "mode", "seq_len", "batch_size", "seed", "shuffle",
+                "num_epochs", "process_index", "process_count", "num_documents")
+
+
+class _Tokenize:
+  """Record index -> {tokens, doc_id, domain_id}; runs inside the grain map."""
+
+  def __init__(self, source: TextSource, tokenizer: TextTokenizer) -> None:
+    self.source, self.tokenizer = source, tokenizer
+    self.domain_ids = {d: i for i, d in enumerate(source.domains)}
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    text, domain = self.source.document(int(index))
+    return {"tokens": self.tokenizer.encode(text), "doc_id": int(index),
+            "domain_id": self.domain_ids.get(domain, -1)}
+
+
+def document_stream(source: TextSource, tokenizer: TextTokenizer, *, seed: int, shuffle: bool,
+                    num_epochs: int | None, process_index: int,
+                    process_count: int) -> grain.MapDataset:
+  """This process's tokenized documents, in order: every process_count-th record, shuffled."""
+  n = len(source)
+  if n < process_count:
+    raise DataError(f"split {source.split!r} of {source.name} has {n} documents, fewer than the "
+                    f"{process_count} processes reading it; use more data or fewer processes")
+  ds = grain.MapDataset.range(n)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)  # grain reseeds the permutation every epoch of a repeat
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  return ds.map(_Tokenize(source, tokenizer))
+
+
+def batch_sharding(mesh: Mesh, batch_axes: str | Sequence[str], ndim: int) -> NamedSharding:
+  """Rows split over `batch_axes` of `mesh`, other dims replicated."""
+  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  first = axes[0] if len(axes) == 1 else axes
+  return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+class DataIterator(grain.DatasetIterator):
+  """Batches of this process's rows, as global arrays on `mesh` (numpy if mesh is None).
+
+  Every batch is a dict of the fields in `ir_jax.data.packing` with global
+  batch dimension `batch_size`. Iteration ends after `num_epochs` (never if
+  None); the last batch is completed with padding rows.
+  """
+
+  def __init__(self, source: TextSource, tokenizer: TextTokenizer, *, seq_len: int,
+               batch_size: int, mode: str = PACK, shuffle: bool = True, seed: int = 0,
+               num_epochs: int | None = None, mesh: Mesh | None = None,
+               batch_axes: str | Sequence[str] = "data", process_index: int | None = None,
+               process_count: int | None = None, prefetch: int = 0) -> None:
+    super().__init__()
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if mode not in (PACK, PAD):
+      raise DataError(f"mode must be {PACK!r} (training) or {PAD!r} (evaluation), got {mode!r}")
+    if seq_len < 2:
+      raise DataError(f"seq_len must be >= 2 (a row needs an input and its target), got {seq_len}")
+    if not 0 <= pi < pc:
+      raise DataError(f"process_index must be in [0, {pc}), got {pi}")
+    if batch_size % pc:
+      raise DataError(f"batch size {batch_size} is not divisible by the {pc} processes; "
+                      "make data.batch_size a multiple of the process count")
+    if num_epochs is not None and num_epochs < 1:
+      raise DataError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    if mesh is not None:
+      axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+      missing = [a for a in axes if a not in mesh.axis_names]
+      if missing:
+        raise DataError(f"batch axes {missing} are not axes of the mesh {mesh.axis_names}")
+      shards = math.prod(mesh.shape[a] for a in axes)
+      if batch_size % shards:
+        raise DataError(f"batch size {batch_size} is not divisible by the {shards} shards of "
+                        f"mesh axes {axes}; make data.batch_size a multiple of {shards}")
+    self.source, self.tokenizer, self.mesh = source, tokenizer, mesh
+    self.batch_axes, self.batch_size, self.seq_len = batch_axes, batch_size, seq_len
+    self.local_batch_size = batch_size // pc
+    self.domains = source.domains
+    self._docs = document_stream(source, tokenizer, seed=seed, shuffle=shuffle,
+                                 num_epochs=num_epochs, process_index=pi, process_count=pc)
+    self._layout = {"dataset": source.name, "split": source.split, "mode": mode,
+                    "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+                    "shuffle": shuffle, "num_epochs": num_epochs, "process_index": pi,
+                    "process_count": pc, "num_documents": len(source)}
+    batches: grain.IterDataset = TokenBatches(self._docs, seq_len, self.local_batch_size, mode)
+    if prefetch > 0:
+      batches = grain.experimental.ThreadPrefetchIterDataset(batches,
+                                                             prefetch_buffer_size=prefetch)
+    self._inner = iter(batches)
+    self._batches = 0
+
+  @property
+  def documents_per_epoch(self) -> int:
+    """Documents in this process's shard (one epoch)."""
+    n, pc, pi = len(self.source), self._layout["process_count"], self._layout["process_index"]
+    return len(range(pi, n, pc))
+
+  def next_local(self) -> dict[str, np.ndarray]:
+    """The next batch as this process's numpy rows `[batch_size / process_count, ...]`."""
+    batch = next(self._inner)
+    self._batches += 1
+    return batch
+
+  def __next__(self) -> dict[str, Any]:
+    local = self.next_local()
+    if self.mesh is None:
+      return local
+    return {k: jax.make_array_from_process_local_data(
+        batch_sharding(self.mesh, self.batch_axes, v.ndim), v, (self.batch_size, *v.shape[1:]))
+            for k, v in local.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"format": STATE_FORMAT, **self._layout, "cursor": self._inner.get_state(),
+            "batches": self._batches}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+      found = state.get("format") if isinstance(state, dict) else type(state).__name__
+      raise DataError(f"not an ir_jax data iterator state (format {found!r}, expected "
+                      f"{STATE_FORMAT!r})")
+    diff = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in self._layout.items()
+            if state.get(k) != v]
+    if diff:
+      raise DataError("the saved data iterator state belongs to a different pipeline ("
+                      + "; ".join(diff) + "); restore with the same data config and process "
+                      "layout, or start the data from scratch")
+    self._inner.set_state(state["cursor"])
+    self._batches = int(state.get("batches", 0))
+
+  def close(self) -> None:
+    close = getattr(self._inner, "close", None)
+    if close is not None:
+      close()
+
+
+def make_iterator(cfg: DataConfig, split: str | None = None, *, mode: str = PACK,
+                  shuffle: bool = True, num_epochs: int | None = None, mesh: Mesh | None = None,
+                  batch_axes: str | Sequence[str] = "data", process_index: int | None = None,
+                  process_count: int | None = None, tokenizer: TextTokenizer | None = None,
+                  base_dir: str | os.PathLike[str] | None = None,
+                  prepare_if_missing: bool = False) -> DataIterator:
+  """A DataIterator over `split` (default `cfg.train_split`) of the dataset `cfg` names."""
+  source = open_split(cfg, split or cfg.train_split, base_dir, prepare_if_missing)
+  tok = tokenizer or load_text_tokenizer(cfg.tokenizer, cfg.add_bos, cfg.add_eos)
+  return DataIterator(source, tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, mode=mode,
+                      shuffle=shuffle, seed=cfg.seed, num_epochs=num_epochs, mesh=mesh,
+                      batch_axes=batch_axes, process_index=process_index,
+                      process_count=process_count, prefetch=cfg.prefetch)
+
+
+def train_iterator(cfg: DataConfig, **kwargs: Any) -> DataIterator:
+  """Packed, shuffled rows of `cfg.train_split`, repeating forever."""
+  return make_iterator(cfg, cfg.train_split, mode=PACK, shuffle=True, num_epochs=None, **kwargs)
+
+
+def eval_iterator(cfg: DataConfig, **kwargs: Any) -> DataIterator:
+  """One pass over `cfg.eval_split` in record order, one document piece per padded row."""
+  return make_iterator(cfg, cfg.eval_split, mode=PAD, shuffle=False, num_epochs=1, **kwargs)

@@ -1,0 +1,440 @@
+"""Execute-or-approximate routing: the one place that gathers, runs a unit and merges.
+
+Per unit (attention, MLP) and token the new residual is
+
+    x' = x + g * Unit(n) + (1 - g) * LFF(n),      g in {0, 1}
+
+`route_unit` computes the unit delta for every policy:
+  informed  router scores pick the executed tokens; the rest get the forecast
+  greedy    the same with forecast 0 (execute or skip; SkipGPT / MoD baseline)
+  random    random tokens at the same capacity, with forecast
+  oracle    executes the tokens whose forecast error is largest (analysis bound)
+  dense     every token executes
+
+Top-k mode ("topk") picks k = capacity * T tokens per row with `lax.top_k`,
+gathers them (keeping their original positions and segment ids), runs the
+unit on `[B, k, D]` only and scatters the outputs over the forecasts; every
+shape is static. Causal mode ("causal") executes a token iff its score
+passes a per-unit threshold calibrated on held-out data, so a token's
+decision never depends on later tokens; it is what decoding uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.forecast import UNITS, Forecaster, Router, RoutingLayer, lff_flops, router_flops
+from ir_jax.model import DecoderLayer, Llama, attention_mask
+
+Array = jax.Array
+POLICIES = ("informed", "greedy", "random", "oracle", "dense")
+MODES = ("topk", "causal")
+GATES = ("hard", "ste", "gumbel")
+COMPUTES = ("gathered", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSpec:
+  """How to route: hashable, so it is a static argument of jitted functions.
+
+  policy:     one of POLICIES.
+  sparsity:   fraction of (token, unit) pairs approximated; capacity = 1 - sparsity.
+  mode:       "topk" (training, prefill, scoring) or "causal" (thresholds; decoding).
+  gate:       "hard" (inference), "ste" (straight-through top-k: hard mask forward,
+              sigmoid(score) gradient backward) or "gumbel" (binary Gumbel-softmax
+              with `temperature`, straight-through; needs compute="all").
+  compute:    "gathered" (only executed tokens run the unit) or "all" (every unit
+              runs and is mixed by the gate: exact informed gradient for every token).
+  capacities: optional per-layer ((attn, mlp), ...) capacity table; overrides sparsity.
+  k_multiple: round k up to a multiple of this (never above T); 1 keeps k exact.
+  seed:       for the random policy and Gumbel noise when no rng is passed.
+  """
+
+  policy: str = "informed"
+  sparsity: float = 0.0
+  mode: str = "topk"
+  gate: str = "hard"
+  compute: str = "gathered"
+  temperature: float = 1.0
+  capacities: tuple[tuple[float, float], ...] | None = None
+  k_multiple: int = 1
+  seed: int = 0
+
+  def __post_init__(self) -> None:
+    def one_of(name: str, options: tuple[str, ...]) -> None:
+      if getattr(self, name) not in options:
+        raise ConfigError(f"routing.{name} must be one of {options}, got {getattr(self, name)!r}")
+
+    one_of("policy", POLICIES)
+    one_of("mode", MODES)
+    one_of("gate", GATES)
+    one_of("compute", COMPUTES)
+    if not _is_fraction(self.sparsity):
+      raise ConfigError(f"routing.sparsity must be a number in [0, 1], got {self.sparsity!r}")
+    if self.capacities is not None:
+      caps = tuple(tuple(float(c) for c in row) for row in self.capacities)
+      if not caps or any(len(r) != len(UNITS) or not all(_is_fraction(c) for c in r)
+                         for r in caps):
+        raise ConfigError("routing.capacities must be a non-empty per-layer list of "
+                          f"(attn, mlp) capacities in [0, 1], got {self.capacities!r}")
+      object.__setattr__(self, "capacities", caps)
+    if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+      raise ConfigError(f"routing.temperature must be > 0, got {self.temperature!r}")
+    if not (isinstance(self.k_multiple, int) and self.k_multiple >= 1):
+      raise ConfigError(f"routing.k_multiple must be an integer >= 1, got {self.k_multiple!r}")
+    if self.gate == "gumbel" and self.compute != "all":
+      raise ConfigError("routing.gate='gumbel' samples a variable number of tokens; "
+                        "it needs routing.compute='all'")
+    if self.mode == "causal" and self.gate != "hard":
+      raise ConfigError("routing.mode='causal' is for inference; use gate='hard'")
+
+  def capacity(self, layer: int, unit: int) -> float:
+    if self.policy == "dense":
+      return 1.0
+    if self.capacities is not None:
+      return self.capacities[layer][unit]
+    return 1.0 - self.sparsity
+
+  def k(self, seq_len: int, layer: int, unit: int) -> int:
+    """Static number of executed tokens per row in top-k mode."""
+    k = int(round(self.capacity(layer, unit) * seq_len))
+    k = -(-k // self.k_multiple) * self.k_multiple
+    return min(k, seq_len)
+
+  def check_layers(self, num_layers: int) -> None:
+    if self.capacities is not None and len(self.capacities) != num_layers:
+      raise ConfigError(f"routing.capacities has {len(self.capacities)} rows; the model has "
+                        f"{num_layers} layers")
+
+
+def _is_fraction(v: Any) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and 0.0 <= v <= 1.0)
+
+
+# ------------------------------------------------------------------ helpers
+def _gather(a_BxT_: Array, idx_BxS: Array) -> Array:
+  """Rows `idx` of `a` along axis 1 (any trailing dims)."""
+  idx = idx_BxS.reshape(idx_BxS.shape + (1,) * (a_BxT_.ndim - 2))
+  return jnp.take_along_axis(a_BxT_, idx, axis=1)
+
+
+def topk_indices(scores_BxT: Array, k: int) -> Array:
+  """The k highest-scoring positions per row, in sequence order `[B, k]`."""
+  _, idx_BxK = jax.lax.top_k(scores_BxT, k)
+  return jnp.sort(idx_BxK, axis=-1)
+
+
+def topk_mask(scores_BxT: Array, k: int) -> Array:
+  b, t = scores_BxT.shape
+  if k == 0:
+    return jnp.zeros((b, t), bool)
+  idx = topk_indices(scores_BxT, k)
+  return jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], idx].set(True)
+
+
+def _straight_through(hard_BxT: Array, soft_BxT: Array) -> Array:
+  """Forward value `hard`, gradient of `soft`."""
+  return hard_BxT.astype(jnp.float32) + soft_BxT - jax.lax.stop_gradient(soft_BxT)
+
+
+def _importance(x_BxTxD: Array, u_BxTxD: Array) -> Array:
+  """1 - cos(x, x + Unit(n)) per token: how much the unit turns the residual."""
+  x = x_BxTxD.astype(jnp.float32)
+  y = x + u_BxTxD.astype(jnp.float32)
+  cos = jnp.sum(x * y, -1) / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1) + 1e-6)
+  return 1.0 - cos
+
+
+# -------------------------------------------------------------- the router
+UnitFn = Callable[[Array | None, Array], Array]
+
+
+def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
+               router: Router, spec: RoutingSpec, k: int, threshold: Array,
+               key: Array) -> tuple[Array, dict[str, Array]]:
+  """The unit's contribution to the residual for every token, and statistics.
+
+  `unit_fn(idx_BxS, n_BxSxD)` runs the unit for the tokens at `idx` (None:
+  all tokens). Returns (delta_BxTxD, aux) with aux = {exec_rate: mean gate
+  (differentiable for ste/gumbel), importance: mean over tokens of
+  (1 - g) * (1 - cos(x, x + Unit(n))) (0 when only gathered tokens ran),
+  scores_BxT: the routing scores}.
+  """
+  b, t, _ = n_BxTxD.shape
+  f32 = jnp.float32
+  if spec.policy == "dense" or (spec.mode == "topk" and k == t and spec.gate == "hard"):
+    return unit_fn(None, n_BxTxD), dict(exec_rate=jnp.ones((), f32),
+                                        importance=jnp.zeros((), f32),
+                                        scores_BxT=jnp.zeros((b, t), f32))
+  forecast = jnp.zeros_like(n_BxTxD) if spec.policy == "greedy" else lff(n_BxTxD)
+  u_all = None
+  if spec.policy == "oracle":
+    u_all = unit_fn(None, n_BxTxD)
+    scores = jnp.sum(jnp.square((u_all - forecast).astype(f32)), axis=-1)
+  elif spec.policy == "random":
+    scores = jax.random.uniform(key, (b, t), f32)
+  else:
+    scores = router(n_BxTxD)
+  soft = jax.nn.sigmoid(scores)
+
+  if spec.mode == "causal":
+    gate = scores > threshold
+  elif spec.gate == "gumbel":
+    u = jax.random.uniform(jax.random.fold_in(key, 1), (b, t), f32, 1e-6, 1 - 1e-6)
+    soft = jax.nn.sigmoid((scores + jnp.log(u) - jnp.log1p(-u)) / spec.temperature)
+    gate = soft > 0.5
+  else:
+    gate = topk_mask(scores, k)
+  g = _straight_through(gate, soft) if spec.gate != "hard" else gate.astype(f32)
+
+  if spec.mode == "topk" and spec.gate != "gumbel" and spec.compute == "gathered" and u_all is None:
+    # Only the k selected tokens run the unit: gather, run, scatter.
+    out = forecast
+    if k:
+      idx = topk_indices(scores, k)
+      u_sel = unit_fn(idx, _gather(n_BxTxD, idx))
+      if spec.gate == "ste":  # value u_sel, d/d(score) = <., u - f>
+        s_sel = _gather(soft, idx)[..., None]
+        u_sel = u_sel + (s_sel - jax.lax.stop_gradient(s_sel)) * (u_sel - _gather(forecast, idx))
+      out = forecast.at[jnp.arange(b)[:, None], idx].set(u_sel.astype(forecast.dtype))
+    importance = jnp.zeros((), f32)
+  else:
+    if u_all is None:
+      u_all = unit_fn(None, n_BxTxD)
+    if spec.gate == "hard":
+      out = jnp.where(gate[..., None], u_all, forecast)
+    else:
+      out = forecast + g[..., None].astype(forecast.dtype) * (u_all - forecast)
+    importance = jnp.mean((1.0 - g) * _importance(x_BxTxD, jax.lax.stop_gradient(u_all)))
+  return out, dict(exec_rate=jnp.mean(g), importance=importance, scores_BxT=scores)
+
+
+# ------------------------------------------------------------- the layer
+@dataclasses.dataclass
+class _Ctx:
+  positions_BxT: Array
+  index_BxT: Array
+  segment_ids_BxT: Array | None
+
+
+def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ctx,
+                 spec: RoutingSpec, ks: tuple[int, int], key: Array,
+                 cache: tuple[Array, Array, Array] | None = None):
+  """One decoder layer with both units routed; returns (x, aux[, new cache])."""
+  attn = layer.self_attn
+  n = layer.input_layernorm(x_BxTxD)
+  k_new, v_new = attn.keys_values(n, ctx.positions_BxT)
+  if cache is None:
+    k_all, v_all, k_index, k_seg = k_new, v_new, ctx.index_BxT, ctx.segment_ids_BxT
+  else:  # decode: write this step's keys/values, attend over the cache
+    ck, cv, pos = cache
+    k_all = jax.lax.dynamic_update_slice_in_dim(ck, k_new.astype(ck.dtype), pos, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cv, v_new.astype(cv.dtype), pos, axis=1)
+    k_index = jnp.broadcast_to(jnp.arange(ck.shape[1]), ck.shape[:2])
+    k_seg = None
+
+  def attn_fn(idx_BxS: Array | None, n_BxSxD: Array) -> Array:
+    q_pos, q_index, q_seg = ctx.positions_BxT, ctx.index_BxT, ctx.segment_ids_BxT
+    if idx_BxS is not None:
+      q_pos, q_index = _gather(q_pos, idx_BxS), _gather(q_index, idx_BxS)
+      q_seg = None if q_seg is None else _gather(q_seg, idx_BxS)
+    q = attn.queries(n_BxSxD, q_pos)
+    return attn.attend(q, k_all, v_all, attention_mask(q_index, k_index, q_seg, k_seg))
+
+  thr = rl.threshold[...]
+  delta, aux_a = route_unit(n, x_BxTxD, attn_fn, rl.attn_lff, rl.attn_router, spec, ks[0],
+                            thr[0], jax.random.fold_in(key, 0))
+  x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
+  n = layer.post_attention_layernorm(x_BxTxD)
+  delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: layer.mlp(ns), rl.mlp_lff,
+                            rl.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1))
+  x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
+  aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
+  if cache is None:
+    return x_BxTxD, aux
+  return x_BxTxD, aux, (k_all, v_all)
+
+
+def _layer_ks(spec: RoutingSpec, cfg: LlamaConfig, t: int) -> np.ndarray:
+  spec.check_layers(cfg.num_layers)
+  return np.array([[spec.k(t, l, u) for u in range(len(UNITS))]
+                   for l in range(cfg.num_layers)], np.int32)
+
+
+def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
+                   segment_ids_BxT: Array | None, spec: RoutingSpec, *,
+                   rng: Array | None = None, return_aux: bool = False):
+  """Logits `[B, T, V]` with every unit routed per `spec` (and aux if asked).
+
+  aux: exec_rate [L, 2], importance [L, 2], scores_BxT [L, 2, B, T]. A uniform
+  capacity scans the layers; a per-layer capacity table unrolls them (each
+  layer then has its own static k).
+  """
+  cfg = model.config
+  b, t = tokens_BxT.shape
+  index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  ctx = _Ctx(index_BxT if positions_BxT is None else positions_BxT, index_BxT,
+             segment_ids_BxT)
+  key = jax.random.key(spec.seed) if rng is None else rng
+  ks = _layer_ks(spec, cfg, t)
+  x = model.embed(tokens_BxT)
+  layer_ids = np.arange(cfg.num_layers, dtype=np.int32)
+  if (ks == ks[0]).all():
+    static_ks = (int(ks[0, 0]), int(ks[0, 1]))
+
+    def layer_fn(layer, rl, x, lid):
+      return routed_layer(layer, rl, x, ctx, spec, static_ks, jax.random.fold_in(key, lid))
+
+    x, aux = model.run_layers(layer_fn, x, jnp.asarray(layer_ids))
+  else:
+    def layer_fn(layer, rl, x, per):
+      lid, k_pair = per  # numpy scalars in the unrolled loop: static
+      return routed_layer(layer, rl, x, ctx, spec, (int(k_pair[0]), int(k_pair[1])),
+                          jax.random.fold_in(key, int(lid)))
+
+    x, aux = model.run_layers(layer_fn, x, (layer_ids, ks), scan=False)
+  logits = model.logits(x)
+  return (logits, aux) if return_aux else logits
+
+
+def realized_sparsity(aux: dict[str, Array]) -> Array:
+  """Fraction of (token, unit) pairs approximated in one forward."""
+  return 1.0 - jnp.mean(aux["exec_rate"])
+
+
+# ------------------------------------------------------------ calibration
+def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSpec) -> np.ndarray:
+  """Sets causal-mode thresholds so each unit executes its capacity on `batches`.
+
+  Scores are collected under top-k routing at the same capacities (so later
+  layers see routed inputs, as they will when decoding), and each unit's
+  threshold is the (1 - capacity) quantile of its scores. Returns thresholds
+  `[L, 2]` and stores them in the model.
+  """
+  scoring = dataclasses.replace(spec, mode="topk", gate="hard", compute="gathered")
+  fwd = nnx.jit(lambda m, t: m(t, routing=scoring, return_aux=True)[1]["scores_BxT"])
+  chunks = [np.asarray(fwd(model, jnp.asarray(b, jnp.int32))) for b in batches]
+  if not chunks:
+    raise ValueError("calibrate_thresholds needs at least one batch of held-out tokens")
+  scores = np.concatenate([c.reshape(c.shape[0], c.shape[1], -1) for c in chunks], axis=-1)
+  cfg = model.config
+  thr = np.zeros((cfg.num_layers, len(UNITS)), np.float32)
+  for l in range(cfg.num_layers):
+    for u in range(len(UNITS)):
+      c = spec.capacity(l, u)
+      if c >= 1.0:
+        thr[l, u] = -np.inf
+      elif c <= 0.0:
+        thr[l, u] = np.inf
+      else:
+        thr[l, u] = np.quantile(scores[l, u].astype(np.float64), 1.0 - c)
+  model.routing.threshold[...] = jnp.asarray(thr)
+  return thr
+
+
+# ----------------------------------------------------------------- decode
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict[str, Array]:
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return dict(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype))
+
+
+@nnx.jit(static_argnames=("spec",))
+def decode_step(model: Llama, cache: dict[str, Array], token_B: Array, pos: Array,
+                spec: RoutingSpec) -> tuple[Array, dict[str, Array], Array]:
+  """One token per row at position `pos`: (logits_BxV, new cache, exec gates [L, 2, B]).
+
+  Keys and values are written for every token; each unit executes iff the
+  token's score passes its calibrated threshold (causal mode).
+  """
+  if spec.mode != "causal" and spec.policy != "dense":
+    raise ConfigError("decode_step routes causally: pass a spec with mode='causal'")
+  b = token_B.shape[0]
+  pos_Bx1 = jnp.full((b, 1), pos, jnp.int32)
+  ctx = _Ctx(pos_Bx1, pos_Bx1, None)
+  key = jax.random.key(spec.seed)
+  x = model.embed(token_B[:, None])
+
+  def layer_fn(layer, rl, x, per):
+    lid, ck, cv = per
+    x, aux, (ck, cv) = routed_layer(layer, rl, x, ctx, spec, (1, 1),
+                                    jax.random.fold_in(key, lid), cache=(ck, cv, pos))
+    gates = aux["scores_BxT"][:, :, 0] > rl.threshold[...][:, None]
+    return x, (ck, cv, gates)
+
+  per = (jnp.arange(model.config.num_layers), cache["k"], cache["v"])
+  x, (ks, vs, gates) = model.run_layers(layer_fn, x, per)
+  return model.logits(x)[:, 0], dict(k=ks, v=vs), gates
+
+
+def generate(model: Llama, prompt_BxT: Array, max_new_tokens: int,
+             spec: RoutingSpec) -> tuple[np.ndarray, np.ndarray]:
+  """Greedy decoding with a KV cache: (tokens `[B, T + new]`, logits of every step).
+
+  The prompt is fed token by token through the same step, so every token's
+  routing decision is causal.
+  """
+  prompt = np.asarray(prompt_BxT)
+  b, t = prompt.shape
+  total = t + max_new_tokens
+  if total > model.config.max_position_embeddings:
+    raise ConfigError(f"prompt + new tokens = {total} exceeds max_position_embeddings "
+                      f"{model.config.max_position_embeddings}")
+  cache = init_cache(model.config, b, total)
+  tokens = np.zeros((b, total), np.int32)
+  tokens[:, :t] = prompt
+  step_logits = []
+  for i in range(total - 1):
+    logits, cache, _ = decode_step(model, cache, jnp.asarray(tokens[:, i]), jnp.int32(i), spec)
+    step_logits.append(np.asarray(logits))
+    if i + 1 >= t:
+      tokens[:, i + 1] = np.argmax(step_logits[-1], axis=-1)
+  return tokens, np.stack(step_logits, axis=1)
+
+
+# ----------------------------------------------------------------- FLOPs
+def flops(cfg: LlamaConfig, spec: RoutingSpec, seq_len: int, batch: int = 1) -> dict[str, float]:
+  """Matmul FLOPs (2 per multiply-add) of one forward over `batch x seq_len` tokens.
+
+  dense: the plain model. executed: what this implementation computes for
+  `spec` (units run, forecasters, routers); for causal mode and
+  compute="all" every unit runs, so executed exceeds dense there. ideal:
+  what a perfect skip would compute at the spec's capacities. Attention
+  scores count the full `[T, T]` product, as computed.
+  """
+  d, h, n, k, f, v, t = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.intermediate_size, cfg.vocab_size, seq_len)
+  q_o = 2 * d * h * k * 2  # q and o projections
+  kv = 2 * d * n * k * 2
+  core = 2 * t * h * k * 2  # scores and weighted values over all T keys
+  mlp = 3 * 2 * d * f
+  head = 2 * d * v
+  dense_layer = q_o + kv + core + mlp
+  dense = batch * t * (cfg.num_layers * dense_layer + head)
+  runs_all = spec.mode == "causal" or spec.compute == "all" or spec.gate == "gumbel"
+  executed = ideal = batch * t * head
+  for l in range(cfg.num_layers):
+    ka, km = (spec.k(t, l, 0), spec.k(t, l, 1)) if spec.mode == "topk" else (
+        spec.capacity(l, 0) * t, spec.capacity(l, 1) * t)
+    routed = spec.policy != "dense" and not (spec.mode == "topk" and ka == t and km == t)
+    extra = 0
+    if routed:
+      if spec.policy != "greedy":
+        extra += 2 * lff_flops(cfg)
+      if spec.policy in ("informed", "greedy"):
+        extra += 2 * router_flops(cfg)
+    ideal += batch * (t * (kv + extra) + ka * (q_o + core) + km * mlp)
+    if runs_all or spec.policy == "oracle":
+      executed += batch * t * (dense_layer + extra)
+    else:
+      executed += batch * (t * (kv + extra) + ka * (q_o + core) + km * mlp)
+  return dict(dense=float(dense), executed=float(executed), ideal=float(ideal),
+              executed_fraction=executed / dense, ideal_fraction=ideal / dense)
