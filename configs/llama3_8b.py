@@ -29,4 +29,21 @@ def get_config() -> ml_collections.ConfigDict:
       remat=True,
       checkpoint="",  # an imported ir_jax checkpoint of Llama-3.1-8B
   ))
+  # C4 from the TFDS catalogue, prepared as array_record where the network is
+  # reachable (python -m ir_jax.data prepare --config ...; copy data_dir to
+  # the pod or point it at a bucket). The tokenizer comes from model.checkpoint.
+  cfg.data = ml_collections.ConfigDict(dict(
+      name="c4/en",
+      tokenizer="",  # '': the Llama-3.1 checkpoint's tokenizer.json
+      seq_len=2048,
+      batch_size=16,  # one sequence per chip of a v5e 4x4 slice
+      data_dir="runs/tfds",
+      text_field="text",
+      train_split="train",
+      eval_split="validation",
+      seed=0,
+      add_bos=None,
+      add_eos=None,
+      prefetch=2,
+  ))
   return cfg

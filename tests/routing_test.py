@@ -256,8 +256,13 @@ def test_per_layer_capacity_table():
   m = make_model()
   table = ((1.0, 0.5), (0.25, 0.75), (0.5, 0.0))
   spec = R.RoutingSpec(capacities=table)
-  _, aux = m(tokens(2, 16), routing=spec, return_aux=True)
+  logits, aux = m(tokens(2, 16), routing=spec, return_aux=True)
   np.testing.assert_allclose(np.asarray(aux["exec_rate"]), np.array(table))
+  # With remat (as the 7B configs use) the unrolled table path gives the same result.
+  m.config = m.config.replace(remat=True)
+  logits_remat, aux_remat = m(tokens(2, 16), routing=spec, return_aux=True)
+  np.testing.assert_allclose(np.asarray(logits_remat), np.asarray(logits), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(aux_remat["exec_rate"]), np.asarray(aux["exec_rate"]))
   with pytest.raises(ConfigError, match="capacities has 2 rows"):
     m(tokens(2, 16), routing=R.RoutingSpec(capacities=table[:2]))
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from ir_jax.data import sources
 from ir_jax.data.config import LOCAL, DataConfig, DataError
@@ -25,7 +27,7 @@ from ir_jax.data.sources import SourceFile, Stats
 _PREPARE_HINT = "python -m ir_jax.data prepare --config CONFIG"
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, repr=False)
 class TextConfig(tfds.core.BuilderConfig):
   """A file set and its reading options; `name` is their fingerprint."""
 
@@ -33,12 +35,40 @@ class TextConfig(tfds.core.BuilderConfig):
   data: DataConfig | None = None
   verbose: bool = True
 
+  def __repr__(self) -> str:
+    return f"TextConfig({self.name!r}, {len(self.files)} files)"
+
+
+class _QuietLocalBuilder(logging.Filter):
+  """Drops TFDS warnings that are expected for our builder and would flood the log.
+
+  Every file set is a "custom data configuration" by design, and a not yet
+  prepared variant has "no dataset_info.json".
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    args = record.args if isinstance(record.args, tuple) else ()
+    if not args:
+      return True
+    if str(record.msg).startswith("Using custom data configuration"):
+      return not isinstance(args[0], TextConfig)
+    if str(record.msg).startswith("Variant folder"):
+      return IrJaxText.name not in str(args[0])
+    return True
+
 
 class IrJaxText(tfds.core.GeneratorBasedBuilder):
   """Documents from local .txt / JSONL files, split into train/validation by content hash."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Local text: text, domain, source per document."}
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS 4.9.10 finds a packaged builder's file through importlib_resources,
+    # which current etils no longer installs; the answer is this file.
+    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg: TextConfig = self.builder_config
@@ -112,6 +142,9 @@ class TextSource:
       return text, self.domains[0]
     dom = rec[self.domain_field]
     return text, dom.decode("utf-8") if isinstance(dom, bytes) else str(dom)
+
+
+logging.getLogger("absl").addFilter(_QuietLocalBuilder())
 
 
 # --------------------------------------------------------------------------
@@ -189,7 +222,7 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
         raise DataError(f"the local text dataset for data.files is not prepared (expected "
                         f"{builder.data_dir}); run `{_PREPARE_HINT}`")
       builder.download_and_prepare(file_format="array_record")
-    text_field, domain_field = "text", "domain"
+    text_field = "text"
   else:
     builder = _catalogue_builder(cfg)
     if not builder.is_prepared():
@@ -199,10 +232,11 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
         raise DataError(f"TFDS dataset {cfg.name!r} is not prepared under {cfg.data_dir} "
                         f"(expected {builder.data_dir}); run `{_PREPARE_HINT}` where the "
                         "network is reachable")
-    text_field, domain_field = cfg.text_field, None
+    text_field = cfg.text_field
   info = builder.info
-  fmt = str(getattr(info, "file_format", "") or "")
-  if "array_record" not in fmt:
+  fmt = getattr(info, "file_format", None)
+  fmt = str(getattr(fmt, "value", fmt) or "")
+  if fmt != "array_record":
     raise DataError(f"{builder.data_dir} was prepared as {fmt or 'unknown format'}, which needs "
                     "TensorFlow to read; prepare it again with file_format='array_record' "
                     f"(`{_PREPARE_HINT}`)")
@@ -214,15 +248,18 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
   if text_field not in features:
     raise DataError(f"{cfg.name!r} has no text field {text_field!r} (features: "
                     f"{sorted(features)}); set data.text_field")
-  if domain_field is not None:
-    domains = tuple(info.metadata.get("domains", ()) if info.metadata else ())
-  else:
-    domains = (cfg.name,)
-  records = builder.as_data_source(split=split)
-  return TextSource(name=f"{builder.name}/{builder.builder_config.name}"
-                    if builder.builder_config else builder.name,
-                    split=split, records=records, domains=domains, text_field=text_field,
-                    domain_field=domain_field, path=str(builder.data_dir))
+  # Our local datasets list their domains in the metadata and store one per
+  # record; a catalogue dataset is one domain, named after it.
+  listed = tuple((info.metadata or {}).get("domains", ()))
+  domain_field: str | None = "domain" if listed and "domain" in features else None
+  domains = listed if domain_field else (builder.name,)
+  config_name = builder.builder_config.name if builder.builder_config else ""
+  if not config_name:
+    config_name = str(getattr(info, "config_name", "") or "")
+  return TextSource(name=f"{builder.name}/{config_name}" if config_name else builder.name,
+                    split=split, records=builder.as_data_source(split=split), domains=domains,
+                    text_field=text_field, domain_field=domain_field,
+                    path=str(builder.data_dir))
 
 
 def read_stats(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -10,8 +10,10 @@ does exactly that with orbax) and `set_state()` continues exactly there.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,8 +120,9 @@ class DataIterator(grain.DatasetIterator):
     if prefetch > 0:
       batches = grain.experimental.ThreadPrefetchIterDataset(batches,
                                                              prefetch_buffer_size=prefetch)
-    self._inner = iter(batches)
+    self._inner: grain.DatasetIterator | None = iter(batches)
     self._batches = 0
+    _LIVE.add(self)
 
   @property
   def documents_per_epoch(self) -> int:
@@ -129,7 +132,7 @@ class DataIterator(grain.DatasetIterator):
 
   def next_local(self) -> dict[str, np.ndarray]:
     """The next batch as this process's numpy rows `[batch_size / process_count, ...]`."""
-    batch = next(self._inner)
+    batch = next(self._open())
     self._batches += 1
     return batch
 
@@ -142,7 +145,7 @@ class DataIterator(grain.DatasetIterator):
             for k, v in local.items()}
 
   def get_state(self) -> dict[str, Any]:
-    return {"format": STATE_FORMAT, **self._layout, "cursor": self._inner.get_state(),
+    return {"format": STATE_FORMAT, **self._layout, "cursor": self._open().get_state(),
             "batches": self._batches}
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -156,13 +159,29 @@ class DataIterator(grain.DatasetIterator):
       raise DataError("the saved data iterator state belongs to a different pipeline ("
                       + "; ".join(diff) + "); restore with the same data config and process "
                       "layout, or start the data from scratch")
-    self._inner.set_state(state["cursor"])
+    self._open().set_state(state["cursor"])
     self._batches = int(state.get("batches", 0))
 
+  def _open(self) -> grain.DatasetIterator:
+    if self._inner is None:
+      raise DataError("this data iterator is closed; make a new one")
+    return self._inner
+
   def close(self) -> None:
-    close = getattr(self._inner, "close", None)
-    if close is not None:
-      close()
+    inner, self._inner = getattr(self, "_inner", None), None
+    if inner is not None:
+      inner.close()
+
+
+# grain's prefetch iterator errors in __del__ if it is still alive while the
+# interpreter tears modules down; close live iterators before that happens.
+_LIVE: weakref.WeakSet[DataIterator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for it in list(_LIVE):
+    it.close()
 
 
 def make_iterator(cfg: DataConfig, split: str | None = None, *, mode: str = PACK,

@@ -1,0 +1,366 @@
+"""The input pipeline against independent references: the documents we wrote, `tokenizers`
+called directly, transformers' SmolLM2 tokenizer, and numpy loops."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+from ir_jax import assets
+from ir_jax.data import (DataConfig, DataError, DataIterator, load_text_tokenizer, make_iterator,
+                         open_split, prepare)
+
+SEQ_LEN = 32
+WORDS = ("the king and queen of denmark speak softly while a ghost walks near castle walls "
+         "news reports say markets rose today after rain fell on sydney café naïve 日本 "
+         "über 42 1987 £ — “quoted” text").split()
+
+
+def _doc(rng: random.Random, n_words: int) -> str:
+  return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def write_corpus(root: Path) -> tuple[list[Any], list[str]]:
+  """Files in every supported layout, and the documents they hold (our reference)."""
+  rng = random.Random(1234)
+  docs: list[str] = []
+
+  def new(n_words: int) -> str:
+    # A serial number keeps documents distinct, so each has one place in the stream.
+    d = f"doc{len(docs)} " + _doc(rng, n_words)
+    docs.append(d)
+    return d
+
+  (root / "plays").mkdir()
+  (root / "plays" / "whole.txt").write_text("\n" + new(120) + "\n\n", encoding="utf-8")
+  paragraphs = [new(rng.randint(1, 60)) for _ in range(25)]
+  (root / "plays" / "scenes.txt").write_text("\n\n \n".join(paragraphs) + "\n", encoding="utf-8")
+  lines = [new(rng.randint(1, 30)) for _ in range(30)]
+  (root / "lines.txt").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+  with open(root / "mixed.jsonl", "w", encoding="utf-8") as f:
+    for i in range(20):
+      f.write(json.dumps({"text": new(rng.randint(1, 40)),
+                          "domain": "wiki" if i % 2 else "web", "id": i}) + "\n")
+  # Real text too: the first news articles, one per line.
+  news = assets.read_text(assets.require(assets.news_file())).splitlines()[:6]
+  (root / "news.txt").write_text("\n".join(news) + "\n", encoding="utf-8")
+  docs.extend(line.strip() for line in news if line.strip())
+  files = [
+      "plays/whole.txt",
+      dict(path="plays/scenes.txt", split_mode="blank_lines"),
+      dict(path="lines.txt", split_mode="lines", domain="lines"),
+      "mixed.jsonl",
+      dict(path="news.txt", split_mode="lines", domain="news"),
+  ]
+  return files, docs
+
+
+def train_tokenizer(docs: list[str], path: Path) -> Path:
+  """A small BPE with a BOS/EOS template, saved as tokenizer.json."""
+  tok = Tokenizer(models.BPE(unk_token=None))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(docs, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok.post_processor = processors.TemplateProcessing(
+      single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 2)])
+  tok.save(str(path))
+  return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Any]:
+  root = tmp_path_factory.mktemp("corpus")
+  files, docs = write_corpus(root)
+  tok_path = train_tokenizer(docs, root / "tokenizer.json")
+  cfg = DataConfig(files=tuple(files), tokenizer=str(tok_path), seq_len=SEQ_LEN, batch_size=4,
+                   data_dir=str(root / "tfds"), validation_fraction=0.25, seed=7, prefetch=0)
+  prepare(cfg, base_dir=root, verbose=False)
+  direct = Tokenizer.from_file(str(tok_path))
+  return {"root": root, "cfg": cfg, "docs": docs, "direct": direct,
+          "doc_ids": [tuple(direct.encode(d).ids) for d in docs]}
+
+
+def iterator(corpus: dict[str, Any], split: str = "train", batch_size: int | None = None,
+             **kw: Any) -> DataIterator:
+  cfg = corpus["cfg"]
+  if batch_size is not None:
+    cfg = dataclasses.replace(cfg, batch_size=batch_size)
+  kw.setdefault("num_epochs", 1)
+  kw.setdefault("process_index", 0)
+  kw.setdefault("process_count", 1)
+  return make_iterator(cfg, split, base_dir=corpus["root"], **kw)
+
+
+def doc_starts(batches: list[dict[str, np.ndarray]]) -> list[int]:
+  """doc_ids of pad-mode rows that begin a document, in stream order."""
+  return [int(d) for b in batches for d, c in zip(b["doc_ids"], b["chunk_ids"])
+          if d >= 0 and c == 0]
+
+
+def local_batches(it: DataIterator, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+  out = []
+  while limit is None or len(out) < limit:
+    try:
+      out.append(it.next_local())
+    except StopIteration:
+      break
+  return out
+
+
+def segments(batches: list[dict[str, np.ndarray]]) -> list[tuple[int, ...]]:
+  """Token tuples of every segment, in stream order."""
+  out = []
+  for b in batches:
+    for inputs, seg in zip(b["inputs"], b["segment_ids"]):
+      for s in range(1, int(seg.max()) + 1):
+        out.append(tuple(int(t) for t in inputs[seg == s]))
+  return out
+
+
+def parse_stream(segs: list[tuple[int, ...]], docs: list[tuple[int, ...]]) -> list[int]:
+  """Split the concatenated segments back into whole documents; return their order.
+
+  Fails unless every document occurs exactly once, contiguously, and every
+  document boundary is also a segment boundary.
+  """
+  stream = [t for s in segs for t in s]
+  seg_starts = set(np.cumsum([0] + [len(s) for s in segs]).tolist())
+  left = Counter(range(len(docs)))
+  order, p = [], 0
+  while p < len(stream):
+    hits = [i for i in left if left[i] and tuple(stream[p:p + len(docs[i])]) == docs[i]]
+    assert hits, f"tokens at stream offset {p} start no remaining document"
+    i = max(hits, key=lambda j: len(docs[j]))
+    assert p in seg_starts and p + len(docs[i]) in seg_starts, "a segment crosses documents"
+    left[i] -= 1
+    order.append(i)
+    p += len(docs[i])
+  return order
+
+
+def check_row_format(b: dict[str, np.ndarray]) -> None:
+  """Segments 1..k then padding; positions restart per segment; targets by a plain loop."""
+  for r in range(b["inputs"].shape[0]):
+    seg, pos = b["segment_ids"][r], b["positions"][r]
+    inputs, targets, mask = b["inputs"][r], b["targets"][r], b["loss_mask"][r]
+    n = int((seg > 0).sum())
+    assert (seg[n:] == 0).all() and (inputs[n:] == 0).all() and (pos[n:] == 0).all()
+    assert (np.diff(seg[:n]) >= 0).all() and (np.diff(seg[:n]) <= 1).all()
+    if n:
+      assert seg[0] == 1
+    for t in range(len(seg)):
+      start = t == 0 or seg[t] != seg[t - 1]
+      assert pos[t] == (0 if start or seg[t] == 0 else pos[t - 1] + 1)
+      has_next = t + 1 < len(seg) and seg[t] != 0 and seg[t + 1] == seg[t]
+      assert mask[t] == (1.0 if has_next else 0.0)
+      assert targets[t] == (inputs[t + 1] if has_next else 0)
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_every_token_exactly_once_and_no_cross_document_segments(corpus):
+  docs = corpus["doc_ids"]
+  seen: Counter[int] = Counter()
+  total = 0
+  for split in ("train", "validation"):
+    batches = local_batches(iterator(corpus, split, mode="pack", shuffle=True))
+    for b in batches:
+      check_row_format(b)
+    segs = segments(batches)
+    order = parse_stream(segs, docs)
+    seen.update(order)
+    total += sum(len(s) for s in segs)
+    # Packing leaves padding only at the very end of the epoch.
+    flat = np.concatenate([b["segment_ids"].reshape(-1) for b in batches])
+    assert (flat[:int((flat > 0).sum())] > 0).all()
+  assert sorted(seen) == list(range(len(docs)))  # each document once, in exactly one split
+  assert set(seen.values()) == {1}
+  assert total == sum(len(d) for d in docs)
+  want = Counter(t for d in docs for t in d)
+  got: Counter[int] = Counter()
+  for split in ("train", "validation"):
+    for b in local_batches(iterator(corpus, split)):
+      got.update(b["inputs"][b["segment_ids"] > 0].tolist())
+  assert got == want
+
+
+def test_pad_mode_rows_rebuild_each_document(corpus):
+  by_doc: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
+  domains: dict[tuple[str, int], str] = {}
+  for split in ("train", "validation"):
+    it = iterator(corpus, split, mode="pad", shuffle=False)
+    for b in local_batches(it):
+      check_row_format(b)
+      for r in range(b["inputs"].shape[0]):
+        if b["doc_ids"][r] < 0:
+          assert (b["segment_ids"][r] == 0).all()
+          continue
+        seg = b["segment_ids"][r]
+        assert set(seg.tolist()) <= {0, 1}  # one piece of one document per row
+        key = (split, int(b["doc_ids"][r]))
+        by_doc.setdefault(key, []).append((int(b["chunk_ids"][r]), b["inputs"][r][seg == 1]))
+        domains[key] = it.domains[b["domain_ids"][r]]
+  rebuilt = Counter(tuple(np.concatenate([c for _, c in sorted(chunks, key=lambda x: x[0])]))
+                    for chunks in by_doc.values())
+  assert rebuilt == Counter(corpus["doc_ids"])
+  # Domains: explicit, from the JSONL field, or the parent directory name.
+  assert set(domains.values()) == {"plays", "lines", "web", "wiki", "news"}
+
+
+def test_tokens_equal_tokenizers_called_directly(corpus):
+  tok = load_text_tokenizer(corpus["cfg"].tokenizer)
+  direct = corpus["direct"]
+  for d in corpus["docs"]:
+    ids = direct.encode(d).ids
+    assert tok.encode(d).tolist() == ids
+    assert ids[0] == 1 and ids[-1] == 2  # the template's <bos> ... <eos>
+  no_bos = load_text_tokenizer(corpus["cfg"].tokenizer, add_bos=False)
+  assert no_bos.encode("the king").tolist() == direct.encode("the king").ids[1:]
+  neither = load_text_tokenizer(corpus["cfg"].tokenizer, add_bos=False, add_eos=False)
+  assert (neither.encode("the king").tolist()
+          == direct.encode("the king", add_special_tokens=False).ids)
+
+
+def test_two_processes_get_disjoint_shards_covering_the_split(corpus):
+  n = len(open_split(corpus["cfg"], "train", base_dir=corpus["root"]))
+  shards = []
+  for pi in range(2):
+    it = iterator(corpus, mode="pad", shuffle=True, process_index=pi, process_count=2)
+    ids = doc_starts(local_batches(it))
+    assert len(ids) == len(set(ids)) == it.documents_per_epoch
+    shards.append(set(ids))
+  assert not shards[0] & shards[1]
+  assert shards[0] | shards[1] == set(range(n))
+  # Packed rows of the two shards hold exactly the tokens of the whole split.
+  whole: Counter[int] = Counter()
+  for b in local_batches(iterator(corpus)):
+    whole.update(b["inputs"][b["segment_ids"] > 0].tolist())
+  parts: Counter[int] = Counter()
+  for pi in range(2):
+    for b in local_batches(iterator(corpus, process_index=pi, process_count=2)):
+      assert b["inputs"].shape == (2, SEQ_LEN)  # global batch 4 / 2 processes
+      parts.update(b["inputs"][b["segment_ids"] > 0].tolist())
+  assert parts == whole
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+@pytest.mark.parametrize("mode,stop", [("pack", 5), ("pack", 31), ("pad", 9)])
+def test_restored_state_continues_exactly(corpus, prefetch, mode, stop):
+  cfg = dataclasses.replace(corpus["cfg"], prefetch=prefetch)
+  kw = dict(mode=mode, shuffle=True, num_epochs=None, process_index=0, process_count=1,
+            base_dir=corpus["root"])
+  a = make_iterator(cfg, "train", **kw)
+  first = local_batches(a, stop)
+  state = json.loads(json.dumps(a.get_state()))  # what a checkpoint stores
+  want = local_batches(a, 12)
+  b = make_iterator(cfg, "train", **kw)
+  b.set_state(state)
+  got = local_batches(b, 12)
+  assert len(got) == len(want) == 12
+  for x, y in zip(got, want):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  assert b.get_state() == a.get_state()
+  assert len(first) == stop
+
+
+def test_epochs_are_reshuffled_and_complete(corpus):
+  it = iterator(corpus, mode="pad", shuffle=True)
+  epoch = doc_starts(local_batches(it))
+  assert sorted(epoch) == list(range(it.documents_per_epoch))
+  two = doc_starts(local_batches(iterator(corpus, mode="pad", shuffle=True, num_epochs=2)))
+  assert two[:len(epoch)] == epoch
+  assert sorted(two[len(epoch):]) == sorted(epoch) and two[len(epoch):] != epoch
+  unshuffled = doc_starts(local_batches(iterator(corpus, mode="pad", shuffle=False)))
+  assert unshuffled == list(range(len(epoch)))
+
+
+def test_state_from_another_layout_is_refused(corpus):
+  a = iterator(corpus, process_index=0, process_count=2)
+  b = iterator(corpus, process_index=1, process_count=2)
+  with pytest.raises(DataError, match="process_index: saved 0, now 1"):
+    b.set_state(a.get_state())
+  with pytest.raises(DataError, match="not an ir_jax data iterator state"):
+    b.set_state({"next_index": 3})
+
+
+def test_batches_become_global_arrays_on_an_8_device_mesh(corpus):
+  devices = np.array(jax.devices()[:8])
+  assert devices.size == 8, "tests/conftest.py asks XLA for 8 CPU devices"
+  mesh = Mesh(devices.reshape(2, 4), ("data", "model"))
+  cfg_batch = 8
+  cfg = dataclasses.replace(corpus["cfg"], batch_size=cfg_batch)
+  for axes, spec in (("data", PartitionSpec("data", None)),
+                     (("data", "model"), PartitionSpec(("data", "model"), None))):
+    kw = dict(mode="pad", shuffle=False, num_epochs=1, process_index=0, process_count=1,
+              base_dir=corpus["root"])
+    ref = make_iterator(cfg, "train", **kw).next_local()
+    batch = next(make_iterator(cfg, "train", mesh=mesh, batch_axes=axes, **kw))
+    for k, arr in batch.items():
+      assert isinstance(arr, jax.Array) and arr.shape == ref[k].shape
+      want = spec if arr.ndim == 2 else PartitionSpec(spec[0])
+      assert arr.sharding.spec == want, (k, arr.sharding.spec)
+      np.testing.assert_array_equal(np.asarray(arr), ref[k])
+    shards = {s.device: s.data.shape for s in batch["inputs"].addressable_shards}
+    rows = cfg_batch // (2 if axes == "data" else 8)
+    assert set(shards.values()) == {(rows, SEQ_LEN)}
+  with pytest.raises(DataError, match="not divisible by the 8 shards"):
+    make_iterator(dataclasses.replace(cfg, batch_size=4), "train", mesh=mesh,
+                  batch_axes=("data", "model"), base_dir=corpus["root"])
+  with pytest.raises(DataError, match=r"batch axes \['fsdp'\]"):
+    make_iterator(cfg, "train", mesh=mesh, batch_axes="fsdp", base_dir=corpus["root"])
+
+
+def test_too_few_documents_for_the_processes(corpus):
+  with pytest.raises(DataError, match="fewer than the 1000 processes"):
+    iterator(corpus, process_index=0, process_count=1000, batch_size=1000)
+
+
+def test_seq_len_below_two_is_refused(corpus):
+  from ir_jax.config import ConfigError
+
+  with pytest.raises(ConfigError, match="seq_len must be an integer >= 2"):
+    dataclasses.replace(corpus["cfg"], seq_len=1)
+  source = open_split(corpus["cfg"], "train", base_dir=corpus["root"])
+  tok = load_text_tokenizer(corpus["cfg"].tokenizer)
+  with pytest.raises(DataError, match="seq_len must be >= 2"):
+    DataIterator(source, tok, seq_len=1, batch_size=1, process_index=0, process_count=1)
+
+
+def test_smollm2_pipeline_tokens_equal_transformers(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  gguf_path = assets.require(assets.smollm2_gguf())
+  articles = [line.strip() for line in
+              assets.read_text(assets.require(assets.news_file())).splitlines()[:4]]
+  (tmp_path / "news.txt").write_text("\n".join(articles) + "\n", encoding="utf-8")
+  cfg = DataConfig(files=(str(tmp_path / "news.txt"),), split_mode="lines",
+                   tokenizer=str(gguf_path), seq_len=128, batch_size=2,
+                   data_dir=str(tmp_path / "tfds"), validation_fraction=0.0, prefetch=0)
+  prepare(cfg, verbose=False)
+  it = make_iterator(cfg, "train", mode="pad", shuffle=False, num_epochs=1, process_index=0,
+                     process_count=1)
+  chunks: dict[int, list[tuple[int, np.ndarray]]] = {}
+  for b in local_batches(it):
+    for r in range(b["inputs"].shape[0]):
+      if b["doc_ids"][r] >= 0:
+        chunks.setdefault(int(b["doc_ids"][r]), []).append(
+            (int(b["chunk_ids"][r]), b["inputs"][r][b["segment_ids"][r] == 1]))
+  ours = Counter(tuple(np.concatenate([c for _, c in sorted(v, key=lambda x: x[0])]).tolist())
+                 for v in chunks.values())
+  hf = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+  want = Counter(tuple(hf(a)["input_ids"]) for a in articles)
+  assert ours == want
+  assert max(len(k) for k in want) > 128  # an article spans several rows
