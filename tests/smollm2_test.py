@@ -81,3 +81,21 @@ def test_gguf_loads_directly_and_config_is_smollm2(gguf_path):
       30, 576, 9, 3, 49152)
   assert c.tie_word_embeddings and c.rope_theta == 100_000.0
   assert not hasattr(model, "lm_head")
+
+
+def test_imported_model_runs_every_policy_untrained(imported, paragraph):
+  """Routing modules start untrained (forecast ~0): every policy runs on the real model."""
+  from ir_jax import RoutingSpec
+
+  tok = load_tokenizer(imported)
+  ids = jnp.asarray([tok.encode(paragraph).ids[:128]], jnp.int32)
+  model = ir_jax.load_model(imported)
+  dense_lp = token_logprobs(np.asarray(model(ids))[0], np.asarray(ids[0])).mean()
+  for policy in ("dense", "informed", "greedy", "random", "oracle"):
+    logits = np.asarray(model(ids, routing=RoutingSpec(policy=policy, sparsity=0.25)))[0]
+    lp = token_logprobs(logits, np.asarray(ids[0])).mean()
+    assert np.isfinite(lp)
+    if policy == "dense":
+      assert lp == pytest.approx(dense_lp, abs=1e-5)
+    else:  # approximating a quarter of the units costs likelihood
+      assert lp < dense_lp

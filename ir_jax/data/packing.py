@@ -16,6 +16,11 @@ the rest of the document is not in view. "pad" rows also carry, per row
 (`[B]` int32, -1 on padding rows): `doc_ids` (record index in the split),
 `chunk_ids` (0, 1, ... piece of that document) and `domain_ids`.
 
+A model step uses them as
+  logits_BxTxV = model(inputs, positions, segment_ids)
+  loss = sum(cross_entropy(logits_BxTxV, targets) * loss_mask) / sum(loss_mask)
+so the first token of every segment is context only, never a target.
+
 The cursor (`{"doc": i, "offset": k}`: next token is token k of the i-th
 document of the shuffled stream) is the whole iterator state: restoring it
 re-reads document i and continues with the same rows.
@@ -34,16 +39,30 @@ ROW_FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 PAD_ROW_FIELDS = ("doc_ids", "chunk_ids", "domain_ids")
 
 
-def finish_rows(inputs_BxT: np.ndarray, segment_ids_BxT: np.ndarray,
-                positions_BxT: np.ndarray) -> dict[str, np.ndarray]:
+def _blank(local_batch: int, seq_len: int, mode: str) -> dict[str, np.ndarray]:
+  shape = (local_batch, seq_len)
+  out = {name: np.zeros(shape, np.int32) for name in ("inputs", "positions", "segment_ids")}
+  if mode == PAD:
+    out.update({name: np.full(local_batch, -1, np.int32) for name in PAD_ROW_FIELDS})
+  return out
+
+
+def empty_batch(local_batch: int, seq_len: int, mode: str) -> dict[str, np.ndarray]:
+  """A batch of padding rows only: nothing to attend to, nothing in the loss."""
+  return finish_rows(_blank(local_batch, seq_len, mode))
+
+
+def finish_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Add next-token `targets` and `loss_mask` (no target across a segment boundary)."""
+  inputs_BxT, segment_ids_BxT = batch["inputs"], batch["segment_ids"]
   same_BxT1 = (segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1]) & (segment_ids_BxT[:, :-1] != 0)
   targets_BxT = np.zeros_like(inputs_BxT)
   targets_BxT[:, :-1] = np.where(same_BxT1, inputs_BxT[:, 1:], 0)
   loss_mask_BxT = np.zeros(inputs_BxT.shape, np.float32)
   loss_mask_BxT[:, :-1] = same_BxT1
+  rest = {k: v for k, v in batch.items() if k not in ROW_FIELDS}
   return {"inputs": inputs_BxT, "targets": targets_BxT, "loss_mask": loss_mask_BxT,
-          "positions": positions_BxT, "segment_ids": segment_ids_BxT}
+          "positions": batch["positions"], "segment_ids": segment_ids_BxT, **rest}
 
 
 class TokenBatches(grain.IterDataset):
@@ -106,10 +125,7 @@ class TokenBatchIterator(grain.DatasetIterator):
     return fill > 0
 
   def __next__(self) -> dict[str, np.ndarray]:
-    shape = (self._local_batch, self._seq_len)
-    out = {name: np.zeros(shape, np.int32) for name in ("inputs", "positions", "segment_ids")}
-    if self._mode == PAD:
-      out.update({name: np.full(self._local_batch, -1, np.int32) for name in PAD_ROW_FIELDS})
+    out = _blank(self._local_batch, self._seq_len, self._mode)
     rows = 0
     for b in range(self._local_batch):
       if not self._fill_row(b, out):
@@ -117,9 +133,7 @@ class TokenBatchIterator(grain.DatasetIterator):
       rows += 1
     if rows == 0:
       raise StopIteration
-    batch = finish_rows(out.pop("inputs"), out.pop("segment_ids"), out.pop("positions"))
-    batch.update(out)
-    return batch
+    return finish_rows(out)
 
   def get_state(self) -> dict[str, Any]:
     return {"doc": int(self._doc), "offset": int(self._offset)}

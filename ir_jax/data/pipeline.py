@@ -24,14 +24,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ir_jax.data.builder import TextSource, open_split
 from ir_jax.data.config import DataConfig, DataError
-from ir_jax.data.packing import PACK, PAD, TokenBatches
+from ir_jax.data.packing import PACK, PAD, TokenBatches, empty_batch
 from ir_jax.data.tokenize import TextTokenizer, load_text_tokenizer
 
 STATE_FORMAT = "ir_jax.data/1"
 # State entries that must match between saving and restoring: anything
 # else would silently continue a different stream.
-_LAYOUT_KEYS = ("dataset", "split", "mode", "seq_len", "batch_size", "seed", "shuffle",
-                "num_epochs", "process_index", "process_count", "num_documents")
 
 
 class _Tokenize:
@@ -75,14 +73,18 @@ class DataIterator(grain.DatasetIterator):
 
   Every batch is a dict of the fields in `ir_jax.data.packing` with global
   batch dimension `batch_size`. Iteration ends after `num_epochs` (never if
-  None); the last batch is completed with padding rows.
+  None); the last batch is completed with padding rows. With `num_batches`
+  it ends after exactly that many batches, padding rows only once the data
+  is used up: processes whose shards differ in size then still take the
+  same number of steps (a collective waiting on a finished process hangs).
   """
 
   def __init__(self, source: TextSource, tokenizer: TextTokenizer, *, seq_len: int,
                batch_size: int, mode: str = PACK, shuffle: bool = True, seed: int = 0,
                num_epochs: int | None = None, mesh: Mesh | None = None,
                batch_axes: str | Sequence[str] = "data", process_index: int | None = None,
-               process_count: int | None = None, prefetch: int = 0) -> None:
+               process_count: int | None = None, prefetch: int = 0,
+               num_batches: int | None = None) -> None:
     super().__init__()
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -97,6 +99,8 @@ class DataIterator(grain.DatasetIterator):
                       "make data.batch_size a multiple of the process count")
     if num_epochs is not None and num_epochs < 1:
       raise DataError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    if num_batches is not None and num_batches < 0:
+      raise DataError(f"num_batches must be None or >= 0, got {num_batches}")
     if mesh is not None:
       axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
       missing = [a for a in axes if a not in mesh.axis_names]
@@ -110,12 +114,14 @@ class DataIterator(grain.DatasetIterator):
     self.batch_axes, self.batch_size, self.seq_len = batch_axes, batch_size, seq_len
     self.local_batch_size = batch_size // pc
     self.domains = source.domains
+    self.mode, self.num_batches = mode, num_batches
     self._docs = document_stream(source, tokenizer, seed=seed, shuffle=shuffle,
                                  num_epochs=num_epochs, process_index=pi, process_count=pc)
     self._layout = {"dataset": source.name, "split": source.split, "mode": mode,
                     "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
                     "shuffle": shuffle, "num_epochs": num_epochs, "process_index": pi,
-                    "process_count": pc, "num_documents": len(source)}
+                    "process_count": pc, "num_documents": len(source),
+                    "num_batches": num_batches}
     batches: grain.IterDataset = TokenBatches(self._docs, seq_len, self.local_batch_size, mode)
     if prefetch > 0:
       batches = grain.experimental.ThreadPrefetchIterDataset(batches,
@@ -130,9 +136,28 @@ class DataIterator(grain.DatasetIterator):
     n, pc, pi = len(self.source), self._layout["process_count"], self._layout["process_index"]
     return len(range(pi, n, pc))
 
+  def local_batch_count(self) -> int:
+    """Batches this process's shard yields (tokenizes the shard once more; finite epochs only).
+
+    Take the maximum over processes (e.g. `multihost_utils.process_allgather`)
+    as `num_batches` for an evaluation every process steps through together.
+    """
+    if self._layout["num_epochs"] is None:
+      raise DataError("an iterator that repeats forever has no batch count; set num_epochs")
+    it = iter(TokenBatches(self._docs, self.seq_len, self.local_batch_size, self.mode))
+    return sum(1 for _ in it)
+
   def next_local(self) -> dict[str, np.ndarray]:
     """The next batch as this process's numpy rows `[batch_size / process_count, ...]`."""
-    batch = next(self._open())
+    inner = self._open()
+    if self.num_batches is not None and self._batches >= self.num_batches:
+      raise StopIteration
+    try:
+      batch = next(inner)
+    except StopIteration:
+      if self.num_batches is None:
+        raise
+      batch = empty_batch(self.local_batch_size, self.seq_len, self.mode)
     self._batches += 1
     return batch
 
@@ -189,14 +214,16 @@ def make_iterator(cfg: DataConfig, split: str | None = None, *, mode: str = PACK
                   batch_axes: str | Sequence[str] = "data", process_index: int | None = None,
                   process_count: int | None = None, tokenizer: TextTokenizer | None = None,
                   base_dir: str | os.PathLike[str] | None = None,
-                  prepare_if_missing: bool = False) -> DataIterator:
+                  prepare_if_missing: bool = False,
+                  num_batches: int | None = None) -> DataIterator:
   """A DataIterator over `split` (default `cfg.train_split`) of the dataset `cfg` names."""
   source = open_split(cfg, split or cfg.train_split, base_dir, prepare_if_missing)
   tok = tokenizer or load_text_tokenizer(cfg.tokenizer, cfg.add_bos, cfg.add_eos)
   return DataIterator(source, tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, mode=mode,
                       shuffle=shuffle, seed=cfg.seed, num_epochs=num_epochs, mesh=mesh,
                       batch_axes=batch_axes, process_index=process_index,
-                      process_count=process_count, prefetch=cfg.prefetch)
+                      process_count=process_count, prefetch=cfg.prefetch,
+                      num_batches=num_batches)
 
 
 def train_iterator(cfg: DataConfig, **kwargs: Any) -> DataIterator:
@@ -205,5 +232,8 @@ def train_iterator(cfg: DataConfig, **kwargs: Any) -> DataIterator:
 
 
 def eval_iterator(cfg: DataConfig, **kwargs: Any) -> DataIterator:
-  """One pass over `cfg.eval_split` in record order, one document piece per padded row."""
+  """One pass over `cfg.eval_split` in record order, one document piece per padded row.
+
+  With several processes pass `num_batches` (see `DataIterator.local_batch_count`).
+  """
   return make_iterator(cfg, cfg.eval_split, mode=PAD, shuffle=False, num_epochs=1, **kwargs)
