@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.config import ConfigError, LlamaConfig, read_json_object
 
 META_FILE = "ir_jax.json"
 PARAMS_DIR = "params"
@@ -79,12 +79,8 @@ def load_config(path: str) -> LlamaConfig:
   meta_file = os.path.join(path, META_FILE)
   if not os.path.isfile(meta_file):
     raise CheckpointError(f"{path}: no {META_FILE}; not an ir_jax checkpoint directory")
-  try:
-    with open(meta_file, encoding="utf-8") as f:
-      meta = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{meta_file}: not valid JSON ({e})") from None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+  meta = read_json_object(meta_file, CheckpointError)
+  if meta.get("format") != FORMAT:
     raise CheckpointError(f"{meta_file}: format is not {FORMAT!r}")
   if meta.get("version") != FORMAT_VERSION:
     raise CheckpointError(

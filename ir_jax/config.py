@@ -234,18 +234,24 @@ class LlamaConfig:
     }
 
 
+def read_json_object(file: str, error: type[Exception] = ValueError) -> dict[str, Any]:
+  """A JSON object from `file`; anything else raises `error` naming the file."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{file}: not valid JSON ({e})") from None
+  if not isinstance(obj, dict):
+    raise error(f"{file}: expected a JSON object, found {type(obj).__name__}")
+  return obj
+
+
 def load_hf_config(path: str, **overrides: Any) -> LlamaConfig:
   """Reads `config.json` from a file or directory, with one-line errors."""
   file = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if not os.path.exists(file):
     raise FileNotFoundError(f"{file}: no config.json; expected a HuggingFace Llama directory")
-  try:
-    with open(file, encoding="utf-8") as f:
-      hf = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{file}: not valid JSON ({e})") from None
-  if not isinstance(hf, dict):
-    raise ConfigError(f"{file}: expected a JSON object, found {type(hf).__name__}")
+  hf = read_json_object(file, ConfigError)
   try:
     return LlamaConfig.from_hf(hf, **overrides)
   except ConfigError as e:
