@@ -9,8 +9,9 @@ from ir_jax.checkpoint import CheckpointError
 from ir_jax.config import ConfigError
 from ir_jax.convert.safetensors_io import SafetensorsError
 from ir_jax.convert.sources import WeightImportError
+from ir_jax.data.config import DataError
 
-USER_ERRORS = (ConfigError, CheckpointError, SafetensorsError, WeightImportError,
+USER_ERRORS = (ConfigError, CheckpointError, DataError, SafetensorsError, WeightImportError,
                FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 

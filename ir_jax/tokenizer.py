@@ -80,7 +80,7 @@ def _value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
   return default if field is None else field.contents()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte -> printable-character table used by byte-level BPE."""
   printable = [
       *range(ord("!"), ord("~") + 1),
@@ -161,7 +161,7 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> Tokenizer:
   if len(types) != len(tokens):
     raise ValueError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
 
-  spelling = _bytes_to_unicode()
+  spelling = bytes_to_unicode()
   alphabet = set(spelling.values())
 
   def respell(token: str) -> str:

@@ -364,3 +364,94 @@ def test_smollm2_pipeline_tokens_equal_transformers(tmp_path):
   want = Counter(tuple(hf(a)["input_ids"]) for a in articles)
   assert ours == want
   assert max(len(k) for k in want) > 128  # an article spans several rows
+
+
+def test_num_batches_keeps_uneven_processes_in_step(corpus):
+  counts = [iterator(corpus, mode="pad", process_index=pi, process_count=2).local_batch_count()
+            for pi in range(2)]
+  assert counts[0] != counts[1]  # the shards hold different amounts of text
+  steps = max(counts)
+  for pi in range(2):
+    it = iterator(corpus, mode="pad", process_index=pi, process_count=2, num_batches=steps)
+    got = local_batches(it)
+    assert len(got) == steps
+    for b in got[counts[pi]:]:  # padding only once the shard is used up
+      assert (b["segment_ids"] == 0).all() and (b["loss_mask"] == 0).all()
+      assert (b["doc_ids"] == -1).all()
+    assert (got[counts[pi] - 1]["segment_ids"] > 0).any()
+
+
+def test_orbax_checkpoint_through_grain_handler(corpus, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  a = iterator(corpus, num_epochs=None, shuffle=True)
+  local_batches(a, 4)
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
+  mngr.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(a)))
+  mngr.wait_until_finished()
+  want = local_batches(a, 3)
+  b = iterator(corpus, num_epochs=None, shuffle=True)
+  mngr.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(b)))
+  for x, y in zip(local_batches(b, 3), want, strict=True):
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  saved = json.loads((tmp_path / "ckpt" / "4" / "data" / "process_0-of-1.json").read_text())
+  assert saved["batches"] == 4 and saved["format"] == "ir_jax.data/1"
+
+
+CHILD = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pi, port, arg = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pi)
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from ir_jax.data import DataConfig, eval_iterator
+
+cfg = DataConfig(**arg["cfg"])
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+local = eval_iterator(cfg, base_dir=arg["root"]).local_batch_count()
+steps = int(multihost_utils.process_allgather(np.int32(local)).max())
+it = eval_iterator(cfg, base_dir=arg["root"], mesh=mesh, batch_axes="data", num_batches=steps)
+count = jax.jit(lambda b: (b["segment_ids"] > 0).sum())
+tokens = 0
+for batch in it:
+  assert batch["inputs"].shape == (cfg.batch_size, cfg.seq_len)
+  tokens += int(count(batch))  # a global reduction over both processes' rows
+print(json.dumps({"pi": pi, "local": local, "steps": steps, "tokens": tokens}), flush=True)
+"""
+
+
+def test_two_real_jax_processes_build_global_batches(corpus, tmp_path):
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  cfg = dataclasses.replace(corpus["cfg"], batch_size=8, prefetch=2)
+  arg = json.dumps({"cfg": dataclasses.asdict(cfg), "root": str(corpus["root"])})
+  script = tmp_path / "child.py"
+  script.write_text(CHILD)
+  procs = [subprocess.Popen([sys.executable, str(script), str(pi), str(port), arg],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for pi in range(2)]
+  results = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0, err[-2000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  want = sum(int((b["segment_ids"] > 0).sum())
+             for b in local_batches(iterator(corpus, "validation", mode="pad", shuffle=False)))
+  assert [r["tokens"] for r in results] == [want, want]
+  assert results[0]["steps"] == results[1]["steps"] == max(r["local"] for r in results)

@@ -21,7 +21,7 @@ PROG = "python -m ir_jax.data"
 
 
 def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, with `KEY=VALUE` overrides (VALUE a Python literal or text)."""
+  """`get_config()` of a config file with `KEY=VALUE` overrides (a Python literal, else text)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such config file")
   spec = importlib.util.spec_from_file_location("_ir_jax_config", path)

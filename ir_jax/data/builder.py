@@ -96,9 +96,13 @@ class IrJaxText(tfds.core.GeneratorBasedBuilder):
     # tells which splits have documents (TFDS refuses to write an empty split).
     stats = sources.scan(cfg.files, cfg.data, verbose=cfg.verbose)
     if stats.counts["documents"] == 0:
+      skips = {k: v for k, v in stats.counts.items() if k.startswith("skipped_")}
       raise DataError(f"no documents in data.files ({len(cfg.files)} files, all empty or "
-                      f"skipped): {stats.summary()}")
+                      f"skipped: {skips}); check the files and data.split_mode")
     self.info.metadata["stats"] = stats.to_json()
+    self.info.metadata["options"] = {
+        k: getattr(cfg.data, k) for k in ("split_mode", "validation_fraction", "text_field",
+                                          "domain_field", "encoding_errors", "bad_records")}
     self.info.metadata["domains"] = sorted({k.split("/", 1)[1]
                                             for k in stats.docs_by_split_domain})
     if cfg.verbose:

@@ -150,7 +150,7 @@ def data_config(data_cfg: Any, model_checkpoint: str = "") -> DataConfig:
 
 
 def from_config(cfg: Any) -> DataConfig:
-  """The DataConfig of a whole config (`cfg.data`, tokenizer defaulting to `cfg.model.checkpoint`)."""
+  """`cfg.data` of a whole config as a DataConfig (tokenizer defaults to model.checkpoint)."""
   if "data" not in cfg:
     raise ConfigError("the config has no `data` section; add cfg.data = ConfigDict(...) "
                       "(see configs/tiny.py)")

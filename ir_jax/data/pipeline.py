@@ -28,8 +28,6 @@ from ir_jax.data.packing import PACK, PAD, TokenBatches, empty_batch
 from ir_jax.data.tokenize import TextTokenizer, load_text_tokenizer
 
 STATE_FORMAT = "ir_jax.data/1"
-# State entries that must match between saving and restoring: anything
-# else would silently continue a different stream.
 
 
 class _Tokenize:
@@ -117,6 +115,8 @@ class DataIterator(grain.DatasetIterator):
     self.mode, self.num_batches = mode, num_batches
     self._docs = document_stream(source, tokenizer, seed=seed, shuffle=shuffle,
                                  num_epochs=num_epochs, process_index=pi, process_count=pc)
+    # All that must match between saving and restoring a state: anything else
+    # would silently continue a different stream.
     self._layout = {"dataset": source.name, "split": source.split, "mode": mode,
                     "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
                     "shuffle": shuffle, "num_epochs": num_epochs, "process_index": pi,

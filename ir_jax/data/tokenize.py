@@ -11,7 +11,8 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from ir_jax.data.config import BYTE_TOKENIZER, DataError
-from ir_jax.tokenizer import (TOKENIZER_CONFIG_JSON, TOKENIZER_JSON, _bytes_to_unicode,
+from ir_jax.data.sources import REPO_ROOT
+from ir_jax.tokenizer import (TOKENIZER_CONFIG_JSON, TOKENIZER_JSON, bytes_to_unicode,
                               load_tokenizer, special_tokens_from_gguf)
 
 BYTE_EOS = "<|endoftext|>"
@@ -19,7 +20,7 @@ BYTE_EOS = "<|endoftext|>"
 
 def byte_tokenizer() -> Tokenizer:
   """257 tokens: id b is byte b, id 256 is `<|endoftext|>` (BOS and EOS). For tiny models."""
-  spelling = _bytes_to_unicode()
+  spelling = bytes_to_unicode()
   vocab = {spelling[b]: b for b in range(256)}
   tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -101,6 +102,8 @@ def load_text_tokenizer(spec: str, add_bos: bool | None = None,
     raise DataError("data.tokenizer is empty and the model has no checkpoint to take one from; "
                     "set data.tokenizer to a tokenizer.json, a model directory or a .gguf file")
   path = Path(spec).expanduser()
+  if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+    path = REPO_ROOT / path  # configs/ name files relative to the repository root
   if spec == BYTE_TOKENIZER:
     tok = byte_tokenizer()
   else:
