@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
 import jax
@@ -19,13 +18,7 @@ from flax import nnx
 
 from ir_jax.api import load_model
 from ir_jax.errors import cli_main
-
-
-def find_tokenizer(model_path: str):
-  """The tokenizer that belongs to a checkpoint dir, HF dir or GGUF file."""
-  from ir_jax.tokenizer import load_tokenizer
-
-  return load_tokenizer(model_path)
+from ir_jax.tokenizer import load_tokenizer
 
 
 @nnx.jit
@@ -79,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     raise FileNotFoundError(f"{args.text}: no such text file")
   t0 = time.time()
   model = load_model(args.model, dtype=args.dtype)
-  tok = find_tokenizer(args.model)
+  tok = load_tokenizer(args.model)  # checkpoint dir, HF dir or GGUF all carry one
   print(f"loaded {args.model} ({model.config.num_layers} layers, d={model.config.hidden_size}) "
         f"in {time.time() - t0:.1f}s", flush=True)
   ids = np.asarray(tok.encode(read_text(args.text)).ids[:args.max_tokens], np.int64)
