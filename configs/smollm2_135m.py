@@ -5,9 +5,11 @@
 
 import ml_collections
 
+from ir_jax.train.config import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
+  cfg = default_config()  # train, routing and mesh sections with their defaults
   cfg.model = ml_collections.ConfigDict(dict(
       vocab_size=49152,
       hidden_size=576,

@@ -2,9 +2,11 @@
 
 import ml_collections
 
+from ir_jax.train.config import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
+  cfg = default_config()  # train, routing and mesh sections with their defaults
   cfg.model = ml_collections.ConfigDict(dict(
       vocab_size=257,
       hidden_size=64,
@@ -43,4 +45,18 @@ def get_config() -> ml_collections.ConfigDict:
       add_eos=True,  # <|endoftext|> (id 256) ends every document
       prefetch=0,
   ))
+  # Seconds on a CPU: a few steps of each stage, checkpoints every 4 steps.
+  cfg.train.stages = "forecaster,router"
+  cfg.train.log_every = 2
+  cfg.train.checkpoint_every = 4
+  cfg.train.eval_batches = 2
+  cfg.train.tensorboard = False
+  cfg.train.forecaster.steps = 12
+  cfg.train.forecaster.learning_rate = 1e-2
+  cfg.train.router.steps = 12
+  cfg.train.router.learning_rate = 1e-2
+  cfg.train.router.calibration_batches = 1
+  cfg.train.lora.steps = 6
+  cfg.train.lora.rank = 4
+  cfg.routing.sparsity = 0.4
   return cfg

@@ -55,6 +55,10 @@ class LlamaConfig:
   # (d -> r -> d) and router hidden width (0: a linear router).
   lff_rank: int = 100
   router_hidden: int = 128
+  # LoRA adapters on q, v and the MLP gate projection (0: none); the update
+  # is scaled by lora_alpha / lora_rank. Merged into the base weights on export.
+  lora_rank: int = 0
+  lora_alpha: float = 32.0
 
   def __post_init__(self) -> None:
     if self.head_dim == 0 and self.num_heads > 0:
@@ -84,6 +88,12 @@ class LlamaConfig:
       raise ConfigError(
           f"model.router_hidden must be an integer in [0, {_MAX_HIDDEN}] (0: linear router), "
           f"got {self.router_hidden!r}")
+    if not isinstance(self.lora_rank, int) or not 0 <= self.lora_rank <= _MAX_HIDDEN:
+      raise ConfigError(f"model.lora_rank must be an integer in [0, {_MAX_HIDDEN}] (0: no LoRA), "
+                        f"got {self.lora_rank!r}")
+    if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
+            and self.lora_alpha > 0):
+      raise ConfigError(f"model.lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"model.num_heads ({self.num_heads}) must be a multiple of "
@@ -124,6 +134,10 @@ class LlamaConfig:
   @property
   def weight_dtype(self) -> jnp.dtype:
     return _DTYPES[self.param_dtype]
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
   @property
   def rope_type(self) -> str:

@@ -27,8 +27,12 @@ Array = jax.Array
 
 # Logical axis names used on parameters.
 class Ax:
-  EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
-      "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+  EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, LORA = (
+      "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "lora")
+
+
+class LoraParam(nnx.Param):
+  """Parameters of a LoRA adapter (trained by the `lora` stage only)."""
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any,
@@ -38,6 +42,29 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype:
   else:  # HF Llama initialises linear and embedding weights N(0, 0.02)
     value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class LoRA(nnx.Module):
+  """Low-rank update of a projection: scale * (n @ A) @ B, with B = 0 at init.
+
+  `out_shape` / `out_axes` are the projection's output dims (e.g. heads x
+  head_dim), so the update has the projection's own layout.
+  """
+
+  def __init__(self, cfg: LlamaConfig, out_shape: tuple[int, ...], out_axes: tuple[str, ...],
+               rngs: nnx.Rngs):
+    d, r, dt = cfg.hidden_size, cfg.lora_rank, cfg.weight_dtype
+    a = jax.random.normal(rngs.params(), (d, r), jnp.float32) / math.sqrt(d)
+    self.a = LoraParam(a.astype(dt), out_sharding=(Ax.EMBED, Ax.LORA), eager_sharding=False)
+    self.b = LoraParam(jnp.zeros((r, *out_shape), dt), out_sharding=(Ax.LORA, *out_axes),
+                       eager_sharding=False)
+    self.scale = cfg.lora_scale
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, n_BxSxD: Array) -> Array:
+    h_BxSxR = n_BxSxD @ self.a[...].astype(self.dtype)
+    b = self.b[...].astype(self.dtype)
+    return self.scale * jnp.tensordot(h_BxSxR, b, axes=1)
 
 
 # --------------------------------------------------------------------- RoPE
@@ -109,6 +136,9 @@ class Attention(nnx.Module):
     self.k_proj = _param(rngs, (d, n, k), (Ax.EMBED, Ax.KV_HEADS, Ax.HEAD_DIM), dt)
     self.v_proj = _param(rngs, (d, n, k), (Ax.EMBED, Ax.KV_HEADS, Ax.HEAD_DIM), dt)
     self.o_proj = _param(rngs, (h, k, d), (Ax.HEADS, Ax.HEAD_DIM, Ax.EMBED), dt)
+    if cfg.lora_rank:
+      self.q_lora = LoRA(cfg, (h, k), (Ax.HEADS, Ax.HEAD_DIM), rngs)
+      self.v_lora = LoRA(cfg, (n, k), (Ax.KV_HEADS, Ax.HEAD_DIM), rngs)
     self.config = cfg  # static: inv_freq is recomputed at trace time, never stored as state
     self.dtype = cfg.compute_dtype
 
@@ -118,10 +148,14 @@ class Attention(nnx.Module):
   def keys_values(self, n_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array]:
     k_BxTxNxK = jnp.einsum("btd,dnk->btnk", n_BxTxD, self._w(self.k_proj))
     v_BxTxNxK = jnp.einsum("btd,dnk->btnk", n_BxTxD, self._w(self.v_proj))
+    if self.config.lora_rank:
+      v_BxTxNxK = v_BxTxNxK + self.v_lora(n_BxTxD)
     return apply_rope(k_BxTxNxK, positions_BxT, rope_inv_freq(self.config)), v_BxTxNxK
 
   def queries(self, n_BxSxD: Array, positions_BxS: Array) -> Array:
     q_BxSxHxK = jnp.einsum("bsd,dhk->bshk", n_BxSxD, self._w(self.q_proj))
+    if self.config.lora_rank:
+      q_BxSxHxK = q_BxSxHxK + self.q_lora(n_BxSxD)
     return apply_rope(q_BxSxHxK, positions_BxS, rope_inv_freq(self.config))
 
   def attend(self, q_BxSxHxK: Array, k_BxTxNxK: Array, v_BxTxNxK: Array,
@@ -156,11 +190,17 @@ class MLP(nnx.Module):
     self.gate_proj = _param(rngs, (d, f), (Ax.EMBED, Ax.MLP), dt)
     self.up_proj = _param(rngs, (d, f), (Ax.EMBED, Ax.MLP), dt)
     self.down_proj = _param(rngs, (f, d), (Ax.MLP, Ax.EMBED), dt)
+    if cfg.lora_rank:
+      self.gate_lora = LoRA(cfg, (f,), (Ax.MLP,), rngs)
+    self.lora = bool(cfg.lora_rank)
     self.dtype = cfg.compute_dtype
 
   def __call__(self, n_BxSxD: Array) -> Array:
     w = lambda p: p[...].astype(self.dtype)
-    h_BxSxF = jax.nn.silu(n_BxSxD @ w(self.gate_proj)) * (n_BxSxD @ w(self.up_proj))
+    gate_BxSxF = n_BxSxD @ w(self.gate_proj)
+    if self.lora:
+      gate_BxSxF = gate_BxSxF + self.gate_lora(n_BxSxD)
+    h_BxSxF = jax.nn.silu(gate_BxSxF) * (n_BxSxD @ w(self.up_proj))
     return h_BxSxF @ w(self.down_proj)
 
 

@@ -160,7 +160,7 @@ UnitFn = Callable[[Array | None, Array], Array]
 
 def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
                router: Router, spec: RoutingSpec, k: int, threshold: Array,
-               key: Array) -> tuple[Array, dict[str, Array]]:
+               key: Array, temperature: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """The unit's contribution to the residual for every token, and statistics.
 
   `unit_fn(idx_BxS, n_BxSxD)` runs the unit for the tokens at `idx` (None:
@@ -190,7 +190,8 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
     gate = scores > threshold
   elif spec.gate == "gumbel":
     u = jax.random.uniform(jax.random.fold_in(key, 1), (b, t), f32, 1e-6, 1 - 1e-6)
-    soft = jax.nn.sigmoid((scores + jnp.log(u) - jnp.log1p(-u)) / spec.temperature)
+    temp = spec.temperature if temperature is None else temperature  # traced when annealed
+    soft = jax.nn.sigmoid((scores + jnp.log(u) - jnp.log1p(-u)) / temp)
     gate = soft > 0.5
   else:
     gate = topk_mask(scores, k)
@@ -224,6 +225,7 @@ class _Ctx:
   positions_BxT: Array
   index_BxT: Array
   segment_ids_BxT: Array | None
+  temperature: Array | None = None  # overrides spec.temperature (a traced, annealed value)
 
 
 def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ctx,
@@ -252,11 +254,12 @@ def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ct
 
   thr = rl.threshold[...]
   delta, aux_a = route_unit(n, x_BxTxD, attn_fn, rl.attn_lff, rl.attn_router, spec, ks[0],
-                            thr[0], jax.random.fold_in(key, 0))
+                            thr[0], jax.random.fold_in(key, 0), ctx.temperature)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   n = layer.post_attention_layernorm(x_BxTxD)
   delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: layer.mlp(ns), rl.mlp_lff,
-                            rl.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1))
+                            rl.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1),
+                            ctx.temperature)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
   if cache is None:
@@ -272,8 +275,12 @@ def _layer_ks(spec: RoutingSpec, cfg: LlamaConfig, t: int) -> np.ndarray:
 
 def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
                    segment_ids_BxT: Array | None, spec: RoutingSpec, *,
-                   rng: Array | None = None, return_aux: bool = False):
+                   rng: Array | None = None, return_aux: bool = False,
+                   temperature: Array | None = None):
   """Logits `[B, T, V]` with every unit routed per `spec` (and aux if asked).
+
+  `temperature` (a scalar, may be traced) replaces `spec.temperature` for
+  Gumbel gates, so an annealed temperature does not recompile every step.
 
   aux: exec_rate [L, 2], importance [L, 2], scores_BxT [L, 2, B, T]. A uniform
   capacity scans the layers; a per-layer capacity table unrolls them (each
@@ -283,7 +290,7 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
   b, t = tokens_BxT.shape
   index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   ctx = _Ctx(index_BxT if positions_BxT is None else positions_BxT, index_BxT,
-             segment_ids_BxT)
+             segment_ids_BxT, temperature)
   key = jax.random.key(spec.seed) if rng is None else rng
   ks = _layer_ks(spec, cfg, t)
   x = model.embed(tokens_BxT)

@@ -1,0 +1,338 @@
+"""The `train`, `routing` and `mesh` sections of a config, validated before anything compiles.
+
+A config file (see configs/) is a Python module whose `get_config()` returns
+an `ml_collections.ConfigDict` with sections:
+
+  model    shapes (ir_jax.config.LlamaConfig fields) + `checkpoint`, the base weights
+  data     ir_jax.data.DataConfig fields
+  train    TrainConfig below, with one sub-section per stage
+  routing  ir_jax.RoutingSpec fields: the policy and target sparsity to train and evaluate
+  mesh     data / fsdp / tensor sizes (-1 fills)
+
+`settings_from_config` turns it into frozen dataclasses; every unknown field
+and every bad value is a ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ir_jax.config import ConfigError, LlamaConfig, from_config_dict
+from ir_jax.data.config import DataConfig
+from ir_jax.data.config import from_config as data_from_config
+from ir_jax.routing import RoutingSpec
+from ir_jax.sharding import MeshConfig
+
+STAGES = ("forecaster", "router", "lora")
+# The routing section: the policy and target the routers train for and the run is evaluated at.
+ROUTING_FIELDS = ("policy", "sparsity", "capacities", "k_multiple", "seed")
+SCHEDULES = ("constant", "cosine", "linear")
+SECTIONS = ("model", "data", "train", "routing", "mesh")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """Optimizer and budget of one stage (AdamW with gradient clipping).
+
+  steps:         optimizer updates; each consumes `grad_accum` batches.
+  learning_rate: peak learning rate.
+  schedule:      constant | cosine (to 0) | linear (to 0), after `warmup`.
+  warmup:        fraction of `steps` with a linear warm-up from 0.
+  weight_decay:  AdamW decoupled weight decay.
+  grad_clip:     global-norm clipping (0: none).
+  grad_accum:    batches accumulated per update (optax.MultiSteps).
+  batch_size:    rows per batch for this stage (0: data.batch_size).
+  seq_len:       tokens per row for this stage (0: data.seq_len).
+  """
+
+  steps: int = 2000
+  learning_rate: float = 1e-3
+  schedule: str = "cosine"
+  warmup: float = 0.0
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  batch_size: int = 0
+  seq_len: int = 0
+
+  def validate(self, name: str) -> None:
+    def integer(field: str, low: int) -> None:
+      v = getattr(self, field)
+      if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ConfigError(f"train.{name}.{field} must be an integer >= {low}, got {v!r}")
+
+    def number(field: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+      v = getattr(self, field)
+      ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (v > low if low_open else v >= low) and v <= high)
+      if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+        raise ConfigError(f"train.{name}.{field} must be a number {bound}, got {v!r}")
+
+    integer("steps", 1)
+    number("learning_rate", 0.0, low_open=True)
+    if self.schedule not in SCHEDULES:
+      raise ConfigError(f"train.{name}.schedule must be one of {list(SCHEDULES)}, "
+                        f"got {self.schedule!r}")
+    number("warmup", 0.0, 1.0)
+    number("weight_decay", 0.0)
+    number("grad_clip", 0.0)
+    integer("grad_accum", 1)
+    integer("batch_size", 0)
+    integer("seq_len", 0)
+    if self.seq_len == 1:
+      raise ConfigError(f"train.{name}.seq_len must be 0 (data.seq_len) or >= 2, got 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForecasterStage(StageConfig):
+  """Forecasters regress their unit's output (SmoothL1, beta 1, summed over units)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterStage(StageConfig):
+  """Routers with frozen forecasters.
+
+  gate:               gumbel (binary Gumbel-softmax, straight-through, every unit
+                      computed: exact informed gradient for every token) or ste
+                      (top-k at the target capacity, straight-through, gathered).
+  temperature_start / temperature_end: Gumbel temperature, annealed linearly.
+  sparsity_weight:    weight of |capacity - mean execute rate|.
+  importance_weight:  weight of mean (1 - g) (1 - cos(x, x + Unit(n))).
+  calibration_batches: batches used at the end to calibrate causal thresholds (0: skip).
+  """
+
+  learning_rate: float = 2e-3
+  schedule: str = "constant"
+  gate: str = "gumbel"
+  temperature_start: float = 5.0
+  temperature_end: float = 1.0
+  sparsity_weight: float = 8.0
+  importance_weight: float = 0.1
+  calibration_batches: int = 4
+
+  def validate(self, name: str) -> None:
+    super().validate(name)
+    if self.gate not in ("gumbel", "ste"):
+      raise ConfigError(f"train.router.gate must be 'gumbel' or 'ste', got {self.gate!r}")
+    for f in ("temperature_start", "temperature_end"):
+      v = getattr(self, f)
+      if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        raise ConfigError(f"train.router.{f} must be a number > 0, got {v!r}")
+    for f in ("sparsity_weight", "importance_weight"):
+      v = getattr(self, f)
+      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        raise ConfigError(f"train.router.{f} must be a number >= 0, got {v!r}")
+    if not isinstance(self.calibration_batches, int) or self.calibration_batches < 0:
+      raise ConfigError(f"train.router.calibration_batches must be an integer >= 0, "
+                        f"got {self.calibration_batches!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraStage(StageConfig):
+  """LoRA on q, v and the MLP gate projection, with the routed forward; routers and
+  forecasters frozen. `rank` and `alpha` become model.lora_rank / lora_alpha."""
+
+  steps: int = 1000
+  learning_rate: float = 2e-4
+  schedule: str = "cosine"
+  warmup: float = 0.1
+  weight_decay: float = 0.0
+  rank: int = 16
+  alpha: float = 32.0
+
+  def validate(self, name: str) -> None:
+    super().validate(name)
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ConfigError(f"train.lora.rank must be an integer >= 1, got {self.rank!r}")
+    if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+      raise ConfigError(f"train.lora.alpha must be a number > 0, got {self.alpha!r}")
+
+
+_STAGE_TYPES = {"forecaster": ForecasterStage, "router": RouterStage, "lora": LoraStage}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """What to train and how often to log, checkpoint and evaluate.
+
+  stages:           comma-separated, in order: forecaster, router, lora.
+  init_from:        another run's workdir whose result (base + trained modules)
+                    the first stage starts from ('' : model.checkpoint, fresh modules).
+  seed:             initialisation of new modules and Gumbel noise.
+  log_every:        steps between metric lines (JSONL, TensorBoard, console).
+  checkpoint_every: steps between checkpoints (one is always written at the end).
+  keep_checkpoints: checkpoints kept per stage.
+  async_checkpoints: write checkpoints in a background thread.
+  eval_batches:     held-out batches for the final dense-vs-routed perplexity (0: skip).
+  tensorboard:      also write TensorBoard event files (needs tensorboardX).
+  """
+
+  stages: str = "forecaster,router"
+  init_from: str = ""
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  eval_batches: int = 16
+  tensorboard: bool = True
+  forecaster: ForecasterStage = ForecasterStage()
+  router: RouterStage = RouterStage()
+  lora: LoraStage = LoraStage()
+
+  @property
+  def stage_list(self) -> tuple[str, ...]:
+    return tuple(s.strip() for s in self.stages.split(",") if s.strip())
+
+  def stage(self, name: str) -> StageConfig:
+    return getattr(self, name)
+
+  def validate(self) -> None:
+    if not isinstance(self.stages, str):
+      raise ConfigError(f"train.stages must be a comma-separated string, got {self.stages!r}")
+    stages = self.stage_list
+    bad = [s for s in stages if s not in STAGES]
+    if not stages or bad:
+      raise ConfigError(f"train.stages must list stages from {list(STAGES)} separated by commas, "
+                        f"got {self.stages!r}")
+    if len(set(stages)) != len(stages):
+      raise ConfigError(f"train.stages names a stage twice: {self.stages!r}")
+    for name, low in (("seed", 0), ("log_every", 1), ("checkpoint_every", 1),
+                      ("keep_checkpoints", 1), ("eval_batches", 0)):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ConfigError(f"train.{name} must be an integer >= {low}, got {v!r}")
+    for name in ("async_checkpoints", "tensorboard"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"train.{name} must be True or False, got {getattr(self, name)!r}")
+    if not isinstance(self.init_from, str):
+      raise ConfigError(f"train.init_from must be a path string, got {self.init_from!r}")
+    for s in STAGES:
+      self.stage(s).validate(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A whole validated config."""
+
+  model: LlamaConfig
+  model_checkpoint: str
+  data: DataConfig
+  train: TrainConfig
+  routing: RoutingSpec
+  mesh: MeshConfig
+  raw: dict[str, Any]  # the config as plain JSON-able data (saved with checkpoints)
+
+  def stage_data(self, stage: str) -> DataConfig:
+    """The data config with the stage's batch size / sequence length overrides."""
+    sc = self.train.stage(stage)
+    changes = {}
+    if sc.batch_size:
+      changes["batch_size"] = sc.batch_size
+    if sc.seq_len:
+      changes["seq_len"] = sc.seq_len
+    return dataclasses.replace(self.data, **changes) if changes else self.data
+
+
+def _plain(d: Any) -> Any:
+  if hasattr(d, "to_dict"):
+    d = d.to_dict()
+  if isinstance(d, dict):
+    return {k: _plain(v) for k, v in d.items()}
+  if isinstance(d, (list, tuple)):
+    return [_plain(v) for v in d]
+  return d
+
+
+def _section(cfg: Any, name: str) -> dict[str, Any]:
+  if name not in cfg or cfg[name] is None:
+    return {}
+  d = _plain(cfg[name])
+  if not isinstance(d, dict):
+    raise ConfigError(f"config section `{name}` must be a dict, got {type(d).__name__}")
+  return d
+
+
+def _build(kind: type, d: dict[str, Any], where: str) -> Any:
+  names = {f.name for f in dataclasses.fields(kind)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ConfigError(f"unknown {where} config fields {unknown}; known: {sorted(names)}")
+  try:
+    return kind(**d)
+  except TypeError as e:
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def train_config(d: dict[str, Any]) -> TrainConfig:
+  d = dict(d)
+  for s in STAGES:
+    sub = d.pop(s, None) or {}
+    if not isinstance(sub, dict):
+      raise ConfigError(f"train.{s} must be a dict of stage settings, got {sub!r}")
+    d[s] = _build(_STAGE_TYPES[s], sub, f"train.{s}")
+  tc = _build(TrainConfig, d, "train")
+  tc.validate()
+  return tc
+
+
+def routing_spec(d: dict[str, Any]) -> RoutingSpec:
+  d = dict(d)
+  unknown = sorted(set(d) - set(ROUTING_FIELDS))
+  if unknown:
+    raise ConfigError(f"unknown routing config fields {unknown}; known: {list(ROUTING_FIELDS)} "
+                      "(gates and modes follow the stage: see train.router.gate)")
+  if d.get("capacities") is not None:
+    d["capacities"] = tuple(tuple(r) for r in d["capacities"])
+  return _build(RoutingSpec, d, "routing")
+
+
+def settings_from_config(cfg: Any) -> Settings:
+  """Validates a whole ConfigDict (or dict); raises ConfigError on the first problem."""
+  top = set(cfg.keys())
+  unknown = sorted(top - set(SECTIONS))
+  if unknown:
+    raise ConfigError(f"unknown config sections {unknown}; known: {list(SECTIONS)}")
+  if "model" not in top:
+    raise ConfigError("the config has no `model` section (see configs/tiny.py)")
+  model_d = _section(cfg, "model")
+  ckpt = model_d.get("checkpoint", "") or ""
+  if not isinstance(ckpt, str):
+    raise ConfigError(f"model.checkpoint must be a path string, got {ckpt!r}")
+  model = from_config_dict(model_d)
+  data = data_from_config(cfg)
+  train = train_config(_section(cfg, "train"))
+  routing = routing_spec(_section(cfg, "routing"))
+  mesh = _build(MeshConfig, _section(cfg, "mesh"), "mesh")
+  if "lora" in train.stage_list:
+    model = model.replace(lora_rank=train.lora.rank, lora_alpha=float(train.lora.alpha))
+  routing.check_layers(model.num_layers)
+  if routing.policy == "dense" and "router" in train.stage_list:
+    raise ConfigError("routing.policy is 'dense' but train.stages has 'router'; routers train "
+                      "for 'informed' or 'greedy' routing")
+  raw = {s: _section(cfg, s) for s in SECTIONS if s in top}
+  return Settings(model=model, model_checkpoint=ckpt, data=data, train=train, routing=routing,
+                  mesh=mesh, raw=raw)
+
+
+def default_config() -> Any:
+  """A ConfigDict with the train, routing and mesh sections at their defaults.
+
+  Config files start from it and add `model` and `data`, so every field exists
+  and can be overridden from the command line (`--config.train.router.steps=50`).
+  """
+  import ml_collections
+
+  def as_dict(dc: Any) -> dict[str, Any]:
+    return {f.name: (as_dict(getattr(dc, f.name)) if dataclasses.is_dataclass(getattr(dc, f.name))
+                     else getattr(dc, f.name)) for f in dataclasses.fields(dc)}
+
+  cfg = ml_collections.ConfigDict()
+  cfg.train = ml_collections.ConfigDict(as_dict(TrainConfig()))
+  spec = RoutingSpec(sparsity=0.4)
+  cfg.routing = ml_collections.ConfigDict({f: getattr(spec, f) for f in ROUTING_FIELDS})
+  cfg.mesh = ml_collections.ConfigDict(as_dict(MeshConfig()))
+  return cfg

@@ -1,0 +1,561 @@
+"""The training run: workdir, base weights, sharded state, stages, checkpoints, final eval.
+
+Workdir layout:
+  run.json                   model config, base weights, the config (a rerun must match)
+  base/                      the imported base model (when model.checkpoint is GGUF / HF)
+  checkpoints/<stage>/<N>/   orbax CheckpointManager steps: adapters (forecasters,
+                             routers, thresholds, LoRA), optimizer state, data iterator
+                             state, metadata; N counts batches of that stage
+  metrics.jsonl, tensorboard/, eval.json
+
+Rerunning the same command resumes: finished stages are restored from their
+last checkpoint, an interrupted stage continues from its newest checkpoint
+with the optimizer state and the data stream exactly where they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ir_jax import checkpoint as model_ckpt
+from ir_jax import sharding as sh
+from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.data import pipeline
+from ir_jax.data.config import DataError
+from ir_jax.data.packing import PACK
+from ir_jax.model import Llama
+from ir_jax.routing import RoutingSpec, calibrate_thresholds
+from ir_jax.train import steps
+from ir_jax.train.config import Settings
+from ir_jax.train.metrics import MetricWriter, console_line
+
+RUN_FILE = "run.json"
+RUN_FORMAT = "ir_jax.run"
+RUN_VERSION = 1
+# Model fields that fix the shapes of the base weights: a workdir or base
+# checkpoint must agree on these.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim", "tie_word_embeddings")
+ADAPTER_FIELDS = ("lff_rank", "router_hidden", "lora_rank")
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss); the message names the step."""
+
+
+class Preempted(Exception):
+  """A stop was requested (SIGTERM or `should_stop`); a checkpoint was saved first."""
+
+  def __init__(self, stage: str, step: int) -> None:
+    super().__init__(f"stopped at {stage} step {step} after saving a checkpoint; rerun the same "
+                     "command to resume")
+    self.stage, self.step = stage, step
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------ workdir
+def _shape_diff(a: LlamaConfig, b: LlamaConfig, fields: tuple[str, ...]) -> list[str]:
+  return [f"{f} {getattr(a, f)} vs {getattr(b, f)}" for f in fields
+          if getattr(a, f) != getattr(b, f)]
+
+
+def read_run(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    return None
+  from ir_jax.config import read_json_object
+
+  meta = read_json_object(path, ConfigError)
+  if meta.get("format") != RUN_FORMAT or meta.get("version") != RUN_VERSION:
+    raise ConfigError(f"{path}: not an ir_jax run of format {RUN_FORMAT} v{RUN_VERSION}")
+  return meta
+
+
+def check_workdir(workdir: str, s: Settings) -> dict[str, Any] | None:
+  """The existing run.json, after checking it trains the same model; None if fresh."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} exists and is not a directory")
+  meta = read_run(workdir)
+  if meta is None:
+    if os.path.isdir(workdir) and os.path.isdir(os.path.join(workdir, "checkpoints")):
+      raise ConfigError(f"{workdir} holds checkpoints but no {RUN_FILE}; it is not a run this "
+                        "version wrote. Choose an empty --workdir")
+    return None
+  try:
+    old = LlamaConfig.from_dict(meta["model"])
+  except (ConfigError, KeyError, TypeError) as e:
+    raise ConfigError(f"{workdir}/{RUN_FILE}: bad model config ({e})") from None
+  diff = _shape_diff(old, s.model, SHAPE_FIELDS + ADAPTER_FIELDS)
+  if diff:
+    raise ConfigError(f"--workdir {workdir} holds a run of a different model ({', '.join(diff)}); "
+                      "choose another --workdir or the config it was started with")
+  if meta.get("stages") != list(s.train.stage_list):
+    raise ConfigError(f"--workdir {workdir} was started with train.stages "
+                      f"{','.join(meta.get('stages') or [])!r}, now {s.train.stages!r}; "
+                      "choose another --workdir")
+  return meta
+
+
+# ------------------------------------------------------------ base weights
+def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
+  """Where the base weights come from: {"kind": "checkpoint", "path"} or {"kind": "random"}.
+
+  A GGUF file or HF directory in model.checkpoint is imported once into
+  `workdir/base` (process 0; the others wait).
+  """
+  if s.train.init_from:
+    other = read_run(s.train.init_from)
+    if other is None:
+      raise FileNotFoundError(f"train.init_from={s.train.init_from}: no {RUN_FILE}; expected the "
+                              "--workdir of a finished ir_jax.train run")
+    return dict(other["base"])
+  src = s.model_checkpoint
+  if not src:
+    return {"kind": "random", "seed": s.train.seed}
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"model.checkpoint {src}: no such file or directory (run "
+                            "`bash launch/fetch_assets.sh` for the demo assets)")
+  if os.path.isdir(src) and model_ckpt.is_checkpoint(src):
+    return {"kind": "checkpoint", "path": os.path.abspath(src)}
+  base = os.path.join(workdir, "base")
+  if not model_ckpt.is_checkpoint(base):
+    if jax.process_index() == 0:
+      from ir_jax.convert import import_weights
+
+      t0 = time.time()
+      log(f"importing base weights {src} -> {base} ...")
+      import_weights(src, base, param_dtype=s.model.param_dtype, overwrite=True)
+      log(f"imported in {time.time() - t0:.1f}s")
+    _barrier("import")
+  return {"kind": "checkpoint", "path": os.path.abspath(base)}
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"ir_jax.train.{name}")
+
+
+def _paths(tree: Any) -> dict[tuple, Any]:
+  return {tuple(getattr(k, "key", getattr(k, "name", k)) for k in p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _set_path(tree: dict, path: tuple, value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+# ------------------------------------------------------------ model state
+@dataclasses.dataclass
+class ModelState:
+  graphdef: Any
+  state: nnx.State  # the whole model state, sharded
+  shardings: nnx.State  # NamedSharding per leaf
+
+
+def abstract_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[Any, nnx.State, nnx.State]:
+  graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(params=0))))
+  return graphdef, abs_state, sh.state_shardings(abs_state, mesh)
+
+
+def init_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh, base: dict[str, Any],
+               seed: int) -> ModelState:
+  """Base weights (restored or random) and fresh adapters, created already sharded."""
+  graphdef, abs_state, shardings = abstract_state(cfg, mesh)
+
+  def fresh(filter_: Any) -> nnx.State:
+    """Newly initialised leaves matching `filter_`, created sharded under jit
+    (the leaves not returned are dead code that XLA drops)."""
+    def make():
+      return nnx.split_state(nnx.state(Llama(cfg, nnx.Rngs(params=seed))), filter_, ...)[0]
+
+    return jax.jit(make, out_shardings=nnx.split_state(shardings, filter_, ...)[0])()
+
+  if base["kind"] == "random":
+    seed = int(base.get("seed", seed))
+    return ModelState(graphdef, fresh(nnx.Everything()), shardings)
+
+  path = base["path"]
+  ckpt_cfg = model_ckpt.load_config(path)
+  diff = _shape_diff(ckpt_cfg, cfg, SHAPE_FIELDS)
+  if diff:
+    raise ConfigError(f"the base checkpoint {path} does not match the config's model "
+                      f"({', '.join(diff)}); fix the model section or model.checkpoint")
+  # Restore the checkpoint's whole tree (orbax needs the saved structure), sharded
+  # by the same rules, in the dtype this run wants for base weights.
+  _, ck_abs, ck_sh = abstract_state(ckpt_cfg, mesh)
+  wdt = cfg.weight_dtype
+  target = jax.tree.map(lambda a, s_: jax.ShapeDtypeStruct(
+      a.shape, wdt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=s_),
+      nnx.to_pure_dict(ck_abs), nnx.to_pure_dict(ck_sh))
+  restored = _paths(model_ckpt.restore_params(path, target))
+  base_abs, _ = nnx.split_state(abs_state, nnx.Not(steps.ADAPTERS), ...)
+  merged: dict = {}
+  for p, want in _paths(nnx.to_pure_dict(base_abs)).items():
+    got = restored.get(p)
+    if got is None or got.shape != want.shape:
+      raise model_ckpt.CheckpointError(
+          f"{path}: parameter {'/'.join(map(str, p))} is "
+          f"{'missing' if got is None else f'shaped {got.shape}, expected {want.shape}'}")
+    _set_path(merged, p, got)
+  adapters = fresh(steps.ADAPTERS)
+  for p, v in _paths(nnx.to_pure_dict(adapters)).items():
+    _set_path(merged, p, v)
+  state = jax.tree.map(lambda x: x, abs_state)
+  nnx.replace_by_pure_dict(state, merged)
+  return ModelState(graphdef, state, shardings)
+
+
+def split_adapters(ms: ModelState) -> tuple[nnx.State, nnx.State]:
+  adapters, rest = nnx.split_state(ms.state, steps.ADAPTERS, ...)
+  return adapters, rest
+
+
+def adapter_target(ms: ModelState) -> nnx.State:
+  """Restore target for the adapters: ShapeDtypeStructs with their shardings."""
+  adapters, _ = split_adapters(ms)
+  return sh.with_shardings(adapters, nnx.split_state(ms.shardings, steps.ADAPTERS, ...)[0])
+
+
+def replace_adapters(ms: ModelState, adapters: nnx.State) -> None:
+  _, rest = split_adapters(ms)
+  ms.state = nnx.merge_state(rest, adapters)
+
+
+# ------------------------------------------------------------ checkpoints
+def _manager(directory: str, keep: int = 3, async_: bool = False) -> ocp.CheckpointManager:
+  import grain.checkpoint as gcp
+
+  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
+                                      enable_async_checkpointing=async_, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=opts,
+                               item_handlers={"adapters": ocp.StandardCheckpointHandler(),
+                                              "opt_state": ocp.StandardCheckpointHandler(),
+                                              "data": gcp.CheckpointHandler(),
+                                              "meta": ocp.JsonCheckpointHandler()})
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints", stage)
+
+
+def restore_adapters(mgr: ocp.CheckpointManager, step: int, target: nnx.State) -> nnx.State:
+  out = mgr.restore(step, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(target)))
+  return out["adapters"]
+
+
+def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelState:
+  """The model a finished (or interrupted) run produced: base + its newest adapters."""
+  meta = read_run(workdir)
+  if meta is None:
+    raise FileNotFoundError(f"{workdir}: no {RUN_FILE}; not an ir_jax.train workdir")
+  cfg = LlamaConfig.from_dict(meta["model"])
+  mesh = mesh or sh.make_mesh(sh.MeshConfig(data=-1))
+  ms = init_state(cfg, mesh, meta["base"], int(meta.get("seed", 0)))
+  for stage in reversed(meta["stages"]):
+    d = stage_dir(workdir, stage)
+    if not os.path.isdir(d):
+      continue
+    mgr = _manager(d)
+    latest = mgr.latest_step()
+    if latest is not None:
+      replace_adapters(ms, restore_adapters(mgr, latest, adapter_target(ms)))
+      mgr.close()
+      break
+    mgr.close()
+  return ms
+
+
+def load_run_model(workdir: str) -> Llama:
+  ms = run_result(workdir)
+  return nnx.merge(ms.graphdef, ms.state)
+
+
+# ------------------------------------------------------------ evaluation
+def evaluate(s: Settings, ms: ModelState, mesh: jax.sharding.Mesh,
+             num_batches: int) -> dict[str, Any]:
+  """Held-out perplexity, dense and routed at the configured policy and sparsity."""
+  data = s.data
+  eval_spec = dataclasses.replace(s.routing, mode="topk", gate="hard", compute="gathered")
+  batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
+  rep = sh.replicated(mesh)
+  results: dict[str, Any] = {"split": data.eval_split, "seq_len": data.seq_len,
+                             "policy": eval_spec.policy, "sparsity": eval_spec.sparsity}
+  for name, spec in (("dense", None), ("routed", eval_spec)):
+    fn = jax.jit(steps.make_eval_step(ms.graphdef, spec),
+                 in_shardings=(ms.shardings, batch_sh), out_shardings=rep)
+    it = pipeline.make_iterator(data, data.eval_split, mode=PACK, shuffle=False, num_epochs=1,
+                                mesh=mesh, batch_axes=sh.BATCH_AXES, num_batches=num_batches,
+                                prepare_if_missing=True)
+    nll, tokens, execs = 0.0, 0.0, []
+    try:
+      for batch in it:
+        out = jax.device_get(fn(ms.state, batch))
+        nll += float(out["nll_sum"])
+        tokens += float(out["tokens"])
+        if "exec_rate" in out:
+          execs.append(np.asarray(out["exec_rate"]) * float(out["tokens"]))
+    finally:
+      it.close()
+    if not tokens:
+      raise DataError(f"the {data.eval_split!r} split gave no tokens to evaluate; raise "
+                      "data.validation_fraction")
+    rec = {"nll": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": int(tokens)}
+    if execs:
+      rate = np.sum(execs, axis=0) / tokens
+      rec["realized_sparsity"] = float(1.0 - rate.mean())
+      rec["sparsity_attn"], rec["sparsity_mlp"] = (float(1.0 - rate[:, 0].mean()),
+                                                   float(1.0 - rate[:, 1].mean()))
+    results[name] = rec
+  return results
+
+
+# ------------------------------------------------------------ the stage loop
+class _StopFlag:
+  def __init__(self) -> None:
+    self.set = False
+    self._old = None
+
+  def install(self) -> None:
+    def handler(signum, frame):
+      self.set = True
+      log("ir_jax.train: SIGTERM received; saving a checkpoint before exiting")
+
+    try:
+      self._old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. under some test runners)
+      self._old = None
+
+  def uninstall(self) -> None:
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+      self._old = None
+
+
+def check_batch(s: Settings, mesh: jax.sharding.Mesh) -> None:
+  """Batch sizes that the data axes of the mesh (and the processes) divide."""
+  shards = sh.mesh_axis_size(mesh, sh.BATCH_AXES)
+  for stage in s.train.stage_list:
+    b = s.stage_data(stage).batch_size
+    where = f"train.{stage}.batch_size" if s.train.stage(stage).batch_size else "data.batch_size"
+    if b % shards:
+      raise ConfigError(f"{where}={b} is not divisible by the {shards} data shards of the mesh "
+                        f"(data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); use a "
+                        f"multiple of {shards}")
+    if b % jax.process_count():
+      raise ConfigError(f"{where}={b} is not divisible by the {jax.process_count()} processes")
+
+
+def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh, workdir: str,
+                writer: MetricWriter, stop: _StopFlag,
+                should_stop: Callable[[str, int], bool] | None) -> dict[str, Any]:
+  sc = s.train.stage(stage)
+  total = sc.steps * sc.grad_accum  # batches
+  data_cfg = s.stage_data(stage)
+  mgr = _manager(stage_dir(workdir, stage), s.train.keep_checkpoints, s.train.async_checkpoints)
+  latest = mgr.latest_step()
+  adapters_target = adapter_target(ms)
+  if latest is not None and latest >= total:
+    replace_adapters(ms, restore_adapters(mgr, latest, adapters_target))
+    mgr.close()
+    log(f"[{stage}] already finished ({latest} batches); restored its result")
+    return {"stage": stage, "resumed_from": latest, "steps_run": 0}
+
+  trainable_type = steps.TRAINABLE[stage]
+  tx = steps.optimizer(sc)
+  it = pipeline.train_iterator(data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES,
+                               prepare_if_missing=True)
+  graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
+  tr_sh, fr_sh = nnx.split_state(ms.shardings, trainable_type, ...)
+  # Shardings of the optimizer state: parameter-shaped leaves follow their parameter.
+  abs_opt = jax.eval_shape(tx.init, trainable)
+  rep = sh.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s_: s_, abs_opt, tr_sh,
+                                 transform_non_params=lambda _: rep)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+
+  start = 0
+  if latest is not None:
+    t0 = time.time()
+    restored = mgr.restore(latest, args=ocp.args.Composite(
+        adapters=ocp.args.StandardRestore(adapters_target),
+        opt_state=ocp.args.StandardRestore(sh.with_shardings(abs_opt, opt_sh)),
+        data=_grain_restore(it)))
+    replace_adapters(ms, restored["adapters"])
+    graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
+    opt_state = restored["opt_state"]
+    start = latest
+    log(f"[{stage}] resumed from batch {latest} ({time.time() - t0:.1f}s)")
+
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+  log(f"[{stage}] training {n_train:,} parameters ({trainable_type.__name__}) for {sc.steps} "
+      f"steps x {sc.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
+  batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
+  loss_fn = steps.stage_loss_fn(stage, sc, s.routing, s.train.seed)
+  step_fn = jax.jit(steps.make_train_step(graphdef, loss_fn, tx),
+                    in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
+                    out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
+  sched = steps.schedule(sc)
+  tokens_per_batch = data_cfg.batch_size * data_cfg.seq_len
+
+  def save(step: int) -> None:
+    adapters, _ = nnx.split_state(nnx.merge_state(trainable, frozen), steps.ADAPTERS, ...)
+    meta = {"stage": stage, "step": step, "total": total, "config": s.raw}
+    mgr.save(step, args=ocp.args.Composite(
+        adapters=ocp.args.StandardSave(adapters), opt_state=ocp.args.StandardSave(opt_state),
+        data=_grain_save(it), meta=ocp.args.JsonSave(meta)), force=True)
+
+  t_last, n_last = time.time(), start
+  first_loss = last_loss = None
+  step = start
+  try:
+    while step < total:
+      batch = next(it)
+      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
+                                              jnp.asarray(step, jnp.int32))
+      step += 1
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        last = mgr.latest_step()
+        raise TrainingError(
+            f"[{stage}] loss is {loss} at step {step}; stopping. The last good checkpoint is "
+            f"{'batch ' + str(last) if last is not None else 'none (no checkpoint yet)'} of "
+            f"stage {stage}; lower train.{stage}.learning_rate or check the data")
+      first_loss = loss if first_loss is None else first_loss
+      last_loss = loss
+      if step % s.train.log_every == 0 or step == total:
+        now = time.time()
+        dt = (now - t_last) / max(step - n_last, 1)
+        vals = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        vals.update(lr=float(sched(min((step - 1) // sc.grad_accum, sc.steps - 1))),
+                    step_time_s=dt, tokens_per_s=tokens_per_batch / dt)
+        writer.write(stage, step, vals)
+        log(console_line(stage, step, total, vals))
+        t_last, n_last = now, step
+      if step == total and stage == "router" and sc.calibration_batches:
+        model = nnx.merge(graphdef, trainable, frozen)
+        from jax.experimental import multihost_utils
+
+        cal = [np.asarray(multihost_utils.process_allgather(next(it)["inputs"], tiled=True))
+               for _ in range(sc.calibration_batches)]
+        calibrate_thresholds(model, cal, steps.lora_spec(s.routing))
+        _, trainable, frozen = nnx.split(model, trainable_type, ...)
+        frozen = jax.device_put(frozen, fr_sh)
+      stop_now = stop.set or (should_stop is not None and should_stop(stage, step))
+      if step % s.train.checkpoint_every == 0 or step == total or stop_now:
+        save(step)
+      if stop_now and step < total:
+        mgr.wait_until_finished()
+        raise Preempted(stage, step)
+    mgr.wait_until_finished()
+  finally:
+    it.close()
+    mgr.close()
+  ms.state = nnx.state(nnx.merge(graphdef, trainable, frozen))
+  return {"stage": stage, "resumed_from": start, "steps_run": step - start,
+          "first_loss": first_loss, "last_loss": last_loss}
+
+
+def _grain_save(it: Any) -> Any:
+  import grain.checkpoint as gcp
+
+  return gcp.CheckpointSave(it)
+
+
+def _grain_restore(it: Any) -> Any:
+  import grain.checkpoint as gcp
+
+  return gcp.CheckpointRestore(it)
+
+
+# ------------------------------------------------------------ the run
+def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | None = None,
+        devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Trains every stage of `s` in `workdir` (resuming), then evaluates; returns a summary.
+
+  `should_stop(stage, step)` returning True stops like SIGTERM does: save, then
+  raise `Preempted`. `devices` restricts the mesh (default: all devices).
+  """
+  workdir = os.path.abspath(workdir)
+  mesh = sh.make_mesh(s.mesh, devices)  # ConfigError when it does not divide the devices
+  check_batch(s, mesh)
+  old = check_workdir(workdir, s)
+  base = resolve_base(s, workdir) if old is None else dict(old["base"])
+  if jax.process_index() == 0 and old is None:
+    os.makedirs(workdir, exist_ok=True)
+    meta = {"format": RUN_FORMAT, "version": RUN_VERSION, "model": s.model.to_dict(),
+            "base": base, "seed": s.train.seed, "stages": list(s.train.stage_list),
+            "init_from": os.path.abspath(s.train.init_from) if s.train.init_from else "",
+            "config": s.raw}
+    tmp = os.path.join(workdir, RUN_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(workdir, RUN_FILE))
+  _barrier("run_json")
+  log(f"ir_jax.train: {jax.device_count()} {jax.devices()[0].platform} device(s), mesh "
+      f"{dict(mesh.shape)}, workdir {workdir}")
+
+  t0 = time.time()
+  ms = init_state(s.model, mesh, base, s.train.seed)
+  if s.train.init_from:
+    other = run_result(s.train.init_from, mesh)
+    adapters, _ = nnx.split_state(other.state, steps.ADAPTERS, ...)
+    mine, _ = split_adapters(ms)
+    have = _paths(nnx.to_pure_dict(adapters))
+    merged = {}
+    for p, v in _paths(nnx.to_pure_dict(mine)).items():
+      src = have.get(p)
+      _set_path(merged, p, src if src is not None and src.shape == v.shape else v)
+    nnx.replace_by_pure_dict(mine, merged)
+    replace_adapters(ms, mine)
+    log(f"initialised forecasters/routers/LoRA from {s.train.init_from}")
+  log(f"model state ready in {time.time() - t0:.1f}s")
+
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
+                        tensorboard=s.train.tensorboard)
+  stop = _StopFlag()
+  stop.install()
+  summary: dict[str, Any] = {"workdir": workdir, "stages": []}
+  try:
+    for stage in s.train.stage_list:
+      t_stage = time.time()
+      info = train_stage(s, stage, ms, mesh, workdir, writer, stop, should_stop)
+      info["wall_s"] = round(time.time() - t_stage, 2)
+      summary["stages"].append(info)
+  finally:
+    stop.uninstall()
+    writer.close()
+  if s.train.eval_batches:
+    t_eval = time.time()
+    ev = evaluate(s, ms, mesh, s.train.eval_batches)
+    ev["wall_s"] = round(time.time() - t_eval, 2)
+    summary["eval"] = ev
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(ev, f, indent=2)
+    d, r = ev["dense"], ev["routed"]
+    log(f"held-out perplexity ({d['tokens']} tokens of {ev['split']!r}): dense "
+        f"{d['perplexity']:.3f}  routed ({ev['policy']}, sparsity {ev['sparsity']}) "
+        f"{r['perplexity']:.3f}  realized sparsity {r['realized_sparsity']:.3f}")
+  summary["state"] = ms
+  return summary

@@ -1,0 +1,206 @@
+"""Per-stage losses, optimizers and the jitted train / eval steps.
+
+A stage trains one parameter type (`TRAINABLE`) and freezes everything else:
+the model is split into (graphdef, trainable, frozen) and only `trainable`
+enters the optimizer, so frozen weights are never copied into optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ir_jax.forecast import ForecasterParam, RouterParam, Threshold
+from ir_jax.model import Llama, LoraParam
+from ir_jax.routing import RoutingSpec, routed_forward
+from ir_jax.train.config import RouterStage, StageConfig
+
+Array = jax.Array
+TRAINABLE = {"forecaster": ForecasterParam, "router": RouterParam, "lora": LoraParam}
+# Everything a training run produces on top of the base weights.
+ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, LoraParam)
+
+
+# ------------------------------------------------------------ optimizers
+def schedule(sc: StageConfig) -> optax.Schedule:
+  warm = int(round(sc.warmup * sc.steps))
+  rest = max(sc.steps - warm, 1)
+  if sc.schedule == "cosine":
+    main = optax.cosine_decay_schedule(sc.learning_rate, rest)
+  elif sc.schedule == "linear":
+    main = optax.linear_schedule(sc.learning_rate, 0.0, rest)
+  else:
+    main = optax.constant_schedule(sc.learning_rate)
+  if not warm:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, sc.learning_rate, warm), main], [warm])
+
+
+def optimizer(sc: StageConfig) -> optax.GradientTransformation:
+  """AdamW with the stage's schedule, clipping and accumulation."""
+  parts = [optax.clip_by_global_norm(sc.grad_clip)] if sc.grad_clip > 0 else []
+  parts.append(optax.adamw(schedule(sc), weight_decay=sc.weight_decay))
+  tx = optax.chain(*parts)
+  if sc.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=sc.grad_accum)
+  return tx
+
+
+# ----------------------------------------------------------------- losses
+def smooth_l1(pred: Array, target: Array, valid_BxT: Array) -> Array:
+  """SmoothL1 (beta 1) averaged over valid tokens and features."""
+  d = (pred - target).astype(jnp.float32)
+  a = jnp.abs(d)
+  per = jnp.where(a < 1.0, 0.5 * d * d, a - 0.5).mean(-1)
+  return jnp.sum(per * valid_BxT) / jnp.maximum(jnp.sum(valid_BxT), 1.0)
+
+
+def _explained(pred: Array, target: Array, valid_BxT: Array) -> Array:
+  """1 - |f - u|^2 / |u|^2 over valid tokens: the fraction of the unit output forecast."""
+  err = jnp.sum(jnp.square((pred - target).astype(jnp.float32)), -1)
+  tot = jnp.sum(jnp.square(target.astype(jnp.float32)), -1)
+  return 1.0 - jnp.sum(err * valid_BxT) / jnp.maximum(jnp.sum(tot * valid_BxT), 1e-12)
+
+
+def forecaster_loss(model: Llama, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+  """Dense forward; each forecaster regresses its unit's output from the unit input.
+
+  Inputs and targets are stop-gradient, so the only backward pass is through
+  the forecasters; the LM head is never computed.
+  """
+  tokens, positions, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
+  b, t = tokens.shape
+  index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  valid = (seg > 0).astype(jnp.float32)
+  sg = jax.lax.stop_gradient
+
+  def layer_fn(layer, rl, x, _):
+    n = sg(layer.input_layernorm(x))
+    a = sg(layer.self_attn(n, positions, index, seg))
+    fa = rl.attn_lff(n)
+    x = x + a
+    n2 = sg(layer.post_attention_layernorm(x))
+    m = sg(layer.mlp(n2))
+    fm = rl.mlp_lff(n2)
+    losses = jnp.stack([smooth_l1(fa, a, valid), smooth_l1(fm, m, valid)])
+    explained = jnp.stack([_explained(fa, a, valid), _explained(fm, m, valid)])
+    return x + m, (losses, explained)
+
+  _, (losses_Lx2, explained_Lx2) = model.run_layers(layer_fn, sg(model.embed(tokens)))
+  loss = jnp.sum(losses_Lx2)
+  return loss, {"loss": loss, "lff_attn": jnp.mean(losses_Lx2[:, 0]),
+                "lff_mlp": jnp.mean(losses_Lx2[:, 1]),
+                "explained_attn": jnp.mean(explained_Lx2[:, 0]),
+                "explained_mlp": jnp.mean(explained_Lx2[:, 1])}
+
+
+def lm_loss(logits_BxTxV: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
+  """(mean next-token NLL over loss_mask, number of scored tokens)."""
+  mask = batch["loss_mask"].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch["targets"][..., None].astype(jnp.int32), -1)[..., 0]
+  count = jnp.sum(mask)
+  return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
+
+
+def router_spec(routing: RoutingSpec, rs: RouterStage) -> RoutingSpec:
+  """The training form of the configured routing: straight-through gates."""
+  if rs.gate == "gumbel":
+    return dataclasses.replace(routing, mode="topk", gate="gumbel", compute="all")
+  return dataclasses.replace(routing, mode="topk", gate="ste", compute="gathered")
+
+
+def router_loss(model: Llama, batch: dict[str, Array], spec: RoutingSpec, rs: RouterStage,
+                temperature: Array, rng: Array) -> tuple[Array, dict[str, Array]]:
+  logits, aux = routed_forward(model, batch["inputs"], batch["positions"], batch["segment_ids"],
+                               spec, rng=rng, return_aux=True, temperature=temperature)
+  lm, _ = lm_loss(logits, batch)
+  exec_Lx2 = aux["exec_rate"]
+  capacity = 1.0 - spec.sparsity if spec.capacities is None else jnp.mean(
+      jnp.asarray(spec.capacities, jnp.float32))
+  sparsity_pen = jnp.abs(capacity - jnp.mean(exec_Lx2))
+  importance = jnp.mean(aux["importance"])
+  loss = lm + rs.sparsity_weight * sparsity_pen + rs.importance_weight * importance
+  return loss, {"loss": loss, "lm": lm, "sparsity_penalty": sparsity_pen,
+                "importance": importance, "temperature": temperature,
+                "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
+                "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1])}
+
+
+def lora_loss(model: Llama, batch: dict[str, Array],
+              spec: RoutingSpec) -> tuple[Array, dict[str, Array]]:
+  logits, aux = routed_forward(model, batch["inputs"], batch["positions"], batch["segment_ids"],
+                               spec, return_aux=True)
+  lm, _ = lm_loss(logits, batch)
+  exec_Lx2 = aux["exec_rate"]
+  return lm, {"loss": lm, "lm": lm, "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
+              "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1])}
+
+
+def lora_spec(routing: RoutingSpec) -> RoutingSpec:
+  return dataclasses.replace(routing, mode="topk", gate="hard", compute="gathered")
+
+
+# ------------------------------------------------------------------ steps
+def stage_loss_fn(stage: str, sc: StageConfig, routing: RoutingSpec,
+                  seed: int) -> Callable[[Llama, dict[str, Array], Array], tuple[Array, dict]]:
+  """loss(model, batch, step) -> (loss, metrics) for `stage`."""
+  if stage == "forecaster":
+    return lambda model, batch, step: forecaster_loss(model, batch)
+  if stage == "router":
+    assert isinstance(sc, RouterStage)
+    spec = router_spec(routing, sc)
+    base_key = jax.random.key(seed)
+
+    def loss(model, batch, step):
+      frac = jnp.minimum(step.astype(jnp.float32) / max(sc.steps * sc.grad_accum - 1, 1), 1.0)
+      temp = sc.temperature_start + (sc.temperature_end - sc.temperature_start) * frac
+      return router_loss(model, batch, spec, sc, temp, jax.random.fold_in(base_key, step))
+
+    return loss
+  if stage == "lora":
+    spec = lora_spec(routing)
+    return lambda model, batch, step: lora_loss(model, batch, spec)
+  raise ValueError(f"unknown stage {stage!r}")
+
+
+def make_train_step(graphdef: Any, loss_fn: Callable, tx: optax.GradientTransformation):
+  """step(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics)."""
+
+  def step_fn(trainable, opt_state, frozen, batch, step):
+    def f(tr):
+      model = nnx.merge(graphdef, tr, frozen)
+      return loss_fn(model, batch, step)
+
+    (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return trainable, opt_state, metrics
+
+  return step_fn
+
+
+def make_eval_step(graphdef: Any, spec: RoutingSpec | None):
+  """eval(state, batch) -> {nll_sum, tokens, exec_rate [L, 2] or absent}: dense when spec is None."""
+
+  def eval_fn(state, batch):
+    model = nnx.merge(graphdef, state)
+    if spec is None:
+      logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+      aux = None
+    else:
+      logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                          routing=spec, return_aux=True)
+    mean, count = lm_loss(logits, batch)
+    out = {"nll_sum": mean * count, "tokens": count}
+    if aux is not None:
+      out["exec_rate"] = aux["exec_rate"]
+    return out
+
+  return eval_fn
