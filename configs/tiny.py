@@ -52,9 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.eval_batches = 2
   cfg.train.tensorboard = False
   cfg.train.forecaster.steps = 12
-  cfg.train.forecaster.learning_rate = 1e-2
   cfg.train.router.steps = 12
-  cfg.train.router.learning_rate = 1e-2
   cfg.train.router.calibration_batches = 1
   cfg.train.lora.steps = 6
   cfg.train.lora.rank = 4

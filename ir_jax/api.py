@@ -12,14 +12,22 @@ from ir_jax.model import Llama
 def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None = None) -> Llama:
   """Returns a Llama whose call on int32 tokens `[B, T]` gives float logits `[B, T, V]`.
 
-  `path`: an ir_jax checkpoint directory, a HuggingFace Llama directory
-  (config.json + safetensors) or a `.gguf` file. `dtype` / `param_dtype`
+  `path`: an ir_jax checkpoint directory, an `ir_jax.train` workdir (its base
+  weights with the newest trained forecasters, routers and LoRA), a
+  HuggingFace Llama directory (config.json + safetensors) or a `.gguf` file. `dtype` / `param_dtype`
   override the compute and parameter dtypes ("float32", "bfloat16").
   """
   from ir_jax import convert  # avoids an import cycle at package import
 
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
   path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, "run.json")):
+    if overrides:
+      raise ValueError("dtype overrides are not supported for training workdirs; the run's "
+                       "model config decides them")
+    from ir_jax.train.loop import load_run_model
+
+    return load_run_model(path)
   if os.path.isdir(path) and checkpoint.is_checkpoint(path):
     cfg = checkpoint.load_config(path).replace(**overrides)
     target = convert.abstract_params(cfg)

@@ -183,17 +183,24 @@ def init_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh, base: dict[str, Any],
   """Base weights (restored or random) and fresh adapters, created already sharded."""
   graphdef, abs_state, shardings = abstract_state(cfg, mesh)
 
-  def fresh(filter_: Any) -> nnx.State:
+  def fresh(filter_: Any, model_cfg: LlamaConfig = cfg) -> nnx.State:
     """Newly initialised leaves matching `filter_`, created sharded under jit
     (the leaves not returned are dead code that XLA drops)."""
     def make():
-      return nnx.split_state(nnx.state(Llama(cfg, nnx.Rngs(params=seed))), filter_, ...)[0]
+      return nnx.split_state(nnx.state(Llama(model_cfg, nnx.Rngs(params=seed))), filter_, ...)[0]
 
-    return jax.jit(make, out_shardings=nnx.split_state(shardings, filter_, ...)[0])()
+    out_sh = nnx.split_state(shardings, filter_, ...)[0]
+    if model_cfg is not cfg:  # the same leaves of a model without LoRA
+      out_sh = nnx.split_state(abstract_state(model_cfg, mesh)[2], filter_, ...)[0]
+    return jax.jit(make, out_shardings=out_sh)()
 
+  adapters = fresh(steps.ADAPTERS)
   if base["kind"] == "random":
+    # Base weights of a model without LoRA, so that adding LoRA to a run does
+    # not change the random base it trains on.
     seed = int(base.get("seed", seed))
-    return ModelState(graphdef, fresh(nnx.Everything()), shardings)
+    base_state = fresh(nnx.Not(steps.ADAPTERS), cfg.replace(lora_rank=0))
+    return ModelState(graphdef, nnx.merge_state(base_state, adapters), shardings)
 
   path = base["path"]
   ckpt_cfg = model_ckpt.load_config(path)
@@ -218,7 +225,6 @@ def init_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh, base: dict[str, Any],
           f"{path}: parameter {'/'.join(map(str, p))} is "
           f"{'missing' if got is None else f'shaped {got.shape}, expected {want.shape}'}")
     _set_path(merged, p, got)
-  adapters = fresh(steps.ADAPTERS)
   for p, v in _paths(nnx.to_pure_dict(adapters)).items():
     _set_path(merged, p, v)
   state = jax.tree.map(lambda x: x, abs_state)

@@ -180,7 +180,7 @@ def make_train_step(graphdef: Any, loss_fn: Callable, tx: optax.GradientTransfor
     (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return trainable, opt_state, metrics
 
   return step_fn
