@@ -50,9 +50,10 @@ def tiny_config(data_dir: str, **overrides):
   cfg.train.eval_batches = 1
   cfg.train.forecaster.steps = STEPS
   cfg.train.router.steps = STEPS
-  # Capacity 0.25: untrained routers execute ~half the tokens, so the sparsity
-  # term starts high and must come down.
+  # Capacity 0.25 and routers starting from bias 0: they execute ~half the
+  # tokens, so the sparsity term starts high and must come down.
   cfg.routing.sparsity = 0.75
+  cfg.train.router.prior_bias = False
   for key, value in overrides.items():
     section, *rest = key.split(".")
     node = cfg[section]
@@ -132,6 +133,33 @@ def test_losses_decrease_in_both_stages(full_run):
   # The routers move the execute rate toward the target (sparsity 0.75 from ~0.5).
   assert drop("router", "sparsity_penalty") < 0.75
   assert m["router"][-1]["sparsity_mlp"] > m["router"][0]["sparsity_mlp"] + 0.05
+
+
+def test_prior_bias_starts_fresh_routers_at_the_target_rate(full_run, data_dir, tmp_path):
+  # A forecaster-only run leaves its routers untrained (output bias exactly 0).
+  run(settings_from_config(tiny_config(data_dir, **{
+      "train.stages": "forecaster", "train.forecaster.steps": 1, "train.eval_batches": 0})),
+      str(tmp_path / "f"))
+  prior = np.log(0.25 / 0.75)  # logit(capacity)
+
+  def router_run(init_from: str, name: str) -> tuple[dict, dict]:
+    cfg = tiny_config(data_dir, **{"train.stages": "router", "train.init_from": init_from,
+                                   "train.router.steps": 1, "train.router.prior_bias": True,
+                                   "train.eval_batches": 0})
+    run(settings_from_config(cfg), str(tmp_path / name))
+    (first,) = _metrics(str(tmp_path / name))["router"]
+    return first, _adapters(str(tmp_path / name), "router", 1)
+
+  first, saved = router_run(str(tmp_path / "f"), "fresh")
+  # P(execute) = sigmoid(score) = sigmoid(~prior) = 0.25 for untrained routers.
+  for key in ("sparsity_attn", "sparsity_mlp"):
+    assert abs(first[key] - 0.75) < 0.05, first
+  np.testing.assert_allclose(saved["routing/mlp_router/b2"], prior, atol=0.01)
+  # Trained routers keep their bias (one step of lr 2e-3 moves it by < 0.01).
+  _, saved = router_run(full_run["workdir"], "trained")
+  trained = _adapters(full_run["workdir"], "router", STEPS)["routing/mlp_router/b2"]
+  assert np.abs(trained - prior).min() > 0.5
+  np.testing.assert_allclose(saved["routing/mlp_router/b2"], trained, atol=0.01)
 
 
 def test_each_stage_changes_only_its_parameters(full_run):

@@ -102,6 +102,8 @@ class RouterStage(StageConfig):
   sparsity_weight:    weight of |capacity - mean execute rate|.
   importance_weight:  weight of mean (1 - g) (1 - cos(x, x + Unit(n))).
   calibration_batches: batches used at the end to calibrate causal thresholds (0: skip).
+  prior_bias:         untrained routers (output bias 0) start with bias logit(capacity),
+                      so Gumbel gates execute the target fraction from the first step.
   """
 
   learning_rate: float = 2e-3
@@ -112,6 +114,7 @@ class RouterStage(StageConfig):
   sparsity_weight: float = 8.0
   importance_weight: float = 0.1
   calibration_batches: int = 4
+  prior_bias: bool = True
 
   def validate(self, name: str) -> None:
     super().validate(name)
@@ -125,6 +128,8 @@ class RouterStage(StageConfig):
       v = getattr(self, f)
       if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
         raise ConfigError(f"train.router.{f} must be a number >= 0, got {v!r}")
+    if not isinstance(self.prior_bias, bool):
+      raise ConfigError(f"train.router.prior_bias must be True or False, got {self.prior_bias!r}")
     if not isinstance(self.calibration_batches, int) or self.calibration_batches < 0:
       raise ConfigError(f"train.router.calibration_batches must be an integer >= 0, "
                         f"got {self.calibration_batches!r}")

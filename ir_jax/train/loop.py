@@ -413,6 +413,8 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
     start = latest
     log(f"[{stage}] resumed from batch {latest} ({time.time() - t0:.1f}s)")
 
+  elif stage == "router" and sc.prior_bias:
+    trainable = _prior_router_bias(trainable, s.routing, tr_sh)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   log(f"[{stage}] training {n_train:,} parameters ({trainable_type.__name__}) for {sc.steps} "
       f"steps x {sc.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
@@ -480,6 +482,33 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   ms.state = nnx.state(nnx.merge(graphdef, trainable, frozen))
   return {"stage": stage, "resumed_from": start, "steps_run": step - start,
           "first_loss": first_loss, "last_loss": last_loss}
+
+
+def _prior_router_bias(trainable: nnx.State, routing: RoutingSpec, shardings: nnx.State) -> nnx.State:
+  """Untrained routers (output bias exactly 0) start at the target execute rate.
+
+  Gumbel gates execute with probability sigmoid(score); a bias of
+  logit(capacity) makes fresh routers execute the target fraction from step
+  one, so the sparsity penalty does not dominate the first steps. Top-k and
+  threshold routing are unchanged by a constant shift. Routers trained before
+  (non-zero bias) are left alone.
+  """
+  cap = 1.0 - routing.sparsity if routing.capacities is None else float(
+      np.mean(routing.capacities))
+  cap = min(max(cap, 1e-3), 1 - 1e-3)
+  prior = math.log(cap / (1.0 - cap))
+  flat = dict(nnx.to_flat_state(trainable))
+  changed = False
+  for path, var in flat.items():
+    if path[-1] == "b2" and path[-2].endswith("_router"):
+      value = var[...]
+      if not np.any(np.asarray(jax.device_get(value))):
+        var[...] = jnp.full(value.shape, prior, value.dtype)
+        changed = True
+  if changed:
+    log(f"[router] fresh routers: output bias set to logit({cap:.2f}) = {prior:.3f}")
+    trainable = jax.device_put(trainable, shardings)
+  return trainable
 
 
 def _grain_save(it: Any) -> Any:
