@@ -56,3 +56,15 @@ def test_every_parameter_has_logical_axes():
     assert set(axes) <= allowed, (path, axes)
     if path[0] in ("layers", "routing"):
       assert axes[0] == "layers", path
+
+
+@pytest.mark.parametrize("name", ["tiny", *PUBLISHED])
+def test_whole_config_validates_for_training(name):
+  from ir_jax.train import settings_from_config
+
+  s = settings_from_config(load(name))
+  assert s.train.stage_list and s.routing.policy in ("informed", "greedy")
+  # Every stage's batch splits over 16 chips (a 4x4 slice) or, for CPU configs, 8 devices.
+  shards = 8 if name in ("tiny", "smollm2_135m") else 16
+  if name != "smollm2_135m":  # its router batch (2) is sized for one CPU
+    assert all(s.stage_data(st).batch_size % shards == 0 for st in s.train.stage_list)
