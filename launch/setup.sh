@@ -10,6 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 echo "installing ir_jax with its test extra (jax, flax, torch CPU for parity tests, ...)"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,eval]"
 PYTHON=.venv/bin/python bash launch/fetch_assets.sh
 echo "setup done: activate with '. .venv/bin/activate'"

@@ -1,0 +1,276 @@
+"""`python -m ir_jax.eval`: held-out perplexity for every routing policy and sparsity.
+
+    python -m ir_jax.eval --config configs/tiny.py --workdir runs/tiny \
+        --policy informed,greedy,random,oracle,dense --sparsity 0.25,0.4,0.7 \
+        --mode topk,causal --json runs/tiny/policies.json
+
+writes the JSON (records, per-document losses; see ir_jax.eval.evaluate), prints
+a table and writes a plot beside the JSON (same name, .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ir_jax.config import ConfigError
+from ir_jax.data.config import DataConfig, DataError, FileSpec
+from ir_jax.errors import cli_main
+
+PROG = "ir_jax.eval"
+DEFAULT_POLICIES = "informed,greedy,random,oracle,dense"
+DEFAULT_SPARSITIES = "0.25,0.4,0.7"
+
+
+def load_config(path: str) -> Any:
+  """`get_config()` of a configs/*.py file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config {path}: no such file")
+  spec = importlib.util.spec_from_file_location("_ir_jax_eval_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(mod)
+  except Exception as e:  # a config that does not import is the user's to fix
+    raise ConfigError(f"--config {path}: cannot load it ({type(e).__name__}: {e})") from None
+  if not hasattr(mod, "get_config"):
+    raise ConfigError(f"--config {path}: defines no get_config()")
+  return mod.get_config()
+
+
+def _split_list(text: str, what: str) -> list[str]:
+  items = [s.strip() for s in text.split(",") if s.strip()]
+  if not items:
+    raise ConfigError(f"--{what} is empty")
+  return items
+
+
+def _floats(text: str) -> list[float]:
+  out = []
+  for s in _split_list(text, "sparsity"):
+    try:
+      out.append(float(s))
+    except ValueError:
+      raise ConfigError(f"--sparsity: {s!r} is not a number") from None
+  return out
+
+
+def _is_files(spec: str) -> bool:
+  return any(glob.glob(os.path.expanduser(p.strip())) for p in spec.split(",") if p.strip())
+
+
+def _local_docs(dcfg: DataConfig, spec: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+  """Documents of comma-separated files/globs, read as the data pipeline reads them."""
+  from ir_jax.data import sources
+
+  cfg = dataclasses.replace(dcfg, name="local",
+                            files=tuple(FileSpec(p.strip()) for p in spec.split(",") if p.strip()))
+  files = sources.resolve_files(cfg)
+  stats = sources.Stats()
+  docs = [(d.text, d.domain, d.source) for f in files
+          for d in sources.read_documents(f, cfg, stats)]
+  return docs, [str(f.path.resolve()) for f in files]
+
+
+def _split_docs(dcfg: DataConfig, split: str) -> Iterator[tuple[str, str, str]]:
+  from ir_jax.data.builder import open_split
+
+  src = open_split(dcfg, split, prepare_if_missing=True)
+  for i in range(len(src)):
+    text, domain = src.document(i)
+    yield text, domain, f"{src.name}/{split}:{i}"
+
+
+def _config_files(dcfg: DataConfig) -> list[str]:
+  if dcfg.name != "local":
+    return []
+  from ir_jax.data import sources
+
+  try:
+    return [str(f.path.resolve()) for f in sources.resolve_files(dcfg)]
+  except DataError:
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m ir_jax.eval",
+      description="Held-out perplexity of a routed model for every policy x sparsity x routing "
+                  "mode. Documents are packed into full rows of --seq-len tokens (one segment "
+                  "per document piece; the remainder is one shorter row), so top-k capacity "
+                  "applies to real tokens only. Writes --json (one record per setting, with "
+                  "realized sparsity, executed-FLOPs fraction, token count and per-document "
+                  "NLL sums), prints a table, and writes a plot beside the JSON (.png).")
+  p.add_argument("--config", required=True,
+                 help="config file (configs/*.py): data section (tokenizer, eval split, "
+                      "seq_len, batch_size)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="an ir_jax.train run directory: base weights + trained "
+                                     "forecasters/routers")
+  src.add_argument("--model", help="anything ir_jax.load_model takes: ir_jax checkpoint dir, "
+                                   "train workdir, HF directory, .gguf")
+  p.add_argument("--data", default=None,
+                 help="held-out text: a text/JSONL file or glob, or several comma separated "
+                      "(every document is evaluated), or a TFDS dataset name / prepared "
+                      "directory (its eval split); default: the config's data eval split")
+  p.add_argument("--policy", default=DEFAULT_POLICIES,
+                 help=f"comma-separated policies (default {DEFAULT_POLICIES}); dense is "
+                      "evaluated once, at sparsity 0")
+  p.add_argument("--sparsity", default=DEFAULT_SPARSITIES,
+                 help=f"comma-separated fractions of (token, unit) pairs approximated "
+                      f"(default {DEFAULT_SPARSITIES})")
+  p.add_argument("--mode", default="topk",
+                 help="comma-separated routing modes: topk (k = round(capacity x row length) "
+                      "per row) and/or causal (calibrated per-unit thresholds; what decoding "
+                      "uses) (default topk)")
+  p.add_argument("--calibration-data", default=None,
+                 help="text/JSONL file(s) or globs for the causal-mode thresholds; must not be "
+                      "the evaluated text (default: the config's train split)")
+  p.add_argument("--calibration-batches", type=int, default=4,
+                 help="batches of --batch-size x --seq-len tokens for calibration (default 4)")
+  p.add_argument("--seq-len", type=int, default=None, help="row length (default data.seq_len)")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="rows per forward (default data.batch_size)")
+  p.add_argument("--max-documents", type=int, default=None,
+                 help="evaluate only the first N documents (default all)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
+  p.add_argument("--json", required=True, help="output JSON path; the plot goes beside it (.png)")
+  p.add_argument("--no-plot", action="store_true", help="do not write the .png plot")
+  args = p.parse_args(argv)
+
+  policies = _split_list(args.policy, "policy")
+  sparsities = _floats(args.sparsity)
+  modes = _split_list(args.mode, "mode")
+  from ir_jax.eval import evaluate as ev
+
+  todo = ev.settings(policies, sparsities, modes)
+  for name in ("seq_len", "batch_size", "max_documents", "calibration_batches"):
+    v = getattr(args, name)
+    if v is not None and v < (2 if name == "seq_len" else 1):
+      raise ConfigError(f"--{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}, "
+                        f"got {v}")
+  if args.workdir and not os.path.isfile(os.path.join(args.workdir, "run.json")):
+    raise FileNotFoundError(f"--workdir {args.workdir}: no run.json; not an ir_jax.train run "
+                            "directory (use --model for checkpoints)")
+  model_path = args.workdir or args.model
+  if not os.path.exists(model_path):
+    raise FileNotFoundError(f"--model {model_path}: no such file or directory")
+  out_dir = os.path.dirname(os.path.abspath(args.json))
+  if os.path.isdir(args.json):
+    raise ConfigError(f"--json {args.json} is a directory; give a file name")
+
+  from ir_jax.data.config import from_config
+  from ir_jax.data.tokenize import load_text_tokenizer
+
+  cfg = load_config(args.config)
+  dcfg = from_config(cfg)
+  if not dcfg.tokenizer:
+    dcfg = dataclasses.replace(dcfg, tokenizer=model_path)
+  seq_len = args.seq_len or dcfg.seq_len
+  batch_size = args.batch_size or dcfg.batch_size
+  tok = load_text_tokenizer(dcfg.tokenizer, dcfg.add_bos, dcfg.add_eos)
+
+  eval_files: list[str] = []
+  if args.data is None:
+    texts: Iterable = _split_docs(dcfg, dcfg.eval_split)
+    data_desc = f"{dcfg.name} split {dcfg.eval_split!r} of the config"
+  elif _is_files(args.data):
+    texts, eval_files = _local_docs(dcfg, args.data)
+    data_desc = args.data
+  elif "," not in args.data and not any(c in args.data for c in "*?["):
+    texts = _split_docs(dataclasses.replace(dcfg, name=args.data), dcfg.eval_split)
+    data_desc = f"{args.data} split {dcfg.eval_split!r}"
+  else:
+    raise FileNotFoundError(f"--data {args.data}: matches no file")
+  docs = ev.tokenize_documents(texts, tok, args.max_documents)
+  if not docs:
+    raise DataError(f"--data {data_desc}: no documents")
+
+  calibration = None
+  calib_desc = None
+  if any(s.mode == "causal" and s.policy != "dense" for s in todo):
+    n_cal = args.calibration_batches
+    if args.calibration_data:
+      if not _is_files(args.calibration_data):
+        raise FileNotFoundError(f"--calibration-data {args.calibration_data}: matches no file")
+      cal_texts, cal_files = _local_docs(dcfg, args.calibration_data)
+      overlap = sorted(set(cal_files) & set(eval_files))
+      if overlap:
+        raise ConfigError(f"--calibration-data overlaps the evaluated text ({overlap[0]}); "
+                          "calibrate on other text")
+      cal_docs = ev.tokenize_documents(cal_texts, tok)
+      calib_desc = args.calibration_data
+
+      def calibration():
+        full, _ = ev.pack_documents(cal_docs, seq_len)
+        if not len(full):
+          raise DataError(f"--calibration-data {args.calibration_data}: fewer than --seq-len "
+                          f"{seq_len} tokens")
+        rows = full.inputs[:n_cal * batch_size]
+        return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    else:
+      overlap = sorted(set(eval_files) & set(_config_files(dcfg)))
+      if overlap:
+        raise ConfigError(f"--data {overlap[0]} is also training data of the config, so its "
+                          "train split would calibrate the thresholds on evaluated text; pass "
+                          "--calibration-data with other text")
+      calib_desc = f"{dcfg.name} split {dcfg.train_split!r} of the config"
+
+      def calibration():
+        from ir_jax.data.packing import PACK
+        from ir_jax.data.pipeline import make_iterator
+
+        it = make_iterator(dataclasses.replace(dcfg, seq_len=seq_len, batch_size=batch_size,
+                                               prefetch=0),
+                           dcfg.train_split, mode=PACK, shuffle=False, num_epochs=None,
+                           tokenizer=tok, prepare_if_missing=True)
+        try:
+          return [np.asarray(next(it)["inputs"]) for _ in range(n_cal)]
+        finally:
+          it.close()
+
+  from ir_jax.api import load_model
+
+  t0 = time.time()
+  model = load_model(model_path)
+  c = model.config
+  n_tok = sum(len(d.tokens) for d in docs)
+  print(f"loaded {model_path} ({c.num_layers} layers, d={c.hidden_size}) in "
+        f"{time.time() - t0:.1f}s; evaluating {len(docs)} documents ({n_tok} tokens) of "
+        f"{data_desc}, rows of {seq_len}, {len(todo)} settings", flush=True)
+  result = ev.evaluate(model, docs, todo, seq_len=seq_len, batch_size=batch_size,
+                       calibration=calibration, seed=args.seed,
+                       log=lambda s: print(s, flush=True))
+  domains = sorted({d.domain for d in docs})
+  result = {**result, "model": os.path.abspath(model_path), "config": os.path.abspath(args.config),
+            "data": data_desc, "tokenizer": dcfg.tokenizer, "calibration": calib_desc,
+            "calibration_batches": args.calibration_batches if calib_desc else None,
+            "domains": {d: sum(x.domain == d for x in docs) for d in domains}}
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = args.json + ".partial"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, args.json)
+  print(ev.table(result))
+  print(f"wrote {args.json}")
+  if not args.no_plot:
+    png = os.path.splitext(args.json)[0] + ".png"
+    try:
+      ev.plot(result, png, title=f"{os.path.basename(model_path)} on {data_desc}")
+      print(f"wrote {png}")
+    except ImportError:
+      print(f"{PROG}: matplotlib is not installed (pip install 'ir_jax[eval]'); no plot",
+            file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  cli_main(main, PROG)

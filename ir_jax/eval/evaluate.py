@@ -1,0 +1,357 @@
+"""Held-out perplexity of a routed model for every policy, sparsity and routing mode.
+
+Chunking. Documents (each tokenized with the data config's BOS/EOS rule) are
+concatenated in order and cut into rows of exactly `seq_len` tokens; a
+document piece is one segment (tokens attend only within it, positions
+restart at 0, its first token is context only, as in training's packed rows).
+Every row is therefore full of real tokens, so the static top-k capacity
+`k = round(capacity * seq_len)` applies to real tokens only. The tokens left
+after the last full row form one shorter row of its own length r (its own
+compile, k = round(capacity * r)). A last batch with fewer rows is completed
+with padding rows; top-k picks per row, so padding rows take no execution slot
+from real tokens, and every count here (realized sparsity, scored tokens)
+is taken over real tokens only.
+
+Records. One per (mode, policy, sparsity); `dense` once, at sparsity 0. Each
+carries perplexity, scored token count, realized sparsity (overall, attention,
+MLP), executed and ideal FLOPs fractions (`ir_jax.routing.flops`) and the
+summed NLL of every document, so `ir_jax.eval.estimators.mix_perplexity` can
+turn one evaluation into estimates for other domain mixes (`doc_losses`).
+
+Causal mode routes by per-unit thresholds (what decoding uses); they are
+calibrated (`routing.calibrate_thresholds`) on calibration batches that are
+not the evaluated text, once per (policy, sparsity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ir_jax.config import ConfigError
+from ir_jax.data.config import DataError
+from ir_jax.data.tokenize import TextTokenizer
+from ir_jax.forecast import UNITS
+from ir_jax.model import Llama
+from ir_jax.routing import MODES, POLICIES, RoutingSpec, flops, topk_mask
+
+FORMAT = "ir_jax.eval/1"
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One evaluated document: its domain, where it came from, its token ids."""
+
+  domain: str
+  source: str
+  tokens: np.ndarray  # int32 [n], BOS/EOS included
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """Packed rows `[N, T]` (see the module docstring) plus the document of every token."""
+
+  inputs: np.ndarray
+  targets: np.ndarray
+  loss_mask: np.ndarray  # float32, 1 where targets is a real next token
+  positions: np.ndarray
+  segment_ids: np.ndarray  # 0 on padding
+  doc_index: np.ndarray  # index into the document list, -1 on padding
+
+  def __len__(self) -> int:
+    return self.inputs.shape[0]
+
+  def take(self, sl: slice, pad_to: int | None = None) -> "Rows":
+    """Rows `sl`, completed with padding rows up to `pad_to` rows."""
+    fields = {f.name: getattr(self, f.name)[sl] for f in dataclasses.fields(self)}
+    n = fields["inputs"].shape[0]
+    if pad_to is not None and n < pad_to:
+      for k, v in fields.items():
+        fill = -1 if k == "doc_index" else 0
+        fields[k] = np.concatenate([v, np.full((pad_to - n,) + v.shape[1:], fill, v.dtype)])
+    return Rows(**fields)
+
+
+# ------------------------------------------------------------------ data
+def tokenize_documents(texts: Iterable[tuple[str, str, str]], tokenizer: TextTokenizer,
+                       max_documents: int | None = None) -> list[Document]:
+  """(text, domain, source) triples -> Documents (at most `max_documents`)."""
+  docs = []
+  for text, domain, source in texts:
+    if max_documents is not None and len(docs) >= max_documents:
+      break
+    docs.append(Document(domain, source, tokenizer.encode(text)))
+  return docs
+
+
+def pack_documents(docs: Sequence[Document], seq_len: int) -> tuple[Rows, Rows | None]:
+  """(full rows `[N, seq_len]`, the last partial row `[1, r]` or None)."""
+  if seq_len < 2:
+    raise ConfigError(f"seq_len must be >= 2 (a row needs an input and its target), got {seq_len}")
+  tokens = np.concatenate([d.tokens for d in docs]) if docs else np.zeros(0, np.int32)
+  doc_of = np.concatenate([np.full(len(d.tokens), i, np.int32) for i, d in enumerate(docs)]
+                          ) if docs else np.zeros(0, np.int32)
+  n_full = len(tokens) // seq_len
+
+  def rows(tok: np.ndarray, doc: np.ndarray, t: int) -> Rows:
+    tok, doc = tok.reshape(-1, t), doc.reshape(-1, t)
+    # A new segment starts at every row start and every document change.
+    starts = np.ones_like(doc, bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    seg = np.cumsum(starts, axis=1).astype(np.int32)
+    idx = np.broadcast_to(np.arange(t, dtype=np.int32), tok.shape)
+    start_at = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    same = np.zeros(tok.shape, bool)
+    same[:, :-1] = ~starts[:, 1:]
+    targets = np.zeros_like(tok)
+    targets[:, :-1] = np.where(same[:, :-1], tok[:, 1:], 0)
+    return Rows(tok.astype(np.int32), targets.astype(np.int32), same.astype(np.float32),
+                (idx - start_at).astype(np.int32), seg, doc.astype(np.int32))
+
+  full = rows(tokens[:n_full * seq_len], doc_of[:n_full * seq_len], seq_len)
+  r = len(tokens) - n_full * seq_len
+  tail = rows(tokens[n_full * seq_len:], doc_of[n_full * seq_len:], r) if r >= 2 else None
+  return full, tail
+
+
+# ------------------------------------------------------------------ specs
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  mode: str
+  policy: str
+  sparsity: float
+
+  def spec(self, seed: int = 0) -> RoutingSpec:
+    return RoutingSpec(policy=self.policy, sparsity=self.sparsity, mode=self.mode, gate="hard",
+                       compute="gathered", seed=seed)
+
+
+def settings(policies: Sequence[str], sparsities: Sequence[float],
+             modes: Sequence[str]) -> list[Setting]:
+  """Every (mode, policy, sparsity); `dense` once (top-k mode, sparsity 0), first."""
+  for p in policies:
+    if p not in POLICIES:
+      raise ConfigError(f"unknown policy {p!r}; choose from {','.join(POLICIES)}")
+  for m in modes:
+    if m not in MODES:
+      raise ConfigError(f"unknown mode {m!r}; choose from {','.join(MODES)}")
+  for s in sparsities:
+    if not (isinstance(s, (int, float)) and 0.0 <= s <= 1.0):
+      raise ConfigError(f"sparsity must be a number in [0, 1], got {s!r}")
+  out = [Setting("topk", "dense", 0.0)] if "dense" in policies else []
+  for m in modes:
+    for p in policies:
+      if p != "dense":
+        out.extend(Setting(m, p, float(s)) for s in sparsities)
+  if not out:
+    raise ConfigError("nothing to evaluate: give at least one policy and one sparsity")
+  return out
+
+
+# ------------------------------------------------------------------ the step
+@nnx.jit(static_argnames=("spec",))
+def eval_rows(model: Llama, batch: dict[str, Array], rng: Array,
+              spec: RoutingSpec) -> dict[str, Array]:
+  """Per-token NLL `[B, T]` (0 off the loss mask) and executed (token, unit) counts `[L, 2]`
+  over real tokens (segment id > 0)."""
+  logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], routing=spec,
+                      rng=rng, return_aux=True)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  nll_BxT = jnp.where(batch["loss_mask"] > 0, nll, 0.0)
+  real_BxT = batch["segment_ids"] > 0
+  cfg = model.config
+  t = batch["inputs"].shape[1]
+  scores = aux["scores_BxT"]  # [L, 2, B, T]
+  thr = model.routing.threshold[...]
+  counts = []
+  for l in range(cfg.num_layers):
+    row = []
+    for u in range(len(UNITS)):
+      # The same decision route_unit made: top-k of the returned scores, or the threshold.
+      if spec.policy == "dense":
+        gate = jnp.ones_like(real_BxT)
+      elif spec.mode == "causal":
+        gate = scores[l, u] > thr[l, u]
+      else:
+        gate = topk_mask(scores[l, u], spec.k(t, l, u))
+      row.append(jnp.sum(gate & real_BxT))
+    counts.append(jnp.stack(row))
+  return {"nll_BxT": nll_BxT, "exec_Lx2": jnp.stack(counts).astype(jnp.float32),
+          "real": jnp.sum(real_BxT).astype(jnp.float32)}
+
+
+def _batches(full: Rows, tail: Rows | None, batch_size: int) -> Iterable[Rows]:
+  for start in range(0, len(full), batch_size):
+    yield full.take(slice(start, start + batch_size), pad_to=batch_size)
+  if tail is not None:
+    yield tail
+
+
+def evaluate_setting(model: Llama, full: Rows, tail: Rows | None, num_docs: int,
+                     spec: RoutingSpec, batch_size: int) -> dict[str, Any]:
+  """One record: perplexity, realized sparsity, per-document NLL sums."""
+  nll_doc = np.zeros(num_docs, np.float64)
+  tok_doc = np.zeros(num_docs, np.int64)
+  exec_Lx2, real = 0.0, 0.0
+  key = jax.random.key(spec.seed)
+  for i, rows in enumerate(_batches(full, tail, batch_size)):
+    batch = {k: jnp.asarray(getattr(rows, k)) for k in
+             ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
+    out = jax.device_get(eval_rows(model, batch, jax.random.fold_in(key, i), spec))
+    mask = rows.loss_mask > 0
+    np.add.at(nll_doc, rows.doc_index[mask], np.asarray(out["nll_BxT"], np.float64)[mask])
+    np.add.at(tok_doc, rows.doc_index[mask], 1)
+    exec_Lx2 = exec_Lx2 + np.asarray(out["exec_Lx2"], np.float64)
+    real += float(out["real"])
+  tokens = int(tok_doc.sum())
+  if not tokens:
+    raise DataError("the evaluated text gave no tokens to score (every document is a single "
+                    "token?); give more text")
+  nll = float(nll_doc.sum() / tokens)
+  rate_Lx2 = exec_Lx2 / max(real, 1.0)
+  return {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens,
+          "realized_sparsity": float(1.0 - rate_Lx2.mean()),
+          "sparsity_attn": float(1.0 - rate_Lx2[:, 0].mean()),
+          "sparsity_mlp": float(1.0 - rate_Lx2[:, 1].mean()),
+          "doc_nll": nll_doc.tolist(), "doc_tokens": tok_doc.tolist()}
+
+
+def evaluate(model: Llama, docs: Sequence[Document], todo: Sequence[Setting], *, seq_len: int,
+             batch_size: int, calibration: Callable[[], Iterable[np.ndarray]] | None = None,
+             seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """Evaluates every setting on `docs`; returns the JSON-able result (see `ir_jax.eval`).
+
+  `calibration()` yields token batches `[B, T]` for causal-mode thresholds
+  (needed only when a setting has mode "causal").
+  """
+  if not docs:
+    raise DataError("no documents to evaluate")
+  if batch_size < 1:
+    raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+  vocab = model.config.vocab_size
+  top = max(int(d.tokens.max()) for d in docs if len(d.tokens))
+  if top >= vocab:
+    raise ConfigError(f"the tokenizer produced token id {top}, but the model's vocabulary has "
+                      f"{vocab} ids; use the model's tokenizer (data.tokenizer)")
+  full, tail = pack_documents(docs, seq_len)
+  cfg = model.config
+  calib_batches: list[np.ndarray] | None = None
+  saved_thr = np.asarray(model.routing.threshold[...])
+  records = []
+  doc_tokens = None
+  try:
+    for st in todo:
+      spec = st.spec(seed)
+      t0 = time.time()
+      thresholds = None
+      if st.mode == "causal" and st.policy != "dense":
+        if calibration is None:
+          raise ConfigError("causal mode needs calibration data for its thresholds")
+        if calib_batches is None:
+          calib_batches = [np.asarray(b, np.int32) for b in calibration()]
+          if not calib_batches:
+            raise DataError("the calibration data gave no batches")
+        from ir_jax.routing import calibrate_thresholds
+
+        thresholds = calibrate_thresholds(model, calib_batches, spec).tolist()
+      rec = evaluate_setting(model, full, tail, len(docs), spec, batch_size)
+      doc_tokens = rec.pop("doc_tokens")
+      fl = flops(cfg, spec, seq_len)
+      rec = {"mode": st.mode, "policy": st.policy, "sparsity": st.sparsity, **rec,
+             "flops_fraction": fl["executed_fraction"], "ideal_flops_fraction": fl["ideal_fraction"],
+             "wall_s": round(time.time() - t0, 3)}
+      if thresholds is not None:
+        rec["thresholds"] = thresholds
+      records.append(rec)
+      log(f"  {st.mode:6s} {st.policy:8s} sparsity {st.sparsity:.2f}: perplexity "
+          f"{rec['perplexity']:.4f}, realized {rec['realized_sparsity']:.3f} "
+          f"({rec['wall_s']:.1f}s)")
+  finally:
+    model.routing.threshold[...] = jnp.asarray(saved_thr)
+  documents = [{"domain": d.domain, "source": d.source, "tokens": int(n)}
+               for d, n in zip(docs, doc_tokens)]
+  return {"format": FORMAT, "seq_len": seq_len, "batch_size": batch_size,
+          "chunking": "packed rows of seq_len, one segment per document piece; the remainder "
+                      "is one shorter row",
+          "rows": len(full) + (tail is not None), "tail_row_tokens": 0 if tail is None
+          else int(tail.inputs.shape[1]), "documents": documents, "records": records}
+
+
+# ------------------------------------------------------------------ reading results
+def doc_losses(result: dict[str, Any], mode: str = "topk",
+               policy: str | None = None) -> tuple[list[str], list[dict[str, Any]], np.ndarray,
+                                                   np.ndarray]:
+  """(domains [n], records, loss sums [R, n], token counts [n]) for `mix_perplexity`.
+
+  The records of `mode` (and `policy` if given; dense is always included),
+  in file order; rows of the loss sums follow them.
+  """
+  recs = [r for r in result["records"] if (r["mode"] == mode or r["policy"] == "dense")
+          and (policy is None or r["policy"] in (policy, "dense"))]
+  domains = [d["domain"] for d in result["documents"]]
+  tokens = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
+  losses = np.asarray([r["doc_nll"] for r in recs], np.float64).reshape(len(recs), len(domains))
+  return domains, recs, losses, tokens
+
+
+def table(result: dict[str, Any]) -> str:
+  """The records as a console table."""
+  recs = result["records"]
+  dense = next((r["perplexity"] for r in recs if r["policy"] == "dense"), None)
+  head = (f"{'mode':6s} {'policy':8s} {'sparsity':>8s} {'realized':>8s} {'attn':>6s} "
+          f"{'mlp':>6s} {'FLOPs':>6s} {'perplexity':>11s} {'vs dense':>8s} {'tokens':>8s}")
+  lines = [head, "-" * len(head)]
+  for r in recs:
+    rel = "" if dense is None else f"{r['perplexity'] / dense:8.3f}"
+    lines.append(f"{r['mode']:6s} {r['policy']:8s} {r['sparsity']:8.2f} "
+                 f"{r['realized_sparsity']:8.3f} {r['sparsity_attn']:6.3f} "
+                 f"{r['sparsity_mlp']:6.3f} {r['flops_fraction']:6.3f} {r['perplexity']:11.4f} "
+                 f"{rel:>8s} {r['tokens']:8d}")
+  return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str, title: str = "") -> str:
+  """Perplexity vs realized sparsity, one line per policy, one panel per mode; a PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  recs = result["records"]
+  modes = [m for m in MODES if any(r["mode"] == m and r["policy"] != "dense" for r in recs)]
+  dense = next((r for r in recs if r["policy"] == "dense"), None)
+  fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(5.5 * max(len(modes), 1), 4.2),
+                           squeeze=False, sharey=True)
+  for ax, mode in zip(axes[0], modes or ["topk"]):
+    for policy in POLICIES:
+      # Realized, not target, sparsity: causal thresholds calibrated elsewhere can miss it.
+      pts = sorted((r["realized_sparsity"], r["perplexity"]) for r in recs
+                   if r["mode"] == mode and r["policy"] == policy and policy != "dense")
+      if pts:
+        if dense is not None and pts[0][0] > 0:
+          pts = [(0.0, dense["perplexity"])] + pts
+        ax.plot(*zip(*pts), marker="o", label=policy)
+    if dense is not None:
+      ax.axhline(dense["perplexity"], color="gray", linestyle="--", linewidth=1,
+                 label=f"dense {dense['perplexity']:.3g}")
+    ax.set_xlabel("realized sparsity (fraction of token-unit pairs approximated)")
+    ax.set_title(f"{mode} routing")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+  axes[0][0].set_ylabel("held-out perplexity")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

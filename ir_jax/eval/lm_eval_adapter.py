@@ -1,0 +1,244 @@
+"""lm-eval-harness model type `ir_jax`: evaluate a routed ir_jax model on lm-eval tasks.
+
+    import ir_jax.eval.lm_eval_adapter  # registers the model type
+    lm_eval.simple_evaluate(model="ir_jax",
+                            model_args="pretrained=runs/tiny,policy=informed,sparsity=0.4", ...)
+
+or from a shell (the lm-eval CLI with this model type registered):
+
+    python -m ir_jax.eval.lm_eval_adapter --model ir_jax \
+        --model_args pretrained=runs/tiny,policy=informed,sparsity=0.4,mode=topk \
+        --tasks TASK --include_path DIR
+
+Model args: `pretrained` (anything `ir_jax.load_model` takes), `tokenizer`
+(default: `pretrained`'s; "byte" for the built-in byte tokenizer), `policy`,
+`sparsity`, `mode` (topk | causal), `calibration` (text/JSONL file(s) or globs
+for causal-mode thresholds; without it the model's stored thresholds are used),
+`calibration_seq_len`, `calibration_batches`, `batch_size`, `max_length`,
+`max_gen_toks`, `seed`.
+
+Scoring. Every request is one row of exactly its own length (prefix token +
+context + continuation, truncated on the left to `max_length`); rows of equal
+length are batched. With top-k routing k = round(capacity x length) per row,
+so no padding competes for execution slots (each distinct length compiles
+once). The prefix token is the BOS the tokenizer adds or declares (256 for
+the byte tokenizer), else the model config's bos_token_id, else its eos_token_id.
+
+Generation (`generate_until`) decodes greedily with a KV cache through
+`ir_jax.routing.decode_step`, which routes causally: it needs mode=causal (or
+policy=dense); top-k routing looks at future tokens and cannot decode.
+"""
+
+from __future__ import annotations
+
+import os
+
+# lm-eval imports `datasets`, which reads these at import time; nothing here may
+# reach a hub. (Set HF_HOME to a scratch directory before importing lm_eval too.)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import collections
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from ir_jax.config import ConfigError
+from ir_jax.routing import RoutingSpec, decode_step, init_cache
+
+NAME = "ir_jax"
+
+
+@nnx.jit(static_argnames=("spec",))
+def token_logprobs(model: Any, tokens_BxT: jax.Array,
+                   spec: RoutingSpec) -> tuple[jax.Array, jax.Array]:
+  """(log p(token t+1 | tokens <= t) `[B, T-1]`, whether it is the argmax `[B, T-1]`)."""
+  logits = model(tokens_BxT, routing=spec)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  target = tokens_BxT[:, 1:]
+  lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  return lp, jnp.argmax(logp, axis=-1) == target
+
+
+@register_model(NAME)
+class IrJaxLM(LM):
+  """An ir_jax model at one routing spec, as an lm-eval `LM`."""
+
+  def __init__(self, pretrained: str, tokenizer: str | None = None, policy: str = "dense",
+               sparsity: float = 0.0, mode: str = "topk", calibration: str | None = None,
+               calibration_seq_len: int = 256, calibration_batches: int = 4,
+               batch_size: int | str = 8, max_length: int | None = None,
+               max_gen_toks: int = 64, seed: int = 0, **kwargs: Any) -> None:
+    super().__init__()
+    from ir_jax.api import load_model
+    from ir_jax.data.tokenize import load_text_tokenizer
+
+    # lm-eval passes device, dtype etc. for every model type; JAX chooses devices itself.
+    self.model = load_model(str(pretrained))
+    self.spec = RoutingSpec(policy=str(policy), sparsity=float(sparsity), mode=str(mode),
+                            seed=int(seed))
+    from ir_jax.data.config import DataError
+
+    tok_spec = str(tokenizer or pretrained)
+    self.tok = load_text_tokenizer(tok_spec, add_bos=None, add_eos=False)
+    try:  # the BOS the tokenizer declares, even if its post-processor does not add it
+      declared = load_text_tokenizer(tok_spec, add_bos=True, add_eos=False).prefix
+    except DataError:
+      declared = ()
+    cfg = self.model.config
+    if self.tok.prefix or declared:
+      self.prefix_id = int((self.tok.prefix or declared)[0])
+    elif cfg.bos_token_id is not None:
+      self.prefix_id = int(cfg.bos_token_id)
+    elif cfg.eos_token_id is not None:
+      self.prefix_id = int(cfg.eos_token_id)
+    else:
+      raise ConfigError(f"{pretrained}: no BOS or EOS token to condition an empty context on")
+    self.eos_id = cfg.eos_token_id
+    self.batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
+    self.max_length = int(max_length or cfg.max_position_embeddings)
+    self.max_gen_toks = int(max_gen_toks)
+    if self.batch < 1 or self.max_length < 2:
+      raise ConfigError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, "
+                        f"{max_length}")
+    if calibration and self.spec.mode == "causal" and self.spec.policy != "dense":
+      self._calibrate(str(calibration), int(calibration_seq_len), int(calibration_batches))
+
+  # ------------------------------------------------------------- helpers
+  def _calibrate(self, files: str, seq_len: int, batches: int) -> None:
+    from ir_jax.data.config import DataConfig, DataError, FileSpec
+    from ir_jax.data import sources
+    from ir_jax.eval.evaluate import Document, pack_documents
+    from ir_jax.routing import calibrate_thresholds
+
+    cfg = DataConfig(files=tuple(FileSpec(p.strip()) for p in files.split(",") if p.strip()))
+    stats = sources.Stats()
+    docs = [Document(d.domain, d.source, self.encode(d.text, bos=True))
+            for f in sources.resolve_files(cfg) for d in sources.read_documents(f, cfg, stats)]
+    full, _ = pack_documents(docs, seq_len)
+    if not len(full):
+      raise DataError(f"calibration={files}: fewer than calibration_seq_len={seq_len} tokens")
+    rows = full.inputs[:batches * self.batch]
+    calibrate_thresholds(self.model, [rows[i:i + self.batch]
+                                      for i in range(0, len(rows), self.batch)], self.spec)
+
+  def encode(self, text: str, bos: bool = False) -> list[int]:
+    ids = self.tok.tokenizer.encode(text, add_special_tokens=False).ids
+    return ([self.prefix_id] if bos else []) + list(ids)
+
+  def _score(self, seqs: Sequence[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sequence: (logprobs, is-argmax) of tokens 1.. given their prefixes."""
+    by_len: dict[int, list[int]] = collections.defaultdict(list)
+    for i, s in enumerate(seqs):
+      by_len[len(s)].append(i)
+    out: list[Any] = [None] * len(seqs)
+    for length, idx in sorted(by_len.items()):
+      for start in range(0, len(idx), self.batch):
+        chunk = idx[start:start + self.batch]
+        toks = jnp.asarray(np.asarray([seqs[i] for i in chunk], np.int32))
+        lp, greedy = jax.device_get(token_logprobs(self.model, toks, self.spec))
+        for j, i in enumerate(chunk):
+          out[i] = (np.asarray(lp[j], np.float64), np.asarray(greedy[j]))
+    return out
+
+  # ------------------------------------------------------------- the LM API
+  def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False
+                    ) -> list[tuple[float, bool]]:
+    seqs, n_cont = [], []
+    for req in requests:
+      context, continuation = req.args
+      cont = self.encode(continuation)
+      if not cont:
+        raise ConfigError(f"empty continuation after tokenizing {continuation!r}")
+      full = (self.encode(context, bos=True) + cont)[-(self.max_length + 1):]
+      if len(full) <= len(cont):
+        raise ConfigError(f"a continuation of {len(cont)} tokens does not fit in max_length "
+                          f"{self.max_length}")
+      seqs.append(full)
+      n_cont.append(len(cont))
+    out = []
+    for (lp, greedy), n, req in zip(self._score(seqs), n_cont, requests):
+      res = (float(lp[-n:].sum()), bool(greedy[-n:].all()))
+      out.append(res)
+      self.cache_hook.add_partial("loglikelihood", req.args, res)
+    return out
+
+  def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+    out = []
+    for req in requests:
+      (text,) = req.args
+      windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+          token_list=self.encode(text), prefix_token=self.prefix_id,
+          max_seq_len=self.max_length, context_len=1)]
+      seqs = [list(ctx) + list(pred) for ctx, pred in windows]
+      total = 0.0
+      for (lp, _), (_, pred) in zip(self._score(seqs), windows):
+        total += float(lp[-len(pred):].sum())
+      out.append(total)
+      self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+    return out
+
+  def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+    if self.spec.mode != "causal" and self.spec.policy != "dense":
+      raise ConfigError("generation routes causally (top-k looks at future tokens): use "
+                        "mode=causal (with calibration=FILE) or policy=dense")
+    out = []
+    for req in requests:
+      context, gen_kwargs = req.args
+      gen_kwargs = dict(gen_kwargs or {})
+      until = gen_kwargs.get("until") or []
+      until = [until] if isinstance(until, str) else list(until)
+      max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+      text = self._generate(self.encode(context, bos=True), max_new, until)
+      out.append(text)
+      self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+    return out
+
+  def _generate(self, prompt: list[int], max_new: int, until: list[str]) -> str:
+    """Greedy decoding, one token per step through the causal decode step."""
+    prompt = prompt[-max(self.max_length - max_new, 1):]
+    total = min(len(prompt) + max_new, self.max_length)
+    # A cache rounded up to 64 positions: one compile serves many request lengths
+    # (positions beyond the current one are masked as future keys).
+    cache_len = min(-(-total // 64) * 64, self.model.config.max_position_embeddings)
+    cache = init_cache(self.model.config, 1, cache_len)
+    tokens = list(prompt)
+    new: list[int] = []
+    for pos in range(total - 1):
+      logits, cache, _ = decode_step(self.model, cache, jnp.asarray([tokens[pos]], jnp.int32),
+                                     jnp.int32(pos), self.spec)
+      if pos + 1 < len(tokens):
+        continue
+      nxt = int(np.argmax(np.asarray(logits[0])))
+      if self.eos_id is not None and nxt == self.eos_id:
+        break
+      tokens.append(nxt)
+      new.append(nxt)
+      text = self.tok.decode(new)
+      if any(u in text for u in until):
+        break
+    text = self.tok.decode(new)
+    for u in until:
+      if u and u in text:
+        text = text.split(u)[0]
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+  """The lm-eval CLI with the `ir_jax` model type registered."""
+  from lm_eval.__main__ import cli_evaluate
+
+  if argv is not None:
+    sys.argv = [sys.argv[0], *argv]
+  cli_evaluate()
+
+
+if __name__ == "__main__":
+  main()
