@@ -199,6 +199,12 @@ def test_stopped_and_resumed_run_is_bit_identical(full_run, data_dir, tmp_path):
     assert (e.value.stage, e.value.step) == target
     target = next(stops, None)
   run(s, workdir)
+  # Training time per stage accumulates over the interrupted invocations.
+  summary = json.load(open(os.path.join(workdir, "train_summary.json")))
+  assert [st["stage"] for st in summary["stages"]] == ["forecaster", "router"]
+  assert summary["stages"][0]["steps_run"] == 0 and summary["stages"][0]["train_s"] > 0
+  assert summary["stages"][1]["resumed_from"] == 4
+  assert summary["stages"][1]["train_s"] > 0
   for stage in ("forecaster", "router"):
     a, b = _adapters(workdir, stage, STEPS), _adapters(full_run["workdir"], stage, STEPS)
     assert a.keys() == b.keys()

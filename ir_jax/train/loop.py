@@ -382,10 +382,13 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   latest = mgr.latest_step()
   adapters_target = adapter_target(ms)
   if latest is not None and latest >= total:
-    replace_adapters(ms, restore_adapters(mgr, latest, adapters_target))
+    done = mgr.restore(latest, args=ocp.args.Composite(
+        adapters=ocp.args.StandardRestore(adapters_target), meta=ocp.args.JsonRestore()))
+    replace_adapters(ms, done["adapters"])
     mgr.close()
     log(f"[{stage}] already finished ({latest} batches); restored its result")
-    return {"stage": stage, "resumed_from": latest, "steps_run": 0}
+    return {"stage": stage, "resumed_from": latest, "steps_run": 0,
+            "train_s": float((done["meta"] or {}).get("train_s", 0.0))}
 
   trainable_type = steps.TRAINABLE[stage]
   tx = steps.optimizer(sc)
@@ -400,13 +403,14 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
                                  transform_non_params=lambda _: rep)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
 
-  start = 0
+  start, prior_s = 0, 0.0
   if latest is not None:
     t0 = time.time()
     restored = mgr.restore(latest, args=ocp.args.Composite(
         adapters=ocp.args.StandardRestore(adapters_target),
         opt_state=ocp.args.StandardRestore(sh.with_shardings(abs_opt, opt_sh)),
-        data=_grain_restore(it)))
+        data=_grain_restore(it), meta=ocp.args.JsonRestore()))
+    prior_s = float((restored["meta"] or {}).get("train_s", 0.0))
     replace_adapters(ms, restored["adapters"])
     graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
     opt_state = restored["opt_state"]
@@ -428,12 +432,15 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
 
   def save(step: int) -> None:
     adapters, _ = nnx.split_state(nnx.merge_state(trainable, frozen), steps.ADAPTERS, ...)
-    meta = {"stage": stage, "step": step, "total": total, "config": s.raw}
+    # train_s: wall seconds spent in this stage's steps so far, over all resumes.
+    meta = {"stage": stage, "step": step, "total": total, "config": s.raw,
+            "train_s": round(prior_s + time.time() - t_begin, 3)}
     mgr.save(step, args=ocp.args.Composite(
         adapters=ocp.args.StandardSave(adapters), opt_state=ocp.args.StandardSave(opt_state),
         data=_grain_save(it), meta=ocp.args.JsonSave(meta)), force=True)
 
-  t_last, n_last = time.time(), start
+  t_begin = t_last = time.time()
+  n_last = start
   first_loss = last_loss = None
   step = start
   try:
@@ -481,6 +488,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
     mgr.close()
   ms.state = nnx.state(nnx.merge(graphdef, trainable, frozen))
   return {"stage": stage, "resumed_from": start, "steps_run": step - start,
+          "train_s": round(prior_s + time.time() - t_begin, 3),
           "first_loss": first_loss, "last_loss": last_loss}
 
 
@@ -580,6 +588,9 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
   finally:
     stop.uninstall()
     writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as f:
+      json.dump({"stages": summary["stages"]}, f, indent=2)
   if s.train.eval_batches:
     t_eval = time.time()
     ev = evaluate(s, ms, mesh, s.train.eval_batches)
