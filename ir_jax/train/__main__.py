@@ -1,11 +1,20 @@
-"""`python -m ir_jax.train --config configs/X.py [--config.a.b=value ...] --workdir DIR`."""
+"""`python -m ir_jax.train --config configs/X.py [--config.a.b=value ...] --workdir DIR`.
+
+Multi-host: every process (one per TPU VM worker, SLURM task or local test
+process) runs the same command; see ir_jax/distributed.py for how the job is
+detected, and launch/ for the TPU pod, SLURM and local launchers.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+if TYPE_CHECKING:
+  from ir_jax.train.config import Settings
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -18,6 +27,14 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Run directory for checkpoints, metrics.jsonl, tensorboard/ and eval.json. Rerunning the "
     "same command resumes from the newest checkpoint; SIGTERM saves one before exiting.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None,
+    "HOST:PORT of process 0 for a multi-process run (with --num_processes and --process_id). "
+    "Not needed on Cloud TPU VMs or under SLURM, where JAX finds the job itself.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "processes in a multi-process run (with --coordinator)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "this process's index in [0, --num_processes)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 PROG = "ir_jax.train"
@@ -55,6 +72,7 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   try:
     settings = settings_from_config(cfg)
+    _start_processes(settings)
     run(settings, _WORKDIR.value)
   except USER_ERRORS as e:
     print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
@@ -66,6 +84,33 @@ def main(argv: list[str]) -> None:
   except Preempted as e:
     print(f"{PROG}: {e}", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
+
+
+def _start_processes(settings: Settings) -> None:
+  """Joins a multi-process job (before any device is touched); then process 0
+  prepares a missing local dataset while the others wait, so that processes
+  sharing a filesystem do not write it concurrently."""
+  import jax
+
+  from ir_jax.distributed import maybe_initialize
+
+  try:
+    plan = maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except RuntimeError as e:  # the coordinator is unreachable, a peer died, ...
+    print(f"{PROG}: error: cannot join the multi-process job: {str(e).splitlines()[0]}",
+          file=sys.stderr)
+    sys.exit(1)
+  if not plan.distributed or jax.process_count() == 1:
+    return
+  print(f"{PROG}: process {jax.process_index()} of {jax.process_count()} ({plan.reason}), "
+        f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+  from jax.experimental import multihost_utils
+
+  from ir_jax.data.builder import open_split
+
+  if jax.process_index() == 0:
+    open_split(settings.data, settings.data.train_split, prepare_if_missing=True)
+  multihost_utils.sync_global_devices("ir_jax.train.data_prepared")
 
 
 if __name__ == "__main__":

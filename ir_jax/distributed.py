@@ -1,0 +1,123 @@
+"""Multi-process start-up: decide from flags and the environment whether to call
+`jax.distributed.initialize()`, before anything touches a device.
+
+One process per host (TPU VM worker, SLURM node) or per GPU runs the same
+command; afterwards `jax.devices()` lists every device of the job,
+`jax.process_index()` says which process this is, and ir_jax.train writes
+logs and run metadata from process 0 only, reads this process's data shard
+and saves checkpoints cooperatively through orbax.
+
+Decision, first match wins:
+  1. explicit `coordinator` / `num_processes` / `process_id` (all three, or
+     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment);
+  2. IR_JAX_DISTRIBUTED=0 turns the detection below off, =1 forces an
+     auto-detected initialize();
+  3. SLURM with more than one task (SLURM_JOB_ID and SLURM_NTASKS > 1): JAX reads
+     the node list, SLURM_PROCID and SLURM_LOCALID itself (one GPU per process
+     unless JAX_LOCAL_DEVICE_IDS lists more);
+  4. a Cloud TPU VM (libtpu installed and a TPU device node present): JAX asks
+     the TPU metadata server for the workers of the slice;
+  otherwise a single process, and nothing is initialised.
+On CPU-only runs (JAX_PLATFORMS=cpu) cross-process collectives use gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import os
+from collections.abc import Mapping
+
+import jax
+
+from ir_jax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How (and whether) this process joins a multi-process job."""
+
+  reason: str  # "single", "flags", "env", "slurm", "tpu"
+  coordinator: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  @property
+  def distributed(self) -> bool:
+    return self.reason != "single"
+
+
+def _int(value: str | None, what: str) -> int | None:
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ConfigError(f"{what} must be an integer, got {value!r}") from None
+
+
+def on_tpu_vm() -> bool:
+  """A Cloud TPU VM: libtpu importable and a TPU device node (v2-v4: /dev/accel*, v5+: vfio)."""
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def plan(coordinator: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None, env: Mapping[str, str] | None = None,
+         tpu_vm: bool | None = None) -> Plan:
+  """Decides how to start (see the module docstring); raises ConfigError on half-given flags."""
+  env = os.environ if env is None else env
+  coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None:
+    num_processes = _int(env.get("JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _int(env.get("JAX_PROCESS_ID"), "JAX_PROCESS_ID")
+  given = {"--coordinator": coordinator, "--num_processes": num_processes,
+           "--process_id": process_id}
+  if any(v is not None for v in given.values()):
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      raise ConfigError(f"multi-process flags need all of --coordinator, --num_processes and "
+                        f"--process_id; missing {', '.join(missing)}")
+    if ":" not in coordinator:
+      raise ConfigError(f"--coordinator must be HOST:PORT (process 0's address), got "
+                        f"{coordinator!r}")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ConfigError(f"--process_id must be in [0, --num_processes={num_processes}), got "
+                        f"{process_id}")
+    if num_processes == 1:
+      return Plan("single")
+    return Plan("flags", coordinator, num_processes, process_id)
+  switch = env.get("IR_JAX_DISTRIBUTED", "")
+  if switch not in ("", "0", "1"):
+    raise ConfigError(f"IR_JAX_DISTRIBUTED must be 0 or 1, got {switch!r}")
+  if switch == "0":
+    return Plan("single")
+  if switch == "1":
+    return Plan("env")
+  if "SLURM_JOB_ID" in env and (_int(env.get("SLURM_NTASKS"), "SLURM_NTASKS") or 1) > 1:
+    return Plan("slurm")
+  if on_tpu_vm() if tpu_vm is None else tpu_vm:
+    return Plan("tpu")
+  return Plan("single")
+
+
+def _cpu_only() -> bool:
+  platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+  return platforms.strip().lower() == "cpu"
+
+
+def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> Plan:
+  """Calls jax.distributed.initialize() when `plan(...)` says this is a multi-process job."""
+  p = plan(coordinator, num_processes, process_id)
+  if not p.distributed or jax.distributed.is_initialized():
+    return p
+  if _cpu_only():
+    # The default CPU client has no cross-process collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=p.coordinator, num_processes=p.num_processes,
+                             process_id=p.process_id)
+  return p
