@@ -10,8 +10,18 @@
 #   bash launch/tpu_pod.sh --config configs/llama7b.py \
 #       --config.mesh.data=1 --config.mesh.fsdp=-1
 #
-# Everything after the script name goes to `python -m ir_jax.train` unchanged;
-# the script adds --workdir (and data.data_dir) on the bucket. Environment:
+# Dry run: print every command (gcloud, tar, the remote scripts with the resolved
+# `python -m ir_jax.train ...` line) instead of running it, and exit 0; needs no
+# gcloud and touches nothing. Either DRY_RUN=1 or --dry-run as the first argument:
+#
+#   PROJECT=my-project ZONE=us-west4-a ACCEL=v5litepod-16 BUCKET=my-bucket \
+#   bash launch/tpu_pod.sh --dry-run --config configs/llama7b.py
+#
+# It shows the path of a first run (the slice assumed absent, so it is created,
+# and training succeeding); the preemption loop below reruns the same commands.
+#
+# Everything after the script name (and --dry-run) goes to `python -m ir_jax.train`
+# unchanged; the script adds --workdir (and data.data_dir) on the bucket. Environment:
 #   PROJECT, ZONE   GCP project and zone with TPU quota (required)
 #   NAME            TPU VM name (default ir-jax-$ACCEL)
 #   ACCEL           accelerator type: v5litepod-16 (v5e 4x4), v5litepod-64 (v5e 8x8),
@@ -25,6 +35,7 @@
 #   RUN             run name under the bucket (default $NAME)
 #   MAX_RESTARTS    preemptions to survive before giving up (default 20)
 #   DELETE_AT_END=1 delete the slice when training has finished
+#   DRY_RUN=1       print the commands instead of running them (same as --dry-run)
 #
 # What runs on each worker: JAX detects the Cloud TPU VM and calls
 # jax.distributed.initialize() itself (ir_jax/distributed.py); process 0 writes
@@ -37,6 +48,16 @@
 #   python -m ir_jax.aot --config configs/llama7b.py --topology v5e:4x4 \
 #       --config.mesh.data=1 --config.mesh.fsdp=-1      # see docs/scaling.md
 set -euo pipefail
+
+DRY_RUN="${DRY_RUN:-0}"
+if [[ "${1:-}" == --dry-run ]]; then
+  DRY_RUN=1
+  shift
+fi
+if [[ "${DRY_RUN}" != 0 && "${DRY_RUN}" != 1 ]]; then
+  echo "tpu_pod.sh: DRY_RUN must be 0 or 1, got ${DRY_RUN}" >&2
+  exit 2
+fi
 
 : "${PROJECT:?set PROJECT to the GCP project}"
 : "${ZONE:?set ZONE to a zone with TPU quota, e.g. us-west4-a}"
@@ -59,11 +80,39 @@ if [[ $# -eq 0 ]]; then
   exit 2
 fi
 
+dry() { [[ "${DRY_RUN}" == 1 ]]; }
+
+quote() {  # the arguments as one line of shell, single-quoted only where needed
+  local out=() a
+  for a in "$@"; do
+    if [[ -n "${a}" && "${a}" != *[!A-Za-z0-9_./:=,@%+-]* ]]; then
+      out+=("${a}")
+    else
+      out+=("'${a//\'/\'\\\'\'}'")
+    fi
+  done
+  printf '%s\n' "${out[*]}"
+}
+
+x() {  # run a command, or print it in a dry run
+  if dry; then
+    printf '+ %s\n' "$(quote "$@")"
+  else
+    "$@"
+  fi
+}
+
+if ! dry && ! command -v gcloud >/dev/null; then
+  echo "tpu_pod.sh: gcloud not found; install the Google Cloud CLI (DRY_RUN=1 prints the" \
+    "commands without it)" >&2
+  exit 2
+fi
+
 GC=(gcloud compute tpus tpu-vm --project="${PROJECT}" --zone="${ZONE}")
 LOG="runs/tpu_pod_${NAME}.log"
 REMOTE_DIR="ir_jax"          # the checkout on each worker, under ~
 MOUNT="\$HOME/gcs"           # expanded on the workers
-mkdir -p runs
+dry || mkdir -p runs
 
 state() {
   "${GC[@]}" describe "${NAME}" --format='value(state)' 2>/dev/null || true
@@ -71,7 +120,13 @@ state() {
 
 ensure_slice() {
   local s
-  s="$(state)"
+  if dry; then
+    x "${GC[@]}" describe "${NAME}" --format='value(state)'
+    echo "# dry run: assuming ${NAME} does not exist (READY: reused; PREEMPTED, ...: deleted first)"
+    s=""
+  else
+    s="$(state)"
+  fi
   case "${s}" in
     READY) return 0 ;;
     "") ;;
@@ -81,26 +136,26 @@ ensure_slice() {
       return 0 ;;
     *)  # PREEMPTED, TERMINATED, STOPPED, ...: a Spot slice does not come back; recreate it
       echo "tpu_pod.sh: ${NAME} is ${s}; deleting and recreating it" >&2
-      "${GC[@]}" delete "${NAME}" --quiet ;;
+      x "${GC[@]}" delete "${NAME}" --quiet ;;
   esac
   local spot=()
-  [[ "${SPOT:-0}" == 1 ]] && spot=(--spot)
-  "${GC[@]}" create "${NAME}" --accelerator-type="${ACCEL}" --version="${RUNTIME}" "${spot[@]}"
+  if [[ "${SPOT:-0}" == 1 ]]; then spot=(--spot); fi
+  x "${GC[@]}" create "${NAME}" --accelerator-type="${ACCEL}" --version="${RUNTIME}" "${spot[@]}"
 }
 
 on_all() {  # run a shell command on every worker, output streamed here
-  "${GC[@]}" ssh "${NAME}" --worker=all --command="$1" \
+  x "${GC[@]}" ssh "${NAME}" --worker=all --command="$1" \
     --ssh-flag="-o ServerAliveInterval=60"
 }
 
 install() {
   # The working tree as it is (uncommitted edits included), without local runs and venvs.
-  local tarball
-  tarball="$(mktemp -t ir_jax.XXXXXX).tar.gz"
-  tar --exclude=./.venv --exclude=./runs --exclude=./assets --exclude=./.git \
-      -czf "${tarball}" .
-  "${GC[@]}" scp "${tarball}" "${NAME}:ir_jax.tar.gz" --worker=all
-  rm -f "${tarball}"
+  local tmp
+  if dry; then tmp="${TMPDIR:-/tmp}/ir_jax.XXXXXX"; else tmp="$(mktemp -d -t ir_jax.XXXXXX)"; fi
+  x tar --exclude=./.venv --exclude=./runs --exclude=./assets --exclude=./.git \
+      -czf "${tmp}/ir_jax.tar.gz" .
+  x "${GC[@]}" scp "${tmp}/ir_jax.tar.gz" "${NAME}:ir_jax.tar.gz" --worker=all
+  x rm -rf "${tmp}"
   on_all "set -e
     rm -rf ~/${REMOTE_DIR} && mkdir -p ~/${REMOTE_DIR} && tar -xzf ~/ir_jax.tar.gz -C ~/${REMOTE_DIR}
     test -d ~/venv || python3 -m venv ~/venv
@@ -114,25 +169,34 @@ install() {
 }
 
 train() {
-  local args=() a
+  local args=() a cmd
   for a in "$@"; do args+=("$(printf '%q' "${a}")"); done
+  cmd="exec ~/venv/bin/python -m ir_jax.train ${args[*]} --workdir=${MOUNT}/runs/${RUN}"
+  cmd+=" --config.data.data_dir=${MOUNT}/tfds"
   # A trainer left over from a lost ssh session would hold the TPU: stop it first.
   on_all "if test -f ~/ir_jax_train.pid; then kill \$(cat ~/ir_jax_train.pid) 2>/dev/null; sleep 10; fi
-    cd ~/${REMOTE_DIR} && echo \$\$ > ~/ir_jax_train.pid && exec ~/venv/bin/python -m ir_jax.train \
-    ${args[*]} --workdir=${MOUNT}/runs/${RUN} --config.data.data_dir=${MOUNT}/tfds"
+    cd ~/${REMOTE_DIR} && echo \$\$ > ~/ir_jax_train.pid && ${cmd}"
 }
 
 restarts=0
 while true; do
   ensure_slice
   install
-  set +e
-  train "$@" 2>&1 | tee -a "${LOG}"
-  status=${PIPESTATUS[0]}
-  set -e
+  if dry; then
+    train "$@"
+    echo "# output streamed here and appended to ${LOG}; workdir gs://${BUCKET}/runs/${RUN}"
+    status=0
+  else
+    set +e
+    train "$@" 2>&1 | tee -a "${LOG}"
+    status=${PIPESTATUS[0]}
+    set -e
+  fi
   if [[ ${status} -eq 0 ]]; then
-    echo "tpu_pod.sh: training finished; workdir gs://${BUCKET}/runs/${RUN}" | tee -a "${LOG}"
-    [[ "${DELETE_AT_END:-0}" == 1 ]] && "${GC[@]}" delete "${NAME}" --quiet
+    if ! dry; then
+      echo "tpu_pod.sh: training finished; workdir gs://${BUCKET}/runs/${RUN}" | tee -a "${LOG}"
+    fi
+    if [[ "${DELETE_AT_END:-0}" == 1 ]]; then x "${GC[@]}" delete "${NAME}" --quiet; fi
     exit 0
   fi
   s="$(state)"

@@ -6,6 +6,24 @@ What is checked against what:
   checkpoint   both processes wrote their part of the orbax checkpoint; restored in this
                (8-device, single) process it equals the raw saved arrays and differs
                from the untrained forecasters
+  one process  the same training in this process on 2 of its devices (same mesh
+               data=2, same global batches): final forecasters, optimizer state and
+               every logged metric bitwise equal to the two-process run
+
+Same global batch: each process reads every process_count-th document
+(ir_jax/data/pipeline.py) and packs its own rows, so an unmodified
+single-process run sees other batches (its one shard is all documents,
+shuffled together). The single-process reference is therefore fed the
+two-process job's global batches: the train iterators of process 0 and 1
+(process_count=2), their rows stacked in process order, which is where
+`jax.make_array_from_process_local_data` puts them on the mesh [p0's device,
+p1's device] (the loss is a mean over rows, so swapping the two halves
+would give the same result: the order itself is not what is tested). That
+the two-process run consumed exactly these documents is
+checked through the data iterator states in its checkpoint; with those
+batches the step computes the same per-device programs, and the cross-device
+sums have two terms (commutative in floating point), so parameters agree
+bitwise, not just within a tolerance.
 """
 
 from __future__ import annotations
@@ -16,7 +34,9 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -25,9 +45,11 @@ from etils import epath
 from flax import nnx
 
 from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.data import pipeline
 from ir_jax.distributed import plan
 from ir_jax.forecast import ForecasterParam
 from ir_jax.sharding import MeshConfig, make_mesh
+from ir_jax.train import run, settings_from_config
 from ir_jax.train.loop import init_state, read_run, run_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,29 +91,112 @@ def test_environment_decides_when_no_flags():
 
 
 # ------------------------------------------------------------ two processes
-def test_two_processes_train_write_once_and_restore(tmp_path):
+STEPS = 3
+# The config of both runs: configs/tiny.py with these fields changed.
+OVERRIDES = {"train.stages": "forecaster", "train.forecaster.steps": STEPS,
+             "train.log_every": 1, "train.checkpoint_every": 1, "train.eval_batches": 0,
+             "train.async_checkpoints": False}
+
+
+def _tiny_config(data_dir: str) -> Any:
+  spec = importlib.util.spec_from_file_location("tiny_cfg",
+                                                os.path.join(REPO, "configs", "tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  cfg.data.data_dir = data_dir
+  for key, value in OVERRIDES.items():
+    *parents, leaf = key.split(".")
+    node = cfg
+    for k in parents:
+      node = node[k]
+    node[leaf] = value
+  return cfg
+
+
+def _raw(path: str) -> dict[str, np.ndarray]:
+  """An orbax checkpoint item as {'a/b/c': numpy array}, whatever devices wrote it."""
+  handler = ocp.PyTreeCheckpointHandler()
+  md = handler.metadata(epath.Path(path))
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), md.tree)
+  raw = handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  out = {}
+  for p, v in jax.tree_util.tree_flatten_with_path(raw)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p]
+    out["/".join(n for n in names if n != "value")] = np.asarray(v)
+  return out
+
+
+def _metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+_TRAIN_ITERATOR = pipeline.train_iterator  # the real one (the test below replaces it)
+
+
+class _ProcessShards(grain.DatasetIterator):
+  """The global training batches of a `process_count`-process job, built in one process.
+
+  Process i's train iterator (process_index=i) gives rows [i*B/P, (i+1)*B/P) of
+  each global batch of B rows; they are placed on `mesh` as the multi-process
+  job places them (process i holds the i-th block of the data axis).
+  """
+
+  def __init__(self, cfg: Any, mesh: jax.sharding.Mesh, batch_axes: Any, process_count: int,
+               **kwargs: Any) -> None:
+    self.shards: list[pipeline.DataIterator] = []
+    super().__init__()
+    self.mesh, self.batch_axes = mesh, batch_axes
+    self.shards = [_TRAIN_ITERATOR(cfg, process_index=i, process_count=process_count, **kwargs)
+                   for i in range(process_count)]
+
+  def __next__(self) -> dict[str, jax.Array]:
+    rows = [it.next_local() for it in self.shards]
+    return {k: jax.device_put(np.concatenate([r[k] for r in rows]),
+                              pipeline.batch_sharding(self.mesh, self.batch_axes, rows[0][k].ndim))
+            for k in rows[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": [it.get_state() for it in self.shards]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for it, st in zip(self.shards, state["shards"]):
+      it.set_state(st)
+
+  def close(self) -> None:
+    for it in self.shards:
+      it.close()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> dict[str, str]:
+  """configs/tiny.py, forecaster stage, 2 processes x 1 CPU device (mesh data=2)."""
   if not os.path.exists(NEWS):
     pytest.skip("demo assets missing: run `bash launch/fetch_assets.sh`")
-  workdir = str(tmp_path / "w")
+  root = tmp_path_factory.mktemp("mp")
+  workdir, data_dir = str(root / "w"), str(root / "tfds")
   args = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
-          f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.stages=forecaster",
-          "--config.train.forecaster.steps=2", "--config.train.log_every=1",
-          "--config.train.checkpoint_every=1", "--config.train.eval_batches=0",
-          "--config.train.async_checkpoints=False"]
+          f"--config.data.data_dir={data_dir}",
+          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
   out = io.StringIO()
   status = _launcher().launch(args, num_processes=2, devices_per_process=1, cwd=REPO,
                               timeout=240, out=out)
   log = out.getvalue()
   assert status == 0, log[-3000:]
+  return {"workdir": workdir, "data_dir": data_dir, "log": log}
+
+
+def test_two_processes_train_write_once_and_restore(two_process_run):
+  workdir, log = two_process_run["workdir"], two_process_run["log"]
   assert "[p0] ir_jax.train: process 0 of 2 (flags), 1 local / 2 global devices" in log, log
   assert "[p1] ir_jax.train: process 1 of 2 (flags), 1 local / 2 global devices" in log, log
-  assert "[p0] [forecaster 2/2]" in log
+  assert f"[p0] [forecaster {STEPS}/{STEPS}]" in log
   assert "[p1] [forecaster" not in log and "[p1] ir_jax.train: 2 cpu device(s)" not in log
 
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f]
-  assert [(r["stage"], r["step"]) for r in rows] == [("forecaster", 1), ("forecaster", 2)]
-  ckpt = os.path.join(workdir, "checkpoints", "forecaster", "2", "adapters")
+  rows = _metrics(workdir)
+  assert [(r["stage"], r["step"]) for r in rows] == [("forecaster", i + 1) for i in range(STEPS)]
+  ckpt = os.path.join(workdir, "checkpoints", "forecaster", str(STEPS), "adapters")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(ckpt))
 
   # Restore on this process's 8 devices (explicit target with shardings).
@@ -99,14 +204,7 @@ def test_two_processes_train_write_once_and_restore(tmp_path):
   restored = {"/".join(map(str, p)): np.asarray(jax.device_get(v[...]))
               for p, v in nnx.to_flat_state(ms.state) if isinstance(v, ForecasterParam)}
   # The saved arrays as plain numpy (the checkpoint's devices are not this process's).
-  handler = ocp.PyTreeCheckpointHandler()
-  md = handler.metadata(epath.Path(ckpt))
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), md.tree)
-  raw = handler.restore(epath.Path(ckpt), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-  saved = {}
-  for p, v in jax.tree_util.tree_flatten_with_path(raw)[0]:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p]
-    saved["/".join(n for n in names if n != "value")] = np.asarray(v)
+  saved = _raw(ckpt)
   assert restored and set(restored) <= set(saved)
   meta = read_run(workdir)
   fresh = init_state(LlamaConfig.from_dict(meta["model"]), make_mesh(MeshConfig(data=-1)),
@@ -117,7 +215,52 @@ def test_two_processes_train_write_once_and_restore(tmp_path):
     if key in restored:
       np.testing.assert_array_equal(restored[key], saved[key])
       moved += not np.array_equal(restored[key], np.asarray(jax.device_get(v[...])))
-  assert moved > 0, "the forecasters did not change in two steps"
+  assert moved > 0, f"the forecasters did not change in {STEPS} steps"
+
+
+def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_run, tmp_path,
+                                                                    monkeypatch):
+  mp_dir = two_process_run["workdir"]
+  s = settings_from_config(_tiny_config(two_process_run["data_dir"]))
+  shards: list[_ProcessShards] = []
+
+  def two_shards(data_cfg: Any, *, mesh: Any, batch_axes: Any, **kwargs: Any) -> _ProcessShards:
+    shards.append(_ProcessShards(data_cfg, mesh, batch_axes, 2, **kwargs))
+    return shards[-1]
+
+  monkeypatch.setattr(pipeline, "train_iterator", two_shards)
+  one_dir = str(tmp_path / "one")
+  # One process, 2 of its CPU devices: the same mesh (data=2, fsdp=1, tensor=1).
+  run(s, one_dir, devices=jax.devices()[:2])
+  assert len(shards) == 1 and dict(shards[0].mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
+
+  # The two processes consumed exactly these documents: their iterator states at the end
+  # are those of the two shards this process read.
+  def data_state(workdir: str, process: int, count: int) -> dict[str, Any]:
+    path = os.path.join(workdir, "checkpoints", "forecaster", str(STEPS), "data",
+                        f"process_{process}-of-{count}.json")
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+
+  one_states = data_state(one_dir, 0, 1)["shards"]
+  assert [data_state(mp_dir, i, 2) for i in range(2)] == one_states
+  assert [st["process_index"] for st in one_states] == [0, 1]
+  assert all(st["batches"] == STEPS for st in one_states)
+
+  # Every logged metric (loss, explained variance, ...) of every step, bitwise.
+  timing = {"step_time_s", "tokens_per_s", "time"}
+
+  def strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+  assert strip(_metrics(one_dir)) == strip(_metrics(mp_dir))
+
+  for item in ("adapters", "opt_state"):
+    mp = _raw(os.path.join(mp_dir, "checkpoints", "forecaster", str(STEPS), item))
+    one = _raw(os.path.join(one_dir, "checkpoints", "forecaster", str(STEPS), item))
+    assert set(mp) == set(one) and mp, item
+    for key in mp:
+      np.testing.assert_array_equal(mp[key], one[key], err_msg=f"{item} {key}")
 
 
 def test_half_given_multiprocess_flags_are_one_line_errors(tmp_path):
