@@ -212,8 +212,8 @@ def build_step(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
         s.routing, mode="topk", gate="hard", compute="gathered")
     b, t = s.data.batch_size, s.data.seq_len
     batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
-    fn = jax.jit(steps.make_eval_step(graphdef, spec), in_shardings=(shardings, batch_sh),
-                 out_shardings=rep)
+    fn = jax.jit(sh.with_mesh(steps.make_eval_step(graphdef, spec), mesh),
+                 in_shardings=(shardings, batch_sh), out_shardings=rep)
     args = (sh.with_shardings(abs_state, shardings), batch_structs(mesh, b, t))
     return Built(fn, args, b, t, spec, 0)
   sc = s.train.stage(stage)
@@ -227,7 +227,7 @@ def build_step(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
                                  transform_non_params=lambda _: rep)
   batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
   loss_fn = steps.stage_loss_fn(stage, sc, s.routing, s.train.seed)
-  fn = jax.jit(steps.make_train_step(graphdef, loss_fn, tx),
+  fn = jax.jit(sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
                in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
                out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
   b, t = data_cfg.batch_size, data_cfg.seq_len

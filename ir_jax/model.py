@@ -22,13 +22,20 @@ from flax import nnx
 
 from ir_jax import forecast
 from ir_jax.config import LlamaConfig
+from ir_jax.sharding import constrain
 
 Array = jax.Array
 
-# Logical axis names used on parameters.
+# Logical axis names used on parameters (and BATCH, ACT_EMBED on activations).
 class Ax:
   EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, LORA = (
       "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "lora")
+  BATCH, ACT_EMBED = "batch", "act_embed"
+
+
+# Activation layouts (no-ops without a mesh; see ir_jax.sharding.constrain).
+BxTxD = (Ax.BATCH, None, Ax.ACT_EMBED)
+BxTxV = (Ax.BATCH, None, Ax.VOCAB)
 
 
 class LoraParam(nnx.Param):
@@ -247,16 +254,18 @@ class Llama(nnx.Module):
 
   # -------------------------------------------------------------- pieces
   def embed(self, tokens_BxT: Array) -> Array:
-    return jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(
-        self.config.compute_dtype)
+    x = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(self.config.compute_dtype)
+    return constrain(x, BxTxD)
 
   def logits(self, x_BxTxD: Array) -> Array:
-    h = self.norm(x_BxTxD)
+    h = constrain(self.norm(constrain(x_BxTxD, BxTxD)), BxTxD)
     if self.config.tie_word_embeddings:
       w_VxD = self.embed_tokens[...].astype(h.dtype)
-      return jnp.einsum("btd,vd->btv", h, w_VxD, preferred_element_type=jnp.float32)
-    w_DxV = self.lm_head[...].astype(h.dtype)
-    return jnp.einsum("btd,dv->btv", h, w_DxV, preferred_element_type=jnp.float32)
+      out = jnp.einsum("btd,vd->btv", h, w_VxD, preferred_element_type=jnp.float32)
+    else:
+      w_DxV = self.lm_head[...].astype(h.dtype)
+      out = jnp.einsum("btd,dv->btv", h, w_DxV, preferred_element_type=jnp.float32)
+    return constrain(out, BxTxV)
 
   def run_layers(self, layer_fn, x_BxTxD: Array, per_layer: Any = None,
                  scan: bool | None = None) -> tuple[Array, Any]:
@@ -275,8 +284,9 @@ class Llama(nnx.Module):
     def apply(x, layer_state, routing_state, extra):
       # `extra` is closed over, never a remat argument, so its static leaves stay static.
       def f(x, layer_state, routing_state):
-        return layer_fn(nnx.merge(graphdef, layer_state), nnx.merge(rgraphdef, routing_state),
-                        x, extra)
+        x, aux = layer_fn(nnx.merge(graphdef, layer_state),
+                          nnx.merge(rgraphdef, routing_state), constrain(x, BxTxD), extra)
+        return constrain(x, BxTxD), aux
 
       if self.config.remat:
         f = jax.checkpoint(f, prevent_cse=not scan)

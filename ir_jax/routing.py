@@ -32,7 +32,8 @@ from flax import nnx
 
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.forecast import UNITS, Forecaster, Router, RoutingLayer, lff_flops, router_flops
-from ir_jax.model import DecoderLayer, Llama, attention_mask
+from ir_jax.model import BxTxD, DecoderLayer, Llama, attention_mask
+from ir_jax.sharding import constrain
 
 Array = jax.Array
 POLICIES = ("informed", "greedy", "random", "oracle", "dense")
@@ -202,11 +203,13 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
     out = forecast
     if k:
       idx = topk_indices(scores, k)
-      u_sel = unit_fn(idx, _gather(n_BxTxD, idx))
+      u_sel = constrain(unit_fn(idx, constrain(_gather(n_BxTxD, idx), BxTxD)), BxTxD)
       if spec.gate == "ste":  # value u_sel, d/d(score) = <., u - f>
         s_sel = _gather(soft, idx)[..., None]
-        u_sel = u_sel + (s_sel - jax.lax.stop_gradient(s_sel)) * (u_sel - _gather(forecast, idx))
+        f_sel = constrain(_gather(forecast, idx), BxTxD)
+        u_sel = u_sel + (s_sel - jax.lax.stop_gradient(s_sel)) * (u_sel - f_sel)
       out = forecast.at[jnp.arange(b)[:, None], idx].set(u_sel.astype(forecast.dtype))
+      out = constrain(out, BxTxD)
     importance = jnp.zeros((), f32)
   else:
     if u_all is None:

@@ -7,6 +7,12 @@ dimension that the mesh axis does not divide is replicated instead (so
 SmolLM2's 3 KV heads still run on a 4-way tensor axis). Batches are split
 over `BATCH_AXES`.
 
+Activations are pinned with `constrain(x, logical_axes)` (the residual
+stream, gathered rows, logits: batch over `BATCH_AXES`), through the same
+table; it does nothing unless a mesh is active (a step wrapped in
+`with_mesh(fn, mesh)` before jit, or `use_mesh(mesh)` around the trace), so
+the model also runs without any mesh.
+
 Mesh axes:
   data    pure data parallelism (parameters replicated)
   fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
@@ -15,9 +21,11 @@ Mesh axes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -44,6 +52,8 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("units", None),
     ("score", None),
     ("lora", None),
+    # Activation-only names: the embed / feature dim of activations stays whole.
+    ("act_embed", None),
 )
 
 
@@ -95,11 +105,17 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
   """A (data, fsdp, tensor) mesh over `devices` (default: all), Auto axis types."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_cfg.shape(len(devices))
+  arr = None
   if devices and devices[0].platform != "cpu":
     # Topology-aware device order for TPU/GPU (ICI neighbours share the inner axes).
+    # A tensor axis of 2 on a 4x4 torus splits a physical axis; allow that, and fall
+    # back to the plain device order when no assignment exists at all.
     from jax.experimental import mesh_utils
-    arr = mesh_utils.create_device_mesh(shape, devices)
-  else:
+    try:
+      arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (NotImplementedError, ValueError, AssertionError):
+      arr = None
+  if arr is None:
     arr = np.array(devices).reshape(shape)
   return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -159,6 +175,43 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings` (a restore target)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None) -> Iterator[None]:
+  """Makes `mesh` the context of `constrain` (jax.set_mesh); None: no-op."""
+  if mesh is None:
+    yield
+    return
+  with jax.set_mesh(mesh):
+    yield
+
+
+def with_mesh(fn: Callable[..., Any], mesh: Mesh | None) -> Callable[..., Any]:
+  """`fn` run (traced) with `mesh` as the abstract mesh, so `constrain` inside it takes
+  effect; jit the result. None: `fn` itself."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's sharding by its dims' logical names (RULES); no-op without a mesh.
+
+  The mesh is the one set with `use_mesh` / `jax.set_mesh` (e.g. around a jit
+  trace); plain calls outside any mesh return `x` unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return x
+  spec = logical_to_mesh(tuple(logical) + (None,) * (x.ndim - len(logical)), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_spec(ndim: int) -> PartitionSpec:

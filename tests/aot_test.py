@@ -97,6 +97,23 @@ def test_analytic_flops_agree_with_xla_on_an_unrolled_compile():
   assert 1.0 <= ratio < 1.2, ratio
 
 
+def test_per_chip_temporaries_do_not_grow_with_the_global_batch():
+  # One 128-token row per chip on an FSDP mesh of 2, then 8 devices: with the
+  # activations pinned to the batch axes (ir_jax.sharding.constrain) each chip
+  # holds only its own rows' logits; unconstrained, XLA replicated the batch
+  # around the LM head and loss (router step: 40 MiB on 2 chips, 108 MiB on 8).
+  temps = []
+  for n in (2, 8):
+    cfg = tiny_config()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
+    cfg.model.update(vocab_size=8192, hidden_size=256, intermediate_size=512, num_heads=8,
+                     num_kv_heads=4, head_dim=32)
+    cfg.data.batch_size, cfg.data.seq_len = n, 128
+    (r,) = aot.run(cfg, f"cpu:{n}", ["router"])
+    temps.append(r["temp_gib"])
+  assert temps[1] < 1.25 * temps[0], temps
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")

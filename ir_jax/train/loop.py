@@ -308,7 +308,7 @@ def evaluate(s: Settings, ms: ModelState, mesh: jax.sharding.Mesh,
   results: dict[str, Any] = {"split": data.eval_split, "seq_len": data.seq_len,
                              "policy": eval_spec.policy, "sparsity": eval_spec.sparsity}
   for name, spec in (("dense", None), ("routed", eval_spec)):
-    fn = jax.jit(steps.make_eval_step(ms.graphdef, spec),
+    fn = jax.jit(sh.with_mesh(steps.make_eval_step(ms.graphdef, spec), mesh),
                  in_shardings=(ms.shardings, batch_sh), out_shardings=rep)
     it = pipeline.make_iterator(data, data.eval_split, mode=PACK, shuffle=False, num_epochs=1,
                                 mesh=mesh, batch_axes=sh.BATCH_AXES, num_batches=num_batches,
@@ -424,7 +424,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
       f"steps x {sc.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
   batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
   loss_fn = steps.stage_loss_fn(stage, sc, s.routing, s.train.seed)
-  step_fn = jax.jit(steps.make_train_step(graphdef, loss_fn, tx),
+  step_fn = jax.jit(sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
                     in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
                     out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
   sched = steps.schedule(sc)
