@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
@@ -40,7 +39,7 @@ from ir_jax.routing import RoutingSpec
 from ir_jax.routing import flops as routed_flops
 from ir_jax.train import steps
 from ir_jax.train.config import STAGES, Settings, settings_from_config
-from ir_jax.train.loop import abstract_state
+from ir_jax.train.loop import abstract_state, jit_eval_step, jit_stage_step
 
 PROG = "ir_jax.aot"
 AOT_STAGES = STAGES + ("infer", "infer_dense")
@@ -211,25 +210,14 @@ def build_step(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
     spec = None if stage == "infer_dense" else dataclasses.replace(
         s.routing, mode="topk", gate="hard", compute="gathered")
     b, t = s.data.batch_size, s.data.seq_len
-    batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
-    fn = jax.jit(sh.with_mesh(steps.make_eval_step(graphdef, spec), mesh),
-                 in_shardings=(shardings, batch_sh), out_shardings=rep)
+    fn = jit_eval_step(graphdef, shardings, spec, mesh)
     args = (sh.with_shardings(abs_state, shardings), batch_structs(mesh, b, t))
     return Built(fn, args, b, t, spec, 0)
-  sc = s.train.stage(stage)
   data_cfg = s.stage_data(stage)
-  ttype = steps.TRAINABLE[stage]
-  graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, abs_state), ttype, ...)
-  tr_sh, fr_sh = nnx.split_state(shardings, ttype, ...)
-  tx = steps.optimizer(sc)
-  abs_opt = jax.eval_shape(tx.init, trainable)
-  opt_sh = optax.tree_map_params(tx, lambda _, s_: s_, abs_opt, tr_sh,
-                                 transform_non_params=lambda _: rep)
-  batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
-  loss_fn = steps.stage_loss_fn(stage, sc, s.routing, s.train.seed)
-  fn = jax.jit(sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
-               in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
-               out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
+  graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, abs_state),
+                                          steps.TRAINABLE[stage], ...)
+  st = jit_stage_step(s, stage, graphdef, trainable, shardings, mesh)
+  fn, abs_opt, opt_sh, tr_sh, fr_sh = st.fn, st.abs_opt, st.opt_sh, st.tr_sh, st.fr_sh
   b, t = data_cfg.batch_size, data_cfg.seq_len
   args = (sh.with_shardings(trainable, tr_sh), sh.with_shardings(abs_opt, opt_sh),
           sh.with_shardings(frozen, fr_sh), batch_structs(mesh, b, t),

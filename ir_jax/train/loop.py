@@ -297,19 +297,59 @@ def load_run_model(workdir: str) -> Llama:
   return nnx.merge(ms.graphdef, ms.state)
 
 
+# ------------------------------------------------------------ jitted steps
+def jit_eval_step(graphdef: Any, shardings: nnx.State, spec: RoutingSpec | None,
+                  mesh: jax.sharding.Mesh) -> Any:
+  """eval(state, batch) jitted for `mesh`: dense when `spec` is None (also used by ir_jax.aot)."""
+  return jax.jit(sh.with_mesh(steps.make_eval_step(graphdef, spec), mesh),
+                 in_shardings=(shardings, jax.sharding.NamedSharding(mesh, sh.batch_spec(2))),
+                 out_shardings=sh.replicated(mesh))
+
+
+@dataclasses.dataclass
+class StageStep:
+  """A stage's jitted train step and the shardings and optimizer it was built with."""
+
+  fn: Any  # (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics)
+  tx: optax.GradientTransformation
+  abs_opt: Any  # optimizer state as ShapeDtypeStructs
+  opt_sh: Any
+  tr_sh: nnx.State
+  fr_sh: nnx.State
+
+
+def jit_stage_step(s: Settings, stage: str, graphdef: Any, trainable: nnx.State,
+                   shardings: nnx.State, mesh: jax.sharding.Mesh) -> StageStep:
+  """The jitted, donating train step of `stage` (also used by ir_jax.aot).
+
+  `trainable` may be abstract; optimizer-state leaves shaped like a parameter
+  follow that parameter's sharding, the rest are replicated.
+  """
+  sc = s.train.stage(stage)
+  tr_sh, fr_sh = nnx.split_state(shardings, steps.TRAINABLE[stage], ...)
+  tx = steps.optimizer(sc)
+  abs_opt = jax.eval_shape(tx.init, trainable)
+  rep = sh.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s_: s_, abs_opt, tr_sh,
+                                 transform_non_params=lambda _: rep)
+  loss_fn = steps.stage_loss_fn(stage, sc, s.routing, s.train.seed)
+  batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
+  fn = jax.jit(sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
+               in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
+               out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
+  return StageStep(fn, tx, abs_opt, opt_sh, tr_sh, fr_sh)
+
+
 # ------------------------------------------------------------ evaluation
 def evaluate(s: Settings, ms: ModelState, mesh: jax.sharding.Mesh,
              num_batches: int) -> dict[str, Any]:
   """Held-out perplexity, dense and routed at the configured policy and sparsity."""
   data = s.data
   eval_spec = dataclasses.replace(s.routing, mode="topk", gate="hard", compute="gathered")
-  batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
-  rep = sh.replicated(mesh)
   results: dict[str, Any] = {"split": data.eval_split, "seq_len": data.seq_len,
                              "policy": eval_spec.policy, "sparsity": eval_spec.sparsity}
   for name, spec in (("dense", None), ("routed", eval_spec)):
-    fn = jax.jit(sh.with_mesh(steps.make_eval_step(ms.graphdef, spec), mesh),
-                 in_shardings=(ms.shardings, batch_sh), out_shardings=rep)
+    fn = jit_eval_step(ms.graphdef, ms.shardings, spec, mesh)
     it = pipeline.make_iterator(data, data.eval_split, mode=PACK, shuffle=False, num_epochs=1,
                                 mesh=mesh, batch_axes=sh.BATCH_AXES, num_batches=num_batches,
                                 prepare_if_missing=True)
@@ -391,16 +431,12 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
             "train_s": float((done["meta"] or {}).get("train_s", 0.0))}
 
   trainable_type = steps.TRAINABLE[stage]
-  tx = steps.optimizer(sc)
   it = pipeline.train_iterator(data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES,
                                prepare_if_missing=True)
   graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
-  tr_sh, fr_sh = nnx.split_state(ms.shardings, trainable_type, ...)
-  # Shardings of the optimizer state: parameter-shaped leaves follow their parameter.
-  abs_opt = jax.eval_shape(tx.init, trainable)
-  rep = sh.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s_: s_, abs_opt, tr_sh,
-                                 transform_non_params=lambda _: rep)
+  built = jit_stage_step(s, stage, graphdef, trainable, ms.shardings, mesh)
+  tx, abs_opt, opt_sh, tr_sh, fr_sh = (built.tx, built.abs_opt, built.opt_sh, built.tr_sh,
+                                       built.fr_sh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
 
   start, prior_s = 0, 0.0
@@ -422,11 +458,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   log(f"[{stage}] training {n_train:,} parameters ({trainable_type.__name__}) for {sc.steps} "
       f"steps x {sc.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
-  batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
-  loss_fn = steps.stage_loss_fn(stage, sc, s.routing, s.train.seed)
-  step_fn = jax.jit(sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
-                    in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
-                    out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
+  step_fn = built.fn
   sched = steps.schedule(sc)
   tokens_per_batch = data_cfg.batch_size * data_cfg.seq_len
 
@@ -589,8 +621,10 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
     stop.uninstall()
     writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as f:
+    tmp = os.path.join(workdir, "train_summary.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
       json.dump({"stages": summary["stages"]}, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "train_summary.json"))
   if s.train.eval_batches:
     t_eval = time.time()
     ev = evaluate(s, ms, mesh, s.train.eval_batches)
