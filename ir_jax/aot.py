@@ -104,8 +104,12 @@ def target_devices(topology: str, chips_per_host: tuple[int, int, int] = (2, 2, 
   from jax.experimental import topologies
 
   chip = over(CHIPS[kind])
-  # libtpu looks for a TPU VM's metadata; these keep it from probing a CPU machine.
+  # libtpu looks for a TPU VM's metadata and worker list, and takes a machine-wide
+  # lock file meant for processes that own real chips; none of that applies to a
+  # compile-only topology on a CPU machine (and a stale lock would refuse the run).
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                         chip_config_name=chip.chip_config,

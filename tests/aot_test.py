@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -146,3 +147,58 @@ def test_tpu_out_of_memory_message_is_read_as_does_not_fit():
          "temporaries (18.49G) exceeds available HBM (15.75G).")
   assert aot._oom(msg) == (18.49, 15.75)
   assert aot._oom("INTERNAL: something else") is None
+
+
+def _last_line(text: str) -> str:
+  lines = [l for l in text.splitlines() if l.strip()]
+  return lines[-1] if lines else ""
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_one_line_error():
+  r = _cli("--topology", "cpu:8", "--stage", "infer_dense", "--config.mesh.data=3",
+           "--config.mesh.fsdp=1")
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip() == _last_line(r.stderr)  # exactly one line
+  assert r.stderr.startswith("ir_jax.aot: error: mesh data=3xfsdp=1xtensor=1 needs 3 devices")
+
+
+def test_batch_that_does_not_divide_the_data_shards_is_a_one_line_error():
+  r = _cli("--topology", "cpu:8", "--stage", "infer_dense", "--config.mesh.data=-1",
+           "--config.mesh.fsdp=1", "--config.data.batch_size=6")
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip() == _last_line(r.stderr)
+  assert "batch size 6 is not divisible by the 8 data shards" in r.stderr
+
+
+NO_LIBTPU = ("libtpu is not installed (pip install 'ir_jax[tpu]'); TPU topologies cannot be "
+             "compiled for on this machine")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=NO_LIBTPU)
+
+
+@needs_libtpu
+def test_tiny_config_compiles_for_a_tpu_v5e_2x2_slice(tmp_path):
+  # libtpu's compiler, not the CPU's: 4 v5e chips on one host. The records must
+  # describe that target, and the analytic FLOPs must equal the cpu:8 compile's
+  # (same batch, same model), since they depend on shapes only.
+  out = tmp_path / "aot.jsonl"
+  r = _cli("--topology", "v5e:2x2", "--stage", "infer_dense,router", "--json", str(out))
+  assert r.returncode == 0, r.stderr[-2000:]
+  recs = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [x["stage"] for x in recs] == ["infer_dense", "router"]
+  cfg = tiny_config()
+  cfg.mesh.data, cfg.mesh.fsdp = 4, 1
+  ref = {x["stage"]: x for x in aot.run(cfg, "cpu:4", ["infer_dense", "router"])}
+  for x in recs:
+    assert x["chip"] == "TPU v5e" and x["chips"] == 4 and x["hosts"] == 1
+    assert x["fits"] is True and 0 < x["total_gib"] < x["hbm_gib"] == pytest.approx(16.0)
+    assert x["argument_gib"] > 0 and x["compile_s"] > 0
+    assert x["flops"] == ref[x["stage"]]["flops"]
+
+
+@needs_libtpu
+def test_topology_libtpu_does_not_know_is_a_user_error():
+  r = _cli("--topology", "v5e:3x7", "--stage", "infer_dense")
+  assert r.returncode == 2, r.stderr[-2000:]
+  # libtpu writes its own log lines to stderr first; ours is the last, and one line.
+  assert _last_line(r.stderr).startswith("ir_jax.aot: error: --topology v5e:3x7: libtpu refused")
+  assert "Traceback" not in r.stderr
