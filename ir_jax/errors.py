@@ -10,8 +10,10 @@ from ir_jax.config import ConfigError
 from ir_jax.convert.safetensors_io import SafetensorsError
 from ir_jax.convert.sources import WeightImportError
 from ir_jax.data.config import DataError
+from ir_jax.eval.estimators import EstimatorError
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, SafetensorsError, WeightImportError,
+USER_ERRORS = (ConfigError, CheckpointError, DataError, EstimatorError, SafetensorsError,
+               WeightImportError,
                FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 

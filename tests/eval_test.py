@@ -202,3 +202,77 @@ def test_user_errors(ckpt, tmp_path):
   assert p.stderr.strip().splitlines() == ["ir_jax.eval: error: unknown mode 'beam'; choose "
                                            "from topk,causal"]
   assert not os.path.exists(tmp_path / "x.json")
+
+
+# ------------------------------------------------------------- data shift (--target-mix)
+def test_target_mix_equal_to_the_calibration_mix_reproduces_the_measured_curve(ckpt, tmp_path):
+  # The 10 documents are 4 news, 3 science, 3 story: that mix gives weights of exactly 1.
+  result = run_eval(str(tmp_path / "shift.json"), "--model", ckpt, "--policy",
+                    "informed,dense", "--sparsity", "0.5", "--target-mix",
+                    "news=4,science=3,story=3", "--target-mix", "news=1",
+                    "--estimator", "truncated,self_normalized,lr")
+  est = result["shift"]["estimates"]
+  assert {e["method"] for e in est} == {"truncated", "self_normalized", "lr"}
+  same = [e for e in est if e["target_mix"] == "news=4,science=3,story=3"]
+  assert len(same) == 3 * 2  # 3 methods x (dense, informed 0.5)
+  for e in same:
+    assert e["perplexity"] == e["calibration_perplexity"], e
+    assert e["truncated_frac"] == 0 and e["ess"] == pytest.approx(10)
+  # news only, by hand from the per-document records: weights 2.5 on news, 0 elsewhere,
+  # below the Ionides boundary sqrt(10) * mean(w) = 3.16, so nothing is truncated and
+  # every ratio estimator is the news documents' pooled perplexity.
+  news = [i for i, d in enumerate(result["documents"]) if d["domain"] == "news"]
+  tok = sum(result["documents"][i]["tokens"] for i in news)
+  for e in (e for e in est if e["target_mix"] == "news=1"):
+    (r,) = [r for r in result["records"] if (r["policy"], r["sparsity"])
+            == (e["policy"], e["sparsity"])]
+    want = np.exp(sum(r["doc_nll"][i] for i in news) / tok)
+    assert e["perplexity"] == pytest.approx(want, rel=1e-12)
+    assert e["ess"] == pytest.approx(4) and e["truncated_frac"] == 0
+
+
+def test_shift_cli_on_a_saved_result(topk, tmp_path, capsys):
+  from ir_jax.eval import shift
+
+  src, result = topk
+  out = str(tmp_path / "est.json")
+  assert shift.main([src, "--target-mix", "science=1,story=1", "--estimator", "truncated",
+                     "--json", out]) == 0
+  with open(out, encoding="utf-8") as f:
+    est = json.load(f)
+  assert est["format"] == "ir_jax.eval.shift/1"
+  assert len(est["estimates"]) == len(result["records"])  # one mix x one method x settings
+  # science and story, 3 documents each: weights 5/3 on both, no news.
+  keep = [i for i, d in enumerate(result["documents"]) if d["domain"] != "news"]
+  tok = sum(result["documents"][i]["tokens"] for i in keep)
+  for e in est["estimates"]:
+    (r,) = [r for r in result["records"] if (r["policy"], r["sparsity"], r["mode"])
+            == (e["policy"], e["sparsity"], e["mode"])]
+    assert e["perplexity"] == pytest.approx(np.exp(sum(r["doc_nll"][i] for i in keep) / tok),
+                                            rel=1e-12)
+  assert "target mix science=1,story=1" in capsys.readouterr().out
+  if importlib.util.find_spec("matplotlib"):
+    with open(os.path.splitext(out)[0] + ".png", "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_target_mix_errors_are_one_line_and_come_before_the_evaluation(ckpt, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  base = [sys.executable, "-m", "ir_jax.eval", "--config", CONFIG, "--model", ckpt, "--data",
+          DOCS, "--json", str(tmp_path / "x.json")]
+  for extra, msg in [
+      (["--target-mix", "news=1,wiki=1"], "--target-mix news=1,wiki=1: target_mix gives weight "
+                                          "to domains ['wiki'] that have no calibration "
+                                          "records"),
+      (["--target-mix", "news=-1"], "--target-mix 'news=-1': weight of 'news' must be finite "
+                                    "and >= 0, got -1"),
+      (["--target-mix", "news"], "--target-mix 'news': expected domain=weight,..., got 'news'"),
+      (["--target-mix", "news=1", "--estimator", "magic"], "--estimator 'magic': choose from "
+                                                           "lr,self_normalized,truncated,psis")]:
+    p = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=120)
+    assert p.returncode == 2, p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith(f"ir_jax.eval: error: {msg}"), line
+    assert "loaded" not in p.stdout  # refused before the model was loaded
+  assert not os.path.exists(tmp_path / "x.json")

@@ -5,7 +5,10 @@
         --mode topk,causal --json runs/tiny/policies.json
 
 writes the JSON (records, per-document losses; see ir_jax.eval.evaluate), prints
-a table and writes a plot beside the JSON (same name, .png).
+a table and writes a plot beside the JSON (same name, .png). With
+`--target-mix news=0.8,wiki=0.2` (repeatable) it also estimates the curves on
+those domain mixes from the same per-document losses (ir_jax.eval.shift):
+printed, stored under "shift" in the JSON and plotted beside it (.shift.png).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import numpy as np
 from ir_jax.config import ConfigError
 from ir_jax.data.config import DataConfig, DataError, FileSpec
 from ir_jax.errors import cli_main
+from ir_jax.eval import estimators as es
+from ir_jax.eval import shift
 
 PROG = "ir_jax.eval"
 DEFAULT_POLICIES = "informed,greedy,random,oracle,dense"
@@ -143,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                  help="evaluate only the first N documents (default all)")
   p.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
   p.add_argument("--json", required=True, help="output JSON path; the plot goes beside it (.png)")
+  shift_group = p.add_argument_group(
+      "data shift", "estimate the curves on other domain mixes from this one evaluation "
+                    "(likelihood-ratio reweighting of the per-document losses; see "
+                    "docs/estimators.md); also `python -m ir_jax.eval.shift` on a saved JSON")
+  shift.add_arguments(shift_group)
   p.add_argument("--no-plot", action="store_true", help="do not write the .png plot")
   args = p.parse_args(argv)
 
@@ -150,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
   sparsities = _floats(args.sparsity)
   modes = _split_list(args.mode, "mode")
   from ir_jax.eval import evaluate as ev
+
+  mixes = [shift.parse_mix(t) for t in args.target_mix]
+  if mixes:
+    shift.parse_methods(args.estimator)
 
   todo = ev.settings(policies, sparsities, modes)
   for name in ("seq_len", "batch_size", "max_documents", "calibration_batches"):
@@ -193,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
   docs = ev.tokenize_documents(texts, tok, args.max_documents)
   if not docs:
     raise DataError(f"--data {data_desc}: no documents")
+  for text, mix in zip(args.target_mix, mixes):  # refused now, not after the evaluation
+    try:
+      es.domain_weights([d.domain for d in docs], mix)
+    except es.EstimatorError as e:
+      raise es.EstimatorError(f"--target-mix {text}: {e}") from None
 
   calibration = None
   calib_desc = None
@@ -254,18 +273,28 @@ def main(argv: list[str] | None = None) -> int:
             "data": data_desc, "tokenizer": dcfg.tokenizer, "calibration": calib_desc,
             "calibration_batches": args.calibration_batches if calib_desc else None,
             "domains": {d: sum(x.domain == d for x in docs) for d in domains}}
+  estimated = shift.from_args(result, args)
+  if estimated is not None:
+    result["shift"] = estimated
   os.makedirs(out_dir, exist_ok=True)
   tmp = args.json + ".partial"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
   os.replace(tmp, args.json)
   print(ev.table(result))
+  if estimated is not None:
+    print(shift.table(estimated))
   print(f"wrote {args.json}")
   if not args.no_plot:
     png = os.path.splitext(args.json)[0] + ".png"
     try:
       ev.plot(result, png, title=f"{os.path.basename(model_path)} on {data_desc}")
       print(f"wrote {png}")
+      if estimated is not None:
+        png = os.path.splitext(args.json)[0] + ".shift.png"
+        shift.plot(result, estimated, png, title=f"{os.path.basename(model_path)}: estimated "
+                                                 "curves on the target mixes")
+        print(f"wrote {png}")
     except ImportError:
       print(f"{PROG}: matplotlib is not installed (pip install 'ir_jax[eval]'); no plot",
             file=sys.stderr)

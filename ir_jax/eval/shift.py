@@ -1,0 +1,259 @@
+"""Perplexity-vs-sparsity curves for other data mixes, estimated from one evaluation.
+
+An `ir_jax.eval` result holds, for every setting (mode, policy, sparsity), the summed
+NLL of every evaluated document and the document's domain. For a target mix
+p(domain) the documents are reweighted by w_i = p(domain_i) / q(domain_i), q the
+empirical domain frequency of the evaluated (calibration) documents, and the
+target-mix perplexity is estimated with the likelihood-ratio estimators of
+`ir_jax.eval.estimators` (ratio form: weighted NLL over weighted tokens).
+
+    python -m ir_jax.eval ... --json calib.json --target-mix news=0.8,shakespeare=0.2
+    python -m ir_jax.eval.shift calib.json --target-mix news=0.8,shakespeare=0.2 \\
+        --target-mix wiki=1 --estimator truncated,self_normalized --json shift.json
+
+The second form reads an existing result, runs no model and writes the estimates
+(and a plot beside --json). A target mix equal to the calibration mix gives
+weights of exactly 1 and reproduces the measured curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from ir_jax.config import ConfigError
+from ir_jax.eval import estimators as es
+
+PROG = "ir_jax.eval.shift"
+DEFAULT_METHODS = "truncated,self_normalized,lr"
+
+
+def parse_mix(text: str) -> dict[str, float]:
+  """'news=0.8,wiki=0.2' -> {'news': 0.8, 'wiki': 0.2} (weights are normalised later)."""
+  mix: dict[str, float] = {}
+  for part in (p.strip() for p in text.split(",")):
+    if not part:
+      continue
+    name, eq, value = part.partition("=")
+    name = name.strip()
+    if not eq or not name:
+      raise ConfigError(f"--target-mix {text!r}: expected domain=weight,..., got {part!r}")
+    try:
+      w = float(value)
+    except ValueError:
+      raise ConfigError(f"--target-mix {text!r}: weight of {name!r} is not a number: "
+                        f"{value.strip()!r}") from None
+    if not math.isfinite(w) or w < 0:
+      raise ConfigError(f"--target-mix {text!r}: weight of {name!r} must be finite and >= 0, "
+                        f"got {value.strip()}")
+    if name in mix:
+      raise ConfigError(f"--target-mix {text!r}: domain {name!r} given twice")
+    mix[name] = w
+  if not mix:
+    raise ConfigError("--target-mix is empty; expected domain=weight,...")
+  if sum(mix.values()) <= 0:
+    raise ConfigError(f"--target-mix {text!r}: weights sum to 0")
+  return mix
+
+
+def parse_methods(text: str) -> list[str]:
+  methods = [m.strip() for m in text.split(",") if m.strip()]
+  bad = [m for m in methods if m not in es.METHODS]
+  if not methods or bad:
+    raise ConfigError(f"--estimator {text!r}: choose from {','.join(es.METHODS)}")
+  return methods
+
+
+def _settings(result: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]], np.ndarray]]:
+  """(mode, records, loss sums [R, n]) per routing mode; dense only under the first mode."""
+  from ir_jax.eval.evaluate import doc_losses
+
+  out = []
+  seen_dense = False
+  modes = list(dict.fromkeys(r["mode"] for r in result["records"] if r["policy"] != "dense"))
+  for mode in modes or ["topk"]:
+    _, recs, losses, _ = doc_losses(result, mode)
+    keep = [i for i, r in enumerate(recs) if r["policy"] != "dense" or not seen_dense]
+    seen_dense = seen_dense or any(r["policy"] == "dense" for r in recs)
+    out.append((mode, [recs[i] for i in keep], losses[keep]))
+  return out
+
+
+def estimate_curves(result: dict[str, Any], mixes: Sequence[tuple[str, dict[str, float]]],
+                    methods: Sequence[str] = ("truncated",), *, tau: str | float = "ionides",
+                    c: float = 1.0, beta: float = 0.5) -> dict[str, Any]:
+  """Estimated target-mix perplexity of every setting of `result`, per mix and method.
+
+  Returns {"calibration_mix", "methods", "tau", "estimates": [one dict per (mix, method,
+  setting)]}; an estimate carries the setting's calibration perplexity beside it.
+  """
+  domains = [d["domain"] for d in result["documents"]]
+  tokens = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
+  calib = es.empirical_mix(domains)
+  groups = _settings(result)
+  rows = []
+  for label, mix in mixes:
+    for method in methods:
+      for mode, recs, losses in groups:
+        if not recs:
+          continue
+        m = es.mix_perplexity(domains, losses, tokens, mix, method=method, tau=tau, c=c,
+                              beta=beta)
+        for i, r in enumerate(recs):
+          pick = lambda a: None if a is None else float(np.asarray(a).reshape(-1)[
+              i if np.size(a) > 1 else 0])
+          rows.append({
+              "target_mix": label, "mix": mix, "method": method, "mode": mode,
+              "policy": r["policy"], "sparsity": r["sparsity"],
+              "realized_sparsity": r["realized_sparsity"],
+              "calibration_perplexity": r["perplexity"],
+              "perplexity": pick(m.perplexity), "perplexity_se": pick(m.perplexity_se),
+              "ess": pick(m.ess), "truncated_frac": pick(m.truncated_frac),
+              "tau": pick(m.tau), "pareto_k": pick(m.pareto_k), "n": m.n})
+  return {"calibration_mix": calib, "documents": len(domains), "methods": list(methods),
+          "tau": {"rule": tau, "c": c, "beta": beta}, "estimates": rows}
+
+
+def table(shift: dict[str, Any]) -> str:
+  """The estimates as a console table, one block per target mix."""
+  calib = ", ".join(f"{d}={p:.3f}" for d, p in sorted(shift["calibration_mix"].items()))
+  lines = [f"calibration mix ({shift['documents']} documents): {calib}"]
+  head = (f"{'method':16s} {'mode':6s} {'policy':8s} {'sparsity':>8s} {'calib ppl':>10s} "
+          f"{'target ppl':>10s} {'+-se':>8s} {'ess':>7s} {'trunc':>6s}")
+  for label in dict.fromkeys(e["target_mix"] for e in shift["estimates"]):
+    lines += ["", f"target mix {label}", head, "-" * len(head)]
+    for e in shift["estimates"]:
+      if e["target_mix"] == label:
+        lines.append(f"{e['method']:16s} {e['mode']:6s} {e['policy']:8s} {e['sparsity']:8.2f} "
+                     f"{e['calibration_perplexity']:10.4f} {e['perplexity']:10.4f} "
+                     f"{e['perplexity_se']:8.3f} {e['ess']:7.1f} {e['truncated_frac']:6.3f}")
+  return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], shift: dict[str, Any], path: str, title: str = "") -> str:
+  """One panel per target mix: measured calibration curves (solid) and estimates (dashed)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  labels = list(dict.fromkeys(e["target_mix"] for e in shift["estimates"]))
+  n = max(len(labels), 1)
+  fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False, sharey=True)
+  policies = list(dict.fromkeys(r["policy"] for r in result["records"] if r["policy"] != "dense"))
+  dense = next((r["perplexity"] for r in result["records"] if r["policy"] == "dense"), None)
+  styles = {"truncated": "--", "self_normalized": ":", "lr": "-.", "psis": (0, (1, 3))}
+  for ax, label in zip(axes[0], labels):
+    for k, policy in enumerate(policies):
+      color = f"C{k}"
+      pts = sorted((r["realized_sparsity"], r["perplexity"]) for r in result["records"]
+                   if r["policy"] == policy and r["mode"] == "topk")
+      if pts:
+        ax.plot(*zip(*pts), color=color, marker="o", label=f"{policy} measured (calibration)")
+      for method in shift["methods"]:
+        est = sorted((e["realized_sparsity"], e["perplexity"]) for e in shift["estimates"]
+                     if e["target_mix"] == label and e["method"] == method
+                     and e["policy"] == policy and e["mode"] == "topk")
+        if est:
+          ax.plot(*zip(*est), color=color, linestyle=styles.get(method, "--"), marker="x",
+                  label=f"{policy} {method}")
+    if dense is not None:
+      ax.axhline(dense, color="gray", linewidth=1, label=f"dense (calibration) {dense:.3g}")
+    ax.set_title(f"target {label}", fontsize=9)
+    ax.set_xlabel("realized sparsity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0][0].set_ylabel("perplexity")
+  axes[0][0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--target-mix", action="append", default=[], metavar="DOMAIN=W,...",
+                 help="a target data mix (weights normalised to 1; repeat for several); "
+                      "every domain with weight > 0 must occur in the evaluated documents")
+  p.add_argument("--estimator", default=DEFAULT_METHODS,
+                 help=f"comma-separated estimators of {','.join(es.METHODS)} (default "
+                      f"{DEFAULT_METHODS})")
+  p.add_argument("--tau", default="ionides",
+                 help="truncation boundary of the truncated estimator: ionides "
+                      "(c sqrt(n) mean w), power (c n^beta mean w) or a number (default "
+                      "ionides)")
+  p.add_argument("--tau-c", type=float, default=1.0, help="c of the tau rule (default 1)")
+  p.add_argument("--tau-beta", type=float, default=0.5, help="beta of the power rule "
+                                                              "(default 0.5)")
+
+
+def from_args(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
+  """The estimates the parsed `add_arguments` options ask for, or None without --target-mix."""
+  if not args.target_mix:
+    return None
+  mixes = [(t.replace(" ", ""), parse_mix(t)) for t in args.target_mix]
+  methods = parse_methods(args.estimator)
+  tau: str | float = args.tau
+  if tau not in es.TAU_RULES:
+    try:
+      tau = float(tau)
+    except ValueError:
+      raise ConfigError(f"--tau {args.tau!r}: expected {' or '.join(es.TAU_RULES)} or a "
+                        "number") from None
+  return estimate_curves(result, mixes, methods, tau=tau, c=args.tau_c, beta=args.tau_beta)
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m ir_jax.eval.shift",
+      description="Estimated perplexity-vs-sparsity curves for other domain mixes from an "
+                  "existing `python -m ir_jax.eval` JSON (its per-document losses and "
+                  "domains); runs no model.")
+  p.add_argument("result", metavar="EVAL_JSON", help="a JSON written by python -m ir_jax.eval")
+  add_arguments(p)
+  p.add_argument("--json", default=None, help="write the estimates here (plot beside it, .png)")
+  p.add_argument("--no-plot", action="store_true", help="do not write the .png plot")
+  args = p.parse_args(argv)
+  if not args.target_mix:
+    raise ConfigError("give at least one --target-mix domain=weight,...")
+  if not os.path.isfile(args.result):
+    raise FileNotFoundError(f"{args.result}: no such file")
+  with open(args.result, encoding="utf-8") as f:
+    try:
+      result = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{args.result}: not JSON ({e})") from None
+  if not isinstance(result, dict) or not str(result.get("format", "")).startswith("ir_jax.eval/"):
+    raise ConfigError(f"{args.result}: not an ir_jax.eval result (no 'format': 'ir_jax.eval/1')")
+  shift = from_args(result, args)
+  print(table(shift))
+  if args.json:
+    out = {"format": "ir_jax.eval.shift/1", "source": os.path.abspath(args.result), **shift}
+    tmp = args.json + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=1)
+    os.replace(tmp, args.json)
+    print(f"wrote {args.json}")
+    if not args.no_plot:
+      png = os.path.splitext(args.json)[0] + ".png"
+      try:
+        plot(result, shift, png, title=f"estimated from {os.path.basename(args.result)}")
+        print(f"wrote {png}")
+      except ImportError:
+        print(f"{PROG}: matplotlib is not installed (pip install 'ir_jax[eval]'); no plot",
+              file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  from ir_jax.errors import cli_main
+
+  cli_main(main, PROG)
