@@ -38,7 +38,7 @@ from ir_jax.data.config import DataError
 from ir_jax.data.packing import PACK
 from ir_jax.model import Llama
 from ir_jax.routing import RoutingSpec, calibrate_thresholds
-from ir_jax.train import steps
+from ir_jax.train import integrity, steps
 from ir_jax.train.config import Settings
 from ir_jax.train.metrics import MetricWriter, console_line
 
@@ -270,6 +270,28 @@ def restore_adapters(mgr: ocp.CheckpointManager, step: int, target: nnx.State) -
   return out["adapters"]
 
 
+def _restore_whole(mgr: ocp.CheckpointManager, directory: str, restore: Callable[[int], Any], *,
+                   quarantine: bool) -> tuple[int, Any] | None:
+  """The newest checkpoint step that is whole (integrity record and orbax agree), restored.
+
+  Damaged newer steps are logged (and, with `quarantine`, moved aside by process 0);
+  when every step is damaged a CheckpointError says so and nothing is moved.
+  """
+  try:
+    return integrity.restore_newest_whole(
+        list(mgr.all_steps()), directory, restore, log,
+        quarantine=quarantine and jax.process_index() == 0)
+  except integrity.DamagedCheckpoint as e:
+    raise model_ckpt.CheckpointError(str(e)) from None
+
+
+def _record(mgr: ocp.CheckpointManager, directory: str, step: int) -> None:
+  """Integrity record of committed step `step` (process 0); prunes records of deleted steps."""
+  if jax.process_index() == 0:
+    integrity.write_record(directory, step)
+    integrity.prune_records(directory, set(mgr.all_steps()))
+
+
 def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelState:
   """The model a finished (or interrupted) run produced: base + its newest adapters."""
   meta = read_run(workdir)
@@ -283,12 +305,14 @@ def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelStat
     if not os.path.isdir(d):
       continue
     mgr = _manager(d)
-    latest = mgr.latest_step()
-    if latest is not None:
-      replace_adapters(ms, restore_adapters(mgr, latest, adapter_target(ms)))
+    try:
+      found = _restore_whole(mgr, d, lambda n: restore_adapters(mgr, n, adapter_target(ms)),
+                             quarantine=False)
+    finally:
       mgr.close()
+    if found is not None:
+      replace_adapters(ms, found[1])
       break
-    mgr.close()
   return ms
 
 
@@ -418,34 +442,60 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   sc = s.train.stage(stage)
   total = sc.steps * sc.grad_accum  # batches
   data_cfg = s.stage_data(stage)
-  mgr = _manager(stage_dir(workdir, stage), s.train.keep_checkpoints, s.train.async_checkpoints)
-  latest = mgr.latest_step()
+  sdir = stage_dir(workdir, stage)
+  mgr = _manager(sdir, s.train.keep_checkpoints, s.train.async_checkpoints)
   adapters_target = adapter_target(ms)
+  trainable_type = steps.TRAINABLE[stage]
+  graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
+  lazy: dict[str, Any] = {}  # iterator and compiled step, built only when training is left
+
+  def prepare() -> tuple[Any, Any]:
+    if not lazy:
+      lazy["it"] = pipeline.train_iterator(data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES,
+                                           prepare_if_missing=True)
+      lazy["built"] = jit_stage_step(s, stage, graphdef, trainable, ms.shardings, mesh)
+    return lazy["it"], lazy["built"]
+
+  def restore(n: int) -> dict[str, Any]:
+    if n >= total:  # a finished stage: its adapters are all that is needed
+      return mgr.restore(n, args=ocp.args.Composite(
+          adapters=ocp.args.StandardRestore(adapters_target), meta=ocp.args.JsonRestore()))
+    it_, built_ = prepare()
+    return mgr.restore(n, args=ocp.args.Composite(
+        adapters=ocp.args.StandardRestore(adapters_target),
+        opt_state=ocp.args.StandardRestore(sh.with_shardings(built_.abs_opt, built_.opt_sh)),
+        data=_grain_restore(it_), meta=ocp.args.JsonRestore()))
+
+  t0 = time.time()
+  on_disk = list(mgr.all_steps())
+  try:
+    found = _restore_whole(mgr, sdir, restore, quarantine=True)
+  except BaseException:
+    if lazy:
+      lazy["it"].close()
+    mgr.close()
+    raise
+  if found is not None and any(n > found[0] for n in on_disk):  # newer, damaged steps moved
+    _barrier(f"quarantine-{stage}")
+    mgr.close()
+    mgr = _manager(sdir, s.train.keep_checkpoints, s.train.async_checkpoints)
+  latest, restored = found if found is not None else (None, None)
   if latest is not None and latest >= total:
-    done = mgr.restore(latest, args=ocp.args.Composite(
-        adapters=ocp.args.StandardRestore(adapters_target), meta=ocp.args.JsonRestore()))
-    replace_adapters(ms, done["adapters"])
+    replace_adapters(ms, restored["adapters"])
+    if lazy:
+      lazy["it"].close()
     mgr.close()
     log(f"[{stage}] already finished ({latest} batches); restored its result")
     return {"stage": stage, "resumed_from": latest, "steps_run": 0,
-            "train_s": float((done["meta"] or {}).get("train_s", 0.0))}
+            "train_s": float((restored["meta"] or {}).get("train_s", 0.0))}
 
-  trainable_type = steps.TRAINABLE[stage]
-  it = pipeline.train_iterator(data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES,
-                               prepare_if_missing=True)
-  graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
-  built = jit_stage_step(s, stage, graphdef, trainable, ms.shardings, mesh)
+  it, built = prepare()
   tx, abs_opt, opt_sh, tr_sh, fr_sh = (built.tx, built.abs_opt, built.opt_sh, built.tr_sh,
                                        built.fr_sh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
 
   start, prior_s = 0, 0.0
   if latest is not None:
-    t0 = time.time()
-    restored = mgr.restore(latest, args=ocp.args.Composite(
-        adapters=ocp.args.StandardRestore(adapters_target),
-        opt_state=ocp.args.StandardRestore(sh.with_shardings(abs_opt, opt_sh)),
-        data=_grain_restore(it), meta=ocp.args.JsonRestore()))
     prior_s = float((restored["meta"] or {}).get("train_s", 0.0))
     replace_adapters(ms, restored["adapters"])
     graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
@@ -462,7 +512,15 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   sched = steps.schedule(sc)
   tokens_per_batch = data_cfg.batch_size * data_cfg.seq_len
 
+  pending: list[int] = []  # saved steps still without an integrity record
+
+  def record_pending() -> None:
+    mgr.wait_until_finished()  # orbax waits for a running save before the next one anyway
+    while pending:
+      _record(mgr, sdir, pending.pop(0))
+
   def save(step: int) -> None:
+    record_pending()
     adapters, _ = nnx.split_state(nnx.merge_state(trainable, frozen), steps.ADAPTERS, ...)
     # train_s: wall seconds spent in this stage's steps so far, over all resumes.
     meta = {"stage": stage, "step": step, "total": total, "config": s.raw,
@@ -470,6 +528,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
     mgr.save(step, args=ocp.args.Composite(
         adapters=ocp.args.StandardSave(adapters), opt_state=ocp.args.StandardSave(opt_state),
         data=_grain_save(it), meta=ocp.args.JsonSave(meta)), force=True)
+    pending.append(step)
 
   t_begin = t_last = time.time()
   n_last = start
@@ -512,9 +571,9 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
       if step % s.train.checkpoint_every == 0 or step == total or stop_now:
         save(step)
       if stop_now and step < total:
-        mgr.wait_until_finished()
+        record_pending()
         raise Preempted(stage, step)
-    mgr.wait_until_finished()
+    record_pending()
   finally:
     it.close()
     mgr.close()
