@@ -211,6 +211,14 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
       out = forecast.at[jnp.arange(b)[:, None], idx].set(u_sel.astype(forecast.dtype))
       out = constrain(out, BxTxD)
     importance = jnp.zeros((), f32)
+  elif spec.mode == "causal" and spec.compute == "gathered" and t == 1 and u_all is None:
+    # A decode step: run the unit only when some row's token passes its
+    # threshold (lax.cond executes one branch), so a skipped unit costs its
+    # forecast and router alone. With one row this is exact per-token skipping.
+    out = jax.lax.cond(jnp.any(gate),
+                       lambda: jnp.where(gate[..., None], unit_fn(None, n_BxTxD), forecast),
+                       lambda: forecast)
+    importance = jnp.zeros((), f32)
   else:
     if u_all is None:
       u_all = unit_fn(None, n_BxTxD)
@@ -357,13 +365,14 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict[str, Array]:
   return dict(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype))
 
 
-@nnx.jit(static_argnames=("spec",))
-def decode_step(model: Llama, cache: dict[str, Array], token_B: Array, pos: Array,
+def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Array,
                 spec: RoutingSpec) -> tuple[Array, dict[str, Array], Array]:
   """One token per row at position `pos`: (logits_BxV, new cache, exec gates [L, 2, B]).
 
   Keys and values are written for every token; each unit executes iff the
-  token's score passes its calibrated threshold (causal mode).
+  token's score passes its calibrated threshold (causal mode), and a unit no
+  row executes is not computed. Not jitted: `decode_step` is its jitted form;
+  call this one inside a larger jitted loop (e.g. a `lax.scan` over steps).
   """
   if spec.mode != "causal" and spec.policy != "dense":
     raise ConfigError("decode_step routes causally: pass a spec with mode='causal'")
@@ -383,6 +392,9 @@ def decode_step(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
   per = (jnp.arange(model.config.num_layers), cache["k"], cache["v"])
   x, (ks, vs, gates) = model.run_layers(layer_fn, x, per)
   return model.logits(x)[:, 0], dict(k=ks, v=vs), gates
+
+
+decode_step = nnx.jit(decode_body, static_argnames=("spec",))
 
 
 def generate(model: Llama, prompt_BxT: Array, max_new_tokens: int,

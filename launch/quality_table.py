@@ -940,7 +940,8 @@ def _budget(arms_: dict[str, Any], stage: str, o: dict[str, Any]) -> str:
   return f"{steps_} steps of {rows[0]} x {rows[1]} tokens"
 
 
-def markdown(results: dict[str, Any], png: str | None) -> str:
+def markdown(results: dict[str, Any], png: str | None, reading: str | None = None,
+             shift: str | None = None) -> str:
   o = results["options"]
   g = results["git"]
   arms_ = results["arms"]
@@ -1007,7 +1008,16 @@ def markdown(results: dict[str, Any], png: str | None) -> str:
             c["driver"] or "python launch/quality_table.py", "```", "",
             "What it ran, in order (logs under the runs directory's logs/):", "", "```bash"]
   lines += [s["command"] for s in c["steps"]]
-  lines += ["```", "", "## Reading", "",
+  lines += ["```", ""]
+  if shift:
+    lines += ["## Quality under data shift", "",
+              "From `launch/shift_experiment.py` (its own page: `shift.md`, plot `shift.png`); "
+              "estimators described in `estimators.md`.", "", shift.strip(), "",
+              "![estimated vs measured](shift.png)", ""]
+  if reading:
+    lines += ["## Reading", "", reading.strip(), ""]
+    return "\n".join(lines)
+  lines += ["## Reading", "",
             "**To be written from the numbers above.** This section is a placeholder: the "
             "analysis (does informed routing without LoRA match or beat greedy routing, with "
             "or without LoRA, at each sparsity, in and out of the training domains, and at "
@@ -1027,9 +1037,17 @@ def write_report(results_path: str, out_dir: str) -> list[str]:
     plot(results, png)
   except ImportError:
     png = None
+  # Hand-written parts kept across rebuilds: the reading of the numbers, and the
+  # data-shift section that launch/shift_experiment.py writes.
+  extra = {}
+  for key, name in (("reading", "results_reading.md"), ("shift", "shift.md")):
+    path = os.path.join(out_dir, name)
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        extra[key] = f.read()
   md = os.path.join(out_dir, "results.md")
   with open(md, "w", encoding="utf-8") as f:
-    f.write(markdown(results, png))
+    f.write(markdown(results, png, **extra))
   return [md] + ([png] if png else [])
 
 

@@ -1,0 +1,601 @@
+"""`python -m ir_jax.bench`: is routed inference really faster, and how close to the FLOP limit?
+
+    python -m ir_jax.bench --preset wide --sparsity 0.25,0.4,0.7 --reps 5 --json bench.json
+    python -m ir_jax.bench --config configs/llama7b.py --tpu v5e:4x4      # the TPU view
+
+In one process, on random weights (nothing is downloaded; routing executes its
+static capacity whatever the router has learned), it times:
+  prefill  dense, routed (informed, gathered top-k) at each sparsity, and the
+           same routed model executed the mask way (every unit computed and
+           mixed by the mask, as the reference implementation does);
+  decode   KV-cache decoding (`ir_jax.routing.decode_body` under one jitted
+           `lax.scan` over steps), dense and routed with calibrated thresholds.
+Every variant is compiled ahead of time, warmed up, then timed in interleaved
+rounds (dense, routed..., mask..., decode...; repeat) so that load from other
+processes hits every variant alike. It reports median and spread of the
+times, speedup over dense, the ideal speedup from the executed-FLOPs fraction
+(`ir_jax.routing.flops`: units run + forecasters + routers) and their ratio
+(efficiency), and XLA's memory analysis of each compiled program.
+
+`--tpu TOPOLOGY` instead compiles the dense and routed inference steps of
+`ir_jax.aot` for a TPU slice (libtpu) or `cpu:N` and compares XLA's cost
+analysis of the two (see `tpu_view`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ir_jax import routing as R
+from ir_jax.config import ConfigError, LlamaConfig, from_config_dict
+from ir_jax.model import Llama, init_model
+
+Array = jax.Array
+PROG = "ir_jax.bench"
+DEFAULT_SPARSITIES = "0.25,0.4,0.7"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A Llama where the matmuls dominate: wide MLP, GQA, few layers, short vocabulary.
+WIDE = dict(vocab_size=4096, hidden_size=2048, intermediate_size=8192, num_layers=4,
+            num_heads=16, num_kv_heads=4, head_dim=128, rope_theta=10_000.0,
+            max_position_embeddings=4096, tie_word_embeddings=False, dtype="float32",
+            param_dtype="float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A model (a configs/*.py file or a dict of LlamaConfig fields) and the shapes to time."""
+
+  model: str | dict[str, Any]
+  batch: int
+  seq_len: int
+  decode_steps: int
+
+
+PRESETS = {
+    "tiny": Preset("configs/tiny.py", 2, 64, 8),
+    "smollm2-512": Preset("configs/smollm2_135m.py", 1, 512, 32),
+    "smollm2-2048": Preset("configs/smollm2_135m.py", 1, 2048, 32),
+    "wide": Preset(WIDE, 1, 512, 32),
+}
+
+
+# ------------------------------------------------------------------ model
+def load_model_config(path: str) -> LlamaConfig:
+  """The `model` section of a configs/*.py file (relative paths also tried from the repo)."""
+  from ir_jax.eval.__main__ import load_config
+
+  if not os.path.isfile(path) and os.path.isfile(os.path.join(REPO, path)):
+    path = os.path.join(REPO, path)
+  return from_config_dict(load_config(path).model)
+
+
+@dataclasses.dataclass
+class Variant:
+  """One compiled program to time, and what to report about it."""
+
+  name: str
+  kind: str  # "prefill" or "decode"
+  sparsity: float | None
+  execution: str  # "dense", "gathered", "mask" or "threshold"
+  fn: Callable[..., Any]
+  args: tuple[Any, ...]
+  tokens: int
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  times: list[float] = dataclasses.field(default_factory=list)
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+  """XLA's buffer assignment of a compiled program (bytes); peak = arguments + outputs
+  (less aliased) + temporaries: deterministic, and what bounds the device memory."""
+  ma = compiled.memory_analysis()
+  get = lambda n: int(getattr(ma, n, 0) or 0) if ma is not None else 0
+  arg, out = get("argument_size_in_bytes"), get("output_size_in_bytes")
+  alias, temp = get("alias_size_in_bytes"), get("temp_size_in_bytes")
+  return dict(argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
+              peak_bytes=arg + out - alias + temp)
+
+
+_HLO_OPS = ("dot", "gather", "scatter", "dynamic-slice", "dynamic-update-slice", "conditional",
+            "while", "sort", "custom-call")
+
+
+def hlo_counts(hlo_text: str) -> dict[str, int]:
+  """How many instructions of each kind in a compiled module (a scanned body counts once)."""
+  return {op: len(re.findall(rf"^\s*(?:ROOT )?%?\S+ = .* {re.escape(op)}\(", hlo_text, re.M))
+          for op in _HLO_OPS}
+
+
+def _compile(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  info: dict[str, Any] = dict(compile_s=time.perf_counter() - t0, memory=_memory(compiled))
+  try:
+    info["hlo"] = hlo_counts(compiled.as_text())
+  except Exception:  # as_text is a debugging aid some backends lack
+    pass
+  return compiled, info
+
+
+def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
+                   sparsities: Sequence[float], *, k_multiple: int = 8, mask: bool = True,
+                   decode: bool = True, seed: int = 0) -> list[Variant]:
+  """Every program to time, compiled, with its inputs (random tokens)."""
+  cfg = model.config
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32)
+  graphdef, state = nnx.split(model)
+  out: list[Variant] = []
+
+  def prefill(spec: R.RoutingSpec | None) -> Callable[..., Any]:
+    return lambda st, t: nnx.merge(graphdef, st)(t, routing=spec)
+
+  def add(name, kind, s, execution, fn, args, n_tokens, **info):
+    compiled, cinfo = _compile(fn, args)
+    out.append(Variant(name, kind, s, execution, compiled, args, n_tokens, {**info, **cinfo}))
+
+  n_prefill = batch * seq_len
+  dense_fl = R.flops(cfg, R.RoutingSpec(policy="dense"), seq_len, batch)
+  add("prefill/dense", "prefill", None, "dense", prefill(None), (state, tokens), n_prefill,
+      flops=dense_fl["dense"], executed_fraction=1.0, ideal_fraction=1.0, realized_sparsity=0.0)
+  for s in sparsities:
+    spec = R.RoutingSpec(policy="informed", sparsity=s, k_multiple=k_multiple)
+    fl = R.flops(cfg, spec, seq_len, batch)
+    ks = R._layer_ks(spec, cfg, seq_len)
+    common = dict(realized_sparsity=float(1.0 - ks.mean() / seq_len),
+                  ideal_fraction=fl["ideal_fraction"])
+    add(f"prefill/routed@{s:g}", "prefill", s, "gathered", prefill(spec), (state, tokens),
+        n_prefill, flops=fl["executed"], executed_fraction=fl["executed_fraction"], **common)
+    if mask:
+      mspec = dataclasses.replace(spec, compute="all")
+      mfl = R.flops(cfg, mspec, seq_len, batch)
+      add(f"prefill/mask@{s:g}", "prefill", s, "mask", prefill(mspec), (state, tokens),
+          n_prefill, flops=mfl["executed"], executed_fraction=mfl["executed_fraction"], **common)
+  if decode:
+    out += _decode_variants(model, tokens, decode_steps, sparsities, seed)
+  return out
+
+
+def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Sequence[float],
+                     seed: int) -> list[Variant]:
+  """KV-cache decoding of `steps` tokens per row into a cache of T positions.
+
+  The steps are teacher-forced with the prompt's own (random) tokens, so the
+  routers see the distribution the thresholds were calibrated on; a step
+  costs the same whatever the token. Thresholds: `calibrate_thresholds` on
+  other random rows, one set per sparsity (the model state differs only there).
+  """
+  cfg = model.config
+  b, t = tokens_BxT.shape
+  if not 1 <= steps <= t:
+    raise ConfigError(f"--decode-steps must be in [1, seq_len={t}], got {steps}")
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(seed + 1)
+  feed_BxN = tokens_BxT[:, :steps]
+
+  def run(spec: R.RoutingSpec) -> Callable[..., Any]:
+    def fn(st, feed_BxN):
+      m = nnx.merge(graphdef, st)
+      cache = R.init_cache(cfg, b, t)
+
+      def step(cache, i):
+        logits, cache, gates = R.decode_body(m, cache, feed_BxN[:, i], i, spec)
+        return cache, (jnp.argmax(logits, -1), gates)
+
+      _, (ids, gates) = jax.lax.scan(step, cache, jnp.arange(feed_BxN.shape[1]))
+      return ids, gates  # gates [N, L, 2, B]
+    return fn
+
+  n = b * steps
+  out = []
+  dense_spec = R.RoutingSpec(policy="dense")
+  compiled, info = _compile(run(dense_spec), (state, feed_BxN))
+  out.append(Variant("decode/dense", "decode", None, "dense", compiled, (state, feed_BxN), n,
+                     dict(info, executed_fraction=1.0, ideal_fraction=1.0)))
+  for s in sparsities:
+    spec = R.RoutingSpec(policy="informed", sparsity=s, mode="causal")
+    calib = [jnp.asarray(rng.integers(0, cfg.vocab_size, (max(b, 2), t)), jnp.int32)]
+    thr = R.calibrate_thresholds(model, calib, spec)
+    # New containers around the same arrays: this sparsity's thresholds stay put
+    # when the next calibration writes the model's.
+    st = jax.tree.map(lambda a: a, nnx.state(model))
+    compiled, info = _compile(run(spec), (st, feed_BxN))
+    out.append(Variant(f"decode/routed@{s:g}", "decode", s, "threshold", compiled,
+                       (st, feed_BxN), n, dict(info, thresholds=thr.tolist())))
+  return out
+
+
+# ------------------------------------------------------------------ timing
+def time_variants(variants: Sequence[Variant], reps: int, warmup: int,
+                  log: Callable[[str], None] = lambda _: None) -> None:
+  """Warm-up, then `reps` interleaved rounds over all variants; appends to `.times`."""
+  for v in variants:
+    for _ in range(warmup):
+      jax.block_until_ready(v.fn(*v.args))
+  for r in range(reps):
+    for v in variants:
+      t0 = time.perf_counter()
+      res = jax.block_until_ready(v.fn(*v.args))
+      v.times.append(time.perf_counter() - t0)
+      if v.execution == "threshold" and "realized_sparsity" not in v.info:
+        gates = np.asarray(res[1])
+        v.info["exec_rate"] = gates.mean(axis=(0, 3)).tolist()  # [L, 2]
+        v.info["realized_sparsity"] = float(1.0 - gates.mean())
+    log(f"round {r + 1}/{reps}: " + "  ".join(f"{v.name} {v.times[-1] * 1e3:.0f}ms"
+                                              for v in variants))
+
+
+def _stats(x: Sequence[float]) -> dict[str, float]:
+  a = np.asarray(x, np.float64)
+  q25, med, q75 = np.percentile(a, [25, 50, 75])
+  return dict(median=float(med), q25=float(q25), q75=float(q75), min=float(a.min()),
+              max=float(a.max()))
+
+
+def _decode_fractions(cfg: LlamaConfig, v: Variant, cache_len: int) -> None:
+  """Decode FLOPs fractions at the realized per-unit execute rates.
+
+  A skipped unit is not computed (one row per step: exact; several rows: the
+  unit runs when any row executes, counted from the gates), so executed is
+  computed from the per-step 'any row executes' rate and ideal from the
+  per-token rate. Per step, attention reads the whole static cache.
+  """
+  if v.execution != "threshold":
+    return
+  rate = np.asarray(v.info["exec_rate"], np.float64)  # per token
+  any_rate = np.asarray(v.info["any_rate"], np.float64)  # per step, over rows
+  for key, caps in (("ideal_fraction", rate), ("executed_fraction", any_rate)):
+    spec = R.RoutingSpec(policy="informed", mode="causal",
+                         capacities=tuple(tuple(float(c) for c in row) for row in caps))
+    v.info[key] = R.flops(cfg, spec, cache_len)["ideal_fraction"]
+
+
+def summarize(variants: Sequence[Variant], cfg: LlamaConfig, cache_len: int) -> dict[str, Any]:
+  """Per-variant statistics and per-sparsity speedups, efficiencies and memory."""
+  by_name = {v.name: v for v in variants}
+  recs = {}
+  for v in variants:
+    _decode_fractions(cfg, v, cache_len)
+    st = _stats(v.times)
+    recs[v.name] = dict(kind=v.kind, sparsity=v.sparsity, execution=v.execution,
+                        tokens=v.tokens, times_s=v.times, time_s=st,
+                        tokens_per_s=v.tokens / st["median"],
+                        **{k: x for k, x in v.info.items() if k not in ("thresholds",)})
+
+  def compare(kind: str, name: str) -> dict[str, Any] | None:
+    dense, v = by_name.get(f"{kind}/dense"), by_name.get(name)
+    if dense is None or v is None:
+      return None
+    ratios = np.asarray(dense.times) / np.asarray(v.times)  # same round: same background load
+    speed = float(np.median(dense.times) / np.median(v.times))
+    ideal = 1.0 / v.info["executed_fraction"]
+    return dict(speedup=speed, speedup_per_round=_stats(ratios), ideal_speedup=ideal,
+                efficiency=speed / ideal, executed_fraction=v.info["executed_fraction"],
+                ideal_fraction=v.info["ideal_fraction"],
+                realized_sparsity=v.info.get("realized_sparsity"),
+                tokens_per_s=recs[name]["tokens_per_s"],
+                peak_bytes=v.info["memory"]["peak_bytes"])
+
+  sparsities = sorted({v.sparsity for v in variants if v.sparsity is not None})
+  prefill, decode = [], []
+  for s in sparsities:
+    row = compare("prefill", f"prefill/routed@{s:g}")
+    if row is not None:
+      mask = compare("prefill", f"prefill/mask@{s:g}")
+      if mask is not None:
+        row["mask"] = {k: mask[k] for k in ("speedup", "speedup_per_round", "tokens_per_s",
+                                            "peak_bytes", "executed_fraction")}
+      prefill.append(dict(sparsity=s, **row))
+    row = compare("decode", f"decode/routed@{s:g}")
+    if row is not None:
+      row["ideal_speedup_per_token"] = 1.0 / row["ideal_fraction"]
+      decode.append(dict(sparsity=s, **row))
+  dense = {k: {"tokens_per_s": recs[f"{k}/dense"]["tokens_per_s"],
+               "time_s": recs[f"{k}/dense"]["time_s"],
+               "peak_bytes": recs[f"{k}/dense"]["memory"]["peak_bytes"]}
+           for k in ("prefill", "decode") if f"{k}/dense" in recs}
+  return dict(variants=recs, dense=dense, prefill=prefill, decode=decode)
+
+
+def _mib(b: int) -> str:
+  return f"{b / 2 ** 20:.0f}"
+
+
+def table(result: dict[str, Any]) -> str:
+  """The console (and docs/performance.md) tables of one run."""
+  lines = []
+  d = result["dense"]
+  if "prefill" in d:
+    pd = d["prefill"]
+    lines += [
+        f"prefill {result['batch']} x {result['seq_len']} tokens: dense "
+        f"{pd['tokens_per_s']:,.0f} tokens/s (median {pd['time_s']['median'] * 1e3:.1f} ms, "
+        f"IQR {pd['time_s']['q25'] * 1e3:.1f}-{pd['time_s']['q75'] * 1e3:.1f}), peak "
+        f"{_mib(pd['peak_bytes'])} MiB", "",
+        "| sparsity | routed tokens/s | speedup (IQR per round) | ideal | efficiency | "
+        "mask tokens/s | mask speedup | peak MiB routed / mask |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["prefill"]:
+      m = r.get("mask")
+      pr = r["speedup_per_round"]
+      lines.append(
+          f"| {r['sparsity']:g} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f} "
+          f"({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
+          f"{r['efficiency']:.0%} | "
+          + (f"{m['tokens_per_s']:,.0f} | {m['speedup']:.2f} | {_mib(r['peak_bytes'])} / "
+             f"{_mib(m['peak_bytes'])} |" if m else f"- | - | {_mib(r['peak_bytes'])} / - |"))
+  if "decode" in d:
+    dd = d["decode"]
+    lines += [
+        "",
+        f"decode {result['batch']} row(s) x {result['decode_steps']} steps, KV cache of "
+        f"{result['seq_len']}: dense {dd['tokens_per_s']:,.1f} tokens/s (median "
+        f"{dd['time_s']['median'] * 1e3:.1f} ms, IQR {dd['time_s']['q25'] * 1e3:.1f}-"
+        f"{dd['time_s']['q75'] * 1e3:.1f}), peak {_mib(dd['peak_bytes'])} MiB", "",
+        "| sparsity | realized | routed tokens/s | speedup (IQR per round) | ideal | "
+        "efficiency | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["decode"]:
+      pr = r["speedup_per_round"]
+      lines.append(
+          f"| {r['sparsity']:g} | {r['realized_sparsity']:.2f} | {r['tokens_per_s']:,.1f} | "
+          f"{r['speedup']:.2f} ({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
+          f"{r['efficiency']:.0%} | {_mib(r['peak_bytes'])} |")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ TPU view
+# HBM bandwidth per chip (public spec sheets), for a roofline on XLA's byte count.
+HBM_BYTES_PER_S = {"v4": 1228e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
+
+
+def tpu_view(config_path: str, topology: str, layers: tuple[int, int] = (2, 4),
+             sparsity: float | None = None, log: Callable[[str], None] = lambda _: None
+             ) -> dict[str, Any]:
+  """XLA's cost of dense vs routed inference (`ir_jax.aot` infer steps) on `topology`.
+
+  XLA's cost_analysis() counts a scanned layer body once (and its
+  optimal_seconds is not usable), so both steps are compiled with layers
+  unrolled at two depths `layers`; per-layer costs are the difference, which
+  extrapolates exactly to the config's depth (identical layers). Reports XLA
+  FLOPs and bytes per chip, a roofline time (max of FLOPs at peak and bytes
+  at HBM bandwidth) and the ratio routed / dense of each, next to the
+  analytic step time `ir_jax.aot` prints (model FLOPs at an assumed MFU).
+  """
+  from ir_jax import aot
+  from ir_jax import sharding as sh
+  from ir_jax.eval.__main__ import load_config
+  from ir_jax.train.config import settings_from_config
+
+  if not os.path.isfile(config_path) and os.path.isfile(os.path.join(REPO, config_path)):
+    config_path = os.path.join(REPO, config_path)
+  l0, l1 = layers
+  if not 1 <= l0 < l1:
+    raise ConfigError(f"--tpu-layers must be two increasing depths >= 1, got {layers}")
+  target = aot.target_devices(topology)
+  costs: dict[str, dict[int, dict[str, float]]] = {"infer_dense": {}, "infer": {}}
+  full = None
+  for depth in layers:
+    cfg = load_config(config_path)
+    full = full or cfg.model.num_layers
+    cfg.model.num_layers = depth
+    cfg.model.scan_layers = False
+    if sparsity is not None:
+      cfg.routing.sparsity = sparsity
+    s = settings_from_config(cfg)
+    mesh = sh.make_mesh(s.mesh, target.devices)
+    for stage in costs:
+      t0 = time.perf_counter()
+      built = aot.build_step(s, stage, mesh)
+      compiled = built.fn.lower(*built.args).compile()
+      ca = compiled.cost_analysis()
+      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+      costs[stage][depth] = dict(flops=float(ca.get("flops", 0.0)),
+                                 bytes=float(ca.get("bytes accessed", 0.0)),
+                                 compile_s=time.perf_counter() - t0)
+      log(f"[{stage}] {depth} unrolled layers: XLA flops/chip {costs[stage][depth]['flops']:.4g}"
+          f", bytes/chip {costs[stage][depth]['bytes']:.4g} "
+          f"({costs[stage][depth]['compile_s']:.0f}s)")
+  cfg = load_config(config_path)
+  if sparsity is not None:
+    cfg.routing.sparsity = sparsity
+  s = settings_from_config(cfg)
+  spec = dataclasses.replace(s.routing, mode="topk", gate="hard", compute="gathered")
+  b, t = s.data.batch_size, s.data.seq_len
+  chips = len(target.devices)
+  kind = topology.partition(":")[0]
+  peak, bw = target.chip.peak_flops, HBM_BYTES_PER_S.get(kind)
+  out: dict[str, Any] = dict(config=os.path.relpath(config_path, REPO), topology=topology,
+                             chips=chips, batch=b, seq_len=t, sparsity=spec.sparsity,
+                             unrolled_layers=list(layers), num_layers=full)
+  for stage, name in (("infer_dense", "dense"), ("infer", "routed")):
+    c0, c1 = costs[stage][l0], costs[stage][l1]
+    ext = {k: c0[k] + (full - l0) * (c1[k] - c0[k]) / (l1 - l0) for k in ("flops", "bytes")}
+    fl = aot.step_flops(s.model, "infer", None if stage == "infer_dense" else spec, b, t)
+    rec = dict(xla_flops_per_chip=ext["flops"], xla_bytes_per_chip=ext["bytes"],
+               analytic_flops=fl["total"], compiles=costs[stage])
+    if peak:
+      rec["analytic_step_s"] = fl["total"] / (chips * peak * 0.4)
+      rec["xla_compute_s"] = ext["flops"] / peak
+    if bw:
+      rec["xla_memory_s"] = ext["bytes"] / bw
+    if peak and bw:
+      rec["xla_roofline_s"] = max(rec["xla_compute_s"], rec["xla_memory_s"])
+    out[name] = rec
+  d, r = out["dense"], out["routed"]
+  out["ratio"] = {k: r[k] / d[k] for k in ("xla_flops_per_chip", "xla_bytes_per_chip",
+                                            "analytic_flops", "analytic_step_s",
+                                            "xla_roofline_s") if k in d and d[k]}
+  return out
+
+
+def tpu_table(v: dict[str, Any]) -> str:
+  rows = [f"{v['config']} on {v['topology']} ({v['chips']} chips), {v['batch']} x {v['seq_len']} "
+          f"tokens, informed top-k at sparsity {v['sparsity']:g} (XLA figures extrapolated from "
+          f"{v['unrolled_layers'][0]} and {v['unrolled_layers'][1]} unrolled layers to "
+          f"{v['num_layers']})",
+          "| quantity | dense | routed | routed / dense |", "| --- | --- | --- | --- |"]
+  for key, label in (("xla_flops_per_chip", "XLA FLOPs per chip"),
+                     ("xla_bytes_per_chip", "XLA bytes accessed per chip"),
+                     ("xla_roofline_s", "XLA roofline step s (max of FLOPs at peak, bytes at HBM)"),
+                     ("analytic_flops", "analytic model FLOPs (ir_jax.aot)"),
+                     ("analytic_step_s", "analytic step s at 40% MFU (ir_jax.aot)")):
+    if key in v["dense"]:
+      rows.append(f"| {label} | {v['dense'][key]:.4g} | {v['routed'][key]:.4g} | "
+                  f"{v['ratio'][key]:.3f} |")
+  return "\n".join(rows)
+
+
+# ------------------------------------------------------------------ command line
+def _floats(text: str) -> list[float]:
+  out = []
+  for s in (x.strip() for x in text.split(",")):
+    if not s:
+      continue
+    try:
+      v = float(s)
+    except ValueError:
+      raise ConfigError(f"--sparsity: {s!r} is not a number") from None
+    if not 0.0 < v < 1.0:
+      raise ConfigError(f"--sparsity values must be in (0, 1), got {v}")
+    out.append(v)
+  if not out:
+    raise ConfigError("--sparsity is empty")
+  return out
+
+
+def _commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, timeout=10, check=True).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog=f"python -m {PROG}",
+      description="Prefill and decode throughput of dense, routed (gathered) and mask-based "
+                  "routed inference, against the ideal speedup from executed FLOPs.")
+  p.add_argument("--preset", choices=sorted(PRESETS), default="wide",
+                 help="model and shapes: tiny (tests), smollm2-512 / smollm2-2048 (SmolLM2-135M "
+                      "shapes, sequence 512 / 2048), wide (d 2048, MLP 8192, 4 layers)")
+  p.add_argument("--config", help="configs/*.py whose model section replaces the preset's model")
+  p.add_argument("--batch", type=int, help="rows (default: the preset's)")
+  p.add_argument("--seq-len", type=int, help="prefill tokens per row and decode cache length")
+  p.add_argument("--decode-steps", type=int, help="decode steps per row (0: no decode)")
+  p.add_argument("--sparsity", help=f"comma-separated sparsities (default {DEFAULT_SPARSITIES}; "
+                                    "with --tpu: the config's routing.sparsity)")
+  p.add_argument("--reps", type=int, default=5, help="timed interleaved rounds")
+  p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first")
+  p.add_argument("--k-multiple", type=int, default=8,
+                 help="round each unit's top-k capacity up to a multiple of this")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 help="compute and parameter dtype (default: the config's)")
+  p.add_argument("--no-mask", action="store_true", help="skip the mask-based baseline")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", help="write the result here")
+  p.add_argument("--tpu", metavar="TOPOLOGY",
+                 help="instead of timing: XLA's cost of dense vs routed inference of --config "
+                      "(default configs/llama7b.py) on a TPU slice (needs libtpu) or cpu:N")
+  p.add_argument("--tpu-layers", default="2,4",
+                 help="two unrolled depths to compile for --tpu (per-layer cost by difference)")
+  p.add_argument("--quiet", action="store_true", help="no per-round lines")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  log = (lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+  if args.tpu:
+    try:
+      depths = tuple(int(x) for x in args.tpu_layers.split(","))
+      assert len(depths) == 2
+    except (ValueError, AssertionError):
+      raise ConfigError(f"--tpu-layers must be two integers like 2,4, got "
+                        f"{args.tpu_layers!r}") from None
+    sp = _floats(args.sparsity)[0] if args.sparsity else None
+    v = tpu_view(args.config or "configs/llama7b.py", args.tpu, depths, sp, log)
+    v.update(commit=_commit(), jax_version=jax.__version__)
+    print(tpu_table(v))
+    if args.json:
+      with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(v, f, indent=1)
+    return 0
+  preset = PRESETS[args.preset]
+  sparsities = _floats(args.sparsity or DEFAULT_SPARSITIES)
+  for name in ("reps", "batch", "seq_len"):
+    val = getattr(args, name)
+    if val is not None and val < 1:
+      raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {val}")
+  if args.warmup < 0 or args.k_multiple < 1:
+    raise ConfigError("--warmup must be >= 0 and --k-multiple >= 1")
+  if args.config:
+    cfg = load_model_config(args.config)
+  elif isinstance(preset.model, str):
+    cfg = load_model_config(preset.model)
+  else:
+    cfg = LlamaConfig(**preset.model)
+  if args.dtype:
+    cfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
+  batch = args.batch or preset.batch
+  seq_len = args.seq_len or preset.seq_len
+  steps = preset.decode_steps if args.decode_steps is None else args.decode_steps
+  if not 0 <= steps <= seq_len:
+    raise ConfigError(f"--decode-steps must be in [0, seq_len={seq_len}], got {steps}")
+  if seq_len > cfg.max_position_embeddings:
+    raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                      f"{cfg.max_position_embeddings}")
+  t0 = time.perf_counter()
+  model = init_model(cfg, args.seed)
+  log(f"{args.preset}: {cfg.num_layers} layers, d {cfg.hidden_size}, MLP "
+      f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, {cfg.dtype}; on "
+      f"{jax.default_backend()}; compiling...")
+  variants = build_variants(model, batch, seq_len, steps, sparsities, k_multiple=args.k_multiple,
+                            mask=not args.no_mask, decode=steps > 0, seed=args.seed)
+  log(f"compiled {len(variants)} programs in {time.perf_counter() - t0:.0f}s; timing "
+      f"{args.warmup} warm-up + {args.reps} interleaved rounds")
+  time_variants(variants, args.reps, args.warmup, log)
+  for v in variants:  # the per-step "any row executes" rate, for batched decode
+    if v.execution == "threshold":
+      gates = np.asarray(v.fn(*v.args)[1])  # [N, L, 2, B]
+      v.info["any_rate"] = gates.any(axis=3).mean(axis=0).tolist()
+  result = dict(
+      preset=args.preset, config=args.config, model=cfg.to_dict(), batch=batch, seq_len=seq_len,
+      decode_steps=steps, sparsities=sparsities, reps=args.reps, warmup=args.warmup,
+      k_multiple=args.k_multiple, backend=jax.default_backend(),
+      devices=[str(d) for d in jax.devices()[:1]], jax_version=jax.__version__,
+      commit=_commit(), command="python -m ir_jax.bench " + " ".join(
+          argv if argv is not None else sys.argv[1:]),
+      memory_note="peak_bytes: XLA memory_analysis() of each compiled program: arguments "
+                  "(weights, tokens) + outputs - aliased + temporaries",
+      **summarize(variants, cfg, seq_len))
+  print(table(result))
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+  return 0
+
+
+def _entry() -> None:
+  from ir_jax.errors import cli_main
+
+  cli_main(lambda: main(sys.argv[1:]), PROG)
+
+
+if __name__ == "__main__":
+  _entry()
