@@ -59,14 +59,21 @@ def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def save(out: str, cfg: LlamaConfig, params: dict, *, tokenizer_dir: str | None = None,
-         provenance: dict[str, Any] | None = None, overwrite: bool = False) -> str:
-  """Writes a model checkpoint directory from a pure-dict parameter tree."""
+         provenance: dict[str, Any] | None = None, overwrite: bool = False,
+         routing: dict[str, Any] | None = None) -> str:
+  """Writes a model checkpoint directory from a pure-dict parameter tree.
+
+  `routing`: the routing spec (JSON fields) the routers were trained for, when
+  known; kept in ir_jax.json and read by `ir_jax.convert.routing_spec`.
+  """
   with atomic_dir(out, overwrite) as tmp:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(),
             "provenance": provenance or {}}
+    if routing is not None:
+      meta["routing"] = routing
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2)
     for name in TOKENIZER_FILES:

@@ -1,4 +1,5 @@
-"""Weight import (HuggingFace safetensors directory, GGUF) into ir_jax checkpoints."""
+"""Weight import (HuggingFace safetensors directory, GGUF) into ir_jax checkpoints, and export
+(`ir_jax.convert.export`) back to HuggingFace and the reference layout."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ from ir_jax.convert.sources import GGUFSource, HFSource, Source, WeightImportErr
 from ir_jax.model import abstract_model
 
 FORMATS = ("hf", "gguf")
+
+
+def routing_spec(path: str) -> Any:
+  """The RoutingSpec an export directory, ir_jax checkpoint or training workdir was
+  trained for (None when it does not say)."""
+  from ir_jax.convert import routing_io
+
+  return routing_io.load_spec(path)
 
 
 def open_source(path: str, fmt: str | None = None, **config_overrides: Any) -> Source:
@@ -80,6 +89,11 @@ def read_params(source: Source, cfg: LlamaConfig | None = None) -> dict:
             f"the config expects {list(expect)}")
       slices.append(mapping.to_ours(e, source.get(key), tuple(ours)).astype(dtype))
     _set_in(out, e.path, np.stack(slices) if e.per_layer else slices[0])
+  manifest = getattr(source, "routing", None)
+  if manifest is not None:  # an ir_jax export: its trained forecasters, routers, thresholds
+    from ir_jax.convert import routing_io
+
+    out["routing"] = routing_io.read(source.path, manifest, cfg, target["routing"])
   return out
 
 
@@ -101,9 +115,12 @@ def import_weights(src: str, out: str, fmt: str | None = None, *,
   source = open_source(src, fmt, **overrides)
   cfg = source.config
   params = read_params(source, cfg)
-  params["routing"] = init_routing_params(cfg)  # untrained: forecasts ~0, like a skip
+  if "routing" not in params:
+    params["routing"] = init_routing_params(cfg)  # untrained: forecasts ~0, like a skip
   provenance = {"source": os.path.abspath(src), "format": fmt or
                 ("gguf" if src.endswith(".gguf") else "hf")}
+  manifest = getattr(source, "routing", None)
+  routing = manifest.get("spec") if manifest is not None else None
   with tempfile.TemporaryDirectory() as tmp:
     if isinstance(source, GGUFSource):
       from ir_jax import tokenizer
@@ -114,4 +131,4 @@ def import_weights(src: str, out: str, fmt: str | None = None, *,
     else:
       tok_dir = source.path
     return checkpoint.save(out, cfg, params, tokenizer_dir=tok_dir,
-                           provenance=provenance, overwrite=overwrite)
+                           provenance=provenance, overwrite=overwrite, routing=routing)

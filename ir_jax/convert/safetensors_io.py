@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -102,23 +102,53 @@ class SafetensorsFile:
 
 def save_file(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
               path: str, metadata: Mapping[str, str] | None = None) -> None:
-  """Writes tensors in the safetensors format, streaming one tensor at a time."""
-  items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+  """Writes in-memory tensors in the safetensors format."""
+  items = dict(tensors.items() if isinstance(tensors, Mapping) else tensors)
+  write_streaming(path, [(n, a.dtype, a.shape) for n, a in items.items()],
+                  lambda name: items[name], metadata)
+
+
+def tensor_nbytes(dtype: np.dtype, shape: Sequence[int]) -> int:
+  return int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+
+
+def write_streaming(path: str, specs: Sequence[tuple[str, np.dtype, Sequence[int]]],
+                    produce: Callable[[str], np.ndarray],
+                    metadata: Mapping[str, str] | None = None) -> int:
+  """Writes a safetensors file whose tensors are made one at a time.
+
+  `specs` lists (name, dtype, shape) in file order, so the header is written
+  first; `produce(name)` is then called once per tensor and its result must
+  match its spec. Only one produced tensor is alive at a time. The file is
+  fsynced, so a full disk raises here rather than later. Returns the bytes of
+  tensor data written.
+  """
   header: dict = {}
   if metadata:
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   offset = 0
-  for name, a in items:
-    dt = np.dtype(a.dtype)
+  for name, dtype, shape in specs:
+    dt = np.dtype(dtype)
     if dt not in _NAMES:
       raise SafetensorsError(f"cannot write tensor {name!r} of dtype {dt}")
-    header[name] = {"dtype": _NAMES[dt], "shape": list(a.shape),
-                    "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
+    nbytes = tensor_nbytes(dt, shape)
+    header[name] = {"dtype": _NAMES[dt], "shape": [int(s) for s in shape],
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
-    for _, a in items:
-      f.write(np.ascontiguousarray(a).tobytes())
+    for name, dtype, shape in specs:
+      a = produce(name)
+      if np.dtype(a.dtype) != np.dtype(dtype) or tuple(a.shape) != tuple(shape):
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} came out {np.dtype(a.dtype)}{list(a.shape)}, "
+            f"declared {np.dtype(dtype)}{list(shape)}")
+      if a.size:
+        f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+      del a
+    f.flush()
+    os.fsync(f.fileno())
+  return offset

@@ -38,6 +38,13 @@ class HFSource:
     if not os.path.isdir(path):
       raise FileNotFoundError(f"{path}: not a directory; expected a HuggingFace Llama directory")
     self.path = path
+    # An ir_jax export carries its forecasters and routers beside the weights;
+    # routing.json also holds the model fields config.json cannot express.
+    from ir_jax.convert import routing_io
+
+    self.routing = routing_io.read_manifest(path)
+    if self.routing is not None:
+      config_overrides = {**routing_io.config_overrides(self.routing), **config_overrides}
     self.config = load_hf_config(path, **config_overrides)
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
