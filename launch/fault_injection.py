@@ -159,7 +159,9 @@ def campaign(kills: int, steps: int, seed: int, root: str, log=print) -> dict:
     ev = {"kill": n + 1, "moment": how[0], "delay_s": how[1],
           "newest_before": {st: before[st]["newest"] for st in STAGES},
           "newest_after": {st: after[st]["newest"] for st in STAGES},
-          "write_in_flight": any(after[st]["in_flight"] for st in STAGES)}
+          # an unfinished write left by this kill (not one left over from an earlier kill)
+          "write_in_flight": any(set(after[st]["in_flight"]) - set(before[st]["in_flight"])
+                                 for st in STAGES)}
     events.append(ev)
     n += 1
     log(f"kill {n}/{kills} at {how[0]} + {how[1]}s: newest committed {ev['newest_after']}"

@@ -46,7 +46,7 @@ PROG = "shift_experiment"
 WIKI = os.path.join(REPO, "assets", "text", "wiki", "enwiki_articles.jsonl")
 DEFAULT_MIXES = ("shakespeare=1,news=1,wiki=1", "news=0.7,shakespeare=0.2,wiki=0.1",
                  "wiki=0.5,news=0.25,shakespeare=0.25", "wiki=0.9,news=0.05,shakespeare=0.05",
-                 "shakespeare=1")
+                 "wiki=1", "shakespeare=1")
 METHODS = "lr,self_normalized,truncated,psis"
 
 
@@ -253,8 +253,8 @@ def main() -> int:
                  help=f"repeatable (default: {'; '.join(DEFAULT_MIXES)})")
   p.add_argument("--estimator", default=METHODS)
   p.add_argument("--max-wiki-articles", type=int, default=12)
-  p.add_argument("--max-check-passages", type=int, default=60,
-                 help="passages per domain in the check set B (default 60)")
+  p.add_argument("--max-check-passages", type=int, default=30,
+                 help="passages per domain in the check set B (default 30)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--report-only", action="store_true")
   args = p.parse_args()
