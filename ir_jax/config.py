@@ -9,6 +9,7 @@ import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 # Upper bounds that no real Llama comes near; they stop a hostile or mistyped
 # config from asking for terabytes before anything is validated.
@@ -23,6 +24,26 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 
 class ConfigError(ValueError):
   """A configuration value is missing, malformed or out of range."""
+
+
+_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
+def is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+  """A finite int or float (bools are not numbers here)."""
+  if isinstance(v, bool):
+    return False
+  if isinstance(v, int):
+    try:
+      float(v)  # ints beyond float range (10**400) are not finite numbers either
+    except OverflowError:
+      return False
+    return True
+  return isinstance(v, float) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +82,13 @@ class LlamaConfig:
   lora_alpha: float = 32.0
 
   def __post_init__(self) -> None:
-    if self.head_dim == 0 and self.num_heads > 0:
+    if (self.head_dim == 0 and is_int(self.num_heads) and self.num_heads > 0
+        and is_int(self.hidden_size)):
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     if self.rope_scaling is not None:
+      if not isinstance(self.rope_scaling, Mapping):
+        raise ConfigError(f"model.rope_scaling must be None or a dict with a rope_type, got "
+                          f"{self.rope_scaling!r}")
       object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
     self.validate()
 
@@ -72,7 +97,7 @@ class LlamaConfig:
     """Raises ConfigError naming the field, the value and what is expected."""
     def positive(name: str, limit: int) -> None:
       v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= limit:
+      if not is_int(v) or not 0 < v <= limit:
         raise ConfigError(f"model.{name} must be an integer in [1, {limit}], got {v!r}")
 
     positive("vocab_size", _MAX_VOCAB)
@@ -84,15 +109,14 @@ class LlamaConfig:
     positive("head_dim", _MAX_HIDDEN)
     positive("max_position_embeddings", 1 << 24)
     positive("lff_rank", _MAX_HIDDEN)
-    if not isinstance(self.router_hidden, int) or not 0 <= self.router_hidden <= _MAX_HIDDEN:
+    if not is_int(self.router_hidden) or not 0 <= self.router_hidden <= _MAX_HIDDEN:
       raise ConfigError(
           f"model.router_hidden must be an integer in [0, {_MAX_HIDDEN}] (0: linear router), "
           f"got {self.router_hidden!r}")
-    if not isinstance(self.lora_rank, int) or not 0 <= self.lora_rank <= _MAX_HIDDEN:
+    if not is_int(self.lora_rank) or not 0 <= self.lora_rank <= _MAX_HIDDEN:
       raise ConfigError(f"model.lora_rank must be an integer in [0, {_MAX_HIDDEN}] (0: no LoRA), "
                         f"got {self.lora_rank!r}")
-    if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
-            and self.lora_alpha > 0):
+    if not (is_number(self.lora_alpha) and self.lora_alpha > 0):
       raise ConfigError(f"model.lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
@@ -100,31 +124,52 @@ class LlamaConfig:
           f"model.num_kv_heads ({self.num_kv_heads}) for grouped-query attention")
     if self.head_dim % 2:
       raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
-    if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):
-      raise ConfigError(f"model.rms_norm_eps must be in (0, 1), got {self.rms_norm_eps!r}")
-    if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1
-            and math.isfinite(self.rope_theta)):
+    # float32 must hold eps (a smaller one rounds to 0: a zero-norm row divides by zero).
+    if not (is_number(self.rms_norm_eps) and _F32_TINY <= self.rms_norm_eps < 1):
+      raise ConfigError(f"model.rms_norm_eps must be a number in [{_F32_TINY:.3g}, 1), "
+                        f"got {self.rms_norm_eps!r}")
+    if not (is_number(self.rope_theta) and self.rope_theta > 1):
       raise ConfigError(f"model.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ConfigError(
-            f"model.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+      v = getattr(self, name)
+      if not isinstance(v, str) or v not in _DTYPES:
+        raise ConfigError(f"model.{name} must be one of {sorted(_DTYPES)}, got {v!r}")
+    for name in ("tie_word_embeddings", "scan_layers", "remat"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"model.{name} must be True or False, got {getattr(self, name)!r}")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       v = getattr(self, name)
-      if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
-        raise ConfigError(f"model.{name} must be None or in [0, {self.vocab_size}), got {v!r}")
-    rs = self.rope_scaling
-    if rs is not None:
-      kind = rs.get("rope_type", rs.get("type", "default"))
-      if kind not in _ROPE_TYPES:
-        raise ConfigError(
-            f"model.rope_scaling type {kind!r} is not supported; supported: {_ROPE_TYPES}")
-      need = {"linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                         "original_max_position_embeddings")}.get(kind, ())
-      missing = [k for k in need if k not in rs]
-      if missing:
-        raise ConfigError(f"model.rope_scaling of type {kind!r} lacks {missing}")
+      if v is not None and not (is_int(v) and 0 <= v < self.vocab_size):
+        raise ConfigError(f"model.{name} must be None or an integer in [0, {self.vocab_size}), "
+                          f"got {v!r}")
+    if self.rope_scaling is not None:
+      self._validate_rope_scaling(self.rope_scaling)
+
+  def _validate_rope_scaling(self, rs: dict[str, Any]) -> None:
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if not isinstance(kind, str) or kind not in _ROPE_TYPES:
+      raise ConfigError(
+          f"model.rope_scaling type {kind!r} is not supported; supported: {_ROPE_TYPES}")
+    need = {"linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings")}.get(kind, ())
+    missing = [k for k in need if k not in rs]
+    if missing:
+      raise ConfigError(f"model.rope_scaling of type {kind!r} lacks {missing}")
+    for k in need:
+      v = rs[k]
+      if k == "original_max_position_embeddings":
+        ok = is_int(v) and 0 < v <= 1 << 24
+      else:
+        ok = is_number(v) and 0 < v <= 1e6
+      if not ok:
+        raise ConfigError(f"model.rope_scaling.{k} must be a "
+                          f"{'positive integer' if k.startswith('orig') else 'number in (0, 1e6]'}"
+                          f", got {v!r}")
+    if kind == "llama3" and not rs["low_freq_factor"] < rs["high_freq_factor"]:
+      # The blend between the two bands divides by their difference.
+      raise ConfigError(f"model.rope_scaling.low_freq_factor ({rs['low_freq_factor']}) must be "
+                        f"below high_freq_factor ({rs['high_freq_factor']})")
 
   # ------------------------------------------------------------- helpers
   @property
@@ -154,6 +199,8 @@ class LlamaConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
     """From our own field names; unknown keys are an error (typos must not pass)."""
+    if not isinstance(d, Mapping):
+      raise ConfigError(f"a model config must be a dict of fields, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -168,6 +215,8 @@ class LlamaConfig:
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> "LlamaConfig":
     """From a HuggingFace Llama `config.json` dict (transformers 4 or 5 spelling)."""
+    if not isinstance(hf, Mapping):
+      raise ConfigError(f"config.json must hold an object, got {type(hf).__name__}")
     mt = hf.get("model_type", "llama")
     if mt not in ("llama", "mistral") and "llama" not in str(hf.get("architectures", "")).lower():
       raise ConfigError(f"model_type {mt!r} is not a Llama-family model")
@@ -179,8 +228,13 @@ class LlamaConfig:
         raise ConfigError(f"config.json lacks {key!r}")
     # transformers 5 writes `rope_parameters` ({rope_theta, rope_type, ...});
     # transformers 4 writes `rope_theta` and `rope_scaling` at top level.
+    for key in ("rope_parameters", "rope_scaling"):
+      if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+        raise ConfigError(f"config.json {key} must be an object or null, got {hf[key]!r}")
     rope_params = dict(hf.get("rope_parameters") or {})
     theta = rope_params.pop("rope_theta", hf.get("rope_theta", 10_000.0))
+    if not is_number(theta):
+      raise ConfigError(f"config.json rope_theta must be a number, got {theta!r}")
     scaling = hf.get("rope_scaling") or (rope_params or None)
     if scaling is not None:
       scaling = dict(scaling)
@@ -253,8 +307,8 @@ def read_json_object(file: str, error: type[Exception] = ValueError) -> dict[str
   try:
     with open(file, encoding="utf-8") as f:
       obj = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise error(f"{file}: not valid JSON ({e})") from None
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+    raise error(f"{file}: not valid JSON ({str(e)[:200]})") from None
   if not isinstance(obj, dict):
     raise error(f"{file}: expected a JSON object, found {type(obj).__name__}")
   return obj

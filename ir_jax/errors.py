@@ -11,9 +11,10 @@ from ir_jax.convert.safetensors_io import SafetensorsError
 from ir_jax.convert.sources import WeightImportError
 from ir_jax.data.config import DataError
 from ir_jax.eval.estimators import EstimatorError
+from ir_jax.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, EstimatorError, SafetensorsError,
-               WeightImportError,
+               TokenizerError, WeightImportError,
                FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 

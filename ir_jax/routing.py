@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Iterable
 
 import jax
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.config import ConfigError, LlamaConfig, is_int
 from ir_jax.forecast import UNITS, Forecaster, Router, RoutingLayer, lff_flops, router_flops
 from ir_jax.model import BxTxD, DecoderLayer, Llama, attention_mask
 from ir_jax.sharding import constrain
@@ -81,16 +82,20 @@ class RoutingSpec:
     if not _is_fraction(self.sparsity):
       raise ConfigError(f"routing.sparsity must be a number in [0, 1], got {self.sparsity!r}")
     if self.capacities is not None:
-      caps = tuple(tuple(float(c) for c in row) for row in self.capacities)
-      if not caps or any(len(r) != len(UNITS) or not all(_is_fraction(c) for c in r)
-                         for r in caps):
+      rows = self.capacities
+      if (not isinstance(rows, (list, tuple)) or not rows
+          or any(not isinstance(r, (list, tuple)) or len(r) != len(UNITS)
+                 or not all(_is_fraction(c) for c in r) for r in rows)):
         raise ConfigError("routing.capacities must be a non-empty per-layer list of "
                           f"(attn, mlp) capacities in [0, 1], got {self.capacities!r}")
-      object.__setattr__(self, "capacities", caps)
-    if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-      raise ConfigError(f"routing.temperature must be > 0, got {self.temperature!r}")
-    if not (isinstance(self.k_multiple, int) and self.k_multiple >= 1):
+      object.__setattr__(self, "capacities", tuple(tuple(float(c) for c in r) for r in rows))
+    if not is_temperature(self.temperature):
+      raise ConfigError(f"routing.temperature must be a number in [{_MIN_TEMPERATURE:.3g}, "
+                        f"{_MAX_TEMPERATURE:.3g}] (float32, > 0), got {self.temperature!r}")
+    if not (is_int(self.k_multiple) and self.k_multiple >= 1):
       raise ConfigError(f"routing.k_multiple must be an integer >= 1, got {self.k_multiple!r}")
+    if not (is_int(self.seed) and 0 <= self.seed < 2**32):
+      raise ConfigError(f"routing.seed must be an integer in [0, 2**32), got {self.seed!r}")
     if self.gate == "gumbel" and self.compute != "all":
       raise ConfigError("routing.gate='gumbel' samples a variable number of tokens; "
                         "it needs routing.compute='all'")
@@ -117,8 +122,20 @@ class RoutingSpec:
 
 
 def _is_fraction(v: Any) -> bool:
-  return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-          and 0.0 <= v <= 1.0)
+  # numbers.Real: numpy scalars from a sweep are fine; bools and strings are not.
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= 1
+
+
+# Gumbel logits are divided by the temperature in float32: it must stay a
+# positive, finite float32 (1e-50 would round to 0 and divide by zero).
+_MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
+_MAX_TEMPERATURE = float(np.finfo(np.float32).max)
+
+
+def is_temperature(v: Any) -> bool:
+  """A Gumbel temperature float32 holds as a positive finite number."""
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and _MIN_TEMPERATURE <= v <= _MAX_TEMPERATURE)
 
 
 # ------------------------------------------------------------------ helpers

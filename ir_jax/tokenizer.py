@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import gguf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -40,7 +40,17 @@ _DIGITS_THEN_GPT2_PRE = {
     "minerva",
 }
 
+if TYPE_CHECKING:
+  from ir_jax.convert.gguf_io import GGUFFile
+# Anything with GGUFReader's `fields[key].contents()`: ours (validating) or the gguf package's.
+GGUFLike = Union[gguf.GGUFReader, "GGUFFile"]
+
 TOKENIZER_JSON = "tokenizer.json"
+
+
+class TokenizerError(ValueError):
+  """A tokenizer file is missing a piece, malformed or of an unsupported kind."""
+
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 
 
@@ -71,11 +81,12 @@ class SpecialTokens:
     return {k: v for k, v in named.items() if v is not None}
 
 
-def _gguf_name(reader: gguf.GGUFReader) -> str:
-  return str(getattr(reader.data, "filename", None) or "<GGUF in memory>")
+def _gguf_name(reader: GGUFLike) -> str:
+  return str(getattr(reader, "path", None) or getattr(reader.data, "filename", None)
+             or "<GGUF in memory>")
 
 
-def _value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+def _value(reader: GGUFLike, key: str, default: Any = None) -> Any:
   field = reader.fields.get(key)
   return default if field is None else field.contents()
 
@@ -97,13 +108,19 @@ def bytes_to_unicode() -> dict[int, str]:
   return table
 
 
-def special_tokens_from_gguf(reader: gguf.GGUFReader) -> SpecialTokens:
+def special_tokens_from_gguf(reader: GGUFLike) -> SpecialTokens:
   """Read BOS/EOS/PAD/UNK ids and strings, add-BOS/EOS flags and the chat template."""
   tokens: list[str] = _value(reader, "tokenizer.ggml.tokens", [])
 
+  if not isinstance(tokens, list):
+    raise TokenizerError(f"{_gguf_name(reader)}: tokenizer.ggml.tokens must be an array of strings")
+
   def tok_id(key: str) -> int | None:
     v = _value(reader, f"tokenizer.ggml.{key}")
-    return None if v is None else int(v)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+      raise TokenizerError(f"{_gguf_name(reader)}: tokenizer.ggml.{key} must be an integer, "
+                       f"got {str(v)[:100]!r}")
+    return v
 
   def tok_str(i: int | None) -> str | None:
     return tokens[i] if i is not None and 0 <= i < len(tokens) else None
@@ -137,10 +154,10 @@ def _pre_tokenizer(
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   # Other names (llama3, qwen2, ...) split text with different regexes;
   # guessing would silently produce ids the model was never trained on.
-  raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) in {source}")
+  raise TokenizerError(f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) in {source}")
 
 
-def tokenizer_from_gguf(reader: gguf.GGUFReader) -> Tokenizer:
+def tokenizer_from_gguf(reader: GGUFLike) -> Tokenizer:
   """Build a ``tokenizers.Tokenizer`` equal to the GGUF's byte-level BPE tokenizer.
 
   Raises ValueError for any ``tokenizer.ggml.model`` other than ``"gpt2"``, or
@@ -149,17 +166,22 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> Tokenizer:
   source = _gguf_name(reader)
   model = _value(reader, "tokenizer.ggml.model")
   if model != "gpt2":
-    raise ValueError(
+    raise TokenizerError(
         f"unsupported GGUF tokenizer model {model!r} (tokenizer.ggml.model) in {source}; "
         "only byte-level BPE ('gpt2') is supported"
     )
   tokens: list[str] = _value(reader, "tokenizer.ggml.tokens")
   merges_raw: list[str] | None = _value(reader, "tokenizer.ggml.merges")
   if not tokens or merges_raw is None:
-    raise ValueError(f"{source} has no tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    raise TokenizerError(f"{source} has no tokenizer.ggml.tokens or tokenizer.ggml.merges")
   types: list[int] = _value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+  for key, v, kind in (("tokens", tokens, str), ("merges", merges_raw, str),
+                       ("token_type", types, int)):
+    if not isinstance(v, list) or not all(isinstance(x, kind) for x in v):
+      raise TokenizerError(f"{source}: tokenizer.ggml.{key} must be an array of "
+                       f"{'strings' if kind is str else 'integers'}")
   if len(types) != len(tokens):
-    raise ValueError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
+    raise TokenizerError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
 
   spelling = bytes_to_unicode()
   alphabet = set(spelling.values())
@@ -176,7 +198,7 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> Tokenizer:
   for m in merges_raw:
     parts = m.split(" ")
     if len(parts) != 2:
-      raise ValueError(f"malformed merge {m!r} in {source}")
+      raise TokenizerError(f"malformed merge {m!r} in {source}")
     merges.append((parts[0], parts[1]))
 
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
@@ -215,12 +237,12 @@ def _bos_eos_template(info: SpecialTokens, source: str) -> processors.TemplatePr
   prefix, suffix = "", ""
   if info.add_bos_token:
     if info.bos_token is None or info.bos_token_id is None:
-      raise ValueError(f"{source} sets add_bos_token but has no valid bos_token_id")
+      raise TokenizerError(f"{source} sets add_bos_token but has no valid bos_token_id")
     pieces.append((info.bos_token, info.bos_token_id))
     prefix = f"{info.bos_token} "
   if info.add_eos_token:
     if info.eos_token is None or info.eos_token_id is None:
-      raise ValueError(f"{source} sets add_eos_token but has no valid eos_token_id")
+      raise TokenizerError(f"{source} sets add_eos_token but has no valid eos_token_id")
     pieces.append((info.eos_token, info.eos_token_id))
     suffix = f" {info.eos_token}"
   return processors.TemplateProcessing(
@@ -274,6 +296,20 @@ def save_tokenizer(
   return tok_path
 
 
+# The largest published tokenizer.json files are ~35 MB; this bounds what one read costs.
+MAX_TOKENIZER_JSON = 512 << 20
+
+
+def read_gguf(path: str | os.PathLike[str]) -> "GGUFFile":
+  """A validated GGUF file (`ir_jax.convert.gguf_io.GGUFFile`); ValueError names the file."""
+  from ir_jax.convert.gguf_io import GGUFError, GGUFFile  # lazy: ir_jax.convert is heavy
+
+  try:
+    return GGUFFile(path)
+  except GGUFError as e:
+    raise TokenizerError(f"{path} is not a readable GGUF file ({e})") from None
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
   """Load a tokenizer from a ``tokenizer.json``, a directory holding one, or a ``.gguf`` file.
 
@@ -291,15 +327,26 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
   with open(p, "rb") as f:
     magic = f.read(4)
   if magic == b"GGUF":
-    return tokenizer_from_gguf(gguf.GGUFReader(p))
+    return tokenizer_from_gguf(read_gguf(p))
+  size = p.stat().st_size
+  if size > MAX_TOKENIZER_JSON:
+    raise TokenizerError(f"{p} is not a tokenizer.json: {size} bytes, more than the "
+                     f"{MAX_TOKENIZER_JSON} any real one needs")
   raw = p.read_bytes()
   try:
-    json.loads(raw)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    reason = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-    raise ValueError(f"{p} is not a tokenizer.json: invalid JSON ({reason})") from None
+    obj = json.loads(raw)
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+    if isinstance(e, json.JSONDecodeError):
+      reason = f"{e.msg} at line {e.lineno}"
+    else:
+      reason = "not UTF-8" if isinstance(e, UnicodeDecodeError) else str(e).split(":")[0][:100]
+    raise TokenizerError(f"{p} is not a tokenizer.json: invalid JSON ({reason})") from None
+  if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+    raise TokenizerError(f"{p} is not a tokenizer.json: expected a JSON object with a 'model' "
+                     f"object, found {type(obj).__name__}")
+  del obj
   try:
     return Tokenizer.from_str(raw.decode("utf-8"))
   except Exception as e:  # tokenizers raises a bare Exception on bad content
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ValueError(f"{p} is JSON but not a valid tokenizer.json: {first}") from None
+    raise TokenizerError(f"{p} is JSON but not a valid tokenizer.json: {first}") from None

@@ -125,8 +125,12 @@ def import_weights(src: str, out: str, fmt: str | None = None, *,
     if isinstance(source, GGUFSource):
       from ir_jax import tokenizer
 
-      tokenizer.save_tokenizer(tokenizer.tokenizer_from_gguf(source.reader), tmp,
-                               tokenizer.special_tokens_from_gguf(source.reader))
+      try:
+        tok = tokenizer.tokenizer_from_gguf(source.reader)
+        special = tokenizer.special_tokens_from_gguf(source.reader)
+      except ValueError as e:
+        raise WeightImportError(f"{src}: cannot rebuild its tokenizer ({e})") from None
+      tokenizer.save_tokenizer(tok, tmp, special)
       tok_dir = tmp
     else:
       tok_dir = source.path

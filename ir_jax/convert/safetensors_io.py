@@ -22,7 +22,15 @@ _DTYPES = {
     "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+# JSON values a header may hold (counted before parsing, so a header of a
+# million tiny entries never becomes a million Python objects). A tensor
+# takes ~8; a 1,024-layer Llama with routing modules has ~25,000 tensors.
+_MAX_JSON_VALUES = 2_000_000
+
+
+def _is_int(v: object) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
 
 
 class SafetensorsError(ValueError):
@@ -42,35 +50,54 @@ class SafetensorsFile:
       raise SafetensorsError(f"{path}: too short to be a safetensors file ({size} bytes)")
     with open(path, "rb") as f:
       (n,) = struct.unpack("<Q", f.read(8))
+      # Checked before reading: f.read(n) would allocate n bytes up front.
       if n > min(_MAX_HEADER, size - 8):
         raise SafetensorsError(
-            f"{path}: header declares {n} bytes but the file has {size - 8} after the length")
+            f"{path}: header declares {n} bytes but the file has {size - 8} after the length "
+            f"(at most {_MAX_HEADER}); truncated or not a safetensors file")
       raw = f.read(n)
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")  # >= JSON values - 1
+    if values > _MAX_JSON_VALUES:
+      raise SafetensorsError(f"{path}: header holds ~{values} JSON values, more than the "
+                             f"{_MAX_JSON_VALUES} of any model file; refusing to parse it")
     try:
       header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+      raise SafetensorsError(
+          f"{path}: header is not valid JSON ({str(e)[:200]}); not a safetensors file") from None
+    del raw
     if not isinstance(header, dict):
-      raise SafetensorsError(f"{path}: header must be a JSON object")
-    self.metadata = header.pop("__metadata__", None) or {}
+      raise SafetensorsError(f"{path}: header must be a JSON object of tensor entries, "
+                             f"found {type(header).__name__}")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+      raise SafetensorsError(f"{path}: __metadata__ must be an object of strings")
+    self.metadata = meta
     data_size = size - 8 - n
     self._base = 8 + n
     self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
     spans = []
     for name, info in header.items():
-      try:
-        dtype = _DTYPES[info["dtype"]]
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-      except (KeyError, TypeError, ValueError):
+      ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list) and all(map(_is_int, info["shape"]))
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+            and all(map(_is_int, info["data_offsets"])))
+      if not ok:
         raise SafetensorsError(
-            f"{path}: tensor {name!r} has a malformed entry {str(info)[:200]}") from None
+            f"{path}: tensor {name!r} has a malformed entry {str(info)[:200]}; expected "
+            "{\"dtype\": str, \"shape\": [int, ...], \"data_offsets\": [begin, end]}")
+      if info["dtype"] not in _DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype "
+                               f"{info['dtype'][:50]!r}; expected one of {sorted(_DTYPES)}")
+      dtype = _DTYPES[info["dtype"]]
+      shape = tuple(info["shape"])
+      begin, end = info["data_offsets"]
       if any(s < 0 for s in shape):
         raise SafetensorsError(f"{path}: tensor {name!r} has a negative dimension {shape}")
       nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
       if not 0 <= begin <= end <= data_size or end - begin != nbytes:
         raise SafetensorsError(
-            f"{path}: tensor {name!r} ({info['dtype']}{list(shape)}, {nbytes} bytes) has "
+            f"{path}: tensor {name!r} ({info['dtype']}{list(shape)[:8]}, {nbytes} bytes) has "
             f"offsets [{begin}, {end}) inconsistent with {data_size} data bytes")
       self._entries[name] = (dtype, shape, begin, end)
       spans.append((begin, end, name))
@@ -97,6 +124,8 @@ class SafetensorsFile:
     if self._mm is None:
       self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
     raw = self._mm[self._base + begin:self._base + end]
+    if raw.size != end - begin:  # the file shrank after its header was checked
+      raise SafetensorsError(f"{self.path}: tensor {name!r} is cut short; the file was truncated")
     return np.array(raw.view(dtype).reshape(shape))
 
 

@@ -45,17 +45,21 @@ class HFSource:
     self.routing = routing_io.read_manifest(path)
     if self.routing is not None:
       config_overrides = {**routing_io.config_overrides(self.routing), **config_overrides}
-    self.config = load_hf_config(path, **config_overrides)
+    try:
+      self.config = load_hf_config(path, **config_overrides)
+    except ConfigError as e:
+      # A bad value that came from routing.json must be blamed on routing.json.
+      msg = str(e).split(": ", 1)[-1] if str(e).startswith(path) else str(e)
+      bad = [f for f in (self.routing or {}).get("model", {}) if f"model.{f} " in msg]
+      if not bad:
+        raise
+      raise WeightImportError(f"{os.path.join(path, routing_io.MANIFEST)}: {msg}") from None
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     self._files: dict[str, SafetensorsFile] = {}
     self._where: dict[str, str] = {}
     if os.path.exists(index):
-      try:
-        with open(index, encoding="utf-8") as f:
-          weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise WeightImportError(f"{index}: not a valid safetensors index ({e!r})") from None
+      weight_map = _read_index(index)
       for key, fname in weight_map.items():
         fpath = os.path.join(path, os.path.basename(str(fname)))
         if fpath not in self._files:
@@ -84,6 +88,27 @@ class HFSource:
     return self._where.get(key, os.path.join(self.path, "model.safetensors"))
 
 
+# An index names each tensor once; 64 MiB is ~500k tensors, 50x a 1,024-layer Llama.
+_MAX_INDEX = 64 << 20
+
+
+def _read_index(index: str) -> dict[str, str]:
+  """The `weight_map` of model.safetensors.index.json (tensor name -> shard file name)."""
+  size = os.path.getsize(index)
+  if size > _MAX_INDEX:
+    raise WeightImportError(f"{index}: {size} bytes; a safetensors index is at most {_MAX_INDEX}")
+  try:
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+  except (ValueError, RecursionError, KeyError, TypeError) as e:  # ValueError: bad JSON / UTF-8
+    raise WeightImportError(f"{index}: not a valid safetensors index; expected an object with "
+                            f"a 'weight_map' of tensor name -> file ({str(e)[:200]})") from None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(v, str) and v for v in weight_map.values()):
+    raise WeightImportError(f"{index}: 'weight_map' must map tensor names to file names")
+  return weight_map
+
+
 def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
   """Undoes llama.cpp's per-head interleaving of q/k rows (rotary layout)."""
   rows = w.shape[0]
@@ -94,15 +119,15 @@ class GGUFSource:
   """A llama.cpp GGUF file of the `llama` architecture; tensors dequantized to float32."""
 
   def __init__(self, path: str, **config_overrides):
-    import gguf  # imported lazily: only GGUF import needs it
+    from ir_jax.convert.gguf_io import GGUFError, GGUFFile
 
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such GGUF file")
     self.path = path
     try:
-      self.reader = gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises several types on bad files
-      raise WeightImportError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+      self.reader = GGUFFile(path)
+    except GGUFError as e:
+      raise WeightImportError(f"{path}: not a readable GGUF file ({e})") from None
     arch = self.field("general.architecture")
     if arch != "llama":
       raise WeightImportError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
@@ -117,37 +142,47 @@ class GGUFSource:
     return v
 
   def _config(self, **overrides) -> LlamaConfig:
-    def need(key: str):
+    def typed(key: str, kind: type, default=None, required: bool = False):
       v = self.field(key)
       if v is None:
-        raise WeightImportError(f"{self.path}: GGUF metadata lacks {key!r}")
+        if required:
+          raise WeightImportError(f"{self.path}: GGUF metadata lacks {key!r}")
+        return default
+      ok = isinstance(v, kind) and not isinstance(v, bool)
+      if kind is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+      if not ok:
+        raise WeightImportError(f"{self.path}: GGUF metadata {key!r} must be "
+                                f"{'an integer' if kind is int else 'a number'}, got "
+                                f"{str(v)[:100]!r}")
       return v
 
-    tokens = self.field("tokenizer.ggml.tokens")
-    vocab = self.field("llama.vocab_size") or (len(tokens) if tokens else None)
+    tokens = self.reader.fields.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens.value) if tokens is not None and isinstance(tokens.value, list) else None
+    vocab = typed("llama.vocab_size", int) or n_tokens
     if vocab is None:
       raise WeightImportError(f"{self.path}: GGUF metadata gives no vocabulary size")
-    heads = int(need("llama.attention.head_count"))
-    d = int(need("llama.embedding_length"))
-    head_dim = int(self.field("llama.rope.dimension_count") or d // heads)
+    heads = typed("llama.attention.head_count", int, required=True)
+    d = typed("llama.embedding_length", int, required=True)
+    head_dim = typed("llama.rope.dimension_count", int) or (d // heads if heads > 0 else 0)
     scaling = None
     if self.field("llama.rope.scaling.type") not in (None, "none"):
       raise WeightImportError(f"{self.path}: GGUF rope scaling "
-                         f"{self.field('llama.rope.scaling.type')!r} is not supported")
+                              f"{str(self.field('llama.rope.scaling.type'))[:100]!r} is not supported")
     fields = dict(
-        vocab_size=int(vocab), hidden_size=d,
-        intermediate_size=int(need("llama.feed_forward_length")),
-        num_layers=int(need("llama.block_count")), num_heads=heads,
-        num_kv_heads=int(self.field("llama.attention.head_count_kv") or heads),
+        vocab_size=vocab, hidden_size=d,
+        intermediate_size=typed("llama.feed_forward_length", int, required=True),
+        num_layers=typed("llama.block_count", int, required=True), num_heads=heads,
+        num_kv_heads=typed("llama.attention.head_count_kv", int) or heads,
         head_dim=head_dim,
-        rms_norm_eps=float(need("llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(self.field("llama.rope.freq_base") or 10_000.0),
+        rms_norm_eps=float(typed("llama.attention.layer_norm_rms_epsilon", float, required=True)),
+        rope_theta=float(typed("llama.rope.freq_base", float) or 10_000.0),
         rope_scaling=scaling,
-        max_position_embeddings=int(self.field("llama.context_length") or 4096),
+        max_position_embeddings=typed("llama.context_length", int) or 4096,
         tie_word_embeddings="output.weight" not in self.tensors,
-        bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
-        eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
-        pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
+        bos_token_id=typed("tokenizer.ggml.bos_token_id", int),
+        eos_token_id=typed("tokenizer.ggml.eos_token_id", int),
+        pad_token_id=typed("tokenizer.ggml.padding_token_id", int),
     )
     fields.update(overrides)
     try:

@@ -13,7 +13,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from ir_jax.data.config import BYTE_TOKENIZER, DataError
 from ir_jax.data.sources import REPO_ROOT
 from ir_jax.tokenizer import (TOKENIZER_CONFIG_JSON, TOKENIZER_JSON, bytes_to_unicode,
-                              load_tokenizer, special_tokens_from_gguf)
+                              load_tokenizer, read_gguf, special_tokens_from_gguf)
 
 BYTE_EOS = "<|endoftext|>"
 
@@ -62,13 +62,19 @@ def _affixes(tok: Tokenizer, source: str) -> tuple[tuple[int, ...], tuple[int, .
                   "only processors that add tokens around the text are supported")
 
 
+def _magic(path: Path) -> bytes:
+  with open(path, "rb") as f:
+    return f.read(4)
+
+
 def _declared_special(path: Path, tok: Tokenizer) -> dict[str, int]:
   """bos/eos ids the tokenizer's files declare: GGUF metadata or tokenizer_config.json."""
   out: dict[str, int] = {}
-  if path.is_file() and path.read_bytes()[:4] == b"GGUF":
-    import gguf
-
-    info = special_tokens_from_gguf(gguf.GGUFReader(path))
+  if path.is_file() and _magic(path) == b"GGUF":
+    try:
+      info = special_tokens_from_gguf(read_gguf(path))
+    except ValueError as e:
+      raise DataError(f"data.tokenizer {str(path)!r}: {e}") from None
     for name in ("bos", "eos"):
       v = getattr(info, f"{name}_token_id")
       if v is not None:
@@ -78,7 +84,9 @@ def _declared_special(path: Path, tok: Tokenizer) -> dict[str, int]:
   if cfg_path.is_file():
     try:
       cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON: no declared specials
+      return out
+    if not isinstance(cfg, dict):
       return out
     for name in ("bos", "eos"):
       value = cfg.get(f"{name}_token")

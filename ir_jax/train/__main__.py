@@ -51,7 +51,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     msg = f"a --config override names an unknown field: {str(e).strip(chr(34)).splitlines()[0]}"
   except (TypeError, ValueError) as e:
     msg = f"bad --config override: {str(e).splitlines()[0]}"
-  print(f"{PROG}: error: {msg}\nTry --help for the flags; see configs/ for the fields.",
+  print(f"{PROG}: error: {msg} (see --help for the flags, configs/ for the fields)",
         file=sys.stderr)
   sys.exit(2)
 

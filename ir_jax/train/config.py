@@ -19,10 +19,9 @@ import dataclasses
 import math
 from typing import Any
 
-from ir_jax.config import ConfigError, LlamaConfig, from_config_dict
-from ir_jax.data.config import DataConfig
-from ir_jax.data.config import from_config as data_from_config
-from ir_jax.routing import RoutingSpec
+from ir_jax.config import ConfigError, LlamaConfig, is_int, is_number, from_config_dict
+from ir_jax.data.config import DataConfig, data_config
+from ir_jax.routing import RoutingSpec, is_temperature
 from ir_jax.sharding import MeshConfig
 
 STAGES = ("forecaster", "router", "lora")
@@ -65,8 +64,7 @@ class StageConfig:
 
     def number(field: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
       v = getattr(self, field)
-      ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            and (v > low if low_open else v >= low) and v <= high)
+      ok = is_number(v) and (v > low if low_open else v >= low) and v <= high
       if not ok:
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
         raise ConfigError(f"train.{name}.{field} must be a number {bound}, got {v!r}")
@@ -84,6 +82,9 @@ class StageConfig:
     integer("seq_len", 0)
     if self.seq_len == 1:
       raise ConfigError(f"train.{name}.seq_len must be 0 (data.seq_len) or >= 2, got 1")
+    if self.steps * self.grad_accum >= 2**31:  # the step counter is an int32 on device
+      raise ConfigError(f"train.{name}.steps x grad_accum must be below 2**31, got "
+                        f"{self.steps} x {self.grad_accum}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +123,16 @@ class RouterStage(StageConfig):
       raise ConfigError(f"train.router.gate must be 'gumbel' or 'ste', got {self.gate!r}")
     for f in ("temperature_start", "temperature_end"):
       v = getattr(self, f)
-      if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-        raise ConfigError(f"train.router.{f} must be a number > 0, got {v!r}")
+      if not is_temperature(v):
+        raise ConfigError(f"train.router.{f} must be a number > 0 that float32 holds "
+                          f"(about 1e-38 to 3e38), got {v!r}")
     for f in ("sparsity_weight", "importance_weight"):
       v = getattr(self, f)
-      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-        raise ConfigError(f"train.router.{f} must be a number >= 0, got {v!r}")
+      if not (is_number(v) and v >= 0):
+        raise ConfigError(f"train.router.{f} must be a finite number >= 0, got {v!r}")
     if not isinstance(self.prior_bias, bool):
       raise ConfigError(f"train.router.prior_bias must be True or False, got {self.prior_bias!r}")
-    if not isinstance(self.calibration_batches, int) or self.calibration_batches < 0:
+    if not is_int(self.calibration_batches) or self.calibration_batches < 0:
       raise ConfigError(f"train.router.calibration_batches must be an integer >= 0, "
                         f"got {self.calibration_batches!r}")
 
@@ -150,9 +152,9 @@ class LoraStage(StageConfig):
 
   def validate(self, name: str) -> None:
     super().validate(name)
-    if not isinstance(self.rank, int) or self.rank < 1:
+    if not is_int(self.rank) or self.rank < 1:
       raise ConfigError(f"train.lora.rank must be an integer >= 1, got {self.rank!r}")
-    if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+    if not (is_number(self.alpha) and self.alpha > 0):
       raise ConfigError(f"train.lora.alpha must be a number > 0, got {self.alpha!r}")
 
 
@@ -290,8 +292,9 @@ def routing_spec(d: dict[str, Any]) -> RoutingSpec:
   if unknown:
     raise ConfigError(f"unknown routing config fields {unknown}; known: {list(ROUTING_FIELDS)} "
                       "(gates and modes follow the stage: see train.router.gate)")
-  if d.get("capacities") is not None:
-    d["capacities"] = tuple(tuple(r) for r in d["capacities"])
+  caps = d.get("capacities")
+  if isinstance(caps, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in caps):
+    d["capacities"] = tuple(tuple(r) for r in caps)  # hashable; RoutingSpec checks the rest
   return _build(RoutingSpec, d, "routing")
 
 
@@ -308,7 +311,10 @@ def settings_from_config(cfg: Any) -> Settings:
   if not isinstance(ckpt, str):
     raise ConfigError(f"model.checkpoint must be a path string, got {ckpt!r}")
   model = from_config_dict(model_d)
-  data = data_from_config(cfg)
+  if "data" not in top:
+    raise ConfigError("the config has no `data` section; add cfg.data = ConfigDict(...) "
+                      "(see configs/tiny.py)")
+  data = data_config(_section(cfg, "data"), ckpt)  # a ConfigDict or a plain dict
   train = train_config(_section(cfg, "train"))
   routing = routing_spec(_section(cfg, "routing"))
   mesh = _build(MeshConfig, _section(cfg, "mesh"), "mesh")

@@ -15,13 +15,15 @@ with the optimizer state and the data stream exactly where they were.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -292,6 +294,36 @@ def _record(mgr: ocp.CheckpointManager, directory: str, step: int) -> None:
     integrity.prune_records(directory, set(mgr.all_steps()))
 
 
+def _committed_steps(directory: str) -> list[int]:
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+
+
+@contextlib.contextmanager
+def _checkpoint_write(directory: str, step: int | None) -> Iterator[None]:
+  """Turns a filesystem failure while writing checkpoint `step` (disk full, quota,
+  permissions) into a one-line CheckpointError; the older whole steps stay as they were."""
+  try:
+    yield
+  except model_ckpt.CheckpointError:
+    raise
+  except Exception as e:  # orbax re-raises its writer threads' errors, possibly chained
+    cause: BaseException | None = e
+    while cause is not None and not (isinstance(cause, OSError)
+                                     or "No space left on device" in str(cause)):
+      cause = cause.__cause__ or cause.__context__
+    if cause is None:
+      raise
+    full = getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in str(cause)
+    why = "no space left on device" if full else (
+        getattr(cause, "strerror", None) or str(cause).splitlines()[0])
+    whole = _committed_steps(directory)
+    raise model_ckpt.CheckpointError(
+        f"cannot write checkpoint step {step} in {directory}: {why}; the newest complete "
+        f"checkpoint is {f'step {whole[-1]}' if whole else 'none'}. Free space (or fix the "
+        "directory) and rerun the same command to resume") from e
+
+
 def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelState:
   """The model a finished (or interrupted) run produced: base + its newest adapters."""
   meta = read_run(workdir)
@@ -515,9 +547,16 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   pending: list[int] = []  # saved steps still without an integrity record
 
   def record_pending() -> None:
-    mgr.wait_until_finished()  # orbax waits for a running save before the next one anyway
-    while pending:
-      _record(mgr, sdir, pending.pop(0))
+    with _checkpoint_write(sdir, pending[0] if pending else None):
+      mgr.wait_until_finished()  # orbax waits for a running save before the next one anyway
+      while pending:
+        step_ = pending.pop(0)
+        # orbax logs, rather than raises, some failures of an asynchronous commit.
+        if not os.path.isdir(os.path.join(sdir, str(step_))):
+          raise model_ckpt.CheckpointError(
+              f"checkpoint step {step_} in {sdir} was not committed (its write failed; see the "
+              "log above); rerun the same command to resume from the newest complete one")
+        _record(mgr, sdir, step_)
 
   def save(step: int) -> None:
     record_pending()
@@ -525,9 +564,10 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
     # train_s: wall seconds spent in this stage's steps so far, over all resumes.
     meta = {"stage": stage, "step": step, "total": total, "config": s.raw,
             "train_s": round(prior_s + time.time() - t_begin, 3)}
-    mgr.save(step, args=ocp.args.Composite(
-        adapters=ocp.args.StandardSave(adapters), opt_state=ocp.args.StandardSave(opt_state),
-        data=_grain_save(it), meta=ocp.args.JsonSave(meta)), force=True)
+    with _checkpoint_write(sdir, step):
+      mgr.save(step, args=ocp.args.Composite(
+          adapters=ocp.args.StandardSave(adapters), opt_state=ocp.args.StandardSave(opt_state),
+          data=_grain_save(it), meta=ocp.args.JsonSave(meta)), force=True)
     pending.append(step)
 
   t_begin = t_last = time.time()
@@ -574,9 +614,13 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
         record_pending()
         raise Preempted(stage, step)
     record_pending()
-  finally:
+  except BaseException:
     it.close()
-    mgr.close()
+    with contextlib.suppress(Exception):  # a failed write raises again here; report the first
+      mgr.close()
+    raise
+  it.close()
+  mgr.close()
   ms.state = nnx.state(nnx.merge(graphdef, trainable, frozen))
   return {"stage": stage, "resumed_from": start, "steps_run": step - start,
           "train_s": round(prior_s + time.time() - t_begin, 3),
