@@ -342,8 +342,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
       reason = "not UTF-8" if isinstance(e, UnicodeDecodeError) else str(e).split(":")[0][:100]
     raise TokenizerError(f"{p} is not a tokenizer.json: invalid JSON ({reason})") from None
   if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-    raise TokenizerError(f"{p} is not a tokenizer.json: expected a JSON object with a 'model' "
-                     f"object, found {type(obj).__name__}")
+    found = (f"an object with keys {sorted(obj)[:6]}" if isinstance(obj, dict)
+             else f"a JSON {type(obj).__name__}")
+    raise TokenizerError(f"{p} is JSON but not a valid tokenizer.json: expected an object with "
+                         f"a 'model' object, found {found}")
   del obj
   try:
     return Tokenizer.from_str(raw.decode("utf-8"))
