@@ -175,11 +175,18 @@ def report(args) -> None:
       cells = []
       truth = None
       for m in methods:
-        (r,) = [r for r in rows if r["target_mix"] == mix and r["method"] == m
-                and (r["mode"], r["policy"], r["sparsity"]) == st]
+        found = [r for r in rows if r["target_mix"] == mix and r["method"] == m
+                 and (r["mode"], r["policy"], r["sparsity"]) == st]
+        if not found:
+          why = next((k["reason"] for k in a["shift"].get("skipped", [])
+                      if k["target_mix"] == mix and k["method"] == m), "")
+          cells.append(f"n/a ({why.split(';')[0]})")
+          continue
+        r = found[0]
         truth = r["measured"]
         cells.append(f"{r['perplexity']:.2f} ± {r['perplexity_se']:.2f} ({r['rel_error']:+.1%}"
                      + (f", {r['truncated_frac']:.0%} cut" if r["truncated_frac"] else "") + ")")
+      truth = measured(b, parse_mix(mix))[st]
       name = "dense" if st[1] == "dense" else f"{st[1]} {st[2]:.2f}"
       lines.append(f"| {mix} | {name} | {truth:.2f} | " + " | ".join(cells) + " |")
   err = ["| estimator | mean abs rel. error | max abs rel. error | mean ESS | rows with truncation |",

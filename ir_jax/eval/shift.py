@@ -97,14 +97,20 @@ def estimate_curves(result: dict[str, Any], mixes: Sequence[tuple[str, dict[str,
   tokens = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
   calib = es.empirical_mix(domains)
   groups = _settings(result)
-  rows = []
+  rows, skipped = [], []
   for label, mix in mixes:
+    es.domain_weights(domains, mix)  # a domain without records is the caller's error
     for method in methods:
       for mode, recs, losses in groups:
         if not recs:
           continue
-        m = es.mix_perplexity(domains, losses, tokens, mix, method=method, tau=tau, c=c,
-                              beta=beta)
+        try:
+          m = es.mix_perplexity(domains, losses, tokens, mix, method=method, tau=tau, c=c,
+                                beta=beta)
+        except es.EstimatorError as e:  # e.g. PSIS with too few positive weights
+          skipped.append({"target_mix": label, "method": method, "mode": mode,
+                          "reason": str(e)})
+          continue
         for i, r in enumerate(recs):
           pick = lambda a: None if a is None else float(np.asarray(a).reshape(-1)[
               i if np.size(a) > 1 else 0])
@@ -117,7 +123,7 @@ def estimate_curves(result: dict[str, Any], mixes: Sequence[tuple[str, dict[str,
               "ess": pick(m.ess), "truncated_frac": pick(m.truncated_frac),
               "tau": pick(m.tau), "pareto_k": pick(m.pareto_k), "n": m.n})
   return {"calibration_mix": calib, "documents": len(domains), "methods": list(methods),
-          "tau": {"rule": tau, "c": c, "beta": beta}, "estimates": rows}
+          "tau": {"rule": tau, "c": c, "beta": beta}, "estimates": rows, "skipped": skipped}
 
 
 def table(shift: dict[str, Any]) -> str:
@@ -133,6 +139,9 @@ def table(shift: dict[str, Any]) -> str:
         lines.append(f"{e['method']:16s} {e['mode']:6s} {e['policy']:8s} {e['sparsity']:8.2f} "
                      f"{e['calibration_perplexity']:10.4f} {e['perplexity']:10.4f} "
                      f"{e['perplexity_se']:8.3f} {e['ess']:7.1f} {e['truncated_frac']:6.3f}")
+    for k in shift.get("skipped", []):
+      if k["target_mix"] == label:
+        lines.append(f"{k['method']:16s} {k['mode']:6s} not estimated: {k['reason']}")
   return "\n".join(lines)
 
 
