@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import importlib.util
 import os
 import pathlib
 
@@ -26,30 +25,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ir_jax.checkpoint import CheckpointError
-from ir_jax.train import integrity, run, settings_from_config
+from ir_jax.train import integrity, run
+from reliability_test import NEWS, STEPS, tiny_settings  # the same tiny forecaster run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
-STEPS = 8  # checkpoints at 3, 6 and 8
 FULL_FROM = 6  # the first checkpoint step written to a full disk
-
-
-def tiny_settings(data_dir: str, async_checkpoints: bool):
-  spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
-  cfg.data.files = (NEWS,)
-  cfg.data.data_dir = data_dir
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
-  cfg.train.stages = "forecaster"
-  cfg.train.forecaster.steps = STEPS
-  cfg.train.checkpoint_every = 3
-  cfg.train.keep_checkpoints = 3
-  cfg.train.eval_batches = 0
-  cfg.train.log_every = 4
-  cfg.train.async_checkpoints = async_checkpoints
-  return settings_from_config(cfg)
 
 
 @pytest.fixture(scope="module")

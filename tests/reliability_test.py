@@ -36,7 +36,9 @@ NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
 STEPS = 8  # checkpoints at 3, 6 and 8 (every 3 and at the end)
 
 
-def tiny_settings(data_dir: str):
+def tiny_settings(data_dir: str, async_checkpoints: bool | None = None):
+  """configs/tiny.py, forecaster only, 8 steps, checkpoints at 3, 6 and 8 (also used by
+  tests/diskfull_test.py)."""
   spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(REPO, "configs", "tiny.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -50,6 +52,8 @@ def tiny_settings(data_dir: str):
   cfg.train.keep_checkpoints = 3
   cfg.train.eval_batches = 0
   cfg.train.log_every = 4
+  if async_checkpoints is not None:
+    cfg.train.async_checkpoints = async_checkpoints
   return settings_from_config(cfg)
 
 
