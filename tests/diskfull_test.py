@@ -28,7 +28,6 @@ from ir_jax.checkpoint import CheckpointError
 from ir_jax.train import integrity, run
 from reliability_test import NEWS, STEPS, tiny_settings  # the same tiny forecaster run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_FROM = 6  # the first checkpoint step written to a full disk
 
 
