@@ -56,16 +56,25 @@ def get_config() -> ml_collections.ConfigDict:
       bad_records="error",
       prefetch=2,
   ))
-  # A CPU-sized budget (minutes on 2 cores): the reference budgets in the
-  # defaults (2,000 steps per stage) are for accelerators. Forecasters see
-  # 40 x 1,024 tokens, routers 16 x 512 tokens with Gumbel gates.
+  # A CPU-sized budget (minutes on 2 cores): forecasters are closed-form
+  # reduced-rank ridge fits (12 x 1,024 tokens of statistics) and routers are
+  # warm-started by regressing their unit's log forecast error (8 x 1,024
+  # tokens); a per-unit capacity table is allocated from 60 one-unit loss
+  # probes. No SGD steps: the reference budgets in the defaults (2,000 steps
+  # per stage) are for accelerators (`--config.train.router.steps=N` adds
+  # Gumbel-gate LM-loss steps on top of the warm start).
   cfg.train.stages = "forecaster,router"
   cfg.train.log_every = 4
   cfg.train.checkpoint_every = 20
   cfg.train.eval_batches = 8
-  cfg.train.forecaster.steps = 40
-  cfg.train.forecaster.learning_rate = 3e-3
-  cfg.train.router.steps = 16
+  cfg.train.forecaster.init = "fit"
+  cfg.train.forecaster.fit_batches = 12
+  cfg.train.forecaster.steps = 0
+  cfg.train.router.init = "fit"
+  cfg.train.router.fit_batches = 8
+  cfg.train.router.allocation = "probe"
+  cfg.train.router.probe_batches = 1
+  cfg.train.router.steps = 0
   cfg.train.router.batch_size = 2
   cfg.train.router.calibration_batches = 2
   cfg.routing.sparsity = 0.25

@@ -32,6 +32,17 @@ class Threshold(nnx.Variable):
   """Calibrated causal-mode score thresholds, one per unit (not trained)."""
 
 
+class Capacity(nnx.Variable):
+  """The trained per-unit capacity table (fraction of tokens executed), one per unit.
+
+  Negative means "no table": the model routes at the uniform capacity it is asked for.
+  Set at the end of the router stage (`ir_jax.fit.allocate`); not trained by gradients.
+  """
+
+
+NO_TABLE = -1.0
+
+
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, kind: type,
             axes: tuple[str, ...], dtype) -> nnx.Variable:
   value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
@@ -88,7 +99,7 @@ class Router(nnx.Module):
 
 
 class RoutingLayer(nnx.Module):
-  """The forecasters, routers and thresholds of one decoder layer."""
+  """The forecasters, routers, thresholds and capacity table row of one decoder layer."""
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     self.attn_lff = Forecaster(cfg, rngs)
@@ -96,6 +107,8 @@ class RoutingLayer(nnx.Module):
     self.attn_router = Router(cfg, rngs)
     self.mlp_router = Router(cfg, rngs)
     self.threshold = _zeros((len(UNITS),), Threshold, ("units",), jnp.float32)
+    self.capacity = Capacity(jnp.full((len(UNITS),), NO_TABLE, jnp.float32),
+                             out_sharding=("units",), eager_sharding=False)
 
   def forecaster(self, unit: int) -> Forecaster:
     return (self.attn_lff, self.mlp_lff)[unit]

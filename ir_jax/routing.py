@@ -159,6 +159,23 @@ def topk_mask(scores_BxT: Array, k: int) -> Array:
   return jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], idx].set(True)
 
 
+def sink_mask(index_BxT: Array, segment_ids_BxT: Array | None) -> Array:
+  """True at the first token of every segment (and of every row): the attention sinks.
+
+  Their unit outputs are far from ordinary tokens' (massive activations), so
+  forecasts miss them badly; every policy executes them, inside the capacity.
+  """
+  first = index_BxT == 0
+  if segment_ids_BxT is None:
+    return first
+  prev = jnp.concatenate([jnp.zeros_like(segment_ids_BxT[:, :1]), segment_ids_BxT[:, :-1]], 1)
+  return (first | (segment_ids_BxT != prev)) & (segment_ids_BxT > 0)
+
+
+# Added to a sink's score so top-k always picks it (finite: ties stay ordered).
+SINK_BONUS = 1e9
+
+
 def _straight_through(hard_BxT: Array, soft_BxT: Array) -> Array:
   """Forward value `hard`, gradient of `soft`."""
   return hard_BxT.astype(jnp.float32) + soft_BxT - jax.lax.stop_gradient(soft_BxT)
@@ -178,14 +195,16 @@ UnitFn = Callable[[Array | None, Array], Array]
 
 def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
                router: Router, spec: RoutingSpec, k: int, threshold: Array,
-               key: Array, temperature: Array | None = None) -> tuple[Array, dict[str, Array]]:
+               key: Array, temperature: Array | None = None,
+               sink_BxT: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """The unit's contribution to the residual for every token, and statistics.
 
   `unit_fn(idx_BxS, n_BxSxD)` runs the unit for the tokens at `idx` (None:
   all tokens). Returns (delta_BxTxD, aux) with aux = {exec_rate: mean gate
   (differentiable for ste/gumbel), importance: mean over tokens of
   (1 - g) * (1 - cos(x, x + Unit(n))) (0 when only gathered tokens ran),
-  scores_BxT: the routing scores}.
+  scores_BxT: the routing scores}. Tokens in `sink_BxT` always execute (they
+  take top-k slots first; gates and thresholds are forced open for them).
   """
   b, t, _ = n_BxTxD.shape
   f32 = jnp.float32
@@ -203,6 +222,8 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
   else:
     scores = router(n_BxTxD)
   soft = jax.nn.sigmoid(scores)
+  if sink_BxT is not None:
+    scores = jnp.where(sink_BxT, scores + SINK_BONUS, scores)
 
   if spec.mode == "causal":
     gate = scores > threshold
@@ -211,6 +232,8 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
     temp = spec.temperature if temperature is None else temperature  # traced when annealed
     soft = jax.nn.sigmoid((scores + jnp.log(u) - jnp.log1p(-u)) / temp)
     gate = soft > 0.5
+    if sink_BxT is not None:
+      soft = jnp.where(sink_BxT, 1.0, soft)
   else:
     gate = topk_mask(scores, k)
   g = _straight_through(gate, soft) if spec.gate != "hard" else gate.astype(f32)
@@ -254,6 +277,7 @@ class _Ctx:
   index_BxT: Array
   segment_ids_BxT: Array | None
   temperature: Array | None = None  # overrides spec.temperature (a traced, annealed value)
+  sink_BxT: Array | None = None  # tokens that always execute (segment starts)
 
 
 def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ctx,
@@ -282,12 +306,12 @@ def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ct
 
   thr = rl.threshold[...]
   delta, aux_a = route_unit(n, x_BxTxD, attn_fn, rl.attn_lff, rl.attn_router, spec, ks[0],
-                            thr[0], jax.random.fold_in(key, 0), ctx.temperature)
+                            thr[0], jax.random.fold_in(key, 0), ctx.temperature, ctx.sink_BxT)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   n = layer.post_attention_layernorm(x_BxTxD)
   delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: layer.mlp(ns), rl.mlp_lff,
                             rl.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1),
-                            ctx.temperature)
+                            ctx.temperature, ctx.sink_BxT)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
   if cache is None:
@@ -318,7 +342,7 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
   b, t = tokens_BxT.shape
   index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   ctx = _Ctx(index_BxT if positions_BxT is None else positions_BxT, index_BxT,
-             segment_ids_BxT, temperature)
+             segment_ids_BxT, temperature, sink_mask(index_BxT, segment_ids_BxT))
   key = jax.random.key(spec.seed) if rng is None else rng
   ks = _layer_ks(spec, cfg, t)
   x = model.embed(tokens_BxT)
@@ -344,6 +368,56 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
 def realized_sparsity(aux: dict[str, Array]) -> Array:
   """Fraction of (token, unit) pairs approximated in one forward."""
   return 1.0 - jnp.mean(aux["exec_rate"])
+
+
+# ------------------------------------------------------------ capacity tables
+def model_table(model: Llama) -> tuple[tuple[float, float], ...] | None:
+  """The model's trained per-unit capacity table, or None when it has none."""
+  caps = np.asarray(jax.device_get(model.routing.capacity[...]), np.float64)
+  if caps.ndim != 2 or (caps < 0).any():
+    return None
+  return tuple(tuple(float(c) for c in row) for row in caps)
+
+
+def rescale_table(table: Iterable[Iterable[float]], sparsity: float) -> tuple[tuple[float, ...], ...]:
+  """The table with its mean sparsity moved to `sparsity`, keeping its shape.
+
+  Every unit's sparsity is multiplied by one factor (units the table keeps
+  dense stay dense); units that would pass 1 are clipped and the rest are
+  scaled again until the mean is exact. A table with no sparsity at all
+  becomes uniform.
+  """
+  caps = np.asarray(list(map(list, table)), np.float64)
+  s = 1.0 - caps
+  if not _is_fraction(sparsity):
+    raise ConfigError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+  if s.mean() <= 1e-12:
+    out = np.full_like(s, sparsity)
+  else:
+    out = s.copy()
+    for _ in range(len(s.ravel()) + 1):
+      free = out < 1.0 - 1e-12
+      fixed = out[~free].sum()
+      want = sparsity * s.size - fixed
+      base = s[free].sum()
+      if base <= 1e-12:
+        break
+      out = np.where(free, s * want / base, 1.0)
+      if (out <= 1.0 + 1e-12).all():
+        break
+      out = np.minimum(out, 1.0)
+    out = np.clip(out, 0.0, 1.0)
+  return tuple(tuple(float(1.0 - v) for v in row) for row in out)
+
+
+def trained_spec(model: Llama, spec: RoutingSpec, sparsity: float | None = None) -> RoutingSpec:
+  """`spec` with the model's capacity table (rescaled to `sparsity`, default the spec's own)
+  when the model has one and the spec names no table; otherwise `spec` unchanged."""
+  table = model_table(model)
+  if table is None or spec.capacities is not None or spec.policy == "dense":
+    return spec
+  target = spec.sparsity if sparsity is None else sparsity
+  return dataclasses.replace(spec, capacities=rescale_table(table, target))
 
 
 # ------------------------------------------------------------ calibration
@@ -395,7 +469,7 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
     raise ConfigError("decode_step routes causally: pass a spec with mode='causal'")
   b = token_B.shape[0]
   pos_Bx1 = jnp.full((b, 1), pos, jnp.int32)
-  ctx = _Ctx(pos_Bx1, pos_Bx1, None)
+  ctx = _Ctx(pos_Bx1, pos_Bx1, None, sink_BxT=pos_Bx1 == 0)
   key = jax.random.key(spec.seed)
   x = model.embed(token_B[:, None])
 

@@ -70,7 +70,8 @@ def _silu(z):
 
 
 def numpy_routed_forward(m, toks, pos, seg, policy: str, capacity: float) -> np.ndarray:
-  """Token-by-token loop: units run only on the chosen tokens (top-k of router scores)."""
+  """Token-by-token loop: units run only on the chosen tokens (segment starts, then top-k
+  of router scores)."""
   cfg, p = m.config, _np_params(m)
   toks, pos = np.asarray(toks)[0], np.asarray(pos)[0]
   seg = np.asarray(seg)[0] if seg is not None else np.ones_like(toks)
@@ -89,7 +90,10 @@ def numpy_routed_forward(m, toks, pos, seg, policy: str, capacity: float) -> np.
       if policy == "greedy":
         forecast = np.zeros_like(forecast)
       score = np.maximum(n @ router["w1"] + router["b1"], 0) @ router["w2"] + router["b2"][0]
-      chosen = set(np.argsort(-score, kind="stable")[:k_exec].tolist())
+      # Segment starts (attention sinks) take the first slots, then the highest scores.
+      sink = np.array([i == 0 or (seg[i] > 0 and seg[i] != seg[i - 1]) for i in range(t)])
+      order = sorted(range(t), key=lambda i: (not sink[i], -score[i]))
+      chosen = set(order[:k_exec])
       new = x.copy()
       for i in range(t):
         if i not in chosen:

@@ -10,7 +10,9 @@ LoRA was merged. `routing.safetensors` holds, per layer i:
     model.layers.{i}.{attn,mlp}_lff.{w1 [d, r], b1 [r], w2 [r, d], b2 [d]}
     model.layers.{i}.{attn,mlp}_router.{w1 [d, h], b1 [h], w2 [h], b2 [1]}  (w1, b1 absent when h = 0)
     model.layers.{i}.threshold [2] (float32; attn, mlp)
-  reference layout: see `ir_jax.convert.reference` (thresholds then live in routing.json).
+    model.layers.{i}.capacity [2] (float32; the trained capacity table row, -1: none)
+  reference layout: see `ir_jax.convert.reference` (thresholds and the capacity table then
+  live in routing.json).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ir_jax.config import ConfigError, LlamaConfig, read_json_object
 from ir_jax.convert import reference
 from ir_jax.convert.safetensors_io import SafetensorsFile, write_streaming
 from ir_jax.convert.sources import WeightImportError
-from ir_jax.forecast import UNITS
+from ir_jax.forecast import NO_TABLE, UNITS
 
 MANIFEST = "routing.json"
 WEIGHTS = "routing.safetensors"
@@ -42,6 +44,10 @@ THRESHOLD_MEANING = (
     "values[l][u], else the unit is approximated by its forecaster; calibrated on held-out "
     "tokens so each unit executes its capacity. '-inf' always executes, 'inf' never. "
     "Top-k mode ignores thresholds.")
+CAPACITY_MEANING = (
+    "the trained per-unit capacity table: values[l][u] is the fraction of tokens unit u of "
+    "layer l executes in top-k mode (the rest are approximated by the forecaster); its mean "
+    "sparsity is the spec's. null: no table (uniform capacity 1 - sparsity).")
 
 
 # ------------------------------------------------------------ routing spec
@@ -156,6 +162,10 @@ def write(out_dir: str, cfg: LlamaConfig, routing: dict, layout: str, *, spec: A
         "(as the reference's gumbel gates); softmax index 0 = sigmoid(score). Use the "
         "reference with post_norm_router=True and TokenRouter hidden width "
         f"{cfg.router_hidden or 2} (it hard-codes d // 4 - 200)")
+  caps = np.asarray(routing["capacity"], np.float32) if "capacity" in routing else None
+  has_table = caps is not None and bool((caps >= 0).all())
+  capacity_table = {"meaning": CAPACITY_MEANING,
+                    "values": [[float(v) for v in row] for row in caps] if has_table else None}
   manifest = {
       "format": FORMAT,
       "version": VERSION,
@@ -172,6 +182,7 @@ def write(out_dir: str, cfg: LlamaConfig, routing: dict, layout: str, *, spec: A
                                 "output delta"},
       "router": router,
       "thresholds": thresholds,
+      "capacity_table": capacity_table,
       "lora": lora,
       "source": source,
   }
@@ -228,6 +239,9 @@ def read(path: str, manifest: dict[str, Any], cfg: LlamaConfig, target: dict) ->
     pre = PREFIX.format(i=i)
     if manifest["layout"] == "ir_jax":
       for p, want in leaves.items():
+        if p == ("capacity",) and pre + "capacity" not in st:  # exports before tables
+          slices[p].append(_capacities(manifest, file, layers)[i])
+          continue
         slices[p].append(get(pre + ".".join(p), want.shape[1:]))
       continue
     mods = reference.from_reference(lambda k: get(pre + k, ref_shapes[k]), cfg.router_hidden,
@@ -235,6 +249,8 @@ def read(path: str, manifest: dict[str, Any], cfg: LlamaConfig, target: dict) ->
     for p in leaves:
       if p == ("threshold",):
         slices[p].append(_thresholds(manifest, file, layers)[i])
+      elif p == ("capacity",):
+        slices[p].append(_capacities(manifest, file, layers)[i])
       else:
         slices[p].append(mods[p[0]][p[1]])
   out: dict = {}
@@ -255,6 +271,20 @@ def _thresholds(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
     raise WeightImportError(f"{file}: thresholds.values must be {layers} rows of "
                             f"{len(UNITS)} numbers")
   return np.array([[_float_from_json(v, file) for v in r] for r in values], np.float32)
+
+
+def _capacities(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
+  values = (manifest.get("capacity_table") or {}).get("values")
+  if values is None:
+    return np.full((layers, len(UNITS)), NO_TABLE, np.float32)
+  if not isinstance(values, list) or len(values) != layers or any(
+      not isinstance(r, list) or len(r) != len(UNITS) for r in values):
+    raise WeightImportError(f"{file}: capacity_table.values must be {layers} rows of "
+                            f"{len(UNITS)} numbers")
+  out = np.array([[_float_from_json(v, file) for v in r] for r in values], np.float32)
+  if not ((out >= 0) & (out <= 1)).all():
+    raise WeightImportError(f"{file}: capacity_table.values must lie in [0, 1]")
+  return out
 
 
 def config_overrides(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from ir_jax.data.config import DataError
 from ir_jax.data.tokenize import TextTokenizer
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
-from ir_jax.routing import MODES, POLICIES, RoutingSpec, flops, topk_mask
+from ir_jax.routing import MODES, POLICIES, RoutingSpec, flops, topk_mask, trained_spec
 
 FORMAT = "ir_jax.eval/1"
 Array = jax.Array
@@ -250,7 +250,8 @@ def evaluate(model: Llama, docs: Sequence[Document], todo: Sequence[Setting], *,
   doc_tokens = None
   try:
     for st in todo:
-      spec = st.spec(seed)
+      # A trained capacity table (rescaled to this sparsity) replaces the uniform capacity.
+      spec = trained_spec(model, st.spec(seed))
       t0 = time.time()
       thresholds = None
       if st.mode == "causal" and st.policy != "dense":
@@ -266,7 +267,8 @@ def evaluate(model: Llama, docs: Sequence[Document], todo: Sequence[Setting], *,
       rec = evaluate_setting(model, full, tail, len(docs), spec, batch_size)
       doc_tokens = rec.pop("doc_tokens")
       fl = flops(cfg, spec, seq_len)
-      rec = {"mode": st.mode, "policy": st.policy, "sparsity": st.sparsity, **rec,
+      rec = {"mode": st.mode, "policy": st.policy, "sparsity": st.sparsity,
+             "capacity_table": spec.capacities is not None, **rec,
              "flops_fraction": fl["executed_fraction"], "ideal_flops_fraction": fl["ideal_fraction"],
              "wall_s": round(time.time() - t0, 3)}
       if thresholds is not None:

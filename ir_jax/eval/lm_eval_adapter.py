@@ -51,7 +51,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ir_jax.config import ConfigError
-from ir_jax.routing import RoutingSpec, decode_step, init_cache
+from ir_jax.routing import RoutingSpec, decode_step, init_cache, trained_spec
 
 NAME = "ir_jax"
 
@@ -82,8 +82,9 @@ class IrJaxLM(LM):
 
     # lm-eval passes device, dtype etc. for every model type; JAX chooses devices itself.
     self.model = load_model(str(pretrained))
-    self.spec = RoutingSpec(policy=str(policy), sparsity=float(sparsity), mode=str(mode),
-                            seed=int(seed))
+    # The model's trained capacity table (rescaled to `sparsity`) when it has one.
+    self.spec = trained_spec(self.model, RoutingSpec(policy=str(policy), sparsity=float(sparsity),
+                                                     mode=str(mode), seed=int(seed)))
     from ir_jax.data.config import DataError
 
     tok_spec = str(tokenizer or pretrained)

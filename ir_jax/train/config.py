@@ -69,7 +69,7 @@ class StageConfig:
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
         raise ConfigError(f"train.{name}.{field} must be a number {bound}, got {v!r}")
 
-    integer("steps", 1)
+    integer("steps", 0 if getattr(self, "init", "none") == "fit" else 1)
     number("learning_rate", 0.0, low_open=True)
     if self.schedule not in SCHEDULES:
       raise ConfigError(f"train.{name}.schedule must be one of {list(SCHEDULES)}, "
@@ -87,9 +87,38 @@ class StageConfig:
                         f"{self.steps} x {self.grad_accum}")
 
 
+INITS = ("fit", "none")
+ALLOCATIONS = ("probe", "uniform")
+
+
+def _check_fit(sc: StageConfig, name: str) -> None:
+  if sc.init not in INITS:
+    raise ConfigError(f"train.{name}.init must be one of {list(INITS)}, got {sc.init!r}")
+  if not is_int(sc.fit_batches) or sc.fit_batches < 1:
+    raise ConfigError(f"train.{name}.fit_batches must be an integer >= 1, got {sc.fit_batches!r}")
+  if not (is_number(sc.ridge) and sc.ridge > 0):
+    raise ConfigError(f"train.{name}.ridge must be a number > 0, got {sc.ridge!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ForecasterStage(StageConfig):
-  """Forecasters regress their unit's output (SmoothL1, beta 1, summed over units)."""
+  """Forecasters regress their unit's output (SmoothL1, beta 1, summed over units).
+
+  init:        fit (closed-form reduced-rank ridge regression per unit from one
+               pass of statistics over `fit_batches` batches, before any step;
+               `steps` may then be 0) or none (SGD from the small random init).
+  fit_batches: batches of statistics for the fit.
+  ridge:       ridge strength, relative to the mean eigenvalue of each unit's
+               input covariance.
+  """
+
+  init: str = "fit"
+  fit_batches: int = 12
+  ridge: float = 1e-2
+
+  def validate(self, name: str) -> None:
+    super().validate(name)
+    _check_fit(self, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +133,17 @@ class RouterStage(StageConfig):
   importance_weight:  weight of mean (1 - g) (1 - cos(x, x + Unit(n))).
   calibration_batches: batches used at the end to calibrate causal thresholds (0: skip).
   prior_bias:         untrained routers (output bias 0) start with bias logit(capacity),
-                      so Gumbel gates execute the target fraction from the first step.
+                      so Gumbel gates execute the target fraction from the first step
+                      (init='none' only).
+  init:               fit (warm start: each router regresses its unit's log forecast
+                      error on the unit input, ridge, from `fit_batches` batches; the
+                      oracle's choice made learnable) or none.
+  allocation:         probe (a per-unit capacity table: each unit's loss increase
+                      when it alone approximates `probe_level` of the tokens, measured
+                      on `probe_batches` batches, then a greedy allocation of the target
+                      sparsity; stored with the routers) or uniform (every unit at the
+                      target capacity).
+  max_sparsity:       no unit of the table approximates more than this fraction.
   """
 
   learning_rate: float = 2e-3
@@ -116,6 +155,13 @@ class RouterStage(StageConfig):
   importance_weight: float = 0.1
   calibration_batches: int = 4
   prior_bias: bool = True
+  init: str = "fit"
+  fit_batches: int = 8
+  ridge: float = 1e-2
+  allocation: str = "probe"
+  probe_batches: int = 1
+  probe_level: float = 0.5
+  max_sparsity: float = 0.875
 
   def validate(self, name: str) -> None:
     super().validate(name)
@@ -132,6 +178,17 @@ class RouterStage(StageConfig):
         raise ConfigError(f"train.router.{f} must be a finite number >= 0, got {v!r}")
     if not isinstance(self.prior_bias, bool):
       raise ConfigError(f"train.router.prior_bias must be True or False, got {self.prior_bias!r}")
+    _check_fit(self, name)
+    if self.allocation not in ALLOCATIONS:
+      raise ConfigError(f"train.router.allocation must be one of {list(ALLOCATIONS)}, "
+                        f"got {self.allocation!r}")
+    if not is_int(self.probe_batches) or self.probe_batches < 1:
+      raise ConfigError(f"train.router.probe_batches must be an integer >= 1, "
+                        f"got {self.probe_batches!r}")
+    for f in ("probe_level", "max_sparsity"):
+      v = getattr(self, f)
+      if not (is_number(v) and 0 < v <= 1):
+        raise ConfigError(f"train.router.{f} must be a number in (0, 1], got {v!r}")
     if not is_int(self.calibration_batches) or self.calibration_batches < 0:
       raise ConfigError(f"train.router.calibration_batches must be an integer >= 0, "
                         f"got {self.calibration_batches!r}")

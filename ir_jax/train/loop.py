@@ -39,7 +39,8 @@ from ir_jax.data import pipeline
 from ir_jax.data.config import DataError
 from ir_jax.data.packing import PACK
 from ir_jax.model import Llama
-from ir_jax.routing import RoutingSpec, calibrate_thresholds
+from ir_jax.routing import RoutingSpec, calibrate_thresholds, trained_spec
+from ir_jax.train.init import forecaster_report, stage_init
 from ir_jax.train import integrity, steps
 from ir_jax.train.config import Settings
 from ir_jax.train.metrics import MetricWriter, console_line
@@ -401,9 +402,12 @@ def evaluate(s: Settings, ms: ModelState, mesh: jax.sharding.Mesh,
              num_batches: int) -> dict[str, Any]:
   """Held-out perplexity, dense and routed at the configured policy and sparsity."""
   data = s.data
-  eval_spec = dataclasses.replace(s.routing, mode="topk", gate="hard", compute="gathered")
+  eval_spec = trained_spec(nnx.merge(ms.graphdef, ms.state),
+                           dataclasses.replace(s.routing, mode="topk", gate="hard",
+                                               compute="gathered"))
   results: dict[str, Any] = {"split": data.eval_split, "seq_len": data.seq_len,
-                             "policy": eval_spec.policy, "sparsity": eval_spec.sparsity}
+                             "policy": eval_spec.policy, "sparsity": eval_spec.sparsity,
+                             "capacity_table": eval_spec.capacities is not None}
   for name, spec in (("dense", None), ("routed", eval_spec)):
     fn = jit_eval_step(ms.graphdef, ms.shardings, spec, mesh)
     it = pipeline.make_iterator(data, data.eval_split, mode=PACK, shuffle=False, num_epochs=1,
@@ -527,6 +531,8 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
 
   start, prior_s = 0, 0.0
+  t_begin = time.time()
+  fitted = False
   if latest is not None:
     prior_s = float((restored["meta"] or {}).get("train_s", 0.0))
     replace_adapters(ms, restored["adapters"])
@@ -534,7 +540,13 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
     opt_state = restored["opt_state"]
     start = latest
     log(f"[{stage}] resumed from batch {latest} ({time.time() - t0:.1f}s)")
-
+  elif getattr(sc, "init", "none") == "fit":
+    model = nnx.merge(graphdef, trainable, frozen)
+    fit_info = stage_init(s, stage, model, it)
+    writer.write(stage, 0, fit_info)
+    _, trainable, frozen = nnx.split(model, trainable_type, ...)
+    trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
+    fitted = True
   elif stage == "router" and sc.prior_bias:
     trainable = _prior_router_bias(trainable, s.routing, tr_sh)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
@@ -570,7 +582,36 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
           data=_grain_save(it), meta=ocp.args.JsonSave(meta)), force=True)
     pending.append(step)
 
-  t_begin = t_last = time.time()
+  def finish() -> None:
+    nonlocal trainable, frozen
+    if stage == "forecaster" and s.train.eval_batches:
+      held = pipeline.make_iterator(s.data, s.data.eval_split, mode=PACK, shuffle=False,
+                                    num_epochs=1, mesh=mesh, batch_axes=sh.BATCH_AXES,
+                                    num_batches=min(4, s.train.eval_batches),
+                                    prepare_if_missing=True)
+      try:
+        batches = list(held)
+      finally:
+        held.close()
+      if batches:
+        info = forecaster_report(nnx.merge(graphdef, trainable, frozen), batches,
+                                 os.path.join(workdir, "forecasters.json"))
+        writer.write(stage, total, info)
+    if stage == "router" and sc.calibration_batches:
+      model = nnx.merge(graphdef, trainable, frozen)
+      from jax.experimental import multihost_utils
+
+      cal = [np.asarray(multihost_utils.process_allgather(next(it)["inputs"], tiled=True))
+             for _ in range(sc.calibration_batches)]
+      calibrate_thresholds(model, cal, trained_spec(model, steps.lora_spec(s.routing)))
+      _, trainable, frozen = nnx.split(model, trainable_type, ...)
+      frozen = jax.device_put(frozen, fr_sh)
+
+  if fitted:  # the fit is a resume point of its own (it took a pass over the data)
+    if total == 0:
+      finish()
+    save(0)
+  t_last = time.time()
   n_last = start
   first_loss = last_loss = None
   step = start
@@ -598,15 +639,8 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
         writer.write(stage, step, vals)
         log(console_line(stage, step, total, vals))
         t_last, n_last = now, step
-      if step == total and stage == "router" and sc.calibration_batches:
-        model = nnx.merge(graphdef, trainable, frozen)
-        from jax.experimental import multihost_utils
-
-        cal = [np.asarray(multihost_utils.process_allgather(next(it)["inputs"], tiled=True))
-               for _ in range(sc.calibration_batches)]
-        calibrate_thresholds(model, cal, steps.lora_spec(s.routing))
-        _, trainable, frozen = nnx.split(model, trainable_type, ...)
-        frozen = jax.device_put(frozen, fr_sh)
+      if step == total:
+        finish()
       stop_now = stop.set or (should_stop is not None and should_stop(stage, step))
       if step % s.train.checkpoint_every == 0 or step == total or stop_now:
         save(step)

@@ -15,15 +15,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ir_jax.forecast import ForecasterParam, RouterParam, Threshold
+from ir_jax.forecast import Capacity, ForecasterParam, RouterParam, Threshold
 from ir_jax.model import Llama, LoraParam
-from ir_jax.routing import RoutingSpec, routed_forward
+from ir_jax.routing import RoutingSpec, routed_forward, sink_mask
 from ir_jax.train.config import RouterStage, StageConfig
 
 Array = jax.Array
 TRAINABLE = {"forecaster": ForecasterParam, "router": RouterParam, "lora": LoraParam}
 # Everything a training run produces on top of the base weights.
-ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, LoraParam)
+ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, Capacity, LoraParam)
 
 
 # ------------------------------------------------------------ optimizers
@@ -68,7 +68,8 @@ def _explained(pred: Array, target: Array, valid_BxT: Array) -> Array:
 
 
 def forecaster_loss(model: Llama, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
-  """Dense forward; each forecaster regresses its unit's output from the unit input.
+  """Dense forward; each forecaster regresses its unit's output from the unit input
+  (ordinary tokens: segment starts excluded).
 
   Inputs and targets are stop-gradient, so the only backward pass is through
   the forecasters; the LM head is never computed.
@@ -76,7 +77,9 @@ def forecaster_loss(model: Llama, batch: dict[str, Array]) -> tuple[Array, dict[
   tokens, positions, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
   b, t = tokens.shape
   index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  valid = (seg > 0).astype(jnp.float32)
+  # Ordinary tokens only: segment starts always execute (routing.sink_mask), and their
+  # massive activations would dominate both the loss and the explained variance.
+  valid = ((seg > 0) & ~sink_mask(index, seg)).astype(jnp.float32)
   sg = jax.lax.stop_gradient
 
   def layer_fn(layer, rl, x, _):
@@ -123,7 +126,12 @@ def router_loss(model: Llama, batch: dict[str, Array], spec: RoutingSpec, rs: Ro
   exec_Lx2 = aux["exec_rate"]
   capacity = 1.0 - spec.sparsity if spec.capacities is None else jnp.mean(
       jnp.asarray(spec.capacities, jnp.float32))
-  sparsity_pen = jnp.abs(capacity - jnp.mean(exec_Lx2))
+  # With a trained capacity table each unit is held to its own capacity (the
+  # table is what evaluation routes with); without one, the mean rate is.
+  table_Lx2 = model.routing.capacity[...]
+  has_table = jnp.all(table_Lx2 >= 0)
+  sparsity_pen = jnp.where(has_table, jnp.mean(jnp.abs(table_Lx2 - exec_Lx2)),
+                           jnp.abs(capacity - jnp.mean(exec_Lx2)))
   importance = jnp.mean(aux["importance"])
   loss = lm + rs.sparsity_weight * sparsity_pen + rs.importance_weight * importance
   return loss, {"loss": loss, "lm": lm, "sparsity_penalty": sparsity_pen,

@@ -1,0 +1,110 @@
+"""What a stage does before its first step: closed-form fits and the capacity table.
+
+forecaster (init='fit'): reduced-rank ridge forecasters from one statistics pass.
+router (init='fit'):     routers regress log forecast error (the oracle's target);
+                         then (allocation='probe') the per-unit capacity table is
+                         allocated from measured per-unit damage and stored in the model,
+                         and router biases are centred on each unit's capacity.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from ir_jax import fit
+from ir_jax.model import Llama
+from ir_jax.progress import Progress
+from ir_jax.routing import model_table
+from ir_jax.train.config import Settings
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _batches(it: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+  return list(itertools.islice(it, n))
+
+
+def _target_sparsity(s: Settings) -> float:
+  r = s.routing
+  return r.sparsity if r.capacities is None else float(1.0 - np.mean(r.capacities))
+
+
+def stage_init(s: Settings, stage: str, model: Llama, it: Iterator[dict[str, Any]]) -> dict[str, float]:
+  """Runs the stage's fit on batches drawn from its training stream; returns metrics to log."""
+  sc = s.train.stage(stage)
+  if stage == "forecaster":
+    _log(f"[forecaster] closed-form fit: statistics over {sc.fit_batches} batches "
+         f"(ordinary tokens; segment starts excluded), rank {model.config.lff_rank}, "
+         f"ridge {sc.ridge:g}")
+    m = fit.forecaster_moments(model, _batches(it, sc.fit_batches),
+                               Progress("[forecaster] statistics", sc.fit_batches, printer=_log))
+    fit.set_forecasters(model, m, sc.ridge)
+    return {"fit_tokens": float(m["count"][0, 0])}
+  if stage == "router":
+    _log(f"[router] warm start: routers regress log forecast error over {sc.fit_batches} batches")
+    m = fit.router_moments(model, _batches(it, sc.fit_batches),
+                           Progress("[router] statistics", sc.fit_batches, printer=_log))
+    r2 = fit.set_routers(model, m, sc.ridge)
+    ex = fit.explained(m)
+    info = {"router_fit_r2_attn": float(r2[:, 0].mean()), "router_fit_r2_mlp": float(r2[:, 1].mean()),
+            "explained_fit_attn": float(ex[:, 0].mean()), "explained_fit_mlp": float(ex[:, 1].mean())}
+    _log(f"[router] fit R^2 of log forecast error: attention {info['router_fit_r2_attn']:.2f}, "
+         f"MLP {info['router_fit_r2_mlp']:.2f}")
+    sparsity = _target_sparsity(s)
+    if sc.allocation == "probe" and s.routing.capacities is None and 0 < sparsity < 1:
+      units = model.config.num_layers * 2
+      _log(f"[router] capacity table: probing {units} units at sparsity {sc.probe_level:g} on "
+           f"{sc.probe_batches} batch(es)")
+      probe = _batches(it, sc.probe_batches)
+      damage, scores = fit.unit_damage(model, probe, sc.probe_level,
+                                       Progress("[router] probes", units, printer=_log))
+      table = fit.allocate(damage, sparsity, sc.probe_level, max_sparsity=sc.max_sparsity)
+      fit.set_table(model, table, scores)
+      tab = np.asarray(model_table(model))
+      info.update(table_sparsity_attn=float(1 - tab[:, 0].mean()),
+                  table_sparsity_mlp=float(1 - tab[:, 1].mean()))
+      _log(f"[router] capacity table (mean sparsity {1 - tab.mean():.3f}): attention "
+           f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}")
+    else:
+      _, scores = fit.unit_scores(model, _batches(it, sc.probe_batches))
+      caps = np.full((model.config.num_layers, 2), 1.0 - sparsity)
+      if s.routing.capacities is not None:
+        caps = np.asarray(s.routing.capacities)
+      fit.center_routers(model, caps, scores)
+    return info
+  raise ValueError(f"stage {stage!r} has no fit")
+
+
+def forecaster_report(model: Llama, batches: list[dict[str, Any]], path: str) -> dict[str, float]:
+  """Explained variance per layer and unit on held-out ordinary tokens (segment starts
+  excluded), written to `path` (JSON); returns the per-unit-type means to log."""
+  ex = fit.explained(fit.forecast_error(model, batches))
+  if jax.process_index() == 0:
+    write_json(path, {"what": "1 - sum |LFF(n) - Unit(n)|^2 / sum |Unit(n)|^2 over held-out "
+                              "ordinary tokens (segment starts excluded), per layer",
+                      "tokens_batches": len(batches),
+                      "attn": [round(float(v), 4) for v in ex[:, 0]],
+                      "mlp": [round(float(v), 4) for v in ex[:, 1]]})
+  info = {"heldout_explained_attn": float(ex[:, 0].mean()),
+          "heldout_explained_mlp": float(ex[:, 1].mean())}
+  _log(f"[forecaster] held-out explained variance (ordinary tokens): attention "
+       f"{info['heldout_explained_attn']:.2f}, MLP {info['heldout_explained_mlp']:.2f} "
+       f"(per layer: {path})")
+  return info
+
+
+def write_json(path: str, obj: Any) -> None:
+  import json
+  import os
+
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
