@@ -57,12 +57,12 @@ def get_config() -> ml_collections.ConfigDict:
       prefetch=2,
   ))
   # A CPU-sized budget (minutes on 2 cores): forecasters are closed-form
-  # reduced-rank ridge fits (12 x 1,024 tokens of statistics) and routers are
+  # reduced-rank ridge fits (12 x 1,024 tokens of statistics), routers are
   # warm-started by regressing their unit's log forecast error (8 x 1,024
-  # tokens); a per-unit capacity table is allocated from 60 one-unit loss
-  # probes. No SGD steps: the reference budgets in the defaults (2,000 steps
-  # per stage) are for accelerators (`--config.train.router.steps=N` adds
-  # Gumbel-gate LM-loss steps on top of the warm start).
+  # tokens) and a per-unit capacity table is allocated from each unit's
+  # forecast error curve (2 x 1,024 tokens). No SGD steps: the reference
+  # budgets in the defaults (2,000 steps per stage) are for accelerators;
+  # `--config.train.router.steps=N` adds Gumbel-gate LM-loss steps on top.
   cfg.train.stages = "forecaster,router"
   cfg.train.log_every = 4
   cfg.train.checkpoint_every = 20
@@ -72,10 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.forecaster.steps = 0
   cfg.train.router.init = "fit"
   cfg.train.router.fit_batches = 8
-  cfg.train.router.allocation = "probe"
-  cfg.train.router.probe_batches = 1
+  cfg.train.router.allocation = "error"
+  cfg.train.router.allocation_batches = 2
   cfg.train.router.steps = 0
-  cfg.train.router.batch_size = 2
   cfg.train.router.calibration_batches = 2
   cfg.routing.sparsity = 0.25
   return cfg

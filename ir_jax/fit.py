@@ -86,12 +86,17 @@ def _forecaster_moments(model: Llama, batch: dict[str, Array]) -> dict[str, Arra
   return _dense_units(model, batch, per_unit)
 
 
-@nnx.jit
-def _router_moments(model: Llama, batch: dict[str, Array]) -> dict[str, Array]:
+def _approximation(rl, unit: int, n: Array, greedy: bool) -> Array:
+  """What approximating the unit puts in its place: the forecast, or nothing (greedy)."""
+  return jnp.zeros_like(n) if greedy else rl.forecaster(unit)(n)
+
+
+@nnx.jit(static_argnames=("greedy",))
+def _router_moments(model: Llama, batch: dict[str, Array], greedy: bool) -> dict[str, Array]:
   w = _ordinary(batch).reshape(-1)
 
   def per_unit(rl, unit, n, u, x_res):
-    f = rl.forecaster(unit)(n)
+    f = _approximation(rl, unit, n, greedy)
     x = n.reshape(-1, n.shape[-1]).astype(jnp.float32)
     err = jnp.sum(jnp.square((u - f).astype(jnp.float32)), -1).reshape(-1)
     tot = jnp.sum(jnp.square(u.astype(jnp.float32)), -1).reshape(-1)
@@ -116,10 +121,10 @@ def _forecast_error(model: Llama, batch: dict[str, Array]) -> dict[str, Array]:
   return _dense_units(model, batch, per_unit)
 
 
-@nnx.jit
-def _error_curves(model: Llama, batch: dict[str, Array]) -> dict[str, Array]:
+@nnx.jit(static_argnames=("greedy",))
+def _error_curves(model: Llama, batch: dict[str, Array], greedy: bool) -> dict[str, Array]:
   def per_unit(rl, unit, n, u, x_res):
-    f = rl.forecaster(unit)(n)
+    f = _approximation(rl, unit, n, greedy)
     err = jnp.sum(jnp.square((u - f).astype(jnp.float32)), -1)
     scale = jnp.sum(jnp.square(x_res.astype(jnp.float32)), -1)
     return dict(score=rl.router(unit)(n).reshape(-1),
@@ -128,13 +133,14 @@ def _error_curves(model: Llama, batch: dict[str, Array]) -> dict[str, Array]:
   return _dense_units(model, batch, per_unit)
 
 
-def error_curves(model: Llama, batches: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-  """(router scores, relative forecast errors |Unit(n) - LFF(n)|^2 / |x|^2), `[L, 2, n]`
-  over the n ordinary tokens of `batches` in the dense model."""
+def error_curves(model: Llama, batches: list[dict[str, Any]],
+                 greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(router scores, relative approximation errors |Unit(n) - LFF(n)|^2 / |x|^2, LFF = 0 when
+  `greedy`), `[L, 2, n]` over the n ordinary tokens of `batches` in the dense model."""
   scores, errs = [], []
   for b in batches:
     b = {k: jnp.asarray(v) for k, v in b.items()}
-    out = _error_curves(model, b)
+    out = _error_curves(model, b, greedy)
     keep = np.asarray(_ordinary(b)).reshape(-1) > 0
     scores.append(np.asarray(out["score"])[..., keep])
     errs.append(np.asarray(out["rel_err"])[..., keep])
@@ -198,10 +204,12 @@ def forecaster_moments(model, batches, progress=None) -> dict[str, np.ndarray]:
   return _accumulate(_forecaster_moments, model, batches, progress)
 
 
-def router_moments(model, batches, progress=None) -> dict[str, np.ndarray]:
-  """Per-unit moments of (unit input, log forecast error), plus summed squared error and
-  squared output over ordinary tokens (for explained variance), `[L, 2, ...]`."""
-  return _accumulate(_router_moments, model, batches, progress)
+def router_moments(model, batches, progress=None, greedy: bool = False) -> dict[str, np.ndarray]:
+  """Per-unit moments of (unit input, log approximation error), plus summed squared error
+  and squared output over ordinary tokens (for explained variance), `[L, 2, ...]`. The
+  approximation is the forecast, or zero when `greedy` (then the target is log |Unit(n)|^2)."""
+  fn = lambda m, b: _router_moments(m, b, greedy)
+  return _accumulate(fn, model, batches, progress)
 
 
 def forecast_error(model, batches, progress=None) -> dict[str, np.ndarray]:
@@ -338,11 +346,12 @@ def _routed_nll(model: Llama, batch: dict[str, Array], spec: RoutingSpec) -> tup
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0), aux["scores_BxT"]
 
 
-def _causal_all(model: Llama) -> RoutingSpec:
-  return RoutingSpec(policy="informed", mode="causal")
+def _causal_all(greedy: bool) -> RoutingSpec:
+  return RoutingSpec(policy="greedy" if greedy else "informed", mode="causal")
 
 
-def unit_scores(model: Llama, batches: list[dict[str, Any]]) -> tuple[float, np.ndarray]:
+def unit_scores(model: Llama, batches: list[dict[str, Any]],
+                greedy: bool = False) -> tuple[float, np.ndarray]:
   """(mean NLL of the dense model, router scores `[L, 2, n]` of the n ordinary tokens)."""
   thr_var = model.routing.threshold
   saved = thr_var[...]
@@ -351,7 +360,7 @@ def unit_scores(model: Llama, batches: list[dict[str, Any]]) -> tuple[float, np.
     base, scores = [], []
     for b in batches:
       b = {k: jnp.asarray(v) for k, v in b.items()}
-      nll, sc = _routed_nll(model, b, _causal_all(model))
+      nll, sc = _routed_nll(model, b, _causal_all(greedy))
       base.append(float(nll))
       scores.append(np.asarray(sc)[:, :, np.asarray(_ordinary(b)) > 0])
   finally:
@@ -360,11 +369,12 @@ def unit_scores(model: Llama, batches: list[dict[str, Any]]) -> tuple[float, np.
 
 
 def unit_damage(model: Llama, batches: list[dict[str, Any]], level: float,
-                progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                progress: Callable[[int, int], None] | None = None,
+                greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """(loss increase `[L, 2]` when only that unit approximates `level` of the ordinary
   tokens, its router choosing; the scores `[L, 2, n]`). Threshold routing, so one compile
   serves every unit."""
-  base, scores = unit_scores(model, batches)
+  base, scores = unit_scores(model, batches, greedy)
   batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
   thr_var = model.routing.threshold
   saved = thr_var[...]
@@ -376,7 +386,7 @@ def unit_damage(model: Llama, batches: list[dict[str, Any]], level: float,
       thr = np.full(shape, -np.inf, np.float32)
       thr[l, u] = np.quantile(scores[l, u], level)
       thr_var[...] = jnp.asarray(thr)
-      nll = [float(_routed_nll(model, b, _causal_all(model))[0]) for b in batches]
+      nll = [float(_routed_nll(model, b, _causal_all(greedy))[0]) for b in batches]
       damage[l, u] = np.mean(nll) - base
       if progress is not None:
         progress(j + 1, shape[0] * shape[1])

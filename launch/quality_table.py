@@ -90,21 +90,23 @@ RESULTS_FORMAT = "ir_jax.quality_table/1"
 HELDOUT_FORMAT = "ir_jax.quality_table.heldout/1"
 WIKI = "assets/text/wiki/enwiki_articles.jsonl"
 # Label order in tables and plots; greedy+lora is the greedy arm after a LoRA stage.
-LABELS = ("dense", "informed", "greedy", "greedy+lora", "random", "oracle")
+LABELS = ("dense", "informed", "informed+lora", "greedy", "greedy+lora", "random", "oracle")
 # Rates measured on a 2-core CPU for SmolLM2-135M at 256-token rows (see the docstring).
 RATES = {"forecaster_tps": 470.0, "router_tps": 160.0, "lora_tps": 250.0, "eval_tps": 500.0,
          "train_run_s": 90.0, "eval_run_s": 20.0, "eval_setting_s": 15.0}
 FORECASTER_BATCH = 4  # data.batch_size of configs/smollm2_135m.py (rows per forecaster step)
 
 DEFAULTS = dict(config="configs/smollm2_135m.py", runs="runs/quality", docs="docs",
-                forecaster_steps=800, router_steps=400, router_batch=2, seq_len=256,
+                forecaster_steps=0, forecaster_fit_batches=48, router_steps=0,
+                router_fit_batches=16, router_batch=2, seq_len=256,
                 lora_steps=200, eval_max_tokens=24576, eval_doc_tokens=4096,
                 eval_max_documents=0, wiki=WIKI)
 SMOKE = dict(config="configs/tiny.py", runs="runs/quality_smoke", docs=None,
-             forecaster_steps=4, router_steps=2, router_batch=2, seq_len=64, lora_steps=2,
+             forecaster_steps=4, forecaster_fit_batches=2, router_steps=2, router_fit_batches=2, router_batch=2, seq_len=64, lora_steps=2,
              eval_max_tokens=256, eval_doc_tokens=128, eval_max_documents=0, wiki=WIKI)
 # Options that change what a step produces: a rerun into the same RUNS must keep them.
-FIXED = ("config", "forecaster_steps", "router_steps", "router_batch", "seq_len", "lora_steps",
+FIXED = ("config", "forecaster_steps", "forecaster_fit_batches", "router_steps",
+         "router_fit_batches", "router_batch", "seq_len", "lora_steps",
          "eval_max_tokens", "eval_doc_tokens", "eval_max_documents", "wiki", "smoke", "seed")
 
 
@@ -117,7 +119,9 @@ class Options:
   runs: str
   docs: str
   forecaster_steps: int
+  forecaster_fit_batches: int
   router_steps: int
+  router_fit_batches: int
   router_batch: int
   seq_len: int
   lora_steps: int
@@ -179,8 +183,15 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--forecaster-steps", type=int, default=None,
                  help=f"forecaster steps of {FORECASTER_BATCH} x seq-len tokens "
                       f"(default {d['forecaster_steps']})")
+  p.add_argument("--forecaster-fit-batches", type=int, default=None,
+                 help=f"batches of statistics for the closed-form forecaster fit (default "
+                      f"{d['forecaster_fit_batches']})")
   p.add_argument("--router-steps", type=int, default=None,
-                 help=f"router steps per arm (default {d['router_steps']})")
+                 help=f"Gumbel-gate LM-loss router steps per arm after the warm start "
+                      f"(default {d['router_steps']})")
+  p.add_argument("--router-fit-batches", type=int, default=None,
+                 help=f"batches of statistics for each arm's router warm start (default "
+                      f"{d['router_fit_batches']})")
   p.add_argument("--router-batch", type=int, default=None,
                  help=f"rows per router (and LoRA) step (default {d['router_batch']})")
   p.add_argument("--seq-len", type=int, default=None,
@@ -190,7 +201,8 @@ def parser() -> argparse.ArgumentParser:
                       "approximated (default 0.25,0.4,0.7; 0.4 with --smoke)")
   p.add_argument("--policies", default="informed,greedy",
                  help="router arms to train: informed and/or greedy (default both)")
-  p.add_argument("--lora", action="store_true", help="add a LoRA stage after every greedy arm")
+  p.add_argument("--lora", action="store_true",
+                 help="add a LoRA stage after every router arm (greedy+lora, informed+lora)")
   p.add_argument("--lora-steps", type=int, default=None,
                  help=f"LoRA steps per arm (default {d['lora_steps']})")
   p.add_argument("--causal", action="store_true",
@@ -228,19 +240,19 @@ def resolve(args: argparse.Namespace) -> Options:
   policies = tuple(dict.fromkeys(s.strip() for s in args.policies.split(",") if s.strip()))
   if not policies or any(p not in ("informed", "greedy") for p in policies):
     raise SystemExit(f"{PROG}: error: --policies {args.policies!r}: informed and/or greedy")
-  if args.lora and "greedy" not in policies:
-    raise SystemExit(f"{PROG}: error: --lora trains on the greedy arms; add greedy to --policies")
   opts = Options(
       config=_abs(args.config, cwd) if args.config else str(REPO / base["config"]),
       runs=runs, docs=docs, forecaster_steps=pick("forecaster_steps"),
-      router_steps=pick("router_steps"), router_batch=pick("router_batch"),
+      forecaster_fit_batches=pick("forecaster_fit_batches"),
+      router_steps=pick("router_steps"), router_fit_batches=pick("router_fit_batches"), router_batch=pick("router_batch"),
       seq_len=pick("seq_len"), lora_steps=pick("lora_steps"),
       sparsities=_floats(args.sparsity or ("0.4" if args.smoke else "0.25,0.4,0.7")),
       policies=policies, lora=args.lora, causal=args.causal,
       eval_max_tokens=pick("eval_max_tokens"), eval_doc_tokens=pick("eval_doc_tokens"),
       eval_max_documents=pick("eval_max_documents"),
       wiki=_abs(args.wiki, cwd) if args.wiki else str(REPO / base["wiki"]), smoke=args.smoke)
-  for name, low in (("forecaster_steps", 1), ("router_steps", 1), ("router_batch", 1),
+  for name, low in (("forecaster_steps", 0), ("router_steps", 0), ("router_batch", 1),
+                    ("forecaster_fit_batches", 1), ("router_fit_batches", 1),
                     ("seq_len", 2), ("lora_steps", 1), ("eval_max_tokens", 2),
                     ("eval_doc_tokens", 2), ("eval_max_documents", 0)):
     if getattr(opts, name) < low:
@@ -292,9 +304,9 @@ def arms(opts: Options) -> list[Arm]:
     for p in opts.policies:
       out.append(Arm(f"router_{p}_{sp_name(s)}", ("router",), {"router": opts.router_steps},
                      "forecaster", p, s))
-      if p == "greedy" and opts.lora:
-        out.append(Arm(f"lora_greedy_{sp_name(s)}", ("lora",), {"lora": opts.lora_steps},
-                       f"router_greedy_{sp_name(s)}", "greedy", s))
+      if opts.lora:
+        out.append(Arm(f"lora_{p}_{sp_name(s)}", ("lora",), {"lora": opts.lora_steps},
+                       f"router_{p}_{sp_name(s)}", p, s))
   return out
 
 
@@ -306,7 +318,8 @@ def eval_jobs(opts: Options) -> list[EvalJob]:
       if a.name == "forecaster":
         continue
       if a.name.startswith("lora_"):
-        jobs.append(EvalJob(es, a.name, ("greedy",), a.sparsity, {"greedy": "greedy+lora"}))
+        jobs.append(EvalJob(es, a.name, (a.policy,), a.sparsity,
+                            {a.policy: f"{a.policy}+lora"}))
       elif a.policy == "informed":
         pols = ("informed", "random", "oracle")
         jobs.append(EvalJob(es, a.name, pols, a.sparsity, {p: p for p in pols}))
@@ -339,6 +352,9 @@ def train_argv(opts: Options, arm: Arm) -> list[str]:
              f"--config.routing.sparsity={arm.sparsity}"]
   for stage in arm.stages:
     argv.append(f"--config.train.{stage}.steps={arm.steps[stage]}")
+    if stage in ("forecaster", "router"):
+      argv.append(f"--config.train.{stage}.fit_batches="
+                  f"{getattr(opts, stage + '_fit_batches')}")
     if stage in ("router", "lora"):
       argv.append(f"--config.train.{stage}.batch_size={opts.router_batch}")
   return argv
@@ -461,8 +477,12 @@ def estimate(opts: Options) -> dict[str, float]:
   tokens = opts.eval_max_tokens if not opts.eval_max_documents else min(
       opts.eval_max_tokens, opts.eval_max_documents * opts.eval_doc_tokens)
   out = {
-      "forecasters": opts.forecaster_steps * FORECASTER_BATCH * opts.seq_len / r["forecaster_tps"],
-      "routers": n_router * opts.router_steps * opts.router_batch * opts.seq_len / r["router_tps"],
+      "forecasters": (opts.forecaster_steps * FORECASTER_BATCH * opts.seq_len
+                      / r["forecaster_tps"] + opts.forecaster_fit_batches * FORECASTER_BATCH
+                      * opts.seq_len / r["eval_tps"]),
+      "routers": n_router * (opts.router_steps * opts.router_batch * opts.seq_len
+                             / r["router_tps"] + (opts.router_fit_batches + 4)
+                             * opts.router_batch * opts.seq_len / r["eval_tps"]),
       "lora": n_lora * opts.lora_steps * opts.router_batch * opts.seq_len / r["lora_tps"],
       "evaluation": settings * tokens / r["eval_tps"],
       "overheads": (len(a) * r["train_run_s"] + len(jobs) * r["eval_run_s"]
@@ -793,6 +813,9 @@ def collect(runs: str) -> dict[str, Any]:
         parts = {"routers": arm_s(job.arm), "forecasters": fc}
       elif label == "greedy":
         parts = {"routers": arm_s(job.arm)}
+      elif label == "informed+lora":
+        parts = {"lora": arm_s(job.arm), "routers": arm_s(arm_info[job.arm]["builds_on"]),
+                 "forecasters": fc}
       else:
         parts = {"lora": arm_s(job.arm), "routers": arm_s(arm_info[job.arm]["builds_on"])}
       total = None if any(v is None for v in parts.values()) else sum(parts.values())

@@ -48,36 +48,42 @@ def stage_init(s: Settings, stage: str, model: Llama, it: Iterator[dict[str, Any
     fit.set_forecasters(model, m, sc.ridge)
     return {"fit_tokens": float(m["count"][0, 0])}
   if stage == "router":
-    _log(f"[router] warm start: routers regress log forecast error over {sc.fit_batches} batches")
+    greedy = s.routing.policy == "greedy"
+    target = "log |Unit(n)|^2 (greedy: nothing replaces a skipped unit)" if greedy else (
+        "log forecast error")
+    _log(f"[router] warm start: routers regress {target} over {sc.fit_batches} batches")
     m = fit.router_moments(model, _batches(it, sc.fit_batches),
-                           Progress("[router] statistics", sc.fit_batches, printer=_log))
+                           Progress("[router] statistics", sc.fit_batches, printer=_log), greedy)
     r2 = fit.set_routers(model, m, sc.ridge)
-    ex = fit.explained(m)
-    info = {"router_fit_r2_attn": float(r2[:, 0].mean()), "router_fit_r2_mlp": float(r2[:, 1].mean()),
-            "explained_fit_attn": float(ex[:, 0].mean()), "explained_fit_mlp": float(ex[:, 1].mean())}
-    _log(f"[router] fit R^2 of log forecast error: attention {info['router_fit_r2_attn']:.2f}, "
+    info = {"router_fit_r2_attn": float(r2[:, 0].mean()), "router_fit_r2_mlp": float(r2[:, 1].mean())}
+    _log(f"[router] fit R^2 of the log error: attention {info['router_fit_r2_attn']:.2f}, "
          f"MLP {info['router_fit_r2_mlp']:.2f}")
     sparsity = _target_sparsity(s)
-    if sc.allocation == "probe" and s.routing.capacities is None and 0 < sparsity < 1:
-      units = model.config.num_layers * 2
-      _log(f"[router] capacity table: probing {units} units at sparsity {sc.probe_level:g} on "
-           f"{sc.probe_batches} batch(es)")
-      probe = _batches(it, sc.probe_batches)
-      damage, scores = fit.unit_damage(model, probe, sc.probe_level,
-                                       Progress("[router] probes", units, printer=_log))
+    alloc = sc.allocation if (s.routing.capacities is None and 0 < sparsity < 1) else "uniform"
+    batches = _batches(it, sc.allocation_batches)
+    shape = (model.config.num_layers, 2)
+    if alloc == "error":
+      scores, rel_err = fit.error_curves(model, batches, greedy)
+      table = fit.allocate_curves(scores, rel_err, sparsity, max_sparsity=sc.max_sparsity)
+    elif alloc == "probe":
+      _log(f"[router] capacity table: probing {shape[0] * shape[1]} units at sparsity "
+           f"{sc.probe_level:g} on {sc.allocation_batches} batch(es)")
+      damage, scores = fit.unit_damage(model, batches, sc.probe_level,
+                                       Progress("[router] probes", shape[0] * shape[1],
+                                                printer=_log), greedy)
       table = fit.allocate(damage, sparsity, sc.probe_level, max_sparsity=sc.max_sparsity)
-      fit.set_table(model, table, scores)
-      tab = np.asarray(model_table(model))
-      info.update(table_sparsity_attn=float(1 - tab[:, 0].mean()),
-                  table_sparsity_mlp=float(1 - tab[:, 1].mean()))
-      _log(f"[router] capacity table (mean sparsity {1 - tab.mean():.3f}): attention "
-           f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}")
     else:
-      _, scores = fit.unit_scores(model, _batches(it, sc.probe_batches))
-      caps = np.full((model.config.num_layers, 2), 1.0 - sparsity)
-      if s.routing.capacities is not None:
-        caps = np.asarray(s.routing.capacities)
+      _, scores = fit.unit_scores(model, batches, greedy)
+      caps = (np.asarray(s.routing.capacities) if s.routing.capacities is not None
+              else np.full(shape, 1.0 - sparsity))
       fit.center_routers(model, caps, scores)
+      return info
+    fit.set_table(model, table, scores)
+    tab = np.asarray(model_table(model))
+    info.update(table_sparsity_attn=float(1 - tab[:, 0].mean()),
+                table_sparsity_mlp=float(1 - tab[:, 1].mean()))
+    _log(f"[router] capacity table ({alloc}; mean sparsity {1 - tab.mean():.3f}): attention "
+         f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}")
     return info
   raise ValueError(f"stage {stage!r} has no fit")
 
