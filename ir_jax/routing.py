@@ -203,7 +203,7 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
   all tokens). Returns (delta_BxTxD, aux) with aux = {exec_rate: mean gate
   (differentiable for ste/gumbel), importance: mean over tokens of
   (1 - g) * (1 - cos(x, x + Unit(n))) (0 when only gathered tokens ran),
-  scores_BxT: the routing scores}. Tokens in `sink_BxT` always execute (they
+  scores_BxT: the routing scores, gate_BxT: which tokens executed}. Tokens in `sink_BxT` always execute (they
   take top-k slots first; gates and thresholds are forced open for them).
   """
   b, t, _ = n_BxTxD.shape
@@ -211,7 +211,8 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
   if spec.policy == "dense" or (spec.mode == "topk" and k == t and spec.gate == "hard"):
     return unit_fn(None, n_BxTxD), dict(exec_rate=jnp.ones((), f32),
                                         importance=jnp.zeros((), f32),
-                                        scores_BxT=jnp.zeros((b, t), f32))
+                                        scores_BxT=jnp.zeros((b, t), f32),
+                                        gate_BxT=jnp.ones((b, t), bool))
   forecast = jnp.zeros_like(n_BxTxD) if spec.policy == "greedy" else lff(n_BxTxD)
   u_all = None
   if spec.policy == "oracle":
@@ -267,7 +268,8 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
     else:
       out = forecast + g[..., None].astype(forecast.dtype) * (u_all - forecast)
     importance = jnp.mean((1.0 - g) * _importance(x_BxTxD, jax.lax.stop_gradient(u_all)))
-  return out, dict(exec_rate=jnp.mean(g), importance=importance, scores_BxT=scores)
+  return out, dict(exec_rate=jnp.mean(g), importance=importance, scores_BxT=scores,
+                   gate_BxT=gate)
 
 
 # ------------------------------------------------------------- the layer
@@ -282,8 +284,12 @@ class _Ctx:
 
 def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ctx,
                  spec: RoutingSpec, ks: tuple[int, int], key: Array,
-                 cache: tuple[Array, Array, Array] | None = None):
-  """One decoder layer with both units routed; returns (x, aux[, new cache])."""
+                 cache: tuple[Array, Array, Array] | None = None, caps: Array | None = None):
+  """One decoder layer with both units routed; returns (x, aux[, new cache]).
+
+  `caps` `[2]`: the spec's capacities of this layer; in causal mode a unit at
+  capacity 1 always executes and one at 0 never does, whatever its calibrated threshold.
+  """
   attn = layer.self_attn
   n = layer.input_layernorm(x_BxTxD)
   k_new, v_new = attn.keys_values(n, ctx.positions_BxT)
@@ -305,6 +311,8 @@ def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ct
     return attn.attend(q, k_all, v_all, attention_mask(q_index, k_index, q_seg, k_seg))
 
   thr = rl.threshold[...]
+  if caps is not None:
+    thr = jnp.where(caps >= 1.0, -jnp.inf, jnp.where(caps <= 0.0, jnp.inf, thr))
   delta, aux_a = route_unit(n, x_BxTxD, attn_fn, rl.attn_lff, rl.attn_router, spec, ks[0],
                             thr[0], jax.random.fold_in(key, 0), ctx.temperature, ctx.sink_BxT)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
@@ -317,6 +325,11 @@ def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ct
   if cache is None:
     return x_BxTxD, aux
   return x_BxTxD, aux, (k_all, v_all)
+
+
+def _layer_caps(spec: RoutingSpec, cfg: LlamaConfig) -> np.ndarray:
+  return np.array([[spec.capacity(l, u) for u in range(len(UNITS))]
+                   for l in range(cfg.num_layers)], np.float32)
 
 
 def _layer_ks(spec: RoutingSpec, cfg: LlamaConfig, t: int) -> np.ndarray:
@@ -334,7 +347,7 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
   `temperature` (a scalar, may be traced) replaces `spec.temperature` for
   Gumbel gates, so an annealed temperature does not recompile every step.
 
-  aux: exec_rate [L, 2], importance [L, 2], scores_BxT [L, 2, B, T]. A uniform
+  aux: exec_rate [L, 2], importance [L, 2], scores_BxT and gate_BxT [L, 2, B, T]. A uniform
   capacity scans the layers; a per-layer capacity table unrolls them (each
   layer then has its own static k).
   """
@@ -350,17 +363,20 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
   if (ks == ks[0]).all():
     static_ks = (int(ks[0, 0]), int(ks[0, 1]))
 
+    caps = jnp.asarray(_layer_caps(spec, cfg))
+
     def layer_fn(layer, rl, x, lid):
-      return routed_layer(layer, rl, x, ctx, spec, static_ks, jax.random.fold_in(key, lid))
+      return routed_layer(layer, rl, x, ctx, spec, static_ks, jax.random.fold_in(key, lid),
+                          caps=caps[lid])
 
     x, aux = model.run_layers(layer_fn, x, jnp.asarray(layer_ids))
   else:
     def layer_fn(layer, rl, x, per):
-      lid, k_pair = per  # numpy scalars in the unrolled loop: static
+      lid, k_pair, cap_pair = per  # numpy leaves in the unrolled loop: static
       return routed_layer(layer, rl, x, ctx, spec, (int(k_pair[0]), int(k_pair[1])),
-                          jax.random.fold_in(key, int(lid)))
+                          jax.random.fold_in(key, int(lid)), caps=jnp.asarray(cap_pair))
 
-    x, aux = model.run_layers(layer_fn, x, (layer_ids, ks), scan=False)
+    x, aux = model.run_layers(layer_fn, x, (layer_ids, ks, _layer_caps(spec, cfg)), scan=False)
   logits = model.logits(x)
   return (logits, aux) if return_aux else logits
 
@@ -474,13 +490,16 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
   x = model.embed(token_B[:, None])
 
   def layer_fn(layer, rl, x, per):
-    lid, ck, cv = per
+    lid, ck, cv, cap = per
     x, aux, (ck, cv) = routed_layer(layer, rl, x, ctx, spec, (1, 1),
-                                    jax.random.fold_in(key, lid), cache=(ck, cv, pos))
-    gates = aux["scores_BxT"][:, :, 0] > rl.threshold[...][:, None]
+                                    jax.random.fold_in(key, lid), cache=(ck, cv, pos), caps=cap)
+    thr = jnp.where(cap >= 1.0, -jnp.inf, jnp.where(cap <= 0.0, jnp.inf, rl.threshold[...]))
+    gates = aux["scores_BxT"][:, :, 0] > thr[:, None]
     return x, (ck, cv, gates)
 
-  per = (jnp.arange(model.config.num_layers), cache["k"], cache["v"])
+  spec.check_layers(model.config.num_layers)
+  per = (jnp.arange(model.config.num_layers), cache["k"], cache["v"],
+         jnp.asarray(_layer_caps(spec, model.config)))
   x, (ks, vs, gates) = model.run_layers(layer_fn, x, per)
   return model.logits(x)[:, 0], dict(k=ks, v=vs), gates
 

@@ -355,6 +355,8 @@ def train_argv(opts: Options, arm: Arm) -> list[str]:
     if stage in ("forecaster", "router"):
       argv.append(f"--config.train.{stage}.fit_batches="
                   f"{getattr(opts, stage + '_fit_batches')}")
+    if stage == "router":  # the capacity table's error curves: 2,048 tokens at 2 x 256
+      argv.append(f"--config.train.router.allocation_batches={max(1, 8 // opts.router_batch)}")
     if stage in ("router", "lora"):
       argv.append(f"--config.train.{stage}.batch_size={opts.router_batch}")
   return argv

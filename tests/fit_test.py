@@ -160,3 +160,22 @@ def test_model_table_drives_trained_spec():
   np.testing.assert_allclose(np.asarray(got.capacities), table)
   _, aux = m(tokens(2, 16), routing=got, return_aux=True)
   np.testing.assert_allclose(np.asarray(aux["exec_rate"]), table)
+
+
+def test_causal_mode_at_capacity_one_is_dense_whatever_the_thresholds():
+  m = make_model()
+  t = tokens(2, 20)
+  m.routing.threshold[...] = jnp.full(m.routing.threshold[...].shape, 50.0)  # stale thresholds
+  dense = np.asarray(m(t))
+  for policy in ("informed", "greedy"):
+    out = np.asarray(m(t, routing=R.RoutingSpec(policy=policy, sparsity=0.0, mode="causal")))
+    np.testing.assert_allclose(out, dense, atol=1e-5, rtol=0)
+  # A table with a dense layer: that layer ignores its threshold too (decode agrees).
+  table = ((1.0, 1.0), (0.5, 0.5), (1.0, 0.5))
+  spec = R.RoutingSpec(capacities=table, mode="causal")
+  _, aux = m(t, routing=spec, return_aux=True)
+  gates = np.asarray(aux["gate_BxT"])
+  assert gates[0].all() and gates[2, 0].all()
+  toks, step_logits = R.generate(m, t[:, :6], 3, spec)
+  full = np.asarray(m(jnp.asarray(toks), routing=spec))
+  np.testing.assert_allclose(step_logits, full[:, :-1], atol=1e-4, rtol=0)

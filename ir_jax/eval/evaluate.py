@@ -38,9 +38,8 @@ from flax import nnx
 from ir_jax.config import ConfigError
 from ir_jax.data.config import DataError
 from ir_jax.data.tokenize import TextTokenizer
-from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
-from ir_jax.routing import MODES, POLICIES, RoutingSpec, flops, topk_mask, trained_spec
+from ir_jax.routing import MODES, POLICIES, RoutingSpec, flops, trained_spec
 
 FORMAT = "ir_jax.eval/1"
 Array = jax.Array
@@ -168,24 +167,9 @@ def eval_rows(model: Llama, batch: dict[str, Array], rng: Array,
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
   nll_BxT = jnp.where(batch["loss_mask"] > 0, nll, 0.0)
   real_BxT = batch["segment_ids"] > 0
-  cfg = model.config
-  t = batch["inputs"].shape[1]
-  scores = aux["scores_BxT"]  # [L, 2, B, T]
-  thr = model.routing.threshold[...]
-  counts = []
-  for l in range(cfg.num_layers):
-    row = []
-    for u in range(len(UNITS)):
-      # The same decision route_unit made: top-k of the returned scores, or the threshold.
-      if spec.policy == "dense":
-        gate = jnp.ones_like(real_BxT)
-      elif spec.mode == "causal":
-        gate = scores[l, u] > thr[l, u]
-      else:
-        gate = topk_mask(scores[l, u], spec.k(t, l, u))
-      row.append(jnp.sum(gate & real_BxT))
-    counts.append(jnp.stack(row))
-  return {"nll_BxT": nll_BxT, "exec_Lx2": jnp.stack(counts).astype(jnp.float32),
+  # The decisions route_unit made, counted over real tokens.
+  counts = jnp.sum(aux["gate_BxT"] & real_BxT[None, None], axis=(2, 3))
+  return {"nll_BxT": nll_BxT, "exec_Lx2": counts.astype(jnp.float32),
           "real": jnp.sum(real_BxT).astype(jnp.float32)}
 
 
