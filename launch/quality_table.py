@@ -97,9 +97,9 @@ RATES = {"forecaster_tps": 470.0, "router_tps": 160.0, "lora_tps": 250.0, "eval_
 FORECASTER_BATCH = 4  # data.batch_size of configs/smollm2_135m.py (rows per forecaster step)
 
 DEFAULTS = dict(config="configs/smollm2_135m.py", runs="runs/quality", docs="docs",
-                forecaster_steps=0, forecaster_fit_batches=48, router_steps=0,
+                forecaster_steps=0, forecaster_fit_batches=48, router_steps=40,
                 router_fit_batches=16, router_batch=2, seq_len=256,
-                lora_steps=200, eval_max_tokens=24576, eval_doc_tokens=4096,
+                lora_steps=40, eval_max_tokens=16384, eval_doc_tokens=4096,
                 eval_max_documents=0, wiki=WIKI)
 SMOKE = dict(config="configs/tiny.py", runs="runs/quality_smoke", docs=None,
              forecaster_steps=4, forecaster_fit_batches=2, router_steps=2, router_fit_batches=2, router_batch=2, seq_len=64, lora_steps=2,

@@ -51,13 +51,15 @@ def test_default_plan_is_the_documented_experiment(qt, tmp_path):
   steps = {s.name: s for s in qt.steps(opts)}
   f = _flags(steps["train_forecaster"].argv)
   assert f["--config.train.stages"] == "forecaster"
-  assert f["--config.train.forecaster.steps"] == "800"
+  assert f["--config.train.forecaster.steps"] == "0"  # the closed-form fit alone
+  assert f["--config.train.forecaster.fit_batches"] == "48"
   assert "--config.train.init_from" not in f
   r = _flags(steps["train_router_greedy_0.7"].argv)
   assert r["--config.train.stages"] == "router"
   assert r["--config.train.init_from"] == str(tmp_path / "runs" / "forecaster")
   assert (r["--config.routing.policy"], r["--config.routing.sparsity"]) == ("greedy", "0.7")
-  assert (r["--config.train.router.steps"], r["--config.train.router.batch_size"]) == ("400", "2")
+  assert (r["--config.train.router.steps"], r["--config.train.router.batch_size"]) == ("40", "2")
+  assert r["--config.train.router.fit_batches"] == "16"
   # Every router arm: the same budget and seed; only policy and sparsity differ.
   budgets = {tuple(sorted((k, v) for k, v in _flags(s.argv).items()
                           if not k.startswith("--config.routing.") and k != "--config.train.seed"))
@@ -73,7 +75,7 @@ def test_default_plan_is_the_documented_experiment(qt, tmp_path):
   assert dense[dense.index("--policy") + 1] == "dense" and "--sparsity" not in dense
   assert steps["heldout_wiki"].argv[steps["heldout_wiki"].argv.index("--source") + 1].endswith(
       "assets/text/wiki/enwiki_articles.jsonl")
-  assert 3 * 3600 <= qt.estimate(opts)["total"] <= 4 * 3600  # the docstring's promise
+  assert 40 * 60 <= qt.estimate(opts)["total"] <= 70 * 60  # the docstring's promise
   shown = qt.show(steps["train_forecaster"].argv)
   assert shown.startswith("python -m ir_jax.train --config configs/smollm2_135m.py")
 
@@ -93,6 +95,7 @@ def test_smoke_lora_causal_commands(qt, tmp_path):
     assert argv[argv.index("--mode") + 1] == "topk,causal"
   jobs = {(j.eval_set, j.arm): j for j in qt.eval_jobs(opts)}
   assert jobs["valid", "lora_greedy_0.7"].label == {"greedy": "greedy+lora"}
+  assert jobs["wiki", "lora_informed_0.25"].label == {"informed": "informed+lora"}
   assert not any(s.done() for s in steps.values())
   assert qt.main(["--smoke", "--runs", runs, "--dry-run"]) == 0
   assert not os.path.exists(runs)  # a dry run writes nothing
@@ -100,7 +103,7 @@ def test_smoke_lora_causal_commands(qt, tmp_path):
 
 def test_bad_options_are_refused(qt, tmp_path):
   for argv in (["--policies", "informed,dense"], ["--sparsity", "0.4,1.5"],
-               ["--policies", "informed", "--lora"], ["--router-steps", "0"]):
+               ["--router-steps", "-1"], ["--forecaster-fit-batches", "0"]):
     with pytest.raises(SystemExit):
       _opts(qt, "--runs", str(tmp_path), *argv)
 
@@ -132,7 +135,8 @@ def test_heldout_set_is_capped_and_round_robin_over_domains(qt, tmp_path):
 
 
 # ------------------------------------------------------------------ resuming and the report
-PPL = {"dense": 10.0, "informed": 11.0, "greedy": 13.0, "greedy+lora": 12.0, "random": 14.0,
+PPL = {"dense": 10.0, "informed": 11.0, "informed+lora": 10.8, "greedy": 13.0,
+       "greedy+lora": 12.0, "random": 14.0,
        "oracle": 10.5}
 TRAIN_S = {"forecaster": 600.0, "router": 1200.0, "lora": 300.0}
 
@@ -192,16 +196,17 @@ def test_complete_steps_are_skipped_and_the_report_is_written(qt, tmp_path, monk
   monkeypatch.setattr(qt._Runner, "run", no_run)
   assert qt.main(argv) == 0
   out = capsys.readouterr().out
-  assert out.count("complete, skipped") == len(qt.steps(_opts(qt, *argv))) == 32
+  assert out.count("complete, skipped") == len(qt.steps(_opts(qt, *argv))) == 41
 
   res = json.load(open(os.path.join(docs, "results.json")))
   assert res["format"] == qt.RESULTS_FORMAT and res["git"]["commit"]
   assert res["commands"]["driver"].startswith("python launch/quality_table.py --smoke")
-  assert len(res["commands"]["steps"]) == 32
+  assert len(res["commands"]["steps"]) == 41
   assert res["arms"]["router_informed_0.4"]["train_s"] == TRAIN_S["router"]
   assert res["arms"]["forecaster"]["batch"] == {"forecaster": [8, 64]}
-  # 2 sets x (dense + 3 sparsities x (informed, random, oracle, greedy, greedy+lora))
-  assert len(res["records"]) == 2 * (1 + 3 * 5)
+  # 2 sets x (dense + 3 sparsities x (informed, informed+lora, random, oracle, greedy,
+  # greedy+lora))
+  assert len(res["records"]) == 2 * (1 + 3 * 6)
   rec = next(r for r in res["records"] if r["label"] == "informed" and r["sparsity"] == 0.4)
   assert rec["train_s"] == TRAIN_S["router"] + TRAIN_S["forecaster"]
   assert rec["by_domain"]["a"]["perplexity"] == pytest.approx(rec["perplexity"])
@@ -209,12 +214,15 @@ def test_complete_steps_are_skipped_and_the_report_is_written(qt, tmp_path, monk
   assert greedy["train_s"] == TRAIN_S["router"]  # greedy routers do not need forecasters
   lora = next(r for r in res["records"] if r["label"] == "greedy+lora")
   assert lora["train_s"] == TRAIN_S["router"] + TRAIN_S["lora"]
+  ilora = next(r for r in res["records"] if r["label"] == "informed+lora")
+  assert ilora["train_s"] == TRAIN_S["router"] + TRAIN_S["lora"] + TRAIN_S["forecaster"]
 
   md = open(os.path.join(docs, "results.md")).read()
   rows = _table(md)
-  assert len(rows) == 1 + 3 * 5
-  assert {(r[0], r[1]) for r in rows[1:]} == {(p, s) for p in ("informed", "greedy",
-                                                               "greedy+lora", "random", "oracle")
+  assert len(rows) == 1 + 3 * 6
+  assert {(r[0], r[1]) for r in rows[1:]} == {(p, s) for p in ("informed", "informed+lora",
+                                                               "greedy", "greedy+lora", "random",
+                                                               "oracle")
                                               for s in ("0.25", "0.4", "0.7")}
   assert rows[0][:4] == ["dense", "0", "10.00", "20.00"]
   inf = next(r for r in rows if r[:2] == ["informed", "0.4"])
