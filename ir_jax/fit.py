@@ -148,13 +148,19 @@ def error_curves(model: Llama, batches: list[dict[str, Any]],
 
 
 def allocate_curves(scores: np.ndarray, rel_err: np.ndarray, sparsity: float,
-                    step: float = 1 / 16, max_sparsity: float = 0.875) -> np.ndarray:
-  """Per-unit capacities `[L, 2]` with mean sparsity `sparsity`, from damage curves.
+                    step: float = 1 / 16, max_sparsity: float = 0.875,
+                    unit_cost: tuple[float, float] | None = None) -> np.ndarray:
+  """Per-unit capacities `[L, 2]` from damage curves, at mean sparsity `sparsity`.
 
   A unit's damage at sparsity s is the summed relative forecast error of the
   s-fraction of tokens its router approximates (lowest scores): the residual
   perturbation approximating leaves behind. Sparsity goes `step` at a time to
   the unit whose curve rises least; the last increment is partial.
+
+  With `unit_cost` (FLOPs one token saves per approximated (attention, MLP)
+  unit, `routing.unit_flops`) the budget is compute instead: the table saves
+  what a uniform `sparsity` saves, and an increment is ranked by damage per
+  FLOP saved (its mean pair sparsity then differs from `sparsity`).
   """
   num_l, num_u, n = rel_err.shape
   order = np.argsort(scores, axis=-1, kind="stable")
@@ -171,18 +177,20 @@ def allocate_curves(scores: np.ndarray, rel_err: np.ndarray, sparsity: float,
     return a + frac * (b - a)
 
   s = np.zeros((num_l, num_u))
-  budget = sparsity * s.size
+  w = np.ones_like(s) if unit_cost is None else np.broadcast_to(
+      np.asarray(unit_cost, np.float64) / max(unit_cost), s.shape)
+  budget = sparsity * w.sum()  # in units of pairs (or of the dearer unit's FLOPs)
   cap_s = max(max_sparsity, sparsity)
   while budget > 1e-12:
     inc = np.minimum(step, cap_s - s)
-    cost = (curve(s + inc) - curve(s)) / np.maximum(inc, 1e-12)
+    cost = (curve(s + inc) - curve(s)) / np.maximum(inc * w, 1e-12)
     cost[inc <= 1e-12] = np.inf
     j = np.unravel_index(np.argmin(cost), s.shape)
     if not np.isfinite(cost[j]):
       break
-    add = min(inc[j], budget)
+    add = min(inc[j], budget / w[j])
     s[j] += add
-    budget -= add
+    budget -= add * w[j]
   return 1.0 - s
 
 

@@ -533,6 +533,13 @@ def generate(model: Llama, prompt_BxT: Array, max_new_tokens: int,
 
 
 # ----------------------------------------------------------------- FLOPs
+def unit_flops(cfg: LlamaConfig, seq_len: int) -> tuple[float, float]:
+  """Matmul FLOPs one token saves when its (attention, MLP) unit is approximated: q and o
+  projections plus scores and values over `seq_len` keys; the whole SwiGLU MLP."""
+  d, h, k, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+  return float(2 * d * h * k * 2 + 2 * seq_len * h * k * 2), float(3 * 2 * d * f)
+
+
 def flops(cfg: LlamaConfig, spec: RoutingSpec, seq_len: int, batch: int = 1) -> dict[str, float]:
   """Matmul FLOPs (2 per multiply-add) of one forward over `batch x seq_len` tokens.
 

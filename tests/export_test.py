@@ -32,6 +32,7 @@ import transformers
 from flax import nnx
 
 import ir_jax
+from ir_jax import routing as R
 from ir_jax import checkpoint, convert
 from ir_jax.config import LlamaConfig
 from ir_jax.convert import export as ex
@@ -189,6 +190,13 @@ def test_hf_round_trip(trained, tmp_path):
   assert manifest["thresholds"]["calibrated"]
   assert routing_io.load_spec(out) == spec
   assert manifest["source"]["stage"] == "lora" and manifest["source"]["step"] == 2
+  # The router stage left a per-unit capacity table with the target mean sparsity; the
+  # export carries it (tensor and routing.json) and the import brings it back unchanged.
+  table = np.asarray(final["routing"]["capacity"], np.float64)
+  assert ((table >= 0) & (table <= 1)).all()
+  assert (1 - table).mean() == pytest.approx(spec.sparsity, abs=1e-6)
+  assert len({float(v) for v in table.ravel()}) > 1  # not uniform
+  np.testing.assert_allclose(np.asarray(manifest["capacity_table"]["values"]), table, atol=1e-7)
 
   # What export restores is what training ended with, bitwise.
   t = ex.open_trained(work)
@@ -234,6 +242,8 @@ def test_hf_round_trip(trained, tmp_path):
   ckpt = str(tmp_path / "ckpt")
   assert main(["import", out, "--out", ckpt]) == 0
   assert routing_io.load_spec(ckpt) == spec
+  for m in (imported, ir_jax.load_model(ckpt)):  # evaluation routes with the same table
+    np.testing.assert_allclose(np.asarray(R.trained_spec(m, spec).capacities), table, atol=1e-7)
   np.testing.assert_array_equal(_all_routed(ir_jax.load_model(ckpt), specs, tokens), a)
 
 

@@ -179,3 +179,15 @@ def test_causal_mode_at_capacity_one_is_dense_whatever_the_thresholds():
   toks, step_logits = R.generate(m, t[:, :6], 3, spec)
   full = np.asarray(m(jnp.asarray(toks), routing=spec))
   np.testing.assert_allclose(step_logits, full[:, :-1], atol=1e-4, rtol=0)
+
+
+def test_flops_budget_saves_what_uniform_saves():
+  rng = np.random.RandomState(0)
+  scores, rel = rng.randn(4, 2, 64), rng.rand(4, 2, 64)
+  cost = (1.0, 3.0)
+  caps = fit.allocate_curves(scores, rel, 0.3, unit_cost=cost)
+  saved = ((1 - caps) * np.asarray(cost)).sum()
+  assert saved == pytest.approx(0.3 * 4 * sum(cost))
+  # Equal curves everywhere: the dearer unit (MLP) takes the sparsity.
+  same = fit.allocate_curves(np.zeros((4, 2, 64)), np.ones((4, 2, 64)), 0.25, unit_cost=cost)
+  assert (1 - same[:, 1]).mean() > (1 - same[:, 0]).mean()

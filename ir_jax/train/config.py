@@ -148,6 +148,10 @@ class RouterStage(StageConfig):
                       quadratically (60 forward passes for 30 layers; noisier). uniform:
                       every unit at the target capacity.
   allocation_batches: batches for the allocation measurements.
+  budget:             pairs (the table's mean sparsity over (token, unit) pairs is the
+                      target, the paper's measure) or flops (error allocation only: the
+                      table saves the matmul FLOPs a uniform target would, spent where
+                      damage per FLOP saved is least).
   max_sparsity:       no unit of the table approximates more than this fraction.
   """
 
@@ -165,6 +169,7 @@ class RouterStage(StageConfig):
   ridge: float = 1e-2
   allocation: str = "error"
   allocation_batches: int = 2
+  budget: str = "pairs"
   probe_level: float = 0.5
   max_sparsity: float = 0.875
 
@@ -187,6 +192,10 @@ class RouterStage(StageConfig):
     if self.allocation not in ALLOCATIONS:
       raise ConfigError(f"train.router.allocation must be one of {list(ALLOCATIONS)}, "
                         f"got {self.allocation!r}")
+    if self.budget not in ("pairs", "flops"):
+      raise ConfigError(f"train.router.budget must be 'pairs' or 'flops', got {self.budget!r}")
+    if self.budget == "flops" and self.allocation != "error":
+      raise ConfigError("train.router.budget='flops' needs train.router.allocation='error'")
     if not is_int(self.allocation_batches) or self.allocation_batches < 1:
       raise ConfigError(f"train.router.allocation_batches must be an integer >= 1, "
                         f"got {self.allocation_batches!r}")

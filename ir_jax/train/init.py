@@ -18,7 +18,7 @@ import numpy as np
 from ir_jax import fit
 from ir_jax.model import Llama
 from ir_jax.progress import Progress
-from ir_jax.routing import model_table
+from ir_jax.routing import model_table, unit_flops
 from ir_jax.train.config import Settings
 
 
@@ -64,7 +64,10 @@ def stage_init(s: Settings, stage: str, model: Llama, it: Iterator[dict[str, Any
     shape = (model.config.num_layers, 2)
     if alloc == "error":
       scores, rel_err = fit.error_curves(model, batches, greedy)
-      table = fit.allocate_curves(scores, rel_err, sparsity, max_sparsity=sc.max_sparsity)
+      cost = (unit_flops(model.config, s.stage_data(stage).seq_len)
+              if sc.budget == "flops" else None)
+      table = fit.allocate_curves(scores, rel_err, sparsity, max_sparsity=sc.max_sparsity,
+                                  unit_cost=cost)
     elif alloc == "probe":
       _log(f"[router] capacity table: probing {shape[0] * shape[1]} units at sparsity "
            f"{sc.probe_level:g} on {sc.allocation_batches} batch(es)")
@@ -82,7 +85,8 @@ def stage_init(s: Settings, stage: str, model: Llama, it: Iterator[dict[str, Any
     tab = np.asarray(model_table(model))
     info.update(table_sparsity_attn=float(1 - tab[:, 0].mean()),
                 table_sparsity_mlp=float(1 - tab[:, 1].mean()))
-    _log(f"[router] capacity table ({alloc}; mean sparsity {1 - tab.mean():.3f}): attention "
+    _log(f"[router] capacity table ({alloc}, budget {sc.budget}; mean sparsity "
+         f"{1 - tab.mean():.3f}): attention "
          f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}")
     return info
   raise ValueError(f"stage {stage!r} has no fit")

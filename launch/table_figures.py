@@ -1,0 +1,81 @@
+"""Pictures of what the quality run trained: capacity tables and forecaster explained variance.
+
+    python launch/table_figures.py [--runs runs/quality] [--docs docs]
+
+Reads the informed router arms (RUNS/router_informed_<sparsity>) and the
+forecaster arm's held-out explained variance (RUNS/forecaster/forecasters.json)
+and writes DOCS/capacity_tables.{json,png} (heat map: layers x {attention, MLP},
+one panel per sparsity) and DOCS/explained_variance.png (per layer and unit type).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python launch/table_figures.py", description=__doc__.split(
+      "\n\n")[0])
+  p.add_argument("--runs", default="runs/quality", help="the quality run's RUNS directory")
+  p.add_argument("--docs", default="docs", help="where the JSON and pictures go")
+  args = p.parse_args(argv)
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  import ir_jax
+  from ir_jax.routing import model_table
+
+  arms = sorted(glob.glob(os.path.join(args.runs, "router_informed_*")),
+                key=lambda d: float(d.rsplit("_", 1)[1]))
+  if not arms:
+    print(f"table_figures: error: no {args.runs}/router_informed_* workdirs", file=sys.stderr)
+    return 2
+  tables = {}
+  for d in arms:
+    table = model_table(ir_jax.load_model(d))
+    if table is not None:
+      tables[d.rsplit("_", 1)[1]] = [list(r) for r in table]
+  os.makedirs(args.docs, exist_ok=True)
+  with open(os.path.join(args.docs, "capacity_tables.json"), "w", encoding="utf-8") as f:
+    json.dump({"what": "trained per-unit capacity tables (fraction of tokens executed), "
+                       "rows = layers, columns = (attention, MLP), by target sparsity",
+               "tables": tables}, f, indent=1)
+  fig, axes = plt.subplots(1, len(tables), figsize=(2.2 * len(tables) + 1, 6), squeeze=False)
+  for ax, (sp, table) in zip(axes[0], tables.items()):
+    t = 1.0 - np.asarray(table)
+    im = ax.imshow(t, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks([0, 1], ["attn", "mlp"])
+    ax.set_ylabel("layer")
+    ax.set_title(f"target {sp}\nattn {t[:, 0].mean():.2f}, mlp {t[:, 1].mean():.2f}", fontsize=9)
+  fig.colorbar(im, ax=axes[0].tolist(), label="sparsity (fraction approximated)")
+  fig.suptitle("SmolLM2-135M capacity tables (informed routers)")
+  fig.savefig(os.path.join(args.docs, "capacity_tables.png"), dpi=110, bbox_inches="tight")
+  ex_path = os.path.join(args.runs, "forecaster", "forecasters.json")
+  if os.path.exists(ex_path):
+    ex = json.load(open(ex_path))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    layers = np.arange(len(ex["attn"]))
+    ax.plot(layers, ex["attn"], "o-", label="attention")
+    ax.plot(layers, ex["mlp"], "s-", label="MLP")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("explained variance")
+    ax.set_ylim(min(-0.1, min(ex["attn"] + ex["mlp"]) - 0.05), 1.0)
+    ax.set_title("Forecasters on held-out ordinary tokens (segment starts excluded)", fontsize=9)
+    ax.legend()
+    fig.savefig(os.path.join(args.docs, "explained_variance.png"), dpi=110, bbox_inches="tight")
+  print(f"wrote {args.docs}/capacity_tables.json, capacity_tables.png"
+        + (", explained_variance.png" if os.path.exists(ex_path) else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
