@@ -58,6 +58,8 @@ class RoutingSpec:
   capacities: optional per-layer ((attn, mlp), ...) capacity table; overrides sparsity.
   k_multiple: round k up to a multiple of this (never above T); 1 keeps k exact.
   seed:       for the random policy and Gumbel noise when no rng is passed.
+  protect_sinks: the first token of every segment always executes (inside the
+              capacity); False only to measure what that protection is worth.
   """
 
   policy: str = "informed"
@@ -69,6 +71,7 @@ class RoutingSpec:
   capacities: tuple[tuple[float, float], ...] | None = None
   k_multiple: int = 1
   seed: int = 0
+  protect_sinks: bool = True
 
   def __post_init__(self) -> None:
     def one_of(name: str, options: tuple[str, ...]) -> None:
@@ -99,6 +102,8 @@ class RoutingSpec:
     if self.gate == "gumbel" and self.compute != "all":
       raise ConfigError("routing.gate='gumbel' samples a variable number of tokens; "
                         "it needs routing.compute='all'")
+    if not isinstance(self.protect_sinks, bool):
+      raise ConfigError(f"routing.protect_sinks must be True or False, got {self.protect_sinks!r}")
     if self.mode == "causal" and self.gate != "hard":
       raise ConfigError("routing.mode='causal' is for inference; use gate='hard'")
 
@@ -355,7 +360,8 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
   b, t = tokens_BxT.shape
   index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   ctx = _Ctx(index_BxT if positions_BxT is None else positions_BxT, index_BxT,
-             segment_ids_BxT, temperature, sink_mask(index_BxT, segment_ids_BxT))
+             segment_ids_BxT, temperature,
+             sink_mask(index_BxT, segment_ids_BxT) if spec.protect_sinks else None)
   key = jax.random.key(spec.seed) if rng is None else rng
   ks = _layer_ks(spec, cfg, t)
   x = model.embed(tokens_BxT)
@@ -437,31 +443,45 @@ def trained_spec(model: Llama, spec: RoutingSpec, sparsity: float | None = None)
 
 
 # ------------------------------------------------------------ calibration
-def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSpec) -> np.ndarray:
+def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSpec,
+                         iterations: int = 2) -> np.ndarray:
   """Sets causal-mode thresholds so each unit executes its capacity on `batches`.
 
-  Scores are collected under top-k routing at the same capacities (so later
-  layers see routed inputs, as they will when decoding), and each unit's
-  threshold is the (1 - capacity) quantile of its scores. Returns thresholds
-  `[L, 2]` and stores them in the model.
+  Scores are first collected under top-k routing at the same capacities (so
+  later layers see routed inputs), and each unit's threshold is the
+  (1 - capacity) quantile of its scores. Then, `iterations` times, scores are
+  collected again under causal routing with the current thresholds (the mode
+  decoding uses; a unit's inputs depend on earlier units' decisions) and the
+  quantiles are taken again. Returns thresholds `[L, 2]` and stores them in the model.
   """
-  scoring = dataclasses.replace(spec, mode="topk", gate="hard", compute="gathered")
-  fwd = nnx.jit(lambda m, t: m(t, routing=scoring, return_aux=True)[1]["scores_BxT"])
-  chunks = [np.asarray(fwd(model, jnp.asarray(b, jnp.int32))) for b in batches]
-  if not chunks:
+  batches = [jnp.asarray(b, jnp.int32) for b in batches]
+  if not batches:
     raise ValueError("calibrate_thresholds needs at least one batch of held-out tokens")
-  scores = np.concatenate([c.reshape(c.shape[0], c.shape[1], -1) for c in chunks], axis=-1)
   cfg = model.config
-  thr = np.zeros((cfg.num_layers, len(UNITS)), np.float32)
-  for l in range(cfg.num_layers):
-    for u in range(len(UNITS)):
-      c = spec.capacity(l, u)
-      if c >= 1.0:
-        thr[l, u] = -np.inf
-      elif c <= 0.0:
-        thr[l, u] = np.inf
-      else:
-        thr[l, u] = np.quantile(scores[l, u].astype(np.float64), 1.0 - c)
+  spec.check_layers(cfg.num_layers)
+  caps = _layer_caps(spec, cfg)
+
+  def quantiles(scoring: RoutingSpec) -> np.ndarray:
+    fwd = nnx.jit(lambda m, t: m(t, routing=scoring, return_aux=True)[1]["scores_BxT"])
+    chunks = [np.asarray(fwd(model, b)) for b in batches]
+    scores = np.concatenate([c.reshape(c.shape[0], c.shape[1], -1) for c in chunks], axis=-1)
+    thr = np.zeros((cfg.num_layers, len(UNITS)), np.float32)
+    for l in range(cfg.num_layers):
+      for u in range(len(UNITS)):
+        c = caps[l, u]
+        if c >= 1.0:
+          thr[l, u] = -np.inf
+        elif c <= 0.0:
+          thr[l, u] = np.inf
+        else:
+          thr[l, u] = np.quantile(scores[l, u].astype(np.float64), 1.0 - c)
+    return thr
+
+  thr = quantiles(dataclasses.replace(spec, mode="topk", gate="hard", compute="gathered"))
+  causal = dataclasses.replace(spec, mode="causal", gate="hard", compute="gathered")
+  for _ in range(iterations):
+    model.routing.threshold[...] = jnp.asarray(thr)
+    thr = quantiles(causal)
   model.routing.threshold[...] = jnp.asarray(thr)
   return thr
 
@@ -485,7 +505,7 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
     raise ConfigError("decode_step routes causally: pass a spec with mode='causal'")
   b = token_B.shape[0]
   pos_Bx1 = jnp.full((b, 1), pos, jnp.int32)
-  ctx = _Ctx(pos_Bx1, pos_Bx1, None, sink_BxT=pos_Bx1 == 0)
+  ctx = _Ctx(pos_Bx1, pos_Bx1, None, sink_BxT=(pos_Bx1 == 0) if spec.protect_sinks else None)
   key = jax.random.key(spec.seed)
   x = model.embed(token_B[:, None])
 

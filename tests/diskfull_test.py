@@ -110,7 +110,8 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(data_dir, reference
   assert "the newest complete checkpoint is step 3" in msg
 
   # The previous checkpoint is whole: committed, recorded, and its files match the record.
-  assert sorted(int(n) for n in os.listdir(sdir) if n.isdigit()) == [3]
+  # Step 0 is the closed-form forecaster fit's checkpoint (train.forecaster.init='fit').
+  assert sorted(int(n) for n in os.listdir(sdir) if n.isdigit()) == [0, 3]
   assert os.path.isfile(os.path.join(integrity.record_dir(sdir), "3.json"))
   assert integrity.check(sdir, 3) is None
 

@@ -195,7 +195,10 @@ def test_two_processes_train_write_once_and_restore(two_process_run):
   assert "[p1] [forecaster" not in log and "[p1] ir_jax.train: 2 cpu device(s)" not in log
 
   rows = _metrics(workdir)
-  assert [(r["stage"], r["step"]) for r in rows] == [("forecaster", i + 1) for i in range(STEPS)]
+  steps = [r for r in rows if "loss" in r]
+  assert [(r["stage"], r["step"]) for r in steps] == [("forecaster", i + 1) for i in range(STEPS)]
+  # The closed-form fit (step 0) is recorded once as well.
+  assert [r["step"] for r in rows if "fit_tokens" in r] == [0]
   ckpt = os.path.join(workdir, "checkpoints", "forecaster", str(STEPS), "adapters")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(ckpt))
 
@@ -245,7 +248,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_
   one_states = data_state(one_dir, 0, 1)["shards"]
   assert [data_state(mp_dir, i, 2) for i in range(2)] == one_states
   assert [st["process_index"] for st in one_states] == [0, 1]
-  assert all(st["batches"] == STEPS for st in one_states)
+  # The closed-form fit's statistics batches come first, then one per step.
+  assert all(st["batches"] == s.train.forecaster.fit_batches + STEPS for st in one_states)
 
   # Every logged metric (loss, explained variance, ...) of every step, bitwise.
   timing = {"step_time_s", "tokens_per_s", "time"}

@@ -320,6 +320,8 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
       node = node[p]
     node[last] = rng.randn(*v.shape).astype(v.dtype) * (0.3 if "threshold" not in k else 1)
   params["routing"]["threshold"][0, 0] = -np.inf
+  # A capacity table (fractions; the reference layout carries it in routing.json).
+  params["routing"]["capacity"] = rng.uniform(0, 1, (2, 2)).astype(np.float32)
   ckpt = checkpoint.save(str(tmp_path / "ckpt"), cfg, params)
   out = str(tmp_path / "ref")
   assert main(["export", ckpt, "--out", out, "--format", "reference"]) == 0

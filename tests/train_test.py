@@ -363,3 +363,30 @@ def test_sigterm_saves_then_exits_and_rerun_finishes(data_dir, tmp_path):
   out = _cli([*args, "--config.train.forecaster.steps=" + str(stopped + 2)], str(tmp_path))
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"resumed from batch {stopped}" in out.stdout
+
+
+def test_checkpoints_from_before_capacity_tables_still_load(full_run, tmp_path):
+  """A router checkpoint without `capacity` leaves (written before tables existed) loads,
+  routes uniformly, and keeps every other adapter bitwise."""
+  import shutil
+
+  from ir_jax import routing as R
+  from ir_jax.train import integrity
+
+  work = str(tmp_path / "old")
+  shutil.copytree(full_run["workdir"], work)
+  total = full_run["settings"].train.router.steps
+  sdir = os.path.join(work, "checkpoints", "router")
+  path = os.path.join(sdir, str(total), "adapters")
+  tree = ocp.PyTreeCheckpointer().restore(path)
+  assert "capacity" in tree["routing"]
+  del tree["routing"]["capacity"]
+  shutil.rmtree(path)
+  ocp.PyTreeCheckpointer().save(path, tree)
+  integrity.write_record(sdir, total)
+  model = nnx.merge(*(lambda ms: (ms.graphdef, ms.state))(run_result(work)))
+  assert R.model_table(model) is None
+  got = _leaves(nnx.state(model))
+  for k, (kind, v) in full_run["final"].items():
+    if not k.startswith("routing/capacity"):
+      np.testing.assert_array_equal(got[k][1], v, err_msg=k)

@@ -38,6 +38,7 @@ from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.data import pipeline
 from ir_jax.data.config import DataError
 from ir_jax.data.packing import PACK
+from ir_jax.forecast import NO_TABLE, Capacity
 from ir_jax.model import Llama
 from ir_jax.routing import RoutingSpec, calibrate_thresholds, trained_spec
 from ir_jax.train.init import forecaster_report, stage_init
@@ -269,8 +270,34 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 
 def restore_adapters(mgr: ocp.CheckpointManager, step: int, target: nnx.State) -> nnx.State:
-  out = mgr.restore(step, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(target)))
-  return out["adapters"]
+  def restore(tgt: nnx.State) -> dict[str, Any]:
+    return mgr.restore(step, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(tgt)))
+
+  return restore_compat(restore, target)["adapters"]
+
+
+def restore_compat(restore: Callable[[nnx.State], dict[str, Any]],
+                   target: nnx.State) -> dict[str, Any]:
+  """`restore(adapters_target)`, also for checkpoints written before capacity tables.
+
+  Those have no `capacity` leaves: they are restored without them and get
+  NO_TABLE (uniform routing), as the run that wrote them routed.
+  """
+  try:
+    return restore(target)
+  except ValueError as e:  # orbax: the tree structures do not match
+    first = e
+  cap_target, rest = nnx.split_state(target, Capacity, ...)
+  try:
+    out = dict(restore(rest))
+  except Exception:
+    raise first from None
+  fresh = jax.tree.map(
+      lambda a: jax.device_put(jnp.full(a.shape, NO_TABLE, a.dtype), a.sharding)
+      if getattr(a, "sharding", None) is not None else jnp.full(a.shape, NO_TABLE, a.dtype),
+      cap_target)
+  out["adapters"] = nnx.merge_state(out["adapters"], fresh)
+  return out
 
 
 def _restore_whole(mgr: ocp.CheckpointManager, directory: str, restore: Callable[[int], Any], *,
@@ -494,13 +521,13 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
 
   def restore(n: int) -> dict[str, Any]:
     if n >= total:  # a finished stage: its adapters are all that is needed
-      return mgr.restore(n, args=ocp.args.Composite(
-          adapters=ocp.args.StandardRestore(adapters_target), meta=ocp.args.JsonRestore()))
+      return restore_compat(lambda tgt: mgr.restore(n, args=ocp.args.Composite(
+          adapters=ocp.args.StandardRestore(tgt), meta=ocp.args.JsonRestore())), adapters_target)
     it_, built_ = prepare()
-    return mgr.restore(n, args=ocp.args.Composite(
-        adapters=ocp.args.StandardRestore(adapters_target),
+    return restore_compat(lambda tgt: mgr.restore(n, args=ocp.args.Composite(
+        adapters=ocp.args.StandardRestore(tgt),
         opt_state=ocp.args.StandardRestore(sh.with_shardings(built_.abs_opt, built_.opt_sh)),
-        data=_grain_restore(it_), meta=ocp.args.JsonRestore()))
+        data=_grain_restore(it_), meta=ocp.args.JsonRestore())), adapters_target)
 
   t0 = time.time()
   on_disk = list(mgr.all_steps())
@@ -596,7 +623,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
       if batches:
         info = forecaster_report(nnx.merge(graphdef, trainable, frozen), batches,
                                  os.path.join(workdir, "forecasters.json"))
-        writer.write(stage, total, info)
+        writer.write(f"{stage}_heldout", total, info)  # not the step's own (stage, step) record
     if stage == "router" and sc.calibration_batches:
       model = nnx.merge(graphdef, trainable, frozen)
       from jax.experimental import multihost_utils
