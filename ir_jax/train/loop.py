@@ -625,6 +625,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
                                  os.path.join(workdir, "forecasters.json"))
         writer.write(f"{stage}_heldout", total, info)  # not the step's own (stage, step) record
     if stage == "router" and sc.calibration_batches:
+      log(f"[router] calibrating causal-mode thresholds on {sc.calibration_batches} batches ...")
       model = nnx.merge(graphdef, trainable, frozen)
       from jax.experimental import multihost_utils
 
@@ -790,6 +791,8 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
       json.dump({"stages": summary["stages"]}, f, indent=2)
     os.replace(tmp, os.path.join(workdir, "train_summary.json"))
   if s.train.eval_batches:
+    log(f"evaluating held-out perplexity, dense and routed, on {s.train.eval_batches} batches "
+        f"of {s.data.batch_size} x {s.data.seq_len} tokens ...")
     t_eval = time.time()
     ev = evaluate(s, ms, mesh, s.train.eval_batches)
     ev["wall_s"] = round(time.time() - t_eval, 2)
