@@ -23,6 +23,8 @@ from ir_jax.config import ConfigError
 from ir_jax.train import steps
 from ir_jax.train.config import settings_from_config
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 

@@ -19,6 +19,8 @@ from ir_jax import routing as R
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.model import init_model
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 
 def test_tiny_preset_end_to_end(tmp_path, capsys):
   out = tmp_path / "bench.json"

@@ -28,6 +28,8 @@ from ir_jax.checkpoint import CheckpointError
 from ir_jax.train import integrity, run
 from reliability_test import NEWS, STEPS, tiny_settings  # the same tiny forecaster run
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 FULL_FROM = 6  # the first checkpoint step written to a full disk
 
 

@@ -52,6 +52,8 @@ from ir_jax.sharding import MeshConfig, make_mesh
 from ir_jax.train import run, settings_from_config
 from ir_jax.train.loop import init_state, read_run, run_result
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
 

@@ -14,6 +14,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -44,6 +44,8 @@ from ir_jax.config import ConfigError, LlamaConfig, load_hf_config
 from ir_jax.model import abstract_model, init_model, rope_inv_freq
 from ir_jax.train.config import Settings, settings_from_config
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = int(os.environ.get("IR_JAX_FUZZ", "0") or 0)
 MAX_EXAMPLES = {"model": 150, "hf": 100, "routing_spec": 300, "routing_forward": 15,

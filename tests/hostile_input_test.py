@@ -38,6 +38,8 @@ from ir_jax.data.config import DataError
 from ir_jax.data.tokenize import load_text_tokenizer
 from ir_jax.errors import USER_ERRORS
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = Path(__file__).resolve().parent.parent
 MAX_SECONDS = 3.0  # generous: the shared 2-core CI box, tracemalloc slowing Python ~2x
 MAX_MB = 50.0

@@ -21,6 +21,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO, "launch", "tpu_pod.sh")
 SLURM = os.path.join(REPO, "launch", "slurm_gpu.sbatch")

@@ -32,6 +32,8 @@ from ir_jax.model import init_model  # noqa: E402
 from ir_jax.eval import lm_eval_adapter  # noqa: E402  (registers model type "ir_jax")
 from ir_jax.routing import RoutingSpec, generate  # noqa: E402
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(REPO, "tests", "data", "lm_eval_task")
 CALIB = os.path.join(REPO, "tests", "data", "eval", "calibration.txt")

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "launch", "quality_table.py")
 EVAL_DOCS = os.path.join(REPO, "tests", "data", "eval", "docs.jsonl")

@@ -31,6 +31,8 @@ from ir_jax.train import run, settings_from_config
 from ir_jax.train import integrity
 from ir_jax.train.loop import run_result
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
 STEPS = 8  # checkpoints at 3, 6 and 8 (every 3 and at the end)

@@ -14,6 +14,8 @@ import ir_jax
 from ir_jax import assets
 from ir_jax.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 # A real English paragraph (Gutenberg Shakespeare is archaic; news is closer
 # to the plain English the design brief's perplexity range refers to).
 PARAGRAPH_CHARS = 1200

@@ -32,6 +32,8 @@ from ir_jax.model import LoraParam
 from ir_jax.train import Preempted, TrainingError, run, settings_from_config
 from ir_jax.train.loop import init_state, run_result
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
 STEPS = 8
