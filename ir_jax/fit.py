@@ -73,15 +73,21 @@ def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> A
   return stats
 
 
-@nnx.jit
-def _forecaster_moments(model: Llama, batch: dict[str, Array]) -> dict[str, Array]:
-  w = _ordinary(batch).reshape(-1)
+@nnx.jit(static_argnames=("outlier",))
+def _forecaster_moments(model: Llama, batch: dict[str, Array], outlier: float) -> dict[str, Array]:
+  ordinary = _ordinary(batch).reshape(-1)
 
   def per_unit(rl, unit, n, u, x_res):
     x = n.reshape(-1, n.shape[-1]).astype(jnp.float32)
     y = u.reshape(-1, u.shape[-1]).astype(jnp.float32)
+    # Tokens whose unit output is `outlier` times the batch's mean energy (secondary
+    # sinks, massive activations) would dominate the squares; they are left out.
+    energy = jnp.sum(y * y, -1)
+    mean = jnp.sum(energy * ordinary) / jnp.maximum(jnp.sum(ordinary), 1.0)
+    w = ordinary * (energy <= outlier * mean)
     xw = x * w[:, None]
-    return dict(count=jnp.sum(w), sx=w @ x, sy=w @ y, xtx=xw.T @ x, xty=xw.T @ y)
+    return dict(count=jnp.sum(w), sx=w @ x, sy=w @ y, xtx=xw.T @ x, xty=xw.T @ y,
+                dropped=jnp.sum(ordinary) - jnp.sum(w))
 
   return _dense_units(model, batch, per_unit)
 
@@ -207,9 +213,11 @@ def _accumulate(fn: Callable, model: Llama, batches: Iterable[dict[str, Any]],
   return {k: np.asarray(jax.device_get(v), np.float64) for k, v in total.items()}
 
 
-def forecaster_moments(model, batches, progress=None) -> dict[str, np.ndarray]:
-  """Per-unit moments of (unit input, unit output) over ordinary tokens, `[L, 2, ...]`."""
-  return _accumulate(_forecaster_moments, model, batches, progress)
+def forecaster_moments(model, batches, progress=None,
+                       outlier: float = float("inf")) -> dict[str, np.ndarray]:
+  """Per-unit moments of (unit input, unit output) over ordinary tokens, `[L, 2, ...]`;
+  tokens whose output energy passes `outlier` x the batch mean are left out (`dropped`)."""
+  return _accumulate(lambda m, b: _forecaster_moments(m, b, outlier), model, batches, progress)
 
 
 def router_moments(model, batches, progress=None, greedy: bool = False) -> dict[str, np.ndarray]:
@@ -355,7 +363,9 @@ def _routed_nll(model: Llama, batch: dict[str, Array], spec: RoutingSpec) -> tup
 
 
 def _causal_all(greedy: bool) -> RoutingSpec:
-  return RoutingSpec(policy="greedy" if greedy else "informed", mode="causal")
+  # Threshold routing where the model's thresholds decide: the spec's capacity must be
+  # inside (0, 1), since capacity 1 (0) forces every unit to execute (approximate).
+  return RoutingSpec(policy="greedy" if greedy else "informed", mode="causal", sparsity=0.5)
 
 
 def unit_scores(model: Llama, batches: list[dict[str, Any]],

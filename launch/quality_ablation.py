@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="writes OUT.json and OUT.md")
   p.add_argument("--sparsity", default="0.25,0.4", help="comma-separated target sparsities")
   p.add_argument("--eval-batches", type=int, default=8)
+  p.add_argument("--tables", default="uniform,error,error-flops,probe",
+                 help="capacity tables to evaluate (comma-separated)")
   args = p.parse_args(argv)
   sparsities = [float(v) for v in args.sparsity.split(",") if v.strip()]
 
@@ -100,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
               "error": fit.allocate_curves(scores, rel, sp),
               "error-flops": fit.allocate_curves(scores, rel, sp,
                                                  unit_cost=R.unit_flops(model.config, seq))}
-    if sp == sparsities[0]:
-      probe_dmg, _ = fit.unit_damage(model, alloc[:1], rc.probe_level)
-    tables["probe"] = fit.allocate(probe_dmg, sp, rc.probe_level)
+    if "probe" in args.tables.split(","):
+      if probe_dmg is None:
+        probe_dmg, _ = fit.unit_damage(model, alloc[:1], rc.probe_level)
+      tables["probe"] = fit.allocate(probe_dmg, sp, rc.probe_level)
     for name, table in tables.items():
+      if name not in args.tables.split(","):
+        continue
       caps = None if table is None else tuple(tuple(map(float, r)) for r in table)
       pols = ("informed", "oracle", "random", "greedy") if name in ("uniform", "error") else (
           "informed",)

@@ -58,23 +58,64 @@ def main(argv: list[str] | None = None) -> int:
   fig.colorbar(im, ax=axes[0].tolist(), label="sparsity (fraction approximated)")
   fig.suptitle("SmolLM2-135M capacity tables (informed routers)")
   fig.savefig(os.path.join(args.docs, "capacity_tables.png"), dpi=110, bbox_inches="tight")
-  ex_path = os.path.join(args.runs, "forecaster", "forecasters.json")
-  if os.path.exists(ex_path):
-    ex = json.load(open(ex_path))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    layers = np.arange(len(ex["attn"]))
-    ax.plot(layers, ex["attn"], "o-", label="attention")
-    ax.plot(layers, ex["mlp"], "s-", label="MLP")
+  explained = _explained_on_heldout(args.runs)
+  with open(os.path.join(args.docs, "capacity_tables.json"), "w", encoding="utf-8") as f:
+    json.dump({"what": "trained per-unit capacity tables (fraction of tokens executed), "
+                       "rows = layers, columns = (attention, MLP), by target sparsity; and the "
+                       "forecasters' explained variance per layer on each held-out set "
+                       "(ordinary tokens: segment starts excluded)",
+               "tables": tables, "explained": explained}, f, indent=1)
+  if explained:
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    for (name, ex), color in zip(explained.items(), ("C0", "C1", "C2")):
+      layers = np.arange(len(ex["attn"]))
+      ax.plot(layers, ex["attn"], "o-", color=color, label=f"attention, {name}")
+      ax.plot(layers, ex["mlp"], "s--", color=color, label=f"MLP, {name}")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("explained variance")
-    ax.set_ylim(min(-0.1, min(ex["attn"] + ex["mlp"]) - 0.05), 1.0)
+    lo = min(min(e["attn"] + e["mlp"]) for e in explained.values())
+    ax.set_ylim(max(min(-0.1, lo - 0.05), -1.0), 1.0)
     ax.set_title("Forecasters on held-out ordinary tokens (segment starts excluded)", fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.savefig(os.path.join(args.docs, "explained_variance.png"), dpi=110, bbox_inches="tight")
   print(f"wrote {args.docs}/capacity_tables.json, capacity_tables.png"
-        + (", explained_variance.png" if os.path.exists(ex_path) else ""))
+        + (", explained_variance.png" if explained else ""))
   return 0
+
+
+def _explained_on_heldout(runs: str, rows: int = 16) -> dict[str, dict[str, list[float]]]:
+  """Explained variance per layer of RUNS/forecaster's forecasters on the first `rows`
+  rows of 256 tokens of each held-out set in RUNS/heldout."""
+  import numpy as np
+
+  import ir_jax
+  from ir_jax import fit
+  from ir_jax.data.tokenize import load_text_tokenizer
+  from ir_jax.eval.evaluate import Document, pack_documents
+
+  work = os.path.join(runs, "forecaster")
+  if not os.path.isdir(work):
+    return {}
+  model = ir_jax.load_model(work)
+  run = json.load(open(os.path.join(work, "run.json")))
+  tok = load_text_tokenizer(run["config"]["data"]["tokenizer"], add_bos=None, add_eos=None)
+  out = {}
+  for path in sorted(glob.glob(os.path.join(runs, "heldout", "*.jsonl"))):
+    docs = [json.loads(line) for line in open(path, encoding="utf-8")]
+    ids = [np.asarray(tok.tokenizer.encode(d["text"], add_special_tokens=False).ids, np.int32)
+           for d in docs]
+    full, _ = pack_documents([Document("", "", i) for i in ids], 256)
+    batches = []
+    for start in range(0, min(rows, len(full)), 4):
+      r = full.take(slice(start, start + 4), pad_to=4)
+      batches.append(dict(inputs=r.inputs, targets=r.targets, loss_mask=r.loss_mask,
+                          positions=r.positions, segment_ids=r.segment_ids))
+    ex = fit.explained(fit.forecast_error(model, batches))
+    out[os.path.basename(path)[:-len(".jsonl")]] = {
+        "attn": [round(float(v), 4) for v in ex[:, 0]],
+        "mlp": [round(float(v), 4) for v in ex[:, 1]]}
+  return out
 
 
 if __name__ == "__main__":

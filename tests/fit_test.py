@@ -204,3 +204,12 @@ def test_causal_calibration_hits_the_capacity_in_causal_mode():
   # On the calibration tokens themselves, causal routing executes each unit's capacity
   # (to within a token or two of 256 per unit; the last layers converge last).
   np.testing.assert_allclose(rates, np.asarray(table), atol=2 / 128)
+
+
+def test_unit_damage_probes_approximate_the_probed_unit_only():
+  m = make_model()
+  batch = _batch(2, 24, 5)
+  damage, scores = fit.unit_damage(m, [batch], level=0.5)
+  assert damage.shape == (CFG.num_layers, 2) and scores.shape[:2] == (CFG.num_layers, 2)
+  # Approximating half of a unit's tokens with a random forecaster changes the loss.
+  assert np.abs(damage).min() > 1e-6, damage

@@ -44,9 +44,14 @@ def stage_init(s: Settings, stage: str, model: Llama, it: Iterator[dict[str, Any
          f"(ordinary tokens; segment starts excluded), rank {model.config.lff_rank}, "
          f"ridge {sc.ridge:g}")
     m = fit.forecaster_moments(model, _batches(it, sc.fit_batches),
-                               Progress("[forecaster] statistics", sc.fit_batches, printer=_log))
+                               Progress("[forecaster] statistics", sc.fit_batches, printer=_log),
+                               outlier=sc.outlier)
     fit.set_forecasters(model, m, sc.ridge)
-    return {"fit_tokens": float(m["count"][0, 0])}
+    dropped = int(m["dropped"].sum())
+    if dropped:
+      _log(f"[forecaster] left {dropped} (token, unit) outliers out of the fit (output energy "
+           f"> {sc.outlier:g} x the batch mean)")
+    return {"fit_tokens": float(m["count"][0, 0]), "fit_outliers": float(dropped)}
   if stage == "router":
     greedy = s.routing.policy == "greedy"
     target = "log |Unit(n)|^2 (greedy: nothing replaces a skipped unit)" if greedy else (
