@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
   from ir_jax.train.config import settings_from_config
 
   os.chdir(REPO)
+  # The commit the code was loaded from (edits during the run do not change it).
+  commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
   spec = importlib.util.spec_from_file_location("_ablation_config", args.config)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -117,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
       if name == "error":
         add(name, R.RoutingSpec(policy="informed", capacities=caps, protect_sinks=False), sp,
             "informed", sinks=False)
-  commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
   result = {"command": "python launch/quality_ablation.py " + " ".join(argv or sys.argv[1:]),
             "commit": commit, "eval_tokens": int(sum(float(jnp.sum(b["loss_mask"]))
                                                      for b in evals)),
