@@ -10,9 +10,9 @@ Routers: per unit, a ridge regression of log forecast error on the unit
 input, the oracle's choice made learnable; scaled so Gumbel gates are
 sensible and centred on the unit's capacity.
 
-Capacity table: per unit, the held-out loss increase when only that unit
-approximates a fixed fraction of tokens (its router choosing); a greedy
-allocation then spreads the target sparsity where it is cheapest.
+Capacity table: per unit, a damage curve (by default the relative forecast
+error its router leaves behind at each sparsity; or measured loss probes); a
+greedy allocation then spreads the target sparsity where damage rises least.
 
 Every pass is one jitted function per batch whose outputs have a leading
 layers axis, so it shards like the model (d = 4096: 64 Gram matrices of
@@ -21,7 +21,6 @@ layers axis, so it shards like the model (d = 4096: 64 Gram matrices of
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, Iterable
 
@@ -33,6 +32,7 @@ from flax import nnx
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
 from ir_jax.routing import RoutingSpec, sink_mask
+from ir_jax.train.steps import lm_loss
 
 Array = jax.Array
 # SiLU(z + OFFSET) = z + OFFSET to within 1e-4 for z > -6 (z has unit std), and
@@ -182,9 +182,17 @@ def allocate_curves(scores: np.ndarray, rel_err: np.ndarray, sparsity: float,
     b = np.take_along_axis(cum, hi[..., None], -1)[..., 0]
     return a + frac * (b - a)
 
-  s = np.zeros((num_l, num_u))
-  w = np.ones_like(s) if unit_cost is None else np.broadcast_to(
-      np.asarray(unit_cost, np.float64) / max(unit_cost), s.shape)
+  w = np.ones((num_l, num_u)) if unit_cost is None else np.broadcast_to(
+      np.asarray(unit_cost, np.float64) / max(unit_cost), (num_l, num_u))
+  return _greedy_table(curve, w, sparsity, step, max_sparsity)
+
+
+def _greedy_table(curve: Callable[[np.ndarray], np.ndarray], w: np.ndarray, sparsity: float,
+                  step: float, max_sparsity: float) -> np.ndarray:
+  """Capacities `[L, 2]`: add sparsity `step` at a time to the unit whose damage
+  `curve(s)` rises least per unit of weight `w`, until the w-weighted mean sparsity is
+  `sparsity`; no unit passes `max_sparsity`; the last increment is partial."""
+  s = np.zeros(w.shape)
   budget = sparsity * w.sum()  # in units of pairs (or of the dearer unit's FLOPs)
   cap_s = max(max_sparsity, sparsity)
   while budget > 1e-12:
@@ -356,10 +364,7 @@ def set_routers(model: Llama, moments: dict[str, np.ndarray], ridge: float) -> n
 def _routed_nll(model: Llama, batch: dict[str, Array], spec: RoutingSpec) -> tuple[Array, Array]:
   logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], routing=spec,
                       return_aux=True)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None].astype(jnp.int32), -1)[..., 0]
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0), aux["scores_BxT"]
+  return lm_loss(logits, batch)[0], aux["scores_BxT"]
 
 
 def _causal_all(greedy: bool) -> RoutingSpec:
@@ -443,18 +448,5 @@ def allocate(damage: np.ndarray, sparsity: float, level: float, step: float = 1 
   """
   d = np.maximum(np.asarray(damage, np.float64), 0.0)
   d = np.maximum(d, 1e-3 * max(d.max(), 1e-9))  # noise-level damage: cheap, not free
-  s = np.zeros_like(d)
-  n = d.size
-  budget = sparsity * n
-  cap_s = max(max_sparsity, sparsity)
-  while budget > 1e-12:
-    inc = np.minimum(step, cap_s - s)
-    cost = d * ((s + inc) ** 2 - s ** 2) / level ** 2 / np.maximum(inc, 1e-12)
-    cost[inc <= 1e-12] = np.inf
-    j = np.unravel_index(np.argmin(cost), d.shape)
-    if not np.isfinite(cost[j]):
-      break
-    add = min(inc[j], budget)
-    s[j] += add
-    budget -= add
-  return 1.0 - s
+  return _greedy_table(lambda s: d * (s / level) ** 2, np.ones_like(d), sparsity, step,
+                       max_sparsity)

@@ -36,7 +36,7 @@ class Capacity(nnx.Variable):
   """The trained per-unit capacity table (fraction of tokens executed), one per unit.
 
   Negative means "no table": the model routes at the uniform capacity it is asked for.
-  Set at the end of the router stage (`ir_jax.fit.allocate`); not trained by gradients.
+  Set by the router stage's fit (`ir_jax.fit.set_table`); not trained by gradients.
   """
 
 
