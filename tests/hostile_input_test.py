@@ -18,6 +18,8 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -79,15 +81,23 @@ def run_cli_refused(case: str, *args: str, needles: tuple[str, ...] = ()) -> str
   """`python -m ir_jax.convert import ...` must exit 2 with one stderr line; its peak RSS
   (os.wait4) stays near the interpreter's own."""
   t0 = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, "-m", "ir_jax.convert", "import", *args], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  out, err = proc.communicate(timeout=300)
+  with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
+    proc = subprocess.Popen([sys.executable, "-m", "ir_jax.convert", "import", *args], cwd=REPO,
+                            stdout=fout, stderr=ferr, text=True)
+    # Reap this child ourselves: wait4 gives its own rusage. RUSAGE_CHILDREN would be the
+    # largest child the whole pytest process ever reaped (a training subprocess, say).
+    killer = threading.Timer(300, proc.kill)  # a hung import fails the test, not CI
+    killer.start()
+    try:
+      _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+      killer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    fout.seek(0)
+    ferr.seek(0)
+    out, err = fout.read(), ferr.read()
   seconds = time.perf_counter() - t0
-  # communicate() already reaped the child; its rusage is folded into RUSAGE_CHILDREN,
-  # whose ru_maxrss is the largest child so far (in KiB on Linux).
-  import resource
-
-  rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  rss_mb = usage.ru_maxrss / 1024  # KiB on Linux
   RECORD.append(dict(case=case, error=f"exit {proc.returncode}", seconds=round(seconds, 2),
                      peak_rss_mb=round(rss_mb), message=err.strip()[:300], cli=True))
   assert proc.returncode == 2, (out, err)
