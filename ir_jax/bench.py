@@ -152,7 +152,9 @@ def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
   add("prefill/dense", "prefill", None, "dense", prefill(None), (state, tokens), n_prefill,
       flops=dense_fl["dense"], executed_fraction=1.0, ideal_fraction=1.0, realized_sparsity=0.0)
   for s in sparsities:
-    spec = R.RoutingSpec(policy="informed", sparsity=s, k_multiple=k_multiple)
+    # A model with a trained capacity table routes by it, rescaled to s (random weights: uniform).
+    spec = R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s,
+                                               k_multiple=k_multiple), sparsity=s)
     fl = R.flops(cfg, spec, seq_len, batch)
     ks = R._layer_ks(spec, cfg, seq_len)
     common = dict(realized_sparsity=float(1.0 - ks.mean() / seq_len),
@@ -206,7 +208,8 @@ def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Se
   out.append(Variant("decode/dense", "decode", None, "dense", compiled, (state, feed_BxN), n,
                      dict(info, executed_fraction=1.0, ideal_fraction=1.0)))
   for s in sparsities:
-    spec = R.RoutingSpec(policy="informed", sparsity=s, mode="causal")
+    spec = R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s, mode="causal"),
+                          sparsity=s)
     calib = [jnp.asarray(rng.integers(0, cfg.vocab_size, (max(b, 2), t)), jnp.int32)]
     thr = R.calibrate_thresholds(model, calib, spec)
     # New containers around the same arrays: this sparsity's thresholds stay put

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ir_jax.config import ConfigError, LlamaConfig, read_json_object
+from ir_jax.forecast import NO_TABLE
 
 META_FILE = "ir_jax.json"
 PARAMS_DIR = "params"
@@ -107,7 +108,28 @@ def restore_params(path: str, target: dict) -> dict:
   try:
     return ocp.StandardCheckpointer().restore(params_dir, target)
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise CheckpointError(f"{params_dir}: cannot restore parameters ({str(e)[:300]})") from None
+    first = e
+  # Checkpoints written before the routing leaves that came later (LATER_ROUTING_LEAVES,
+  # newest first) restore without them; those leaves get NO_TABLE.
+  routing = target.get("routing") if isinstance(target, dict) else None
+  for n in range(1, len(LATER_ROUTING_LEAVES) + 1 if isinstance(routing, dict) else 0):
+    absent = LATER_ROUTING_LEAVES[:n]
+    if not all(k in routing for k in absent):
+      break
+    partial = dict(target, routing={k: v for k, v in routing.items() if k not in absent})
+    try:
+      out = ocp.StandardCheckpointer().restore(params_dir, partial)
+    except (ValueError, KeyError, FileNotFoundError):
+      continue
+    out["routing"] = dict(out["routing"])
+    for k in absent:
+      out["routing"][k] = np.full(routing[k].shape, NO_TABLE, routing[k].dtype)
+    return out
+  raise CheckpointError(f"{params_dir}: cannot restore parameters ({str(first)[:300]})") from None
+
+
+# Routing leaves added after the first checkpoints were written, newest first.
+LATER_ROUTING_LEAVES = ("calibrated_for", "capacity")
 
 
 def to_numpy(tree: Any) -> Any:

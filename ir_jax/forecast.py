@@ -40,6 +40,15 @@ class Capacity(nnx.Variable):
   """
 
 
+class CalibratedFor(nnx.Variable):
+  """The capacities the thresholds were calibrated for, one per unit (NO_TABLE: never).
+
+  Set by `routing.calibrate_thresholds`; causal routing at other capacities is
+  refused (`routing.check_calibrated`), since a threshold only executes the share of
+  tokens it was calibrated for.
+  """
+
+
 NO_TABLE = -1.0
 
 
@@ -109,6 +118,8 @@ class RoutingLayer(nnx.Module):
     self.threshold = _zeros((len(UNITS),), Threshold, ("units",), jnp.float32)
     self.capacity = Capacity(jnp.full((len(UNITS),), NO_TABLE, jnp.float32),
                              out_sharding=("units",), eager_sharding=False)
+    self.calibrated_for = CalibratedFor(jnp.full((len(UNITS),), NO_TABLE, jnp.float32),
+                                        out_sharding=("units",), eager_sharding=False)
 
   def forecaster(self, unit: int) -> Forecaster:
     return (self.attn_lff, self.mlp_lff)[unit]

@@ -357,6 +357,7 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
   layer then has its own static k).
   """
   cfg = model.config
+  check_calibrated(model, spec)
   b, t = tokens_BxT.shape
   index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   ctx = _Ctx(index_BxT if positions_BxT is None else positions_BxT, index_BxT,
@@ -474,7 +475,7 @@ def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSp
         elif c <= 0.0:
           thr[l, u] = np.inf
         else:
-          thr[l, u] = np.quantile(scores[l, u].astype(np.float64), 1.0 - c)
+          thr[l, u] = _threshold_between(scores[l, u], c)
     return thr
 
   thr = quantiles(dataclasses.replace(spec, mode="topk", gate="hard", compute="gathered"))
@@ -483,7 +484,55 @@ def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSp
     model.routing.threshold[...] = jnp.asarray(thr)
     thr = quantiles(causal)
   model.routing.threshold[...] = jnp.asarray(thr)
+  model.routing.calibrated_for[...] = jnp.asarray(caps)
   return thr
+
+
+def _threshold_between(scores: np.ndarray, capacity: float) -> np.float32:
+  """A float32 threshold that `capacity` of `scores` exceed and none equals.
+
+  It lies halfway between the score at the (1 - capacity) quantile (taken as the
+  nearest lower score) and the next larger distinct score, so ties decide nothing on
+  the calibration data: `score > threshold` here and an exported `[score, threshold]`
+  argmax (which executes on a tie) agree on every calibration token.
+  """
+  s = np.unique(scores.astype(np.float32).ravel())  # sorted, distinct
+  q = np.quantile(scores.astype(np.float64), 1.0 - capacity)
+  i = max(int(np.searchsorted(s, q, side="right")) - 1, 0)  # largest score <= q
+  lo = s[i]
+  if i + 1 >= len(s):
+    return np.nextafter(lo, np.float32(np.inf))
+  mid = np.float32((np.float64(lo) + np.float64(s[i + 1])) / 2)
+  return mid if lo < mid < s[i + 1] else lo
+
+
+def check_calibrated(model: Llama, spec: RoutingSpec) -> None:
+  """Refuses causal routing at capacities the model's thresholds were not calibrated for.
+
+  Units at capacity 1 or 0 ignore thresholds and are not checked; top-k mode and
+  the dense policy need no thresholds. Does nothing under a trace (the values are
+  not known): call it before jitting, as `generate` and the evaluators do.
+  """
+  if spec.mode != "causal" or spec.policy == "dense":
+    return
+  stored = model.routing.calibrated_for[...]
+  if isinstance(stored, jax.core.Tracer):
+    return
+  cfg = model.config
+  want = _layer_caps(spec, cfg)
+  stored = np.asarray(stored, np.float32)
+  used = (want > 0) & (want < 1)
+  if np.allclose(stored[used], want[used], rtol=0, atol=1e-6):
+    return
+  if (stored < 0).all():
+    got = "were never calibrated"
+  else:
+    got = (f"were calibrated for other capacities (mean {float(stored.mean()):.4g}, "
+           f"this spec: {float(want.mean()):.4g})")
+  raise ConfigError(
+      f"causal routing at sparsity {1 - float(want.mean()):.4g}: the model's thresholds {got}; "
+      "calibrate them for this spec first (routing.calibrate_thresholds(model, held-out "
+      "batches, spec); ir_jax.eval does it with --calibration) or route in top-k mode")
 
 
 # ----------------------------------------------------------------- decode
@@ -534,6 +583,7 @@ def generate(model: Llama, prompt_BxT: Array, max_new_tokens: int,
   The prompt is fed token by token through the same step, so every token's
   routing decision is causal.
   """
+  check_calibrated(model, spec)
   prompt = np.asarray(prompt_BxT)
   b, t = prompt.shape
   total = t + max_new_tokens

@@ -322,6 +322,7 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
   params["routing"]["threshold"][0, 0] = -np.inf
   # A capacity table (fractions; the reference layout carries it in routing.json).
   params["routing"]["capacity"] = rng.uniform(0, 1, (2, 2)).astype(np.float32)
+  params["routing"]["calibrated_for"] = rng.uniform(0, 1, (2, 2)).astype(np.float32)
   ckpt = checkpoint.save(str(tmp_path / "ckpt"), cfg, params)
   out = str(tmp_path / "ref")
   assert main(["export", ckpt, "--out", out, "--format", "reference"]) == 0
@@ -337,6 +338,9 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
                                 ours["attn_lff"]["w1"][1].T)
   np.testing.assert_array_equal(st.get("model.layers.0.lw_mlp.linear2.bias"), ours["mlp_lff"]["b2"][0])
 
+  # Thresholds ride in the second logit's bias; -inf (always execute) as -1e30.
+  np.testing.assert_array_equal(
+      st.get("model.layers.0.router_attention.weight_predictor.bias")[1], np.float32(-1e30))
   # The reference's modules, run by torch, execute exactly where our score says so.
   model = ir_jax.load_model(ckpt)
   n = rng.randn(64, 32).astype(np.float32)
@@ -345,8 +349,10 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
     rl = jax.tree.map(lambda a: a[i], nnx.state(model.routing))
     layer = nnx.merge(nnx.graphdef(model.routing), rl)
     score = np.asarray(layer.mlp_router(jnp.asarray(n)[None]))[0]
-    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-score)), atol=1e-6)
-    np.testing.assert_array_equal(argmax == 0, score > 0)
+    t = float(params["routing"]["threshold"][i, 1])  # the MLP router's causal threshold
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-(score - t))), atol=1e-6)
+    np.testing.assert_array_equal(argmax == 0, score > t)  # their gate = our causal mode
+    assert 0 < (score > t).mean() < 1  # the threshold splits these inputs
     np.testing.assert_allclose(lff, np.asarray(layer.mlp_lff(jnp.asarray(n)[None]))[0],
                                rtol=1e-5, atol=1e-5)
 

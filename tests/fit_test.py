@@ -11,7 +11,7 @@ from flax import nnx
 from ir_jax import fit
 from ir_jax import routing as R
 from ir_jax.forecast import Forecaster
-from ir_jax.config import LlamaConfig
+from ir_jax.config import ConfigError, LlamaConfig
 from routing_test import CFG, make_model, packed_row, tokens
 
 
@@ -78,6 +78,7 @@ def test_sink_tokens_always_execute_so_their_logits_are_dense():
       assert np.abs(out[starts[0] + 1:starts[1]] - dense[starts[0] + 1:starts[1]]).max() > 1e-4
   # Causal mode: sinks pass any finite threshold.
   m.routing.threshold[...] = jnp.full(m.routing.threshold[...].shape, 1e6)
+  m.routing.calibrated_for[...] = jnp.full(m.routing.calibrated_for[...].shape, 0.5)  # as if
   out = np.asarray(m(toks, pos, seg, routing=R.RoutingSpec(mode="causal", sparsity=0.5)))[0]
   np.testing.assert_allclose(out[starts], dense[starts], atol=1e-5, rtol=0)
 
@@ -162,6 +163,21 @@ def test_model_table_drives_trained_spec():
   np.testing.assert_allclose(np.asarray(aux["exec_rate"]), table)
 
 
+def test_causal_routing_at_uncalibrated_capacities_is_refused():
+  m = make_model()
+  t = tokens(2, 12)
+  spec = R.RoutingSpec(sparsity=0.5, mode="causal")
+  with pytest.raises(ConfigError, match="never calibrated"):
+    m(t, routing=spec)
+  with pytest.raises(ConfigError, match="never calibrated"):
+    R.generate(m, t[:, :3], 2, spec)
+  R.calibrate_thresholds(m, [t], spec)
+  m(t, routing=spec)  # now it runs
+  with pytest.raises(ConfigError, match="other capacities"):
+    m(t, routing=R.RoutingSpec(sparsity=0.25, mode="causal"))
+  m(t, routing=R.RoutingSpec(sparsity=0.25))  # top-k mode needs no thresholds
+
+
 def test_causal_mode_at_capacity_one_is_dense_whatever_the_thresholds():
   m = make_model()
   t = tokens(2, 20)
@@ -173,6 +189,7 @@ def test_causal_mode_at_capacity_one_is_dense_whatever_the_thresholds():
   # A table with a dense layer: that layer ignores its threshold too (decode agrees).
   table = ((1.0, 1.0), (0.5, 0.5), (1.0, 0.5))
   spec = R.RoutingSpec(capacities=table, mode="causal")
+  m.routing.calibrated_for[...] = jnp.asarray(table, jnp.float32)  # stale, but recorded so
   _, aux = m(t, routing=spec, return_aux=True)
   gates = np.asarray(aux["gate_BxT"])
   assert gates[0].all() and gates[2, 0].all()

@@ -19,12 +19,24 @@ dict therefore names them (torch `nn.Linear` weights are `[out, in]`):
 
 The reference draws hard Gumbel-softmax gates over the two logits; index 0
 executes the unit, index 1 approximates it with the forecaster. Our router
-gives one score s (higher = execute), exported as logits [s, 0]: softmax
-index 0 is sigmoid(s), the probability our Gumbel gate executes with, and
-argmax picks 0 iff s > 0. Importing takes s = logit0 - logit1, which is exact
-for our exports (x - 0 == x) and right for any reference router. A linear
-router (router_hidden 0) has no hidden layer in our model; it is exported as
-the exact two-unit ReLU network relu(w.n) - relu(-w.n) = w.n.
+gives one score s (higher = execute) and causal mode executes iff s > t, the
+unit's calibrated threshold. It is exported as logits [s, t]: the threshold
+sits in `weight_predictor.bias[1]` (row 1 of the weight is zero), so the
+reference's deterministic gate (argmax) executes exactly where our causal mode
+does, and softmax index 0 is sigmoid(s - t). On an exact tie s == t argmax
+picks index 0 (executes) where we do not; calibrated thresholds lie halfway
+between two neighbouring calibration scores, so no calibration token ties.
+A threshold of -inf (always execute) or +inf (never) is written as -/+1e30 so
+softmax stays finite. Importing one of our exports reads s from index 0 and t
+from routing.json (exact); importing other reference weights takes
+s = logit0 - logit1 and threshold 0 (their rule: execute when logit0 wins).
+A linear router (router_hidden 0) has no hidden layer in our model; it is
+exported as the exact two-unit ReLU network relu(w.n) - relu(-w.n) = w.n.
+
+Their `LightweightNetwork` fixes the forecaster rank at 100 and their router
+width at d // 4 - 200 (negative below d = 800), so a model with other widths
+needs those two edited in their code; their scripts' `--skipgpt` flag must be
+off.
 """
 
 from __future__ import annotations
@@ -39,6 +51,12 @@ PREFIX = "model.layers.{i}."
 FORECASTERS = {"attn_lff": "lw_attn", "mlp_lff": "lw_mlp"}
 ROUTERS = {"attn_router": "router_attention", "mlp_router": "router_mlp"}
 EXECUTE_INDEX = 0  # the reference's gumbel index that runs the unit
+INF_BIAS = 1e30  # stands for an infinite threshold in weight_predictor.bias[1]
+
+
+def threshold_bias(threshold: np.ndarray, dtype) -> np.ndarray:
+  """A threshold as the reference's second logit bias (finite: +-inf becomes +-INF_BIAS)."""
+  return np.clip(np.asarray(threshold, np.float64), -INF_BIAS, INF_BIAS).astype(dtype)
 
 
 def layout(d: int, lff_rank: int, router_hidden: int) -> dict[str, tuple[int, ...]]:
@@ -55,8 +73,12 @@ def layout(d: int, lff_rank: int, router_hidden: int) -> dict[str, tuple[int, ..
 
 
 def to_reference(layer: Callable[[str, str], np.ndarray], router_hidden: int,
-                 key: str) -> np.ndarray:
-  """One reference tensor of one layer; `layer(module, param)` gives our slice."""
+                 key: str, thresholds: np.ndarray | None = None) -> np.ndarray:
+  """One reference tensor of one layer; `layer(module, param)` gives our slice.
+
+  `thresholds` `[2]` (attn, mlp): the layer's causal thresholds, folded into
+  the routers' second logit (None: 0, execute when the score is positive).
+  """
   module, _, rest = key.partition(".")
   if module in FORECASTERS.values():
     ours = {v: k for k, v in FORECASTERS.items()}[module]
@@ -68,7 +90,9 @@ def to_reference(layer: Callable[[str, str], np.ndarray], router_hidden: int,
   w2, b2 = layer(ours, "w2"), layer(ours, "b2")
   zero = np.zeros((), w2.dtype)
   if rest == "weight_predictor.bias":
-    return np.stack([b2[0], zero])
+    unit = list(ROUTERS).index(ours)
+    t = zero if thresholds is None else threshold_bias(thresholds[unit], w2.dtype)
+    return np.stack([b2[0], t])
   if router_hidden:
     if rest == "hidden_layer.weight":
       return np.ascontiguousarray(layer(ours, "w1").T)
@@ -84,8 +108,13 @@ def to_reference(layer: Callable[[str, str], np.ndarray], router_hidden: int,
 
 
 def from_reference(get: Callable[[str], np.ndarray], router_hidden: int,
-                   where: str) -> dict[str, dict[str, np.ndarray]]:
-  """One layer's forecasters and routers in our layout from its reference tensors."""
+                   where: str, thresholds_in_bias: bool = False
+                   ) -> dict[str, dict[str, np.ndarray]]:
+  """One layer's forecasters and routers in our layout from its reference tensors.
+
+  `thresholds_in_bias`: our export, whose `weight_predictor.bias[1]` holds the
+  threshold; the score is then logit 0 alone (the threshold comes from routing.json).
+  """
   out: dict[str, dict[str, np.ndarray]] = {}
   for ours, ref in FORECASTERS.items():
     out[ours] = {"w1": np.ascontiguousarray(get(f"{ref}.linear1.weight").T),
@@ -95,7 +124,7 @@ def from_reference(get: Callable[[str], np.ndarray], router_hidden: int,
   for ours, ref in ROUTERS.items():
     hw, hb = get(f"{ref}.hidden_layer.weight"), get(f"{ref}.hidden_layer.bias")
     pw, pb = get(f"{ref}.weight_predictor.weight"), get(f"{ref}.weight_predictor.bias")
-    b2 = (pb[0] - pb[1]).reshape(1)
+    b2 = (pb[0] if thresholds_in_bias else pb[0] - pb[1]).reshape(1)
     if router_hidden:
       out[ours] = {"w1": np.ascontiguousarray(hw.T), "b1": hb, "w2": pw[0] - pw[1], "b2": b2}
       continue

@@ -11,8 +11,11 @@ LoRA was merged. `routing.safetensors` holds, per layer i:
     model.layers.{i}.{attn,mlp}_router.{w1 [d, h], b1 [h], w2 [h], b2 [1]}  (w1, b1 absent when h = 0)
     model.layers.{i}.threshold [2] (float32; attn, mlp)
     model.layers.{i}.capacity [2] (float32; the trained capacity table row, -1: none)
-  reference layout: see `ir_jax.convert.reference` (thresholds and the capacity table then
-  live in routing.json).
+    model.layers.{i}.calibrated_for [2] (float32; capacities the thresholds were calibrated
+                                          for, -1: never)
+  reference layout: see `ir_jax.convert.reference` (the thresholds are folded into the
+  routers' second logit bias and also listed in routing.json, with the capacity table
+  and calibration record).
 """
 
 from __future__ import annotations
@@ -125,11 +128,12 @@ def tensor_specs(cfg: LlamaConfig, routing: dict, layout: str
     else:
       dtype = np.dtype(leaves[("attn_lff", "w1")].dtype)
       get = lambda module, param, i=i: slice_of((module, param), i)
+      thr = slice_of(("threshold",), i)
       for key, shape in reference.layout(cfg.hidden_size, cfg.lff_rank,
                                          cfg.router_hidden).items():
         specs.append((pre + key, dtype, shape))
-        makers[pre + key] = lambda key=key, get=get: reference.to_reference(
-            get, cfg.router_hidden, key)
+        makers[pre + key] = lambda key=key, get=get, thr=thr: reference.to_reference(
+            get, cfg.router_hidden, key, thr)
   return specs, lambda name: makers[name]()
 
 
@@ -142,10 +146,14 @@ def write(out_dir: str, cfg: LlamaConfig, routing: dict, layout: str, *, spec: A
   write_streaming(os.path.join(out_dir, WEIGHTS), specs, make,
                   {"format": "pt", "ir_jax_layout": layout})
   thr = np.asarray(routing["threshold"], np.float32)
-  thresholds: dict[str, Any] = {"meaning": THRESHOLD_MEANING,
-                                "calibrated": bool(np.any(thr != 0))}
-  if layout == "reference":  # the reference layout has no tensor for them
+  cal = np.asarray(routing["calibrated_for"], np.float32) if "calibrated_for" in routing else None
+  calibrated = cal is not None and bool((cal >= 0).all())
+  thresholds: dict[str, Any] = {
+      "meaning": THRESHOLD_MEANING, "calibrated": calibrated,
+      "calibrated_for": [[float(v) for v in row] for row in cal] if calibrated else None}
+  if layout == "reference":  # exact values here; the router bias carries them too
     thresholds["values"] = [[_float_json(v) for v in row] for row in thr]
+    thresholds["in_router_bias"] = "weight_predictor.bias[1] (+-1e30 for +-inf)"
   else:
     thresholds["tensors"] = PREFIX + "threshold"
   router = {
@@ -158,8 +166,9 @@ def write(out_dir: str, cfg: LlamaConfig, routing: dict, layout: str, *, spec: A
   }
   if layout == "reference":
     router["reference_logits"] = (
-        "[score, 0]: index 0 = execute the unit, index 1 = approximate it with the forecaster "
-        "(as the reference's gumbel gates); softmax index 0 = sigmoid(score). Use the "
+        "[score, threshold]: index 0 = execute the unit, index 1 = approximate it with the "
+        "forecaster (as the reference's gumbel gates); argmax executes where ir_jax's causal "
+        "mode does, softmax index 0 = sigmoid(score - threshold). Use the "
         "reference with post_norm_router=True and TokenRouter hidden width "
         f"{cfg.router_hidden or 2} (it hard-codes d // 4 - 200)")
   caps = np.asarray(routing["capacity"], np.float32) if "capacity" in routing else None
@@ -242,15 +251,21 @@ def read(path: str, manifest: dict[str, Any], cfg: LlamaConfig, target: dict) ->
         if p == ("capacity",) and pre + "capacity" not in st:  # exports before tables
           slices[p].append(_capacities(manifest, file, layers)[i])
           continue
+        if p == ("calibrated_for",) and pre + "calibrated_for" not in st:  # and before records
+          slices[p].append(_calibrated_for(manifest, file, layers)[i])
+          continue
         slices[p].append(get(pre + ".".join(p), want.shape[1:]))
       continue
+    in_bias = bool((manifest.get("thresholds") or {}).get("in_router_bias"))
     mods = reference.from_reference(lambda k: get(pre + k, ref_shapes[k]), cfg.router_hidden,
-                                    f"{file} layer {i}")
+                                    f"{file} layer {i}", thresholds_in_bias=in_bias)
     for p in leaves:
       if p == ("threshold",):
         slices[p].append(_thresholds(manifest, file, layers)[i])
       elif p == ("capacity",):
         slices[p].append(_capacities(manifest, file, layers)[i])
+      elif p == ("calibrated_for",):
+        slices[p].append(_calibrated_for(manifest, file, layers)[i])
       else:
         slices[p].append(mods[p[0]][p[1]])
   out: dict = {}
@@ -284,6 +299,20 @@ def _capacities(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
   out = np.array([[_float_from_json(v, file) for v in r] for r in values], np.float32)
   if not ((out >= 0) & (out <= 1)).all():
     raise WeightImportError(f"{file}: capacity_table.values must lie in [0, 1]")
+  return out
+
+
+def _calibrated_for(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
+  values = (manifest.get("thresholds") or {}).get("calibrated_for")
+  if values is None:  # never calibrated, or exported before calibration records
+    return np.full((layers, len(UNITS)), NO_TABLE, np.float32)
+  if not isinstance(values, list) or len(values) != layers or any(
+      not isinstance(r, list) or len(r) != len(UNITS) for r in values):
+    raise WeightImportError(f"{file}: thresholds.calibrated_for must be {layers} rows of "
+                            f"{len(UNITS)} numbers")
+  out = np.array([[_float_from_json(v, file) for v in r] for r in values], np.float32)
+  if not ((out >= 0) & (out <= 1)).all():
+    raise WeightImportError(f"{file}: thresholds.calibrated_for must lie in [0, 1]")
   return out
 
 

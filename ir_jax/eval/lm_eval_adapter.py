@@ -13,7 +13,8 @@ or from a shell (the lm-eval CLI with this model type registered):
 Model args: `pretrained` (anything `ir_jax.load_model` takes), `tokenizer`
 (default: `pretrained`'s; "byte" for the built-in byte tokenizer), `policy`,
 `sparsity`, `mode` (topk | causal), `calibration` (text/JSONL file(s) or globs
-for causal-mode thresholds; without it the model's stored thresholds are used),
+for causal-mode thresholds; without it the model's stored thresholds are used, and
+refused unless they were calibrated for this spec's capacities),
 `calibration_seq_len`, `calibration_batches`, `batch_size`, `max_length`,
 `max_gen_toks`, `seed`.
 
@@ -51,7 +52,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ir_jax.config import ConfigError
-from ir_jax.routing import RoutingSpec, decode_step, init_cache, trained_spec
+from ir_jax.routing import (RoutingSpec, check_calibrated, decode_step, init_cache,
+                            trained_spec)
 
 NAME = "ir_jax"
 
@@ -111,6 +113,7 @@ class IrJaxLM(LM):
                         f"{max_length}")
     if calibration and self.spec.mode == "causal" and self.spec.policy != "dense":
       self._calibrate(str(calibration), int(calibration_seq_len), int(calibration_batches))
+    check_calibrated(self.model, self.spec)  # stored thresholds only for the spec they fit
 
   # ------------------------------------------------------------- helpers
   def _calibrate(self, files: str, seq_len: int, batches: int) -> None:

@@ -38,7 +38,7 @@ from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.data import pipeline
 from ir_jax.data.config import DataError
 from ir_jax.data.packing import PACK
-from ir_jax.forecast import NO_TABLE, Capacity
+from ir_jax.forecast import NO_TABLE, CalibratedFor, Capacity
 from ir_jax.model import Llama
 from ir_jax.routing import RoutingSpec, calibrate_thresholds, trained_spec
 from ir_jax.train.init import forecaster_report, stage_init
@@ -278,26 +278,30 @@ def restore_adapters(mgr: ocp.CheckpointManager, step: int, target: nnx.State) -
 
 def restore_compat(restore: Callable[[nnx.State], dict[str, Any]],
                    target: nnx.State) -> dict[str, Any]:
-  """`restore(adapters_target)`, also for checkpoints written before capacity tables.
+  """`restore(adapters_target)`, also for checkpoints written before newer adapter leaves.
 
-  Those have no `capacity` leaves: they are restored without them and get
-  NO_TABLE (uniform routing), as the run that wrote them routed.
+  Checkpoints before capacity tables have no `capacity` (nor `calibrated_for`)
+  leaves: they get NO_TABLE, uniform routing as the run that wrote them routed.
+  Checkpoints before calibration records have no `calibrated_for`: NO_TABLE, so
+  their thresholds are recalibrated (or causal routing refused) before use.
   """
   try:
     return restore(target)
   except ValueError as e:  # orbax: the tree structures do not match
     first = e
-  cap_target, rest = nnx.split_state(target, Capacity, ...)
-  try:
-    out = dict(restore(rest))
-  except Exception:
-    raise first from None
-  fresh = jax.tree.map(
-      lambda a: jax.device_put(jnp.full(a.shape, NO_TABLE, a.dtype), a.sharding)
-      if getattr(a, "sharding", None) is not None else jnp.full(a.shape, NO_TABLE, a.dtype),
-      cap_target)
-  out["adapters"] = nnx.merge_state(out["adapters"], fresh)
-  return out
+  for missing in ((CalibratedFor,), (Capacity, CalibratedFor)):
+    absent, rest = nnx.split_state(target, nnx.Any(*missing), ...)
+    try:
+      out = dict(restore(rest))
+    except Exception:
+      continue
+    fresh = jax.tree.map(
+        lambda a: jax.device_put(jnp.full(a.shape, NO_TABLE, a.dtype), a.sharding)
+        if getattr(a, "sharding", None) is not None else jnp.full(a.shape, NO_TABLE, a.dtype),
+        absent)
+    out["adapters"] = nnx.merge_state(out["adapters"], fresh)
+    return out
+  raise first
 
 
 def _restore_whole(mgr: ocp.CheckpointManager, directory: str, restore: Callable[[int], Any], *,

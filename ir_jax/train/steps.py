@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ir_jax.forecast import Capacity, ForecasterParam, RouterParam, Threshold
+from ir_jax.forecast import CalibratedFor, Capacity, ForecasterParam, RouterParam, Threshold
 from ir_jax.model import Llama, LoraParam
 from ir_jax.routing import RoutingSpec, routed_forward, sink_mask
 from ir_jax.train.config import RouterStage, StageConfig
@@ -23,7 +23,8 @@ from ir_jax.train.config import RouterStage, StageConfig
 Array = jax.Array
 TRAINABLE = {"forecaster": ForecasterParam, "router": RouterParam, "lora": LoraParam}
 # Everything a training run produces on top of the base weights.
-ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, Capacity, LoraParam)
+ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, Capacity, CalibratedFor,
+                   LoraParam)
 
 
 # ------------------------------------------------------------ optimizers
