@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-
 from ir_jax import checkpoint
 from ir_jax.model import Llama
 

@@ -22,7 +22,6 @@ decision never depends on later tokens; it is what decoding uses.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import Any, Callable, Iterable
 

@@ -44,6 +44,7 @@ def test_config_builds_abstract_model(name):
 
 def test_every_parameter_has_logical_axes():
   from flax import nnx
+
   from ir_jax.model import abstract_model
 
   cfg = from_config_dict(load("tiny").model)

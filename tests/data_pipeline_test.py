@@ -17,8 +17,15 @@ from jax.sharding import Mesh, PartitionSpec
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from ir_jax import assets
-from ir_jax.data import (DataConfig, DataError, DataIterator, load_text_tokenizer, make_iterator,
-                         open_split, prepare)
+from ir_jax.data import (
+  DataConfig,
+  DataError,
+  DataIterator,
+  load_text_tokenizer,
+  make_iterator,
+  open_split,
+  prepare,
+)
 
 SEQ_LEN = 32
 WORDS = ("the king and queen of denmark speak softly while a ghost walks near castle walls "

@@ -23,10 +23,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from reliability_test import NEWS, STEPS, tiny_settings  # the same tiny forecaster run
 
 from ir_jax.checkpoint import CheckpointError
 from ir_jax.train import integrity, run
-from reliability_test import NEWS, STEPS, tiny_settings  # the same tiny forecaster run
 
 pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 

@@ -29,11 +29,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_HF_CONFIGS, save_tiny_hf
 from flax import nnx
 
 import ir_jax
-from ir_jax import routing as R
 from ir_jax import checkpoint, convert
+from ir_jax import routing as R
 from ir_jax.config import LlamaConfig
 from ir_jax.convert import export as ex
 from ir_jax.convert import routing_io
@@ -41,7 +42,6 @@ from ir_jax.convert.__main__ import main
 from ir_jax.convert.safetensors_io import SafetensorsFile
 from ir_jax.errors import cli_main
 from ir_jax.routing import RoutingSpec
-from conftest import TINY_HF_CONFIGS, save_tiny_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")

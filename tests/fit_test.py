@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from routing_test import CFG, make_model, packed_row, tokens
 
 from ir_jax import fit
 from ir_jax import routing as R
-from ir_jax.forecast import Forecaster
 from ir_jax.config import ConfigError, LlamaConfig
-from routing_test import CFG, make_model, packed_row, tokens
+from ir_jax.forecast import Forecaster
 
 
 def _batch(b: int, t: int, seed: int) -> dict:

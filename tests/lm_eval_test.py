@@ -28,8 +28,8 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from ir_jax import checkpoint  # noqa: E402
 from ir_jax.config import ConfigError, from_config_dict  # noqa: E402
-from ir_jax.model import init_model  # noqa: E402
 from ir_jax.eval import lm_eval_adapter  # noqa: E402  (registers model type "ir_jax")
+from ir_jax.model import init_model  # noqa: E402
 from ir_jax.routing import RoutingSpec, generate  # noqa: E402
 
 pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'

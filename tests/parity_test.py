@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_HF_CONFIGS, save_tiny_hf
 
 import ir_jax
 from ir_jax.config import LlamaConfig, load_hf_config
-from conftest import TINY_HF_CONFIGS, save_tiny_hf
 
 
 def torch_logits(path: str, tokens: np.ndarray) -> np.ndarray:

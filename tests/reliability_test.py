@@ -27,8 +27,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ir_jax.checkpoint import CheckpointError
-from ir_jax.train import run, settings_from_config
-from ir_jax.train import integrity
+from ir_jax.train import integrity, run, settings_from_config
 from ir_jax.train.loop import run_result
 
 pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'

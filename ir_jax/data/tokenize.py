@@ -12,8 +12,14 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from ir_jax.data.config import BYTE_TOKENIZER, DataError
 from ir_jax.data.sources import REPO_ROOT
-from ir_jax.tokenizer import (TOKENIZER_CONFIG_JSON, TOKENIZER_JSON, bytes_to_unicode,
-                              load_tokenizer, read_gguf, special_tokens_from_gguf)
+from ir_jax.tokenizer import (
+  TOKENIZER_CONFIG_JSON,
+  TOKENIZER_JSON,
+  bytes_to_unicode,
+  load_tokenizer,
+  read_gguf,
+  special_tokens_from_gguf,
+)
 
 BYTE_EOS = "<|endoftext|>"
 

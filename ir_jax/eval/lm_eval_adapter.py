@@ -52,8 +52,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ir_jax.config import ConfigError
-from ir_jax.routing import (RoutingSpec, check_calibrated, decode_step, init_cache,
-                            trained_spec)
+from ir_jax.routing import RoutingSpec, check_calibrated, decode_step, init_cache, trained_spec
 
 NAME = "ir_jax"
 
@@ -117,8 +116,8 @@ class IrJaxLM(LM):
 
   # ------------------------------------------------------------- helpers
   def _calibrate(self, files: str, seq_len: int, batches: int) -> None:
-    from ir_jax.data.config import DataConfig, DataError, FileSpec
     from ir_jax.data import sources
+    from ir_jax.data.config import DataConfig, DataError, FileSpec
     from ir_jax.eval.evaluate import Document, pack_documents
     from ir_jax.routing import calibrate_thresholds
 

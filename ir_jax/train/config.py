@@ -19,7 +19,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ir_jax.config import ConfigError, LlamaConfig, is_int, is_number, from_config_dict
+from ir_jax.config import ConfigError, LlamaConfig, from_config_dict, is_int, is_number
 from ir_jax.data.config import DataConfig, data_config
 from ir_jax.routing import RoutingSpec, is_temperature
 from ir_jax.sharding import MeshConfig

@@ -41,9 +41,9 @@ from ir_jax.data.packing import PACK
 from ir_jax.forecast import NO_TABLE, CalibratedFor, Capacity
 from ir_jax.model import Llama
 from ir_jax.routing import RoutingSpec, calibrate_thresholds, trained_spec
-from ir_jax.train.init import forecaster_report, stage_init
 from ir_jax.train import integrity, steps
 from ir_jax.train.config import Settings
+from ir_jax.train.init import forecaster_report, stage_init
 from ir_jax.train.metrics import MetricWriter, console_line
 
 RUN_FILE = "run.json"
@@ -557,8 +557,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
             "train_s": float((restored["meta"] or {}).get("train_s", 0.0))}
 
   it, built = prepare()
-  tx, abs_opt, opt_sh, tr_sh, fr_sh = (built.tx, built.abs_opt, built.opt_sh, built.tr_sh,
-                                       built.fr_sh)
+  tx, opt_sh, tr_sh, fr_sh = built.tx, built.opt_sh, built.tr_sh, built.fr_sh
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
 
   start, prior_s = 0, 0.0
