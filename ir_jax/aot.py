@@ -426,4 +426,6 @@ def _entry(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(_entry)
+  from ir_jax import absl_cli
+
+  app.run(_entry, flags_parser=lambda argv: absl_cli.parse_flags(argv, PROG, __doc__))

@@ -8,7 +8,10 @@ generation      the text lm-eval got vs ir_jax.routing.generate (greedy, causal)
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 # `datasets` reads these when lm_eval imports it: no hub, a scratch cache.
@@ -137,3 +140,29 @@ def test_loglikelihood_rolling_matches_own_scoring(ckpt):
   (got,) = lm.loglikelihood_rolling([Req()])
   want = _own_logprob(lm.model, lm.spec, "", Req.args[0])
   assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_command_line_entry_point_registers_the_model(ckpt, tmp_path):
+  # lm-eval's own flags through `python -m ir_jax.lm_eval` (lm_eval alone would not find
+  # the "ir_jax" model type); its logged log-likelihoods equal our own scoring.
+  out = tmp_path / "lm_eval_out"
+  proc = subprocess.run(
+      [sys.executable, "-m", "ir_jax.lm_eval", "--model", "ir_jax", "--model_args",
+       f"pretrained={ckpt},tokenizer=byte,policy=dense", "--batch_size", "1", "--tasks",
+       "ir_jax_tiny_mc", "--include_path", TASKS, "--output_path", str(out), "--log_samples"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  samples = sorted(out.rglob("samples_ir_jax_tiny_mc_*.jsonl"))
+  assert len(samples) == 1, sorted(str(p) for p in out.rglob("*"))
+  from ir_jax.api import load_model
+
+  model = load_model(ckpt)
+  spec = RoutingSpec(policy="dense")
+  n = 0
+  for line in samples[0].read_text().splitlines():
+    sample = json.loads(line)
+    for args, resp in zip(sample["arguments"].values(), sample["resps"]):
+      want = _own_logprob(model, spec, args["arg_0"], args["arg_1"])
+      assert float(resp[0][0]) == pytest.approx(want, rel=1e-5, abs=1e-4)
+      n += 1
+  assert n == 11  # every choice of every question

@@ -27,7 +27,7 @@ from flax import nnx
 
 from ir_jax import sharding as sh
 from ir_jax.config import ConfigError
-from ir_jax.forecast import ForecasterParam, RouterParam, Threshold
+from ir_jax.forecast import CalibratedFor, ForecasterParam, RouterParam, Threshold
 from ir_jax.model import LoraParam
 from ir_jax.train import Preempted, TrainingError, run, settings_from_config
 from ir_jax.train.loop import init_state, run_result
@@ -177,7 +177,7 @@ def test_each_stage_changes_only_its_parameters(full_run):
   key = lambda path: path
   changed = {"forecaster": set(), "router": set()}
   for path, t in types.items():
-    if t in (ForecasterParam, RouterParam, Threshold, LoraParam):
+    if t in (ForecasterParam, RouterParam, Threshold, CalibratedFor, LoraParam):
       a, b, c = init[path], after_f[key(path)], after_r[key(path)]
       if not np.array_equal(a, b):
         changed["forecaster"].add(t)
@@ -186,8 +186,11 @@ def test_each_stage_changes_only_its_parameters(full_run):
     else:  # base weights: never touched
       np.testing.assert_array_equal(full_run["final"][path][1], init[path], err_msg=path)
   assert changed["forecaster"] == {ForecasterParam}
-  # Calibration at the end of the router stage sets the causal thresholds.
-  assert changed["router"] == {RouterParam, Threshold}
+  # Calibration at the end of the router stage sets the causal thresholds, and records
+  # the capacity they were calibrated for (the run routes uniformly: 1 - sparsity).
+  assert changed["router"] == {RouterParam, Threshold, CalibratedFor}
+  capacity = 1.0 - full_run["settings"].routing.sparsity
+  np.testing.assert_allclose(after_r["routing/calibrated_for"], capacity, rtol=0, atol=1e-6)
   # And the final in-memory state is what the last checkpoint holds.
   for path, t in types.items():
     if t in (ForecasterParam, RouterParam, Threshold):

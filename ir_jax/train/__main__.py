@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ir_jax import absl_cli
+
 if TYPE_CHECKING:
   from ir_jax.train.config import Settings
 
@@ -42,18 +44,8 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped after a checkpoint; rerun to resu
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors for bad flags and config overrides."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    msg = str(e).splitlines()[0]
-  except (KeyError, AttributeError) as e:
-    msg = f"a --config override names an unknown field: {str(e).strip(chr(34)).splitlines()[0]}"
-  except (TypeError, ValueError) as e:
-    msg = f"bad --config override: {str(e).splitlines()[0]}"
-  print(f"{PROG}: error: {msg} (see --help for the flags, configs/ for the fields)",
-        file=sys.stderr)
-  sys.exit(2)
+  """absl flag parsing: --help exits 0 (with --config FILE: every field); one-line errors."""
+  return absl_cli.parse_flags(argv, PROG, __doc__)
 
 
 def main(argv: list[str]) -> None:
