@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
       param_dtype="bfloat16",
       scan_layers=True,
       remat=True,
-      checkpoint="",  # an imported ir_jax checkpoint of Llama-3.1-8B
+      checkpoint="",  # an imported ir_jax checkpoint of Llama-3.1-8B (required to train)
+      random_init=False,  # True: random weights instead (smoke tests of the pod setup)
   ))
   # C4 from the TFDS catalogue, prepared as array_record where the network is
   # reachable (python -m ir_jax.data prepare --config ...; copy data_dir to

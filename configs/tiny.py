@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       scan_layers=True,
       remat=False,
-      checkpoint="",  # empty: random init
+      checkpoint="",  # empty: random weights, allowed by random_init below
+      random_init=True,  # a smoke-test model: no pretrained weights exist for it
   ))
   # 49 short news articles (one per line, Latin-1) through the built-in byte
   # tokenizer, whose 257 ids match vocab_size above.

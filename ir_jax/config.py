@@ -330,4 +330,5 @@ def from_config_dict(model_cfg: Any) -> LlamaConfig:
   """From the `model` section of an ml_collections ConfigDict in configs/."""
   d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   d.pop("checkpoint", None)  # where to load weights from, not a shape
+  d.pop("random_init", None)  # whether an empty checkpoint may mean random weights
   return LlamaConfig.from_dict(d)

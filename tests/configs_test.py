@@ -69,3 +69,37 @@ def test_whole_config_validates_for_training(name):
   shards = 8 if name in ("tiny", "smollm2_135m") else 16
   if name != "smollm2_135m":  # its router batch (2) is sized for one CPU
     assert all(s.stage_data(st).batch_size % shards == 0 for st in s.train.stage_list)
+
+
+@pytest.mark.parametrize("name", ["llama7b", "llama3_8b"])
+def test_headline_config_without_weights_is_refused_before_the_workdir(name, tmp_path):
+  # The 7B/8B configs ship with model.checkpoint empty; training them must not silently
+  # start from random weights, and the refusal leaves nothing behind.
+  from ir_jax.config import ConfigError
+  from ir_jax.train import run, settings_from_config
+
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match="random_init=True"):
+    run(settings_from_config(load(name)), str(workdir))
+  assert not workdir.exists()
+  cfg = load(name)
+  cfg.model.random_init = True  # asked for explicitly: accepted (checked, not run here)
+  assert settings_from_config(cfg).model_random_init
+
+
+def test_unprepared_catalogue_dataset_is_one_line_before_the_workdir(tmp_path):
+  # llama7b reads C4 from the TFDS catalogue; with weights given (random here) but C4 not
+  # prepared under data_dir, training refuses in one line naming the prepare command and
+  # does not download anything or create the workdir.
+  from ir_jax.data.config import DataError
+  from ir_jax.train import run, settings_from_config
+
+  cfg = load("llama7b")
+  cfg.model.random_init = True
+  cfg.data.data_dir = str(tmp_path / "tfds")
+  workdir = tmp_path / "run"
+  with pytest.raises(DataError) as info:
+    run(settings_from_config(cfg), str(workdir))
+  msg = str(info.value)
+  assert "\n" not in msg and "not prepared" in msg and "python -m ir_jax.data prepare" in msg
+  assert not workdir.exists() and not (tmp_path / "tfds" / "downloads").exists()

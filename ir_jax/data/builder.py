@@ -198,6 +198,23 @@ def _catalogue_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
                     f"prepared dataset directory; check the name (e.g. 'c4/en')") from None
 
 
+def catalogue_ready(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+  """The builder of a prepared catalogue dataset; DataError (one line) when it is not.
+
+  Training and evaluation never download a catalogue dataset themselves (C4 is
+  hundreds of GB and needs network): it is prepared once with `ir_jax.data
+  prepare` where the network is reachable, and data.data_dir points at it (a
+  local folder, or a gs:// bucket mounted with gcsfuse as launch/tpu_pod.sh does).
+  """
+  builder = _catalogue_builder(cfg)
+  if not builder.is_prepared():
+    raise DataError(f"TFDS dataset {cfg.name!r} is not prepared under data.data_dir="
+                    f"{cfg.data_dir} (expected {builder.data_dir}); run `{_PREPARE_HINT}` "
+                    "where the network is reachable, or point data.data_dir at a copy "
+                    "(e.g. a gcsfuse-mounted bucket)")
+  return builder
+
+
 def _prepare_catalogue(cfg: DataConfig, verbose: bool) -> str:
   builder = _catalogue_builder(cfg)
   if not builder.is_prepared():
@@ -216,7 +233,9 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
                prepare_if_missing: bool = False) -> TextSource:
   """Random access to one split of the dataset `cfg` names, prepared as array_record.
 
-  Raises DataError if it is not prepared (naming the prepare command), was
+  `prepare_if_missing` prepares the local text dataset (seconds); a catalogue
+  dataset is never downloaded here (`catalogue_ready`). Raises DataError if it is
+  not prepared (naming the prepare command), was
   prepared in a format that needs TensorFlow, or lacks the split or field.
   """
   if cfg.name == LOCAL:
@@ -228,14 +247,7 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
       builder.download_and_prepare(file_format="array_record")
     text_field = "text"
   else:
-    builder = _catalogue_builder(cfg)
-    if not builder.is_prepared():
-      if prepare_if_missing:
-        builder.download_and_prepare(file_format="array_record")
-      else:
-        raise DataError(f"TFDS dataset {cfg.name!r} is not prepared under {cfg.data_dir} "
-                        f"(expected {builder.data_dir}); run `{_PREPARE_HINT}` where the "
-                        "network is reachable")
+    builder = catalogue_ready(cfg)
     text_field = cfg.text_field
   info = builder.info
   fmt = getattr(info, "file_format", None)

@@ -4,6 +4,7 @@ A config file (see configs/) is a Python module whose `get_config()` returns
 an `ml_collections.ConfigDict` with sections:
 
   model    shapes (ir_jax.config.LlamaConfig fields) + `checkpoint`, the base weights
+           ('' is refused unless `random_init=True`: random weights, for smoke tests)
   data     ir_jax.data.DataConfig fields
   train    TrainConfig below, with one sub-section per stage
   routing  ir_jax.RoutingSpec fields: the policy and target sparsity to train and evaluate
@@ -311,6 +312,7 @@ class Settings:
   routing: RoutingSpec
   mesh: MeshConfig
   raw: dict[str, Any]  # the config as plain JSON-able data (saved with checkpoints)
+  model_random_init: bool = False  # model.random_init: no checkpoint means random weights
 
   def stage_data(self, stage: str) -> DataConfig:
     """The data config with the stage's batch size / sequence length overrides."""
@@ -389,6 +391,9 @@ def settings_from_config(cfg: Any) -> Settings:
   ckpt = model_d.get("checkpoint", "") or ""
   if not isinstance(ckpt, str):
     raise ConfigError(f"model.checkpoint must be a path string, got {ckpt!r}")
+  random_init = model_d.get("random_init", False)
+  if not isinstance(random_init, bool):
+    raise ConfigError(f"model.random_init must be True or False, got {random_init!r}")
   model = from_config_dict(model_d)
   if "data" not in top:
     raise ConfigError("the config has no `data` section; add cfg.data = ConfigDict(...) "
@@ -405,7 +410,7 @@ def settings_from_config(cfg: Any) -> Settings:
                       "for 'informed' or 'greedy' routing")
   raw = {s: _section(cfg, s) for s in SECTIONS if s in top}
   return Settings(model=model, model_checkpoint=ckpt, data=data, train=train, routing=routing,
-                  mesh=mesh, raw=raw)
+                  mesh=mesh, raw=raw, model_random_init=random_init)
 
 
 def default_config() -> Any:

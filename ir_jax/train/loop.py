@@ -36,7 +36,8 @@ from ir_jax import checkpoint as model_ckpt
 from ir_jax import sharding as sh
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.data import pipeline
-from ir_jax.data.config import DataError
+from ir_jax.data.builder import catalogue_ready
+from ir_jax.data.config import LOCAL, DataError
 from ir_jax.data.packing import PACK
 from ir_jax.forecast import NO_TABLE, CalibratedFor, Capacity
 from ir_jax.model import Llama
@@ -117,6 +118,16 @@ def check_workdir(workdir: str, s: Settings) -> dict[str, Any] | None:
   return meta
 
 
+def check_data_ready(s: Settings) -> None:
+  """Every catalogue dataset a stage reads is prepared (local text is prepared on use)."""
+  seen = set()
+  for stage in s.train.stage_list:
+    data = s.stage_data(stage)
+    if data.name != LOCAL and (data.name, data.data_dir) not in seen:
+      seen.add((data.name, data.data_dir))
+      catalogue_ready(data)
+
+
 # ------------------------------------------------------------ base weights
 def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
   """Where the base weights come from: {"kind": "checkpoint", "path"} or {"kind": "random"}.
@@ -132,6 +143,11 @@ def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
     return dict(other["base"])
   src = s.model_checkpoint
   if not src:
+    if not s.model_random_init:
+      raise ConfigError("model.checkpoint is empty: point it at an ir_jax checkpoint, a "
+                        "HuggingFace directory or a GGUF file (python -m ir_jax.convert import "
+                        "makes the first), or pass --config.model.random_init=True to train on "
+                        "random weights (smoke tests)")
     return {"kind": "random", "seed": s.train.seed}
   if not os.path.exists(src):
     raise FileNotFoundError(f"model.checkpoint {src}: no such file or directory (run "
@@ -744,6 +760,7 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
   check_batch(s, mesh)
   old = check_workdir(workdir, s)
   base = resolve_base(s, workdir) if old is None else dict(old["base"])
+  check_data_ready(s)  # before the workdir exists: a refused run leaves nothing behind
   if jax.process_index() == 0 and old is None:
     os.makedirs(workdir, exist_ok=True)
     meta = {"format": RUN_FORMAT, "version": RUN_VERSION, "model": s.model.to_dict(),
