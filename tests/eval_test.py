@@ -276,3 +276,13 @@ def test_target_mix_errors_are_one_line_and_come_before_the_evaluation(ckpt, tmp
     assert line.startswith(f"ir_jax.eval: error: {msg}"), line
     assert "loaded" not in p.stdout  # refused before the model was loaded
   assert not os.path.exists(tmp_path / "x.json")
+
+
+@pytest.mark.parametrize("data", ["nope.txt", "./held_out/", "~/missing.jsonl"])
+def test_missing_data_file_is_named_not_taken_for_a_tfds_name(ckpt, tmp_path, data):
+  with pytest.raises(FileNotFoundError) as info:
+    main(["--config", CONFIG, "--model", ckpt, "--data", data, "--json",
+          str(tmp_path / "out.json")])
+  msg = str(info.value)
+  assert msg.startswith(f"--data {data}: no such file") and "\n" not in msg
+  assert not (tmp_path / "out.json").exists()

@@ -193,7 +193,7 @@ def _catalogue_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
   import tensorflow_datasets.text  # noqa: F401
   try:
     return tfds.builder(cfg.name, data_dir=os.path.expanduser(cfg.data_dir))
-  except tfds.core.registered.DatasetNotFoundError:
+  except (tfds.core.registered.DatasetNotFoundError, ValueError):  # unknown or unparsable
     raise DataError(f"data.name {cfg.name!r} is neither 'local', a TFDS catalogue dataset nor a "
                     f"prepared dataset directory; check the name (e.g. 'c4/en')") from None
 

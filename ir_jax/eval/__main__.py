@@ -85,6 +85,17 @@ def _local_docs(dcfg: DataConfig, spec: str) -> tuple[list[tuple[str, str, str]]
   return docs, [str(f.path.resolve()) for f in files]
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".cor", ".md", ".gz", ".csv")
+
+
+def _looks_like_a_file(spec: str) -> bool:
+  """A missing path rather than a TFDS name (`c4/en` has a slash too, but no suffix and
+  no leading `/`, `.` or `~`)."""
+  if "," in spec or any(c in spec for c in "*?[") or os.path.exists(spec):
+    return False
+  return spec.lower().endswith(TEXT_SUFFIXES) or spec.startswith((".", os.sep, "~"))
+
+
 def _split_docs(dcfg: DataConfig, split: str) -> Iterator[tuple[str, str, str]]:
   from ir_jax.data.builder import open_split
 
@@ -199,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
   elif _is_files(args.data):
     texts, eval_files = _local_docs(dcfg, args.data)
     data_desc = args.data
+  elif _looks_like_a_file(args.data):
+    raise FileNotFoundError(f"--data {args.data}: no such file (expected a text/JSONL file, a "
+                            "glob, a TFDS dataset name or a prepared dataset directory)")
   elif "," not in args.data and not any(c in args.data for c in "*?["):
     texts = _split_docs(dataclasses.replace(dcfg, name=args.data), dcfg.eval_split)
     data_desc = f"{args.data} split {dcfg.eval_split!r}"
