@@ -374,9 +374,12 @@ def test_sigterm_saves_then_exits_and_rerun_finishes(data_dir, tmp_path):
   assert f"resumed from batch {stopped}" in out.stdout
 
 
-def test_checkpoints_from_before_capacity_tables_still_load(full_run, tmp_path):
-  """A router checkpoint without `capacity` leaves (written before tables existed) loads,
-  routes uniformly, and keeps every other adapter bitwise."""
+@pytest.mark.parametrize("missing", [("capacity", "calibrated_for"), ("calibrated_for",)])
+def test_checkpoints_from_before_capacity_tables_still_load(full_run, tmp_path, missing):
+  """A router checkpoint without `capacity` and `calibrated_for` leaves (written before
+  tables existed), or without `calibrated_for` alone (before calibration records), loads;
+  the missing leaves are NO_TABLE (uniform routing, thresholds to recalibrate) and every
+  other adapter is bitwise the same."""
   import shutil
 
   from ir_jax import routing as R
@@ -388,8 +391,9 @@ def test_checkpoints_from_before_capacity_tables_still_load(full_run, tmp_path):
   sdir = os.path.join(work, "checkpoints", "router")
   path = os.path.join(sdir, str(total), "adapters")
   tree = ocp.PyTreeCheckpointer().restore(path)
-  assert "capacity" in tree["routing"]
-  del tree["routing"]["capacity"]
+  for key in missing:
+    assert key in tree["routing"]
+    del tree["routing"][key]
   shutil.rmtree(path)
   ocp.PyTreeCheckpointer().save(path, tree)
   integrity.write_record(sdir, total)
@@ -397,5 +401,7 @@ def test_checkpoints_from_before_capacity_tables_still_load(full_run, tmp_path):
   assert R.model_table(model) is None
   got = _leaves(nnx.state(model))
   for k, (kind, v) in full_run["final"].items():
-    if not k.startswith("routing/capacity"):
+    if k.startswith("routing/") and k.split("/")[1] in missing:
+      assert (np.asarray(got[k][1]) == -1.0).all(), k
+    else:
       np.testing.assert_array_equal(got[k][1], v, err_msg=k)
