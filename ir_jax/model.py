@@ -313,12 +313,13 @@ class Llama(nnx.Module):
     `ir_jax.RoutingSpec`) executes or approximates each unit per token; None
     runs the dense model. `rng` feeds random / Gumbel routing; `return_aux`
     also returns the routing statistics (see `ir_jax.routing`).
+
+    The routed forward lives in `ir_jax.routing`, which builds on this module;
+    the spec carries it (`RoutingSpec.forward`), so this module never imports it.
     """
     if routing is not None:
-      from ir_jax import routing as routing_lib  # routing builds on this module
-
-      return routing_lib.routed_forward(self, tokens_BxT, positions_BxT, segment_ids_BxT,
-                                        routing, rng=rng, return_aux=return_aux)
+      return routing.forward(self, tokens_BxT, positions_BxT, segment_ids_BxT, rng=rng,
+                             return_aux=return_aux)
     b, t = tokens_BxT.shape
     index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if positions_BxT is None:

@@ -124,6 +124,11 @@ class RoutingSpec:
       raise ConfigError(f"routing.capacities has {len(self.capacities)} rows; the model has "
                         f"{num_layers} layers")
 
+  def forward(self, model: Llama, tokens_BxT: Array, positions_BxT: Array | None = None,
+              segment_ids_BxT: Array | None = None, **kwargs: Any):
+    """`routed_forward` with this spec; what `model(tokens, routing=spec)` calls."""
+    return routed_forward(model, tokens_BxT, positions_BxT, segment_ids_BxT, self, **kwargs)
+
 
 def _is_fraction(v: Any) -> bool:
   # numbers.Real: numpy scalars from a sweep are fine; bools and strings are not.

@@ -45,7 +45,7 @@ from typing import Callable
 
 import numpy as np
 
-from ir_jax.convert.sources import WeightImportError
+from ir_jax.convert.errors import WeightImportError
 
 PREFIX = "model.layers.{i}."
 FORECASTERS = {"attn_lff": "lw_attn", "mlp_lff": "lw_mlp"}

@@ -29,8 +29,8 @@ import numpy as np
 
 from ir_jax.config import ConfigError, LlamaConfig, read_json_object
 from ir_jax.convert import reference
+from ir_jax.convert.errors import WeightImportError
 from ir_jax.convert.safetensors_io import SafetensorsFile, write_streaming
-from ir_jax.convert.sources import WeightImportError
 from ir_jax.forecast import NO_TABLE, UNITS
 
 MANIFEST = "routing.json"

@@ -13,12 +13,9 @@ from typing import Protocol
 import numpy as np
 
 from ir_jax.config import ConfigError, LlamaConfig, load_hf_config
-from ir_jax.convert import mapping
+from ir_jax.convert import mapping, routing_io
+from ir_jax.convert.errors import WeightImportError  # noqa: F401  (also importable from here)
 from ir_jax.convert.safetensors_io import SafetensorsFile
-
-
-class WeightImportError(ValueError):
-  """A weight source is missing a piece or disagrees with its config."""
 
 
 class Source(Protocol):
@@ -40,8 +37,6 @@ class HFSource:
     self.path = path
     # An ir_jax export carries its forecasters and routers beside the weights;
     # routing.json also holds the model fields config.json cannot express.
-    from ir_jax.convert import routing_io
-
     self.routing = routing_io.read_manifest(path)
     if self.routing is not None:
       config_overrides = {**routing_io.config_overrides(self.routing), **config_overrides}
