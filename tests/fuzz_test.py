@@ -29,6 +29,7 @@ import string
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from typing import Any
 
 import jax
@@ -36,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 
 from ir_jax import routing as R
@@ -50,6 +52,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = int(os.environ.get("IR_JAX_FUZZ", "0") or 0)
 MAX_EXAMPLES = {"model": 150, "hf": 100, "routing_spec": 300, "routing_forward": 15,
                 "train": 200, "cli": 6}
+
+
+# Outcomes per test function: a fuzz test whose examples were all refused would pass
+# while checking nothing, so test_zz_every_fuzz_test_saw_valid_examples asserts they vary.
+OUTCOMES: Counter = Counter()
+
+
+def event(kind: str) -> None:
+  OUTCOMES[sys._getframe(1).f_code.co_name, kind] += 1  # the calling test's name
+  hypothesis_event(kind)
 
 
 def fuzz(name: str) -> Any:
@@ -410,3 +422,13 @@ def test_cli_invalid_override_is_one_line(not_a_dir, case):
   assert out.returncode == 2, out.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("ir_jax.train: error: "), out.stderr[-2000:]
   assert field in lines[0] and "not a directory" not in lines[0], lines[0]
+
+
+def test_zz_every_fuzz_test_saw_valid_examples():
+  """Runs last: each fuzz test above produced accepted examples, not only refusals."""
+  ran = {test for test, _ in OUTCOMES}
+  if not ran:
+    pytest.skip("run with the rest of this file")
+  for test in ran:
+    accepted = OUTCOMES[test, "valid"] + OUTCOMES[test, "ran"]
+    assert accepted > 0, (test, dict(OUTCOMES))

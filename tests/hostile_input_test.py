@@ -726,6 +726,15 @@ def test_zz_figures():
       "max_cli_seconds": max((r["seconds"] for r in cli), default=None),
       "max_cli_peak_rss_mb": max((r["peak_rss_mb"] for r in cli), default=None),
   }
+  # The totals are only worth printing if every recorded refusal was clean: one line, no
+  # traceback, within the budgets, and the CLI ones exit 2.
+  for r in RECORD:
+    assert r["message"] and "\n" not in r["message"] and "Traceback" not in r["message"], r
+    if r.get("cli"):
+      assert r["error"] == "exit 2" and r["peak_rss_mb"] < 3000 and r["seconds"] < 120, r
+    else:
+      assert r["seconds"] < MAX_SECONDS and r["peak_mb"] < MAX_MB, r
+  assert summary["in_process"] > 0 and summary["cli"] > 0  # both kinds ran
   print("\nhostile input figures:", json.dumps(summary, indent=1))
   for r in RECORD:
     print(f"  {r['case']}: {r['error']} {r['seconds']}s "

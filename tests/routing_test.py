@@ -149,6 +149,12 @@ def test_capacity_one_is_dense_and_zero_is_forecast_only():
     np.testing.assert_allclose(full, dense, atol=1e-6, rtol=0)
   full_all = np.asarray(m(t, routing=R.RoutingSpec(sparsity=0.0, compute="all")))
   np.testing.assert_array_equal(full_all, dense)
+  # The cases above may take route_unit's k == T shortcut; these run the real paths at
+  # capacity 1 (gather all T tokens in score order and scatter back; mask with gate 1).
+  for spec in (R.RoutingSpec(sparsity=0.0, gate="ste"),
+               R.RoutingSpec(sparsity=0.0, gate="ste", compute="all"),
+               R.RoutingSpec(policy="random", sparsity=0.0, gate="ste")):
+    np.testing.assert_allclose(np.asarray(m(t, routing=spec)), dense, atol=1e-5, rtol=0)
 
   # Capacity 0: every unit is x + LFF(n); reference built from the modules directly.
   x = m.embed(t)

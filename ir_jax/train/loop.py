@@ -41,8 +41,8 @@ from ir_jax.data.config import LOCAL, DataError
 from ir_jax.data.packing import PACK
 from ir_jax.forecast import NO_TABLE, CalibratedFor, Capacity
 from ir_jax.model import Llama
-from ir_jax.routing import RoutingSpec, calibrate_thresholds, trained_spec
-from ir_jax.train import integrity, steps
+from ir_jax.routing import RoutingSpec, calibrate_thresholds, model_table, trained_spec
+from ir_jax.train import integrity, report, steps
 from ir_jax.train.config import Settings
 from ir_jax.train.init import forecaster_report, stage_init
 from ir_jax.train.metrics import MetricWriter, console_line
@@ -820,9 +820,22 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(ev, f, indent=2)
+    _closing(workdir, ms, ev)
     d, r = ev["dense"], ev["routed"]
     log(f"held-out perplexity ({d['tokens']} tokens of {ev['split']!r}): dense "
         f"{d['perplexity']:.3f}  routed ({ev['policy']}, sparsity {ev['sparsity']}) "
         f"{r['perplexity']:.3f}  realized sparsity {r['realized_sparsity']:.3f}")
+  else:
+    _closing(workdir, ms, None)
   summary["state"] = ms
   return summary
+
+
+def _closing(workdir: str, ms: Any, ev: dict[str, Any] | None) -> None:
+  """summary.png and where the results are (process 0); the perplexity line comes last."""
+  if jax.process_index() != 0:
+    return
+  table = model_table(nnx.merge(ms.graphdef, ms.state))
+  figure = report.write_summary_figure(workdir, None if table is None else np.asarray(table), ev)
+  for line in report.closing_lines(workdir, ev, figure):
+    log(line)
