@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import runpy
 import sys
 from typing import Any
 
 from absl import flags
+
+from ir_jax.config_file import load_config
 
 HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-?")
 
@@ -62,8 +63,7 @@ def print_help(argv: list[str], prog: str, doc: str) -> None:
     return
   try:
     file, _, arg = path.partition(":")  # ml_collections' FILE:ARGUMENT form
-    get_config = runpy.run_path(file)["get_config"]
-    lines = config_lines(get_config(arg) if arg else get_config())
+    lines = config_lines(load_config(file, arg or None))
   except Exception as e:  # a missing or broken config file: say so, still exit 0
     print(f"\ncannot list the fields of --config {path}: {str(e).strip().splitlines()[-1]}")
     return

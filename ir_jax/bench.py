@@ -76,7 +76,7 @@ PRESETS = {
 # ------------------------------------------------------------------ model
 def load_model_config(path: str) -> LlamaConfig:
   """The `model` section of a configs/*.py file (relative paths also tried from the repo)."""
-  from ir_jax.eval.__main__ import load_config
+  from ir_jax.config_file import load_config
 
   if not os.path.isfile(path) and os.path.isfile(os.path.join(REPO, path)):
     path = os.path.join(REPO, path)
@@ -380,7 +380,7 @@ def tpu_view(config_path: str, topology: str, layers: tuple[int, int] = (2, 4),
   """
   from ir_jax import aot
   from ir_jax import sharding as sh
-  from ir_jax.eval.__main__ import load_config
+  from ir_jax.config_file import load_config
   from ir_jax.train.config import settings_from_config
 
   if not os.path.isfile(config_path) and os.path.isfile(os.path.join(REPO, config_path)):

@@ -677,9 +677,9 @@ def build_heldout(argv: Sequence[str]) -> int:
   p.add_argument("--data-dir", default="", help="override data.data_dir of the config")
   a = p.parse_args(argv)
 
+  from ir_jax.config_file import load_config
   from ir_jax.data.config import FileSpec, from_config
   from ir_jax.data.tokenize import load_text_tokenizer
-  from ir_jax.eval.__main__ import load_config
 
   cfg = load_config(a.config)
   if a.data_dir:

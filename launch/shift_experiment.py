@@ -67,8 +67,9 @@ def passages(text: str, words: int) -> list[str]:
 def build_pools(config: str, runs: str, words: int, calib_mix: dict[str, float],
                 max_wiki_articles: int, max_check: int, seed: int) -> dict:
   sys.path.insert(0, REPO)
+  from ir_jax.config_file import load_config
   from ir_jax.data.config import from_config
-  from ir_jax.eval.__main__ import _split_docs, load_config
+  from ir_jax.eval.__main__ import _split_docs
 
   dcfg = from_config(load_config(config))
   by_domain: dict[str, list[str]] = {}

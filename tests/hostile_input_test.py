@@ -688,8 +688,7 @@ ALLOWED = {
     ("ir_jax/convert/sources.py", "pickled weights are never loaded"),
     # `--config FILE`: configs/*.py are Python by design (ml_collections' get_config()),
     # named by the user as code to run, like DEFINE_config_file in ir_jax.train.
-    ("ir_jax/data/__main__.py", "spec.loader.exec_module(module)"),
-    ("ir_jax/eval/__main__.py", "spec.loader.exec_module(mod)"),
+    ("ir_jax/config_file.py", "spec.loader.exec_module(mod)"),
     # Docstrings naming the eval step's signature, not calls.
     ("ir_jax/train/loop.py", '"""eval(state, batch)'),
     ("ir_jax/train/steps.py", '"""eval(state, batch)'),

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from ir_jax import config_file
 from ir_jax.config import ConfigError
 from ir_jax.errors import cli_main
 
@@ -22,14 +21,7 @@ PROG = "python -m ir_jax.data"
 
 def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
   """`get_config()` of a config file with `KEY=VALUE` overrides (a Python literal, else text)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such config file")
-  spec = importlib.util.spec_from_file_location("_ir_jax_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} defines no get_config()")
-  cfg = module.get_config()
+  cfg = config_file.load_config(path)
   for item in overrides:
     key, sep, raw = item.partition("=")
     if not sep:

@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import importlib.util
 import json
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from ir_jax.config import ConfigError
+from ir_jax.config_file import load_config  # noqa: F401  (re-exported)
 from ir_jax.data.config import DataConfig, DataError, FileSpec
 from ir_jax.errors import cli_main
 from ir_jax.eval import estimators as es
@@ -34,21 +34,6 @@ from ir_jax.eval import shift
 PROG = "ir_jax.eval"
 DEFAULT_POLICIES = "informed,greedy,random,oracle,dense"
 DEFAULT_SPARSITIES = "0.25,0.4,0.7"
-
-
-def load_config(path: str) -> Any:
-  """`get_config()` of a configs/*.py file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config {path}: no such file")
-  spec = importlib.util.spec_from_file_location("_ir_jax_eval_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(mod)
-  except Exception as e:  # a config that does not import is the user's to fix
-    raise ConfigError(f"--config {path}: cannot load it ({type(e).__name__}: {e})") from None
-  if not hasattr(mod, "get_config"):
-    raise ConfigError(f"--config {path}: defines no get_config()")
-  return mod.get_config()
 
 
 def _split_list(text: str, what: str) -> list[str]:
