@@ -70,6 +70,13 @@ class IrJaxText(tfds.core.GeneratorBasedBuilder):
     # which current etils no longer installs; the answer is this file.
     return epath.Path(__file__)
 
+  # TFDS announces a download of "Unknown size" here; nothing is downloaded.
+  def _log_download_bytes(self) -> None:
+    print(f"preparing the local text dataset in {self.data_dir} ...", flush=True)
+
+  def _log_download_done(self) -> None:
+    print(f"prepared {self.data_dir}; later runs reuse it", flush=True)
+
   def _info(self) -> tfds.core.DatasetInfo:
     cfg: TextConfig = self.builder_config
     return tfds.core.DatasetInfo(
@@ -175,9 +182,8 @@ def prepare(cfg: DataConfig, base_dir: str | os.PathLike[str] | None = None,
     if verbose:
       print(f"already prepared: {builder.data_dir}", flush=True)
     return str(builder.data_dir)
+  tfds.disable_progress_bar()  # TFDS's tqdm bars put escape codes in logs; ours print lines
   builder.download_and_prepare(file_format="array_record")
-  if verbose:
-    print(f"prepared {builder.data_dir}", flush=True)
   return str(builder.data_dir)
 
 
@@ -244,6 +250,7 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
       if not prepare_if_missing:
         raise DataError(f"the local text dataset for data.files is not prepared (expected "
                         f"{builder.data_dir}); run `{_PREPARE_HINT}`")
+      tfds.disable_progress_bar()  # TFDS's tqdm bars put escape codes in logs; ours print lines
       builder.download_and_prepare(file_format="array_record")
     text_field = "text"
   else:
