@@ -289,30 +289,27 @@ def _thresholds(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
 
 
 def _capacities(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
-  values = (manifest.get("capacity_table") or {}).get("values")
+  return _fractions(manifest, ("capacity_table", "values"), file, layers)
+
+
+def _calibrated_for(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
+  # None: never calibrated, or exported before calibration records.
+  return _fractions(manifest, ("thresholds", "calibrated_for"), file, layers)
+
+
+def _fractions(manifest: dict[str, Any], where: tuple[str, str], file: str,
+               layers: int) -> np.ndarray:
+  """A `[layers, 2]` table of fractions at manifest[where[0]][where[1]]; NO_TABLE when null."""
+  values = (manifest.get(where[0]) or {}).get(where[1])
+  name = ".".join(where)
   if values is None:
     return np.full((layers, len(UNITS)), NO_TABLE, np.float32)
   if not isinstance(values, list) or len(values) != layers or any(
       not isinstance(r, list) or len(r) != len(UNITS) for r in values):
-    raise WeightImportError(f"{file}: capacity_table.values must be {layers} rows of "
-                            f"{len(UNITS)} numbers")
+    raise WeightImportError(f"{file}: {name} must be {layers} rows of {len(UNITS)} numbers")
   out = np.array([[_float_from_json(v, file) for v in r] for r in values], np.float32)
   if not ((out >= 0) & (out <= 1)).all():
-    raise WeightImportError(f"{file}: capacity_table.values must lie in [0, 1]")
-  return out
-
-
-def _calibrated_for(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
-  values = (manifest.get("thresholds") or {}).get("calibrated_for")
-  if values is None:  # never calibrated, or exported before calibration records
-    return np.full((layers, len(UNITS)), NO_TABLE, np.float32)
-  if not isinstance(values, list) or len(values) != layers or any(
-      not isinstance(r, list) or len(r) != len(UNITS) for r in values):
-    raise WeightImportError(f"{file}: thresholds.calibrated_for must be {layers} rows of "
-                            f"{len(UNITS)} numbers")
-  out = np.array([[_float_from_json(v, file) for v in r] for r in values], np.float32)
-  if not ((out >= 0) & (out <= 1)).all():
-    raise WeightImportError(f"{file}: thresholds.calibrated_for must lie in [0, 1]")
+    raise WeightImportError(f"{file}: {name} must lie in [0, 1]")
   return out
 
 
