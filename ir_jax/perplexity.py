@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.seq_len < 2 or args.max_tokens < 2 or args.batch < 1:
     p.error("--seq-len and --max-tokens must be >= 2 and --batch >= 1")
 
-  from ir_jax.assets import read_text
+  from ir_jax.text import read_text
 
   if not os.path.isfile(args.text):
     raise FileNotFoundError(f"{args.text}: no such text file")

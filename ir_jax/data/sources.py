@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ir_jax.assets import DECLARED_ENCODINGS, decode_replacing
 from ir_jax.data.config import DataConfig, DataError, FileSpec
+from ir_jax.text import DECLARED_ENCODINGS, decode_replacing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
