@@ -211,8 +211,7 @@ def build_step(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
   graphdef, abs_state, shardings = abstract_state(s.model, mesh)
   rep = sh.replicated(mesh)
   if stage in ("infer", "infer_dense"):
-    spec = None if stage == "infer_dense" else dataclasses.replace(
-        s.routing, mode="topk", gate="hard", compute="gathered")
+    spec = None if stage == "infer_dense" else s.routing.inference()
     b, t = s.data.batch_size, s.data.seq_len
     fn = jit_eval_step(graphdef, shardings, spec, mesh)
     args = (sh.with_shardings(abs_state, shardings), batch_structs(mesh, b, t))

@@ -156,7 +156,7 @@ def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
     spec = R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s,
                                                k_multiple=k_multiple), sparsity=s)
     fl = R.flops(cfg, spec, seq_len, batch)
-    ks = R._layer_ks(spec, cfg, seq_len)
+    ks = R.layer_ks(spec, cfg, seq_len)
     common = dict(realized_sparsity=float(1.0 - ks.mean() / seq_len),
                   ideal_fraction=fl["ideal_fraction"])
     add(f"prefill/routed@{s:g}", "prefill", s, "gathered", prefill(spec), (state, tokens),
@@ -416,7 +416,7 @@ def tpu_view(config_path: str, topology: str, layers: tuple[int, int] = (2, 4),
   if sparsity is not None:
     cfg.routing.sparsity = sparsity
   s = settings_from_config(cfg)
-  spec = dataclasses.replace(s.routing, mode="topk", gate="hard", compute="gathered")
+  spec = s.routing.inference()
   b, t = s.data.batch_size, s.data.seq_len
   chips = len(target.devices)
   kind = topology.partition(":")[0]

@@ -124,6 +124,14 @@ class RoutingSpec:
       raise ConfigError(f"routing.capacities has {len(self.capacities)} rows; the model has "
                         f"{num_layers} layers")
 
+  def inference(self, mode: str = "topk") -> RoutingSpec:
+    """This spec as inference routes: hard gates, only selected tokens computed.
+
+    Top-k mode for training-time evaluation, prefill and the LoRA stage; causal
+    mode for decoding (calibrated thresholds). Policy, capacities and seed stay.
+    """
+    return dataclasses.replace(self, mode=mode, gate="hard", compute="gathered")
+
   def forward(self, model: Llama, tokens_BxT: Array, positions_BxT: Array | None = None,
               segment_ids_BxT: Array | None = None, **kwargs: Any):
     """`routed_forward` with this spec; what `model(tokens, routing=spec)` calls."""
@@ -336,12 +344,15 @@ def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ct
   return x_BxTxD, aux, (k_all, v_all)
 
 
-def _layer_caps(spec: RoutingSpec, cfg: LlamaConfig) -> np.ndarray:
+def layer_caps(spec: RoutingSpec, cfg: LlamaConfig) -> np.ndarray:
+  """The spec's capacity of every unit, `[L, 2]` (fractions of tokens executed)."""
   return np.array([[spec.capacity(l, u) for u in range(len(UNITS))]
                    for l in range(cfg.num_layers)], np.float32)
 
 
-def _layer_ks(spec: RoutingSpec, cfg: LlamaConfig, t: int) -> np.ndarray:
+def layer_ks(spec: RoutingSpec, cfg: LlamaConfig, t: int) -> np.ndarray:
+  """Static top-k counts of every unit for rows of `t` tokens, `[L, 2]` (which units run
+  how much: what the routed forward, `flops` and the benchmarks all use)."""
   spec.check_layers(cfg.num_layers)
   return np.array([[spec.k(t, l, u) for u in range(len(UNITS))]
                    for l in range(cfg.num_layers)], np.int32)
@@ -368,13 +379,13 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
              segment_ids_BxT, temperature,
              sink_mask(index_BxT, segment_ids_BxT) if spec.protect_sinks else None)
   key = jax.random.key(spec.seed) if rng is None else rng
-  ks = _layer_ks(spec, cfg, t)
+  ks = layer_ks(spec, cfg, t)
   x = model.embed(tokens_BxT)
   layer_ids = np.arange(cfg.num_layers, dtype=np.int32)
   if (ks == ks[0]).all():
     static_ks = (int(ks[0, 0]), int(ks[0, 1]))
 
-    caps = jnp.asarray(_layer_caps(spec, cfg))
+    caps = jnp.asarray(layer_caps(spec, cfg))
 
     def layer_fn(layer, rl, x, lid):
       return routed_layer(layer, rl, x, ctx, spec, static_ks, jax.random.fold_in(key, lid),
@@ -387,7 +398,7 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
       return routed_layer(layer, rl, x, ctx, spec, (int(k_pair[0]), int(k_pair[1])),
                           jax.random.fold_in(key, int(lid)), caps=jnp.asarray(cap_pair))
 
-    x, aux = model.run_layers(layer_fn, x, (layer_ids, ks, _layer_caps(spec, cfg)), scan=False)
+    x, aux = model.run_layers(layer_fn, x, (layer_ids, ks, layer_caps(spec, cfg)), scan=False)
   logits = model.logits(x)
   return (logits, aux) if return_aux else logits
 
@@ -464,7 +475,7 @@ def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSp
     raise ValueError("calibrate_thresholds needs at least one batch of held-out tokens")
   cfg = model.config
   spec.check_layers(cfg.num_layers)
-  caps = _layer_caps(spec, cfg)
+  caps = layer_caps(spec, cfg)
 
   def quantiles(scoring: RoutingSpec) -> np.ndarray:
     fwd = nnx.jit(lambda m, t: m(t, routing=scoring, return_aux=True)[1]["scores_BxT"])
@@ -482,8 +493,8 @@ def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSp
           thr[l, u] = _threshold_between(scores[l, u], c)
     return thr
 
-  thr = quantiles(dataclasses.replace(spec, mode="topk", gate="hard", compute="gathered"))
-  causal = dataclasses.replace(spec, mode="causal", gate="hard", compute="gathered")
+  thr = quantiles(spec.inference("topk"))
+  causal = spec.inference("causal")
   for _ in range(iterations):
     model.routing.threshold[...] = jnp.asarray(thr)
     thr = quantiles(causal)
@@ -523,7 +534,7 @@ def check_calibrated(model: Llama, spec: RoutingSpec) -> None:
   if isinstance(stored, jax.core.Tracer):
     return
   cfg = model.config
-  want = _layer_caps(spec, cfg)
+  want = layer_caps(spec, cfg)
   stored = np.asarray(stored, np.float32)
   used = (want > 0) & (want < 1)
   if np.allclose(stored[used], want[used], rtol=0, atol=1e-6):
@@ -572,7 +583,7 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
 
   spec.check_layers(model.config.num_layers)
   per = (jnp.arange(model.config.num_layers), cache["k"], cache["v"],
-         jnp.asarray(_layer_caps(spec, model.config)))
+         jnp.asarray(layer_caps(spec, model.config)))
   x, (ks, vs, gates) = model.run_layers(layer_fn, x, per)
   return model.logits(x)[:, 0], dict(k=ks, v=vs), gates
 

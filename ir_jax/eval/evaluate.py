@@ -129,8 +129,7 @@ class Setting:
   sparsity: float
 
   def spec(self, seed: int = 0) -> RoutingSpec:
-    return RoutingSpec(policy=self.policy, sparsity=self.sparsity, mode=self.mode, gate="hard",
-                       compute="gathered", seed=seed)
+    return RoutingSpec(policy=self.policy, sparsity=self.sparsity, seed=seed).inference(self.mode)
 
 
 def settings(policies: Sequence[str], sparsities: Sequence[float],

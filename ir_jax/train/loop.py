@@ -449,9 +449,7 @@ def evaluate(s: Settings, ms: ModelState, mesh: jax.sharding.Mesh,
              num_batches: int) -> dict[str, Any]:
   """Held-out perplexity, dense and routed at the configured policy and sparsity."""
   data = s.data
-  eval_spec = trained_spec(nnx.merge(ms.graphdef, ms.state),
-                           dataclasses.replace(s.routing, mode="topk", gate="hard",
-                                               compute="gathered"))
+  eval_spec = trained_spec(nnx.merge(ms.graphdef, ms.state), s.routing.inference())
   results: dict[str, Any] = {"split": data.eval_split, "seq_len": data.seq_len,
                              "policy": eval_spec.policy, "sparsity": eval_spec.sparsity,
                              "capacity_table": eval_spec.capacities is not None}
@@ -650,7 +648,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
 
       cal = [np.asarray(multihost_utils.process_allgather(next(it)["inputs"], tiled=True))
              for _ in range(sc.calibration_batches)]
-      calibrate_thresholds(model, cal, trained_spec(model, steps.lora_spec(s.routing)))
+      calibrate_thresholds(model, cal, trained_spec(model, s.routing.inference()))
       _, trainable, frozen = nnx.split(model, trainable_type, ...)
       frozen = jax.device_put(frozen, fr_sh)
 

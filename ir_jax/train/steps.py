@@ -152,7 +152,8 @@ def lora_loss(model: Llama, batch: dict[str, Array],
 
 
 def lora_spec(routing: RoutingSpec) -> RoutingSpec:
-  return dataclasses.replace(routing, mode="topk", gate="hard", compute="gathered")
+  """The LoRA stage trains under inference routing (hard top-k)."""
+  return routing.inference()
 
 
 # ------------------------------------------------------------------ steps
