@@ -19,7 +19,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -77,27 +76,37 @@ def refused(case: str, fn: Callable[[], Any], error: type[BaseException] | tuple
   return msg
 
 
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+
+def _peak():
+  for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+      with open(os.environ["IR_JAX_PEAK_FILE"], "w") as f:
+        f.write(line.split()[1])
+
+atexit.register(_peak)
+sys.argv = ["ir_jax.convert", "import", *sys.argv[1:]]
+runpy.run_module("ir_jax.convert", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_cli_refused(case: str, *args: str, needles: tuple[str, ...] = ()) -> str:
   """`python -m ir_jax.convert import ...` must exit 2 with one stderr line; its peak RSS
-  (os.wait4) stays near the interpreter's own."""
+  (the child's own VmHWM) stays near the interpreter's own."""
   t0 = time.perf_counter()
-  with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
-    proc = subprocess.Popen([sys.executable, "-m", "ir_jax.convert", "import", *args], cwd=REPO,
-                            stdout=fout, stderr=ferr, text=True)
-    # Reap this child ourselves: wait4 gives its own rusage. RUSAGE_CHILDREN would be the
-    # largest child the whole pytest process ever reaped (a training subprocess, say).
-    killer = threading.Timer(300, proc.kill)  # a hung import fails the test, not CI
-    killer.start()
-    try:
-      _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-      killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    fout.seek(0)
-    ferr.seek(0)
-    out, err = fout.read(), ferr.read()
+  with tempfile.TemporaryDirectory() as tmp:
+    peak_file = os.path.join(tmp, "vmhwm_kb")
+    # The child reports its own peak (VmHWM of its own address space) at exit. Its
+    # rusage cannot: Linux carries the forking parent's high-water RSS into a child
+    # (fork copies it, exec keeps it), and this pytest process grows past 3 GB.
+    proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, IR_JAX_PEAK_FILE=peak_file))
+    out, err = proc.stdout, proc.stderr
+    assert os.path.isfile(peak_file), ("the child wrote no peak RSS", err[-2000:])
+    rss_mb = int(open(peak_file).read()) / 1024
   seconds = time.perf_counter() - t0
-  rss_mb = usage.ru_maxrss / 1024  # KiB on Linux
   RECORD.append(dict(case=case, error=f"exit {proc.returncode}", seconds=round(seconds, 2),
                      peak_rss_mb=round(rss_mb), message=err.strip()[:300], cli=True))
   assert proc.returncode == 2, (out, err)
