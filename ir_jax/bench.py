@@ -9,7 +9,9 @@ static capacity whatever the router has learned), it times:
            same routed model executed the mask way (every unit computed and
            mixed by the mask, as the reference implementation does);
   decode   KV-cache decoding (`ir_jax.routing.decode_body` under one jitted
-           `lax.scan` over steps), dense and routed with calibrated thresholds.
+           `lax.scan` over steps), dense and routed with calibrated thresholds;
+           with several rows (--batch) also static row capacity (each unit
+           runs its top ceil(c x B) rows by router score, gathered).
 Every variant is compiled ahead of time, warmed up, then timed in interleaved
 rounds (dense, routed..., mask..., decode...; repeat) so that load from other
 processes hits every variant alike. It reports median and spread of the
@@ -132,7 +134,7 @@ def _compile(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, dict[s
 
 def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
                    sparsities: Sequence[float], *, k_multiple: int = 8, mask: bool = True,
-                   decode: bool = True, seed: int = 0) -> list[Variant]:
+                   decode: bool = True, seed: int = 0, prefill: bool = True) -> list[Variant]:
   """Every program to time, compiled, with its inputs (random tokens)."""
   cfg = model.config
   rng = np.random.default_rng(seed)
@@ -140,16 +142,18 @@ def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
   graphdef, state = nnx.split(model)
   out: list[Variant] = []
 
-  def prefill(spec: R.RoutingSpec | None) -> Callable[..., Any]:
+  def forward(spec: R.RoutingSpec | None) -> Callable[..., Any]:
     return lambda st, t: nnx.merge(graphdef, st)(t, routing=spec)
 
   def add(name, kind, s, execution, fn, args, n_tokens, **info):
     compiled, cinfo = _compile(fn, args)
     out.append(Variant(name, kind, s, execution, compiled, args, n_tokens, {**info, **cinfo}))
 
+  if not prefill:
+    return _decode_variants(model, tokens, decode_steps, sparsities, seed) if decode else []
   n_prefill = batch * seq_len
   dense_fl = R.flops(cfg, R.RoutingSpec(policy="dense"), seq_len, batch)
-  add("prefill/dense", "prefill", None, "dense", prefill(None), (state, tokens), n_prefill,
+  add("prefill/dense", "prefill", None, "dense", forward(None), (state, tokens), n_prefill,
       flops=dense_fl["dense"], executed_fraction=1.0, ideal_fraction=1.0, realized_sparsity=0.0)
   for s in sparsities:
     # A model with a trained capacity table routes by it, rescaled to s (random weights: uniform).
@@ -159,12 +163,12 @@ def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
     ks = R.layer_ks(spec, cfg, seq_len)
     common = dict(realized_sparsity=float(1.0 - ks.mean() / seq_len),
                   ideal_fraction=fl["ideal_fraction"])
-    add(f"prefill/routed@{s:g}", "prefill", s, "gathered", prefill(spec), (state, tokens),
+    add(f"prefill/routed@{s:g}", "prefill", s, "gathered", forward(spec), (state, tokens),
         n_prefill, flops=fl["executed"], executed_fraction=fl["executed_fraction"], **common)
     if mask:
       mspec = dataclasses.replace(spec, compute="all")
       mfl = R.flops(cfg, mspec, seq_len, batch)
-      add(f"prefill/mask@{s:g}", "prefill", s, "mask", prefill(mspec), (state, tokens),
+      add(f"prefill/mask@{s:g}", "prefill", s, "mask", forward(mspec), (state, tokens),
           n_prefill, flops=mfl["executed"], executed_fraction=mfl["executed_fraction"], **common)
   if decode:
     out += _decode_variants(model, tokens, decode_steps, sparsities, seed)
@@ -218,6 +222,12 @@ def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Se
     compiled, info = _compile(run(spec), (st, feed_BxN))
     out.append(Variant(f"decode/routed@{s:g}", "decode", s, "threshold", compiled,
                        (st, feed_BxN), n, dict(info, thresholds=thr.tolist())))
+    if b > 1:  # static row capacity: each unit runs its top ceil(c x B) rows, gathered
+      rspec = R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s),
+                             sparsity=s).inference("topk")
+      compiled, info = _compile(run(rspec), (state, feed_BxN))
+      out.append(Variant(f"decode/rows@{s:g}", "decode", s, "rows", compiled,
+                         (state, feed_BxN), n, info))
   return out
 
 
@@ -233,7 +243,7 @@ def time_variants(variants: Sequence[Variant], reps: int, warmup: int,
       t0 = time.perf_counter()
       res = jax.block_until_ready(v.fn(*v.args))
       v.times.append(time.perf_counter() - t0)
-      if v.execution == "threshold" and "realized_sparsity" not in v.info:
+      if v.execution in ("threshold", "rows") and "realized_sparsity" not in v.info:
         gates = np.asarray(res[1])
         v.info["exec_rate"] = gates.mean(axis=(0, 3)).tolist()  # [L, 2]
         v.info["realized_sparsity"] = float(1.0 - gates.mean())
@@ -254,12 +264,14 @@ def _decode_fractions(cfg: LlamaConfig, v: Variant, cache_len: int) -> None:
   A skipped unit is not computed (one row per step: exact; several rows: the
   unit runs when any row executes, counted from the gates), so executed is
   computed from the per-step 'any row executes' rate and ideal from the
-  per-token rate. Per step, attention reads the whole static cache.
+  per-token rate. Static row capacity (`rows`) runs exactly the executed rows,
+  so both fractions come from the per-token rate. Per step, attention reads
+  the whole static cache.
   """
-  if v.execution != "threshold":
+  if v.execution not in ("threshold", "rows"):
     return
   rate = np.asarray(v.info["exec_rate"], np.float64)  # per token
-  any_rate = np.asarray(v.info["any_rate"], np.float64)  # per step, over rows
+  any_rate = rate if v.execution == "rows" else np.asarray(v.info["any_rate"], np.float64)
   for key, caps in (("ideal_fraction", rate), ("executed_fraction", any_rate)):
     spec = R.RoutingSpec(policy="informed", mode="causal",
                          capacities=tuple(tuple(float(c) for c in row) for row in caps))
@@ -293,7 +305,7 @@ def summarize(variants: Sequence[Variant], cfg: LlamaConfig, cache_len: int) -> 
                 peak_bytes=v.info["memory"]["peak_bytes"])
 
   sparsities = sorted({v.sparsity for v in variants if v.sparsity is not None})
-  prefill, decode = [], []
+  prefill, decode, decode_rows = [], [], []
   for s in sparsities:
     row = compare("prefill", f"prefill/routed@{s:g}")
     if row is not None:
@@ -306,11 +318,15 @@ def summarize(variants: Sequence[Variant], cfg: LlamaConfig, cache_len: int) -> 
     if row is not None:
       row["ideal_speedup_per_token"] = 1.0 / row["ideal_fraction"]
       decode.append(dict(sparsity=s, **row))
+    row = compare("decode", f"decode/rows@{s:g}")
+    if row is not None:
+      decode_rows.append(dict(sparsity=s, **row))
   dense = {k: {"tokens_per_s": recs[f"{k}/dense"]["tokens_per_s"],
                "time_s": recs[f"{k}/dense"]["time_s"],
                "peak_bytes": recs[f"{k}/dense"]["memory"]["peak_bytes"]}
            for k in ("prefill", "decode") if f"{k}/dense" in recs}
-  return dict(variants=recs, dense=dense, prefill=prefill, decode=decode)
+  return dict(variants=recs, dense=dense, prefill=prefill, decode=decode,
+              decode_rows=decode_rows)
 
 
 def _mib(b: int) -> str:
@@ -357,6 +373,21 @@ def table(result: dict[str, Any]) -> str:
           f"| {r['sparsity']:g} | {r['realized_sparsity']:.2f} | {r['tokens_per_s']:,.1f} | "
           f"{r['speedup']:.2f} ({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
           f"{r['efficiency']:.0%} | {_mib(r['peak_bytes'])} |")
+  if result.get("decode_rows"):
+    lines += ["", f"decode {result['batch']} rows, static row capacity (each unit runs its top "
+              f"ceil(c x {result['batch']}) rows by score, gathered; every row at position 0):",
+              "", "| sparsity | realized | routed tokens/s | speedup (IQR per round) | ideal | "
+              "efficiency | threshold-form speedup | peak MiB |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by_s = {r["sparsity"]: r for r in result["decode"]}
+    for r in result["decode_rows"]:
+      pr = r["speedup_per_round"]
+      thr = by_s.get(r["sparsity"])
+      thr_speedup = f"{thr['speedup']:.2f}" if thr else "-"
+      lines.append(
+          f"| {r['sparsity']:g} | {r['realized_sparsity']:.2f} | {r['tokens_per_s']:,.1f} | "
+          f"{r['speedup']:.2f} ({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
+          f"{r['efficiency']:.0%} | {thr_speedup} | {_mib(r['peak_bytes'])} |")
   return "\n".join(lines)
 
 
@@ -509,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"),
                  help="compute and parameter dtype (default: the config's)")
   p.add_argument("--no-mask", action="store_true", help="skip the mask-based baseline")
+  p.add_argument("--no-prefill", action="store_true",
+                 help="time decode only (batched decode at many rows)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", help="write the result here")
   p.add_argument("--tpu", metavar="TOPOLOGY",
@@ -559,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   steps = preset.decode_steps if args.decode_steps is None else args.decode_steps
   if not 0 <= steps <= seq_len:
     raise ConfigError(f"--decode-steps must be in [0, seq_len={seq_len}], got {steps}")
+  if args.no_prefill and steps == 0:
+    raise ConfigError("--no-prefill with --decode-steps 0 leaves nothing to time")
   if seq_len > cfg.max_position_embeddings:
     raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                       f"{cfg.max_position_embeddings}")
@@ -568,7 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, {cfg.dtype}; on "
       f"{jax.default_backend()}; compiling...")
   variants = build_variants(model, batch, seq_len, steps, sparsities, k_multiple=args.k_multiple,
-                            mask=not args.no_mask, decode=steps > 0, seed=args.seed)
+                            mask=not args.no_mask, decode=steps > 0, seed=args.seed,
+                            prefill=not args.no_prefill)
   log(f"compiled {len(variants)} programs in {time.perf_counter() - t0:.0f}s; timing "
       f"{args.warmup} warm-up + {args.reps} interleaved rounds")
   time_variants(variants, args.reps, args.warmup, log)

@@ -213,7 +213,7 @@ UnitFn = Callable[[Array | None, Array], Array]
 def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
                router: Router, spec: RoutingSpec, k: int, threshold: Array,
                key: Array, temperature: Array | None = None,
-               sink_BxT: Array | None = None) -> tuple[Array, dict[str, Array]]:
+               sink_BxT: Array | None = None, rows: bool = False) -> tuple[Array, dict[str, Array]]:
   """The unit's contribution to the residual for every token, and statistics.
 
   `unit_fn(idx_BxS, n_BxSxD)` runs the unit for the tokens at `idx` (None:
@@ -222,9 +222,13 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
   (1 - g) * (1 - cos(x, x + Unit(n))) (0 when only gathered tokens ran),
   scores_BxT: the routing scores, gate_BxT: which tokens executed}. Tokens in `sink_BxT` always execute (they
   take top-k slots first; gates and thresholds are forced open for them).
+  `rows=True` (a decode step of several rows, top-k mode): `k` counts rows, and
+  `unit_fn` takes row indices `[k]` (see `_route_rows`).
   """
   b, t, _ = n_BxTxD.shape
   f32 = jnp.float32
+  if rows and spec.policy != "dense":
+    return _route_rows(n_BxTxD, unit_fn, lff, router, spec, k, key, sink_BxT)
   if spec.policy == "dense" or (spec.mode == "topk" and k == t and spec.gate == "hard"):
     return unit_fn(None, n_BxTxD), dict(exec_rate=jnp.ones((), f32),
                                         importance=jnp.zeros((), f32),
@@ -289,6 +293,61 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
                    gate_BxT=gate)
 
 
+def _route_rows(n_Bx1xD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router,
+                spec: RoutingSpec, k: int, key: Array,
+                sink_Bx1: Array | None) -> tuple[Array, dict[str, Array]]:
+  """Static row capacity for a decode step of B rows (one token each): the unit
+  runs for the `k` highest-scoring rows only (gathered, `[k, 1, D]`) and the
+  other rows get the forecast. Shapes are static, no thresholds are needed, and
+  a row's decision depends on the other rows' scores at this step, never on
+  later tokens. `unit_fn(idx_K, n_Kx1xD)` runs the unit for rows `idx` (None:
+  every row). Sink tokens (position 0) always run: a step with any sink runs
+  the unit for every row and keeps the top-k-or-sink rows' outputs.
+  """
+  b = n_Bx1xD.shape[0]
+  f32 = jnp.float32
+  forecast = jnp.zeros_like(n_Bx1xD) if spec.policy == "greedy" else lff(n_Bx1xD)
+  u_all = None
+  if spec.policy == "oracle":
+    u_all = unit_fn(None, n_Bx1xD)
+    scores = jnp.sum(jnp.square((u_all - forecast).astype(f32)), axis=-1)
+  elif spec.policy == "random":
+    scores = jax.random.uniform(key, (b, 1), f32)
+  else:
+    scores = router(n_Bx1xD)
+  if sink_Bx1 is not None:
+    scores = jnp.where(sink_Bx1, scores + SINK_BONUS, scores)
+  gate = topk_mask(scores[:, 0][None], k)[0][:, None]  # [B, 1]
+  if sink_Bx1 is not None:
+    gate = gate | sink_Bx1
+
+  def everyone() -> Array:
+    u = unit_fn(None, n_Bx1xD) if u_all is None else u_all
+    return jnp.where(gate[..., None], u, forecast)
+
+  def gathered() -> Array:
+    if k == 0:
+      return forecast
+    idx_K = topk_indices(scores[:, 0][None], k)[0]
+    u_sel = unit_fn(idx_K, n_Bx1xD[idx_K])
+    return forecast.at[idx_K].set(u_sel.astype(forecast.dtype))
+
+  if u_all is not None or spec.compute == "all" or k == b:
+    out = everyone()
+  elif sink_Bx1 is None:
+    out = gathered()
+  else:
+    out = jax.lax.cond(jnp.any(sink_Bx1), everyone, gathered)
+  return out, dict(exec_rate=jnp.mean(gate.astype(f32)), importance=jnp.zeros((), f32),
+                   scores_BxT=scores, gate_BxT=gate)
+
+
+def row_k(spec: RoutingSpec, rows: int, layer: int, unit: int) -> int:
+  """Rows a unit executes in a decode step of `rows` rows under top-k routing:
+  ceil(capacity x rows), never below the capacity."""
+  return min(rows, int(np.ceil(spec.capacity(layer, unit) * rows - 1e-9)))
+
+
 # ------------------------------------------------------------- the layer
 @dataclasses.dataclass
 class _Ctx:
@@ -299,17 +358,22 @@ class _Ctx:
   sink_BxT: Array | None = None  # tokens that always execute (segment starts)
 
 
-def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ctx,
-                 spec: RoutingSpec, ks: tuple[int, int], key: Array,
+def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], rl: RoutingLayer,
+                 x_BxTxD: Array, ctx: _Ctx, spec: RoutingSpec, ks: tuple[int, int], key: Array,
                  cache: tuple[Array, Array, Array] | None = None, caps: Array | None = None):
   """One decoder layer with both units routed; returns (x, aux[, new cache]).
 
+  `layer` may be a function returning the layer: each unit then asks for its
+  weights inside the code that runs it, so in a decode step a skipped unit
+  (a `lax.cond` branch not taken) never reads them (see `decode_body`).
   `caps` `[2]`: the spec's capacities of this layer; in causal mode a unit at
   capacity 1 always executes and one at 0 never does, whatever its calibrated threshold.
+  With a cache in top-k mode, `ks` count rows (static row capacity, `_route_rows`).
   """
-  attn = layer.self_attn
-  n = layer.input_layernorm(x_BxTxD)
-  k_new, v_new = attn.keys_values(n, ctx.positions_BxT)
+  get = (lambda: layer) if isinstance(layer, DecoderLayer) else layer
+  rows = cache is not None and spec.mode == "topk"
+  n = get().input_layernorm(x_BxTxD)
+  k_new, v_new = get().self_attn.keys_values(n, ctx.positions_BxT)
   if cache is None:
     k_all, v_all, k_index, k_seg = k_new, v_new, ctx.index_BxT, ctx.segment_ids_BxT
   else:  # decode: write this step's keys/values, attend over the cache
@@ -319,24 +383,30 @@ def routed_layer(layer: DecoderLayer, rl: RoutingLayer, x_BxTxD: Array, ctx: _Ct
     k_index = jnp.broadcast_to(jnp.arange(ck.shape[1]), ck.shape[:2])
     k_seg = None
 
-  def attn_fn(idx_BxS: Array | None, n_BxSxD: Array) -> Array:
+  def attn_fn(idx: Array | None, n_BxSxD: Array) -> Array:
+    attn = get().self_attn
     q_pos, q_index, q_seg = ctx.positions_BxT, ctx.index_BxT, ctx.segment_ids_BxT
-    if idx_BxS is not None:
-      q_pos, q_index = _gather(q_pos, idx_BxS), _gather(q_index, idx_BxS)
-      q_seg = None if q_seg is None else _gather(q_seg, idx_BxS)
+    keys, values, kv_index, kv_seg = k_all, v_all, k_index, k_seg
+    if idx is not None and rows:  # idx `[k]`: rows of the batch, with their caches
+      q_pos, q_index = q_pos[idx], q_index[idx]
+      keys, values, kv_index = keys[idx], values[idx], kv_index[idx]
+    elif idx is not None:  # idx `[B, S]`: tokens of every row
+      q_pos, q_index = _gather(q_pos, idx), _gather(q_index, idx)
+      q_seg = None if q_seg is None else _gather(q_seg, idx)
     q = attn.queries(n_BxSxD, q_pos)
-    return attn.attend(q, k_all, v_all, attention_mask(q_index, k_index, q_seg, k_seg))
+    return attn.attend(q, keys, values, attention_mask(q_index, kv_index, q_seg, kv_seg))
 
   thr = rl.threshold[...]
   if caps is not None:
     thr = jnp.where(caps >= 1.0, -jnp.inf, jnp.where(caps <= 0.0, jnp.inf, thr))
   delta, aux_a = route_unit(n, x_BxTxD, attn_fn, rl.attn_lff, rl.attn_router, spec, ks[0],
-                            thr[0], jax.random.fold_in(key, 0), ctx.temperature, ctx.sink_BxT)
+                            thr[0], jax.random.fold_in(key, 0), ctx.temperature, ctx.sink_BxT,
+                            rows=rows)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
-  n = layer.post_attention_layernorm(x_BxTxD)
-  delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: layer.mlp(ns), rl.mlp_lff,
+  n = get().post_attention_layernorm(x_BxTxD)
+  delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: get().mlp(ns), rl.mlp_lff,
                             rl.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1),
-                            ctx.temperature, ctx.sink_BxT)
+                            ctx.temperature, ctx.sink_BxT, rows=rows)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
   if cache is None:
@@ -560,32 +630,59 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
                 spec: RoutingSpec) -> tuple[Array, dict[str, Array], Array]:
   """One token per row at position `pos`: (logits_BxV, new cache, exec gates [L, 2, B]).
 
-  Keys and values are written for every token; each unit executes iff the
-  token's score passes its calibrated threshold (causal mode), and a unit no
-  row executes is not computed. Not jitted: `decode_step` is its jitted form;
+  Keys and values are written for every token. Causal mode: each unit executes
+  iff the token's score passes its calibrated threshold, and a unit no row
+  executes is not computed. Top-k mode (static row capacity, for several rows):
+  each unit executes its top `row_k` rows by score, gathered, and approximates
+  the rest; no thresholds needed.
+
+  The layers' weights stay in their stacked arrays and each unit slices its
+  own inside the branch that runs it, so a skipped unit reads none of its
+  weights (a scan over the stacked weights would copy every layer's weights
+  out before the skip decision). Not jitted: `decode_step` is its jitted form;
   call this one inside a larger jitted loop (e.g. a `lax.scan` over steps).
   """
-  if spec.mode != "causal" and spec.policy != "dense":
-    raise ConfigError("decode_step routes causally: pass a spec with mode='causal'")
+  if spec.policy != "dense" and (spec.gate != "hard" or spec.mode not in MODES):
+    raise ConfigError("decoding routes with hard gates: pass spec.inference('causal') "
+                      "(thresholds) or spec.inference('topk') (static row capacity)")
+  cfg = model.config
+  spec.check_layers(cfg.num_layers)
   b = token_B.shape[0]
   pos_Bx1 = jnp.full((b, 1), pos, jnp.int32)
   ctx = _Ctx(pos_Bx1, pos_Bx1, None, sink_BxT=(pos_Bx1 == 0) if spec.protect_sinks else None)
   key = jax.random.key(spec.seed)
   x = model.embed(token_B[:, None])
+  graphdef, state = nnx.split(model.layers)
+  rgraphdef, rstate = nnx.split(model.routing)
+  caps = layer_caps(spec, cfg)
+  if spec.mode == "topk":
+    ks = np.array([[row_k(spec, b, l, u) for u in range(len(UNITS))]
+                   for l in range(cfg.num_layers)], np.int32)
+  else:
+    ks = np.ones((cfg.num_layers, len(UNITS)), np.int32)
 
-  def layer_fn(layer, rl, x, per):
-    lid, ck, cv, cap = per
-    x, aux, (ck, cv) = routed_layer(layer, rl, x, ctx, spec, (1, 1),
-                                    jax.random.fold_in(key, lid), cache=(ck, cv, pos), caps=cap)
-    thr = jnp.where(cap >= 1.0, -jnp.inf, jnp.where(cap <= 0.0, jnp.inf, rl.threshold[...]))
-    gates = aux["scores_BxT"][:, :, 0] > thr[:, None]
-    return x, (ck, cv, gates)
+  def one_layer(lid, x, ck, cv, cap, k_pair):
+    take = lambda a: a[lid]
+    layer = lambda: nnx.merge(graphdef, jax.tree.map(take, state))  # sliced where used
+    rl = nnx.merge(rgraphdef, jax.tree.map(take, rstate))
+    x, aux, (ck, cv) = routed_layer(layer, rl, constrain(x, BxTxD), ctx, spec, k_pair,
+                                    jax.random.fold_in(key, lid), cache=(ck, cv, pos),
+                                    caps=cap)
+    return constrain(x, BxTxD), (ck, cv, aux["gate_BxT"][:, :, 0])
 
-  spec.check_layers(model.config.num_layers)
-  per = (jnp.arange(model.config.num_layers), cache["k"], cache["v"],
-         jnp.asarray(layer_caps(spec, model.config)))
-  x, (ks, vs, gates) = model.run_layers(layer_fn, x, per)
-  return model.logits(x)[:, 0], dict(k=ks, v=vs), gates
+  if (ks == ks[0]).all() and cfg.scan_layers:
+    k_pair = (int(ks[0, 0]), int(ks[0, 1]))
+    x, (new_k, new_v, gates) = jax.lax.scan(
+        lambda x, per: one_layer(*per[:1], x, *per[1:], k_pair), x,
+        (jnp.arange(cfg.num_layers), cache["k"], cache["v"], jnp.asarray(caps)))
+  else:  # per-layer row counts: unrolled, each layer with its own static k
+    outs = []
+    for l in range(cfg.num_layers):
+      x, o = one_layer(l, x, cache["k"][l], cache["v"][l], jnp.asarray(caps[l]),
+                       (int(ks[l, 0]), int(ks[l, 1])))
+      outs.append(o)
+    new_k, new_v, gates = (jnp.stack(a) for a in zip(*outs))
+  return model.logits(x)[:, 0], dict(k=new_k, v=new_v), gates
 
 
 decode_step = nnx.jit(decode_body, static_argnames=("spec",))

@@ -31,7 +31,7 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
   assert r["preset"] == "tiny" and r["batch"] == 2 and r["seq_len"] == 64
   assert r["sparsities"] == [0.4] and r["reps"] == 2
   names = {"prefill/dense", "prefill/routed@0.4", "prefill/mask@0.4", "decode/dense",
-           "decode/routed@0.4"}
+           "decode/routed@0.4", "decode/rows@0.4"}
   assert set(r["variants"]) == names
   for name, v in r["variants"].items():
     assert len(v["times_s"]) == 2 and all(t > 0 for t in v["times_s"]), name
@@ -62,11 +62,29 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
   assert r["variants"]["decode/routed@0.4"]["hlo"]["conditional"] >= 2
 
 
+def test_decode_only_row_capacity(tmp_path, capsys):
+  """--no-prefill times decode only; static row capacity at 4 rows and sparsity 0.7 runs
+  ceil(0.3 x 4) = 2 rows per unit after the all-sink first step: realized 3/4 x 1/2."""
+  out = tmp_path / "bench.json"
+  assert bench.main(["--preset", "tiny", "--batch", "4", "--sparsity", "0.7", "--reps", "1",
+                     "--decode-steps", "4", "--no-prefill", "--quiet", "--json", str(out)]) == 0
+  assert "static row capacity" in capsys.readouterr().out
+  r = json.loads(out.read_text())
+  assert set(r["variants"]) == {"decode/dense", "decode/routed@0.7", "decode/rows@0.7"}
+  assert r["prefill"] == [] and "prefill" not in r["dense"]
+  (row,) = r["decode_rows"]
+  assert math.isclose(row["realized_sparsity"], 3 / 4 * (1 - 2 / 4))
+  assert math.isclose(row["executed_fraction"], row["ideal_fraction"])
+  assert r["variants"]["decode/rows@0.7"]["exec_rate"] == [[5 / 8, 5 / 8]] * 2
+
+
 def test_bad_arguments_are_config_errors():
   with pytest.raises(ConfigError, match="sparsity"):
     bench.main(["--preset", "tiny", "--sparsity", "1.5", "--quiet"])
   with pytest.raises(ConfigError, match="decode-steps"):
     bench.main(["--preset", "tiny", "--decode-steps", "100", "--quiet"])
+  with pytest.raises(ConfigError, match="nothing to time"):
+    bench.main(["--preset", "tiny", "--decode-steps", "0", "--no-prefill", "--quiet"])
 
 
 def test_decode_skip_equals_full_forward_last_position():
