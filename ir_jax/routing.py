@@ -361,7 +361,7 @@ class _Ctx:
 def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], rl: RoutingLayer,
                  x_BxTxD: Array, ctx: _Ctx, spec: RoutingSpec, ks: tuple[int, int], key: Array,
                  cache: tuple[Array, Array, Array] | None = None, caps: Array | None = None):
-  """One decoder layer with both units routed; returns (x, aux[, new cache]).
+  """One decoder layer with both units routed; returns (x, aux[, this step's (k, v)]).
 
   `layer` may be a function returning the layer: each unit then asks for its
   weights inside the code that runs it, so in a decode step a skipped unit
@@ -411,7 +411,7 @@ def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], rl: RoutingLa
   aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
   if cache is None:
     return x_BxTxD, aux
-  return x_BxTxD, aux, (k_all, v_all)
+  return x_BxTxD, aux, (k_new.astype(k_all.dtype), v_new.astype(v_all.dtype))
 
 
 def layer_caps(spec: RoutingSpec, cfg: LlamaConfig) -> np.ndarray:
@@ -670,6 +670,8 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
                                     caps=cap)
     return constrain(x, BxTxD), (ck, cv, aux["gate_BxT"][:, :, 0])
 
+  # Each layer returns only this step's keys/values `[B, 1, N, K]`; they are written
+  # into the cache once below (in place when the caller donates the cache).
   if (ks == ks[0]).all() and cfg.scan_layers:
     k_pair = (int(ks[0, 0]), int(ks[0, 1]))
     x, (new_k, new_v, gates) = jax.lax.scan(
@@ -682,10 +684,13 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
                        (int(ks[l, 0]), int(ks[l, 1])))
       outs.append(o)
     new_k, new_v, gates = (jnp.stack(a) for a in zip(*outs))
-  return model.logits(x)[:, 0], dict(k=new_k, v=new_v), gates
+  write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, pos, axis=2)
+  return (model.logits(x)[:, 0], dict(k=write(cache["k"], new_k), v=write(cache["v"], new_v)),
+          gates)
 
 
-decode_step = nnx.jit(decode_body, static_argnames=("spec",))
+# The cache is donated: pass each step the cache the previous step returned.
+decode_step = nnx.jit(decode_body, static_argnames=("spec",), donate_argnames=("cache",))
 
 
 def generate(model: Llama, prompt_BxT: Array, max_new_tokens: int,
