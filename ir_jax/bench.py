@@ -134,8 +134,13 @@ def _compile(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, dict[s
 
 def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
                    sparsities: Sequence[float], *, k_multiple: int = 8, mask: bool = True,
-                   decode: bool = True, seed: int = 0, prefill: bool = True) -> list[Variant]:
-  """Every program to time, compiled, with its inputs (random tokens)."""
+                   decode: bool = True, seed: int = 0, prefill: bool = True,
+                   table: Sequence[Sequence[float]] | None = None) -> list[Variant]:
+  """Every program to time, compiled, with its inputs (random tokens).
+
+  `table`: a per-unit capacity table `[L][2]` to route by, rescaled to each
+  sparsity (`routing.rescale_table`); None: the model's trained table, else uniform.
+  """
   cfg = model.config
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32)
@@ -149,16 +154,21 @@ def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
     compiled, cinfo = _compile(fn, args)
     out.append(Variant(name, kind, s, execution, compiled, args, n_tokens, {**info, **cinfo}))
 
+  def spec_at(s: float, **kw: Any) -> R.RoutingSpec:
+    if table is not None:
+      return R.RoutingSpec(policy="informed", capacities=R.rescale_table(table, s), **kw)
+    return R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s, **kw), sparsity=s)
+
   if not prefill:
-    return _decode_variants(model, tokens, decode_steps, sparsities, seed) if decode else []
+    return _decode_variants(model, tokens, decode_steps, sparsities, seed,
+                            spec_at) if decode else []
   n_prefill = batch * seq_len
   dense_fl = R.flops(cfg, R.RoutingSpec(policy="dense"), seq_len, batch)
   add("prefill/dense", "prefill", None, "dense", forward(None), (state, tokens), n_prefill,
       flops=dense_fl["dense"], executed_fraction=1.0, ideal_fraction=1.0, realized_sparsity=0.0)
   for s in sparsities:
     # A model with a trained capacity table routes by it, rescaled to s (random weights: uniform).
-    spec = R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s,
-                                               k_multiple=k_multiple), sparsity=s)
+    spec = spec_at(s, k_multiple=k_multiple)
     fl = R.flops(cfg, spec, seq_len, batch)
     ks = R.layer_ks(spec, cfg, seq_len)
     common = dict(realized_sparsity=float(1.0 - ks.mean() / seq_len),
@@ -171,12 +181,12 @@ def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
       add(f"prefill/mask@{s:g}", "prefill", s, "mask", forward(mspec), (state, tokens),
           n_prefill, flops=mfl["executed"], executed_fraction=mfl["executed_fraction"], **common)
   if decode:
-    out += _decode_variants(model, tokens, decode_steps, sparsities, seed)
+    out += _decode_variants(model, tokens, decode_steps, sparsities, seed, spec_at)
   return out
 
 
 def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Sequence[float],
-                     seed: int) -> list[Variant]:
+                     seed: int, spec_at: Callable[..., R.RoutingSpec]) -> list[Variant]:
   """KV-cache decoding of `steps` tokens per row into a cache of T positions.
 
   The steps are teacher-forced with the prompt's own (random) tokens, so the
@@ -212,8 +222,7 @@ def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Se
   out.append(Variant("decode/dense", "decode", None, "dense", compiled, (state, feed_BxN), n,
                      dict(info, executed_fraction=1.0, ideal_fraction=1.0)))
   for s in sparsities:
-    spec = R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s, mode="causal"),
-                          sparsity=s)
+    spec = spec_at(s).inference("causal")
     calib = [jnp.asarray(rng.integers(0, cfg.vocab_size, (max(b, 2), t)), jnp.int32)]
     thr = R.calibrate_thresholds(model, calib, spec)
     # New containers around the same arrays: this sparsity's thresholds stay put
@@ -223,8 +232,7 @@ def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Se
     out.append(Variant(f"decode/routed@{s:g}", "decode", s, "threshold", compiled,
                        (st, feed_BxN), n, dict(info, thresholds=thr.tolist())))
     if b > 1:  # static row capacity: each unit runs its top ceil(c x B) rows, gathered
-      rspec = R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s),
-                             sparsity=s).inference("topk")
+      rspec = spec_at(s).inference("topk")
       compiled, info = _compile(run(rspec), (state, feed_BxN))
       out.append(Variant(f"decode/rows@{s:g}", "decode", s, "rows", compiled,
                          (state, feed_BxN), n, info))
@@ -511,6 +519,26 @@ def _floats(text: str) -> list[float]:
   return out
 
 
+def read_table(path: str, layers: int) -> list[list[float]]:
+  """A per-unit capacity table from JSON (see --capacities), checked against the model."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"--capacities {path}: cannot read a JSON table ({e})") from None
+  rows = data.get("capacities") if isinstance(data, dict) else data
+  ok = (isinstance(rows, list) and all(
+      isinstance(r, list) and len(r) == 2 and all(
+          isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in r)
+      for r in rows))
+  if not ok:
+    raise ConfigError(f"--capacities {path}: expected a list of [attention, MLP] capacities in "
+                      "[0, 1], one pair per layer")
+  if len(rows) != layers:
+    raise ConfigError(f"--capacities {path} has {len(rows)} rows; the model has {layers} layers")
+  return [[float(c) for c in r] for r in rows]
+
+
 def _commit() -> str | None:
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -540,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"),
                  help="compute and parameter dtype (default: the config's)")
   p.add_argument("--no-mask", action="store_true", help="skip the mask-based baseline")
+  p.add_argument("--capacities", metavar="JSON",
+                 help="route by this per-unit capacity table, rescaled to each sparsity: a JSON "
+                      "list of [attention, MLP] capacities per layer, or an object with such a "
+                      "list under 'capacities' (e.g. docs/bench/wide_table_0.4.json)")
   p.add_argument("--no-prefill", action="store_true",
                  help="time decode only (batched decode at many rows)")
   p.add_argument("--seed", type=int, default=0)
@@ -597,6 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if seq_len > cfg.max_position_embeddings:
     raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                       f"{cfg.max_position_embeddings}")
+  cap_table = read_table(args.capacities, cfg.num_layers) if args.capacities else None
   t0 = time.perf_counter()
   model = init_model(cfg, args.seed)
   log(f"{args.preset}: {cfg.num_layers} layers, d {cfg.hidden_size}, MLP "
@@ -604,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"{jax.default_backend()}; compiling...")
   variants = build_variants(model, batch, seq_len, steps, sparsities, k_multiple=args.k_multiple,
                             mask=not args.no_mask, decode=steps > 0, seed=args.seed,
-                            prefill=not args.no_prefill)
+                            prefill=not args.no_prefill, table=cap_table)
   log(f"compiled {len(variants)} programs in {time.perf_counter() - t0:.0f}s; timing "
       f"{args.warmup} warm-up + {args.reps} interleaved rounds")
   time_variants(variants, args.reps, args.warmup, log)
@@ -614,7 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       v.info["any_rate"] = gates.any(axis=3).mean(axis=0).tolist()
   result = dict(
       preset=args.preset, config=args.config, model=cfg.to_dict(), batch=batch, seq_len=seq_len,
-      decode_steps=steps, sparsities=sparsities, reps=args.reps, warmup=args.warmup,
+      decode_steps=steps, sparsities=sparsities, capacities=args.capacities,
+      reps=args.reps, warmup=args.warmup,
       k_multiple=args.k_multiple, backend=jax.default_backend(),
       devices=[str(d) for d in jax.devices()[:1]], jax_version=jax.__version__,
       commit=_commit(), command="python -m ir_jax.bench " + " ".join(
