@@ -78,6 +78,28 @@ def test_decode_only_row_capacity(tmp_path, capsys):
   assert r["variants"]["decode/rows@0.7"]["exec_rate"] == [[5 / 8, 5 / 8]] * 2
 
 
+def test_capacity_table(tmp_path):
+  """--capacities routes prefill by the table rescaled to the sparsity (k per unit)."""
+  path = tmp_path / "table.json"
+  path.write_text(json.dumps({"capacities": [[0.5, 0.5], [1.0, 0.2]]}))
+  out = tmp_path / "bench.json"
+  assert bench.main(["--preset", "tiny", "--sparsity", "0.4", "--reps", "1", "--decode-steps",
+                     "0", "--no-mask", "--capacities", str(path), "--quiet", "--json",
+                     str(out)]) == 0
+  (p,) = json.loads(out.read_text())["prefill"]
+  # Table sparsities (0.5, 0.5, 0, 0.8), mean 0.45, scaled by 0.4 / 0.45; k rounded up to 8s.
+  caps = [[1 - 0.5 * 0.4 / 0.45] * 2, [1.0, 1 - 0.8 * 0.4 / 0.45]]
+  ks = [min(64, -(-round(c * 64) // 8) * 8) for row in caps for c in row]
+  assert ks == [40, 40, 64, 24]
+  assert math.isclose(p["realized_sparsity"], 1 - sum(ks) / (4 * 64))
+  path.write_text(json.dumps([[0.5, 0.5]]))
+  with pytest.raises(ConfigError, match="has 1 rows; the model has 2 layers"):
+    bench.main(["--preset", "tiny", "--capacities", str(path), "--quiet"])
+  path.write_text(json.dumps([[0.5, 1.5], [1, 1]]))
+  with pytest.raises(ConfigError, match=r"expected a list of \[attention, MLP\]"):
+    bench.main(["--preset", "tiny", "--capacities", str(path), "--quiet"])
+
+
 def test_bad_arguments_are_config_errors():
   with pytest.raises(ConfigError, match="sparsity"):
     bench.main(["--preset", "tiny", "--sparsity", "1.5", "--quiet"])
