@@ -210,6 +210,21 @@ def _importance(x_BxTxD: Array, u_BxTxD: Array) -> Array:
 UnitFn = Callable[[Array | None, Array], Array]
 
 
+def _forecast_and_scores(n_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router,
+                         spec: RoutingSpec, key: Array) -> tuple[Array, Array | None, Array]:
+  """(forecast, the unit's output for every token if the policy needed it, scores `[B, T]`):
+  the forecast is 0 for greedy; scores are the router's, uniform noise (random) or the
+  forecast error (oracle, which runs the unit on every token)."""
+  b, t, _ = n_BxTxD.shape
+  forecast = jnp.zeros_like(n_BxTxD) if spec.policy == "greedy" else lff(n_BxTxD)
+  if spec.policy == "oracle":
+    u_all = unit_fn(None, n_BxTxD)
+    return forecast, u_all, jnp.sum(jnp.square((u_all - forecast).astype(jnp.float32)), -1)
+  if spec.policy == "random":
+    return forecast, None, jax.random.uniform(key, (b, t), jnp.float32)
+  return forecast, None, router(n_BxTxD)
+
+
 def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
                router: Router, spec: RoutingSpec, k: int, threshold: Array,
                key: Array, temperature: Array | None = None,
@@ -234,15 +249,7 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
                                         importance=jnp.zeros((), f32),
                                         scores_BxT=jnp.zeros((b, t), f32),
                                         gate_BxT=jnp.ones((b, t), bool))
-  forecast = jnp.zeros_like(n_BxTxD) if spec.policy == "greedy" else lff(n_BxTxD)
-  u_all = None
-  if spec.policy == "oracle":
-    u_all = unit_fn(None, n_BxTxD)
-    scores = jnp.sum(jnp.square((u_all - forecast).astype(f32)), axis=-1)
-  elif spec.policy == "random":
-    scores = jax.random.uniform(key, (b, t), f32)
-  else:
-    scores = router(n_BxTxD)
+  forecast, u_all, scores = _forecast_and_scores(n_BxTxD, unit_fn, lff, router, spec, key)
   soft = jax.nn.sigmoid(scores)
   if sink_BxT is not None:
     scores = jnp.where(sink_BxT, scores + SINK_BONUS, scores)
@@ -306,15 +313,7 @@ def _route_rows(n_Bx1xD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router
   """
   b = n_Bx1xD.shape[0]
   f32 = jnp.float32
-  forecast = jnp.zeros_like(n_Bx1xD) if spec.policy == "greedy" else lff(n_Bx1xD)
-  u_all = None
-  if spec.policy == "oracle":
-    u_all = unit_fn(None, n_Bx1xD)
-    scores = jnp.sum(jnp.square((u_all - forecast).astype(f32)), axis=-1)
-  elif spec.policy == "random":
-    scores = jax.random.uniform(key, (b, 1), f32)
-  else:
-    scores = router(n_Bx1xD)
+  forecast, u_all, scores = _forecast_and_scores(n_Bx1xD, unit_fn, lff, router, spec, key)
   if sink_Bx1 is not None:
     scores = jnp.where(sink_Bx1, scores + SINK_BONUS, scores)
   gate = topk_mask(scores[:, 0][None], k)[0][:, None]  # [B, 1]
