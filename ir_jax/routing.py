@@ -316,7 +316,10 @@ def _route_rows(n_Bx1xD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router
   forecast, u_all, scores = _forecast_and_scores(n_Bx1xD, unit_fn, lff, router, spec, key)
   if sink_Bx1 is not None:
     scores = jnp.where(sink_Bx1, scores + SINK_BONUS, scores)
-  gate = topk_mask(scores[:, 0][None], k)[0][:, None]  # [B, 1]
+  idx_K = topk_indices(scores[:, 0][None], k)[0] if k else None  # one top-k per step
+  gate = jnp.zeros((b, 1), bool)
+  if k:
+    gate = gate.at[idx_K].set(True)
   if sink_Bx1 is not None:
     gate = gate | sink_Bx1
 
@@ -327,7 +330,6 @@ def _route_rows(n_Bx1xD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router
   def gathered() -> Array:
     if k == 0:
       return forecast
-    idx_K = topk_indices(scores[:, 0][None], k)[0]
     u_sel = unit_fn(idx_K, n_Bx1xD[idx_K])
     return forecast.at[idx_K].set(u_sel.astype(forecast.dtype))
 
