@@ -21,7 +21,7 @@ times, speedup over dense, the ideal speedup from the executed-FLOPs fraction
 
 `--tpu TOPOLOGY` instead compiles the dense and routed inference steps of
 `ir_jax.aot` for a TPU slice (libtpu) or `cpu:N` and compares XLA's cost
-analysis of the two (see `tpu_view`).
+analysis of the two (see `ir_jax.bench_tpu`).
 """
 
 from __future__ import annotations
@@ -30,22 +30,20 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ir_jax import routing as R
+from ir_jax.bench_programs import Variant, build_variants
+from ir_jax.bench_tpu import tpu_table, tpu_view
 from ir_jax.config import ConfigError, LlamaConfig, from_config_dict
-from ir_jax.model import Llama, init_model
+from ir_jax.model import init_model
 
-Array = jax.Array
 PROG = "ir_jax.bench"
 DEFAULT_SPARSITIES = "0.25,0.4,0.7"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,160 +81,6 @@ def load_model_config(path: str) -> LlamaConfig:
   if not os.path.isfile(path) and os.path.isfile(os.path.join(REPO, path)):
     path = os.path.join(REPO, path)
   return from_config_dict(load_config(path).model)
-
-
-@dataclasses.dataclass
-class Variant:
-  """One compiled program to time, and what to report about it."""
-
-  name: str
-  kind: str  # "prefill" or "decode"
-  sparsity: float | None
-  execution: str  # "dense", "gathered", "mask" or "threshold"
-  fn: Callable[..., Any]
-  args: tuple[Any, ...]
-  tokens: int
-  info: dict[str, Any] = dataclasses.field(default_factory=dict)
-  times: list[float] = dataclasses.field(default_factory=list)
-
-
-def _memory(compiled: Any) -> dict[str, int]:
-  """XLA's buffer assignment of a compiled program (bytes); peak = arguments + outputs
-  (less aliased) + temporaries: deterministic, and what bounds the device memory."""
-  ma = compiled.memory_analysis()
-  get = lambda n: int(getattr(ma, n, 0) or 0) if ma is not None else 0
-  arg, out = get("argument_size_in_bytes"), get("output_size_in_bytes")
-  alias, temp = get("alias_size_in_bytes"), get("temp_size_in_bytes")
-  return dict(argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
-              peak_bytes=arg + out - alias + temp)
-
-
-_HLO_OPS = ("dot", "gather", "scatter", "dynamic-slice", "dynamic-update-slice", "conditional",
-            "while", "sort", "custom-call")
-
-
-def hlo_counts(hlo_text: str) -> dict[str, int]:
-  """How many instructions of each kind in a compiled module (a scanned body counts once)."""
-  return {op: len(re.findall(rf"^\s*(?:ROOT )?%?\S+ = .* {re.escape(op)}\(", hlo_text, re.M))
-          for op in _HLO_OPS}
-
-
-def _compile(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  info: dict[str, Any] = dict(compile_s=time.perf_counter() - t0, memory=_memory(compiled))
-  try:
-    info["hlo"] = hlo_counts(compiled.as_text())
-  except Exception:  # as_text is a debugging aid some backends lack
-    pass
-  return compiled, info
-
-
-def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
-                   sparsities: Sequence[float], *, k_multiple: int = 8, mask: bool = True,
-                   decode: bool = True, seed: int = 0, prefill: bool = True,
-                   table: Sequence[Sequence[float]] | None = None) -> list[Variant]:
-  """Every program to time, compiled, with its inputs (random tokens).
-
-  `table`: a per-unit capacity table `[L][2]` to route by, rescaled to each
-  sparsity (`routing.rescale_table`); None: the model's trained table, else uniform.
-  """
-  cfg = model.config
-  rng = np.random.default_rng(seed)
-  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32)
-  graphdef, state = nnx.split(model)
-  out: list[Variant] = []
-
-  def forward(spec: R.RoutingSpec | None) -> Callable[..., Any]:
-    return lambda st, t: nnx.merge(graphdef, st)(t, routing=spec)
-
-  def add(name, kind, s, execution, fn, args, n_tokens, **info):
-    compiled, cinfo = _compile(fn, args)
-    out.append(Variant(name, kind, s, execution, compiled, args, n_tokens, {**info, **cinfo}))
-
-  def spec_at(s: float, **kw: Any) -> R.RoutingSpec:
-    if table is not None:
-      return R.RoutingSpec(policy="informed", capacities=R.rescale_table(table, s), **kw)
-    return R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s, **kw), sparsity=s)
-
-  if not prefill:
-    return _decode_variants(model, tokens, decode_steps, sparsities, seed,
-                            spec_at) if decode else []
-  n_prefill = batch * seq_len
-  dense_fl = R.flops(cfg, R.RoutingSpec(policy="dense"), seq_len, batch)
-  add("prefill/dense", "prefill", None, "dense", forward(None), (state, tokens), n_prefill,
-      flops=dense_fl["dense"], executed_fraction=1.0, ideal_fraction=1.0, realized_sparsity=0.0)
-  for s in sparsities:
-    # A model with a trained capacity table routes by it, rescaled to s (random weights: uniform).
-    spec = spec_at(s, k_multiple=k_multiple)
-    fl = R.flops(cfg, spec, seq_len, batch)
-    ks = R.layer_ks(spec, cfg, seq_len)
-    common = dict(realized_sparsity=float(1.0 - ks.mean() / seq_len),
-                  ideal_fraction=fl["ideal_fraction"])
-    add(f"prefill/routed@{s:g}", "prefill", s, "gathered", forward(spec), (state, tokens),
-        n_prefill, flops=fl["executed"], executed_fraction=fl["executed_fraction"], **common)
-    if mask:
-      mspec = dataclasses.replace(spec, compute="all")
-      mfl = R.flops(cfg, mspec, seq_len, batch)
-      add(f"prefill/mask@{s:g}", "prefill", s, "mask", forward(mspec), (state, tokens),
-          n_prefill, flops=mfl["executed"], executed_fraction=mfl["executed_fraction"], **common)
-  if decode:
-    out += _decode_variants(model, tokens, decode_steps, sparsities, seed, spec_at)
-  return out
-
-
-def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Sequence[float],
-                     seed: int, spec_at: Callable[..., R.RoutingSpec]) -> list[Variant]:
-  """KV-cache decoding of `steps` tokens per row into a cache of T positions.
-
-  The steps are teacher-forced with the prompt's own (random) tokens, so the
-  routers see the distribution the thresholds were calibrated on; a step
-  costs the same whatever the token. Thresholds: `calibrate_thresholds` on
-  other random rows, one set per sparsity (the model state differs only there).
-  """
-  cfg = model.config
-  b, t = tokens_BxT.shape
-  if not 1 <= steps <= t:
-    raise ConfigError(f"--decode-steps must be in [1, seq_len={t}], got {steps}")
-  graphdef, state = nnx.split(model)
-  rng = np.random.default_rng(seed + 1)
-  feed_BxN = tokens_BxT[:, :steps]
-
-  def run(spec: R.RoutingSpec) -> Callable[..., Any]:
-    def fn(st, feed_BxN):
-      m = nnx.merge(graphdef, st)
-      cache = R.init_cache(cfg, b, t)
-
-      def step(cache, i):
-        logits, cache, gates = R.decode_body(m, cache, feed_BxN[:, i], i, spec)
-        return cache, (jnp.argmax(logits, -1), gates)
-
-      _, (ids, gates) = jax.lax.scan(step, cache, jnp.arange(feed_BxN.shape[1]))
-      return ids, gates  # gates [N, L, 2, B]
-    return fn
-
-  n = b * steps
-  out = []
-  dense_spec = R.RoutingSpec(policy="dense")
-  compiled, info = _compile(run(dense_spec), (state, feed_BxN))
-  out.append(Variant("decode/dense", "decode", None, "dense", compiled, (state, feed_BxN), n,
-                     dict(info, executed_fraction=1.0, ideal_fraction=1.0)))
-  for s in sparsities:
-    spec = spec_at(s).inference("causal")
-    calib = [jnp.asarray(rng.integers(0, cfg.vocab_size, (max(b, 2), t)), jnp.int32)]
-    thr = R.calibrate_thresholds(model, calib, spec)
-    # New containers around the same arrays: this sparsity's thresholds stay put
-    # when the next calibration writes the model's.
-    st = jax.tree.map(lambda a: a, nnx.state(model))
-    compiled, info = _compile(run(spec), (st, feed_BxN))
-    out.append(Variant(f"decode/routed@{s:g}", "decode", s, "threshold", compiled,
-                       (st, feed_BxN), n, dict(info, thresholds=thr.tolist())))
-    if b > 1:  # static row capacity: each unit runs its top ceil(c x B) rows, gathered
-      rspec = spec_at(s).inference("topk")
-      compiled, info = _compile(run(rspec), (state, feed_BxN))
-      out.append(Variant(f"decode/rows@{s:g}", "decode", s, "rows", compiled,
-                         (state, feed_BxN), n, info))
-  return out
 
 
 # ------------------------------------------------------------------ timing
@@ -397,108 +241,6 @@ def table(result: dict[str, Any]) -> str:
           f"{r['speedup']:.2f} ({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
           f"{r['efficiency']:.0%} | {thr_speedup} | {_mib(r['peak_bytes'])} |")
   return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ TPU view
-# HBM bandwidth per chip (public spec sheets), for a roofline on XLA's byte count.
-HBM_BYTES_PER_S = {"v4": 1228e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
-
-
-def tpu_view(config_path: str, topology: str, layers: tuple[int, int] = (2, 4),
-             sparsity: float | None = None, log: Callable[[str], None] = lambda _: None
-             ) -> dict[str, Any]:
-  """XLA's cost of dense vs routed inference (`ir_jax.aot` infer steps) on `topology`.
-
-  XLA's cost_analysis() counts a scanned layer body once (and its
-  optimal_seconds is not usable), so both steps are compiled with layers
-  unrolled at two depths `layers`; per-layer costs are the difference, which
-  extrapolates exactly to the config's depth (identical layers). Reports XLA
-  FLOPs and bytes per chip, a roofline time (max of FLOPs at peak and bytes
-  at HBM bandwidth) and the ratio routed / dense of each, next to the
-  analytic step time `ir_jax.aot` prints (model FLOPs at an assumed MFU).
-  """
-  from ir_jax import aot
-  from ir_jax import sharding as sh
-  from ir_jax.config_file import load_config
-  from ir_jax.train.config import settings_from_config
-
-  if not os.path.isfile(config_path) and os.path.isfile(os.path.join(REPO, config_path)):
-    config_path = os.path.join(REPO, config_path)
-  l0, l1 = layers
-  if not 1 <= l0 < l1:
-    raise ConfigError(f"--tpu-layers must be two increasing depths >= 1, got {layers}")
-  target = aot.target_devices(topology)
-  costs: dict[str, dict[int, dict[str, float]]] = {"infer_dense": {}, "infer": {}}
-  full = None
-  for depth in layers:
-    cfg = load_config(config_path)
-    full = full or cfg.model.num_layers
-    cfg.model.num_layers = depth
-    cfg.model.scan_layers = False
-    if sparsity is not None:
-      cfg.routing.sparsity = sparsity
-    s = settings_from_config(cfg)
-    mesh = sh.make_mesh(s.mesh, target.devices)
-    for stage in costs:
-      t0 = time.perf_counter()
-      built = aot.build_step(s, stage, mesh)
-      compiled = built.fn.lower(*built.args).compile()
-      ca = compiled.cost_analysis()
-      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-      costs[stage][depth] = dict(flops=float(ca.get("flops", 0.0)),
-                                 bytes=float(ca.get("bytes accessed", 0.0)),
-                                 compile_s=time.perf_counter() - t0)
-      log(f"[{stage}] {depth} unrolled layers: XLA flops/chip {costs[stage][depth]['flops']:.4g}"
-          f", bytes/chip {costs[stage][depth]['bytes']:.4g} "
-          f"({costs[stage][depth]['compile_s']:.0f}s)")
-  cfg = load_config(config_path)
-  if sparsity is not None:
-    cfg.routing.sparsity = sparsity
-  s = settings_from_config(cfg)
-  spec = s.routing.inference()
-  b, t = s.data.batch_size, s.data.seq_len
-  chips = len(target.devices)
-  kind = topology.partition(":")[0]
-  peak, bw = target.chip.peak_flops, HBM_BYTES_PER_S.get(kind)
-  out: dict[str, Any] = dict(config=os.path.relpath(config_path, REPO), topology=topology,
-                             chips=chips, batch=b, seq_len=t, sparsity=spec.sparsity,
-                             unrolled_layers=list(layers), num_layers=full)
-  for stage, name in (("infer_dense", "dense"), ("infer", "routed")):
-    c0, c1 = costs[stage][l0], costs[stage][l1]
-    ext = {k: c0[k] + (full - l0) * (c1[k] - c0[k]) / (l1 - l0) for k in ("flops", "bytes")}
-    fl = aot.step_flops(s.model, "infer", None if stage == "infer_dense" else spec, b, t)
-    rec = dict(xla_flops_per_chip=ext["flops"], xla_bytes_per_chip=ext["bytes"],
-               analytic_flops=fl["total"], compiles=costs[stage])
-    if peak:
-      rec["analytic_step_s"] = fl["total"] / (chips * peak * 0.4)
-      rec["xla_compute_s"] = ext["flops"] / peak
-    if bw:
-      rec["xla_memory_s"] = ext["bytes"] / bw
-    if peak and bw:
-      rec["xla_roofline_s"] = max(rec["xla_compute_s"], rec["xla_memory_s"])
-    out[name] = rec
-  d, r = out["dense"], out["routed"]
-  out["ratio"] = {k: r[k] / d[k] for k in ("xla_flops_per_chip", "xla_bytes_per_chip",
-                                            "analytic_flops", "analytic_step_s",
-                                            "xla_roofline_s") if k in d and d[k]}
-  return out
-
-
-def tpu_table(v: dict[str, Any]) -> str:
-  rows = [f"{v['config']} on {v['topology']} ({v['chips']} chips), {v['batch']} x {v['seq_len']} "
-          f"tokens, informed top-k at sparsity {v['sparsity']:g} (XLA figures extrapolated from "
-          f"{v['unrolled_layers'][0]} and {v['unrolled_layers'][1]} unrolled layers to "
-          f"{v['num_layers']})",
-          "| quantity | dense | routed | routed / dense |", "| --- | --- | --- | --- |"]
-  for key, label in (("xla_flops_per_chip", "XLA FLOPs per chip"),
-                     ("xla_bytes_per_chip", "XLA bytes accessed per chip"),
-                     ("xla_roofline_s", "XLA roofline step s (max of FLOPs at peak, bytes at HBM)"),
-                     ("analytic_flops", "analytic model FLOPs (ir_jax.aot)"),
-                     ("analytic_step_s", "analytic step s at 40% MFU (ir_jax.aot)")):
-    if key in v["dense"]:
-      rows.append(f"| {label} | {v['dense'][key]:.4g} | {v['routed'][key]:.4g} | "
-                  f"{v['ratio'][key]:.3f} |")
-  return "\n".join(rows)
 
 
 # ------------------------------------------------------------------ command line

@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ sys.path.insert(0, REPO)
 
 from ir_jax import aot  # noqa: E402
 from ir_jax import routing as R  # noqa: E402
-from ir_jax.bench import HBM_BYTES_PER_S  # noqa: E402
+from ir_jax.bench_tpu import HBM_BYTES_PER_S, per_layer  # noqa: E402
 from ir_jax.config import ConfigError, from_config_dict  # noqa: E402
 from ir_jax.config_file import load_config  # noqa: E402
 from ir_jax.train.loop import abstract_state  # noqa: E402
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
       if len(costs) < 2:
         out["rows"].append(dict(batch=b, variant=name, fits=False))
         continue
-      per = {k: (costs[d1][k] - costs[d0][k]) / (d1 - d0) for k in ("flops", "bytes")}
+      per: dict[str, Any] = per_layer(costs[d0], costs[d1], (d0, d1))
       per["roofline_s"] = max(per["flops"] / peak, per["bytes"] / bw)
       per["bound"] = "compute" if per["flops"] / peak > per["bytes"] / bw else "memory"
       out["rows"].append(dict(batch=b, variant=name, per_layer=per, compiles=costs))

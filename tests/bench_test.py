@@ -129,3 +129,15 @@ def test_decode_skip_equals_full_forward_last_position():
   assert 0 < gates.mean() < 1  # some units skipped, some run
   full = np.asarray(model(toks, routing=spec))
   np.testing.assert_allclose(np.asarray(logits), full[:, -1], atol=1e-4, rtol=0)
+
+
+def test_two_depth_extrapolation():
+  """Costs linear in depth (a fixed part + identical layers): the per-layer cost by
+  difference and the cost at the full depth are exact, whatever two depths are compiled."""
+  from ir_jax.bench_tpu import extrapolate, per_layer
+
+  cost = lambda n: {"flops": 1000.0 + 250.0 * n, "bytes": 64.0 + 8.0 * n, "compile_s": 9.0}
+  for a, b in ((1, 2), (2, 4), (1, 4)):
+    assert per_layer(cost(a), cost(b), (a, b)) == {"flops": 250.0, "bytes": 8.0}
+    assert extrapolate(cost(a), cost(b), (a, b), 32) == {"flops": cost(32)["flops"],
+                                                        "bytes": cost(32)["bytes"]}

@@ -7,6 +7,7 @@ cores), more than a CI test may take; it runs when IR_JAX_QUALITY_SMOKE=1 is set
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -25,11 +26,23 @@ EVAL_DOCS = os.path.join(REPO, "tests", "data", "eval", "docs.jsonl")
 
 @pytest.fixture(scope="module")
 def qt():
+  """The command, loaded by path; loading it puts launch/ on sys.path for its parts."""
   spec = importlib.util.spec_from_file_location("quality_table", SCRIPT)
   mod = importlib.util.module_from_spec(spec)
-  sys.modules["quality_table"] = mod  # dataclasses look their module up
   spec.loader.exec_module(mod)
   return mod
+
+
+@pytest.fixture(scope="module")
+def plan(qt):
+  """launch/quality/plan.py: arms, evaluations, steps and their completeness."""
+  return importlib.import_module("quality.plan")
+
+
+@pytest.fixture(scope="module")
+def common(qt):
+  """launch/quality/common.py: file formats and JSON helpers."""
+  return importlib.import_module("quality.common")
 
 
 def _opts(qt, *argv: str):
@@ -41,16 +54,16 @@ def _flags(argv: list[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ plan and commands
-def test_default_plan_is_the_documented_experiment(qt, tmp_path):
+def test_default_plan_is_the_documented_experiment(qt, plan, tmp_path):
   opts = _opts(qt, "--runs", str(tmp_path / "runs"))
   assert opts.config.endswith("configs/smollm2_135m.py")
   assert opts.docs == os.path.join(REPO, "docs")
-  names = [s.name for s in qt.steps(opts)]
+  names = [s.name for s in plan.steps(opts)]
   assert names[:3] == ["heldout_valid", "heldout_wiki", "train_forecaster"]
   arms = [n[len("train_"):] for n in names if n.startswith("train_")]
   assert arms == ["forecaster"] + [f"router_{p}_{s}" for s in ("0.25", "0.4", "0.7")
                                    for p in ("informed", "greedy")]
-  steps = {s.name: s for s in qt.steps(opts)}
+  steps = {s.name: s for s in plan.steps(opts)}
   f = _flags(steps["train_forecaster"].argv)
   assert f["--config.train.stages"] == "forecaster"
   assert f["--config.train.forecaster.steps"] == "0"  # the closed-form fit alone
@@ -77,16 +90,16 @@ def test_default_plan_is_the_documented_experiment(qt, tmp_path):
   assert dense[dense.index("--policy") + 1] == "dense" and "--sparsity" not in dense
   assert steps["heldout_wiki"].argv[steps["heldout_wiki"].argv.index("--source") + 1].endswith(
       "assets/text/wiki/enwiki_articles.jsonl")
-  assert 40 * 60 <= qt.estimate(opts)["total"] <= 70 * 60  # the docstring's promise
-  shown = qt.show(steps["train_forecaster"].argv)
+  assert 40 * 60 <= plan.estimate(opts)["total"] <= 70 * 60  # the docstring's promise
+  shown = plan.show(steps["train_forecaster"].argv)
   assert shown.startswith("python -m ir_jax.train --config configs/smollm2_135m.py")
 
 
-def test_smoke_lora_causal_commands(qt, tmp_path):
+def test_smoke_lora_causal_commands(qt, plan, tmp_path):
   runs = str(tmp_path / "r")
   opts = _opts(qt, "--smoke", "--runs", runs, "--lora", "--causal", "--sparsity", "0.25,0.7")
   assert opts.config.endswith("configs/tiny.py") and opts.docs == os.path.join(runs, "docs")
-  steps = {s.name: s for s in qt.steps(opts)}
+  steps = {s.name: s for s in plan.steps(opts)}
   lora = _flags(steps["train_lora_greedy_0.25"].argv)
   assert lora["--config.train.stages"] == "lora"
   assert lora["--config.train.init_from"] == os.path.join(runs, "router_greedy_0.25")
@@ -95,7 +108,7 @@ def test_smoke_lora_causal_commands(qt, tmp_path):
   for name in ("eval_valid_lora_greedy_0.7", "eval_wiki_router_informed_0.25"):
     argv = steps[name].argv
     assert argv[argv.index("--mode") + 1] == "topk,causal"
-  jobs = {(j.eval_set, j.arm): j for j in qt.eval_jobs(opts)}
+  jobs = {(j.eval_set, j.arm): j for j in plan.eval_jobs(opts)}
   assert jobs["valid", "lora_greedy_0.7"].label == {"greedy": "greedy+lora"}
   assert jobs["wiki", "lora_informed_0.25"].label == {"informed": "informed+lora"}
   assert not any(s.done() for s in steps.values())
@@ -111,14 +124,14 @@ def test_bad_options_are_refused(qt, tmp_path):
 
 
 # ------------------------------------------------------------------ held-out sets
-def test_heldout_set_is_capped_and_round_robin_over_domains(qt, tmp_path):
+def test_heldout_set_is_capped_and_round_robin_over_domains(qt, plan, common, tmp_path):
   out = str(tmp_path / "h" / "set.jsonl")
   assert qt.main(["heldout", "--config", os.path.join(REPO, "configs", "tiny.py"),
                   "--source", EVAL_DOCS, "--out", out, "--max-tokens", "400",
                   "--doc-tokens", "48"]) == 0
   m = json.load(open(os.path.splitext(out)[0] + ".json"))
-  assert m["format"] == qt.HELDOUT_FORMAT
-  assert qt.heldout_complete(os.path.splitext(out)[0] + ".json")
+  assert m["format"] == common.HELDOUT_FORMAT
+  assert plan.heldout_complete(os.path.splitext(out)[0] + ".json")
   lines = [json.loads(l) for l in open(out)]
   assert len(lines) == m["documents"] == len(m["items"])
   assert all(1 < i["tokens"] <= 48 for i in m["items"])
@@ -143,27 +156,27 @@ PPL = {"dense": 10.0, "informed": 11.0, "informed+lora": 10.8, "greedy": 13.0,
 TRAIN_S = {"forecaster": 600.0, "router": 1200.0, "lora": 300.0}
 
 
-def _fake_runs(qt, runs: str, argv: list[str]) -> None:
+def _fake_runs(qt, plan, common, runs: str, argv: list[str]) -> None:
   """Every step's output, as the real tools write it, with known numbers."""
   opts = _opts(qt, *argv)
   for name in ("valid", "wiki"):
-    jsonl, manifest = qt.heldout_paths(opts, name)
-    qt.write_json(manifest, {"format": qt.HELDOUT_FORMAT, "jsonl": jsonl, "source": name,
-                             "documents": 2, "tokens": 200, "doc_tokens": 128, "max_tokens": 256,
-                             "max_documents": 0, "domains": {name: {"documents": 2,
-                                                                    "tokens": 200}}})
+    jsonl, manifest = plan.heldout_paths(opts, name)
+    common.write_json(manifest, {"format": common.HELDOUT_FORMAT, "jsonl": jsonl,
+                                 "source": name, "documents": 2, "tokens": 200,
+                                 "doc_tokens": 128, "max_tokens": 256, "max_documents": 0,
+                                 "domains": {name: {"documents": 2, "tokens": 200}}})
     open(jsonl, "w").write('{"text": "x"}\n')
-  for a in qt.arms(opts):
+  for a in plan.arms(opts):
     wd = os.path.join(runs, a.name)
     for st, n in a.steps.items():
       os.makedirs(os.path.join(wd, "checkpoints", st, str(n)))
-    qt.write_json(os.path.join(wd, "run.json"), {"config": {
+    common.write_json(os.path.join(wd, "run.json"), {"config": {
         "data": {"batch_size": 8, "seq_len": 64}, "train": {st: {"batch_size": 0 if st ==
                                                                  "forecaster" else 2}
                                                             for st in a.stages}}})
-    qt.write_json(os.path.join(wd, "train_summary.json"), {"stages": [
+    common.write_json(os.path.join(wd, "train_summary.json"), {"stages": [
         {"stage": st, "train_s": TRAIN_S[st]} for st in a.stages]})
-  for job in qt.eval_jobs(opts):
+  for job in plan.eval_jobs(opts):
     recs = []
     for p in job.policies:
       for mode in (("topk",) if p == "dense" else opts.modes):
@@ -176,7 +189,7 @@ def _fake_runs(qt, runs: str, argv: list[str]) -> None:
                      "sparsity_attn": job.sparsity, "sparsity_mlp": job.sparsity,
                      "flops_fraction": 1 - job.sparsity / 2, "ideal_flops_fraction": 0.5,
                      "wall_s": 1.0, "doc_nll": [nll * 99, nll * 99]})
-    qt.write_json(qt.eval_path(opts, job), {"records": recs, "documents": [
+    common.write_json(plan.eval_path(opts, job), {"records": recs, "documents": [
         {"domain": "a", "tokens": 99}, {"domain": "b", "tokens": 99}]})
 
 
@@ -186,11 +199,12 @@ def _table(md: str) -> list[list[str]]:
   return [[c.strip() for c in r.strip("|").split("|")] for r in rows[1:]]
 
 
-def test_complete_steps_are_skipped_and_the_report_is_written(qt, tmp_path, monkeypatch, capsys):
+def test_complete_steps_are_skipped_and_the_report_is_written(qt, plan, common, tmp_path,
+                                                               monkeypatch, capsys):
   pytest.importorskip("matplotlib")
   runs, docs = str(tmp_path / "runs"), str(tmp_path / "docs")
   argv = ["--smoke", "--runs", runs, "--docs", docs, "--lora", "--sparsity", "0.25,0.4,0.7"]
-  _fake_runs(qt, runs, argv)
+  _fake_runs(qt, plan, common, runs, argv)
 
   def no_run(self, argv, log_path):
     raise AssertionError(f"ran {argv} although its output is complete")
@@ -198,10 +212,10 @@ def test_complete_steps_are_skipped_and_the_report_is_written(qt, tmp_path, monk
   monkeypatch.setattr(qt._Runner, "run", no_run)
   assert qt.main(argv) == 0
   out = capsys.readouterr().out
-  assert out.count("complete, skipped") == len(qt.steps(_opts(qt, *argv))) == 41
+  assert out.count("complete, skipped") == len(plan.steps(_opts(qt, *argv))) == 41
 
   res = json.load(open(os.path.join(docs, "results.json")))
-  assert res["format"] == qt.RESULTS_FORMAT and res["git"]["commit"]
+  assert res["format"] == common.RESULTS_FORMAT and res["git"]["commit"]
   assert res["commands"]["driver"].startswith("python launch/quality_table.py --smoke")
   assert len(res["commands"]["steps"]) == 41
   assert res["arms"]["router_informed_0.4"]["train_s"] == TRAIN_S["router"]
@@ -246,14 +260,14 @@ def test_complete_steps_are_skipped_and_the_report_is_written(qt, tmp_path, monk
 
   # Incomplete outputs are redone; other budgets in the same runs directory are refused.
   opts = _opts(qt, *argv)
-  steps = {s.name: s for s in qt.steps(opts)}
+  steps = {s.name: s for s in plan.steps(opts)}
   os.rmdir(os.path.join(runs, "router_greedy_0.4", "checkpoints", "router", "2"))
   os.makedirs(os.path.join(runs, "router_greedy_0.4", "checkpoints", "router", "1"))
   assert not steps["train_router_greedy_0.4"].done()
-  os.remove(qt.eval_path(opts, next(j for j in qt.eval_jobs(opts)
+  os.remove(plan.eval_path(opts, next(j for j in plan.eval_jobs(opts)
                                     if j.arm == "router_informed_0.7" and j.eval_set == "wiki")))
   assert not steps["eval_wiki_router_informed_0.7"].done()
-  causal = {s.name: s for s in qt.steps(_opts(qt, *argv, "--causal"))}
+  causal = {s.name: s for s in plan.steps(_opts(qt, *argv, "--causal"))}
   assert not causal["eval_valid_router_greedy_0.25"].done()  # its JSON has no causal records
   assert causal["eval_valid_forecaster"].done()  # dense is top-k only
   with pytest.raises(SystemExit, match="router_steps 2 vs 5"):

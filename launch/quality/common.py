@@ -1,0 +1,60 @@
+"""What every part of launch/quality_table.py shares: the repository, formats, JSON files, git.
+
+The files a run writes (RUNS/plan.json, held-out manifests, docs/results.json)
+carry a `format` tag; the JSON helpers read what may be half written and
+write atomically, so a killed run never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PROG = "quality_table"
+PLAN_FORMAT = "ir_jax.quality_table.plan/1"
+RESULTS_FORMAT = "ir_jax.quality_table/1"
+HELDOUT_FORMAT = "ir_jax.quality_table.heldout/1"
+
+
+def rel(path: str) -> str:
+  """`path` relative to the repository root when inside it (for display)."""
+  try:
+    return Path(path).resolve().relative_to(REPO).as_posix()
+  except ValueError:
+    return str(path)
+
+
+def read_json(path: str) -> Any:
+  """The JSON in `path`, or None when it is missing or unreadable (e.g. half written)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def git_info() -> dict[str, Any]:
+  """The checkout's commit and whether tracked files differ from it (None: not a checkout)."""
+  def git(*a: str) -> str:
+    try:
+      return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,
+                            timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+      return ""
+
+  commit = git("rev-parse", "HEAD")
+  return {"commit": commit or None,
+          "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+
+
+def write_json(path: str, obj: Any) -> None:
+  """`obj` as JSON in `path`, atomically (a .partial file renamed over it)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".partial"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
