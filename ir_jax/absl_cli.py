@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any
 
 from absl import flags
 
-from ir_jax.config_file import load_config
+from ir_jax.config_file import config_lines, load_config
 
 HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-?")
 
@@ -28,18 +27,6 @@ def config_path(argv: list[str]) -> str | None:
     if a == "--config" and i + 1 < len(argv):
       return argv[i + 1]
   return None
-
-
-def config_lines(cfg: Any, prefix: str = "config") -> list[str]:
-  """`--config.SECTION.FIELD=value` lines for every leaf of a ConfigDict."""
-  out = []
-  for key in sorted(cfg.keys()):
-    value = cfg[key]
-    if hasattr(value, "keys") and not isinstance(value, dict):
-      out += config_lines(value, f"{prefix}.{key}")
-    else:
-      out.append(f"  --{prefix}.{key}={value!r}")
-  return out
 
 
 def print_help(argv: list[str], prog: str, doc: str) -> None:

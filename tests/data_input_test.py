@@ -289,8 +289,8 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
   assert main(["prepare", "--config", str(conf)]) == 0
   out = capsys.readouterr().out
   assert "scanning 1 files" in out and "20 documents" in out
-  assert main(["inspect", "--config", str(conf), "--set", "data.seq_len=12",
-               "--set", "data.add_eos=True", "--mode", "pad", "--split", "validation"]) == 0
+  assert main(["inspect", "--config", str(conf), "--config.data.seq_len=12",
+               "--config.data.add_eos", "True", "--mode", "pad", "--split", "validation"]) == 0
   out = capsys.readouterr().out
   assert "split 'validation'" in out and "int32[2, 12]" in out and "EOS ids [256]" in out
 
@@ -313,5 +313,15 @@ def test_cli_help_and_one_line_errors(tmp_path):
   assert r.stderr.strip().splitlines() == [
       r.stderr.strip().splitlines()[-1]]  # one line, no traceback
   assert "error: data.files[0] 'missing/*.txt' matches no file" in r.stderr
-  r = run("prepare", "--config", str(conf), "--set", "data.seq_len=1")
+  r = run("prepare", "--config", str(conf), "--config.data.seq_len=1")
   assert r.returncode == 2 and "data.seq_len must be an integer >= 2" in r.stderr
+  r = run("prepare", "--config", str(conf), "--config.data.seq_lem=128")
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      "python -m ir_jax.data: error: --config.data.seq_lem: unknown config field 'seq_lem' (did you "
+      "mean 'seq_len'?)"]
+  r = run("prepare", "--config", str(conf), "--set", "data.seq_len=12")
+  assert r.returncode == 2 and "--config.SECTION.FIELD=V" in r.stderr
+  r = run("inspect", "--config", str(conf), "--config.data.seq_len=12", "--show-config")
+  assert r.returncode == 0
+  assert "  --config.data.seq_len=12\n" in r.stdout
+  assert "  --config.data.tokenizer='byte'\n" in r.stdout

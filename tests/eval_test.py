@@ -286,3 +286,32 @@ def test_missing_data_file_is_named_not_taken_for_a_tfds_name(ckpt, tmp_path, da
   msg = str(info.value)
   assert msg.startswith(f"--data {data}: no such file") and "\n" not in msg
   assert not (tmp_path / "out.json").exists()
+
+
+def test_model_without_config_uses_its_own_tokenizer(tmp_path):
+  """No --config: the model's tokenizer, --data required; same records as a config whose
+  data section names that tokenizer (written here, independent of the fallback)."""
+  from ir_jax.data.tokenize import byte_tokenizer
+
+  (tmp_path / "tok").mkdir()
+  byte_tokenizer().save(str(tmp_path / "tok" / "tokenizer.json"))
+  cfg = tiny_model_cfg()
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init_model(cfg, seed=3))))
+  ck = checkpoint.save(str(tmp_path / "tiny"), cfg, params, tokenizer_dir=str(tmp_path / "tok"))
+  conf = tmp_path / "conf.py"
+  conf.write_text("import ml_collections\n\ndef get_config():\n"
+                  f"  return ml_collections.ConfigDict({{'data': {{'tokenizer': {ck!r}, "
+                  f"'files': [{DOCS!r}]}}}})\n")
+  common = ["--model", ck, "--data", DOCS, "--seq-len", str(SEQ), "--batch-size", str(BATCH),
+            "--policy", "dense,informed", "--sparsity", "0.5", "--no-plot"]
+  assert main([*common, "--json", str(tmp_path / "a.json")]) == 0
+  assert main([*common, "--config", str(conf), "--json", str(tmp_path / "b.json")]) == 0
+  a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+  drop = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]
+  assert drop(a["records"]) == drop(b["records"]) and a["tokenizer"] == b["tokenizer"] == ck
+  assert a["config"] is None
+  with pytest.raises(ConfigError, match="^--model without --config: name the held-out text"):
+    main(["--model", ck, "--json", str(tmp_path / "c.json")])
+  with pytest.raises(ConfigError, match="--calibration-data"):
+    main([*common, "--mode", "causal", "--json", str(tmp_path / "c.json")])
+  assert not (tmp_path / "c.json").exists()

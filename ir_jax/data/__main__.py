@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
-from typing import Any
 
 import ml_collections
 import numpy as np
@@ -20,31 +18,27 @@ PROG = "python -m ir_jax.data"
 
 
 def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file with `KEY=VALUE` overrides (a Python literal, else text)."""
+  """`get_config()` of a config file with `SECTION.FIELD=VALUE` overrides applied.
+
+  The data section is completed with DataConfig's defaults first, so a field the
+  file leaves out can be listed (--show-config) and overridden like any other.
+  """
+  import dataclasses
+
+  from ir_jax.data.config import DataConfig
+
   cfg = config_file.load_config(path)
-  for item in overrides:
-    key, sep, raw = item.partition("=")
-    if not sep:
-      raise ConfigError(f"--set expects KEY=VALUE (e.g. data.seq_len=128), got {item!r}")
-    try:
-      value: Any = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw  # bare words are strings: data.tokenizer=byte
-    *parents, leaf = key.split(".")
-    node = cfg
-    try:
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-    except (KeyError, TypeError, AttributeError) as e:
-      raise ConfigError(f"--set {item!r}: {e}") from None
-  return cfg
+  if "data" in cfg and hasattr(cfg.data, "to_dict"):
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+    with cfg.unlocked():
+      cfg.data = ml_collections.ConfigDict({**defaults, **cfg.data.to_dict()})
+  return config_file.apply_overrides(cfg, list(overrides))
 
 
 def _data_config(args: argparse.Namespace):
   from ir_jax.data.config import from_config
 
-  cfg = load_config(args.config, args.set or [])
+  cfg = load_config(args.config, args.overrides)
   dcfg = from_config(cfg)
   if args.data_dir:
     import dataclasses
@@ -114,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
   def common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--config", required=True,
                     help="a configs/*.py file with get_config() and a `data` section")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set data.seq_len=128 (repeatable)")
+    sp.add_argument("--show-config", action="store_true",
+                    help="print every field of --config with its value (after overrides) and "
+                         "exit; override any with --config.SECTION.FIELD=V, e.g. "
+                         "--config.data.seq_len=128 (repeatable)")
     sp.add_argument("--data-dir", default=None, help="override data.data_dir")
 
   sp = sub.add_parser("prepare", help="read, validate and write the dataset (no-op if done)",
@@ -133,7 +129,18 @@ def main(argv: list[str] | None = None) -> int:
                   help="pack rows (training) or pad one document piece per row (evaluation)")
   sp.add_argument("--batches", type=int, default=4, help="batches to read (default 4)")
   sp.set_defaults(fn=cmd_inspect)
-  args = p.parse_args(argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--set" in argv or any(a.startswith("--set=") for a in argv):
+    raise ConfigError("--set is gone: override config fields as every entry point does, "
+                      "--config.SECTION.FIELD=V (e.g. --config.data.seq_len=128)")
+  rest, overrides = config_file.split_overrides(argv)
+  args = p.parse_args(rest)
+  args.overrides = overrides
+  if args.show_config:
+    cfg = load_config(args.config, overrides)
+    print(f"config fields of {args.config} (override with --config.SECTION.FIELD=V):")
+    print("\n".join(config_file.config_lines(cfg)))
+    return 0
   return args.fn(args)
 
 

@@ -101,6 +101,46 @@ def _config_files(dcfg: DataConfig) -> list[str]:
     return []
 
 
+def _data_section(args: argparse.Namespace, model_path: str) -> tuple[DataConfig, str | None]:
+  """The data section to evaluate with, and where it came from (for the JSON).
+
+  --config wins; a --workdir falls back to the config stored in its run.json; a bare
+  --model has no data section, so the held-out text (--data) and, for causal mode,
+  the calibration text (--calibration-data) must be named.
+  """
+  from ir_jax.data.config import data_config, from_config
+
+  if args.config:
+    dcfg, desc = from_config(load_config(args.config)), os.path.abspath(args.config)
+  elif args.workdir:
+    with open(os.path.join(args.workdir, "run.json"), encoding="utf-8") as f:
+      stored = json.load(f).get("config") or {}
+    if "data" not in stored:
+      raise ConfigError(f"--workdir {args.workdir}: its run.json stores no data section; "
+                        "pass --config")
+    ckpt = (stored.get("model") or {}).get("checkpoint") or ""
+    dcfg = data_config(stored["data"], ckpt)
+    desc = f"{os.path.abspath(os.path.join(args.workdir, 'run.json'))} (config of the run)"
+  else:
+    if args.data is None:
+      raise ConfigError("--model without --config: name the held-out text with --data "
+                        "(a model carries no evaluation split), or pass --config")
+    if "causal" in _split_list(args.mode, "mode") and not args.calibration_data:
+      raise ConfigError("--model without --config and --mode causal: name the calibration "
+                        "text with --calibration-data (there is no config train split)")
+    if _is_files(args.data):
+      dcfg = DataConfig(files=tuple(FileSpec(x.strip()) for x in args.data.split(",")
+                                    if x.strip()))
+    elif _looks_like_a_file(args.data):  # named below, with the other --data errors
+      dcfg = DataConfig(files=(FileSpec(args.data),))
+    else:  # a TFDS name or prepared directory
+      dcfg = DataConfig(name=args.data)
+    desc = None
+  if not dcfg.tokenizer:
+    dcfg = dataclasses.replace(dcfg, tokenizer=model_path)
+  return dcfg, desc
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m ir_jax.eval",
@@ -110,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                   "applies to real tokens only. Writes --json (one record per setting, with "
                   "realized sparsity, executed-FLOPs fraction, token count and per-document "
                   "NLL sums), prints a table, and writes a plot beside the JSON (.png).")
-  p.add_argument("--config", required=True,
-                 help="config file (configs/*.py): data section (tokenizer, eval split, "
-                      "seq_len, batch_size)")
+  p.add_argument("--config", default=None,
+                 help="config file (configs/*.py): its data section gives the tokenizer, eval "
+                      "split, seq_len and batch_size (default: the config a --workdir was "
+                      "trained with; with --model and no config, the model's tokenizer and "
+                      "--data is required)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="an ir_jax.train run directory: base weights + trained "
                                      "forecasters/routers")
@@ -177,13 +219,9 @@ def main(argv: list[str] | None = None) -> int:
   if os.path.isdir(args.json):
     raise ConfigError(f"--json {args.json} is a directory; give a file name")
 
-  from ir_jax.data.config import from_config
   from ir_jax.data.tokenize import load_text_tokenizer
 
-  cfg = load_config(args.config)
-  dcfg = from_config(cfg)
-  if not dcfg.tokenizer:
-    dcfg = dataclasses.replace(dcfg, tokenizer=model_path)
+  dcfg, config_desc = _data_section(args, model_path)
   seq_len = args.seq_len or dcfg.seq_len
   batch_size = args.batch_size or dcfg.batch_size
   tok = load_text_tokenizer(dcfg.tokenizer, dcfg.add_bos, dcfg.add_eos)
@@ -268,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                        calibration=calibration, seed=args.seed,
                        log=lambda s: print(s, flush=True))
   domains = sorted({d.domain for d in docs})
-  result = {**result, "model": os.path.abspath(model_path), "config": os.path.abspath(args.config),
+  result = {**result, "model": os.path.abspath(model_path), "config": config_desc,
             "data": data_desc, "tokenizer": dcfg.tokenizer, "calibration": calib_desc,
             "calibration_batches": args.calibration_batches if calib_desc else None,
             "domains": {d: sum(x.domain == d for x in docs) for d in domains}}
