@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -24,6 +25,19 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 
 class ConfigError(ValueError):
   """A configuration value is missing, malformed or out of range."""
+
+
+GCSFUSE_HINT = ("mount the bucket with gcsfuse and pass the mounted path (launch/tpu_pod.sh "
+                "runs `gcsfuse --implicit-dirs BUCKET ~/gcs` on every worker: gs://BUCKET/X "
+                "is then ~/gcs/X)")
+
+
+def refuse_remote(what: str, path: Any) -> None:
+  """One line for a gs:// (or any URL) path: every reader and writer here is local-file
+  based (orbax/TFDS would take gs:// but the text readers, tokenizer, GGUF/safetensors
+  and JSON writers would not), so a bucket is used through its gcsfuse mount."""
+  if isinstance(path, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path):
+    raise ConfigError(f"{what} {path}: URL paths are not read directly; {GCSFUSE_HINT}")
 
 
 _F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32

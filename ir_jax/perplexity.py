@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ir_jax.api import load_model
+from ir_jax.config import refuse_remote
 from ir_jax.errors import cli_main
 from ir_jax.tokenizer import load_tokenizer
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: the model's)")
   args = p.parse_args(argv)
+  refuse_remote("--model", args.model)
+  refuse_remote("--text", args.text)
   if args.seq_len < 2 or args.max_tokens < 2 or args.batch < 1:
     p.error("--seq-len and --max-tokens must be >= 2 and --batch >= 1")
 

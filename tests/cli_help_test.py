@@ -49,3 +49,22 @@ def test_unknown_override_is_one_line_naming_the_field(tmp_path):
   assert len(lines) == 1, proc.stderr
   assert "'stagez'" in lines[0] and '"stages"' in lines[0] and "\\n" not in lines[0]
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ("ir_jax.train", "--config", "configs/tiny.py", "--workdir", "gs://bucket/runs/t"),
+    ("ir_jax.train", "--config", "configs/tiny.py", "--workdir", "{tmp}/w",
+     "--config.data.data_dir=gs://bucket/tfds"),
+    ("ir_jax.eval", "--model", "gs://bucket/ckpt", "--data", "x.txt", "--json", "{tmp}/o.json"),
+    ("ir_jax.data", "prepare", "--config", "configs/tiny.py",
+     "--config.data.data_dir=gs://bucket/tfds"),
+    ("ir_jax.convert", "import", "--format", "hf", "gs://bucket/hf", "--out", "{tmp}/o"),
+    ("ir_jax.perplexity", "--model", "gs://bucket/m.gguf", "--text", "x.txt"),
+])
+def test_bucket_paths_are_refused_in_one_line_naming_gcsfuse(argv, tmp_path):
+  proc = _run(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert "gs://bucket/" in lines[0] and "gcsfuse" in lines[0]
+  assert list(tmp_path.iterdir()) == []  # refused before anything is written

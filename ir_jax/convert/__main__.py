@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ir_jax.config import refuse_remote
 from ir_jax.convert import FORMATS, import_weights
 from ir_jax.convert.export import DEFAULT_SHARD_SIZE
 from ir_jax.convert.export import FORMATS as EXPORT_FORMATS
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  refuse_remote(args.command, args.src)
+  refuse_remote("--out", args.out)
   t0 = time.time()
   if args.command == "import":
     print(f"importing {args.src} ...", flush=True)

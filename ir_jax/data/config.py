@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ir_jax.config import ConfigError
+from ir_jax.config import ConfigError, refuse_remote
 
 LOCAL = "local"  # data.name for the local-text builder over data.files
 SPLIT_MODES = ("file", "blank_lines", "lines")
@@ -65,6 +65,11 @@ class DataConfig:
 
   def validate(self) -> None:
     """Raises ConfigError naming the field, the value and what is expected."""
+    refuse_remote("data.data_dir", self.data_dir)
+    refuse_remote("data.tokenizer", self.tokenizer)
+    for i, f in enumerate(self.files):
+      refuse_remote(f"data.files[{i}]", getattr(f, "path", f))
+
     def integer(name: str, low: int) -> None:
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < low:

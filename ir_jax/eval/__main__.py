@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ir_jax.config import ConfigError
+from ir_jax.config import ConfigError, refuse_remote
 from ir_jax.config_file import load_config  # noqa: F401  (re-exported)
 from ir_jax.data.config import DataConfig, DataError, FileSpec
 from ir_jax.errors import cli_main
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if v is not None and v < (2 if name == "seq_len" else 1):
       raise ConfigError(f"--{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}, "
                         f"got {v}")
+  for flag in ("workdir", "model", "data", "calibration_data", "json"):
+    refuse_remote(f"--{flag.replace('_', '-')}", getattr(args, flag))
   if args.workdir and not os.path.isfile(os.path.join(args.workdir, "run.json")):
     raise FileNotFoundError(f"--workdir {args.workdir}: no run.json; not an ir_jax.train run "
                             "directory (use --model for checkpoints)")

@@ -52,6 +52,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.* flag")
+  from ir_jax.config import refuse_remote
   from ir_jax.errors import USER_ERRORS
   from ir_jax.train import Preempted, TrainingError, run, settings_from_config
 
@@ -63,6 +64,10 @@ def main(argv: list[str]) -> None:
     print(f"{PROG}: error: cannot load --config: {lines[-1] if lines else e}", file=sys.stderr)
     sys.exit(2)
   try:
+    refuse_remote("--workdir", _WORKDIR.value)
+    for section, field in (("model", "checkpoint"), ("train", "init_from")):
+      if section in cfg and field in cfg[section]:
+        refuse_remote(f"{section}.{field}", cfg[section][field])
     settings = settings_from_config(cfg)
     _start_processes(settings)
     run(settings, _WORKDIR.value)
