@@ -30,6 +30,7 @@ from ir_jax.data.config import DataConfig, DataError, FileSpec
 from ir_jax.errors import cli_main
 from ir_jax.eval import estimators as es
 from ir_jax.eval import shift
+from ir_jax.progress import Progress
 
 PROG = "ir_jax.eval"
 DEFAULT_POLICIES = "informed,greedy,random,oracle,dense"
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{data_desc}, rows of {seq_len}, {len(todo)} settings", flush=True)
   result = ev.evaluate(model, docs, todo, seq_len=seq_len, batch_size=batch_size,
                        calibration=calibration, seed=args.seed,
-                       log=lambda s: print(s, flush=True))
+                       log=lambda s: print(s, flush=True),
+                       progress=lambda label, n: Progress(label, n, unit="batches"))
   domains = sorted({d.domain for d in docs})
   result = {**result, "model": os.path.abspath(model_path), "config": config_desc,
             "data": data_desc, "tokenizer": dcfg.tokenizer, "calibration": calib_desc,

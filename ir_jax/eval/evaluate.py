@@ -179,9 +179,16 @@ def _batches(full: Rows, tail: Rows | None, batch_size: int) -> Iterable[Rows]:
     yield tail
 
 
+def num_batches(full: Rows, tail: Rows | None, batch_size: int) -> int:
+  return -(-len(full) // batch_size) + (tail is not None)
+
+
 def evaluate_setting(model: Llama, full: Rows, tail: Rows | None, num_docs: int,
-                     spec: RoutingSpec, batch_size: int) -> dict[str, Any]:
-  """One record: perplexity, realized sparsity, per-document NLL sums."""
+                     spec: RoutingSpec, batch_size: int,
+                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """One record: perplexity, realized sparsity, per-document NLL sums.
+
+  `progress(batches_done)` is called after every batch."""
   nll_doc = np.zeros(num_docs, np.float64)
   tok_doc = np.zeros(num_docs, np.int64)
   exec_Lx2, real = 0.0, 0.0
@@ -195,6 +202,8 @@ def evaluate_setting(model: Llama, full: Rows, tail: Rows | None, num_docs: int,
     np.add.at(tok_doc, rows.doc_index[mask], 1)
     exec_Lx2 = exec_Lx2 + np.asarray(out["exec_Lx2"], np.float64)
     real += float(out["real"])
+    if progress is not None:
+      progress(i + 1)
   tokens = int(tok_doc.sum())
   if not tokens:
     raise DataError("the evaluated text gave no tokens to score (every document is a single "
@@ -210,11 +219,14 @@ def evaluate_setting(model: Llama, full: Rows, tail: Rows | None, num_docs: int,
 
 def evaluate(model: Llama, docs: Sequence[Document], todo: Sequence[Setting], *, seq_len: int,
              batch_size: int, calibration: Callable[[], Iterable[np.ndarray]] | None = None,
-             seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+             seed: int = 0, log: Callable[[str], None] = lambda s: None,
+             progress: Callable[[str, int], Callable[[int], None]] | None = None
+             ) -> dict[str, Any]:
   """Evaluates every setting on `docs`; returns the JSON-able result (see `ir_jax.eval`).
 
   `calibration()` yields token batches `[B, T]` for causal-mode thresholds
-  (needed only when a setting has mode "causal").
+  (needed only when a setting has mode "causal"). `progress(label, batches)`
+  makes the per-batch callback of one setting (e.g. an ir_jax.progress.Progress).
   """
   if not docs:
     raise DataError("no documents to evaluate")
@@ -247,7 +259,9 @@ def evaluate(model: Llama, docs: Sequence[Document], todo: Sequence[Setting], *,
         from ir_jax.routing import calibrate_thresholds
 
         thresholds = calibrate_thresholds(model, calib_batches, spec).tolist()
-      rec = evaluate_setting(model, full, tail, len(docs), spec, batch_size)
+      label = f"  {st.mode:6s} {st.policy:8s} sparsity {st.sparsity:.2f}"
+      bar = progress(label, num_batches(full, tail, batch_size)) if progress else None
+      rec = evaluate_setting(model, full, tail, len(docs), spec, batch_size, bar)
       doc_tokens = rec.pop("doc_tokens")
       fl = flops(cfg, spec, seq_len)
       rec = {"mode": st.mode, "policy": st.policy, "sparsity": st.sparsity,
