@@ -4,7 +4,7 @@
   python -m ir_jax.aot --config configs/tiny.py --topology cpu:8        # no libtpu needed
 
 Builds exactly the step `python -m ir_jax.train` runs (ir_jax.train.steps with
-the shardings of ir_jax.train.loop / ir_jax.sharding), lowers it on abstract
+the shardings of ir_jax.train.stepfns / ir_jax.sharding), lowers it on abstract
 inputs for the topology's devices and compiles it; nothing is allocated. TPU
 topologies (`v4:2x2x2`, `v5e:4x4`, `v5p:2x2x2`, `v6e:4x4`, ...) need libtpu on
 this machine (`pip install 'ir_jax[tpu]'`, a CPU machine is enough).
@@ -39,7 +39,8 @@ from ir_jax.routing import RoutingSpec
 from ir_jax.routing import flops as routed_flops
 from ir_jax.train import steps
 from ir_jax.train.config import STAGES, Settings, settings_from_config
-from ir_jax.train.loop import abstract_state, jit_eval_step, jit_stage_step
+from ir_jax.train.state import abstract_state
+from ir_jax.train.stepfns import jit_eval_step, jit_stage_step
 
 PROG = "ir_jax.aot"
 AOT_STAGES = STAGES + ("infer", "infer_dense")
@@ -206,7 +207,7 @@ def stage_settings(s: Settings, stage: str) -> Settings:
 
 def build_step(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
   """The jitted train step of `stage` (as ir_jax.train.loop.train_stage builds it), or the
-  routed (`infer`) / dense (`infer_dense`) eval step of ir_jax.train.loop.evaluate."""
+  routed (`infer`) / dense (`infer_dense`) eval step of ir_jax.train.stepfns.evaluate."""
   s = stage_settings(s, stage)
   graphdef, abs_state, shardings = abstract_state(s.model, mesh)
   rep = sh.replicated(mesh)

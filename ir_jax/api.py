@@ -24,7 +24,7 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     if overrides:
       raise ValueError("dtype overrides are not supported for training workdirs; the run's "
                        "model config decides them")
-    from ir_jax.train.loop import load_run_model
+    from ir_jax.train.rundir import load_run_model
 
     return load_run_model(path)
   if os.path.isdir(path) and checkpoint.is_checkpoint(path):

@@ -40,6 +40,24 @@ def is_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, META_FILE))
 
 
+def _remove_orphans(parent: str, prefix: str) -> None:
+  """Removes temporary siblings left by a killed writer (SIGKILL skips the cleanup):
+  those whose process id, in the name, no longer runs on this host."""
+  for name in os.listdir(parent):
+    if not name.startswith(prefix):
+      continue
+    pid = name[len(prefix):].split("-", 1)[0]
+    if pid.isdigit():
+      try:
+        os.kill(int(pid), 0)
+        continue  # a live writer (another process): not ours to remove
+      except ProcessLookupError:
+        pass
+      except PermissionError:
+        continue
+    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
   """Yields a temporary sibling directory that becomes `out` only on success."""
@@ -48,7 +66,9 @@ def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     raise FileExistsError(f"{out}: already exists; choose another --out or pass --overwrite")
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+  prefix = f".{os.path.basename(out)}.partial-"
+  _remove_orphans(parent, prefix)
+  tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
   try:
     yield tmp
     if os.path.exists(out):

@@ -42,7 +42,7 @@ from ir_jax import routing as R  # noqa: E402
 from ir_jax.bench_tpu import HBM_BYTES_PER_S, per_layer  # noqa: E402
 from ir_jax.config import ConfigError, from_config_dict  # noqa: E402
 from ir_jax.config_file import load_config  # noqa: E402
-from ir_jax.train.loop import abstract_state  # noqa: E402
+from ir_jax.train.state import abstract_state  # noqa: E402
 
 
 def variants(sparsity: float, layers: int) -> dict[str, R.RoutingSpec]:

@@ -166,3 +166,18 @@ def test_safetensors_header_offsets_past_end(tmp_path):
     f.write(len(header).to_bytes(8, "little") + header + b"\x00" * 16)
   with pytest.raises(ValueError, match="inconsistent with 16 data bytes"):
     SafetensorsFile(path)
+
+
+def test_import_and_export_report_progress_per_tensor(tiny_hf_dirs, tmp_path):
+  from ir_jax.convert import import_weights
+  from ir_jax.convert.export import export
+
+  src = tiny_hf_dirs["gqa_llama3_untied"]
+  n_src = len(SafetensorsFile(os.path.join(src, "model.safetensors")).keys())
+  calls: list[tuple[int, int]] = []
+  out = import_weights(src, str(tmp_path / "ckpt"), progress=lambda d, t: calls.append((d, t)))
+  assert calls == [(i, n_src) for i in range(1, n_src + 1)]
+  calls.clear()
+  exp = export(out, str(tmp_path / "hf"), progress=lambda d, t: calls.append((d, t)))
+  n_out = len(SafetensorsFile(os.path.join(exp, "model.safetensors")).keys())
+  assert n_out == n_src and calls == [(i, n_out) for i in range(1, n_out + 1)]

@@ -50,7 +50,8 @@ from ir_jax.distributed import plan
 from ir_jax.forecast import ForecasterParam
 from ir_jax.sharding import MeshConfig, make_mesh
 from ir_jax.train import run, settings_from_config
-from ir_jax.train.loop import init_state, read_run, run_result
+from ir_jax.train.rundir import read_run, run_result
+from ir_jax.train.state import init_state
 
 pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 

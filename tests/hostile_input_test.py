@@ -699,7 +699,7 @@ ALLOWED = {
     # named by the user as code to run, like DEFINE_config_file in ir_jax.train.
     ("ir_jax/config_file.py", "spec.loader.exec_module(mod)"),
     # Docstrings naming the eval step's signature, not calls.
-    ("ir_jax/train/loop.py", '"""eval(state, batch)'),
+    ("ir_jax/train/stepfns.py", '"""eval(state, batch)'),
     ("ir_jax/train/steps.py", '"""eval(state, batch)'),
 }
 

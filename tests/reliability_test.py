@@ -28,7 +28,7 @@ import pytest
 
 from ir_jax.checkpoint import CheckpointError
 from ir_jax.train import integrity, run, settings_from_config
-from ir_jax.train.loop import run_result
+from ir_jax.train.rundir import run_result
 
 pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 

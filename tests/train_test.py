@@ -30,7 +30,8 @@ from ir_jax.config import ConfigError
 from ir_jax.forecast import CalibratedFor, ForecasterParam, RouterParam, Threshold
 from ir_jax.model import LoraParam
 from ir_jax.train import Preempted, TrainingError, run, settings_from_config
-from ir_jax.train.loop import init_state, run_result
+from ir_jax.train.rundir import run_result
+from ir_jax.train.state import init_state
 
 pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -62,16 +62,21 @@ def _set_in(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def read_params(source: Source, cfg: LlamaConfig | None = None) -> dict:
+def read_params(source: Source, cfg: LlamaConfig | None = None,
+                progress: Callable[[int, int], None] | None = None) -> dict:
   """The base weights of `source` as a pure dict of numpy arrays in our layout.
 
-  Every tensor's shape is checked against the config before it is read.
+  Every tensor's shape is checked against the config before it is read;
+  `progress(tensors_read, tensors)` is called after each one.
   """
   cfg = cfg or source.config
   target = abstract_params(cfg)
   dtype = np.dtype(cfg.weight_dtype)
   out: dict = {}
-  for e in mapping.entries(cfg.tie_word_embeddings):
+  entries = list(mapping.entries(cfg.tie_word_embeddings))
+  total = sum(cfg.num_layers if e.per_layer else 1 for e in entries)
+  done = 0
+  for e in entries:
     want = _get_in(target, e.path)
     layers = range(cfg.num_layers) if e.per_layer else [None]
     ours = want.shape[1:] if e.per_layer else want.shape
@@ -88,6 +93,9 @@ def read_params(source: Source, cfg: LlamaConfig | None = None) -> dict:
             f"{source.where(key)}: tensor {key!r} has shape {list(got)}, "
             f"the config expects {list(expect)}")
       slices.append(mapping.to_ours(e, source.get(key), tuple(ours)).astype(dtype))
+      done += 1
+      if progress is not None:
+        progress(done, total)
     _set_in(out, e.path, np.stack(slices) if e.per_layer else slices[0])
   manifest = getattr(source, "routing", None)
   if manifest is not None:  # an ir_jax export: its trained forecasters, routers, thresholds
@@ -109,12 +117,15 @@ def model_from_params(cfg: LlamaConfig, params: dict, seed: int = 0) -> nnx.Modu
 
 
 def import_weights(src: str, out: str, fmt: str | None = None, *,
-                   param_dtype: str | None = None, overwrite: bool = False) -> str:
-  """Converts a HF directory or GGUF file into an ir_jax checkpoint directory."""
+                   param_dtype: str | None = None, overwrite: bool = False,
+                   progress: Callable[[int, int], None] | None = None,
+                   log: Callable[[str], None] = lambda s: None) -> str:
+  """Converts a HF directory or GGUF file into an ir_jax checkpoint directory
+  (`progress` as in `read_params`; `log` gets a line per later phase)."""
   overrides = {"param_dtype": param_dtype} if param_dtype else {}
   source = open_source(src, fmt, **overrides)
   cfg = source.config
-  params = read_params(source, cfg)
+  params = read_params(source, cfg, progress)
   if "routing" not in params:
     params["routing"] = init_routing_params(cfg)  # untrained: forecasts ~0, like a skip
   provenance = {"source": os.path.abspath(src), "format": fmt or
@@ -134,5 +145,6 @@ def import_weights(src: str, out: str, fmt: str | None = None, *,
       tok_dir = tmp
     else:
       tok_dir = source.path
+    log(f"writing {out} (orbax checkpoint + tokenizer) ...")
     return checkpoint.save(out, cfg, params, tokenizer_dir=tok_dir,
                            provenance=provenance, overwrite=overwrite, routing=routing)

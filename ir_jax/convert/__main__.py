@@ -10,6 +10,7 @@ from ir_jax.convert import FORMATS, import_weights
 from ir_jax.convert.export import DEFAULT_SHARD_SIZE
 from ir_jax.convert.export import FORMATS as EXPORT_FORMATS
 from ir_jax.errors import cli_main
+from ir_jax.progress import Progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "import":
     print(f"importing {args.src} ...", flush=True)
     out = import_weights(args.src, args.out, args.format, param_dtype=args.param_dtype,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite,
+                         progress=Progress("  tensors", 1, unit="tensors"),
+                         log=lambda m: print(m, flush=True))
   else:
     from ir_jax.convert.export import export
 
     print(f"exporting {args.src} ({args.format}) ...", flush=True)
     out = export(args.src, args.out, args.format, overwrite=args.overwrite,
-                 max_shard_size=args.max_shard_size, log=lambda m: print(m, flush=True))
+                 max_shard_size=args.max_shard_size, log=lambda m: print(m, flush=True),
+                 progress=Progress("  tensors", 1, unit="tensors"))
   print(f"wrote {out} in {time.time() - t0:.1f}s")
   return 0
 

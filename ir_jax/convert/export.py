@@ -178,7 +178,7 @@ def _check_checkpoint(path: str) -> None:
 
 def _newest_step(workdir: str, stages: list[str]) -> tuple[str, int]:
   """The (stage, step) whose adapters `run_result` loads, after checking it is complete."""
-  from ir_jax.train.loop import stage_dir
+  from ir_jax.train.rundir import stage_dir
 
   for stage in stages:
     pending = _orbax_pending(stage_dir(workdir, stage))
@@ -208,21 +208,21 @@ def _on_host(abstract: Any) -> Any:
 
 
 def _restore_run(workdir: str, cfg: LlamaConfig, base_path: str, stage: str, step: int) -> dict:
-  """What `ir_jax.train.loop.run_result` gives (base weights + the newest adapters),
+  """What `ir_jax.train.rundir.run_result` gives (base weights + the newest adapters),
   restored straight into host memory without initialising a model."""
   import orbax.checkpoint as ocp
   from flax import nnx
 
   from ir_jax.model import abstract_model
-  from ir_jax.train import loop, steps
+  from ir_jax.train import checkpoints, rundir, steps
 
   _, abs_state = nnx.split(abstract_model(cfg))
   abs_adapters, abs_base = nnx.split_state(abs_state, steps.ADAPTERS, ...)
   mgr = ocp.CheckpointManager(
-      loop.stage_dir(workdir, stage), options=ocp.CheckpointManagerOptions(create=False),
+      rundir.stage_dir(workdir, stage), options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={"adapters": ocp.StandardCheckpointHandler()})
   try:
-    adapters = nnx.to_pure_dict(loop.restore_adapters(mgr, step, _on_host(abs_adapters)))
+    adapters = nnx.to_pure_dict(checkpoints.restore_adapters(mgr, step, _on_host(abs_adapters)))
   finally:
     mgr.close()
   # Base weights stay on disk until written, in the run's parameter dtype (as
@@ -248,9 +248,9 @@ def open_trained(path: str) -> Trained:
 
   path = os.path.abspath(os.fspath(path))
   if os.path.isfile(os.path.join(path, "run.json")):
-    from ir_jax.train import loop
+    from ir_jax.train import rundir
 
-    meta = loop.read_run(path)
+    meta = rundir.read_run(path)
     stage, step = _newest_step(path, list(meta["stages"]))
     base = meta.get("base") or {}
     cfg = LlamaConfig.from_dict(meta["model"])
@@ -263,7 +263,7 @@ def open_trained(path: str) -> Trained:
 
       from ir_jax import sharding
 
-      ms = loop.run_result(path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()]))
+      ms = rundir.run_result(path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()]))
       params, tok_dir = nnx.to_pure_dict(ms.state), None
     return Trained(cfg, params, routing_io.load_spec(path), tok_dir,
                    {"workdir": path, "stage": stage, "step": step})
@@ -406,9 +406,21 @@ def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec
 
 
 def write_hf_weights(out_dir: str, cfg: LlamaConfig, leaves: Leaves, max_bytes: int,
-                     log: Callable[[str], None] = lambda _: None) -> list[str]:
-  """Writes model.safetensors (or shards + index) tensor by tensor; returns the files."""
-  specs, make = hf_tensors(cfg, leaves)
+                     log: Callable[[str], None] = lambda _: None,
+                     progress: Callable[[int, int], None] | None = None) -> list[str]:
+  """Writes model.safetensors (or shards + index) tensor by tensor; returns the files.
+
+  `progress(tensors_made, tensors)` is called as each tensor is built."""
+  specs, build = hf_tensors(cfg, leaves)
+  made = [0]
+
+  def make(key: str) -> np.ndarray:
+    value = build(key)
+    made[0] += 1
+    if progress is not None:
+      progress(made[0], len(specs))
+    return value
+
   shards = plan_shards(specs, max_bytes)
   meta = {"format": "pt"}
   if len(shards) == 1:
@@ -439,8 +451,10 @@ def _check_out(src: str, out: str, overwrite: bool) -> None:
 
 def export(src: str, out: str, fmt: str = "hf", *, overwrite: bool = False,
            max_shard_size: str | int = DEFAULT_SHARD_SIZE,
-           log: Callable[[str], None] = lambda _: None) -> str:
+           log: Callable[[str], None] = lambda _: None,
+           progress: Callable[[int, int], None] | None = None) -> str:
   """Exports an ir_jax checkpoint directory or training workdir; returns `out` (absolute).
+  `progress(tensors_written, tensors)` follows the model weights.
 
   fmt "hf": routing.safetensors in the ir_jax layout; "reference": in the
   layout of the public PyTorch code (same HF weights beside it).
@@ -460,7 +474,7 @@ def export(src: str, out: str, fmt: str = "hf", *, overwrite: bool = False,
     with checkpoint.atomic_dir(out, overwrite) as tmp:
       current = "model weights"
       leaves = Leaves(trained.params)
-      files = write_hf_weights(tmp, cfg, leaves, max_bytes, log)
+      files = write_hf_weights(tmp, cfg, leaves, max_bytes, log, progress)
       log(f"  wrote {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}")
       current = "config files"
       with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:

@@ -1,4 +1,5 @@
-"""Metric sinks: JSONL (always), TensorBoard (tensorboardX, when installed), console line."""
+"""Metric sinks: JSONL (always), TensorBoard (tensorboardX, when installed), console line,
+and `log`, the process-0 console print of the training run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import os
 import sys
 import time
 from typing import Any
+
+import jax
+
+
+def log(msg: str) -> None:
+  """Prints `msg` on process 0 only, so a multi-host run logs each line once."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 class MetricWriter:

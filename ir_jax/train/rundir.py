@@ -1,0 +1,185 @@
+"""The run directory (--workdir) of ir_jax.train, as training, export, eval and the API read it.
+
+Workdir layout:
+  run.json                   model config, base weights, the config (a rerun must match)
+  base/                      the imported base model (when model.checkpoint is GGUF / HF)
+  checkpoints/<stage>/<N>/   orbax CheckpointManager steps: adapters (forecasters,
+                             routers, thresholds, LoRA), optimizer state, data iterator
+                             state, metadata; N counts batches of that stage
+  metrics.jsonl, tensorboard/, eval.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from flax import nnx
+
+from ir_jax import checkpoint as model_ckpt
+from ir_jax import sharding as sh
+from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.data.builder import catalogue_ready
+from ir_jax.data.config import LOCAL
+from ir_jax.model import Llama
+from ir_jax.train.checkpoints import open_manager, restore_adapters, restore_whole
+from ir_jax.train.config import Settings
+from ir_jax.train.metrics import log
+from ir_jax.train.state import (
+  ADAPTER_FIELDS,
+  SHAPE_FIELDS,
+  ModelState,
+  adapter_target,
+  init_state,
+  replace_adapters,
+  shape_diff,
+)
+
+RUN_FILE = "run.json"
+RUN_FORMAT = "ir_jax.run"
+RUN_VERSION = 1
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (process 0 alone writes the workdir's shared files)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"ir_jax.train.{name}")
+
+
+def read_run(workdir: str) -> dict[str, Any] | None:
+  """The run.json of `workdir`, checked to be one this version writes; None if absent."""
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    return None
+  from ir_jax.config import read_json_object
+
+  meta = read_json_object(path, ConfigError)
+  if meta.get("format") != RUN_FORMAT or meta.get("version") != RUN_VERSION:
+    raise ConfigError(f"{path}: not an ir_jax run of format {RUN_FORMAT} v{RUN_VERSION}")
+  return meta
+
+
+def check_workdir(workdir: str, s: Settings) -> dict[str, Any] | None:
+  """The existing run.json, after checking it trains the same model; None if fresh."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} exists and is not a directory")
+  meta = read_run(workdir)
+  if meta is None:
+    if os.path.isdir(workdir) and os.path.isdir(os.path.join(workdir, "checkpoints")):
+      raise ConfigError(f"{workdir} holds checkpoints but no {RUN_FILE}; it is not a run this "
+                        "version wrote. Choose an empty --workdir")
+    return None
+  try:
+    old = LlamaConfig.from_dict(meta["model"])
+  except (ConfigError, KeyError, TypeError) as e:
+    raise ConfigError(f"{workdir}/{RUN_FILE}: bad model config ({e})") from None
+  diff = shape_diff(old, s.model, SHAPE_FIELDS + ADAPTER_FIELDS)
+  if diff:
+    raise ConfigError(f"--workdir {workdir} holds a run of a different model ({', '.join(diff)}); "
+                      "choose another --workdir or the config it was started with")
+  if meta.get("stages") != list(s.train.stage_list):
+    raise ConfigError(f"--workdir {workdir} was started with train.stages "
+                      f"{','.join(meta.get('stages') or [])!r}, now {s.train.stages!r}; "
+                      "choose another --workdir")
+  return meta
+
+
+def check_data_ready(s: Settings) -> None:
+  """Every catalogue dataset a stage reads is prepared (local text is prepared on use)."""
+  seen = set()
+  for stage in s.train.stage_list:
+    data = s.stage_data(stage)
+    if data.name != LOCAL and (data.name, data.data_dir) not in seen:
+      seen.add((data.name, data.data_dir))
+      catalogue_ready(data)
+
+
+def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
+  """Where the base weights come from: {"kind": "checkpoint", "path"} or {"kind": "random"}.
+
+  A GGUF file or HF directory in model.checkpoint is imported once into
+  `workdir/base` (process 0; the others wait).
+  """
+  if s.train.init_from:
+    other = read_run(s.train.init_from)
+    if other is None:
+      raise FileNotFoundError(f"train.init_from={s.train.init_from}: no {RUN_FILE}; expected the "
+                              "--workdir of a finished ir_jax.train run")
+    return dict(other["base"])
+  src = s.model_checkpoint
+  if not src:
+    if not s.model_random_init:
+      raise ConfigError("model.checkpoint is empty: point it at an ir_jax checkpoint, a "
+                        "HuggingFace directory or a GGUF file (python -m ir_jax.convert import "
+                        "makes the first), or pass --config.model.random_init=True to train on "
+                        "random weights (smoke tests)")
+    return {"kind": "random", "seed": s.train.seed}
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"model.checkpoint {src}: no such file or directory (run "
+                            "`bash launch/fetch_assets.sh` for the demo assets)")
+  if os.path.isdir(src) and model_ckpt.is_checkpoint(src):
+    return {"kind": "checkpoint", "path": os.path.abspath(src)}
+  base = os.path.join(workdir, "base")
+  if not model_ckpt.is_checkpoint(base):
+    if jax.process_index() == 0:
+      from ir_jax.convert import import_weights
+
+      t0 = time.time()
+      log(f"importing base weights {src} -> {base} ...")
+      import_weights(src, base, param_dtype=s.model.param_dtype, overwrite=True)
+      log(f"imported in {time.time() - t0:.1f}s")
+    barrier("import")
+  return {"kind": "checkpoint", "path": os.path.abspath(base)}
+
+
+def write_run(workdir: str, s: Settings, base: dict[str, Any]) -> None:
+  """Creates `workdir` and its run.json (atomically: a reader sees all of it or none)."""
+  os.makedirs(workdir, exist_ok=True)
+  meta = {"format": RUN_FORMAT, "version": RUN_VERSION, "model": s.model.to_dict(),
+          "base": base, "seed": s.train.seed, "stages": list(s.train.stage_list),
+          "init_from": os.path.abspath(s.train.init_from) if s.train.init_from else "",
+          "config": s.raw}
+  tmp = os.path.join(workdir, RUN_FILE + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=2, default=str)
+  os.replace(tmp, os.path.join(workdir, RUN_FILE))
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  """The checkpoint directory of `stage` in `workdir`."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints", stage)
+
+
+def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelState:
+  """The model a finished (or interrupted) run produced: base + its newest adapters."""
+  meta = read_run(workdir)
+  if meta is None:
+    raise FileNotFoundError(f"{workdir}: no {RUN_FILE}; not an ir_jax.train workdir")
+  cfg = LlamaConfig.from_dict(meta["model"])
+  mesh = mesh or sh.make_mesh(sh.MeshConfig(data=-1))
+  ms = init_state(cfg, mesh, meta["base"], int(meta.get("seed", 0)))
+  for stage in reversed(meta["stages"]):
+    d = stage_dir(workdir, stage)
+    if not os.path.isdir(d):
+      continue
+    mgr = open_manager(d)
+    try:
+      found = restore_whole(mgr, d, lambda n: restore_adapters(mgr, n, adapter_target(ms)),
+                            quarantine=False)
+    finally:
+      mgr.close()
+    if found is not None:
+      replace_adapters(ms, found[1])
+      break
+  return ms
+
+
+def load_run_model(workdir: str) -> Llama:
+  """`run_result(workdir)` as a Llama module."""
+  ms = run_result(workdir)
+  return nnx.merge(ms.graphdef, ms.state)

@@ -1,0 +1,104 @@
+"""The steps of ir_jax.train jitted for a mesh, and the held-out evaluation that runs them.
+
+ir_jax.train.steps defines what a step computes; this module fixes how it runs
+on a mesh (shardings of every argument, donation). ir_jax.aot compiles these
+same functions ahead of time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from ir_jax import sharding as sh
+from ir_jax.data import pipeline
+from ir_jax.data.config import DataError
+from ir_jax.data.packing import PACK
+from ir_jax.routing import RoutingSpec, trained_spec
+from ir_jax.train import steps
+from ir_jax.train.config import Settings
+from ir_jax.train.state import ModelState
+
+
+def jit_eval_step(graphdef: Any, shardings: nnx.State, spec: RoutingSpec | None,
+                  mesh: jax.sharding.Mesh) -> Any:
+  """eval(state, batch) jitted for `mesh`: dense when `spec` is None (also used by ir_jax.aot)."""
+  return jax.jit(sh.with_mesh(steps.make_eval_step(graphdef, spec), mesh),
+                 in_shardings=(shardings, jax.sharding.NamedSharding(mesh, sh.batch_spec(2))),
+                 out_shardings=sh.replicated(mesh))
+
+
+@dataclasses.dataclass
+class StageStep:
+  """A stage's jitted train step and the shardings and optimizer it was built with."""
+
+  fn: Any  # (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics)
+  tx: optax.GradientTransformation
+  abs_opt: Any  # optimizer state as ShapeDtypeStructs
+  opt_sh: Any
+  tr_sh: nnx.State
+  fr_sh: nnx.State
+
+
+def jit_stage_step(s: Settings, stage: str, graphdef: Any, trainable: nnx.State,
+                   shardings: nnx.State, mesh: jax.sharding.Mesh) -> StageStep:
+  """The jitted, donating train step of `stage` (also used by ir_jax.aot).
+
+  `trainable` may be abstract; optimizer-state leaves shaped like a parameter
+  follow that parameter's sharding, the rest are replicated.
+  """
+  sc = s.train.stage(stage)
+  tr_sh, fr_sh = nnx.split_state(shardings, steps.TRAINABLE[stage], ...)
+  tx = steps.optimizer(sc)
+  abs_opt = jax.eval_shape(tx.init, trainable)
+  rep = sh.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s_: s_, abs_opt, tr_sh,
+                                 transform_non_params=lambda _: rep)
+  loss_fn = steps.stage_loss_fn(stage, sc, s.routing, s.train.seed)
+  batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
+  fn = jax.jit(sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
+               in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
+               out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
+  return StageStep(fn, tx, abs_opt, opt_sh, tr_sh, fr_sh)
+
+
+def evaluate(s: Settings, ms: ModelState, mesh: jax.sharding.Mesh,
+             num_batches: int) -> dict[str, Any]:
+  """Held-out perplexity, dense and routed at the configured policy and sparsity."""
+  data = s.data
+  eval_spec = trained_spec(nnx.merge(ms.graphdef, ms.state), s.routing.inference())
+  results: dict[str, Any] = {"split": data.eval_split, "seq_len": data.seq_len,
+                             "policy": eval_spec.policy, "sparsity": eval_spec.sparsity,
+                             "capacity_table": eval_spec.capacities is not None}
+  for name, spec in (("dense", None), ("routed", eval_spec)):
+    fn = jit_eval_step(ms.graphdef, ms.shardings, spec, mesh)
+    it = pipeline.make_iterator(data, data.eval_split, mode=PACK, shuffle=False, num_epochs=1,
+                                mesh=mesh, batch_axes=sh.BATCH_AXES, num_batches=num_batches,
+                                prepare_if_missing=True)
+    nll, tokens, execs = 0.0, 0.0, []
+    try:
+      for batch in it:
+        out = jax.device_get(fn(ms.state, batch))
+        nll += float(out["nll_sum"])
+        tokens += float(out["tokens"])
+        if "exec_rate" in out:
+          execs.append(np.asarray(out["exec_rate"]) * float(out["tokens"]))
+    finally:
+      it.close()
+    if not tokens:
+      raise DataError(f"the {data.eval_split!r} split gave no tokens to evaluate; raise "
+                      "data.validation_fraction")
+    rec = {"nll": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": int(tokens)}
+    if execs:
+      rate = np.sum(execs, axis=0) / tokens
+      rec["realized_sparsity"] = float(1.0 - rate.mean())
+      rec["sparsity_attn"], rec["sparsity_mlp"] = (float(1.0 - rate[:, 0].mean()),
+                                                   float(1.0 - rate[:, 1].mean()))
+    results[name] = rec
+  return results
