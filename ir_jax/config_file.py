@@ -21,6 +21,9 @@ def load_config(path: str, arg: str | None = None) -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--config {path}: no such file")
   spec = importlib.util.spec_from_file_location("_ir_jax_config", path)
+  if spec is None or spec.loader is None:  # not a .py file
+    raise ConfigError(f"--config {path}: not a Python config file (expected a .py file "
+                      "defining get_config(), like configs/tiny.py)")
   mod = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(mod)
