@@ -1,0 +1,166 @@
+"""Capacity tables and causal thresholds: what a model was trained and calibrated for.
+
+`trained_spec` routes at the model's learned per-unit capacity table;
+`calibrate_thresholds` sets the per-unit thresholds causal mode (decoding)
+compares scores with, and `check_calibrated` refuses causal routing at
+capacities they were not calibrated for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ir_jax.config import ConfigError
+from ir_jax.forecast import UNITS
+from ir_jax.model import Llama
+from ir_jax.routing.spec import RoutingSpec, is_fraction, layer_caps
+
+Array = jax.Array
+
+
+# ------------------------------------------------------------ capacity tables
+def model_table(model: Llama) -> tuple[tuple[float, float], ...] | None:
+  """The model's trained per-unit capacity table, or None when it has none."""
+  caps = np.asarray(jax.device_get(model.routing.capacity[...]), np.float64)
+  if caps.ndim != 2 or (caps < 0).any():
+    return None
+  return tuple(tuple(float(c) for c in row) for row in caps)
+
+
+def rescale_table(table: Iterable[Iterable[float]], sparsity: float) -> tuple[tuple[float, ...], ...]:
+  """The table with its mean sparsity moved to `sparsity`, keeping its shape.
+
+  Every unit's sparsity is multiplied by one factor (units the table keeps
+  dense stay dense); units that would pass 1 are clipped and the rest are
+  scaled again until the mean is exact. A table with no sparsity at all
+  becomes uniform.
+  """
+  caps = np.asarray(list(map(list, table)), np.float64)
+  s = 1.0 - caps
+  if not is_fraction(sparsity):
+    raise ConfigError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+  if s.mean() <= 1e-12:
+    out = np.full_like(s, sparsity)
+  else:
+    out = s.copy()
+    for _ in range(len(s.ravel()) + 1):
+      free = out < 1.0 - 1e-12
+      fixed = out[~free].sum()
+      want = sparsity * s.size - fixed
+      base = s[free].sum()
+      if base <= 1e-12:
+        break
+      out = np.where(free, s * want / base, 1.0)
+      if (out <= 1.0 + 1e-12).all():
+        break
+      out = np.minimum(out, 1.0)
+    out = np.clip(out, 0.0, 1.0)
+  return tuple(tuple(float(1.0 - v) for v in row) for row in out)
+
+
+def trained_spec(model: Llama, spec: RoutingSpec, sparsity: float | None = None) -> RoutingSpec:
+  """`spec` with the model's capacity table (rescaled to `sparsity`, default the spec's own)
+  when the model has one and the spec names no table; otherwise `spec` unchanged."""
+  table = model_table(model)
+  if table is None or spec.capacities is not None or spec.policy == "dense":
+    return spec
+  target = spec.sparsity if sparsity is None else sparsity
+  return dataclasses.replace(spec, capacities=rescale_table(table, target))
+
+
+# ------------------------------------------------------------ calibration
+def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSpec,
+                         iterations: int = 2) -> np.ndarray:
+  """Sets causal-mode thresholds so each unit executes its capacity on `batches`.
+
+  Scores are first collected under top-k routing at the same capacities (so
+  later layers see routed inputs), and each unit's threshold is the
+  (1 - capacity) quantile of its scores. Then, `iterations` times, scores are
+  collected again under causal routing with the current thresholds (the mode
+  decoding uses; a unit's inputs depend on earlier units' decisions) and the
+  quantiles are taken again. Returns thresholds `[L, 2]` and stores them in the model.
+  """
+  batches = [jnp.asarray(b, jnp.int32) for b in batches]
+  if not batches:
+    raise ValueError("calibrate_thresholds needs at least one batch of held-out tokens")
+  cfg = model.config
+  spec.check_layers(cfg.num_layers)
+  caps = layer_caps(spec, cfg)
+
+  def quantiles(scoring: RoutingSpec) -> np.ndarray:
+    fwd = nnx.jit(lambda m, t: m(t, routing=scoring, return_aux=True)[1]["scores_BxT"])
+    chunks = [np.asarray(fwd(model, b)) for b in batches]
+    scores = np.concatenate([c.reshape(c.shape[0], c.shape[1], -1) for c in chunks], axis=-1)
+    thr = np.zeros((cfg.num_layers, len(UNITS)), np.float32)
+    for l in range(cfg.num_layers):
+      for u in range(len(UNITS)):
+        c = caps[l, u]
+        if c >= 1.0:
+          thr[l, u] = -np.inf
+        elif c <= 0.0:
+          thr[l, u] = np.inf
+        else:
+          thr[l, u] = _threshold_between(scores[l, u], c)
+    return thr
+
+  thr = quantiles(spec.inference("topk"))
+  causal = spec.inference("causal")
+  for _ in range(iterations):
+    model.routing.threshold[...] = jnp.asarray(thr)
+    thr = quantiles(causal)
+  model.routing.threshold[...] = jnp.asarray(thr)
+  model.routing.calibrated_for[...] = jnp.asarray(caps)
+  return thr
+
+
+def _threshold_between(scores: np.ndarray, capacity: float) -> np.float32:
+  """A float32 threshold that `capacity` of `scores` exceed and none equals.
+
+  It lies halfway between the score at the (1 - capacity) quantile (taken as the
+  nearest lower score) and the next larger distinct score, so ties decide nothing on
+  the calibration data: `score > threshold` here and an exported `[score, threshold]`
+  argmax (which executes on a tie) agree on every calibration token.
+  """
+  s = np.unique(scores.astype(np.float32).ravel())  # sorted, distinct
+  q = np.quantile(scores.astype(np.float64), 1.0 - capacity)
+  i = max(int(np.searchsorted(s, q, side="right")) - 1, 0)  # largest score <= q
+  lo = s[i]
+  if i + 1 >= len(s):
+    return np.nextafter(lo, np.float32(np.inf))
+  mid = np.float32((np.float64(lo) + np.float64(s[i + 1])) / 2)
+  return mid if lo < mid < s[i + 1] else lo
+
+
+def check_calibrated(model: Llama, spec: RoutingSpec) -> None:
+  """Refuses causal routing at capacities the model's thresholds were not calibrated for.
+
+  Units at capacity 1 or 0 ignore thresholds and are not checked; top-k mode and
+  the dense policy need no thresholds. Does nothing under a trace (the values are
+  not known): call it before jitting, as `generate` and the evaluators do.
+  """
+  if spec.mode != "causal" or spec.policy == "dense":
+    return
+  stored = model.routing.calibrated_for[...]
+  if isinstance(stored, jax.core.Tracer):
+    return
+  cfg = model.config
+  want = layer_caps(spec, cfg)
+  stored = np.asarray(stored, np.float32)
+  used = (want > 0) & (want < 1)
+  if np.allclose(stored[used], want[used], rtol=0, atol=1e-6):
+    return
+  if (stored < 0).all():
+    got = "were never calibrated"
+  else:
+    got = (f"were calibrated for other capacities (mean {float(stored.mean()):.4g}, "
+           f"this spec: {float(want.mean()):.4g})")
+  raise ConfigError(
+      f"causal routing at sparsity {1 - float(want.mean()):.4g}: the model's thresholds {got}; "
+      "calibrate them for this spec first (routing.calibrate_thresholds(model, held-out "
+      "batches, spec); ir_jax.eval does it with --calibration) or route in top-k mode")

@@ -1,0 +1,155 @@
+"""The routed forward: every decoder layer with both units routed.
+
+`routed_layer` runs one layer (attention then MLP, each through `route_unit`),
+for a whole sequence or, with a KV cache, for one decode step; `routed_forward`
+runs the model with it, and is what `model(tokens, routing=spec)` reaches
+through `RoutingSpec.forward` (set here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ir_jax.forecast import RoutingLayer
+from ir_jax.model import DecoderLayer, Llama, attention_mask
+from ir_jax.routing.calibrate import check_calibrated
+from ir_jax.routing.spec import RoutingSpec, layer_caps, layer_ks
+from ir_jax.routing.unit import gather, route_unit, sink_mask
+
+Array = jax.Array
+
+
+# ------------------------------------------------------------- the layer
+@dataclasses.dataclass
+class Ctx:
+  """Per-token inputs every routed layer of one forward (or decode step) shares."""
+
+  positions_BxT: Array
+  index_BxT: Array
+  segment_ids_BxT: Array | None
+  temperature: Array | None = None  # overrides spec.temperature (a traced, annealed value)
+  sink_BxT: Array | None = None  # tokens that always execute (segment starts)
+
+
+def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], rl: RoutingLayer,
+                 x_BxTxD: Array, ctx: Ctx, spec: RoutingSpec, ks: tuple[int, int], key: Array,
+                 cache: tuple[Array, Array, Array] | None = None, caps: Array | None = None):
+  """One decoder layer with both units routed; returns (x, aux[, this step's (k, v)]).
+
+  `layer` may be a function returning the layer: each unit then asks for its
+  weights inside the code that runs it, so in a decode step a skipped unit
+  (a `lax.cond` branch not taken) never reads them (see `decode_body`).
+  `caps` `[2]`: the spec's capacities of this layer; in causal mode a unit at
+  capacity 1 always executes and one at 0 never does, whatever its calibrated threshold.
+  With a cache in top-k mode, `ks` count rows (static row capacity, `unit._route_rows`).
+  """
+  get = (lambda: layer) if isinstance(layer, DecoderLayer) else layer
+  rows = cache is not None and spec.mode == "topk"
+  n = get().input_layernorm(x_BxTxD)
+  k_new, v_new = get().self_attn.keys_values(n, ctx.positions_BxT)
+  if cache is None:
+    k_all, v_all, k_index, k_seg = k_new, v_new, ctx.index_BxT, ctx.segment_ids_BxT
+  else:  # decode: write this step's keys/values, attend over the cache
+    ck, cv, pos = cache
+    k_all = jax.lax.dynamic_update_slice_in_dim(ck, k_new.astype(ck.dtype), pos, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cv, v_new.astype(cv.dtype), pos, axis=1)
+    k_index = jnp.broadcast_to(jnp.arange(ck.shape[1]), ck.shape[:2])
+    k_seg = None
+
+  def attn_fn(idx: Array | None, n_BxSxD: Array) -> Array:
+    attn = get().self_attn
+    q_pos, q_index, q_seg = ctx.positions_BxT, ctx.index_BxT, ctx.segment_ids_BxT
+    keys, values, kv_index, kv_seg = k_all, v_all, k_index, k_seg
+    if idx is not None and rows:  # idx `[k]`: rows of the batch, with their caches
+      q_pos, q_index = q_pos[idx], q_index[idx]
+      keys, values, kv_index = keys[idx], values[idx], kv_index[idx]
+    elif idx is not None:  # idx `[B, S]`: tokens of every row
+      q_pos, q_index = gather(q_pos, idx), gather(q_index, idx)
+      q_seg = None if q_seg is None else gather(q_seg, idx)
+    q = attn.queries(n_BxSxD, q_pos)
+    return attn.attend(q, keys, values, attention_mask(q_index, kv_index, q_seg, kv_seg))
+
+  thr = rl.threshold[...]
+  if caps is not None:
+    thr = jnp.where(caps >= 1.0, -jnp.inf, jnp.where(caps <= 0.0, jnp.inf, thr))
+  delta, aux_a = route_unit(n, x_BxTxD, attn_fn, rl.attn_lff, rl.attn_router, spec, ks[0],
+                            thr[0], jax.random.fold_in(key, 0), ctx.temperature, ctx.sink_BxT,
+                            rows=rows)
+  x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
+  n = get().post_attention_layernorm(x_BxTxD)
+  delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: get().mlp(ns), rl.mlp_lff,
+                            rl.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1),
+                            ctx.temperature, ctx.sink_BxT, rows=rows)
+  x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
+  aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
+  if cache is None:
+    return x_BxTxD, aux
+  return x_BxTxD, aux, (k_new.astype(k_all.dtype), v_new.astype(v_all.dtype))
+
+
+
+def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
+                   segment_ids_BxT: Array | None, spec: RoutingSpec, *,
+                   rng: Array | None = None, return_aux: bool = False,
+                   temperature: Array | None = None):
+  """Logits `[B, T, V]` with every unit routed per `spec` (and aux if asked).
+
+  `temperature` (a scalar, may be traced) replaces `spec.temperature` for
+  Gumbel gates, so an annealed temperature does not recompile every step.
+
+  aux: exec_rate [L, 2], importance [L, 2], scores_BxT and gate_BxT [L, 2, B, T]. A uniform
+  capacity scans the layers; a per-layer capacity table unrolls them (each
+  layer then has its own static k).
+  """
+  cfg = model.config
+  check_calibrated(model, spec)
+  b, t = tokens_BxT.shape
+  index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  ctx = Ctx(index_BxT if positions_BxT is None else positions_BxT, index_BxT,
+            segment_ids_BxT, temperature,
+            sink_mask(index_BxT, segment_ids_BxT) if spec.protect_sinks else None)
+  key = jax.random.key(spec.seed) if rng is None else rng
+  ks = layer_ks(spec, cfg, t)
+  x = model.embed(tokens_BxT)
+  layer_ids = np.arange(cfg.num_layers, dtype=np.int32)
+  if (ks == ks[0]).all():
+    static_ks = (int(ks[0, 0]), int(ks[0, 1]))
+
+    caps = jnp.asarray(layer_caps(spec, cfg))
+
+    def layer_fn(layer, rl, x, lid):
+      return routed_layer(layer, rl, x, ctx, spec, static_ks, jax.random.fold_in(key, lid),
+                          caps=caps[lid])
+
+    x, aux = model.run_layers(layer_fn, x, jnp.asarray(layer_ids))
+  else:
+    def layer_fn(layer, rl, x, per):
+      lid, k_pair, cap_pair = per  # numpy leaves in the unrolled loop: static
+      return routed_layer(layer, rl, x, ctx, spec, (int(k_pair[0]), int(k_pair[1])),
+                          jax.random.fold_in(key, int(lid)), caps=jnp.asarray(cap_pair))
+
+    x, aux = model.run_layers(layer_fn, x, (layer_ids, ks, layer_caps(spec, cfg)), scan=False)
+  logits = model.logits(x)
+  return (logits, aux) if return_aux else logits
+
+
+def realized_sparsity(aux: dict[str, Array]) -> Array:
+  """Fraction of (token, unit) pairs approximated in one forward."""
+  return 1.0 - jnp.mean(aux["exec_rate"])
+
+
+def _spec_forward(spec: RoutingSpec, model: Llama, tokens_BxT: Array,
+                  positions_BxT: Array | None = None, segment_ids_BxT: Array | None = None,
+                  **kwargs: Any):
+  """`routed_forward` with this spec; what `model(tokens, routing=spec)` calls."""
+  return routed_forward(model, tokens_BxT, positions_BxT, segment_ids_BxT, spec, **kwargs)
+
+
+# The spec carries the routed entry point, so `ir_jax.model` never imports routing;
+# it is attached here because `spec.py` sits below this module (see RoutingSpec.forward).
+RoutingSpec.forward = _spec_forward
