@@ -30,6 +30,7 @@ from ir_jax.data.config import DataConfig, DataError, FileSpec
 from ir_jax.errors import cli_main
 from ir_jax.eval import estimators as es
 from ir_jax.eval import shift
+from ir_jax.files import write_json
 from ir_jax.progress import Progress
 
 PROG = "ir_jax.eval"
@@ -218,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
   model_path = args.workdir or args.model
   if not os.path.exists(model_path):
     raise FileNotFoundError(f"--model {model_path}: no such file or directory")
-  out_dir = os.path.dirname(os.path.abspath(args.json))
   if os.path.isdir(args.json):
     raise ConfigError(f"--json {args.json} is a directory; give a file name")
 
@@ -317,11 +317,7 @@ def main(argv: list[str] | None = None) -> int:
   estimated = shift.from_args(result, args)
   if estimated is not None:
     result["shift"] = estimated
-  os.makedirs(out_dir, exist_ok=True)
-  tmp = args.json + ".partial"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, args.json)
+  write_json(args.json, result)
   print(ev.table(result))
   if estimated is not None:
     print(shift.table(estimated))

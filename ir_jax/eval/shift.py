@@ -29,6 +29,7 @@ import numpy as np
 
 from ir_jax.config import ConfigError
 from ir_jax.eval import estimators as es
+from ir_jax.files import write_json
 
 PROG = "ir_jax.eval.shift"
 DEFAULT_METHODS = "truncated,self_normalized,lr"
@@ -246,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
   print(table(shift))
   if args.json:
     out = {"format": "ir_jax.eval.shift/1", "source": os.path.abspath(args.result), **shift}
-    tmp = args.json + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(out, f, indent=1)
-    os.replace(tmp, args.json)
+    write_json(args.json, out)
     print(f"wrote {args.json}")
     if not args.no_plot:
       png = os.path.splitext(args.json)[0] + ".png"

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from ir_jax import fit
+from ir_jax.files import write_json
 from ir_jax.model import Llama
 from ir_jax.progress import Progress
 from ir_jax.routing import model_table, unit_flops
@@ -115,11 +116,3 @@ def forecaster_report(model: Llama, batches: list[dict[str, Any]], path: str) ->
   return info
 
 
-def write_json(path: str, obj: Any) -> None:
-  import json
-  import os
-
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)

@@ -27,6 +27,8 @@ import shutil
 import time
 from typing import Any, Callable
 
+from ir_jax.files import write_json
+
 FORMAT = "ir_jax.checkpoint_integrity/1"
 _CHUNK = 1 << 20
 
@@ -73,13 +75,7 @@ def write_record(stage_dir: str, step: int) -> str | None:
            for rel, size in sorted(_files(step_dir).items())}
   os.makedirs(record_dir(stage_dir), exist_ok=True)
   path = os.path.join(record_dir(stage_dir), f"{step}.json")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"format": FORMAT, "step": step, "files": files}, f, indent=0)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return path
+  return write_json(path, {"format": FORMAT, "step": step, "files": files}, indent=0)
 
 
 def prune_records(stage_dir: str, keep_steps: set[int]) -> None:

@@ -26,6 +26,7 @@ from ir_jax import checkpoint as model_ckpt
 from ir_jax import sharding as sh
 from ir_jax.config import ConfigError
 from ir_jax.data import pipeline
+from ir_jax.files import write_json
 from ir_jax.routing import model_table
 from ir_jax.train import checkpoints, hooks, report, rundir, steps
 from ir_jax.train.config import Settings
@@ -311,10 +312,8 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
     stop.uninstall()
     writer.close()
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, "train_summary.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"stages": summary["stages"]}, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "train_summary.json"))
+    write_json(os.path.join(workdir, "train_summary.json"), {"stages": summary["stages"]},
+               indent=2)
   if s.train.eval_batches:
     log(f"evaluating held-out perplexity, dense and routed, on {s.train.eval_batches} batches "
         f"of {s.data.batch_size} x {s.data.seq_len} tokens ...")

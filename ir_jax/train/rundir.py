@@ -11,7 +11,6 @@ Workdir layout:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from ir_jax import sharding as sh
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.data.builder import catalogue_ready
 from ir_jax.data.config import LOCAL
+from ir_jax.files import write_json
 from ir_jax.model import Llama
 from ir_jax.train.checkpoints import open_manager, restore_adapters, restore_whole
 from ir_jax.train.config import Settings
@@ -144,10 +144,7 @@ def write_run(workdir: str, s: Settings, base: dict[str, Any]) -> None:
           "base": base, "seed": s.train.seed, "stages": list(s.train.stage_list),
           "init_from": os.path.abspath(s.train.init_from) if s.train.init_from else "",
           "config": s.raw}
-  tmp = os.path.join(workdir, RUN_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2, default=str)
-  os.replace(tmp, os.path.join(workdir, RUN_FILE))
+  write_json(os.path.join(workdir, RUN_FILE), meta, indent=2, default=str)
 
 
 def stage_dir(workdir: str, stage: str) -> str:

@@ -8,10 +8,11 @@ write atomically, so a killed run never leaves a file that looks complete.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from ir_jax.files import write_json  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 PROG = "quality_table"
@@ -51,10 +52,3 @@ def git_info() -> dict[str, Any]:
           "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
 
 
-def write_json(path: str, obj: Any) -> None:
-  """`obj` as JSON in `path`, atomically (a .partial file renamed over it)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".partial"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
