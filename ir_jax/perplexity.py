@@ -7,7 +7,6 @@ tokens, and every token after the first of each window is scored.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ir_jax import nll
 from ir_jax.api import load_model
 from ir_jax.config import refuse_remote
 from ir_jax.errors import cli_main
@@ -25,9 +25,7 @@ from ir_jax.tokenizer import load_tokenizer
 @nnx.jit
 def token_nll(model: nnx.Module, tokens_BxT: jax.Array) -> jax.Array:
   """Negative log-likelihood of tokens[:, 1:] given their prefixes, `[B, T-1]`."""
-  logits_BxTxV = model(tokens_BxT)
-  logp = jax.nn.log_softmax(logits_BxTxV[:, :-1], axis=-1)
-  return -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+  return nll.token_nll(model(tokens_BxT)[:, :-1], tokens_BxT[:, 1:])
 
 
 def perplexity(model: nnx.Module, ids: np.ndarray, seq_len: int, batch: int = 1,
@@ -40,14 +38,14 @@ def perplexity(model: nnx.Module, ids: np.ndarray, seq_len: int, batch: int = 1,
   total, count, last = 0.0, 0, time.time()
   for start in range(0, n_win, batch):
     chunk = windows[start:start + batch]
-    nll = np.asarray(token_nll(model, jnp.asarray(chunk, jnp.int32)), np.float64)
-    total += nll.sum()
-    count += nll.size
+    nll_BxT = np.asarray(token_nll(model, jnp.asarray(chunk, jnp.int32)), np.float64)
+    total += nll_BxT.sum()
+    count += nll_BxT.size
     if time.time() - last > log_every:
-      print(f"  {start + len(chunk)}/{n_win} windows, running ppl {math.exp(total / count):.3f}",
+      print(f"  {start + len(chunk)}/{n_win} windows, running ppl {nll.perplexity(total, count):.3f}",
             flush=True)
       last = time.time()
-  return math.exp(total / count), count
+  return nll.perplexity(total, count), count
 
 
 def main(argv: list[str] | None = None) -> int:

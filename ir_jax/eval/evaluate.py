@@ -26,7 +26,6 @@ not the evaluated text, once per (policy, sparsity).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -39,6 +38,7 @@ from ir_jax.config import ConfigError
 from ir_jax.data.config import DataError
 from ir_jax.data.tokenize import TextTokenizer
 from ir_jax.model import Llama
+from ir_jax.nll import perplexity, token_nll
 from ir_jax.routing import MODES, POLICIES, RoutingSpec, flops, trained_spec
 
 FORMAT = "ir_jax.eval/1"
@@ -162,8 +162,7 @@ def eval_rows(model: Llama, batch: dict[str, Array], rng: Array,
   over real tokens (segment id > 0)."""
   logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], routing=spec,
                       rng=rng, return_aux=True)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  nll = token_nll(logits, batch["targets"])
   nll_BxT = jnp.where(batch["loss_mask"] > 0, nll, 0.0)
   real_BxT = batch["segment_ids"] > 0
   # The decisions route_unit made, counted over real tokens.
@@ -210,7 +209,7 @@ def evaluate_setting(model: Llama, full: Rows, tail: Rows | None, num_docs: int,
                     "token?); give more text")
   nll = float(nll_doc.sum() / tokens)
   rate_Lx2 = exec_Lx2 / max(real, 1.0)
-  return {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens,
+  return {"nll": nll, "perplexity": perplexity(nll_doc.sum(), tokens), "tokens": tokens,
           "realized_sparsity": float(1.0 - rate_Lx2.mean()),
           "sparsity_attn": float(1.0 - rate_Lx2[:, 0].mean()),
           "sparsity_mlp": float(1.0 - rate_Lx2[:, 1].mean()),

@@ -52,6 +52,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ir_jax.config import ConfigError
+from ir_jax.nll import token_nll
 from ir_jax.routing import RoutingSpec, check_calibrated, decode_step, init_cache, trained_spec
 
 NAME = "ir_jax"
@@ -62,10 +63,8 @@ def token_logprobs(model: Any, tokens_BxT: jax.Array,
                    spec: RoutingSpec) -> tuple[jax.Array, jax.Array]:
   """(log p(token t+1 | tokens <= t) `[B, T-1]`, whether it is the argmax `[B, T-1]`)."""
   logits = model(tokens_BxT, routing=spec)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   target = tokens_BxT[:, 1:]
-  lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-  return lp, jnp.argmax(logp, axis=-1) == target
+  return -token_nll(logits[:, :-1], target), jnp.argmax(logits[:, :-1], axis=-1) == target
 
 
 @register_model(NAME)

@@ -8,7 +8,6 @@ same functions ahead of time.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ from ir_jax import sharding as sh
 from ir_jax.data import pipeline
 from ir_jax.data.config import DataError
 from ir_jax.data.packing import PACK
+from ir_jax.nll import perplexity
 from ir_jax.routing import RoutingSpec, trained_spec
 from ir_jax.train import steps
 from ir_jax.train.config import Settings
@@ -94,7 +94,7 @@ def evaluate(s: Settings, ms: ModelState, mesh: jax.sharding.Mesh,
     if not tokens:
       raise DataError(f"the {data.eval_split!r} split gave no tokens to evaluate; raise "
                       "data.validation_fraction")
-    rec = {"nll": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": int(tokens)}
+    rec = {"nll": nll / tokens, "perplexity": perplexity(nll, tokens), "tokens": int(tokens)}
     if execs:
       rate = np.sum(execs, axis=0) / tokens
       rec["realized_sparsity"] = float(1.0 - rate.mean())

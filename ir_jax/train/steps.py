@@ -17,6 +17,7 @@ from flax import nnx
 
 from ir_jax.forecast import CalibratedFor, Capacity, ForecasterParam, RouterParam, Threshold
 from ir_jax.model import Llama, LoraParam
+from ir_jax.nll import token_nll
 from ir_jax.routing import RoutingSpec, routed_forward, sink_mask
 from ir_jax.train.config import RouterStage, StageConfig
 
@@ -106,8 +107,7 @@ def forecaster_loss(model: Llama, batch: dict[str, Array]) -> tuple[Array, dict[
 def lm_loss(logits_BxTxV: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
   """(mean next-token NLL over loss_mask, number of scored tokens)."""
   mask = batch["loss_mask"].astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None].astype(jnp.int32), -1)[..., 0]
+  nll = token_nll(logits_BxTxV, batch["targets"])
   count = jnp.sum(mask)
   return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
 
