@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 
+from ir_jax import plotting
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "shift_experiment"
 WIKI = os.path.join(REPO, "assets", "text", "wiki", "enwiki_articles.jsonl")
@@ -216,10 +218,7 @@ def report(args) -> None:
 
 
 def _plot(rows: list[dict], b: dict, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plotting.pyplot()
 
   mixes = list(dict.fromkeys(r["target_mix"] for r in rows))
   methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -238,8 +237,7 @@ def _plot(rows: list[dict], b: dict, path: str) -> None:
   axes[0][0].set_ylabel("perplexity (informed routing)")
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plotting.save(fig, path, dpi=110)
 
 
 def main() -> int:

@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from ir_jax import plotting
+
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python launch/table_figures.py", description=__doc__.split(
@@ -25,10 +27,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--runs", default="runs/quality", help="the quality run's RUNS directory")
   p.add_argument("--docs", default="docs", help="where the JSON and pictures go")
   args = p.parse_args(argv)
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plotting.pyplot()
 
   import ir_jax
   from ir_jax.routing import model_table
@@ -57,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title(f"target {sp}\nattn {t[:, 0].mean():.2f}, mlp {t[:, 1].mean():.2f}", fontsize=9)
   fig.colorbar(im, ax=axes[0].tolist(), label="sparsity (fraction approximated)")
   fig.suptitle("SmolLM2-135M capacity tables (informed routers)")
-  fig.savefig(os.path.join(args.docs, "capacity_tables.png"), dpi=110, bbox_inches="tight")
+  plotting.save(fig, os.path.join(args.docs, "capacity_tables.png"), dpi=110,
+                bbox_inches="tight")
   explained = _explained_on_heldout(args.runs)
   with open(os.path.join(args.docs, "capacity_tables.json"), "w", encoding="utf-8") as f:
     json.dump({"what": "trained per-unit capacity tables (fraction of tokens executed), "
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylim(max(min(-0.1, lo - 0.05), -1.0), 1.0)
     ax.set_title("Forecasters on held-out ordinary tokens (segment starts excluded)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    fig.savefig(os.path.join(args.docs, "explained_variance.png"), dpi=110, bbox_inches="tight")
+    plotting.save(fig, os.path.join(args.docs, "explained_variance.png"), dpi=110,
+                  bbox_inches="tight")
   print(f"wrote {args.docs}/capacity_tables.json, capacity_tables.png"
         + (", explained_variance.png" if explained else ""))
   return 0

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ir_jax import plotting
 from ir_jax.config import ConfigError, refuse_remote
 from ir_jax.config_file import load_config  # noqa: F401  (re-exported)
 from ir_jax.data.config import DataConfig, DataError, FileSpec
@@ -333,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "curves on the target mixes")
         print(f"wrote {png}")
     except ImportError:
-      print(f"{PROG}: matplotlib is not installed (pip install 'ir_jax[eval]'); no plot",
-            file=sys.stderr)
+      print(f"{PROG}: {plotting.NO_MATPLOTLIB}", file=sys.stderr)
   return 0
 
 

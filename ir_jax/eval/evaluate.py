@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ir_jax import plotting
 from ir_jax.config import ConfigError
 from ir_jax.data.config import DataError
 from ir_jax.data.tokenize import TextTokenizer
@@ -319,10 +320,7 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str, title: str = "") -> str:
   """Perplexity vs realized sparsity, one line per policy, one panel per mode; a PNG."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plotting.pyplot()
 
   recs = result["records"]
   modes = [m for m in MODES if any(r["mode"] == m and r["policy"] != "dense" for r in recs)]
@@ -350,6 +348,5 @@ def plot(result: dict[str, Any], path: str, title: str = "") -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plotting.save(fig, path)
   return path

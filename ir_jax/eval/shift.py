@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ir_jax import plotting
 from ir_jax.config import ConfigError
 from ir_jax.eval import estimators as es
 from ir_jax.files import write_json
@@ -148,10 +149,7 @@ def table(shift: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], shift: dict[str, Any], path: str, title: str = "") -> str:
   """One panel per target mix: measured calibration curves (solid) and estimates (dashed)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plotting.pyplot()
 
   labels = list(dict.fromkeys(e["target_mix"] for e in shift["estimates"]))
   n = max(len(labels), 1)
@@ -184,8 +182,7 @@ def plot(result: dict[str, Any], shift: dict[str, Any], path: str, title: str = 
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plotting.save(fig, path)
   return path
 
 
@@ -255,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(result, shift, png, title=f"estimated from {os.path.basename(args.result)}")
         print(f"wrote {png}")
       except ImportError:
-        print(f"{PROG}: matplotlib is not installed (pip install 'ir_jax[eval]'); no plot",
-              file=sys.stderr)
+        print(f"{PROG}: {plotting.NO_MATPLOTLIB}", file=sys.stderr)
   return 0
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ir_jax import plotting
+
 FIGURE = "summary.png"
 
 
@@ -47,10 +49,7 @@ def write_summary_figure(workdir: str, table: np.ndarray | None,
                          ev: dict[str, Any] | None) -> str | None:
   """Draws WORKDIR/summary.png; returns its path, or None when nothing could be drawn."""
   try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
   except ImportError:
     return None
   losses = _read_metrics(workdir)
@@ -95,12 +94,7 @@ def write_summary_figure(workdir: str, table: np.ndarray | None,
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom")
       ax.set(title=f"held-out perplexity ({r / d:.2f}x dense)", ylabel="perplexity")
   fig.tight_layout()
-  path = os.path.join(workdir, FIGURE)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return plotting.save(fig, os.path.join(workdir, FIGURE), dpi=110)
 
 
 def closing_lines(workdir: str, ev: dict[str, Any] | None, figure: str | None) -> list[str]:

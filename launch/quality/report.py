@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any
 
+from ir_jax import plotting
+
 from .common import PLAN_FORMAT, PROG, RESULTS_FORMAT, git_info, read_json, rel
 from .options import Options
 from .plan import arms, eval_jobs, eval_path, heldout_paths, show, steps, train_complete
@@ -180,10 +182,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: str) -> str:
   """Perplexity vs target sparsity, one line per policy (and mode), one panel per eval set."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plotting.pyplot()
   from matplotlib.ticker import FuncFormatter
 
   sets = list(results["eval_sets"])
@@ -215,8 +214,7 @@ def plot(results: dict[str, Any], path: str) -> str:
     ax.legend(fontsize=8)
   axes[0][0].set_ylabel("perplexity")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plotting.save(fig, path)
   return path
 
 
