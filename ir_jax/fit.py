@@ -59,14 +59,14 @@ def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> A
   b, t = tokens.shape
   index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
-  def layer_fn(layer, rl, x, _):
+  def layer_fn(layer, routing_layer, x, _):
     n = layer.input_layernorm(x)
     a = layer.self_attn(n, positions, index, seg)
-    sa = per_unit(rl, 0, n, a, x)
+    sa = per_unit(routing_layer, 0, n, a, x)
     x = x + a
     n2 = layer.post_attention_layernorm(x)
     m = layer.mlp(n2)
-    sm = per_unit(rl, 1, n2, m, x)
+    sm = per_unit(routing_layer, 1, n2, m, x)
     return x + m, jax.tree.map(lambda p, q: jnp.stack([p, q]), sa, sm)
 
   _, stats = model.run_layers(layer_fn, model.embed(tokens))
@@ -77,7 +77,7 @@ def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> A
 def _forecaster_moments(model: Llama, batch: dict[str, Array], outlier: float) -> dict[str, Array]:
   ordinary = _ordinary(batch).reshape(-1)
 
-  def per_unit(rl, unit, n, u, x_res):
+  def per_unit(routing_layer, unit, n, u, x_res):
     x = n.reshape(-1, n.shape[-1]).astype(jnp.float32)
     y = u.reshape(-1, u.shape[-1]).astype(jnp.float32)
     # Tokens whose unit output is `outlier` times the batch's mean energy (secondary
@@ -92,17 +92,17 @@ def _forecaster_moments(model: Llama, batch: dict[str, Array], outlier: float) -
   return _dense_units(model, batch, per_unit)
 
 
-def _approximation(rl, unit: int, n: Array, greedy: bool) -> Array:
+def _approximation(routing_layer, unit: int, n: Array, greedy: bool) -> Array:
   """What approximating the unit puts in its place: the forecast, or nothing (greedy)."""
-  return jnp.zeros_like(n) if greedy else rl.forecaster(unit)(n)
+  return jnp.zeros_like(n) if greedy else routing_layer.forecaster(unit)(n)
 
 
 @nnx.jit(static_argnames=("greedy",))
 def _router_moments(model: Llama, batch: dict[str, Array], greedy: bool) -> dict[str, Array]:
   w = _ordinary(batch).reshape(-1)
 
-  def per_unit(rl, unit, n, u, x_res):
-    f = _approximation(rl, unit, n, greedy)
+  def per_unit(routing_layer, unit, n, u, x_res):
+    f = _approximation(routing_layer, unit, n, greedy)
     x = n.reshape(-1, n.shape[-1]).astype(jnp.float32)
     err = jnp.sum(jnp.square((u - f).astype(jnp.float32)), -1).reshape(-1)
     tot = jnp.sum(jnp.square(u.astype(jnp.float32)), -1).reshape(-1)
@@ -118,8 +118,8 @@ def _router_moments(model: Llama, batch: dict[str, Array], greedy: bool) -> dict
 def _forecast_error(model: Llama, batch: dict[str, Array]) -> dict[str, Array]:
   w = _ordinary(batch).reshape(-1)
 
-  def per_unit(rl, unit, n, u, x_res):
-    f = rl.forecaster(unit)(n)
+  def per_unit(routing_layer, unit, n, u, x_res):
+    f = routing_layer.forecaster(unit)(n)
     err = jnp.sum(jnp.square((u - f).astype(jnp.float32)), -1).reshape(-1)
     tot = jnp.sum(jnp.square(u.astype(jnp.float32)), -1).reshape(-1)
     return dict(err=w @ err, tot=w @ tot)
@@ -129,11 +129,11 @@ def _forecast_error(model: Llama, batch: dict[str, Array]) -> dict[str, Array]:
 
 @nnx.jit(static_argnames=("greedy",))
 def _error_curves(model: Llama, batch: dict[str, Array], greedy: bool) -> dict[str, Array]:
-  def per_unit(rl, unit, n, u, x_res):
-    f = _approximation(rl, unit, n, greedy)
+  def per_unit(routing_layer, unit, n, u, x_res):
+    f = _approximation(routing_layer, unit, n, greedy)
     err = jnp.sum(jnp.square((u - f).astype(jnp.float32)), -1)
     scale = jnp.sum(jnp.square(x_res.astype(jnp.float32)), -1)
-    return dict(score=rl.router(unit)(n).reshape(-1),
+    return dict(score=routing_layer.router(unit)(n).reshape(-1),
                 rel_err=(err / jnp.maximum(scale, 1e-30)).reshape(-1))
 
   return _dense_units(model, batch, per_unit)
@@ -383,9 +383,9 @@ def unit_scores(model: Llama, batches: list[dict[str, Any]],
     base, scores = [], []
     for b in batches:
       b = {k: jnp.asarray(v) for k, v in b.items()}
-      nll, sc = _routed_nll(model, b, _causal_all(greedy))
+      nll, batch_scores = _routed_nll(model, b, _causal_all(greedy))
       base.append(float(nll))
-      scores.append(np.asarray(sc)[:, :, np.asarray(_ordinary(b)) > 0])
+      scores.append(np.asarray(batch_scores)[:, :, np.asarray(_ordinary(b)) > 0])
   finally:
     thr_var[...] = saved
   return float(np.mean(base)), np.concatenate(scores, axis=-1)

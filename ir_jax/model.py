@@ -83,9 +83,9 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
   if kind == "linear":
     inv = inv / cfg.rope_scaling["factor"]
   elif kind == "llama3":
-    rs = cfg.rope_scaling
-    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-    old_len = rs["original_max_position_embeddings"]
+    scaling = cfg.rope_scaling
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     lo_wavelen, hi_wavelen = old_len / lo, old_len / hi
     # Long wavelengths are stretched by `factor`, short ones kept; between

@@ -109,7 +109,7 @@ def test_route_rows_executes_exactly_the_top_rows():
   (numpy argsort), they get the unit's output, the rest get the forecast."""
   model = make_model(CFG)
   graphdef, stacked = nnx.split(model.routing)
-  rl = nnx.merge(graphdef, jax.tree.map(lambda a: a[1], stacked))  # layer 1's routers
+  routing_layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[1], stacked))  # layer 1's routers
   rng = np.random.default_rng(0)
   n = jnp.asarray(rng.standard_normal((8, 1, CFG.hidden_size)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((CFG.hidden_size, CFG.hidden_size)) * 0.1, jnp.float32)
@@ -119,14 +119,14 @@ def test_route_rows_executes_exactly_the_top_rows():
     calls.append(n_Kx1xD.shape[0])
     return jnp.tanh(n_Kx1xD @ w)
 
-  scores = np.asarray(rl.mlp_router(n))[:, 0]
-  forecast = np.asarray(rl.mlp_lff(n))
+  scores = np.asarray(routing_layer.mlp_router(n))[:, 0]
+  forecast = np.asarray(routing_layer.mlp_lff(n))
   full = np.tanh(np.asarray(n) @ np.asarray(w))
   for sparsity in (0.0, 0.4, 0.6, 0.9, 1.0):
     spec = R.RoutingSpec(policy="informed", sparsity=sparsity)
     k = R.row_k(spec, 8, 0, 1)
     calls.clear()
-    out, aux = R.route_unit(n, n, unit, rl.mlp_lff, rl.mlp_router, spec, k, jnp.float32(0),
+    out, aux = R.route_unit(n, n, unit, routing_layer.mlp_lff, routing_layer.mlp_router, spec, k, jnp.float32(0),
                             jax.random.key(0), rows=True)
     top = set(np.argsort(-scores)[:k].tolist())
     gate = np.asarray(aux["gate_BxT"])[:, 0]

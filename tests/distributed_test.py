@@ -206,9 +206,9 @@ def test_two_processes_train_write_once_and_restore(two_process_run):
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(ckpt))
 
   # Restore on this process's 8 devices (explicit target with shardings).
-  ms = run_result(workdir)
+  model_state = run_result(workdir)
   restored = {"/".join(map(str, p)): np.asarray(jax.device_get(v[...]))
-              for p, v in nnx.to_flat_state(ms.state) if isinstance(v, ForecasterParam)}
+              for p, v in nnx.to_flat_state(model_state.state) if isinstance(v, ForecasterParam)}
   # The saved arrays as plain numpy (the checkpoint's devices are not this process's).
   saved = _raw(ckpt)
   assert restored and set(restored) <= set(saved)

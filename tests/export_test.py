@@ -346,8 +346,8 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
   n = rng.randn(64, 32).astype(np.float32)
   for i in range(2):
     prob, argmax, lff = _torch_reference(st, f"model.layers.{i}.", n)
-    rl = jax.tree.map(lambda a: a[i], nnx.state(model.routing))
-    layer = nnx.merge(nnx.graphdef(model.routing), rl)
+    routing_layer = jax.tree.map(lambda a: a[i], nnx.state(model.routing))
+    layer = nnx.merge(nnx.graphdef(model.routing), routing_layer)
     score = np.asarray(layer.mlp_router(jnp.asarray(n)[None]))[0]
     t = float(params["routing"]["threshold"][i, 1])  # the MLP router's causal threshold
     np.testing.assert_allclose(prob, 1 / (1 + np.exp(-(score - t))), atol=1e-6)

@@ -99,14 +99,14 @@ def test_ordinary_token_explained_variance_equals_numpy():
   want = np.zeros((CFG.num_layers, 2))
   for l in range(CFG.num_layers):
     layer = nnx.merge(gd, jax.tree.map(lambda a: a[l], st))
-    rl = nnx.merge(rgd, jax.tree.map(lambda a: a[l], rst))
+    routing_layer = nnx.merge(rgd, jax.tree.map(lambda a: a[l], rst))
     n = layer.input_layernorm(x)
     a = layer.self_attn(n, pos, index, seg)
-    pairs = [(n, a, rl.attn_lff)]
+    pairs = [(n, a, routing_layer.attn_lff)]
     x = x + a
     n2 = layer.post_attention_layernorm(x)
     mo = layer.mlp(n2)
-    pairs.append((n2, mo, rl.mlp_lff))
+    pairs.append((n2, mo, routing_layer.mlp_lff))
     x = x + mo
     for u, (nn, uu, lff) in enumerate(pairs):
       f = np.asarray(lff(nn), np.float64)[ordinary]

@@ -368,9 +368,9 @@ def test_train_settings_fields(changes, as_config_dict):
   for stage in s.train.stage_list:  # per-stage data overrides are valid too
     data = s.stage_data(stage)
     assert data.batch_size >= 1 and data.seq_len >= 2
-    sc = s.train.stage(stage)
+    stage_cfg = s.train.stage(stage)
     # steps may be 0 only for a stage that fits in closed form before its first step
-    assert sc.steps >= (0 if getattr(sc, "init", "none") == "fit" else 1) and sc.grad_accum >= 1
+    assert stage_cfg.steps >= (0 if getattr(stage_cfg, "init", "none") == "fit" else 1) and stage_cfg.grad_accum >= 1
 
 
 # --------------------------------------------------------------------- CLI

@@ -162,9 +162,9 @@ def test_capacity_one_is_dense_and_zero_is_forecast_only():
   rgd, rst = nnx.split(m.routing)
   for l in range(CFG.num_layers):
     layer = nnx.merge(gd, jax.tree.map(lambda a: a[l], st))
-    rl = nnx.merge(rgd, jax.tree.map(lambda a: a[l], rst))
-    x = x + rl.attn_lff(layer.input_layernorm(x))
-    x = x + rl.mlp_lff(layer.post_attention_layernorm(x))
+    routing_layer = nnx.merge(rgd, jax.tree.map(lambda a: a[l], rst))
+    x = x + routing_layer.attn_lff(layer.input_layernorm(x))
+    x = x + routing_layer.mlp_lff(layer.post_attention_layernorm(x))
   ref = np.asarray(m.logits(x))
   for policy in ("informed", "random", "oracle"):
     zero = np.asarray(m(t, routing=R.RoutingSpec(policy=policy, sparsity=1.0)))

@@ -258,11 +258,11 @@ def test_checkpoint_from_8_devices_resumes_on_1(full_run, data_dir, tmp_path):
 def test_run_result_restores_onto_one_device(full_run):
   dev = jax.devices()[:1]
   mesh = sh.make_mesh(sh.MeshConfig(data=1), devices=dev)
-  ms = run_result(full_run["workdir"], mesh)
-  got = _leaves(ms.state)
+  model_state = run_result(full_run["workdir"], mesh)
+  got = _leaves(model_state.state)
   for path, (t, v) in full_run["final"].items():
     np.testing.assert_array_equal(got[path][1], v, err_msg=path)
-  assert {d for leaf in jax.tree.leaves(ms.state) for d in leaf.devices()} == set(dev)
+  assert {d for leaf in jax.tree.leaves(model_state.state) for d in leaf.devices()} == set(dev)
 
 
 def test_eval_reports_dense_and_routed_perplexity(full_run):
@@ -398,7 +398,7 @@ def test_checkpoints_from_before_capacity_tables_still_load(full_run, tmp_path, 
   shutil.rmtree(path)
   ocp.PyTreeCheckpointer().save(path, tree)
   integrity.write_record(sdir, total)
-  model = nnx.merge(*(lambda ms: (ms.graphdef, ms.state))(run_result(work)))
+  model = nnx.merge(*(lambda model_state: (model_state.graphdef, model_state.state))(run_result(work)))
   assert R.model_table(model) is None
   got = _leaves(nnx.state(model))
   for k, (kind, v) in full_run["final"].items():

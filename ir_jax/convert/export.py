@@ -263,8 +263,8 @@ def open_trained(path: str) -> Trained:
 
       from ir_jax import sharding
 
-      ms = rundir.run_result(path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()]))
-      params, tok_dir = nnx.to_pure_dict(ms.state), None
+      model_state = rundir.run_result(path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()]))
+      params, tok_dir = nnx.to_pure_dict(model_state.state), None
     return Trained(cfg, params, routing_io.load_spec(path), tok_dir,
                    {"workdir": path, "stage": stage, "step": step})
   if checkpoint.is_checkpoint(path):

@@ -61,8 +61,8 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
   def one_layer(lid, x, ck, cv, cap, k_pair):
     take = lambda a: a[lid]
     layer = lambda: nnx.merge(graphdef, jax.tree.map(take, state))  # sliced where used
-    rl = nnx.merge(rgraphdef, jax.tree.map(take, rstate))
-    x, aux, (ck, cv) = routed_layer(layer, rl, constrain(x, BxTxD), ctx, spec, k_pair,
+    routing_layer = nnx.merge(rgraphdef, jax.tree.map(take, rstate))
+    x, aux, (ck, cv) = routed_layer(layer, routing_layer, constrain(x, BxTxD), ctx, spec, k_pair,
                                     jax.random.fold_in(key, lid), cache=(ck, cv, pos),
                                     caps=cap)
     return constrain(x, BxTxD), (ck, cv, aux["gate_BxT"][:, :, 0])

@@ -36,7 +36,7 @@ class Ctx:
   sink_BxT: Array | None = None  # tokens that always execute (segment starts)
 
 
-def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], rl: RoutingLayer,
+def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], routing_layer: RoutingLayer,
                  x_BxTxD: Array, ctx: Ctx, spec: RoutingSpec, ks: tuple[int, int], key: Array,
                  cache: tuple[Array, Array, Array] | None = None, caps: Array | None = None):
   """One decoder layer with both units routed; returns (x, aux[, this step's (k, v)]).
@@ -74,16 +74,16 @@ def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], rl: RoutingLa
     q = attn.queries(n_BxSxD, q_pos)
     return attn.attend(q, keys, values, attention_mask(q_index, kv_index, q_seg, kv_seg))
 
-  thr = rl.threshold[...]
+  thr = routing_layer.threshold[...]
   if caps is not None:
     thr = jnp.where(caps >= 1.0, -jnp.inf, jnp.where(caps <= 0.0, jnp.inf, thr))
-  delta, aux_a = route_unit(n, x_BxTxD, attn_fn, rl.attn_lff, rl.attn_router, spec, ks[0],
+  delta, aux_a = route_unit(n, x_BxTxD, attn_fn, routing_layer.attn_lff, routing_layer.attn_router, spec, ks[0],
                             thr[0], jax.random.fold_in(key, 0), ctx.temperature, ctx.sink_BxT,
                             rows=rows)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   n = get().post_attention_layernorm(x_BxTxD)
-  delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: get().mlp(ns), rl.mlp_lff,
-                            rl.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1),
+  delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: get().mlp(ns), routing_layer.mlp_lff,
+                            routing_layer.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1),
                             ctx.temperature, ctx.sink_BxT, rows=rows)
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
@@ -122,15 +122,15 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
 
     caps = jnp.asarray(layer_caps(spec, cfg))
 
-    def layer_fn(layer, rl, x, lid):
-      return routed_layer(layer, rl, x, ctx, spec, static_ks, jax.random.fold_in(key, lid),
+    def layer_fn(layer, routing_layer, x, lid):
+      return routed_layer(layer, routing_layer, x, ctx, spec, static_ks, jax.random.fold_in(key, lid),
                           caps=caps[lid])
 
     x, aux = model.run_layers(layer_fn, x, jnp.asarray(layer_ids))
   else:
-    def layer_fn(layer, rl, x, per):
+    def layer_fn(layer, routing_layer, x, per):
       lid, k_pair, cap_pair = per  # numpy leaves in the unrolled loop: static
-      return routed_layer(layer, rl, x, ctx, spec, (int(k_pair[0]), int(k_pair[1])),
+      return routed_layer(layer, routing_layer, x, ctx, spec, (int(k_pair[0]), int(k_pair[1])),
                           jax.random.fold_in(key, int(lid)), caps=jnp.asarray(cap_pair))
 
     x, aux = model.run_layers(layer_fn, x, (layer_ids, ks, layer_caps(spec, cfg)), scan=False)

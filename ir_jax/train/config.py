@@ -92,13 +92,13 @@ INITS = ("fit", "none")
 ALLOCATIONS = ("error", "probe", "uniform")
 
 
-def _check_fit(sc: StageConfig, name: str) -> None:
-  if sc.init not in INITS:
-    raise ConfigError(f"train.{name}.init must be one of {list(INITS)}, got {sc.init!r}")
-  if not is_int(sc.fit_batches) or sc.fit_batches < 1:
-    raise ConfigError(f"train.{name}.fit_batches must be an integer >= 1, got {sc.fit_batches!r}")
-  if not (is_number(sc.ridge) and sc.ridge > 0):
-    raise ConfigError(f"train.{name}.ridge must be a number > 0, got {sc.ridge!r}")
+def _check_fit(stage_cfg: StageConfig, name: str) -> None:
+  if stage_cfg.init not in INITS:
+    raise ConfigError(f"train.{name}.init must be one of {list(INITS)}, got {stage_cfg.init!r}")
+  if not is_int(stage_cfg.fit_batches) or stage_cfg.fit_batches < 1:
+    raise ConfigError(f"train.{name}.fit_batches must be an integer >= 1, got {stage_cfg.fit_batches!r}")
+  if not (is_number(stage_cfg.ridge) and stage_cfg.ridge > 0):
+    raise ConfigError(f"train.{name}.ridge must be a number > 0, got {stage_cfg.ridge!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,12 +316,12 @@ class Settings:
 
   def stage_data(self, stage: str) -> DataConfig:
     """The data config with the stage's batch size / sequence length overrides."""
-    sc = self.train.stage(stage)
+    stage_cfg = self.train.stage(stage)
     changes = {}
-    if sc.batch_size:
-      changes["batch_size"] = sc.batch_size
-    if sc.seq_len:
-      changes["seq_len"] = sc.seq_len
+    if stage_cfg.batch_size:
+      changes["batch_size"] = stage_cfg.batch_size
+    if stage_cfg.seq_len:
+      changes["seq_len"] = stage_cfg.seq_len
     return dataclasses.replace(self.data, **changes) if changes else self.data
 
 

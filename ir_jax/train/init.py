@@ -39,48 +39,48 @@ def _target_sparsity(s: Settings) -> float:
 
 def stage_init(s: Settings, stage: str, model: Llama, it: Iterator[dict[str, Any]]) -> dict[str, float]:
   """Runs the stage's fit on batches drawn from its training stream; returns metrics to log."""
-  sc = s.train.stage(stage)
+  stage_cfg = s.train.stage(stage)
   if stage == "forecaster":
-    _log(f"[forecaster] closed-form fit: statistics over {sc.fit_batches} batches "
+    _log(f"[forecaster] closed-form fit: statistics over {stage_cfg.fit_batches} batches "
          f"(ordinary tokens; segment starts excluded), rank {model.config.lff_rank}, "
-         f"ridge {sc.ridge:g}")
-    m = fit.forecaster_moments(model, _batches(it, sc.fit_batches),
-                               Progress("[forecaster] statistics", sc.fit_batches, printer=_log),
-                               outlier=sc.outlier)
-    fit.set_forecasters(model, m, sc.ridge)
+         f"ridge {stage_cfg.ridge:g}")
+    m = fit.forecaster_moments(model, _batches(it, stage_cfg.fit_batches),
+                               Progress("[forecaster] statistics", stage_cfg.fit_batches, printer=_log),
+                               outlier=stage_cfg.outlier)
+    fit.set_forecasters(model, m, stage_cfg.ridge)
     dropped = int(m["dropped"].sum())
     if dropped:
       _log(f"[forecaster] left {dropped} (token, unit) outliers out of the fit (output energy "
-           f"> {sc.outlier:g} x the batch mean)")
+           f"> {stage_cfg.outlier:g} x the batch mean)")
     return {"fit_tokens": float(m["count"][0, 0]), "fit_outliers": float(dropped)}
   if stage == "router":
     greedy = s.routing.policy == "greedy"
     target = "log |Unit(n)|^2 (greedy: nothing replaces a skipped unit)" if greedy else (
         "log forecast error")
-    _log(f"[router] warm start: routers regress {target} over {sc.fit_batches} batches")
-    m = fit.router_moments(model, _batches(it, sc.fit_batches),
-                           Progress("[router] statistics", sc.fit_batches, printer=_log), greedy)
-    r2 = fit.set_routers(model, m, sc.ridge)
+    _log(f"[router] warm start: routers regress {target} over {stage_cfg.fit_batches} batches")
+    m = fit.router_moments(model, _batches(it, stage_cfg.fit_batches),
+                           Progress("[router] statistics", stage_cfg.fit_batches, printer=_log), greedy)
+    r2 = fit.set_routers(model, m, stage_cfg.ridge)
     info = {"router_fit_r2_attn": float(r2[:, 0].mean()), "router_fit_r2_mlp": float(r2[:, 1].mean())}
     _log(f"[router] fit R^2 of the log error: attention {info['router_fit_r2_attn']:.2f}, "
          f"MLP {info['router_fit_r2_mlp']:.2f}")
     sparsity = _target_sparsity(s)
-    alloc = sc.allocation if (s.routing.capacities is None and 0 < sparsity < 1) else "uniform"
-    batches = _batches(it, sc.allocation_batches)
+    alloc = stage_cfg.allocation if (s.routing.capacities is None and 0 < sparsity < 1) else "uniform"
+    batches = _batches(it, stage_cfg.allocation_batches)
     shape = (model.config.num_layers, 2)
     if alloc == "error":
       scores, rel_err = fit.error_curves(model, batches, greedy)
       cost = (unit_flops(model.config, s.stage_data(stage).seq_len)
-              if sc.budget == "flops" else None)
-      table = fit.allocate_curves(scores, rel_err, sparsity, max_sparsity=sc.max_sparsity,
+              if stage_cfg.budget == "flops" else None)
+      table = fit.allocate_curves(scores, rel_err, sparsity, max_sparsity=stage_cfg.max_sparsity,
                                   unit_cost=cost)
     elif alloc == "probe":
       _log(f"[router] capacity table: probing {shape[0] * shape[1]} units at sparsity "
-           f"{sc.probe_level:g} on {sc.allocation_batches} batch(es)")
-      damage, scores = fit.unit_damage(model, batches, sc.probe_level,
+           f"{stage_cfg.probe_level:g} on {stage_cfg.allocation_batches} batch(es)")
+      damage, scores = fit.unit_damage(model, batches, stage_cfg.probe_level,
                                        Progress("[router] probes", shape[0] * shape[1],
                                                 printer=_log), greedy)
-      table = fit.allocate(damage, sparsity, sc.probe_level, max_sparsity=sc.max_sparsity)
+      table = fit.allocate(damage, sparsity, stage_cfg.probe_level, max_sparsity=stage_cfg.max_sparsity)
     else:
       _, scores = fit.unit_scores(model, batches, greedy)
       caps = (np.asarray(s.routing.capacities) if s.routing.capacities is not None
@@ -91,7 +91,7 @@ def stage_init(s: Settings, stage: str, model: Llama, it: Iterator[dict[str, Any
     tab = np.asarray(model_table(model))
     info.update(table_sparsity_attn=float(1 - tab[:, 0].mean()),
                 table_sparsity_mlp=float(1 - tab[:, 1].mean()))
-    _log(f"[router] capacity table ({alloc}, budget {sc.budget}; mean sparsity "
+    _log(f"[router] capacity table ({alloc}, budget {stage_cfg.budget}; mean sparsity "
          f"{1 - tab.mean():.3f}): attention "
          f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}")
     return info

@@ -91,7 +91,7 @@ def check_batch(s: Settings, mesh: jax.sharding.Mesh) -> None:
       raise ConfigError(f"{where}={b} is not divisible by the {jax.process_count()} processes")
 
 
-def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh, workdir: str,
+def train_stage(s: Settings, stage: str, model_state: ModelState, mesh: jax.sharding.Mesh, workdir: str,
                 writer: MetricWriter, stop: _StopFlag,
                 should_stop: Callable[[str, int], bool] | None) -> dict[str, Any]:
   """Trains `stage` into `ms` (from its newest whole checkpoint, if any); returns its record.
@@ -99,21 +99,21 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   A stage already finished is only restored. Stops by saving a checkpoint and
   raising `Preempted`; a non-finite loss raises `TrainingError`.
   """
-  sc = s.train.stage(stage)
-  total = sc.steps * sc.grad_accum  # batches
+  stage_cfg = s.train.stage(stage)
+  total = stage_cfg.steps * stage_cfg.grad_accum  # batches
   data_cfg = s.stage_data(stage)
   sdir = rundir.stage_dir(workdir, stage)
   mgr = checkpoints.open_manager(sdir, s.train.keep_checkpoints, s.train.async_checkpoints)
-  adapters_target = adapter_target(ms)
+  adapters_target = adapter_target(model_state)
   trainable_type = steps.TRAINABLE[stage]
-  graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
+  graphdef, trainable, frozen = nnx.split(nnx.merge(model_state.graphdef, model_state.state), trainable_type, ...)
   lazy: dict[str, Any] = {}  # iterator and compiled step, built only when training is left
 
   def prepare() -> tuple[Any, Any]:
     if not lazy:
       lazy["it"] = pipeline.train_iterator(data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES,
                                            prepare_if_missing=True)
-      lazy["built"] = jit_stage_step(s, stage, graphdef, trainable, ms.shardings, mesh)
+      lazy["built"] = jit_stage_step(s, stage, graphdef, trainable, model_state.shardings, mesh)
     return lazy["it"], lazy["built"]
 
   def restore(n: int) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
     mgr = checkpoints.open_manager(sdir, s.train.keep_checkpoints, s.train.async_checkpoints)
   latest, restored = found if found is not None else (None, None)
   if latest is not None and latest >= total:
-    replace_adapters(ms, restored["adapters"])
+    replace_adapters(model_state, restored["adapters"])
     if lazy:
       lazy["it"].close()
     mgr.close()
@@ -158,25 +158,25 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
   fitted = False
   if latest is not None:
     prior_s = float((restored["meta"] or {}).get("train_s", 0.0))
-    replace_adapters(ms, restored["adapters"])
-    graphdef, trainable, frozen = nnx.split(nnx.merge(ms.graphdef, ms.state), trainable_type, ...)
+    replace_adapters(model_state, restored["adapters"])
+    graphdef, trainable, frozen = nnx.split(nnx.merge(model_state.graphdef, model_state.state), trainable_type, ...)
     opt_state = restored["opt_state"]
     start = latest
     log(f"[{stage}] resumed from batch {latest} ({time.time() - t0:.1f}s)")
-  elif getattr(sc, "init", "none") == "fit":
+  elif getattr(stage_cfg, "init", "none") == "fit":
     model = nnx.merge(graphdef, trainable, frozen)
     fit_info = stage_init(s, stage, model, it)
     writer.write(stage, 0, fit_info)
     _, trainable, frozen = nnx.split(model, trainable_type, ...)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     fitted = True
-  elif stage == "router" and sc.prior_bias:
+  elif stage == "router" and stage_cfg.prior_bias:
     trainable = hooks.prior_router_bias(trainable, s.routing, tr_sh)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-  log(f"[{stage}] training {n_train:,} parameters ({trainable_type.__name__}) for {sc.steps} "
-      f"steps x {sc.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
+  log(f"[{stage}] training {n_train:,} parameters ({trainable_type.__name__}) for {stage_cfg.steps} "
+      f"steps x {stage_cfg.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
   step_fn = built.fn
-  sched = steps.schedule(sc)
+  sched = steps.schedule(stage_cfg)
   tokens_per_batch = data_cfg.batch_size * data_cfg.seq_len
 
   pending: list[int] = []  # saved steps still without an integrity record
@@ -210,9 +210,9 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
     if stage == "forecaster" and s.train.eval_batches:
       hooks.report_forecasters(s, nnx.merge(graphdef, trainable, frozen), mesh, workdir,
                                writer, total)
-    if stage == "router" and sc.calibration_batches:
+    if stage == "router" and stage_cfg.calibration_batches:
       model = nnx.merge(graphdef, trainable, frozen)
-      hooks.calibrate_router(s, sc.calibration_batches, model, it)
+      hooks.calibrate_router(s, stage_cfg.calibration_batches, model, it)
       _, trainable, frozen = nnx.split(model, trainable_type, ...)
       frozen = jax.device_put(frozen, fr_sh)
 
@@ -243,7 +243,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
         now = time.time()
         dt = (now - t_last) / max(step - n_last, 1)
         vals = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        vals.update(lr=float(sched(min((step - 1) // sc.grad_accum, sc.steps - 1))),
+        vals.update(lr=float(sched(min((step - 1) // stage_cfg.grad_accum, stage_cfg.steps - 1))),
                     step_time_s=dt, tokens_per_s=tokens_per_batch / dt)
         writer.write(stage, step, vals)
         log(console_line(stage, step, total, vals))
@@ -264,7 +264,7 @@ def train_stage(s: Settings, stage: str, ms: ModelState, mesh: jax.sharding.Mesh
     raise
   it.close()
   mgr.close()
-  ms.state = nnx.state(nnx.merge(graphdef, trainable, frozen))
+  model_state.state = nnx.state(nnx.merge(graphdef, trainable, frozen))
   return {"stage": stage, "resumed_from": start, "steps_run": step - start,
           "train_s": round(prior_s + time.time() - t_begin, 3),
           "first_loss": first_loss, "last_loss": last_loss}
@@ -291,9 +291,9 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
       f"{dict(mesh.shape)}, workdir {workdir}")
 
   t0 = time.time()
-  ms = init_state(s.model, mesh, base, s.train.seed)
+  model_state = init_state(s.model, mesh, base, s.train.seed)
   if s.train.init_from:
-    adopt_adapters(ms, rundir.run_result(s.train.init_from, mesh))
+    adopt_adapters(model_state, rundir.run_result(s.train.init_from, mesh))
     log(f"initialised forecasters/routers/LoRA from {s.train.init_from}")
   log(f"model state ready in {time.time() - t0:.1f}s")
 
@@ -305,7 +305,7 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
   try:
     for stage in s.train.stage_list:
       t_stage = time.time()
-      info = train_stage(s, stage, ms, mesh, workdir, writer, stop, should_stop)
+      info = train_stage(s, stage, model_state, mesh, workdir, writer, stop, should_stop)
       info["wall_s"] = round(time.time() - t_stage, 2)
       summary["stages"].append(info)
   finally:
@@ -318,28 +318,28 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
     log(f"evaluating held-out perplexity, dense and routed, on {s.train.eval_batches} batches "
         f"of {s.data.batch_size} x {s.data.seq_len} tokens ...")
     t_eval = time.time()
-    ev = evaluate(s, ms, mesh, s.train.eval_batches)
+    ev = evaluate(s, model_state, mesh, s.train.eval_batches)
     ev["wall_s"] = round(time.time() - t_eval, 2)
     summary["eval"] = ev
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(ev, f, indent=2)
-    _closing(workdir, ms, ev)
+    _closing(workdir, model_state, ev)
     d, r = ev["dense"], ev["routed"]
     log(f"held-out perplexity ({d['tokens']} tokens of {ev['split']!r}): dense "
         f"{d['perplexity']:.3f}  routed ({ev['policy']}, sparsity {ev['sparsity']}) "
         f"{r['perplexity']:.3f}  realized sparsity {r['realized_sparsity']:.3f}")
   else:
-    _closing(workdir, ms, None)
-  summary["state"] = ms
+    _closing(workdir, model_state, None)
+  summary["state"] = model_state
   return summary
 
 
-def _closing(workdir: str, ms: ModelState, ev: dict[str, Any] | None) -> None:
+def _closing(workdir: str, model_state: ModelState, ev: dict[str, Any] | None) -> None:
   """summary.png and where the results are (process 0); the perplexity line comes last."""
   if jax.process_index() != 0:
     return
-  table = model_table(nnx.merge(ms.graphdef, ms.state))
+  table = model_table(nnx.merge(model_state.graphdef, model_state.state))
   figure = report.write_summary_figure(workdir, None if table is None else np.asarray(table), ev)
   for line in report.closing_lines(workdir, ev, figure):
     log(line)

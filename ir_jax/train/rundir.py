@@ -159,24 +159,24 @@ def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelStat
     raise FileNotFoundError(f"{workdir}: no {RUN_FILE}; not an ir_jax.train workdir")
   cfg = LlamaConfig.from_dict(meta["model"])
   mesh = mesh or sh.make_mesh(sh.MeshConfig(data=-1))
-  ms = init_state(cfg, mesh, meta["base"], int(meta.get("seed", 0)))
+  model_state = init_state(cfg, mesh, meta["base"], int(meta.get("seed", 0)))
   for stage in reversed(meta["stages"]):
     d = stage_dir(workdir, stage)
     if not os.path.isdir(d):
       continue
     mgr = open_manager(d)
     try:
-      found = restore_whole(mgr, d, lambda n: restore_adapters(mgr, n, adapter_target(ms)),
+      found = restore_whole(mgr, d, lambda n: restore_adapters(mgr, n, adapter_target(model_state)),
                             quarantine=False)
     finally:
       mgr.close()
     if found is not None:
-      replace_adapters(ms, found[1])
+      replace_adapters(model_state, found[1])
       break
-  return ms
+  return model_state
 
 
 def load_run_model(workdir: str) -> Llama:
   """`run_result(workdir)` as a Llama module."""
-  ms = run_result(workdir)
-  return nnx.merge(ms.graphdef, ms.state)
+  model_state = run_result(workdir)
+  return nnx.merge(model_state.graphdef, model_state.state)

@@ -113,33 +113,33 @@ def init_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh, base: dict[str, Any],
   return ModelState(graphdef, state, shardings)
 
 
-def split_adapters(ms: ModelState) -> tuple[nnx.State, nnx.State]:
+def split_adapters(model_state: ModelState) -> tuple[nnx.State, nnx.State]:
   """(adapters, everything else) of `ms`."""
-  adapters, rest = nnx.split_state(ms.state, steps.ADAPTERS, ...)
+  adapters, rest = nnx.split_state(model_state.state, steps.ADAPTERS, ...)
   return adapters, rest
 
 
-def adapter_target(ms: ModelState) -> nnx.State:
+def adapter_target(model_state: ModelState) -> nnx.State:
   """Restore target for the adapters: ShapeDtypeStructs with their shardings."""
-  adapters, _ = split_adapters(ms)
-  return sh.with_shardings(adapters, nnx.split_state(ms.shardings, steps.ADAPTERS, ...)[0])
+  adapters, _ = split_adapters(model_state)
+  return sh.with_shardings(adapters, nnx.split_state(model_state.shardings, steps.ADAPTERS, ...)[0])
 
 
-def replace_adapters(ms: ModelState, adapters: nnx.State) -> None:
+def replace_adapters(model_state: ModelState, adapters: nnx.State) -> None:
   """Puts `adapters` into `ms` in place of its own."""
-  _, rest = split_adapters(ms)
-  ms.state = nnx.merge_state(rest, adapters)
+  _, rest = split_adapters(model_state)
+  model_state.state = nnx.merge_state(rest, adapters)
 
 
-def adopt_adapters(ms: ModelState, other: ModelState) -> None:
+def adopt_adapters(model_state: ModelState, other: ModelState) -> None:
   """Copies into `ms` every adapter leaf of `other` with the same path and shape
   (train.init_from); the others keep their fresh values."""
   adapters, _ = nnx.split_state(other.state, steps.ADAPTERS, ...)
-  mine, _ = split_adapters(ms)
+  mine, _ = split_adapters(model_state)
   have = _paths(nnx.to_pure_dict(adapters))
   merged = {}
   for p, v in _paths(nnx.to_pure_dict(mine)).items():
     src = have.get(p)
     _set_path(merged, p, src if src is not None and src.shape == v.shape else v)
   nnx.replace_by_pure_dict(mine, merged)
-  replace_adapters(ms, mine)
+  replace_adapters(model_state, mine)

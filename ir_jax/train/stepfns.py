@@ -53,14 +53,14 @@ def jit_stage_step(s: Settings, stage: str, graphdef: Any, trainable: nnx.State,
   `trainable` may be abstract; optimizer-state leaves shaped like a parameter
   follow that parameter's sharding, the rest are replicated.
   """
-  sc = s.train.stage(stage)
+  stage_cfg = s.train.stage(stage)
   tr_sh, fr_sh = nnx.split_state(shardings, steps.TRAINABLE[stage], ...)
-  tx = steps.optimizer(sc)
+  tx = steps.optimizer(stage_cfg)
   abs_opt = jax.eval_shape(tx.init, trainable)
   rep = sh.replicated(mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s_: s_, abs_opt, tr_sh,
                                  transform_non_params=lambda _: rep)
-  loss_fn = steps.stage_loss_fn(stage, sc, s.routing, s.train.seed)
+  loss_fn = steps.stage_loss_fn(stage, stage_cfg, s.routing, s.train.seed)
   batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
   fn = jax.jit(sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
                in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
@@ -68,23 +68,23 @@ def jit_stage_step(s: Settings, stage: str, graphdef: Any, trainable: nnx.State,
   return StageStep(fn, tx, abs_opt, opt_sh, tr_sh, fr_sh)
 
 
-def evaluate(s: Settings, ms: ModelState, mesh: jax.sharding.Mesh,
+def evaluate(s: Settings, model_state: ModelState, mesh: jax.sharding.Mesh,
              num_batches: int) -> dict[str, Any]:
   """Held-out perplexity, dense and routed at the configured policy and sparsity."""
   data = s.data
-  eval_spec = trained_spec(nnx.merge(ms.graphdef, ms.state), s.routing.inference())
+  eval_spec = trained_spec(nnx.merge(model_state.graphdef, model_state.state), s.routing.inference())
   results: dict[str, Any] = {"split": data.eval_split, "seq_len": data.seq_len,
                              "policy": eval_spec.policy, "sparsity": eval_spec.sparsity,
                              "capacity_table": eval_spec.capacities is not None}
   for name, spec in (("dense", None), ("routed", eval_spec)):
-    fn = jit_eval_step(ms.graphdef, ms.shardings, spec, mesh)
+    fn = jit_eval_step(model_state.graphdef, model_state.shardings, spec, mesh)
     it = pipeline.make_iterator(data, data.eval_split, mode=PACK, shuffle=False, num_epochs=1,
                                 mesh=mesh, batch_axes=sh.BATCH_AXES, num_batches=num_batches,
                                 prepare_if_missing=True)
     nll, tokens, execs = 0.0, 0.0, []
     try:
       for batch in it:
-        out = jax.device_get(fn(ms.state, batch))
+        out = jax.device_get(fn(model_state.state, batch))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
         if "exec_rate" in out:

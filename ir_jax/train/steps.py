@@ -29,27 +29,27 @@ ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, Capacity, Calibrated
 
 
 # ------------------------------------------------------------ optimizers
-def schedule(sc: StageConfig) -> optax.Schedule:
-  warm = int(round(sc.warmup * sc.steps))
-  rest = max(sc.steps - warm, 1)
-  if sc.schedule == "cosine":
-    main = optax.cosine_decay_schedule(sc.learning_rate, rest)
-  elif sc.schedule == "linear":
-    main = optax.linear_schedule(sc.learning_rate, 0.0, rest)
+def schedule(stage_cfg: StageConfig) -> optax.Schedule:
+  warm = int(round(stage_cfg.warmup * stage_cfg.steps))
+  rest = max(stage_cfg.steps - warm, 1)
+  if stage_cfg.schedule == "cosine":
+    main = optax.cosine_decay_schedule(stage_cfg.learning_rate, rest)
+  elif stage_cfg.schedule == "linear":
+    main = optax.linear_schedule(stage_cfg.learning_rate, 0.0, rest)
   else:
-    main = optax.constant_schedule(sc.learning_rate)
+    main = optax.constant_schedule(stage_cfg.learning_rate)
   if not warm:
     return main
-  return optax.join_schedules([optax.linear_schedule(0.0, sc.learning_rate, warm), main], [warm])
+  return optax.join_schedules([optax.linear_schedule(0.0, stage_cfg.learning_rate, warm), main], [warm])
 
 
-def optimizer(sc: StageConfig) -> optax.GradientTransformation:
+def optimizer(stage_cfg: StageConfig) -> optax.GradientTransformation:
   """AdamW with the stage's schedule, clipping and accumulation."""
-  parts = [optax.clip_by_global_norm(sc.grad_clip)] if sc.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule(sc), weight_decay=sc.weight_decay))
+  parts = [optax.clip_by_global_norm(stage_cfg.grad_clip)] if stage_cfg.grad_clip > 0 else []
+  parts.append(optax.adamw(schedule(stage_cfg), weight_decay=stage_cfg.weight_decay))
   tx = optax.chain(*parts)
-  if sc.grad_accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=sc.grad_accum)
+  if stage_cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=stage_cfg.grad_accum)
   return tx
 
 
@@ -84,14 +84,14 @@ def forecaster_loss(model: Llama, batch: dict[str, Array]) -> tuple[Array, dict[
   valid = ((seg > 0) & ~sink_mask(index, seg)).astype(jnp.float32)
   sg = jax.lax.stop_gradient
 
-  def layer_fn(layer, rl, x, _):
+  def layer_fn(layer, routing_layer, x, _):
     n = sg(layer.input_layernorm(x))
     a = sg(layer.self_attn(n, positions, index, seg))
-    fa = rl.attn_lff(n)
+    fa = routing_layer.attn_lff(n)
     x = x + a
     n2 = sg(layer.post_attention_layernorm(x))
     m = sg(layer.mlp(n2))
-    fm = rl.mlp_lff(n2)
+    fm = routing_layer.mlp_lff(n2)
     losses = jnp.stack([smooth_l1(fa, a, valid), smooth_l1(fm, m, valid)])
     explained = jnp.stack([_explained(fa, a, valid), _explained(fm, m, valid)])
     return x + m, (losses, explained)
@@ -112,14 +112,14 @@ def lm_loss(logits_BxTxV: Array, batch: dict[str, Array]) -> tuple[Array, Array]
   return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
 
 
-def router_spec(routing: RoutingSpec, rs: RouterStage) -> RoutingSpec:
+def router_spec(routing: RoutingSpec, router_cfg: RouterStage) -> RoutingSpec:
   """The training form of the configured routing: straight-through gates."""
-  if rs.gate == "gumbel":
+  if router_cfg.gate == "gumbel":
     return dataclasses.replace(routing, mode="topk", gate="gumbel", compute="all")
   return dataclasses.replace(routing, mode="topk", gate="ste", compute="gathered")
 
 
-def router_loss(model: Llama, batch: dict[str, Array], spec: RoutingSpec, rs: RouterStage,
+def router_loss(model: Llama, batch: dict[str, Array], spec: RoutingSpec, router_cfg: RouterStage,
                 temperature: Array, rng: Array) -> tuple[Array, dict[str, Array]]:
   logits, aux = routed_forward(model, batch["inputs"], batch["positions"], batch["segment_ids"],
                                spec, rng=rng, return_aux=True, temperature=temperature)
@@ -134,7 +134,7 @@ def router_loss(model: Llama, batch: dict[str, Array], spec: RoutingSpec, rs: Ro
   sparsity_pen = jnp.where(has_table, jnp.mean(jnp.abs(table_Lx2 - exec_Lx2)),
                            jnp.abs(capacity - jnp.mean(exec_Lx2)))
   importance = jnp.mean(aux["importance"])
-  loss = lm + rs.sparsity_weight * sparsity_pen + rs.importance_weight * importance
+  loss = lm + router_cfg.sparsity_weight * sparsity_pen + router_cfg.importance_weight * importance
   return loss, {"loss": loss, "lm": lm, "sparsity_penalty": sparsity_pen,
                 "importance": importance, "temperature": temperature,
                 "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
@@ -157,20 +157,20 @@ def lora_spec(routing: RoutingSpec) -> RoutingSpec:
 
 
 # ------------------------------------------------------------------ steps
-def stage_loss_fn(stage: str, sc: StageConfig, routing: RoutingSpec,
+def stage_loss_fn(stage: str, stage_cfg: StageConfig, routing: RoutingSpec,
                   seed: int) -> Callable[[Llama, dict[str, Array], Array], tuple[Array, dict]]:
   """loss(model, batch, step) -> (loss, metrics) for `stage`."""
   if stage == "forecaster":
     return lambda model, batch, step: forecaster_loss(model, batch)
   if stage == "router":
-    assert isinstance(sc, RouterStage)
-    spec = router_spec(routing, sc)
+    assert isinstance(stage_cfg, RouterStage)
+    spec = router_spec(routing, stage_cfg)
     base_key = jax.random.key(seed)
 
     def loss(model, batch, step):
-      frac = jnp.minimum(step.astype(jnp.float32) / max(sc.steps * sc.grad_accum - 1, 1), 1.0)
-      temp = sc.temperature_start + (sc.temperature_end - sc.temperature_start) * frac
-      return router_loss(model, batch, spec, sc, temp, jax.random.fold_in(base_key, step))
+      frac = jnp.minimum(step.astype(jnp.float32) / max(stage_cfg.steps * stage_cfg.grad_accum - 1, 1), 1.0)
+      temp = stage_cfg.temperature_start + (stage_cfg.temperature_end - stage_cfg.temperature_start) * frac
+      return router_loss(model, batch, spec, stage_cfg, temp, jax.random.fold_in(base_key, step))
 
     return loss
   if stage == "lora":

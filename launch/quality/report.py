@@ -41,10 +41,10 @@ def collect(runs: str) -> dict[str, Any]:
     cfg = (read_json(os.path.join(wd, "run.json")) or {}).get("config") or {}
     rows = {}  # batch rows x tokens per row of each stage, as the run was configured
     for st in a.stages:
-      sc, dc = cfg.get("train", {}).get(st, {}), cfg.get("data", {})
+      stage_cfg, dc = cfg.get("train", {}).get(st, {}), cfg.get("data", {})
       if dc:
-        rows[st] = [sc.get("batch_size") or dc.get("batch_size"),
-                    sc.get("seq_len") or dc.get("seq_len")]
+        rows[st] = [stage_cfg.get("batch_size") or dc.get("batch_size"),
+                    stage_cfg.get("seq_len") or dc.get("seq_len")]
     arm_info[a.name] = {"workdir": rel(wd), "stages": list(a.stages), "steps": a.steps,
                         "batch": rows,
                         "builds_on": a.builds_on, "policy": a.policy or None,
