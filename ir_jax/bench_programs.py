@@ -47,18 +47,34 @@ def _memory(compiled: Any) -> dict[str, int]:
   get = lambda n: int(getattr(ma, n, 0) or 0) if ma is not None else 0
   arg, out = get("argument_size_in_bytes"), get("output_size_in_bytes")
   alias, temp = get("alias_size_in_bytes"), get("temp_size_in_bytes")
-  return dict(argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
-              peak_bytes=arg + out - alias + temp)
+  return dict(
+    argument_bytes=arg,
+    output_bytes=out,
+    alias_bytes=alias,
+    temp_bytes=temp,
+    peak_bytes=arg + out - alias + temp,
+  )
 
 
-_HLO_OPS = ("dot", "gather", "scatter", "dynamic-slice", "dynamic-update-slice", "conditional",
-            "while", "sort", "custom-call")
+_HLO_OPS = (
+  "dot",
+  "gather",
+  "scatter",
+  "dynamic-slice",
+  "dynamic-update-slice",
+  "conditional",
+  "while",
+  "sort",
+  "custom-call",
+)
 
 
 def hlo_counts(hlo_text: str) -> dict[str, int]:
   """How many instructions of each kind in a compiled module (a scanned body counts once)."""
-  return {op: len(re.findall(rf"^\s*(?:ROOT )?%?\S+ = .* {re.escape(op)}\(", hlo_text, re.M))
-          for op in _HLO_OPS}
+  return {
+    op: len(re.findall(rf"^\s*(?:ROOT )?%?\S+ = .* {re.escape(op)}\(", hlo_text, re.M))
+    for op in _HLO_OPS
+  }
 
 
 def _compile(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
@@ -72,10 +88,20 @@ def _compile(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, dict[s
   return compiled, info
 
 
-def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
-                   sparsities: Sequence[float], *, k_multiple: int = 8, mask: bool = True,
-                   decode: bool = True, seed: int = 0, prefill: bool = True,
-                   table: Sequence[Sequence[float]] | None = None) -> list[Variant]:
+def build_variants(
+  model: Llama,
+  batch: int,
+  seq_len: int,
+  decode_steps: int,
+  sparsities: Sequence[float],
+  *,
+  k_multiple: int = 8,
+  mask: bool = True,
+  decode: bool = True,
+  seed: int = 0,
+  prefill: bool = True,
+  table: Sequence[Sequence[float]] | None = None,
+) -> list[Variant]:
   """Every program to time, compiled, with its inputs (random tokens).
 
   `table`: a per-unit capacity table `[L][2]` to route by, rescaled to each
@@ -100,33 +126,72 @@ def build_variants(model: Llama, batch: int, seq_len: int, decode_steps: int,
     return R.trained_spec(model, R.RoutingSpec(policy="informed", sparsity=s, **kw), sparsity=s)
 
   if not prefill:
-    return _decode_variants(model, tokens, decode_steps, sparsities, seed,
-                            spec_at) if decode else []
+    return (
+      _decode_variants(model, tokens, decode_steps, sparsities, seed, spec_at) if decode else []
+    )
   n_prefill = batch * seq_len
   dense_fl = R.flops(cfg, R.RoutingSpec(policy="dense"), seq_len, batch)
-  add("prefill/dense", "prefill", None, "dense", forward(None), (state, tokens), n_prefill,
-      flops=dense_fl["dense"], executed_fraction=1.0, ideal_fraction=1.0, realized_sparsity=0.0)
+  add(
+    "prefill/dense",
+    "prefill",
+    None,
+    "dense",
+    forward(None),
+    (state, tokens),
+    n_prefill,
+    flops=dense_fl["dense"],
+    executed_fraction=1.0,
+    ideal_fraction=1.0,
+    realized_sparsity=0.0,
+  )
   for s in sparsities:
     # A model with a trained capacity table routes by it, rescaled to s (random weights: uniform).
     spec = spec_at(s, k_multiple=k_multiple)
     fl = R.flops(cfg, spec, seq_len, batch)
     ks = R.layer_ks(spec, cfg, seq_len)
-    common = dict(realized_sparsity=float(1.0 - ks.mean() / seq_len),
-                  ideal_fraction=fl["ideal_fraction"])
-    add(f"prefill/routed@{s:g}", "prefill", s, "gathered", forward(spec), (state, tokens),
-        n_prefill, flops=fl["executed"], executed_fraction=fl["executed_fraction"], **common)
+    common = dict(
+      realized_sparsity=float(1.0 - ks.mean() / seq_len), ideal_fraction=fl["ideal_fraction"]
+    )
+    add(
+      f"prefill/routed@{s:g}",
+      "prefill",
+      s,
+      "gathered",
+      forward(spec),
+      (state, tokens),
+      n_prefill,
+      flops=fl["executed"],
+      executed_fraction=fl["executed_fraction"],
+      **common,
+    )
     if mask:
       mspec = dataclasses.replace(spec, compute="all")
       mfl = R.flops(cfg, mspec, seq_len, batch)
-      add(f"prefill/mask@{s:g}", "prefill", s, "mask", forward(mspec), (state, tokens),
-          n_prefill, flops=mfl["executed"], executed_fraction=mfl["executed_fraction"], **common)
+      add(
+        f"prefill/mask@{s:g}",
+        "prefill",
+        s,
+        "mask",
+        forward(mspec),
+        (state, tokens),
+        n_prefill,
+        flops=mfl["executed"],
+        executed_fraction=mfl["executed_fraction"],
+        **common,
+      )
   if decode:
     out += _decode_variants(model, tokens, decode_steps, sparsities, seed, spec_at)
   return out
 
 
-def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Sequence[float],
-                     seed: int, spec_at: Callable[..., R.RoutingSpec]) -> list[Variant]:
+def _decode_variants(
+  model: Llama,
+  tokens_BxT: Array,
+  steps: int,
+  sparsities: Sequence[float],
+  seed: int,
+  spec_at: Callable[..., R.RoutingSpec],
+) -> list[Variant]:
   """KV-cache decoding of `steps` tokens per row into a cache of T positions.
 
   The steps are teacher-forced with the prompt's own (random) tokens, so the
@@ -153,14 +218,25 @@ def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Se
 
       _, (ids, gates) = jax.lax.scan(step, cache, jnp.arange(feed_BxN.shape[1]))
       return ids, gates  # gates [N, L, 2, B]
+
     return fn
 
   n = b * steps
   out = []
   dense_spec = R.RoutingSpec(policy="dense")
   compiled, info = _compile(run(dense_spec), (state, feed_BxN))
-  out.append(Variant("decode/dense", "decode", None, "dense", compiled, (state, feed_BxN), n,
-                     dict(info, executed_fraction=1.0, ideal_fraction=1.0)))
+  out.append(
+    Variant(
+      "decode/dense",
+      "decode",
+      None,
+      "dense",
+      compiled,
+      (state, feed_BxN),
+      n,
+      dict(info, executed_fraction=1.0, ideal_fraction=1.0),
+    )
+  )
   for s in sparsities:
     spec = spec_at(s).inference("causal")
     calib = [jnp.asarray(rng.integers(0, cfg.vocab_size, (max(b, 2), t)), jnp.int32)]
@@ -169,11 +245,22 @@ def _decode_variants(model: Llama, tokens_BxT: Array, steps: int, sparsities: Se
     # when the next calibration writes the model's.
     st = jax.tree.map(lambda a: a, nnx.state(model))
     compiled, info = _compile(run(spec), (st, feed_BxN))
-    out.append(Variant(f"decode/routed@{s:g}", "decode", s, "threshold", compiled,
-                       (st, feed_BxN), n, dict(info, thresholds=thr.tolist())))
+    out.append(
+      Variant(
+        f"decode/routed@{s:g}",
+        "decode",
+        s,
+        "threshold",
+        compiled,
+        (st, feed_BxN),
+        n,
+        dict(info, thresholds=thr.tolist()),
+      )
+    )
     if b > 1:  # static row capacity: each unit runs its top ceil(c x B) rows, gathered
       rspec = spec_at(s).inference("topk")
       compiled, info = _compile(run(rspec), (state, feed_BxN))
-      out.append(Variant(f"decode/rows@{s:g}", "decode", s, "rows", compiled,
-                         (state, feed_BxN), n, info))
+      out.append(
+        Variant(f"decode/rows@{s:g}", "decode", s, "rows", compiled, (state, feed_BxN), n, info)
+      )
   return out

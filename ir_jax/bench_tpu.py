@@ -22,8 +22,12 @@ HBM_BYTES_PER_S = {"v4": 1228e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
 COST_KEYS = ("flops", "bytes")
 
 
-def per_layer(cost_a: Mapping[str, float], cost_b: Mapping[str, float], depths: Sequence[int],
-              keys: Sequence[str] = COST_KEYS) -> dict[str, float]:
+def per_layer(
+  cost_a: Mapping[str, float],
+  cost_b: Mapping[str, float],
+  depths: Sequence[int],
+  keys: Sequence[str] = COST_KEYS,
+) -> dict[str, float]:
   """The cost of one layer from costs at two unrolled depths `depths = (a, b)`, a < b.
 
   Identical layers make cost linear in depth, so the difference per added layer
@@ -33,16 +37,25 @@ def per_layer(cost_a: Mapping[str, float], cost_b: Mapping[str, float], depths: 
   return {k: (cost_b[k] - cost_a[k]) / (b - a) for k in keys}
 
 
-def extrapolate(cost_a: Mapping[str, float], cost_b: Mapping[str, float], depths: Sequence[int],
-                layers: int, keys: Sequence[str] = COST_KEYS) -> dict[str, float]:
+def extrapolate(
+  cost_a: Mapping[str, float],
+  cost_b: Mapping[str, float],
+  depths: Sequence[int],
+  layers: int,
+  keys: Sequence[str] = COST_KEYS,
+) -> dict[str, float]:
   """The cost at `layers` layers from costs at two unrolled depths `depths = (a, b)`."""
   per = per_layer(cost_a, cost_b, depths, keys)
   return {k: cost_a[k] + (layers - depths[0]) * per[k] for k in keys}
 
 
-def tpu_view(config_path: str, topology: str, layers: tuple[int, int] = (2, 4),
-             sparsity: float | None = None, log: Callable[[str], None] = lambda _: None
-             ) -> dict[str, Any]:
+def tpu_view(
+  config_path: str,
+  topology: str,
+  layers: tuple[int, int] = (2, 4),
+  sparsity: float | None = None,
+  log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
   """XLA's cost of dense vs routed inference (`ir_jax.aot` infer steps) on `topology`.
 
   XLA's cost_analysis() counts a scanned layer body once (and its
@@ -81,12 +94,16 @@ def tpu_view(config_path: str, topology: str, layers: tuple[int, int] = (2, 4),
       compiled = built.fn.lower(*built.args).compile()
       ca = compiled.cost_analysis()
       ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-      costs[stage][depth] = dict(flops=float(ca.get("flops", 0.0)),
-                                 bytes=float(ca.get("bytes accessed", 0.0)),
-                                 compile_s=time.perf_counter() - t0)
-      log(f"[{stage}] {depth} unrolled layers: XLA flops/chip {costs[stage][depth]['flops']:.4g}"
-          f", bytes/chip {costs[stage][depth]['bytes']:.4g} "
-          f"({costs[stage][depth]['compile_s']:.0f}s)")
+      costs[stage][depth] = dict(
+        flops=float(ca.get("flops", 0.0)),
+        bytes=float(ca.get("bytes accessed", 0.0)),
+        compile_s=time.perf_counter() - t0,
+      )
+      log(
+        f"[{stage}] {depth} unrolled layers: XLA flops/chip {costs[stage][depth]['flops']:.4g}"
+        f", bytes/chip {costs[stage][depth]['bytes']:.4g} "
+        f"({costs[stage][depth]['compile_s']:.0f}s)"
+      )
   cfg = load_config(config_path)
   if sparsity is not None:
     cfg.routing.sparsity = sparsity
@@ -96,14 +113,25 @@ def tpu_view(config_path: str, topology: str, layers: tuple[int, int] = (2, 4),
   chips = len(target.devices)
   kind = topology.partition(":")[0]
   peak, bw = target.chip.peak_flops, HBM_BYTES_PER_S.get(kind)
-  out: dict[str, Any] = dict(config=os.path.relpath(config_path, REPO), topology=topology,
-                             chips=chips, batch=b, seq_len=t, sparsity=spec.sparsity,
-                             unrolled_layers=list(layers), num_layers=full)
+  out: dict[str, Any] = dict(
+    config=os.path.relpath(config_path, REPO),
+    topology=topology,
+    chips=chips,
+    batch=b,
+    seq_len=t,
+    sparsity=spec.sparsity,
+    unrolled_layers=list(layers),
+    num_layers=full,
+  )
   for stage, name in (("infer_dense", "dense"), ("infer", "routed")):
     ext = extrapolate(costs[stage][l0], costs[stage][l1], layers, full)
     fl = aot.step_flops(s.model, "infer", None if stage == "infer_dense" else spec, b, t)
-    rec = dict(xla_flops_per_chip=ext["flops"], xla_bytes_per_chip=ext["bytes"],
-               analytic_flops=fl["total"], compiles=costs[stage])
+    rec = dict(
+      xla_flops_per_chip=ext["flops"],
+      xla_bytes_per_chip=ext["bytes"],
+      analytic_flops=fl["total"],
+      compiles=costs[stage],
+    )
     if peak:
       rec["analytic_step_s"] = fl["total"] / (chips * peak * 0.4)
       rec["xla_compute_s"] = ext["flops"] / peak
@@ -113,25 +141,39 @@ def tpu_view(config_path: str, topology: str, layers: tuple[int, int] = (2, 4),
       rec["xla_roofline_s"] = max(rec["xla_compute_s"], rec["xla_memory_s"])
     out[name] = rec
   d, r = out["dense"], out["routed"]
-  out["ratio"] = {k: r[k] / d[k] for k in ("xla_flops_per_chip", "xla_bytes_per_chip",
-                                            "analytic_flops", "analytic_step_s",
-                                            "xla_roofline_s") if k in d and d[k]}
+  out["ratio"] = {
+    k: r[k] / d[k]
+    for k in (
+      "xla_flops_per_chip",
+      "xla_bytes_per_chip",
+      "analytic_flops",
+      "analytic_step_s",
+      "xla_roofline_s",
+    )
+    if k in d and d[k]
+  }
   return out
 
 
 def tpu_table(v: dict[str, Any]) -> str:
   """The console table of a `tpu_view` result: dense, routed and their ratio."""
-  rows = [f"{v['config']} on {v['topology']} ({v['chips']} chips), {v['batch']} x {v['seq_len']} "
-          f"tokens, informed top-k at sparsity {v['sparsity']:g} (XLA figures extrapolated from "
-          f"{v['unrolled_layers'][0]} and {v['unrolled_layers'][1]} unrolled layers to "
-          f"{v['num_layers']})",
-          "| quantity | dense | routed | routed / dense |", "| --- | --- | --- | --- |"]
-  for key, label in (("xla_flops_per_chip", "XLA FLOPs per chip"),
-                     ("xla_bytes_per_chip", "XLA bytes accessed per chip"),
-                     ("xla_roofline_s", "XLA roofline step s (max of FLOPs at peak, bytes at HBM)"),
-                     ("analytic_flops", "analytic model FLOPs (ir_jax.aot)"),
-                     ("analytic_step_s", "analytic step s at 40% MFU (ir_jax.aot)")):
+  rows = [
+    f"{v['config']} on {v['topology']} ({v['chips']} chips), {v['batch']} x {v['seq_len']} "
+    f"tokens, informed top-k at sparsity {v['sparsity']:g} (XLA figures extrapolated from "
+    f"{v['unrolled_layers'][0]} and {v['unrolled_layers'][1]} unrolled layers to "
+    f"{v['num_layers']})",
+    "| quantity | dense | routed | routed / dense |",
+    "| --- | --- | --- | --- |",
+  ]
+  for key, label in (
+    ("xla_flops_per_chip", "XLA FLOPs per chip"),
+    ("xla_bytes_per_chip", "XLA bytes accessed per chip"),
+    ("xla_roofline_s", "XLA roofline step s (max of FLOPs at peak, bytes at HBM)"),
+    ("analytic_flops", "analytic model FLOPs (ir_jax.aot)"),
+    ("analytic_step_s", "analytic step s at 40% MFU (ir_jax.aot)"),
+  ):
     if key in v["dense"]:
-      rows.append(f"| {label} | {v['dense'][key]:.4g} | {v['routed'][key]:.4g} | "
-                  f"{v['ratio'][key]:.3f} |")
+      rows.append(
+        f"| {label} | {v['dense'][key]:.4g} | {v['routed'][key]:.4g} | {v['ratio'][key]:.3f} |"
+      )
   return "\n".join(rows)

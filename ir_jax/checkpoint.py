@@ -46,7 +46,7 @@ def _remove_orphans(parent: str, prefix: str) -> None:
   for name in os.listdir(parent):
     if not name.startswith(prefix):
       continue
-    pid = name[len(prefix):].split("-", 1)[0]
+    pid = name[len(prefix) :].split("-", 1)[0]
     if pid.isdigit():
       try:
         os.kill(int(pid), 0)
@@ -79,9 +79,16 @@ def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     raise
 
 
-def save(out: str, cfg: LlamaConfig, params: dict, *, tokenizer_dir: str | None = None,
-         provenance: dict[str, Any] | None = None, overwrite: bool = False,
-         routing: dict[str, Any] | None = None) -> str:
+def save(
+  out: str,
+  cfg: LlamaConfig,
+  params: dict,
+  *,
+  tokenizer_dir: str | None = None,
+  provenance: dict[str, Any] | None = None,
+  overwrite: bool = False,
+  routing: dict[str, Any] | None = None,
+) -> str:
   """Writes a model checkpoint directory from a pure-dict parameter tree.
 
   `routing`: the routing spec (JSON fields) the routers were trained for, when
@@ -91,8 +98,12 @@ def save(out: str, cfg: LlamaConfig, params: dict, *, tokenizer_dir: str | None 
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.to_dict(),
-            "provenance": provenance or {}}
+    meta = {
+      "format": FORMAT,
+      "version": FORMAT_VERSION,
+      "model": cfg.to_dict(),
+      "provenance": provenance or {},
+    }
     if routing is not None:
       meta["routing"] = routing
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
@@ -112,7 +123,8 @@ def load_config(path: str) -> LlamaConfig:
     raise CheckpointError(f"{meta_file}: format is not {FORMAT!r}")
   if meta.get("version") != FORMAT_VERSION:
     raise CheckpointError(
-        f"{meta_file}: checkpoint version {meta.get('version')!r}, this ir_jax reads {FORMAT_VERSION}")
+      f"{meta_file}: checkpoint version {meta.get('version')!r}, this ir_jax reads {FORMAT_VERSION}"
+    )
   try:
     return LlamaConfig.from_dict(meta["model"])
   except (ConfigError, TypeError, KeyError) as e:

@@ -27,9 +27,11 @@ class ConfigError(ValueError):
   """A configuration value is missing, malformed or out of range."""
 
 
-GCSFUSE_HINT = ("mount the bucket with gcsfuse and pass the mounted path (launch/tpu_pod.sh "
-                "runs `gcsfuse --implicit-dirs BUCKET ~/gcs` on every worker: gs://BUCKET/X "
-                "is then ~/gcs/X)")
+GCSFUSE_HINT = (
+  "mount the bucket with gcsfuse and pass the mounted path (launch/tpu_pod.sh "
+  "runs `gcsfuse --implicit-dirs BUCKET ~/gcs` on every worker: gs://BUCKET/X "
+  "is then ~/gcs/X)"
+)
 
 
 def refuse_remote(what: str, path: Any) -> None:
@@ -96,19 +98,25 @@ class LlamaConfig:
   lora_alpha: float = 32.0
 
   def __post_init__(self) -> None:
-    if (self.head_dim == 0 and is_int(self.num_heads) and self.num_heads > 0
-        and is_int(self.hidden_size)):
+    if (
+      self.head_dim == 0
+      and is_int(self.num_heads)
+      and self.num_heads > 0
+      and is_int(self.hidden_size)
+    ):
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     if self.rope_scaling is not None:
       if not isinstance(self.rope_scaling, Mapping):
-        raise ConfigError(f"model.rope_scaling must be None or a dict with a rope_type, got "
-                          f"{self.rope_scaling!r}")
+        raise ConfigError(
+          f"model.rope_scaling must be None or a dict with a rope_type, got {self.rope_scaling!r}"
+        )
       object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
     self.validate()
 
   # ---------------------------------------------------------------- checks
   def validate(self) -> None:
     """Raises ConfigError naming the field, the value and what is expected."""
+
     def positive(name: str, limit: int) -> None:
       v = getattr(self, name)
       if not is_int(v) or not 0 < v <= limit:
@@ -125,23 +133,28 @@ class LlamaConfig:
     positive("lff_rank", _MAX_HIDDEN)
     if not is_int(self.router_hidden) or not 0 <= self.router_hidden <= _MAX_HIDDEN:
       raise ConfigError(
-          f"model.router_hidden must be an integer in [0, {_MAX_HIDDEN}] (0: linear router), "
-          f"got {self.router_hidden!r}")
+        f"model.router_hidden must be an integer in [0, {_MAX_HIDDEN}] (0: linear router), "
+        f"got {self.router_hidden!r}"
+      )
     if not is_int(self.lora_rank) or not 0 <= self.lora_rank <= _MAX_HIDDEN:
-      raise ConfigError(f"model.lora_rank must be an integer in [0, {_MAX_HIDDEN}] (0: no LoRA), "
-                        f"got {self.lora_rank!r}")
+      raise ConfigError(
+        f"model.lora_rank must be an integer in [0, {_MAX_HIDDEN}] (0: no LoRA), "
+        f"got {self.lora_rank!r}"
+      )
     if not (is_number(self.lora_alpha) and self.lora_alpha > 0):
       raise ConfigError(f"model.lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
-          f"model.num_heads ({self.num_heads}) must be a multiple of "
-          f"model.num_kv_heads ({self.num_kv_heads}) for grouped-query attention")
+        f"model.num_heads ({self.num_heads}) must be a multiple of "
+        f"model.num_kv_heads ({self.num_kv_heads}) for grouped-query attention"
+      )
     if self.head_dim % 2:
       raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
     # float32 must hold eps (a smaller one rounds to 0: a zero-norm row divides by zero).
     if not (is_number(self.rms_norm_eps) and _F32_TINY <= self.rms_norm_eps < 1):
-      raise ConfigError(f"model.rms_norm_eps must be a number in [{_F32_TINY:.3g}, 1), "
-                        f"got {self.rms_norm_eps!r}")
+      raise ConfigError(
+        f"model.rms_norm_eps must be a number in [{_F32_TINY:.3g}, 1), got {self.rms_norm_eps!r}"
+      )
     if not (is_number(self.rope_theta) and self.rope_theta > 1):
       raise ConfigError(f"model.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
     for name in ("dtype", "param_dtype"):
@@ -154,8 +167,9 @@ class LlamaConfig:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       v = getattr(self, name)
       if v is not None and not (is_int(v) and 0 <= v < self.vocab_size):
-        raise ConfigError(f"model.{name} must be None or an integer in [0, {self.vocab_size}), "
-                          f"got {v!r}")
+        raise ConfigError(
+          f"model.{name} must be None or an integer in [0, {self.vocab_size}), got {v!r}"
+        )
     if self.rope_scaling is not None:
       self._validate_rope_scaling(self.rope_scaling)
 
@@ -163,10 +177,17 @@ class LlamaConfig:
     kind = rs.get("rope_type", rs.get("type", "default"))
     if not isinstance(kind, str) or kind not in _ROPE_TYPES:
       raise ConfigError(
-          f"model.rope_scaling type {kind!r} is not supported; supported: {_ROPE_TYPES}")
-    need = {"linear": ("factor",),
-            "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                       "original_max_position_embeddings")}.get(kind, ())
+        f"model.rope_scaling type {kind!r} is not supported; supported: {_ROPE_TYPES}"
+      )
+    need = {
+      "linear": ("factor",),
+      "llama3": (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+      ),
+    }.get(kind, ())
     missing = [k for k in need if k not in rs]
     if missing:
       raise ConfigError(f"model.rope_scaling of type {kind!r} lacks {missing}")
@@ -177,13 +198,17 @@ class LlamaConfig:
       else:
         ok = is_number(v) and 0 < v <= 1e6
       if not ok:
-        raise ConfigError(f"model.rope_scaling.{k} must be a "
-                          f"{'positive integer' if k.startswith('orig') else 'number in (0, 1e6]'}"
-                          f", got {v!r}")
+        raise ConfigError(
+          f"model.rope_scaling.{k} must be a "
+          f"{'positive integer' if k.startswith('orig') else 'number in (0, 1e6]'}"
+          f", got {v!r}"
+        )
     if kind == "llama3" and not rs["low_freq_factor"] < rs["high_freq_factor"]:
       # The blend between the two bands divides by their difference.
-      raise ConfigError(f"model.rope_scaling.low_freq_factor ({rs['low_freq_factor']}) must be "
-                        f"below high_freq_factor ({rs['high_freq_factor']})")
+      raise ConfigError(
+        f"model.rope_scaling.low_freq_factor ({rs['low_freq_factor']}) must be "
+        f"below high_freq_factor ({rs['high_freq_factor']})"
+      )
 
   # ------------------------------------------------------------- helpers
   @property
@@ -219,8 +244,11 @@ class LlamaConfig:
     unknown = sorted(set(d) - names)
     if unknown:
       raise ConfigError(f"unknown model config fields {unknown}; known: {sorted(names)}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.name not in d]
+    required = [
+      f.name
+      for f in dataclasses.fields(cls)
+      if f.default is dataclasses.MISSING and f.name not in d
+    ]
     if required:
       raise ConfigError(f"model config lacks required fields {required}")
     return cls(**dict(d))
@@ -236,8 +264,13 @@ class LlamaConfig:
       raise ConfigError(f"model_type {mt!r} is not a Llama-family model")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
       raise ConfigError("attention_bias / mlp_bias Llama variants are not supported")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads"):
+    for key in (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+    ):
       if key not in hf:
         raise ConfigError(f"config.json lacks {key!r}")
     # transformers 5 writes `rope_parameters` ({rope_theta, rope_type, ...});
@@ -266,21 +299,21 @@ class LlamaConfig:
 
     heads = hf["num_attention_heads"]
     fields = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or 0,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=token("bos_token_id"),
-        eos_token_id=token("eos_token_id"),
-        pad_token_id=token("pad_token_id"),
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or 0,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=float(theta),
+      rope_scaling=scaling,
+      max_position_embeddings=hf.get("max_position_embeddings", 4096),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      bos_token_id=token("bos_token_id"),
+      eos_token_id=token("eos_token_id"),
+      pad_token_id=token("pad_token_id"),
     )
     fields.update(overrides)
     return cls(**fields)
@@ -291,28 +324,28 @@ class LlamaConfig:
     if self.rope_scaling:
       rope.update(self.rope_scaling)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim,
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-        "rope_parameters": rope,
-        "max_position_embeddings": self.max_position_embeddings,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
-        "pad_token_id": self.pad_token_id,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": self.param_dtype,
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "intermediate_size": self.intermediate_size,
+      "num_hidden_layers": self.num_layers,
+      "num_attention_heads": self.num_heads,
+      "num_key_value_heads": self.num_kv_heads,
+      "head_dim": self.head_dim,
+      "rms_norm_eps": self.rms_norm_eps,
+      "rope_theta": self.rope_theta,
+      "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+      "rope_parameters": rope,
+      "max_position_embeddings": self.max_position_embeddings,
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "bos_token_id": self.bos_token_id,
+      "eos_token_id": self.eos_token_id,
+      "pad_token_id": self.pad_token_id,
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "mlp_bias": False,
+      "torch_dtype": self.param_dtype,
     }
 
 

@@ -22,8 +22,10 @@ def load_config(path: str, arg: str | None = None) -> Any:
     raise FileNotFoundError(f"--config {path}: no such file")
   spec = importlib.util.spec_from_file_location("_ir_jax_config", path)
   if spec is None or spec.loader is None:  # not a .py file
-    raise ConfigError(f"--config {path}: not a Python config file (expected a .py file "
-                      "defining get_config(), like configs/tiny.py)")
+    raise ConfigError(
+      f"--config {path}: not a Python config file (expected a .py file "
+      "defining get_config(), like configs/tiny.py)"
+    )
   mod = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(mod)
@@ -45,7 +47,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   while i < len(argv):
     a = argv[i]
     if a.startswith(OVERRIDE):
-      key, sep, value = a[len(OVERRIDE):].partition("=")
+      key, sep, value = a[len(OVERRIDE) :].partition("=")
       if not sep:
         if i + 1 >= len(argv):
           raise ConfigError(f"{a} needs a value ({a}=VALUE)")

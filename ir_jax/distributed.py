@@ -64,9 +64,13 @@ def on_tpu_vm() -> bool:
   return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def plan(coordinator: str | None = None, num_processes: int | None = None,
-         process_id: int | None = None, env: Mapping[str, str] | None = None,
-         tpu_vm: bool | None = None) -> Plan:
+def plan(
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  env: Mapping[str, str] | None = None,
+  tpu_vm: bool | None = None,
+) -> Plan:
   """Decides how to start (see the module docstring); raises ConfigError on half-given flags."""
   env = os.environ if env is None else env
   coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
@@ -74,19 +78,26 @@ def plan(coordinator: str | None = None, num_processes: int | None = None,
     num_processes = _int(env.get("JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES")
   if process_id is None:
     process_id = _int(env.get("JAX_PROCESS_ID"), "JAX_PROCESS_ID")
-  given = {"--coordinator": coordinator, "--num_processes": num_processes,
-           "--process_id": process_id}
+  given = {
+    "--coordinator": coordinator,
+    "--num_processes": num_processes,
+    "--process_id": process_id,
+  }
   if any(v is not None for v in given.values()):
     missing = [k for k, v in given.items() if v is None]
     if missing:
-      raise ConfigError(f"multi-process flags need all of --coordinator, --num_processes and "
-                        f"--process_id; missing {', '.join(missing)}")
+      raise ConfigError(
+        f"multi-process flags need all of --coordinator, --num_processes and "
+        f"--process_id; missing {', '.join(missing)}"
+      )
     if ":" not in coordinator:
-      raise ConfigError(f"--coordinator must be HOST:PORT (process 0's address), got "
-                        f"{coordinator!r}")
+      raise ConfigError(
+        f"--coordinator must be HOST:PORT (process 0's address), got {coordinator!r}"
+      )
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ConfigError(f"--process_id must be in [0, --num_processes={num_processes}), got "
-                        f"{process_id}")
+      raise ConfigError(
+        f"--process_id must be in [0, --num_processes={num_processes}), got {process_id}"
+      )
     if num_processes == 1:
       return Plan("single")
     return Plan("flags", coordinator, num_processes, process_id)
@@ -109,8 +120,9 @@ def _cpu_only() -> bool:
   return platforms.strip().lower() == "cpu"
 
 
-def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> Plan:
+def maybe_initialize(
+  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> Plan:
   """Calls jax.distributed.initialize() when `plan(...)` says this is a multi-process job."""
   p = plan(coordinator, num_processes, process_id)
   if not p.distributed or jax.distributed.is_initialized():
@@ -118,6 +130,7 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
   if _cpu_only():
     # The default CPU client has no cross-process collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=p.coordinator, num_processes=p.num_processes,
-                             process_id=p.process_id)
+  jax.distributed.initialize(
+    coordinator_address=p.coordinator, num_processes=p.num_processes, process_id=p.process_id
+  )
   return p

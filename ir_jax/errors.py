@@ -13,9 +13,19 @@ from ir_jax.data.config import DataError
 from ir_jax.eval.estimators import EstimatorError
 from ir_jax.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, EstimatorError, SafetensorsError,
-               TokenizerError, WeightImportError,
-               FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+USER_ERRORS = (
+  ConfigError,
+  CheckpointError,
+  DataError,
+  EstimatorError,
+  SafetensorsError,
+  TokenizerError,
+  WeightImportError,
+  FileNotFoundError,
+  FileExistsError,
+  NotADirectoryError,
+  PermissionError,
+)
 
 
 def cli_main(fn: Callable[[], int | None], prog: str) -> None:

@@ -7,8 +7,9 @@ import os
 from typing import Any, Callable
 
 
-def write_json(path: str, obj: Any, *, indent: int | None = 1,
-               default: Callable[[Any], Any] | None = None) -> str:
+def write_json(
+  path: str, obj: Any, *, indent: int | None = 1, default: Callable[[Any], Any] | None = None
+) -> str:
   """`obj` as JSON at `path`, atomically and durably: written to a sibling temporary
   file, fsynced (a full disk fails here, not later), then renamed over `path`."""
   parent = os.path.dirname(os.path.abspath(path))

@@ -86,8 +86,14 @@ def _forecaster_moments(model: Llama, batch: dict[str, Array], outlier: float) -
     mean = jnp.sum(energy * ordinary) / jnp.maximum(jnp.sum(ordinary), 1.0)
     w = ordinary * (energy <= outlier * mean)
     xw = x * w[:, None]
-    return dict(count=jnp.sum(w), sx=w @ x, sy=w @ y, xtx=xw.T @ x, xty=xw.T @ y,
-                dropped=jnp.sum(ordinary) - jnp.sum(w))
+    return dict(
+      count=jnp.sum(w),
+      sx=w @ x,
+      sy=w @ y,
+      xtx=xw.T @ x,
+      xty=xw.T @ y,
+      dropped=jnp.sum(ordinary) - jnp.sum(w),
+    )
 
   return _dense_units(model, batch, per_unit)
 
@@ -108,8 +114,16 @@ def _router_moments(model: Llama, batch: dict[str, Array], greedy: bool) -> dict
     tot = jnp.sum(jnp.square(u.astype(jnp.float32)), -1).reshape(-1)
     y = jnp.log(err + _LOG_EPS)
     xw = x * w[:, None]
-    return dict(count=jnp.sum(w), sx=w @ x, xtx=xw.T @ x, xty=xw.T @ y, sy=w @ y,
-                syy=w @ (y * y), err=w @ err, tot=w @ tot)
+    return dict(
+      count=jnp.sum(w),
+      sx=w @ x,
+      xtx=xw.T @ x,
+      xty=xw.T @ y,
+      sy=w @ y,
+      syy=w @ (y * y),
+      err=w @ err,
+      tot=w @ tot,
+    )
 
   return _dense_units(model, batch, per_unit)
 
@@ -133,14 +147,17 @@ def _error_curves(model: Llama, batch: dict[str, Array], greedy: bool) -> dict[s
     f = _approximation(routing_layer, unit, n, greedy)
     err = jnp.sum(jnp.square((u - f).astype(jnp.float32)), -1)
     scale = jnp.sum(jnp.square(x_res.astype(jnp.float32)), -1)
-    return dict(score=routing_layer.router(unit)(n).reshape(-1),
-                rel_err=(err / jnp.maximum(scale, 1e-30)).reshape(-1))
+    return dict(
+      score=routing_layer.router(unit)(n).reshape(-1),
+      rel_err=(err / jnp.maximum(scale, 1e-30)).reshape(-1),
+    )
 
   return _dense_units(model, batch, per_unit)
 
 
-def error_curves(model: Llama, batches: list[dict[str, Any]],
-                 greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def error_curves(
+  model: Llama, batches: list[dict[str, Any]], greedy: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
   """(router scores, relative approximation errors |Unit(n) - LFF(n)|^2 / |x|^2, LFF = 0 when
   `greedy`), `[L, 2, n]` over the n ordinary tokens of `batches` in the dense model."""
   scores, errs = [], []
@@ -153,9 +170,14 @@ def error_curves(model: Llama, batches: list[dict[str, Any]],
   return np.concatenate(scores, -1), np.concatenate(errs, -1)
 
 
-def allocate_curves(scores: np.ndarray, rel_err: np.ndarray, sparsity: float,
-                    step: float = 1 / 16, max_sparsity: float = 0.875,
-                    unit_cost: tuple[float, float] | None = None) -> np.ndarray:
+def allocate_curves(
+  scores: np.ndarray,
+  rel_err: np.ndarray,
+  sparsity: float,
+  step: float = 1 / 16,
+  max_sparsity: float = 0.875,
+  unit_cost: tuple[float, float] | None = None,
+) -> np.ndarray:
   """Per-unit capacities `[L, 2]` from damage curves, at mean sparsity `sparsity`.
 
   A unit's damage at sparsity s is the summed relative forecast error of the
@@ -170,8 +192,9 @@ def allocate_curves(scores: np.ndarray, rel_err: np.ndarray, sparsity: float,
   """
   num_l, num_u, n = rel_err.shape
   order = np.argsort(scores, axis=-1, kind="stable")
-  cum = np.concatenate([np.zeros((num_l, num_u, 1)),
-                        np.cumsum(np.take_along_axis(rel_err, order, -1), -1) / n], -1)
+  cum = np.concatenate(
+    [np.zeros((num_l, num_u, 1)), np.cumsum(np.take_along_axis(rel_err, order, -1), -1) / n], -1
+  )
 
   def curve(s: np.ndarray) -> np.ndarray:  # damage at sparsity s per unit, interpolated
     pos = np.clip(s, 0.0, 1.0) * n
@@ -182,13 +205,21 @@ def allocate_curves(scores: np.ndarray, rel_err: np.ndarray, sparsity: float,
     b = np.take_along_axis(cum, hi[..., None], -1)[..., 0]
     return a + frac * (b - a)
 
-  w = np.ones((num_l, num_u)) if unit_cost is None else np.broadcast_to(
-      np.asarray(unit_cost, np.float64) / max(unit_cost), (num_l, num_u))
+  w = (
+    np.ones((num_l, num_u))
+    if unit_cost is None
+    else np.broadcast_to(np.asarray(unit_cost, np.float64) / max(unit_cost), (num_l, num_u))
+  )
   return _greedy_table(curve, w, sparsity, step, max_sparsity)
 
 
-def _greedy_table(curve: Callable[[np.ndarray], np.ndarray], w: np.ndarray, sparsity: float,
-                  step: float, max_sparsity: float) -> np.ndarray:
+def _greedy_table(
+  curve: Callable[[np.ndarray], np.ndarray],
+  w: np.ndarray,
+  sparsity: float,
+  step: float,
+  max_sparsity: float,
+) -> np.ndarray:
   """Capacities `[L, 2]`: add sparsity `step` at a time to the unit whose damage
   `curve(s)` rises least per unit of weight `w`, until the w-weighted mean sparsity is
   `sparsity`; no unit passes `max_sparsity`; the last increment is partial."""
@@ -208,8 +239,12 @@ def _greedy_table(curve: Callable[[np.ndarray], np.ndarray], w: np.ndarray, spar
   return 1.0 - s
 
 
-def _accumulate(fn: Callable, model: Llama, batches: Iterable[dict[str, Any]],
-                progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+def _accumulate(
+  fn: Callable,
+  model: Llama,
+  batches: Iterable[dict[str, Any]],
+  progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
   total = None
   for i, batch in enumerate(batches):
     out = fn(model, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -221,8 +256,9 @@ def _accumulate(fn: Callable, model: Llama, batches: Iterable[dict[str, Any]],
   return {k: np.asarray(jax.device_get(v), np.float64) for k, v in total.items()}
 
 
-def forecaster_moments(model, batches, progress=None,
-                       outlier: float = float("inf")) -> dict[str, np.ndarray]:
+def forecaster_moments(
+  model, batches, progress=None, outlier: float = float("inf")
+) -> dict[str, np.ndarray]:
   """Per-unit moments of (unit input, unit output) over ordinary tokens, `[L, 2, ...]`;
   tokens whose output energy passes `outlier` x the batch mean are left out (`dropped`)."""
   return _accumulate(lambda m, b: _forecaster_moments(m, b, outlier), model, batches, progress)
@@ -295,8 +331,14 @@ def solve_router(m: dict[str, np.ndarray], ridge: float) -> dict[str, float | np
   w = np.linalg.solve(reg, cxy)
   var_y = max(m["syy"] / n - my * my, 1e-12)
   var_pred = max(float(w @ cxx @ w), 1e-12)
-  return dict(w=w, bias=my - mx @ w, mean=my, mx=mx, std=math.sqrt(var_pred),
-              r2=1.0 - max(var_y - 2 * float(w @ cxy) + var_pred, 0.0) / var_y)
+  return dict(
+    w=w,
+    bias=my - mx @ w,
+    mean=my,
+    mx=mx,
+    std=math.sqrt(var_pred),
+    r2=1.0 - max(var_y - 2 * float(w @ cxy) + var_pred, 0.0) / var_y,
+  )
 
 
 # ------------------------------------------------------------ into the model
@@ -312,8 +354,13 @@ def _set(var: nnx.Variable, value: np.ndarray) -> None:
 def set_forecasters(model: Llama, moments: dict[str, np.ndarray], ridge: float) -> None:
   """Writes the reduced-rank ridge fit of every unit into the model's forecasters."""
   num_layers = moments["count"].shape[0]
-  per = [[solve_forecaster({k: v[l, u] for k, v in moments.items()}, model.config.lff_rank,
-                           ridge) for u in range(len(UNITS))] for l in range(num_layers)]
+  per = [
+    [
+      solve_forecaster({k: v[l, u] for k, v in moments.items()}, model.config.lff_rank, ridge)
+      for u in range(len(UNITS))
+    ]
+    for l in range(num_layers)
+  ]
   for u in range(len(UNITS)):
     lff = model.routing.forecaster(u)
     for name in ("w1", "b1", "w2", "b2"):
@@ -362,8 +409,9 @@ def set_routers(model: Llama, moments: dict[str, np.ndarray], ridge: float) -> n
 # ------------------------------------------------------------ capacity table
 @nnx.jit(static_argnames=("spec",))
 def _routed_nll(model: Llama, batch: dict[str, Array], spec: RoutingSpec) -> tuple[Array, Array]:
-  logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], routing=spec,
-                      return_aux=True)
+  logits, aux = model(
+    batch["inputs"], batch["positions"], batch["segment_ids"], routing=spec, return_aux=True
+  )
   return lm_loss(logits, batch)[0], aux["scores_BxT"]
 
 
@@ -373,8 +421,9 @@ def _causal_all(greedy: bool) -> RoutingSpec:
   return RoutingSpec(policy="greedy" if greedy else "informed", mode="causal", sparsity=0.5)
 
 
-def unit_scores(model: Llama, batches: list[dict[str, Any]],
-                greedy: bool = False) -> tuple[float, np.ndarray]:
+def unit_scores(
+  model: Llama, batches: list[dict[str, Any]], greedy: bool = False
+) -> tuple[float, np.ndarray]:
   """(mean NLL of the dense model, router scores `[L, 2, n]` of the n ordinary tokens)."""
   thr_var = model.routing.threshold
   saved = thr_var[...]
@@ -391,9 +440,13 @@ def unit_scores(model: Llama, batches: list[dict[str, Any]],
   return float(np.mean(base)), np.concatenate(scores, axis=-1)
 
 
-def unit_damage(model: Llama, batches: list[dict[str, Any]], level: float,
-                progress: Callable[[int, int], None] | None = None,
-                greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def unit_damage(
+  model: Llama,
+  batches: list[dict[str, Any]],
+  level: float,
+  progress: Callable[[int, int], None] | None = None,
+  greedy: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
   """(loss increase `[L, 2]` when only that unit approximates `level` of the ordinary
   tokens, its router choosing; the scores `[L, 2, n]`). Threshold routing, so one compile
   serves every unit."""
@@ -437,8 +490,13 @@ def set_table(model: Llama, capacities: np.ndarray, scores: np.ndarray) -> None:
   center_routers(model, np.asarray(capacities), scores)
 
 
-def allocate(damage: np.ndarray, sparsity: float, level: float, step: float = 1 / 16,
-             max_sparsity: float = 0.875) -> np.ndarray:
+def allocate(
+  damage: np.ndarray,
+  sparsity: float,
+  level: float,
+  step: float = 1 / 16,
+  max_sparsity: float = 0.875,
+) -> np.ndarray:
   """Per-unit capacities `[L, 2]` whose mean sparsity is `sparsity`.
 
   Models a unit's loss increase at sparsity s as damage (s / level)^2 (convex:
@@ -448,5 +506,6 @@ def allocate(damage: np.ndarray, sparsity: float, level: float, step: float = 1 
   """
   d = np.maximum(np.asarray(damage, np.float64), 0.0)
   d = np.maximum(d, 1e-3 * max(d.max(), 1e-9))  # noise-level damage: cheap, not free
-  return _greedy_table(lambda s: d * (s / level) ** 2, np.ones_like(d), sparsity, step,
-                       max_sparsity)
+  return _greedy_table(
+    lambda s: d * (s / level) ** 2, np.ones_like(d), sparsity, step, max_sparsity
+  )

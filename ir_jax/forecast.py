@@ -52,8 +52,9 @@ class CalibratedFor(nnx.Variable):
 NO_TABLE = -1.0
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, kind: type,
-            axes: tuple[str, ...], dtype) -> nnx.Variable:
+def _normal(
+  rngs: nnx.Rngs, shape: tuple[int, ...], std: float, kind: type, axes: tuple[str, ...], dtype
+) -> nnx.Variable:
   value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
   return kind(value, out_sharding=axes, eager_sharding=False)
 
@@ -116,10 +117,12 @@ class RoutingLayer(nnx.Module):
     self.attn_router = Router(cfg, rngs)
     self.mlp_router = Router(cfg, rngs)
     self.threshold = _zeros((len(UNITS),), Threshold, ("units",), jnp.float32)
-    self.capacity = Capacity(jnp.full((len(UNITS),), NO_TABLE, jnp.float32),
-                             out_sharding=("units",), eager_sharding=False)
-    self.calibrated_for = CalibratedFor(jnp.full((len(UNITS),), NO_TABLE, jnp.float32),
-                                        out_sharding=("units",), eager_sharding=False)
+    self.capacity = Capacity(
+      jnp.full((len(UNITS),), NO_TABLE, jnp.float32), out_sharding=("units",), eager_sharding=False
+    )
+    self.calibrated_for = CalibratedFor(
+      jnp.full((len(UNITS),), NO_TABLE, jnp.float32), out_sharding=("units",), eager_sharding=False
+    )
 
   def forecaster(self, unit: int) -> Forecaster:
     return (self.attn_lff, self.mlp_lff)[unit]

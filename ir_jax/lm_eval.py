@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> None:
   try:
     from lm_eval.__main__ import cli_evaluate
   except ImportError:
-    print("ir_jax.lm_eval: error: lm-eval is not installed; pip install 'ir_jax[eval]'",
-          file=sys.stderr)
+    print(
+      "ir_jax.lm_eval: error: lm-eval is not installed; pip install 'ir_jax[eval]'", file=sys.stderr
+    )
     sys.exit(2)
   from ir_jax.eval import lm_eval_adapter  # noqa: F401  (registers model type "ir_jax")
 

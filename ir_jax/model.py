@@ -26,10 +26,19 @@ from ir_jax.sharding import constrain
 
 Array = jax.Array
 
+
 # Logical axis names used on parameters (and BATCH, ACT_EMBED on activations).
 class Ax:
   EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, LORA = (
-      "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "lora")
+    "embed",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "vocab",
+    "layers",
+    "lora",
+  )
   BATCH, ACT_EMBED = "batch", "act_embed"
 
 
@@ -42,8 +51,9 @@ class LoraParam(nnx.Param):
   """Parameters of a LoRA adapter (trained by the `lora` stage only)."""
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any,
-           init: str = "normal") -> nnx.Param:
+def _param(
+  rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, init: str = "normal"
+) -> nnx.Param:
   if init == "ones":
     value = jnp.ones(shape, dtype)
   else:  # HF Llama initialises linear and embedding weights N(0, 0.02)
@@ -58,13 +68,15 @@ class LoRA(nnx.Module):
   head_dim), so the update has the projection's own layout.
   """
 
-  def __init__(self, cfg: LlamaConfig, out_shape: tuple[int, ...], out_axes: tuple[str, ...],
-               rngs: nnx.Rngs):
+  def __init__(
+    self, cfg: LlamaConfig, out_shape: tuple[int, ...], out_axes: tuple[str, ...], rngs: nnx.Rngs
+  ):
     d, r, dt = cfg.hidden_size, cfg.lora_rank, cfg.weight_dtype
     a = jax.random.normal(rngs.params(), (d, r), jnp.float32) / math.sqrt(d)
     self.a = LoraParam(a.astype(dt), out_sharding=(Ax.EMBED, Ax.LORA), eager_sharding=False)
-    self.b = LoraParam(jnp.zeros((r, *out_shape), dt), out_sharding=(Ax.LORA, *out_axes),
-                       eager_sharding=False)
+    self.b = LoraParam(
+      jnp.zeros((r, *out_shape), dt), out_sharding=(Ax.LORA, *out_axes), eager_sharding=False
+    )
     self.scale = cfg.lora_scale
     self.dtype = cfg.compute_dtype
 
@@ -112,7 +124,6 @@ def apply_rope(x_BxTxHxK: Array, positions_BxT: Array, inv_freq: np.ndarray) -> 
 
 # ------------------------------------------------------------------ modules
 class RMSNorm(nnx.Module):
-
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     self.weight = _param(rngs, (cfg.hidden_size,), (Ax.EMBED,), cfg.weight_dtype, "ones")
     self.eps = cfg.rms_norm_eps
@@ -124,8 +135,9 @@ class RMSNorm(nnx.Module):
     return (self.weight[...].astype(jnp.float32) * x).astype(self.dtype)
 
 
-def attention_mask(q_index_BxS: Array, k_index_BxT: Array,
-                   q_segment_BxS: Array | None, k_segment_BxT: Array | None) -> Array:
+def attention_mask(
+  q_index_BxS: Array, k_index_BxT: Array, q_segment_BxS: Array | None, k_segment_BxT: Array | None
+) -> Array:
   """Causal (by original index) and same-segment mask `[B, S, T]`."""
   mask = k_index_BxT[:, None, :] <= q_index_BxS[:, :, None]
   if q_segment_BxS is not None:
@@ -137,8 +149,13 @@ class Attention(nnx.Module):
   """Grouped-query attention, split so a router can feed queries for a subset."""
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-    d, h, n, k, dt = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                      cfg.weight_dtype)
+    d, h, n, k, dt = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.weight_dtype,
+    )
     self.q_proj = _param(rngs, (d, h, k), (Ax.EMBED, Ax.HEADS, Ax.HEAD_DIM), dt)
     self.k_proj = _param(rngs, (d, n, k), (Ax.EMBED, Ax.KV_HEADS, Ax.HEAD_DIM), dt)
     self.v_proj = _param(rngs, (d, n, k), (Ax.EMBED, Ax.KV_HEADS, Ax.HEAD_DIM), dt)
@@ -165,14 +182,16 @@ class Attention(nnx.Module):
       q_BxSxHxK = q_BxSxHxK + self.q_lora(n_BxSxD)
     return apply_rope(q_BxSxHxK, positions_BxS, rope_inv_freq(self.config))
 
-  def attend(self, q_BxSxHxK: Array, k_BxTxNxK: Array, v_BxTxNxK: Array,
-             mask_BxSxT: Array) -> Array:
+  def attend(
+    self, q_BxSxHxK: Array, k_BxTxNxK: Array, v_BxTxNxK: Array, mask_BxSxT: Array
+  ) -> Array:
     """Softmax attention and the output projection; returns `[B, S, D]`."""
     b, s, h, kd = q_BxSxHxK.shape
     n = k_BxTxNxK.shape[2]
     q_BxSxNxGxK = q_BxSxHxK.reshape(b, s, n, h // n, kd)
-    logits_BxNxGxSxT = jnp.einsum("bsngk,btnk->bngst", q_BxSxNxGxK, k_BxTxNxK,
-                                  preferred_element_type=jnp.float32)
+    logits_BxNxGxSxT = jnp.einsum(
+      "bsngk,btnk->bngst", q_BxSxNxGxK, k_BxTxNxK, preferred_element_type=jnp.float32
+    )
     logits_BxNxGxSxT = logits_BxNxGxSxT / math.sqrt(kd)
     big_neg = jnp.finfo(jnp.float32).min
     logits_BxNxGxSxT = jnp.where(mask_BxSxT[:, None, None], logits_BxNxGxSxT, big_neg)
@@ -181,8 +200,9 @@ class Attention(nnx.Module):
     o_BxSxHxK = o_BxSxNxGxK.reshape(b, s, h, kd)
     return jnp.einsum("bshk,hkd->bsd", o_BxSxHxK, self._w(self.o_proj))
 
-  def __call__(self, n_BxTxD: Array, positions_BxT: Array, index_BxT: Array,
-               segment_ids_BxT: Array | None) -> Array:
+  def __call__(
+    self, n_BxTxD: Array, positions_BxT: Array, index_BxT: Array, segment_ids_BxT: Array | None
+  ) -> Array:
     k, v = self.keys_values(n_BxTxD, positions_BxT)
     q = self.queries(n_BxTxD, positions_BxT)
     mask = attention_mask(index_BxT, index_BxT, segment_ids_BxT, segment_ids_BxT)
@@ -212,15 +232,15 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     self.input_layernorm = RMSNorm(cfg, rngs)
     self.self_attn = Attention(cfg, rngs)
     self.post_attention_layernorm = RMSNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxTxD: Array, positions_BxT: Array, index_BxT: Array,
-               segment_ids_BxT: Array | None) -> Array:
+  def __call__(
+    self, x_BxTxD: Array, positions_BxT: Array, index_BxT: Array, segment_ids_BxT: Array | None
+  ) -> Array:
     n = self.input_layernorm(x_BxTxD)
     x_BxTxD = x_BxTxD + self.self_attn(n, positions_BxT, index_BxT, segment_ids_BxT)
     return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
@@ -242,13 +262,15 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     self.config = cfg
-    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), (Ax.VOCAB, Ax.EMBED),
-                               cfg.weight_dtype)
+    self.embed_tokens = _param(
+      rngs, (cfg.vocab_size, cfg.hidden_size), (Ax.VOCAB, Ax.EMBED), cfg.weight_dtype
+    )
     self.layers = _stacked_layers(cfg, rngs)
     self.norm = RMSNorm(cfg, rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), (Ax.EMBED, Ax.VOCAB),
-                            cfg.weight_dtype)
+      self.lm_head = _param(
+        rngs, (cfg.hidden_size, cfg.vocab_size), (Ax.EMBED, Ax.VOCAB), cfg.weight_dtype
+      )
     # Forecasters, routers and thresholds for every unit, stacked like `layers`.
     self.routing = forecast.routing_stack(cfg, rngs)
 
@@ -267,8 +289,9 @@ class Llama(nnx.Module):
       out = jnp.einsum("btd,dv->btv", h, w_DxV, preferred_element_type=jnp.float32)
     return constrain(out, BxTxV)
 
-  def run_layers(self, layer_fn, x_BxTxD: Array, per_layer: Any = None,
-                 scan: bool | None = None) -> tuple[Array, Any]:
+  def run_layers(
+    self, layer_fn, x_BxTxD: Array, per_layer: Any = None, scan: bool | None = None
+  ) -> tuple[Array, Any]:
     """Applies `layer_fn(layer, routing_layer, x, per_layer_slice) -> (x, aux)` over layers.
 
     Scanned (one compiled body, fast compile) or unrolled (`scan=False`, or
@@ -284,8 +307,12 @@ class Llama(nnx.Module):
     def apply(x, layer_state, routing_state, extra):
       # `extra` is closed over, never a remat argument, so its static leaves stay static.
       def f(x, layer_state, routing_state):
-        x, aux = layer_fn(nnx.merge(graphdef, layer_state),
-                          nnx.merge(rgraphdef, routing_state), constrain(x, BxTxD), extra)
+        x, aux = layer_fn(
+          nnx.merge(graphdef, layer_state),
+          nnx.merge(rgraphdef, routing_state),
+          constrain(x, BxTxD),
+          extra,
+        )
         return constrain(x, BxTxD), aux
 
       if self.config.remat:
@@ -297,15 +324,23 @@ class Llama(nnx.Module):
     auxes = []
     for i in range(self.config.num_layers):
       sl = lambda a: a[i]
-      x_BxTxD, aux = apply(x_BxTxD, jax.tree.map(sl, state), jax.tree.map(sl, rstate),
-                           jax.tree.map(sl, per_layer))
+      x_BxTxD, aux = apply(
+        x_BxTxD, jax.tree.map(sl, state), jax.tree.map(sl, rstate), jax.tree.map(sl, per_layer)
+      )
       auxes.append(aux)
     return x_BxTxD, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
   # ------------------------------------------------------------- forward
-  def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
-               segment_ids_BxT: Array | None = None, routing: Any = None, *,
-               rng: Array | None = None, return_aux: bool = False) -> Any:
+  def __call__(
+    self,
+    tokens_BxT: Array,
+    positions_BxT: Array | None = None,
+    segment_ids_BxT: Array | None = None,
+    routing: Any = None,
+    *,
+    rng: Array | None = None,
+    return_aux: bool = False,
+  ) -> Any:
     """Logits `[B, T, V]` (float32) for int tokens.
 
     Packed rows pass `segment_ids` (0 = padding) and per-document positions;
@@ -318,8 +353,9 @@ class Llama(nnx.Module):
     the spec carries it (`RoutingSpec.forward`), so this module never imports it.
     """
     if routing is not None:
-      return routing.forward(self, tokens_BxT, positions_BxT, segment_ids_BxT, rng=rng,
-                             return_aux=return_aux)
+      return routing.forward(
+        self, tokens_BxT, positions_BxT, segment_ids_BxT, rng=rng, return_aux=return_aux
+      )
     b, t = tokens_BxT.shape
     index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if positions_BxT is None:

@@ -13,7 +13,8 @@ import optax
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
   """-log softmax(logits)[target] per position `[B, T]`, in float32."""
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV.astype(jnp.float32), targets_BxT.astype(jnp.int32))
+    logits_BxTxV.astype(jnp.float32), targets_BxT.astype(jnp.int32)
+  )
 
 
 def perplexity(nll_sum: float, tokens: float) -> float:

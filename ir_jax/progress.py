@@ -24,8 +24,14 @@ class Progress:
   """`Progress("fit", total)(done)` reports `fit 3/12 (25%) 0.9 batches/s, 3s elapsed, ETA 9s`
   at most every `every` seconds and always at the end."""
 
-  def __init__(self, label: str, total: int, every: float = 5.0,
-               printer: Callable[[str], None] | None = None, unit: str = "") -> None:
+  def __init__(
+    self,
+    label: str,
+    total: int,
+    every: float = 5.0,
+    printer: Callable[[str], None] | None = None,
+    unit: str = "",
+  ) -> None:
     self.label, self.total, self.every, self.unit = label, max(int(total), 1), every, unit
     self.bar = printer is None and _on_terminal()
     self.printer = printer or print
@@ -40,8 +46,10 @@ class Progress:
     if self.bar:
       filled = int(BAR_WIDTH * min(done, total) / total)
       head = f"{self.label} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}]"
-    return (f"{head} {done}/{total} ({100 * done / total:.0f}%) {rate:.3g}{unit}, "
-            f"{elapsed:.0f}s elapsed, {tail}")
+    return (
+      f"{head} {done}/{total} ({100 * done / total:.0f}%) {rate:.3g}{unit}, "
+      f"{elapsed:.0f}s elapsed, {tail}"
+    )
 
   def __call__(self, done: int, total: int | None = None) -> None:
     total = self.total if total is None else max(int(total), 1)

@@ -39,21 +39,21 @@ BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axis (None: replicated). One table for the whole model.
 RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", BATCH_AXES),
-    ("layers", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("lff", None),
-    ("router", None),
-    ("units", None),
-    ("score", None),
-    ("lora", None),
-    # Activation-only names: the embed / feature dim of activations stays whole.
-    ("act_embed", None),
+  ("batch", BATCH_AXES),
+  ("layers", None),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("lff", None),
+  ("router", None),
+  ("units", None),
+  ("score", None),
+  ("lora", None),
+  # Activation-only names: the embed / feature dim of activations stays whole.
+  ("act_embed", None),
 )
 
 
@@ -71,7 +71,9 @@ class MeshConfig:
       if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
         raise ConfigError(f"mesh.{a} must be a positive integer or -1 (fill), got {v!r}")
     if sizes.count(-1) > 1:
-      raise ConfigError(f"at most one mesh axis may be -1 (fill), got {dict(zip(MESH_AXES, sizes))}")
+      raise ConfigError(
+        f"at most one mesh axis may be -1 (fill), got {dict(zip(MESH_AXES, sizes))}"
+      )
 
   def shape(self, num_devices: int) -> tuple[int, int, int]:
     """The concrete (data, fsdp, tensor) sizes for `num_devices` devices."""
@@ -80,13 +82,15 @@ class MeshConfig:
     if -1 in sizes:
       if num_devices % fixed:
         raise ConfigError(
-            f"mesh {self.describe()} does not divide the {num_devices} devices: the fixed axes "
-            f"take {fixed}; choose sizes whose product divides {num_devices}")
+          f"mesh {self.describe()} does not divide the {num_devices} devices: the fixed axes "
+          f"take {fixed}; choose sizes whose product divides {num_devices}"
+        )
       sizes[sizes.index(-1)] = num_devices // fixed
     elif fixed != num_devices:
       raise ConfigError(
-          f"mesh {self.describe()} needs {fixed} devices but {num_devices} are available; "
-          "set one axis to -1 to fill, or sizes whose product is the device count")
+        f"mesh {self.describe()} needs {fixed} devices but {num_devices} are available; "
+        "set one axis to -1 to fill, or sizes whose product is the device count"
+      )
     return tuple(sizes)  # type: ignore[return-value]
 
   def describe(self) -> str:
@@ -111,6 +115,7 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
     # A tensor axis of 2 on a 4x4 torus splits a physical axis; allow that, and fall
     # back to the plain device order when no assignment exists at all.
     from jax.experimental import mesh_utils
+
     try:
       arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (NotImplementedError, ValueError, AssertionError):
@@ -127,8 +132,12 @@ def mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def logical_to_mesh(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = RULES) -> PartitionSpec:
+def logical_to_mesh(
+  logical: Sequence[str | None],
+  shape: Sequence[int],
+  mesh: Mesh,
+  rules: Sequence[tuple[str, Any]] = RULES,
+) -> PartitionSpec:
   """The PartitionSpec for an array of `shape` whose dims have `logical` names.
 
   Unknown names raise (a new parameter must get a rule). A mesh axis that
@@ -167,14 +176,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     names = names + (None,) * (len(leaf.shape) - len(names))
     return NamedSharding(mesh, logical_to_mesh(names, leaf.shape, mesh))
 
-  return jax.tree.map(one, abstract_state, specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map(one, abstract_state, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings` (a restore target)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 @contextlib.contextmanager

@@ -26,8 +26,8 @@ from pathlib import Path
 # lee.cor has a pound sign as byte 0xA3 at offset 20357 (lee_background.cor is
 # plain ASCII today, but it is the same corpus, so it gets the same declaration).
 DECLARED_ENCODINGS: dict[str, str] = {
-    "lee_background.cor": "latin-1",
-    "lee.cor": "latin-1",
+  "lee_background.cor": "latin-1",
+  "lee.cor": "latin-1",
 }
 
 _replace_count = threading.local()
@@ -72,10 +72,10 @@ def read_text(path: str | os.PathLike[str], encoding: str | None = None) -> str:
     return data.decode(declared)
   text, n_bad = decode_replacing(data)
   warnings.warn(
-      f"{p}: not valid UTF-8 and no declared encoding; replaced {n_bad} undecodable "
-      f"byte(s) with U+FFFD",
-      UnicodeWarning,
-      stacklevel=2,
+    f"{p}: not valid UTF-8 and no declared encoding; replaced {n_bad} undecodable "
+    f"byte(s) with U+FFFD",
+    UnicodeWarning,
+    stacklevel=2,
   )
   return text
 

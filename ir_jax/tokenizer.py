@@ -31,13 +31,13 @@ _GPT2_REGEX_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
 # Names whose llama.cpp split is "each \p{N} alone" followed by the GPT-2 regex
 # (SmolLM's HF tokenizer.json says the same: Digits(individual) + ByteLevel).
 _DIGITS_THEN_GPT2_PRE = {
-    "smollm",
-    "starcoder",
-    "refact",
-    "command-r",
-    "codeshell",
-    "exaone",
-    "minerva",
+  "smollm",
+  "starcoder",
+  "refact",
+  "command-r",
+  "codeshell",
+  "exaone",
+  "minerva",
 }
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ TOKENIZER_JSON = "tokenizer.json"
 
 class TokenizerError(ValueError):
   """A tokenizer file is missing a piece, malformed or of an unsupported kind."""
+
 
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 
@@ -73,17 +74,18 @@ class SpecialTokens:
   def ids(self) -> dict[str, int]:
     """``{"bos_token_id": ..., ...}`` for the ids the file defines (HF config names)."""
     named = {
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
-        "pad_token_id": self.pad_token_id,
-        "unk_token_id": self.unk_token_id,
+      "bos_token_id": self.bos_token_id,
+      "eos_token_id": self.eos_token_id,
+      "pad_token_id": self.pad_token_id,
+      "unk_token_id": self.unk_token_id,
     }
     return {k: v for k, v in named.items() if v is not None}
 
 
 def _gguf_name(reader: GGUFLike) -> str:
-  return str(getattr(reader, "path", None) or getattr(reader.data, "filename", None)
-             or "<GGUF in memory>")
+  return str(
+    getattr(reader, "path", None) or getattr(reader.data, "filename", None) or "<GGUF in memory>"
+  )
 
 
 def _value(reader: GGUFLike, key: str, default: Any = None) -> Any:
@@ -94,9 +96,9 @@ def _value(reader: GGUFLike, key: str, default: Any = None) -> Any:
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte -> printable-character table used by byte-level BPE."""
   printable = [
-      *range(ord("!"), ord("~") + 1),
-      *range(ord("¡"), ord("¬") + 1),
-      *range(ord("®"), ord("ÿ") + 1),
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("¡"), ord("¬") + 1),
+    *range(ord("®"), ord("ÿ") + 1),
   ]
   table = {b: chr(b) for b in printable}
   extra = 0
@@ -118,34 +120,35 @@ def special_tokens_from_gguf(reader: GGUFLike) -> SpecialTokens:
   def tok_id(key: str) -> int | None:
     v = _value(reader, f"tokenizer.ggml.{key}")
     if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
-      raise TokenizerError(f"{_gguf_name(reader)}: tokenizer.ggml.{key} must be an integer, "
-                       f"got {str(v)[:100]!r}")
+      raise TokenizerError(
+        f"{_gguf_name(reader)}: tokenizer.ggml.{key} must be an integer, got {str(v)[:100]!r}"
+      )
     return v
 
   def tok_str(i: int | None) -> str | None:
     return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
   bos, eos, pad, unk = (
-      tok_id(k) for k in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
+    tok_id(k) for k in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
   )
   return SpecialTokens(
-      bos_token_id=bos,
-      eos_token_id=eos,
-      pad_token_id=pad,
-      unk_token_id=unk,
-      bos_token=tok_str(bos),
-      eos_token=tok_str(eos),
-      pad_token=tok_str(pad),
-      unk_token=tok_str(unk),
-      # Absent flags mean "no": what transformers does for byte-level BPE files.
-      add_bos_token=bool(_value(reader, "tokenizer.ggml.add_bos_token", False)),
-      add_eos_token=bool(_value(reader, "tokenizer.ggml.add_eos_token", False)),
-      chat_template=_value(reader, "tokenizer.chat_template"),
+    bos_token_id=bos,
+    eos_token_id=eos,
+    pad_token_id=pad,
+    unk_token_id=unk,
+    bos_token=tok_str(bos),
+    eos_token=tok_str(eos),
+    pad_token=tok_str(pad),
+    unk_token=tok_str(unk),
+    # Absent flags mean "no": what transformers does for byte-level BPE files.
+    add_bos_token=bool(_value(reader, "tokenizer.ggml.add_bos_token", False)),
+    add_eos_token=bool(_value(reader, "tokenizer.ggml.add_eos_token", False)),
+    chat_template=_value(reader, "tokenizer.chat_template"),
   )
 
 
 def _pre_tokenizer(
-    pre: str | None, add_prefix_space: bool, source: str
+  pre: str | None, add_prefix_space: bool, source: str
 ) -> pre_tokenizers.PreTokenizer:
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
   if pre is None or pre in _GPT2_REGEX_PRE:
@@ -167,19 +170,24 @@ def tokenizer_from_gguf(reader: GGUFLike) -> Tokenizer:
   model = _value(reader, "tokenizer.ggml.model")
   if model != "gpt2":
     raise TokenizerError(
-        f"unsupported GGUF tokenizer model {model!r} (tokenizer.ggml.model) in {source}; "
-        "only byte-level BPE ('gpt2') is supported"
+      f"unsupported GGUF tokenizer model {model!r} (tokenizer.ggml.model) in {source}; "
+      "only byte-level BPE ('gpt2') is supported"
     )
   tokens: list[str] = _value(reader, "tokenizer.ggml.tokens")
   merges_raw: list[str] | None = _value(reader, "tokenizer.ggml.merges")
   if not tokens or merges_raw is None:
     raise TokenizerError(f"{source} has no tokenizer.ggml.tokens or tokenizer.ggml.merges")
   types: list[int] = _value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-  for key, v, kind in (("tokens", tokens, str), ("merges", merges_raw, str),
-                       ("token_type", types, int)):
+  for key, v, kind in (
+    ("tokens", tokens, str),
+    ("merges", merges_raw, str),
+    ("token_type", types, int),
+  ):
     if not isinstance(v, list) or not all(isinstance(x, kind) for x in v):
-      raise TokenizerError(f"{source}: tokenizer.ggml.{key} must be an array of "
-                       f"{'strings' if kind is str else 'integers'}")
+      raise TokenizerError(
+        f"{source}: tokenizer.ggml.{key} must be an array of "
+        f"{'strings' if kind is str else 'integers'}"
+      )
   if len(types) != len(tokens):
     raise TokenizerError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
 
@@ -210,16 +218,16 @@ def tokenizer_from_gguf(reader: GGUFLike) -> Tokenizer:
   # One spelled outside the byte alphabet is not a real vocab entry (a
   # llama.cpp mislabel); adding it would grow the vocab, so skip it.
   special = [
-      AddedToken(t, special=True, normalized=False)
-      for t, ty in zip(tokens, types, strict=True)
-      if ty == _CONTROL and set(t) <= alphabet
+    AddedToken(t, special=True, normalized=False)
+    for t, ty in zip(tokens, types, strict=True)
+    if ty == _CONTROL and set(t) <= alphabet
   ]
   tok.add_special_tokens(special)
   # llama.cpp also matches user-defined tokens whole, but they are not special.
   user = [
-      AddedToken(t, special=False, normalized=False)
-      for t, ty in zip(tokens, types, strict=True)
-      if ty == _USER_DEFINED
+    AddedToken(t, special=False, normalized=False)
+    for t, ty in zip(tokens, types, strict=True)
+    if ty == _USER_DEFINED
   ]
   if user:
     tok.add_tokens(user)
@@ -246,9 +254,9 @@ def _bos_eos_template(info: SpecialTokens, source: str) -> processors.TemplatePr
     pieces.append((info.eos_token, info.eos_token_id))
     suffix = f" {info.eos_token}"
   return processors.TemplateProcessing(
-      single=f"{prefix}$A:0{suffix}",
-      pair=f"{prefix}$A:0{suffix} {prefix}$B:1{suffix}",
-      special_tokens=list(dict.fromkeys(pieces)),
+    single=f"{prefix}$A:0{suffix}",
+    pair=f"{prefix}$A:0{suffix} {prefix}$B:1{suffix}",
+    special_tokens=list(dict.fromkeys(pieces)),
   )
 
 
@@ -265,7 +273,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_tokenizer(
-    tok: Tokenizer, out_dir: str | os.PathLike[str], special: SpecialTokens | None = None
+  tok: Tokenizer, out_dir: str | os.PathLike[str], special: SpecialTokens | None = None
 ) -> Path:
   """Write ``tokenizer.json`` and ``tokenizer_config.json`` to ``out_dir``; return the former.
 
@@ -277,9 +285,9 @@ def save_tokenizer(
   tok_path = out / TOKENIZER_JSON
   _write_atomic(tok_path, tok.to_str(pretty=False))
   config: dict[str, Any] = {
-      "tokenizer_class": "PreTrainedTokenizerFast",
-      # Decoding must return the text exactly; HF's cleanup would eat spaces.
-      "clean_up_tokenization_spaces": False,
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    # Decoding must return the text exactly; HF's cleanup would eat spaces.
+    "clean_up_tokenization_spaces": False,
   }
   if special is not None:
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -291,7 +299,7 @@ def save_tokenizer(
     if special.chat_template is not None:
       config["chat_template"] = special.chat_template
   _write_atomic(
-      out / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    out / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False) + "\n"
   )
   return tok_path
 
@@ -330,8 +338,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     return tokenizer_from_gguf(read_gguf(p))
   size = p.stat().st_size
   if size > MAX_TOKENIZER_JSON:
-    raise TokenizerError(f"{p} is not a tokenizer.json: {size} bytes, more than the "
-                     f"{MAX_TOKENIZER_JSON} any real one needs")
+    raise TokenizerError(
+      f"{p} is not a tokenizer.json: {size} bytes, more than the "
+      f"{MAX_TOKENIZER_JSON} any real one needs"
+    )
   raw = p.read_bytes()
   try:
     obj = json.loads(raw)
@@ -342,10 +352,15 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
       reason = "not UTF-8" if isinstance(e, UnicodeDecodeError) else str(e).split(":")[0][:100]
     raise TokenizerError(f"{p} is not a tokenizer.json: invalid JSON ({reason})") from None
   if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-    found = (f"an object with keys {sorted(obj)[:6]}" if isinstance(obj, dict)
-             else f"a JSON {type(obj).__name__}")
-    raise TokenizerError(f"{p} is JSON but not a valid tokenizer.json: expected an object with "
-                         f"a 'model' object, found {found}")
+    found = (
+      f"an object with keys {sorted(obj)[:6]}"
+      if isinstance(obj, dict)
+      else f"a JSON {type(obj).__name__}"
+    )
+    raise TokenizerError(
+      f"{p} is JSON but not a valid tokenizer.json: expected an object with "
+      f"a 'model' object, found {found}"
+    )
   del obj
   try:
     return Tokenizer.from_str(raw.decode("utf-8"))

@@ -54,12 +54,18 @@ def main() -> None:
   c = 1 - args.sparsity
   rng = np.random.RandomState(0)
   # A per-layer table with the same mean capacity, different per layer.
-  table = tuple((float(np.clip(c + d, 0, 1)), float(np.clip(c - d, 0, 1)))
-                for d in rng.uniform(-0.2, 0.2, cfg.num_layers))
-  out = dict(config=args.config, seq_len=args.seq_len, batch=args.batch, backend=jax.default_backend())
-  for name, spec in (("dense_scanned", RoutingSpec(policy="dense")),
-                     ("uniform_scanned", RoutingSpec(sparsity=args.sparsity)),
-                     ("table_unrolled", RoutingSpec(capacities=table))):
+  table = tuple(
+    (float(np.clip(c + d, 0, 1)), float(np.clip(c - d, 0, 1)))
+    for d in rng.uniform(-0.2, 0.2, cfg.num_layers)
+  )
+  out = dict(
+    config=args.config, seq_len=args.seq_len, batch=args.batch, backend=jax.default_backend()
+  )
+  for name, spec in (
+    ("dense_scanned", RoutingSpec(policy="dense")),
+    ("uniform_scanned", RoutingSpec(sparsity=args.sparsity)),
+    ("table_unrolled", RoutingSpec(capacities=table)),
+  ):
     out[name] = compile_seconds(cfg, spec, args.batch, args.seq_len)
     print(name, out[name], flush=True)
   if args.json:

@@ -45,14 +45,27 @@ STAGES = ("forecaster", "router")
 
 
 def command(workdir: str, data_dir: str, steps: int) -> list[str]:
-  return [sys.executable, "-u", "-m", "ir_jax.train", "--config",
-          os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
-          f"--config.data.data_dir={data_dir}", f"--config.data.files=('{NEWS}',)",
-          "--config.train.stages=forecaster,router",
-          f"--config.train.forecaster.steps={steps}", f"--config.train.router.steps={steps}",
-          "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
-          "--config.train.async_checkpoints=True", "--config.train.eval_batches=0",
-          "--config.train.log_every=1", "--config.mesh.data=-1"]
+  return [
+    sys.executable,
+    "-u",
+    "-m",
+    "ir_jax.train",
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--workdir",
+    workdir,
+    f"--config.data.data_dir={data_dir}",
+    f"--config.data.files=('{NEWS}',)",
+    "--config.train.stages=forecaster,router",
+    f"--config.train.forecaster.steps={steps}",
+    f"--config.train.router.steps={steps}",
+    "--config.train.checkpoint_every=1",
+    "--config.train.keep_checkpoints=2",
+    "--config.train.async_checkpoints=True",
+    "--config.train.eval_batches=0",
+    "--config.train.log_every=1",
+    "--config.mesh.data=-1",
+  ]
 
 
 def env() -> dict[str, str]:
@@ -68,8 +81,10 @@ def on_disk(workdir: str) -> dict[str, dict]:
     d = os.path.join(workdir, "checkpoints", st)
     names = os.listdir(d) if os.path.isdir(d) else []
     steps = [int(n) for n in names if n.isdigit()]
-    out[st] = {"newest": max(steps) if steps else None,
-               "in_flight": sorted(n for n in names if "tmp" in n)}
+    out[st] = {
+      "newest": max(steps) if steps else None,
+      "in_flight": sorted(n for n in names if "tmp" in n),
+    }
   return out
 
 
@@ -81,8 +96,9 @@ def final_items(workdir: str, steps: int) -> dict[str, object]:
   out = {}
   for st in STAGES:
     for item in ("adapters", "opt_state"):
-      tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", st, str(steps),
-                                                           item))
+      tree = ocp.PyTreeCheckpointer().restore(
+        os.path.join(workdir, "checkpoints", st, str(steps), item)
+      )
       for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
         out[f"{st}/{item}{jax.tree_util.keystr(p)}"] = np.asarray(v)
   return out
@@ -99,8 +115,9 @@ def campaign(kills: int, steps: int, seed: int, root: str, log=print) -> dict:
   data_dir = os.path.join(root, "tfds")
   ref, work = os.path.join(root, "reference"), os.path.join(root, "killed")
   t0 = time.time()
-  r = subprocess.run(command(ref, data_dir, steps), cwd=REPO, env=env(), capture_output=True,
-                     text=True, check=False)
+  r = subprocess.run(
+    command(ref, data_dir, steps), cwd=REPO, env=env(), capture_output=True, text=True, check=False
+  )
   if r.returncode:
     raise SystemExit(f"fault_injection: the reference run failed:\n{r.stderr[-3000:]}")
   log(f"reference run: {time.time() - t0:.1f}s for {steps} + {steps} steps")
@@ -108,8 +125,14 @@ def campaign(kills: int, steps: int, seed: int, root: str, log=print) -> dict:
   n = 0
   while True:
     before = on_disk(work)
-    p = subprocess.Popen(command(work, data_dir, steps), cwd=REPO, env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+      command(work, data_dir, steps),
+      cwd=REPO,
+      env=env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     lines: list[str] = []
     killed, how = False, None
     if n < kills:
@@ -156,16 +179,23 @@ def campaign(kills: int, steps: int, seed: int, root: str, log=print) -> dict:
       shutil.rmtree(work)
       continue
     after = on_disk(work)
-    ev = {"kill": n + 1, "moment": how[0], "delay_s": how[1],
-          "newest_before": {st: before[st]["newest"] for st in STAGES},
-          "newest_after": {st: after[st]["newest"] for st in STAGES},
-          # an unfinished write left by this kill (not one left over from an earlier kill)
-          "write_in_flight": any(set(after[st]["in_flight"]) - set(before[st]["in_flight"])
-                                 for st in STAGES)}
+    ev = {
+      "kill": n + 1,
+      "moment": how[0],
+      "delay_s": how[1],
+      "newest_before": {st: before[st]["newest"] for st in STAGES},
+      "newest_after": {st: after[st]["newest"] for st in STAGES},
+      # an unfinished write left by this kill (not one left over from an earlier kill)
+      "write_in_flight": any(
+        set(after[st]["in_flight"]) - set(before[st]["in_flight"]) for st in STAGES
+      ),
+    }
     events.append(ev)
     n += 1
-    log(f"kill {n}/{kills} at {how[0]} + {how[1]}s: newest committed {ev['newest_after']}"
-        + ("; a checkpoint write was in flight" if ev["write_in_flight"] else ""))
+    log(
+      f"kill {n}/{kills} at {how[0]} + {how[1]}s: newest committed {ev['newest_after']}"
+      + ("; a checkpoint write was in flight" if ev["write_in_flight"] else "")
+    )
     if _progress(work) >= 2 * steps and n < kills:
       log("  (the run had finished; starting the campaign over in a fresh directory)")
       a, b = final_items(ref, steps), final_items(work, steps)
@@ -173,13 +203,26 @@ def campaign(kills: int, steps: int, seed: int, root: str, log=print) -> dict:
       shutil.rmtree(work)
   a, b = final_items(ref, steps), final_items(work, steps)
   _compare(a, b, bad)
-  summary = {"kills": len(events), "kills_during_write": sum(e["write_in_flight"] for e in events),
-             "survived": not bad, "failures": bad, "steps_per_stage": steps, "seed": seed,
-             "events": events, "total_wall_s": round(time.time() - t0, 1)}
-  log(f"{summary['kills']} kills ({summary['kills_during_write']} with a checkpoint write in "
-      "flight); " + ("every restart resumed from the newest committed step and the final state "
-                     "is bit-identical to the uninterrupted run" if not bad
-                     else "FAILED: " + "; ".join(bad)))
+  summary = {
+    "kills": len(events),
+    "kills_during_write": sum(e["write_in_flight"] for e in events),
+    "survived": not bad,
+    "failures": bad,
+    "steps_per_stage": steps,
+    "seed": seed,
+    "events": events,
+    "total_wall_s": round(time.time() - t0, 1),
+  }
+  log(
+    f"{summary['kills']} kills ({summary['kills_during_write']} with a checkpoint write in "
+    "flight); "
+    + (
+      "every restart resumed from the newest committed step and the final state "
+      "is bit-identical to the uninterrupted run"
+      if not bad
+      else "FAILED: " + "; ".join(bad)
+    )
+  )
   return summary
 
 
@@ -197,9 +240,11 @@ def _compare(a: dict, b: dict, bad: list[str]) -> None:
 def main() -> int:
   # The final checkpoints are read here, on as many CPU devices as the runs used.
   os.environ.update(env())
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="\n".join(__doc__.splitlines()[2:]))
+  p = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="\n".join(__doc__.splitlines()[2:]),
+  )
   p.add_argument("--kills", type=int, default=20)
   p.add_argument("--steps", type=int, default=12, help="steps per stage (default 12)")
   p.add_argument("--seed", type=int, default=0)

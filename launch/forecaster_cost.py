@@ -36,6 +36,7 @@ def main() -> int:
   from ir_jax.forecast import ForecasterParam
   from ir_jax.model import init_model
   from ir_jax.train import settings_from_config, steps
+  from ir_jax.train.stages import STAGES
 
   spec = importlib.util.spec_from_file_location("cfg", args.config)
   mod = importlib.util.module_from_spec(spec)
@@ -46,9 +47,11 @@ def main() -> int:
   graphdef, trainable, frozen = nnx.split(model, ForecasterParam, ...)
   b, t = args.batch, args.seq
   rng = np.random.default_rng(0)
-  batch = {"inputs": jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32),
-           "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-           "segment_ids": jnp.ones((b, t), jnp.int32)}
+  batch = {
+    "inputs": jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32),
+    "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+    "segment_ids": jnp.ones((b, t), jnp.int32),
+  }
 
   @jax.jit
   def dense_logits(tr, fr, batch):
@@ -59,14 +62,15 @@ def main() -> int:
   def dense_hidden(tr, fr, batch):  # the layers only: what the forecaster stage must run
     m = nnx.merge(graphdef, tr, fr)
     idx = batch["positions"]
-    x, _ = m.run_layers(lambda layer, _r, x, _: (layer(x, idx, idx, batch["segment_ids"]), None),
-                        m.embed(batch["inputs"]))
+    x, _ = m.run_layers(
+      lambda layer, _r, x, _: (layer(x, idx, idx, batch["segment_ids"]), None),
+      m.embed(batch["inputs"]),
+    )
     return x
 
   tx = steps.optimizer(s.train.forecaster)
   opt = tx.init(trainable)
-  train_step = jax.jit(steps.make_train_step(
-      graphdef, steps.stage_loss_fn("forecaster", s.train.forecaster, s.routing, 0), tx))
+  train_step = jax.jit(steps.make_train_step(graphdef, STAGES["forecaster"].loss_fn(s), tx))
 
   def timed(fn, *a) -> list[float]:
     jax.block_until_ready(fn(*a))  # compile + warm-up
@@ -79,14 +83,19 @@ def main() -> int:
 
   step0 = jnp.asarray(0, jnp.int32)
   results = {
-      "dense_forward_logits": timed(dense_logits, trainable, frozen, batch),
-      "dense_forward_layers": timed(dense_hidden, trainable, frozen, batch),
-      "forecaster_train_step": timed(train_step, trainable, opt, frozen, batch, step0),
+    "dense_forward_logits": timed(dense_logits, trainable, frozen, batch),
+    "dense_forward_layers": timed(dense_hidden, trainable, frozen, batch),
+    "forecaster_train_step": timed(train_step, trainable, opt, frozen, batch, step0),
   }
   tokens = b * t
-  rec = {"config": args.config, "batch": b, "seq_len": t, "reps": args.reps,
-         "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
-         "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()}
+  rec = {
+    "config": args.config,
+    "batch": b,
+    "seq_len": t,
+    "reps": args.reps,
+    "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+    "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip(),
+  }
   for k, v in results.items():
     med = statistics.median(v)
     rec[k] = {"median_s": med, "min_s": min(v), "max_s": max(v), "tokens_per_s": tokens / med}
@@ -94,10 +103,14 @@ def main() -> int:
   rec["ratio_vs_forward_logits"] = fc / rec["dense_forward_logits"]["median_s"]
   rec["ratio_vs_forward_layers"] = fc / rec["dense_forward_layers"]["median_s"]
   for k in results:
-    print(f"{k:24s} {rec[k]['median_s']:.3f} s  ({rec[k]['tokens_per_s']:.0f} tok/s, "
-          f"min {rec[k]['min_s']:.3f} max {rec[k]['max_s']:.3f})")
-  print(f"forecaster step / dense forward with LM head: {rec['ratio_vs_forward_logits']:.2f}x; "
-        f"/ layers only: {rec['ratio_vs_forward_layers']:.2f}x")
+    print(
+      f"{k:24s} {rec[k]['median_s']:.3f} s  ({rec[k]['tokens_per_s']:.0f} tok/s, "
+      f"min {rec[k]['min_s']:.3f} max {rec[k]['max_s']:.3f})"
+    )
+  print(
+    f"forecaster step / dense forward with LM head: {rec['ratio_vs_forward_logits']:.2f}x; "
+    f"/ layers only: {rec['ratio_vs_forward_layers']:.2f}x"
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rec, f, indent=2)

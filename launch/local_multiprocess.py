@@ -40,22 +40,41 @@ def _pump(proc: subprocess.Popen, prefix: str, out: Any) -> None:
     out.flush()
 
 
-def launch(args: list[str], num_processes: int, devices_per_process: int = 1,
-           module: str = "ir_jax.train", port: int = 0, cwd: str | None = None,
-           timeout: float | None = None, out: Any = None) -> int:
+def launch(
+  args: list[str],
+  num_processes: int,
+  devices_per_process: int = 1,
+  module: str = "ir_jax.train",
+  port: int = 0,
+  cwd: str | None = None,
+  timeout: float | None = None,
+  out: Any = None,
+) -> int:
   """Runs the processes to completion; returns the job's exit status."""
   out = out or sys.stdout
   port = port or free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+  )
   for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(var, None)
   procs, pumps = [], []
   for i in range(num_processes):
-    cmd = [sys.executable, "-u", "-m", module, *args, f"--coordinator=127.0.0.1:{port}",
-           f"--num_processes={num_processes}", f"--process_id={i}"]
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, bufsize=1)
+    cmd = [
+      sys.executable,
+      "-u",
+      "-m",
+      module,
+      *args,
+      f"--coordinator=127.0.0.1:{port}",
+      f"--num_processes={num_processes}",
+      f"--process_id={i}",
+    ]
+    p = subprocess.Popen(
+      cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     procs.append(p)
     t = threading.Thread(target=_pump, args=(p, f"[p{i}]", out), daemon=True)
     t.start()
@@ -87,11 +106,11 @@ def launch(args: list[str], num_processes: int, devices_per_process: int = 1,
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              usage="%(prog)s [options] -- TRAIN_ARGS ...")
+  p = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], usage="%(prog)s [options] -- TRAIN_ARGS ..."
+  )
   p.add_argument("--num_processes", type=int, default=2)
-  p.add_argument("--devices_per_process", type=int, default=1,
-                 help="fake CPU devices per process")
+  p.add_argument("--devices_per_process", type=int, default=1, help="fake CPU devices per process")
   p.add_argument("--module", default="ir_jax.train", help="python -m MODULE to run")
   p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
   p.add_argument("--timeout", type=float, default=None, help="seconds before stopping the job")
@@ -100,8 +119,9 @@ def main() -> None:
   args = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
   if a.num_processes < 1 or a.devices_per_process < 1:
     p.error("--num_processes and --devices_per_process must be >= 1")
-  sys.exit(launch(args, a.num_processes, a.devices_per_process, a.module, a.port,
-                  timeout=a.timeout))
+  sys.exit(
+    launch(args, a.num_processes, a.devices_per_process, a.module, a.port, timeout=a.timeout)
+  )
 
 
 if __name__ == "__main__":

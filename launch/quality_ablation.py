@@ -27,15 +27,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python launch/quality_ablation.py",
-                              description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python launch/quality_ablation.py", description=__doc__.split("\n\n")[0]
+  )
   p.add_argument("--config", default=os.path.join(REPO, "configs", "smollm2_135m.py"))
-  p.add_argument("--out", default=os.path.join(REPO, "docs", "ablation"),
-                 help="writes OUT.json and OUT.md")
+  p.add_argument(
+    "--out", default=os.path.join(REPO, "docs", "ablation"), help="writes OUT.json and OUT.md"
+  )
   p.add_argument("--sparsity", default="0.25,0.4", help="comma-separated target sparsities")
   p.add_argument("--eval-batches", type=int, default=8)
-  p.add_argument("--tables", default="uniform,error,error-flops,probe",
-                 help="capacity tables to evaluate (comma-separated)")
+  p.add_argument(
+    "--tables",
+    default="uniform,error,error-flops,probe",
+    help="capacity tables to evaluate (comma-separated)",
+  )
   args = p.parse_args(argv)
   sparsities = [float(v) for v in args.sparsity.split(",") if v.strip()]
 
@@ -51,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
   os.chdir(REPO)
   # The commit the code was loaded from (edits during the run do not change it).
-  commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
+  commit = subprocess.run(
+    ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+  ).stdout.strip()
   spec = importlib.util.spec_from_file_location("_ablation_config", args.config)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -64,15 +70,19 @@ def main(argv: list[str] | None = None) -> int:
   take = lambda n: [{k: np.asarray(v) for k, v in b.items()} for b in itertools.islice(it, n)]
   fit_f, fit_r, alloc = take(fc.fit_batches), take(rc.fit_batches), take(rc.allocation_batches)
   it.close()
-  ev_it = pipeline.make_iterator(s.data, s.data.eval_split, mode=PACK, shuffle=False,
-                                 num_epochs=1, num_batches=args.eval_batches)
+  ev_it = pipeline.make_iterator(
+    s.data, s.data.eval_split, mode=PACK, shuffle=False, num_epochs=1, num_batches=args.eval_batches
+  )
   evals = [{k: jnp.asarray(v) for k, v in b.items()} for b in ev_it]
   ev_it.close()
   fit.set_forecasters(model, fit.forecaster_moments(model, fit_f), fc.ridge)
   fit.set_routers(model, fit.router_moments(model, fit_r), rc.ridge)
   ex = fit.explained(fit.forecast_error(model, evals[:4]))
-  print(f"fits done in {time.time() - t0:.0f}s; held-out explained attn {ex[:, 0].mean():.3f} "
-        f"mlp {ex[:, 1].mean():.3f}", flush=True)
+  print(
+    f"fits done in {time.time() - t0:.0f}s; held-out explained attn {ex[:, 0].mean():.3f} "
+    f"mlp {ex[:, 1].mean():.3f}",
+    flush=True,
+  )
   scores, rel = fit.error_curves(model, alloc)
   seq = s.data.seq_len
   probe_dmg = None
@@ -86,25 +96,41 @@ def main(argv: list[str] | None = None) -> int:
     return float(np.exp(tot / cnt))
 
   dense = ppl(R.RoutingSpec(policy="dense"))
-  rows = [dict(table="-", policy="dense", sparsity=0.0, perplexity=dense, x_dense=1.0,
-               flops_fraction=1.0)]
+  rows = [
+    dict(table="-", policy="dense", sparsity=0.0, perplexity=dense, x_dense=1.0, flops_fraction=1.0)
+  ]
   print(f"dense {dense:.3f}", flush=True)
 
-  def add(table_name: str, spec: R.RoutingSpec, sparsity: float, policy: str,
-          sinks: bool = True) -> None:
+  def add(
+    table_name: str, spec: R.RoutingSpec, sparsity: float, policy: str, sinks: bool = True
+  ) -> None:
     t = time.time()
     v = ppl(spec)
     fl = R.flops(model.config, spec, seq)["executed_fraction"]
-    rows.append(dict(table=table_name, policy=policy + ("" if sinks else " (no sink protection)"),
-                     sparsity=sparsity, perplexity=v, x_dense=v / dense, flops_fraction=fl))
-    print(f"{table_name:8s} {rows[-1]['policy']:32s} {sparsity:.2f}: {v:9.3f} ({v / dense:.3f}x) "
-          f"FLOPs {fl:.3f}  {time.time() - t:.0f}s", flush=True)
+    rows.append(
+      dict(
+        table=table_name,
+        policy=policy + ("" if sinks else " (no sink protection)"),
+        sparsity=sparsity,
+        perplexity=v,
+        x_dense=v / dense,
+        flops_fraction=fl,
+      )
+    )
+    print(
+      f"{table_name:8s} {rows[-1]['policy']:32s} {sparsity:.2f}: {v:9.3f} ({v / dense:.3f}x) "
+      f"FLOPs {fl:.3f}  {time.time() - t:.0f}s",
+      flush=True,
+    )
 
   for sp in sparsities:
-    tables = {"uniform": None,
-              "error": fit.allocate_curves(scores, rel, sp),
-              "error-flops": fit.allocate_curves(scores, rel, sp,
-                                                 unit_cost=R.unit_flops(model.config, seq))}
+    tables = {
+      "uniform": None,
+      "error": fit.allocate_curves(scores, rel, sp),
+      "error-flops": fit.allocate_curves(
+        scores, rel, sp, unit_cost=R.unit_flops(model.config, seq)
+      ),
+    }
     if "probe" in args.tables.split(","):
       if probe_dmg is None:
         probe_dmg, _ = fit.unit_damage(model, alloc[:1], rc.probe_level)
@@ -113,28 +139,43 @@ def main(argv: list[str] | None = None) -> int:
       if name not in args.tables.split(","):
         continue
       caps = None if table is None else tuple(tuple(map(float, r)) for r in table)
-      pols = ("informed", "oracle", "random", "greedy") if name in ("uniform", "error") else (
-          "informed",)
+      pols = (
+        ("informed", "oracle", "random", "greedy")
+        if name in ("uniform", "error")
+        else ("informed",)
+      )
       for pol in pols:
         add(name, R.RoutingSpec(policy=pol, sparsity=sp, capacities=caps), sp, pol)
       if name == "error":
-        add(name, R.RoutingSpec(policy="informed", capacities=caps, protect_sinks=False), sp,
-            "informed", sinks=False)
-  result = {"command": "python launch/quality_ablation.py " + " ".join(argv or sys.argv[1:]),
-            "commit": commit, "eval_tokens": int(sum(float(jnp.sum(b["loss_mask"]))
-                                                     for b in evals)),
-            "heldout_explained": {"attn": float(ex[:, 0].mean()), "mlp": float(ex[:, 1].mean())},
-            "rows": rows}
+        add(
+          name,
+          R.RoutingSpec(policy="informed", capacities=caps, protect_sinks=False),
+          sp,
+          "informed",
+          sinks=False,
+        )
+  result = {
+    "command": "python launch/quality_ablation.py " + " ".join(argv or sys.argv[1:]),
+    "commit": commit,
+    "eval_tokens": int(sum(float(jnp.sum(b["loss_mask"])) for b in evals)),
+    "heldout_explained": {"attn": float(ex[:, 0].mean()), "mlp": float(ex[:, 1].mean())},
+    "rows": rows,
+  }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out + ".json", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
-  lines = [f"Held-out perplexity on {result['eval_tokens']} tokens of the demo's validation "
-           f"split (commit `{commit[:12]}`, `{result['command']}`).", "",
-           "| table | choice inside units | sparsity | perplexity | x dense | executed FLOPs |",
-           "| --- | --- | --- | --- | --- | --- |"]
+  lines = [
+    f"Held-out perplexity on {result['eval_tokens']} tokens of the demo's validation "
+    f"split (commit `{commit[:12]}`, `{result['command']}`).",
+    "",
+    "| table | choice inside units | sparsity | perplexity | x dense | executed FLOPs |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ]
   for r in rows:
-    lines.append(f"| {r['table']} | {r['policy']} | {r['sparsity']:g} | {r['perplexity']:.2f} | "
-                 f"{r['x_dense']:.3f} | {r['flops_fraction']:.3f} |")
+    lines.append(
+      f"| {r['table']} | {r['policy']} | {r['sparsity']:g} | {r['perplexity']:.2f} | "
+      f"{r['x_dense']:.3f} | {r['flops_fraction']:.3f} |"
+    )
   with open(args.out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   print(f"wrote {args.out}.json and {args.out}.md")

@@ -108,12 +108,17 @@ class _Runner:
   def run(self, argv: list[str], log_path: str) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "a", encoding="utf-8") as log:
-      log.write(f"\n===== {datetime.datetime.now().isoformat(timespec='seconds')}  "
-                f"{show(argv)}\n")
+      log.write(f"\n===== {datetime.datetime.now().isoformat(timespec='seconds')}  {show(argv)}\n")
       log.flush()
       # The child ignores SIGINT (kept across exec): Ctrl-C stops it through _on_term.
-      self.child = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+      self.child = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+      )
       try:
         while True:
           try:
@@ -142,18 +147,30 @@ def check_plan(opts: Options, plan_path: str, command: str) -> dict[str, Any]:
   mine = {k: getattr(opts, k) for k in FIXED}
   old = read_json(plan_path)
   if isinstance(old, dict) and old.get("format") == PLAN_FORMAT:
-    diff = [f"{k} {old['fixed'].get(k)!r} vs {v!r}" for k, v in mine.items()
-            if old["fixed"].get(k) != v]
+    diff = [
+      f"{k} {old['fixed'].get(k)!r} vs {v!r}" for k, v in mine.items() if old["fixed"].get(k) != v
+    ]
     if diff:
-      raise SystemExit(f"{PROG}: error: {rel(opts.runs)} was started with other options "
-                       f"({'; '.join(diff)}); rerun with those or choose another --runs")
+      raise SystemExit(
+        f"{PROG}: error: {rel(opts.runs)} was started with other options "
+        f"({'; '.join(diff)}); rerun with those or choose another --runs"
+      )
     invocations = old.get("invocations", [])
   else:
     invocations = []
-  invocations.append({"time": datetime.datetime.now().isoformat(timespec="seconds"),
-                      "command": command, "git": git_info()})
-  plan = {"format": PLAN_FORMAT, "fixed": mine, "options": dataclasses.asdict(opts),
-          "invocations": invocations}
+  invocations.append(
+    {
+      "time": datetime.datetime.now().isoformat(timespec="seconds"),
+      "command": command,
+      "git": git_info(),
+    }
+  )
+  plan = {
+    "format": PLAN_FORMAT,
+    "fixed": mine,
+    "options": dataclasses.asdict(opts),
+    "invocations": invocations,
+  }
   write_json(plan_path, plan)
   return plan
 
@@ -164,9 +181,12 @@ def run_all(opts: Options, command: str) -> int:
   os.makedirs(os.path.join(opts.runs, "logs"), exist_ok=True)
   check_plan(opts, os.path.join(opts.runs, "plan.json"), command)
   est = estimate(opts)
-  print(f"{PROG}: {len(todo)} steps into {rel(opts.runs)}"
-        + ("" if opts.smoke else f"; expected about {hms(est['total'])} on a 2-core CPU from "
-           "scratch") + f"; logs in {rel(os.path.join(opts.runs, 'logs'))}/", flush=True)
+  print(
+    f"{PROG}: {len(todo)} steps into {rel(opts.runs)}"
+    + ("" if opts.smoke else f"; expected about {hms(est['total'])} on a 2-core CPU from scratch")
+    + f"; logs in {rel(os.path.join(opts.runs, 'logs'))}/",
+    flush=True,
+  )
   runner = _Runner()
   old_term = signal.signal(signal.SIGTERM, runner._on_term)
   t0 = time.time()
@@ -187,13 +207,18 @@ def run_all(opts: Options, command: str) -> int:
       dt = time.time() - t1
       finished = rc == 0 and st.done()
       if runner.stopping:
-        print(f" {'done in' if finished else 'stopped after'} {hms(dt)} (exit {rc}); stopped "
-              "on request: rerun the same command to resume", flush=True)
+        print(
+          f" {'done in' if finished else 'stopped after'} {hms(dt)} (exit {rc}); stopped "
+          "on request: rerun the same command to resume",
+          flush=True,
+        )
         return 130
       if not finished:
         why = f"exit {rc}" if rc else "finished without complete output"
-        print(f" FAILED ({why}) after {hms(dt)}; log {rel(log_path)}, last lines:\n"
-              f"{_tail(log_path)}", flush=True)
+        print(
+          f" FAILED ({why}) after {hms(dt)}; log {rel(log_path)}, last lines:\n{_tail(log_path)}",
+          flush=True,
+        )
         return 1
       print(f" done in {hms(dt)} (elapsed {hms(time.time() - t0)})", flush=True)
   except KeyboardInterrupt:  # between steps: nothing is running
@@ -205,8 +230,11 @@ def run_all(opts: Options, command: str) -> int:
   path = os.path.join(opts.docs, "results.json")
   write_json(path, results)
   written = write_report(path, opts.docs)
-  print(f"{PROG}: all steps complete in {hms(time.time() - t0)}; wrote "
-        + ", ".join(rel(p) for p in [path, *written]), flush=True)
+  print(
+    f"{PROG}: all steps complete in {hms(time.time() - t0)}; wrote "
+    + ", ".join(rel(p) for p in [path, *written]),
+    flush=True,
+  )
   return 0
 
 
@@ -218,8 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return build_heldout(argv[1:])
   args = parser().parse_args(argv)
   opts = resolve(args)
-  command = show(["python", os.path.relpath(__file__, REPO)] + argv) if Path(
-      __file__).resolve().is_relative_to(REPO) else shlex.join(["python", __file__] + argv)
+  command = (
+    show(["python", os.path.relpath(__file__, REPO)] + argv)
+    if Path(__file__).resolve().is_relative_to(REPO)
+    else shlex.join(["python", __file__] + argv)
+  )
   if args.report_only:
     path = os.path.join(opts.docs, "results.json")
     if os.path.isfile(os.path.join(opts.runs, "plan.json")):
@@ -233,8 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     est = estimate(opts)
     for i, st in enumerate(steps(opts), 1):
       print(f"[{i}] {st.name}{' (complete)' if st.done() else ''}\n    {show(st.argv)}")
-    print("expected on a 2-core CPU (SmolLM2-135M rates): " + ", ".join(
-        f"{k} {hms(v)}" for k, v in est.items()))
+    print(
+      "expected on a 2-core CPU (SmolLM2-135M rates): "
+      + ", ".join(f"{k} {hms(v)}" for k, v in est.items())
+    )
     return 0
   return run_all(opts, command)
 

@@ -26,12 +26,12 @@ CONFIGS = ("configs/llama7b.py", "configs/llama3_8b.py")
 # topology -> config overrides that keep 4 rows of 2,048 tokens (and the forecaster's
 # reference 16 x 128 budget, 64 x 128 on 64 chips) per host of 4 chips.
 TOPOLOGIES = {
-    "v5e:4x4": [],
-    "v5e:8x8": ["--config.data.batch_size=64", "--config.train.forecaster.batch_size=64"],
-    "v5p:2x2x2": ["--config.data.batch_size=8"],
-    "v4:2x2x2": ["--config.data.batch_size=8"],
-    # The smallest slice a 7B routed model trains on: one host of 4 chips.
-    "v5e:2x2": ["--config.data.batch_size=4"],
+  "v5e:4x4": [],
+  "v5e:8x8": ["--config.data.batch_size=64", "--config.train.forecaster.batch_size=64"],
+  "v5p:2x2x2": ["--config.data.batch_size=8"],
+  "v4:2x2x2": ["--config.data.batch_size=8"],
+  # The smallest slice a 7B routed model trains on: one host of 4 chips.
+  "v5e:2x2": ["--config.data.batch_size=4"],
 }
 # Extra rows: tensor parallelism 2 on the smallest v5e slice (fsdp 8 x tensor 2).
 EXTRA = [("configs/llama3_8b.py", "v5e:4x4", ["--config.mesh.tensor=2"], ("router",))]
@@ -57,12 +57,15 @@ def _mesh_of(overrides: list[str]) -> str | None:
   return "tensor=2" if "--config.mesh.tensor=2" in overrides else None
 
 
-def done(records: list[dict], config: str, topology: str, overrides: list[str],
-         stage: str) -> bool:
+def done(records: list[dict], config: str, topology: str, overrides: list[str], stage: str) -> bool:
   tensor = 2 if _mesh_of(overrides) else 1
-  return any(os.path.basename(r["config"]) == os.path.basename(config)
-             and r["topology"] == topology and r["stage"] == stage
-             and r["mesh"].get("tensor", 1) == tensor for r in records)
+  return any(
+    os.path.basename(r["config"]) == os.path.basename(config)
+    and r["topology"] == topology
+    and r["stage"] == stage
+    and r["mesh"].get("tensor", 1) == tensor
+    for r in records
+  )
 
 
 def report(records: list[dict]) -> str:
@@ -72,12 +75,20 @@ def report(records: list[dict]) -> str:
   for r in records:  # the last record of a row wins (a recompile replaces it)
     latest[_key(r["config"], r["topology"], r["mesh"], r["stage"])] = r
   order = {t: i for i, t in enumerate(TOPOLOGIES)}
-  rows = sorted(latest.values(), key=lambda r: (
-      os.path.basename(r["config"]), order.get(r["topology"], 99), r["mesh"].get("tensor", 1),
-      STAGES.index(r["stage"]) if r["stage"] in STAGES else 9))
-  head = ("| config | stage | topology (chips) | mesh d x f x t | per-host batch | fits | "
-          "per-chip GiB: total (args + temps) | step s | tokens/s |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  rows = sorted(
+    latest.values(),
+    key=lambda r: (
+      os.path.basename(r["config"]),
+      order.get(r["topology"], 99),
+      r["mesh"].get("tensor", 1),
+      STAGES.index(r["stage"]) if r["stage"] in STAGES else 9,
+    ),
+  )
+  head = (
+    "| config | stage | topology (chips) | mesh d x f x t | per-host batch | fits | "
+    "per-chip GiB: total (args + temps) | step s | tokens/s |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  )
   lines = []
   for r in rows:
     line = markdown_row(r, os.path.basename(r["config"]))
@@ -87,13 +98,19 @@ def report(records: list[dict]) -> str:
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="\n".join(__doc__.splitlines()[2:]))
+  p = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="\n".join(__doc__.splitlines()[2:]),
+  )
   p.add_argument("--jsonl", default=os.path.join(REPO, "docs", "scaling_aot.jsonl"))
   p.add_argument("--report", action="store_true", help="print the table from --jsonl only")
-  p.add_argument("--only", action="append", default=[],
-                 help="CONFIG_FILE_NAME:TOPOLOGY, e.g. llama7b.py:v4:2x2x2 (repeatable)")
+  p.add_argument(
+    "--only",
+    action="append",
+    default=[],
+    help="CONFIG_FILE_NAME:TOPOLOGY, e.g. llama7b.py:v4:2x2x2 (repeatable)",
+  )
   args = p.parse_args()
   if args.report:
     print(report(load(args.jsonl)))
@@ -108,8 +125,20 @@ def main() -> int:
     if not todo:
       print(f"{name} {' '.join(overrides)}: done", flush=True)
       continue
-    cmd = [sys.executable, "-m", "ir_jax.aot", "--config", config, "--topology", topology,
-           "--stage", ",".join(todo), "--json", args.jsonl, *overrides]
+    cmd = [
+      sys.executable,
+      "-m",
+      "ir_jax.aot",
+      "--config",
+      config,
+      "--topology",
+      topology,
+      "--stage",
+      ",".join(todo),
+      "--json",
+      args.jsonl,
+      *overrides,
+    ]
     print(f"{name} {' '.join(overrides)}: compiling {','.join(todo)} ...", flush=True)
     t0 = time.time()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)

@@ -46,9 +46,14 @@ from ir_jax import plotting
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "shift_experiment"
 WIKI = os.path.join(REPO, "assets", "text", "wiki", "enwiki_articles.jsonl")
-DEFAULT_MIXES = ("shakespeare=1,news=1,wiki=1", "news=0.7,shakespeare=0.2,wiki=0.1",
-                 "wiki=0.5,news=0.25,shakespeare=0.25", "wiki=0.9,news=0.05,shakespeare=0.05",
-                 "wiki=1", "shakespeare=1")
+DEFAULT_MIXES = (
+  "shakespeare=1,news=1,wiki=1",
+  "news=0.7,shakespeare=0.2,wiki=0.1",
+  "wiki=0.5,news=0.25,shakespeare=0.25",
+  "wiki=0.9,news=0.05,shakespeare=0.05",
+  "wiki=1",
+  "shakespeare=1",
+)
 METHODS = "lr,self_normalized,truncated,psis"
 
 
@@ -60,14 +65,21 @@ def rel(p: str) -> str:
 def passages(text: str, words: int) -> list[str]:
   """Consecutive passages of `words` words (the last one kept if at least half as long)."""
   ws = text.split()
-  out = [" ".join(ws[i:i + words]) for i in range(0, len(ws), words)]
+  out = [" ".join(ws[i : i + words]) for i in range(0, len(ws), words)]
   if len(out) > 1 and len(out[-1].split()) < words // 2:
     out.pop()
   return out
 
 
-def build_pools(config: str, runs: str, words: int, calib_mix: dict[str, float],
-                max_wiki_articles: int, max_check: int, seed: int) -> dict:
+def build_pools(
+  config: str,
+  runs: str,
+  words: int,
+  calib_mix: dict[str, float],
+  max_wiki_articles: int,
+  max_check: int,
+  seed: int,
+) -> dict:
   sys.path.insert(0, REPO)
   from ir_jax.config_file import load_config
   from ir_jax.data.config import from_config
@@ -84,8 +96,9 @@ def build_pools(config: str, runs: str, words: int, calib_mix: dict[str, float],
       by_domain.setdefault("wiki", []).extend(passages(json.loads(line)["text"], words))
   missing = sorted(set(calib_mix) - set(by_domain))
   if missing:
-    raise SystemExit(f"{PROG}: error: --calib-mix names domains {missing}; the passages have "
-                     f"{sorted(by_domain)}")
+    raise SystemExit(
+      f"{PROG}: error: --calib-mix names domains {missing}; the passages have {sorted(by_domain)}"
+    )
   rng = random.Random(seed)
   pool_a, pool_b = {}, {}
   for d, ps in sorted(by_domain.items()):
@@ -109,14 +122,34 @@ def build_pools(config: str, runs: str, words: int, calib_mix: dict[str, float],
         for p in ps:
           f.write(json.dumps({"text": p, "domain": d}) + "\n")
     paths[name] = path
-  return {"paths": paths, "counts": {n: {d: len(v) for d, v in p.items()}
-                                    for n, p in (("A", pool_a), ("B", pool_b))}}
+  return {
+    "paths": paths,
+    "counts": {n: {d: len(v) for d, v in p.items()} for n, p in (("A", pool_a), ("B", pool_b))},
+  }
 
 
 def run_eval(args, data: str, out: str, extra: list[str]) -> None:
-  cmd = [sys.executable, "-m", "ir_jax.eval", "--config", args.config, "--workdir",
-         args.workdir, "--data", data, "--policy", args.policy, "--sparsity", args.sparsity,
-         "--seq-len", str(args.seq_len), "--json", out, "--no-plot", *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "ir_jax.eval",
+    "--config",
+    args.config,
+    "--workdir",
+    args.workdir,
+    "--data",
+    data,
+    "--policy",
+    args.policy,
+    "--sparsity",
+    args.sparsity,
+    "--seq-len",
+    str(args.seq_len),
+    "--json",
+    out,
+    "--no-plot",
+    *extra,
+  ]
   log = out + ".log"
   print(f"{PROG}: {' '.join(rel(c) if os.path.isabs(c) else c for c in cmd[1:])}", flush=True)
   t0 = time.time()
@@ -157,57 +190,102 @@ def report(args) -> None:
   rows = []
   for e in a["shift"]["estimates"]:
     truth = measured(b, parse_mix(e["target_mix"]))[(e["mode"], e["policy"], e["sparsity"])]
-    rows.append({**e, "measured": truth, "error": e["perplexity"] - truth,
-                 "rel_error": e["perplexity"] / truth - 1})
-  calib_measured = {(r["mode"], r["policy"], r["sparsity"]): r["perplexity"]
-                    for r in a["records"]}
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, check=False).stdout.strip()
-  out = {"format": "ir_jax.shift_experiment/1", "commit": commit, "plan": plan,
-         "date": datetime.date.today().isoformat(), "calibration_mix": a["shift"]["calibration_mix"],
-         "rows": rows}
+    rows.append(
+      {
+        **e,
+        "measured": truth,
+        "error": e["perplexity"] - truth,
+        "rel_error": e["perplexity"] / truth - 1,
+      }
+    )
+  calib_measured = {(r["mode"], r["policy"], r["sparsity"]): r["perplexity"] for r in a["records"]}
+  commit = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+  ).stdout.strip()
+  out = {
+    "format": "ir_jax.shift_experiment/1",
+    "commit": commit,
+    "plan": plan,
+    "date": datetime.date.today().isoformat(),
+    "calibration_mix": a["shift"]["calibration_mix"],
+    "rows": rows,
+  }
   with open(os.path.join(args.docs, "shift.json"), "w", encoding="utf-8") as f:
     json.dump(out, f, indent=1)
   methods = list(dict.fromkeys(r["method"] for r in rows))
   mixes = list(dict.fromkeys(r["target_mix"] for r in rows))
   settings = list(dict.fromkeys((r["mode"], r["policy"], r["sparsity"]) for r in rows))
-  lines = ["| target mix | setting | measured on B | " + " | ".join(methods) + " |",
-           "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
+  lines = [
+    "| target mix | setting | measured on B | " + " | ".join(methods) + " |",
+    "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
+  ]
   for mix in mixes:
     for st in settings:
       cells = []
       truth = None
       for m in methods:
-        found = [r for r in rows if r["target_mix"] == mix and r["method"] == m
-                 and (r["mode"], r["policy"], r["sparsity"]) == st]
+        found = [
+          r
+          for r in rows
+          if r["target_mix"] == mix
+          and r["method"] == m
+          and (r["mode"], r["policy"], r["sparsity"]) == st
+        ]
         if not found:
-          why = next((k["reason"] for k in a["shift"].get("skipped", [])
-                      if k["target_mix"] == mix and k["method"] == m), "")
+          why = next(
+            (
+              k["reason"]
+              for k in a["shift"].get("skipped", [])
+              if k["target_mix"] == mix and k["method"] == m
+            ),
+            "",
+          )
           cells.append(f"n/a ({why.split(';')[0]})")
           continue
         r = found[0]
         truth = r["measured"]
-        cells.append(f"{r['perplexity']:.2f} ± {r['perplexity_se']:.2f} ({r['rel_error']:+.1%}"
-                     + (f", {r['truncated_frac']:.0%} cut" if r["truncated_frac"] else "") + ")")
+        cells.append(
+          f"{r['perplexity']:.2f} ± {r['perplexity_se']:.2f} ({r['rel_error']:+.1%}"
+          + (f", {r['truncated_frac']:.0%} cut" if r["truncated_frac"] else "")
+          + ")"
+        )
       truth = measured(b, parse_mix(mix))[st]
       name = "dense" if st[1] == "dense" else f"{st[1]} {st[2]:.2f}"
       lines.append(f"| {mix} | {name} | {truth:.2f} | " + " | ".join(cells) + " |")
-  err = ["| estimator | mean abs rel. error | max abs rel. error | mean ESS | rows with truncation |",
-         "| --- | --- | --- | --- | --- |"]
+  err = [
+    "| estimator | mean abs rel. error | max abs rel. error | mean ESS | rows with truncation |",
+    "| --- | --- | --- | --- | --- |",
+  ]
   for m in methods:
     rs = [r for r in rows if r["method"] == m]
     e = np.abs([r["rel_error"] for r in rs])
-    err.append(f"| {m} | {e.mean():.1%} | {e.max():.1%} | {np.mean([r['ess'] for r in rs]):.1f} "
-               f"| {sum(r['truncated_frac'] > 0 for r in rs)} / {len(rs)} |")
+    err.append(
+      f"| {m} | {e.mean():.1%} | {e.max():.1%} | {np.mean([r['ess'] for r in rs]):.1f} "
+      f"| {sum(r['truncated_frac'] > 0 for r in rs)} / {len(rs)} |"
+    )
   cm = ", ".join(f"{d} {p:.2f}" for d, p in sorted(a["shift"]["calibration_mix"].items()))
-  md = [f"Calibration set A: {a['shift']['documents']} passages, mix {cm}; check set B: "
-        f"{len(b['documents'])} passages ({', '.join(f'{d} {n}' for d, n in sorted(b['domains'].items()))}). "
-        f"Model: `{rel(plan['workdir'])}`; rows of {plan['seq_len']} tokens; commit {commit}.",
-        "", "Estimated target-mix perplexity ± standard error (relative error vs B; share of "
-        "weights truncated):", "", *lines, "", "Error of each estimator over all rows above:", "",
-        *err, "", "Calibration-mix perplexity measured on A, for reference: " + ", ".join(
-            f"{'dense' if k[1] == 'dense' else f'{k[1]} {k[2]:.2f}'} {v:.2f}"
-            for k, v in calib_measured.items()) + ".", ""]
+  md = [
+    f"Calibration set A: {a['shift']['documents']} passages, mix {cm}; check set B: "
+    f"{len(b['documents'])} passages ({', '.join(f'{d} {n}' for d, n in sorted(b['domains'].items()))}). "
+    f"Model: `{rel(plan['workdir'])}`; rows of {plan['seq_len']} tokens; commit {commit}.",
+    "",
+    "Estimated target-mix perplexity ± standard error (relative error vs B; share of "
+    "weights truncated):",
+    "",
+    *lines,
+    "",
+    "Error of each estimator over all rows above:",
+    "",
+    *err,
+    "",
+    "Calibration-mix perplexity measured on A, for reference: "
+    + ", ".join(
+      f"{'dense' if k[1] == 'dense' else f'{k[1]} {k[2]:.2f}'} {v:.2f}"
+      for k, v in calib_measured.items()
+    )
+    + ".",
+    "",
+  ]
   with open(os.path.join(args.docs, "shift.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(md))
   print("\n".join(md))
@@ -241,12 +319,16 @@ def _plot(rows: list[dict], b: dict, path: str) -> None:
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="\n".join(__doc__.splitlines()[2:]))
-  p.add_argument("--workdir", default=os.path.join(REPO, "runs", "quality",
-                                                  "router_informed_0.4"),
-                 help="trained ir_jax.train workdir (forecasters + routers)")
+  p = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="\n".join(__doc__.splitlines()[2:]),
+  )
+  p.add_argument(
+    "--workdir",
+    default=os.path.join(REPO, "runs", "quality", "router_informed_0.4"),
+    help="trained ir_jax.train workdir (forecasters + routers)",
+  )
   p.add_argument("--config", default=os.path.join(REPO, "configs", "smollm2_135m.py"))
   p.add_argument("--runs", default=os.path.join(REPO, "runs", "shift"))
   p.add_argument("--docs", default=os.path.join(REPO, "docs"))
@@ -255,12 +337,20 @@ def main() -> int:
   p.add_argument("--seq-len", type=int, default=256)
   p.add_argument("--passage-words", type=int, default=100)
   p.add_argument("--calib-mix", default="shakespeare=0.45,news=0.45,wiki=0.10")
-  p.add_argument("--target-mix", action="append", default=None,
-                 help=f"repeatable (default: {'; '.join(DEFAULT_MIXES)})")
+  p.add_argument(
+    "--target-mix",
+    action="append",
+    default=None,
+    help=f"repeatable (default: {'; '.join(DEFAULT_MIXES)})",
+  )
   p.add_argument("--estimator", default=METHODS)
   p.add_argument("--max-wiki-articles", type=int, default=12)
-  p.add_argument("--max-check-passages", type=int, default=30,
-                 help="passages per domain in the check set B (default 30)")
+  p.add_argument(
+    "--max-check-passages",
+    type=int,
+    default=30,
+    help="passages per domain in the check set B (default 30)",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--report-only", action="store_true")
   args = p.parse_args()
@@ -273,11 +363,31 @@ def main() -> int:
     from ir_jax.eval.shift import parse_mix
 
     calib = parse_mix(args.calib_mix)
-    pools = build_pools(args.config, args.runs, args.passage_words, calib,
-                        args.max_wiki_articles, args.max_check_passages, args.seed)
-    plan = {k: getattr(args, k) for k in ("workdir", "config", "policy", "sparsity", "seq_len",
-                                          "passage_words", "calib_mix", "estimator",
-                                          "max_wiki_articles", "max_check_passages", "seed")}
+    pools = build_pools(
+      args.config,
+      args.runs,
+      args.passage_words,
+      calib,
+      args.max_wiki_articles,
+      args.max_check_passages,
+      args.seed,
+    )
+    plan = {
+      k: getattr(args, k)
+      for k in (
+        "workdir",
+        "config",
+        "policy",
+        "sparsity",
+        "seq_len",
+        "passage_words",
+        "calib_mix",
+        "estimator",
+        "max_wiki_articles",
+        "max_check_passages",
+        "seed",
+      )
+    }
     plan.update(target_mixes=mixes, pools=pools["counts"])
     with open(os.path.join(args.runs, "plan.json"), "w", encoding="utf-8") as f:
       json.dump(plan, f, indent=1)

@@ -22,8 +22,9 @@ from ir_jax import plotting
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python launch/table_figures.py", description=__doc__.split(
-      "\n\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python launch/table_figures.py", description=__doc__.split("\n\n")[0]
+  )
   p.add_argument("--runs", default="runs/quality", help="the quality run's RUNS directory")
   p.add_argument("--docs", default="docs", help="where the JSON and pictures go")
   args = p.parse_args(argv)
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
   import ir_jax
   from ir_jax.routing import model_table
 
-  arms = sorted(glob.glob(os.path.join(args.runs, "router_informed_*")),
-                key=lambda d: float(d.rsplit("_", 1)[1]))
+  arms = sorted(
+    glob.glob(os.path.join(args.runs, "router_informed_*")),
+    key=lambda d: float(d.rsplit("_", 1)[1]),
+  )
   if not arms:
     print(f"table_figures: error: no {args.runs}/router_informed_* workdirs", file=sys.stderr)
     return 2
@@ -44,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
       tables[d.rsplit("_", 1)[1]] = [list(r) for r in table]
   os.makedirs(args.docs, exist_ok=True)
   with open(os.path.join(args.docs, "capacity_tables.json"), "w", encoding="utf-8") as f:
-    json.dump({"what": "trained per-unit capacity tables (fraction of tokens executed), "
-                       "rows = layers, columns = (attention, MLP), by target sparsity",
-               "tables": tables}, f, indent=1)
+    json.dump(
+      {
+        "what": "trained per-unit capacity tables (fraction of tokens executed), "
+        "rows = layers, columns = (attention, MLP), by target sparsity",
+        "tables": tables,
+      },
+      f,
+      indent=1,
+    )
   fig, axes = plt.subplots(1, len(tables), figsize=(2.2 * len(tables) + 1, 6), squeeze=False)
   for ax, (sp, table) in zip(axes[0], tables.items()):
     t = 1.0 - np.asarray(table)
@@ -56,15 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title(f"target {sp}\nattn {t[:, 0].mean():.2f}, mlp {t[:, 1].mean():.2f}", fontsize=9)
   fig.colorbar(im, ax=axes[0].tolist(), label="sparsity (fraction approximated)")
   fig.suptitle("SmolLM2-135M capacity tables (informed routers)")
-  plotting.save(fig, os.path.join(args.docs, "capacity_tables.png"), dpi=110,
-                bbox_inches="tight")
+  plotting.save(fig, os.path.join(args.docs, "capacity_tables.png"), dpi=110, bbox_inches="tight")
   explained = _explained_on_heldout(args.runs)
   with open(os.path.join(args.docs, "capacity_tables.json"), "w", encoding="utf-8") as f:
-    json.dump({"what": "trained per-unit capacity tables (fraction of tokens executed), "
-                       "rows = layers, columns = (attention, MLP), by target sparsity; and the "
-                       "forecasters' explained variance per layer on each held-out set "
-                       "(ordinary tokens: segment starts excluded)",
-               "tables": tables, "explained": explained}, f, indent=1)
+    json.dump(
+      {
+        "what": "trained per-unit capacity tables (fraction of tokens executed), "
+        "rows = layers, columns = (attention, MLP), by target sparsity; and the "
+        "forecasters' explained variance per layer on each held-out set "
+        "(ordinary tokens: segment starts excluded)",
+        "tables": tables,
+        "explained": explained,
+      },
+      f,
+      indent=1,
+    )
   if explained:
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     for (name, ex), color in zip(explained.items(), ("C0", "C1", "C2")):
@@ -78,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylim(max(min(-0.1, lo - 0.05), -1.0), 1.0)
     ax.set_title("Forecasters on held-out ordinary tokens (segment starts excluded)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    plotting.save(fig, os.path.join(args.docs, "explained_variance.png"), dpi=110,
-                  bbox_inches="tight")
-  print(f"wrote {args.docs}/capacity_tables.json, capacity_tables.png"
-        + (", explained_variance.png" if explained else ""))
+    plotting.save(
+      fig, os.path.join(args.docs, "explained_variance.png"), dpi=110, bbox_inches="tight"
+    )
+  print(
+    f"wrote {args.docs}/capacity_tables.json, capacity_tables.png"
+    + (", explained_variance.png" if explained else "")
+  )
   return 0
 
 
@@ -104,18 +122,28 @@ def _explained_on_heldout(runs: str, rows: int = 16) -> dict[str, dict[str, list
   out = {}
   for path in sorted(glob.glob(os.path.join(runs, "heldout", "*.jsonl"))):
     docs = [json.loads(line) for line in open(path, encoding="utf-8")]
-    ids = [np.asarray(tok.tokenizer.encode(d["text"], add_special_tokens=False).ids, np.int32)
-           for d in docs]
+    ids = [
+      np.asarray(tok.tokenizer.encode(d["text"], add_special_tokens=False).ids, np.int32)
+      for d in docs
+    ]
     full, _ = pack_documents([Document("", "", i) for i in ids], 256)
     batches = []
     for start in range(0, min(rows, len(full)), 4):
       r = full.take(slice(start, start + 4), pad_to=4)
-      batches.append(dict(inputs=r.inputs, targets=r.targets, loss_mask=r.loss_mask,
-                          positions=r.positions, segment_ids=r.segment_ids))
+      batches.append(
+        dict(
+          inputs=r.inputs,
+          targets=r.targets,
+          loss_mask=r.loss_mask,
+          positions=r.positions,
+          segment_ids=r.segment_ids,
+        )
+      )
     ex = fit.explained(fit.forecast_error(model, batches))
-    out[os.path.basename(path)[:-len(".jsonl")]] = {
-        "attn": [round(float(v), 4) for v in ex[:, 0]],
-        "mlp": [round(float(v), 4) for v in ex[:, 1]]}
+    out[os.path.basename(path)[: -len(".jsonl")]] = {
+      "attn": [round(float(v), 4) for v in ex[:, 0]],
+      "mlp": [round(float(v), 4) for v in ex[:, 1]],
+    }
   return out
 
 

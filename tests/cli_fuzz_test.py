@@ -21,24 +21,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 # runpy warns that ir_jax.eval.shift is already imported (by ir_jax.eval): harmless here.
-pytestmark = [pytest.mark.slow,
-              pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")]
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning"),
+]
 
 ENTRY_POINTS = {  # module -> (program name in its errors, subcommands)
-    "ir_jax.eval": ("ir_jax.eval", ()),
-    "ir_jax.eval.shift": ("ir_jax.eval.shift", ()),
-    "ir_jax.data": ("python -m ir_jax.data", ("prepare", "inspect")),
-    "ir_jax.convert": ("ir_jax.convert", ("import", "export")),
-    "ir_jax.bench": ("ir_jax.bench", ()),
-    "ir_jax.perplexity": ("ir_jax.perplexity", ()),
+  "ir_jax.eval": ("ir_jax.eval", ()),
+  "ir_jax.eval.shift": ("ir_jax.eval.shift", ()),
+  "ir_jax.data": ("python -m ir_jax.data", ("prepare", "inspect")),
+  "ir_jax.convert": ("ir_jax.convert", ("import", "export")),
+  "ir_jax.bench": ("ir_jax.bench", ()),
+  "ir_jax.perplexity": ("ir_jax.perplexity", ()),
 }
 OUTCOMES: Counter = Counter()
 
 
 def invoke(module: str, argv: list[str]) -> tuple[int, str]:
   out, err = io.StringIO(), io.StringIO()
-  with mock.patch.object(sys, "argv", [module, *argv]), contextlib.redirect_stdout(out), \
-      contextlib.redirect_stderr(err):
+  with (
+    mock.patch.object(sys, "argv", [module, *argv]),
+    contextlib.redirect_stdout(out),
+    contextlib.redirect_stderr(err),
+  ):
     try:
       runpy.run_module(module, run_name="__main__", alter_sys=False)
       code = 0
@@ -51,8 +56,11 @@ def flags_of(module: str, sub: str | None) -> list[str]:
   code, _ = invoke(module, [*([sub] if sub else []), "--help"])
   assert code == 0
   out = io.StringIO()
-  with mock.patch.object(sys, "argv", [module, *([sub] if sub else []), "--help"]), \
-      contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+  with (
+    mock.patch.object(sys, "argv", [module, *([sub] if sub else []), "--help"]),
+    contextlib.redirect_stdout(out),
+    contextlib.redirect_stderr(io.StringIO()),
+  ):
     with contextlib.suppress(SystemExit):
       runpy.run_module(module, run_name="__main__", alter_sys=False)
   return sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.getvalue())) - {"--help"})
@@ -65,20 +73,50 @@ def junk(tmp_path_factory) -> dict[str, str]:
   (d / "binary.bin").write_bytes(bytes(range(256)) * 8)
   (d / "noconfig.py").write_text("x = 1\n")
   (d / "raises.py").write_text("raise RuntimeError('boom')\n")
-  (d / "nodata.py").write_text("import ml_collections\n\ndef get_config():\n"
-                               "  return ml_collections.ConfigDict({'model': {}})\n")
+  (d / "nodata.py").write_text(
+    "import ml_collections\n\ndef get_config():\n"
+    "  return ml_collections.ConfigDict({'model': {}})\n"
+  )
   (d / "emptydir").mkdir()
   (d / "badmodel").mkdir()
   (d / "badmodel" / "config.json").write_text("{not json")
   (d / "list.json").write_text("[1, 2]")
-  return {k: str(d / k) for k in ("empty.txt", "binary.bin", "noconfig.py", "raises.py",
-                                  "nodata.py", "emptydir", "badmodel", "list.json")} | {
-      "missing": str(d / "missing" / "x.txt"), "root": str(d)}
+  return {
+    k: str(d / k)
+    for k in (
+      "empty.txt",
+      "binary.bin",
+      "noconfig.py",
+      "raises.py",
+      "nodata.py",
+      "emptydir",
+      "badmodel",
+      "list.json",
+    )
+  } | {"missing": str(d / "missing" / "x.txt"), "root": str(d)}
 
 
 _WORD = st.text(alphabet=string.ascii_letters + string.digits + "_-.,:=/", max_size=8)
-NUMBERS = st.sampled_from(["0", "-1", "1", "2", "0.5", "1.5", "-0.0", "nan", "inf", "1e309",
-                           "99999999999", "0x10", "1,2", "0.25,0.4", ",", ""])
+NUMBERS = st.sampled_from(
+  [
+    "0",
+    "-1",
+    "1",
+    "2",
+    "0.5",
+    "1.5",
+    "-0.0",
+    "nan",
+    "inf",
+    "1e309",
+    "99999999999",
+    "0x10",
+    "1,2",
+    "0.25,0.4",
+    ",",
+    "",
+  ]
+)
 
 
 def values(junk: dict[str, str]) -> st.SearchStrategy[str]:
@@ -91,8 +129,9 @@ def test_random_argv_gives_help_or_one_line_error(module, junk):
   prog, subs = ENTRY_POINTS[module]
   flags = {s: flags_of(module, s) for s in (subs or (None,))}
   # Every config-reading flag gets a junk config, so no real work can start.
-  cfg_values = st.sampled_from([junk[k] for k in ("empty.txt", "noconfig.py", "raises.py",
-                                                  "nodata.py", "missing", "emptydir")])
+  cfg_values = st.sampled_from(
+    [junk[k] for k in ("empty.txt", "noconfig.py", "raises.py", "nodata.py", "missing", "emptydir")]
+  )
 
   @st.composite
   def argvs(draw) -> list[str]:
@@ -112,8 +151,13 @@ def test_random_argv_gives_help_or_one_line_error(module, junk):
       argv.append(draw(values(junk)))  # a stray positional
     return argv
 
-  @settings(max_examples=100, deadline=None, derandomize=True, database=None,
-            suppress_health_check=list(HealthCheck))
+  @settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+  )
   @given(argv=argvs())
   def check(argv: list[str]) -> None:
     if module == "ir_jax.bench" and "--config" not in argv:
@@ -123,9 +167,11 @@ def test_random_argv_gives_help_or_one_line_error(module, junk):
     assert "Traceback" not in err, (argv, err[-3000:])
     if code == 2:
       last = err.strip().splitlines()[-1]
-      assert re.match(rf"^(python -m )?{re.escape(prog.replace('python -m ', ''))}"
-                      r"[\w .-]*: error: \S", last) or last.startswith(f"{prog}: error: "), \
-          (argv, err[-3000:])
+      assert re.match(
+        rf"^(python -m )?{re.escape(prog.replace('python -m ', ''))}"
+        r"[\w .-]*: error: \S",
+        last,
+      ) or last.startswith(f"{prog}: error: "), (argv, err[-3000:])
     OUTCOMES[module, code] += 1
 
   with contextlib.chdir(junk["root"]):  # anything written by mistake lands in a temp dir

@@ -13,13 +13,22 @@ import pytest
 pytestmark = pytest.mark.slow  # one interpreter (jax import) per entry point
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = ("ir_jax.train", "ir_jax.eval", "ir_jax.eval.shift", "ir_jax.data",
-                "ir_jax.convert", "ir_jax.aot", "ir_jax.bench", "ir_jax.perplexity")
+ENTRY_POINTS = (
+  "ir_jax.train",
+  "ir_jax.eval",
+  "ir_jax.eval.shift",
+  "ir_jax.data",
+  "ir_jax.convert",
+  "ir_jax.aot",
+  "ir_jax.bench",
+  "ir_jax.perplexity",
+)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
@@ -42,8 +51,14 @@ def test_help_with_a_config_lists_its_fields(module):
 
 
 def test_unknown_override_is_one_line_naming_the_field(tmp_path):
-  proc = _run("ir_jax.train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
-              "--config.train.stagez=x")
+  proc = _run(
+    "ir_jax.train",
+    "--config",
+    "configs/tiny.py",
+    "--workdir",
+    str(tmp_path / "w"),
+    "--config.train.stagez=x",
+  )
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
@@ -51,16 +66,30 @@ def test_unknown_override_is_one_line_naming_the_field(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("argv", [
+@pytest.mark.parametrize(
+  "argv",
+  [
     ("ir_jax.train", "--config", "configs/tiny.py", "--workdir", "gs://bucket/runs/t"),
-    ("ir_jax.train", "--config", "configs/tiny.py", "--workdir", "{tmp}/w",
-     "--config.data.data_dir=gs://bucket/tfds"),
+    (
+      "ir_jax.train",
+      "--config",
+      "configs/tiny.py",
+      "--workdir",
+      "{tmp}/w",
+      "--config.data.data_dir=gs://bucket/tfds",
+    ),
     ("ir_jax.eval", "--model", "gs://bucket/ckpt", "--data", "x.txt", "--json", "{tmp}/o.json"),
-    ("ir_jax.data", "prepare", "--config", "configs/tiny.py",
-     "--config.data.data_dir=gs://bucket/tfds"),
+    (
+      "ir_jax.data",
+      "prepare",
+      "--config",
+      "configs/tiny.py",
+      "--config.data.data_dir=gs://bucket/tfds",
+    ),
     ("ir_jax.convert", "import", "--format", "hf", "gs://bucket/hf", "--out", "{tmp}/o"),
     ("ir_jax.perplexity", "--model", "gs://bucket/m.gguf", "--text", "x.txt"),
-])
+  ],
+)
 def test_bucket_paths_are_refused_in_one_line_naming_gcsfuse(argv, tmp_path):
   proc = _run(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
   assert proc.returncode == 2, proc.stderr

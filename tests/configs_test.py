@@ -16,9 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Published parameter counts (model cards / the models' safetensors indexes).
 PUBLISHED = {
-    "smollm2_135m": 134_515_008,
-    "llama7b": 6_738_415_616,
-    "llama3_8b": 8_030_261_248,
+  "smollm2_135m": 134_515_008,
+  "llama7b": 6_738_415_616,
+  "llama3_8b": 8_030_261_248,
 }
 
 
@@ -49,8 +49,19 @@ def test_every_parameter_has_logical_axes():
 
   cfg = from_config_dict(load("tiny").model)
   state = nnx.state(abstract_model(cfg))
-  allowed = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-             "lff", "router", "score", "units"}
+  allowed = {
+    "embed",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "vocab",
+    "layers",
+    "lff",
+    "router",
+    "score",
+    "units",
+  }
   for path, var in nnx.to_flat_state(state):
     axes = var.get_metadata()["out_sharding"]
     assert len(axes) == len(var.shape), path

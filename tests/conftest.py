@@ -17,20 +17,45 @@ import pytest
 # multi-head, tied and untied embeddings, non-default rope_theta, llama3 and
 # linear rope scaling, an explicit head_dim, and odd sizes.
 TINY_HF_CONFIGS = {
-    "gqa_llama3_untied": dict(
-        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=2, rope_theta=50_000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=16),
-        tie_word_embeddings=False),
-    "mha_tied_theta1e6": dict(
-        vocab_size=131, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, rope_theta=1_000_000.0,
-        tie_word_embeddings=True),
-    "headdim_linear_rope": dict(
-        vocab_size=61, hidden_size=36, intermediate_size=50, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=1, head_dim=14, rope_theta=20_000.0,
-        rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=False),
+  "gqa_llama3_untied": dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    rope_theta=50_000.0,
+    rope_scaling=dict(
+      rope_type="llama3",
+      factor=8.0,
+      low_freq_factor=1.0,
+      high_freq_factor=4.0,
+      original_max_position_embeddings=16,
+    ),
+    tie_word_embeddings=False,
+  ),
+  "mha_tied_theta1e6": dict(
+    vocab_size=131,
+    hidden_size=40,
+    intermediate_size=72,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    rope_theta=1_000_000.0,
+    tie_word_embeddings=True,
+  ),
+  "headdim_linear_rope": dict(
+    vocab_size=61,
+    hidden_size=36,
+    intermediate_size=50,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=14,
+    rope_theta=20_000.0,
+    rope_scaling=dict(rope_type="linear", factor=2.0),
+    tie_word_embeddings=False,
+  ),
 }
 
 

@@ -22,8 +22,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "ir_jax.convert", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "ir_jax.convert", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def copy_hf(src: str, dst: str) -> str:
@@ -68,8 +73,9 @@ def test_cli_import_then_load_checkpoint(tiny_hf_dirs, tmp_path):
 def test_mapping_round_trip_is_exact():
   rng = np.random.RandomState(0)
   for e in mapping.TABLE:
-    ours = {"o_proj": (3, 5, 8), "q_proj": (8, 3, 5), "k_proj": (8, 1, 5),
-            "v_proj": (8, 1, 5)}.get(e.path[-1], (8, 6) if e.transform == "linear" else (8,))
+    ours = {"o_proj": (3, 5, 8), "q_proj": (8, 3, 5), "k_proj": (8, 1, 5), "v_proj": (8, 1, 5)}.get(
+      e.path[-1], (8, 6) if e.transform == "linear" else (8,)
+    )
     w = rng.randn(*ours).astype(np.float32)
     hf = mapping.to_hf(e, w)
     assert hf.shape == mapping.hf_shape(e, ours)
@@ -148,20 +154,35 @@ def test_pickled_weights_are_refused(tiny_hf_dirs, tmp_path):
 
 def test_config_values_are_validated():
   with pytest.raises(ConfigError, match="num_kv_heads"):
-    ir_jax.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
-                       num_heads=3, num_kv_heads=2)
+    ir_jax.LlamaConfig(
+      vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2
+    )
   with pytest.raises(ConfigError, match="vocab_size"):
-    ir_jax.LlamaConfig(vocab_size=10**12, hidden_size=8, intermediate_size=8, num_layers=1,
-                       num_heads=2, num_kv_heads=2)
+    ir_jax.LlamaConfig(
+      vocab_size=10**12,
+      hidden_size=8,
+      intermediate_size=8,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=2,
+    )
   with pytest.raises(ConfigError, match="rope_scaling type 'yarn'"):
-    ir_jax.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
-                       num_heads=2, num_kv_heads=2, rope_scaling={"rope_type": "yarn"})
+    ir_jax.LlamaConfig(
+      vocab_size=10,
+      hidden_size=8,
+      intermediate_size=8,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=2,
+      rope_scaling={"rope_type": "yarn"},
+    )
 
 
 def test_safetensors_header_offsets_past_end(tmp_path):
   path = str(tmp_path / "bad.safetensors")
-  header = json.dumps({"w": {"dtype": "F32", "shape": [1000, 1000],
-                             "data_offsets": [0, 4_000_000]}}).encode()
+  header = json.dumps(
+    {"w": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4_000_000]}}
+  ).encode()
   with open(path, "wb") as f:
     f.write(len(header).to_bytes(8, "little") + header + b"\x00" * 16)
   with pytest.raises(ValueError, match="inconsistent with 16 data bytes"):

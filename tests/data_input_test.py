@@ -35,16 +35,19 @@ def texts(cfg: DataConfig, base: Path) -> dict[str, list[tuple[str, str]]]:
 
 def config(tmp: Path, files: tuple, **kw) -> DataConfig:
   kw.setdefault("validation_fraction", 0.0)
-  return DataConfig(files=files, tokenizer="byte", seq_len=16, batch_size=2,
-                    data_dir=str(tmp / "tfds"), **kw)
+  return DataConfig(
+    files=files, tokenizer="byte", seq_len=16, batch_size=2, data_dir=str(tmp / "tfds"), **kw
+  )
 
 
 def test_split_modes_and_stripping(tmp_path):
   (tmp_path / "a.txt").write_text("  First para\nline two\n\n\n  \nSecond para  \n\n", "utf-8")
   cfg = config(tmp_path, ("a.txt",))
-  for mode, want in (("file", ["First para\nline two\n\n\n  \nSecond para"]),
-                     ("blank_lines", ["First para\nline two", "Second para"]),
-                     ("lines", ["First para", "line two", "Second para"])):
+  for mode, want in (
+    ("file", ["First para\nline two\n\n\n  \nSecond para"]),
+    ("blank_lines", ["First para\nline two", "Second para"]),
+    ("lines", ["First para", "line two", "Second para"]),
+  ):
     c = dataclasses.replace(cfg, split_mode=mode)
     prepare(c, base_dir=tmp_path, verbose=False)
     got = sorted(t for t, _ in texts(c, tmp_path)["train"])
@@ -82,8 +85,11 @@ def test_only_empty_files_is_an_error(tmp_path):
 def test_non_utf8_file(tmp_path):
   (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait\nplain line\n")
   cfg = config(tmp_path, ("bad.txt",), split_mode="lines")
-  with pytest.raises(DataError, match=r"bad.txt:1: not valid UTF-8 \(byte 0xe9 at record "
-                                      r"offset 3\).*encoding.*'replace' or 'skip'"):
+  with pytest.raises(
+    DataError,
+    match=r"bad.txt:1: not valid UTF-8 \(byte 0xe9 at record "
+    r"offset 3\).*encoding.*'replace' or 'skip'",
+  ):
     prepare(cfg, base_dir=tmp_path, verbose=False)
   c = dataclasses.replace(cfg, encoding_errors="replace")
   path = prepare(c, base_dir=tmp_path, verbose=False)
@@ -113,12 +119,22 @@ def test_declared_latin1_news_corpus(tmp_path):
 
 
 def test_jsonl_bad_lines(tmp_path):
-  lines = ['{"text": "good one", "domain": "wiki"}', "", '{"title": "no text here"}',
-           '{"text": 5}', "not json", '["text"]', '{"text": "good two"}']
+  lines = [
+    '{"text": "good one", "domain": "wiki"}',
+    "",
+    '{"title": "no text here"}',
+    '{"text": 5}',
+    "not json",
+    '["text"]',
+    '{"text": "good two"}',
+  ]
   (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
   cfg = config(tmp_path, ("d.jsonl",))
-  with pytest.raises(DataError, match=r"d.jsonl:3: expected an object with a string 'text' "
-                                      r"field, found keys \['title'\].*bad_records='skip'"):
+  with pytest.raises(
+    DataError,
+    match=r"d.jsonl:3: expected an object with a string 'text' "
+    r"field, found keys \['title'\].*bad_records='skip'",
+  ):
     prepare(cfg, base_dir=tmp_path, verbose=False)
   c = dataclasses.replace(cfg, bad_records="skip")
   path = prepare(c, base_dir=tmp_path, verbose=False)
@@ -155,8 +171,11 @@ def test_missing_split_is_explained(tmp_path):
   (tmp_path / "a.txt").write_text("one\ntwo\n", "utf-8")
   cfg = config(tmp_path, ("a.txt",), split_mode="lines", validation_fraction=0.0)
   prepare(cfg, base_dir=tmp_path, verbose=False)
-  with pytest.raises(DataError, match=r"has no split 'validation' \(it has \['train'\]\).*"
-                                      "validation_fraction"):
+  with pytest.raises(
+    DataError,
+    match=r"has no split 'validation' \(it has \['train'\]\).*"
+    "validation_fraction",
+  ):
     open_split(cfg, "validation", base_dir=tmp_path)
 
 
@@ -218,8 +237,11 @@ def test_bos_eos_from_declarations(tmp_path):
 
 def test_catalogue_dataset_not_prepared(tmp_path):
   cfg = DataConfig(name="c4/en", tokenizer="byte", data_dir=str(tmp_path))
-  with pytest.raises(DataError, match=r"TFDS dataset 'c4/en' is not prepared under .* run "
-                                      r"`python -m ir_jax.data prepare"):
+  with pytest.raises(
+    DataError,
+    match=r"TFDS dataset 'c4/en' is not prepared under .* run "
+    r"`python -m ir_jax.data prepare",
+  ):
     open_split(cfg, "train")
   with pytest.raises(DataError, match="neither 'local', a TFDS catalogue dataset"):
     open_split(dataclasses.replace(cfg, name="no_such_dataset_xyz"), "train")
@@ -231,7 +253,9 @@ def test_prepared_directory_reads_like_a_catalogue_dataset(tmp_path):
   path = prepare(cfg, base_dir=tmp_path, verbose=False)
   src = open_split(DataConfig(name=path, tokenizer="byte"), "train")
   assert sorted(src.document(i) for i in range(len(src))) == [
-      ("alpha", tmp_path.name), ("beta", tmp_path.name)]
+    ("alpha", tmp_path.name),
+    ("beta", tmp_path.name),
+  ]
 
 
 def test_config_validation():
@@ -279,46 +303,72 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
   (tmp_path / "a.txt").write_text("\n".join(f"line {i} of text" for i in range(20)), "utf-8")
   conf = tmp_path / "conf.py"
   conf.write_text(
-      "import ml_collections\n"
-      "def get_config():\n"
-      "  cfg = ml_collections.ConfigDict()\n"
-      f"  cfg.data = ml_collections.ConfigDict(dict(files=({str(tmp_path / 'a.txt')!r},),\n"
-      "      tokenizer='byte', split_mode='lines', seq_len=8, batch_size=2,\n"
-      f"      data_dir={str(tmp_path / 'tfds')!r}, validation_fraction=0.3, add_eos=None))\n"
-      "  return cfg\n")
+    "import ml_collections\n"
+    "def get_config():\n"
+    "  cfg = ml_collections.ConfigDict()\n"
+    f"  cfg.data = ml_collections.ConfigDict(dict(files=({str(tmp_path / 'a.txt')!r},),\n"
+    "      tokenizer='byte', split_mode='lines', seq_len=8, batch_size=2,\n"
+    f"      data_dir={str(tmp_path / 'tfds')!r}, validation_fraction=0.3, add_eos=None))\n"
+    "  return cfg\n"
+  )
   assert main(["prepare", "--config", str(conf)]) == 0
   out = capsys.readouterr().out
   assert "scanning 1 files" in out and "20 documents" in out
-  assert main(["inspect", "--config", str(conf), "--config.data.seq_len=12",
-               "--config.data.add_eos", "True", "--mode", "pad", "--split", "validation"]) == 0
+  assert (
+    main(
+      [
+        "inspect",
+        "--config",
+        str(conf),
+        "--config.data.seq_len=12",
+        "--config.data.add_eos",
+        "True",
+        "--mode",
+        "pad",
+        "--split",
+        "validation",
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert "split 'validation'" in out and "int32[2, 12]" in out and "EOS ids [256]" in out
 
 
 def test_cli_help_and_one_line_errors(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = lambda *a: subprocess.run([sys.executable, "-m", "ir_jax.data", *a], capture_output=True,
-                                  text=True, env=env, cwd=tmp_path, timeout=120)
+  run = lambda *a: subprocess.run(
+    [sys.executable, "-m", "ir_jax.data", *a],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=tmp_path,
+    timeout=120,
+  )
   r = run("--help")
   assert r.returncode == 0 and "prepare" in r.stdout and "inspect" in r.stdout
   conf = tmp_path / "conf.py"
-  conf.write_text("import ml_collections\n"
-                  "def get_config():\n"
-                  "  c = ml_collections.ConfigDict()\n"
-                  "  c.data = ml_collections.ConfigDict(dict(files=('missing/*.txt',), "
-                  "tokenizer='byte'))\n"
-                  "  return c\n")
+  conf.write_text(
+    "import ml_collections\n"
+    "def get_config():\n"
+    "  c = ml_collections.ConfigDict()\n"
+    "  c.data = ml_collections.ConfigDict(dict(files=('missing/*.txt',), "
+    "tokenizer='byte'))\n"
+    "  return c\n"
+  )
   r = run("prepare", "--config", str(conf))
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
-      r.stderr.strip().splitlines()[-1]]  # one line, no traceback
+    r.stderr.strip().splitlines()[-1]
+  ]  # one line, no traceback
   assert "error: data.files[0] 'missing/*.txt' matches no file" in r.stderr
   r = run("prepare", "--config", str(conf), "--config.data.seq_len=1")
   assert r.returncode == 2 and "data.seq_len must be an integer >= 2" in r.stderr
   r = run("prepare", "--config", str(conf), "--config.data.seq_lem=128")
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-      "python -m ir_jax.data: error: --config.data.seq_lem: unknown config field 'seq_lem' (did you "
-      "mean 'seq_len'?)"]
+    "python -m ir_jax.data: error: --config.data.seq_lem: unknown config field 'seq_lem' (did you "
+    "mean 'seq_len'?)"
+  ]
   r = run("prepare", "--config", str(conf), "--set", "data.seq_len=12")
   assert r.returncode == 2 and "--config.SECTION.FIELD=V" in r.stderr
   r = run("inspect", "--config", str(conf), "--config.data.seq_len=12", "--show-config")

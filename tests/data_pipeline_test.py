@@ -28,9 +28,11 @@ from ir_jax.data import (
 )
 
 SEQ_LEN = 32
-WORDS = ("the king and queen of denmark speak softly while a ghost walks near castle walls "
-         "news reports say markets rose today after rain fell on sydney café naïve 日本 "
-         "über 42 1987 £ — “quoted” text").split()
+WORDS = (
+  "the king and queen of denmark speak softly while a ghost walks near castle walls "
+  "news reports say markets rose today after rain fell on sydney café naïve 日本 "
+  "über 42 1987 £ — “quoted” text"
+).split()
 
 
 def _doc(rng: random.Random, n_words: int) -> str:
@@ -56,18 +58,20 @@ def write_corpus(root: Path) -> tuple[list[Any], list[str]]:
   (root / "lines.txt").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
   with open(root / "mixed.jsonl", "w", encoding="utf-8") as f:
     for i in range(20):
-      f.write(json.dumps({"text": new(rng.randint(1, 40)),
-                          "domain": "wiki" if i % 2 else "web", "id": i}) + "\n")
+      f.write(
+        json.dumps({"text": new(rng.randint(1, 40)), "domain": "wiki" if i % 2 else "web", "id": i})
+        + "\n"
+      )
   # Real text too: the first news articles, one per line.
   news = assets.read_text(assets.require(assets.news_file())).splitlines()[:6]
   (root / "news.txt").write_text("\n".join(news) + "\n", encoding="utf-8")
   docs.extend(line.strip() for line in news if line.strip())
   files = [
-      "plays/whole.txt",
-      dict(path="plays/scenes.txt", split_mode="blank_lines"),
-      dict(path="lines.txt", split_mode="lines", domain="lines"),
-      "mixed.jsonl",
-      dict(path="news.txt", split_mode="lines", domain="news"),
+    "plays/whole.txt",
+    dict(path="plays/scenes.txt", split_mode="blank_lines"),
+    dict(path="lines.txt", split_mode="lines", domain="lines"),
+    "mixed.jsonl",
+    dict(path="news.txt", split_mode="lines", domain="news"),
   ]
   return files, docs
 
@@ -76,11 +80,18 @@ def train_tokenizer(docs: list[str], path: Path) -> Path:
   """A small BPE with a BOS/EOS template, saved as tokenizer.json."""
   tok = Tokenizer(models.BPE(unk_token=None))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.train_from_iterator(docs, trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok.train_from_iterator(
+    docs,
+    trainers.BpeTrainer(
+      vocab_size=400,
+      special_tokens=["<pad>", "<bos>", "<eos>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+    ),
+  )
   tok.post_processor = processors.TemplateProcessing(
-      single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 2)])
+    single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 2)]
+  )
   tok.save(str(path))
   return path
 
@@ -90,16 +101,30 @@ def corpus(tmp_path_factory) -> dict[str, Any]:
   root = tmp_path_factory.mktemp("corpus")
   files, docs = write_corpus(root)
   tok_path = train_tokenizer(docs, root / "tokenizer.json")
-  cfg = DataConfig(files=tuple(files), tokenizer=str(tok_path), seq_len=SEQ_LEN, batch_size=4,
-                   data_dir=str(root / "tfds"), validation_fraction=0.25, seed=7, prefetch=0)
+  cfg = DataConfig(
+    files=tuple(files),
+    tokenizer=str(tok_path),
+    seq_len=SEQ_LEN,
+    batch_size=4,
+    data_dir=str(root / "tfds"),
+    validation_fraction=0.25,
+    seed=7,
+    prefetch=0,
+  )
   prepare(cfg, base_dir=root, verbose=False)
   direct = Tokenizer.from_file(str(tok_path))
-  return {"root": root, "cfg": cfg, "docs": docs, "direct": direct,
-          "doc_ids": [tuple(direct.encode(d).ids) for d in docs]}
+  return {
+    "root": root,
+    "cfg": cfg,
+    "docs": docs,
+    "direct": direct,
+    "doc_ids": [tuple(direct.encode(d).ids) for d in docs],
+  }
 
 
-def iterator(corpus: dict[str, Any], split: str = "train", batch_size: int | None = None,
-             **kw: Any) -> DataIterator:
+def iterator(
+  corpus: dict[str, Any], split: str = "train", batch_size: int | None = None, **kw: Any
+) -> DataIterator:
   cfg = corpus["cfg"]
   if batch_size is not None:
     cfg = dataclasses.replace(cfg, batch_size=batch_size)
@@ -111,8 +136,9 @@ def iterator(corpus: dict[str, Any], split: str = "train", batch_size: int | Non
 
 def doc_starts(batches: list[dict[str, np.ndarray]]) -> list[int]:
   """doc_ids of pad-mode rows that begin a document, in stream order."""
-  return [int(d) for b in batches for d, c in zip(b["doc_ids"], b["chunk_ids"])
-          if d >= 0 and c == 0]
+  return [
+    int(d) for b in batches for d, c in zip(b["doc_ids"], b["chunk_ids"]) if d >= 0 and c == 0
+  ]
 
 
 def local_batches(it: DataIterator, limit: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -146,7 +172,7 @@ def parse_stream(segs: list[tuple[int, ...]], docs: list[tuple[int, ...]]) -> li
   left = Counter(range(len(docs)))
   order, p = [], 0
   while p < len(stream):
-    hits = [i for i in left if left[i] and tuple(stream[p:p + len(docs[i])]) == docs[i]]
+    hits = [i for i in left if left[i] and tuple(stream[p : p + len(docs[i])]) == docs[i]]
     assert hits, f"tokens at stream offset {p} start no remaining document"
     i = max(hits, key=lambda j: len(docs[j]))
     assert p in seg_starts and p + len(docs[i]) in seg_starts, "a segment crosses documents"
@@ -191,7 +217,7 @@ def test_every_token_exactly_once_and_no_cross_document_segments(corpus):
     total += sum(len(s) for s in segs)
     # Packing leaves padding only at the very end of the epoch.
     flat = np.concatenate([b["segment_ids"].reshape(-1) for b in batches])
-    assert (flat[:int((flat > 0).sum())] > 0).all()
+    assert (flat[: int((flat > 0).sum())] > 0).all()
   assert sorted(seen) == list(range(len(docs)))  # each document once, in exactly one split
   assert set(seen.values()) == {1}
   assert total == sum(len(d) for d in docs)
@@ -219,8 +245,10 @@ def test_pad_mode_rows_rebuild_each_document(corpus):
         key = (split, int(b["doc_ids"][r]))
         by_doc.setdefault(key, []).append((int(b["chunk_ids"][r]), b["inputs"][r][seg == 1]))
         domains[key] = it.domains[b["domain_ids"][r]]
-  rebuilt = Counter(tuple(np.concatenate([c for _, c in sorted(chunks, key=lambda x: x[0])]))
-                    for chunks in by_doc.values())
+  rebuilt = Counter(
+    tuple(np.concatenate([c for _, c in sorted(chunks, key=lambda x: x[0])]))
+    for chunks in by_doc.values()
+  )
   assert rebuilt == Counter(corpus["doc_ids"])
   # Domains: explicit, from the JSONL field, or the parent directory name.
   assert set(domains.values()) == {"plays", "lines", "web", "wiki", "news"}
@@ -236,8 +264,9 @@ def test_tokens_equal_tokenizers_called_directly(corpus):
   no_bos = load_text_tokenizer(corpus["cfg"].tokenizer, add_bos=False)
   assert no_bos.encode("the king").tolist() == direct.encode("the king").ids[1:]
   neither = load_text_tokenizer(corpus["cfg"].tokenizer, add_bos=False, add_eos=False)
-  assert (neither.encode("the king").tolist()
-          == direct.encode("the king", add_special_tokens=False).ids)
+  assert (
+    neither.encode("the king").tolist() == direct.encode("the king", add_special_tokens=False).ids
+  )
 
 
 def test_two_processes_get_disjoint_shards_covering_the_split(corpus):
@@ -266,8 +295,14 @@ def test_two_processes_get_disjoint_shards_covering_the_split(corpus):
 @pytest.mark.parametrize("mode,stop", [("pack", 5), ("pack", 31), ("pad", 9)])
 def test_restored_state_continues_exactly(corpus, prefetch, mode, stop):
   cfg = dataclasses.replace(corpus["cfg"], prefetch=prefetch)
-  kw = dict(mode=mode, shuffle=True, num_epochs=None, process_index=0, process_count=1,
-            base_dir=corpus["root"])
+  kw = dict(
+    mode=mode,
+    shuffle=True,
+    num_epochs=None,
+    process_index=0,
+    process_count=1,
+    base_dir=corpus["root"],
+  )
   a = make_iterator(cfg, "train", **kw)
   first = local_batches(a, stop)
   state = json.loads(json.dumps(a.get_state()))  # what a checkpoint stores
@@ -289,8 +324,8 @@ def test_epochs_are_reshuffled_and_complete(corpus):
   epoch = doc_starts(local_batches(it))
   assert sorted(epoch) == list(range(it.documents_per_epoch))
   two = doc_starts(local_batches(iterator(corpus, mode="pad", shuffle=True, num_epochs=2)))
-  assert two[:len(epoch)] == epoch
-  assert sorted(two[len(epoch):]) == sorted(epoch) and two[len(epoch):] != epoch
+  assert two[: len(epoch)] == epoch
+  assert sorted(two[len(epoch) :]) == sorted(epoch) and two[len(epoch) :] != epoch
   unshuffled = doc_starts(local_batches(iterator(corpus, mode="pad", shuffle=False)))
   assert unshuffled == list(range(len(epoch)))
 
@@ -310,10 +345,18 @@ def test_batches_become_global_arrays_on_an_8_device_mesh(corpus):
   mesh = Mesh(devices.reshape(2, 4), ("data", "model"))
   cfg_batch = 8
   cfg = dataclasses.replace(corpus["cfg"], batch_size=cfg_batch)
-  for axes, spec in (("data", PartitionSpec("data", None)),
-                     (("data", "model"), PartitionSpec(("data", "model"), None))):
-    kw = dict(mode="pad", shuffle=False, num_epochs=1, process_index=0, process_count=1,
-              base_dir=corpus["root"])
+  for axes, spec in (
+    ("data", PartitionSpec("data", None)),
+    (("data", "model"), PartitionSpec(("data", "model"), None)),
+  ):
+    kw = dict(
+      mode="pad",
+      shuffle=False,
+      num_epochs=1,
+      process_index=0,
+      process_count=1,
+      base_dir=corpus["root"],
+    )
     ref = make_iterator(cfg, "train", **kw).next_local()
     batch = next(make_iterator(cfg, "train", mesh=mesh, batch_axes=axes, **kw))
     for k, arr in batch.items():
@@ -325,8 +368,13 @@ def test_batches_become_global_arrays_on_an_8_device_mesh(corpus):
     rows = cfg_batch // (2 if axes == "data" else 8)
     assert set(shards.values()) == {(rows, SEQ_LEN)}
   with pytest.raises(DataError, match="not divisible by the 8 shards"):
-    make_iterator(dataclasses.replace(cfg, batch_size=4), "train", mesh=mesh,
-                  batch_axes=("data", "model"), base_dir=corpus["root"])
+    make_iterator(
+      dataclasses.replace(cfg, batch_size=4),
+      "train",
+      mesh=mesh,
+      batch_axes=("data", "model"),
+      base_dir=corpus["root"],
+    )
   with pytest.raises(DataError, match=r"batch axes \['fsdp'\]"):
     make_iterator(cfg, "train", mesh=mesh, batch_axes="fsdp", base_dir=corpus["root"])
 
@@ -350,23 +398,35 @@ def test_seq_len_below_two_is_refused(corpus):
 def test_smollm2_pipeline_tokens_equal_transformers(tmp_path):
   transformers = pytest.importorskip("transformers")
   gguf_path = assets.require(assets.smollm2_gguf())
-  articles = [line.strip() for line in
-              assets.read_text(assets.require(assets.news_file())).splitlines()[:4]]
+  articles = [
+    line.strip() for line in assets.read_text(assets.require(assets.news_file())).splitlines()[:4]
+  ]
   (tmp_path / "news.txt").write_text("\n".join(articles) + "\n", encoding="utf-8")
-  cfg = DataConfig(files=(str(tmp_path / "news.txt"),), split_mode="lines",
-                   tokenizer=str(gguf_path), seq_len=128, batch_size=2,
-                   data_dir=str(tmp_path / "tfds"), validation_fraction=0.0, prefetch=0)
+  cfg = DataConfig(
+    files=(str(tmp_path / "news.txt"),),
+    split_mode="lines",
+    tokenizer=str(gguf_path),
+    seq_len=128,
+    batch_size=2,
+    data_dir=str(tmp_path / "tfds"),
+    validation_fraction=0.0,
+    prefetch=0,
+  )
   prepare(cfg, verbose=False)
-  it = make_iterator(cfg, "train", mode="pad", shuffle=False, num_epochs=1, process_index=0,
-                     process_count=1)
+  it = make_iterator(
+    cfg, "train", mode="pad", shuffle=False, num_epochs=1, process_index=0, process_count=1
+  )
   chunks: dict[int, list[tuple[int, np.ndarray]]] = {}
   for b in local_batches(it):
     for r in range(b["inputs"].shape[0]):
       if b["doc_ids"][r] >= 0:
         chunks.setdefault(int(b["doc_ids"][r]), []).append(
-            (int(b["chunk_ids"][r]), b["inputs"][r][b["segment_ids"][r] == 1]))
-  ours = Counter(tuple(np.concatenate([c for _, c in sorted(v, key=lambda x: x[0])]).tolist())
-                 for v in chunks.values())
+          (int(b["chunk_ids"][r]), b["inputs"][r][b["segment_ids"][r] == 1])
+        )
+  ours = Counter(
+    tuple(np.concatenate([c for _, c in sorted(v, key=lambda x: x[0])]).tolist())
+    for v in chunks.values()
+  )
   hf = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
   want = Counter(tuple(hf(a)["input_ids"]) for a in articles)
   assert ours == want
@@ -374,15 +434,17 @@ def test_smollm2_pipeline_tokens_equal_transformers(tmp_path):
 
 
 def test_num_batches_keeps_uneven_processes_in_step(corpus):
-  counts = [iterator(corpus, mode="pad", process_index=pi, process_count=2).local_batch_count()
-            for pi in range(2)]
+  counts = [
+    iterator(corpus, mode="pad", process_index=pi, process_count=2).local_batch_count()
+    for pi in range(2)
+  ]
   assert counts[0] != counts[1]  # the shards hold different amounts of text
   steps = max(counts)
   for pi in range(2):
     it = iterator(corpus, mode="pad", process_index=pi, process_count=2, num_batches=steps)
     got = local_batches(it)
     assert len(got) == steps
-    for b in got[counts[pi]:]:  # padding only once the shard is used up
+    for b in got[counts[pi] :]:  # padding only once the shard is used up
       assert (b["segment_ids"] == 0).all() and (b["loss_mask"] == 0).all()
       assert (b["doc_ids"] == -1).all()
     assert (got[counts[pi] - 1]["segment_ids"] > 0).any()
@@ -445,9 +507,15 @@ def test_two_real_jax_processes_build_global_batches(corpus, tmp_path):
   arg = json.dumps({"cfg": dataclasses.asdict(cfg), "root": str(corpus["root"])})
   script = tmp_path / "child.py"
   script.write_text(CHILD)
-  procs = [subprocess.Popen([sys.executable, str(script), str(pi), str(port), arg],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for pi in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(pi), str(port), arg],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for pi in range(2)
+  ]
   results = []
   for p in procs:
     try:
@@ -458,7 +526,9 @@ def test_two_real_jax_processes_build_global_batches(corpus, tmp_path):
       raise
     assert p.returncode == 0, err[-2000:]
     results.append(json.loads(out.strip().splitlines()[-1]))
-  want = sum(int((b["segment_ids"] > 0).sum())
-             for b in local_batches(iterator(corpus, "validation", mode="pad", shuffle=False)))
+  want = sum(
+    int((b["segment_ids"] > 0).sum())
+    for b in local_batches(iterator(corpus, "validation", mode="pad", shuffle=False))
+  )
   assert [r["tokens"] for r in results] == [want, want]
   assert results[0]["steps"] == results[1]["steps"] == max(r["local"] for r in results)

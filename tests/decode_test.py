@@ -19,9 +19,18 @@ from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.model import init_model
 
 # Odd sizes, so each weight's per-layer shape names it in the HLO.
-CFG = LlamaConfig(vocab_size=67, hidden_size=40, intermediate_size=88, num_layers=3,
-                  num_heads=4, num_kv_heads=2, rope_theta=10_000.0, lff_rank=6,
-                  router_hidden=12, max_position_embeddings=64)
+CFG = LlamaConfig(
+  vocab_size=67,
+  hidden_size=40,
+  intermediate_size=88,
+  num_layers=3,
+  num_heads=4,
+  num_kv_heads=2,
+  rope_theta=10_000.0,
+  lff_rank=6,
+  router_hidden=12,
+  max_position_embeddings=64,
+)
 
 
 # ------------------------------------------------------ HLO: weights in branches
@@ -36,7 +45,9 @@ def _computations(hlo: str) -> dict[str, list[str]]:
   return comps
 
 
-_CALLS = re.compile(r"(calls|branch_computations|to_apply|body|condition)=\{?([^}]*?)\}?(?:,\s*\w+=|$)")
+_CALLS = re.compile(
+  r"(calls|branch_computations|to_apply|body|condition)=\{?([^}]*?)\}?(?:,\s*\w+=|$)"
+)
 
 
 def _callers(comps: dict[str, list[str]]) -> dict[str, list[tuple[str, str]]]:
@@ -58,8 +69,10 @@ def _only_in_branches(comp: str, callers, seen=()) -> bool:
   ups = callers.get(comp, [])
   if not ups:
     return False  # reached the entry computation without a branch
-  return all(kind == "branch_computations" or _only_in_branches(up, callers, seen + (comp,))
-             for up, kind in ups)
+  return all(
+    kind == "branch_computations" or _only_in_branches(up, callers, seen + (comp,))
+    for up, kind in ups
+  )
 
 
 def test_skipped_unit_reads_none_of_its_weights():
@@ -71,8 +84,11 @@ def test_skipped_unit_reads_none_of_its_weights():
   R.calibrate_thresholds(model, [tokens(2, 16, 1, CFG.vocab_size)], spec)
   graphdef, state = nnx.split(model)
   step = jax.jit(lambda st, c, t, p: R.decode_body(nnx.merge(graphdef, st), c, t, p, spec))
-  hlo = step.lower(state, R.init_cache(CFG, 1, 16), jnp.zeros((1,), jnp.int32),
-                   jnp.int32(3)).compile().as_text()
+  hlo = (
+    step.lower(state, R.init_cache(CFG, 1, 16), jnp.zeros((1,), jnp.int32), jnp.int32(3))
+    .compile()
+    .as_text()
+  )
   comps = _computations(hlo)
   callers = _callers(comps)
   assert any(" conditional(" in line for lines in comps.values() for line in lines)
@@ -81,7 +97,7 @@ def test_skipped_unit_reads_none_of_its_weights():
   for path, var in nnx.to_flat_state(nnx.state(model.layers, nnx.Param)):
     name = "/".join(str(p) for p in path)
     shape = ",".join(str(d) for d in (1,) + var.shape[1:])
-    unit_weight = ("q_proj" in name or "o_proj" in name or "mlp" in name)
+    unit_weight = "q_proj" in name or "o_proj" in name or "mlp" in name
     (gated if unit_weight else ungated).setdefault(shape, []).append(name)
   assert set(gated).isdisjoint(ungated), "test sizes must tell the weights apart"
   found = 0
@@ -99,7 +115,8 @@ def test_skipped_unit_reads_none_of_its_weights():
 def test_row_k_is_ceil():
   spec = R.RoutingSpec(sparsity=0.6)
   assert [R.row_k(spec, b, 0, 0) for b in (1, 2, 5, 8, 32)] == [
-      math.ceil(0.4 * b - 1e-9) for b in (1, 2, 5, 8, 32)]
+    math.ceil(0.4 * b - 1e-9) for b in (1, 2, 5, 8, 32)
+  ]
   assert R.row_k(R.RoutingSpec(sparsity=1.0), 8, 0, 1) == 0
   assert R.row_k(R.RoutingSpec(policy="dense"), 8, 0, 1) == 8
 
@@ -126,15 +143,26 @@ def test_route_rows_executes_exactly_the_top_rows():
     spec = R.RoutingSpec(policy="informed", sparsity=sparsity)
     k = R.row_k(spec, 8, 0, 1)
     calls.clear()
-    out, aux = R.route_unit(n, n, unit, routing_layer.mlp_lff, routing_layer.mlp_router, spec, k, jnp.float32(0),
-                            jax.random.key(0), rows=True)
+    out, aux = R.route_unit(
+      n,
+      n,
+      unit,
+      routing_layer.mlp_lff,
+      routing_layer.mlp_router,
+      spec,
+      k,
+      jnp.float32(0),
+      jax.random.key(0),
+      rows=True,
+    )
     top = set(np.argsort(-scores)[:k].tolist())
     gate = np.asarray(aux["gate_BxT"])[:, 0]
     assert set(np.flatnonzero(gate).tolist()) == top
     assert calls == ([8] if k == 8 else [k] if k else [])  # only the executed rows ran
     for b in range(8):
-      np.testing.assert_allclose(np.asarray(out)[b], full[b] if b in top else forecast[b],
-                                 atol=1e-6)
+      np.testing.assert_allclose(
+        np.asarray(out)[b], full[b] if b in top else forecast[b], atol=1e-6
+      )
     assert float(aux["exec_rate"]) == pytest.approx(k / 8)
 
 
@@ -166,8 +194,9 @@ def test_row_capacity_decode_counts_and_mask_form(capacities):
   np.testing.assert_array_equal(gates[1:].sum(-1), np.broadcast_to(want, gates[1:].shape[:-1]))
   # Full capacity is the dense model, step by step.
   dense = np.asarray(model(toks))
-  full_logits, _ = _decode(model, toks, R.RoutingSpec(policy="informed", sparsity=0.0)
-                           .inference("topk"))
+  full_logits, _ = _decode(
+    model, toks, R.RoutingSpec(policy="informed", sparsity=0.0).inference("topk")
+  )
   np.testing.assert_allclose(full_logits, dense, atol=1e-4, rtol=0)
   # Routing changes the output (the test would not notice a no-op).
   assert np.abs(logits[:, 1:] - dense[:, 1:]).max() > 1e-3
@@ -186,18 +215,24 @@ def test_row_capacity_one_row_is_the_rows_own_forward():
   for row in range(4):
     cache = R.init_cache(CFG, 1, 5)
     for i in range(5):
-      table = tuple((float(gates[i, l, 0, row]), float(gates[i, l, 1, row]))
-                    for l in range(CFG.num_layers))
+      table = tuple(
+        (float(gates[i, l, 0, row]), float(gates[i, l, 1, row])) for l in range(CFG.num_layers)
+      )
       one = R.RoutingSpec(policy="informed", capacities=table).inference("topk")
-      lg, cache, _ = R.decode_step(model, cache, toks[row:row + 1, i], jnp.int32(i), one)
+      lg, cache, _ = R.decode_step(model, cache, toks[row : row + 1, i], jnp.int32(i), one)
       np.testing.assert_allclose(np.asarray(lg)[0], logits[row, i], atol=1e-4, rtol=0)
 
 
 def test_decode_refuses_soft_gates():
   model = init_model(CFG, 0)
   with pytest.raises(ConfigError, match="hard gates"):
-    R.decode_step(model, R.init_cache(CFG, 1, 4), jnp.zeros((1,), jnp.int32), jnp.int32(0),
-                  R.RoutingSpec(sparsity=0.5, gate="ste"))
+    R.decode_step(
+      model,
+      R.init_cache(CFG, 1, 4),
+      jnp.zeros((1,), jnp.int32),
+      jnp.int32(0),
+      R.RoutingSpec(sparsity=0.5, gate="ste"),
+    )
 
 
 def test_generate_with_row_capacity_needs_no_calibration():

@@ -53,8 +53,9 @@ def _stage(workdir: str) -> str:
 
 def _item(workdir: str, step: int, item: str) -> dict[str, np.ndarray]:
   tree = ocp.PyTreeCheckpointer().restore(os.path.join(_stage(workdir), str(step), item))
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 class FullDisk:
@@ -82,6 +83,7 @@ class FullDisk:
       def wrapped(self_path, *args, **kwargs):
         refuse(self_path)
         return real(self_path, *args, **kwargs)
+
       return wrapped
 
     def save(mgr, step, *args, **kwargs):
@@ -96,8 +98,9 @@ class FullDisk:
 
 
 @pytest.mark.parametrize("async_checkpoints", [True, False], ids=["async", "sync"])
-def test_disk_full_keeps_the_previous_checkpoint_and_says_so(data_dir, reference, tmp_path,
-                                                             async_checkpoints, capsys):
+def test_disk_full_keeps_the_previous_checkpoint_and_says_so(
+  data_dir, reference, tmp_path, async_checkpoints, capsys
+):
   s = tiny_settings(data_dir, async_checkpoints)
   workdir = str(tmp_path / "run")
   sdir = _stage(workdir)

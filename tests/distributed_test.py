@@ -61,7 +61,8 @@ NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
 
 def _launcher():
   spec = importlib.util.spec_from_file_location(
-      "local_multiprocess", os.path.join(REPO, "launch", "local_multiprocess.py"))
+    "local_multiprocess", os.path.join(REPO, "launch", "local_multiprocess.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -70,8 +71,12 @@ def _launcher():
 # ------------------------------------------------------------ the decision
 def test_explicit_flags_need_all_three():
   p = plan("127.0.0.1:1234", 2, 1, env={}, tpu_vm=False)
-  assert (p.reason, p.coordinator, p.num_processes, p.process_id) == ("flags", "127.0.0.1:1234",
-                                                                      2, 1)
+  assert (p.reason, p.coordinator, p.num_processes, p.process_id) == (
+    "flags",
+    "127.0.0.1:1234",
+    2,
+    1,
+  )
   with pytest.raises(ConfigError, match="missing --process_id"):
     plan("127.0.0.1:1234", 2, None, env={}, tpu_vm=False)
   with pytest.raises(ConfigError, match="must be in \\[0, --num_processes=2\\)"):
@@ -88,22 +93,31 @@ def test_environment_decides_when_no_flags():
   assert plan(env={}, tpu_vm=True).reason == "tpu"
   assert plan(env={"IR_JAX_DISTRIBUTED": "0"}, tpu_vm=True).reason == "single"
   assert plan(env={"IR_JAX_DISTRIBUTED": "1"}, tpu_vm=False).reason == "env"
-  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476", "JAX_NUM_PROCESSES": "4",
-         "JAX_PROCESS_ID": "3"}
+  env = {
+    "JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476",
+    "JAX_NUM_PROCESSES": "4",
+    "JAX_PROCESS_ID": "3",
+  }
   assert plan(env=env, tpu_vm=False) == plan("10.0.0.2:8476", 4, 3, env={}, tpu_vm=False)
 
 
 # ------------------------------------------------------------ two processes
 STEPS = 3
 # The config of both runs: configs/tiny.py with these fields changed.
-OVERRIDES = {"train.stages": "forecaster", "train.forecaster.steps": STEPS,
-             "train.log_every": 1, "train.checkpoint_every": 1, "train.eval_batches": 0,
-             "train.async_checkpoints": False}
+OVERRIDES = {
+  "train.stages": "forecaster",
+  "train.forecaster.steps": STEPS,
+  "train.log_every": 1,
+  "train.checkpoint_every": 1,
+  "train.eval_batches": 0,
+  "train.async_checkpoints": False,
+}
 
 
 def _tiny_config(data_dir: str) -> Any:
-  spec = importlib.util.spec_from_file_location("tiny_cfg",
-                                                os.path.join(REPO, "configs", "tiny.py"))
+  spec = importlib.util.spec_from_file_location(
+    "tiny_cfg", os.path.join(REPO, "configs", "tiny.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   cfg = mod.get_config()
@@ -146,19 +160,26 @@ class _ProcessShards(grain.DatasetIterator):
   job places them (process i holds the i-th block of the data axis).
   """
 
-  def __init__(self, cfg: Any, mesh: jax.sharding.Mesh, batch_axes: Any, process_count: int,
-               **kwargs: Any) -> None:
+  def __init__(
+    self, cfg: Any, mesh: jax.sharding.Mesh, batch_axes: Any, process_count: int, **kwargs: Any
+  ) -> None:
     self.shards: list[pipeline.DataIterator] = []
     super().__init__()
     self.mesh, self.batch_axes = mesh, batch_axes
-    self.shards = [_TRAIN_ITERATOR(cfg, process_index=i, process_count=process_count, **kwargs)
-                   for i in range(process_count)]
+    self.shards = [
+      _TRAIN_ITERATOR(cfg, process_index=i, process_count=process_count, **kwargs)
+      for i in range(process_count)
+    ]
 
   def __next__(self) -> dict[str, jax.Array]:
     rows = [it.next_local() for it in self.shards]
-    return {k: jax.device_put(np.concatenate([r[k] for r in rows]),
-                              pipeline.batch_sharding(self.mesh, self.batch_axes, rows[0][k].ndim))
-            for k in rows[0]}
+    return {
+      k: jax.device_put(
+        np.concatenate([r[k] for r in rows]),
+        pipeline.batch_sharding(self.mesh, self.batch_axes, rows[0][k].ndim),
+      )
+      for k in rows[0]
+    }
 
   def get_state(self) -> dict[str, Any]:
     return {"shards": [it.get_state() for it in self.shards]}
@@ -179,12 +200,18 @@ def two_process_run(tmp_path_factory) -> dict[str, str]:
     pytest.skip("demo assets missing: run `bash launch/fetch_assets.sh`")
   root = tmp_path_factory.mktemp("mp")
   workdir, data_dir = str(root / "w"), str(root / "tfds")
-  args = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
-          f"--config.data.data_dir={data_dir}",
-          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+  args = [
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--workdir",
+    workdir,
+    f"--config.data.data_dir={data_dir}",
+    *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
+  ]
   out = io.StringIO()
-  status = _launcher().launch(args, num_processes=2, devices_per_process=1, cwd=REPO,
-                              timeout=240, out=out)
+  status = _launcher().launch(
+    args, num_processes=2, devices_per_process=1, cwd=REPO, timeout=240, out=out
+  )
   log = out.getvalue()
   assert status == 0, log[-3000:]
   return {"workdir": workdir, "data_dir": data_dir, "log": log}
@@ -207,16 +234,23 @@ def test_two_processes_train_write_once_and_restore(two_process_run):
 
   # Restore on this process's 8 devices (explicit target with shardings).
   model_state = run_result(workdir)
-  restored = {"/".join(map(str, p)): np.asarray(jax.device_get(v[...]))
-              for p, v in nnx.to_flat_state(model_state.state) if isinstance(v, ForecasterParam)}
+  restored = {
+    "/".join(map(str, p)): np.asarray(jax.device_get(v[...]))
+    for p, v in nnx.to_flat_state(model_state.state)
+    if isinstance(v, ForecasterParam)
+  }
   # The saved arrays as plain numpy (the checkpoint's devices are not this process's).
   saved = _raw(ckpt)
   assert restored and set(restored) <= set(saved)
   meta = read_run(workdir)
-  fresh = init_state(LlamaConfig.from_dict(meta["model"]), make_mesh(MeshConfig(data=-1)),
-                     meta["base"], int(meta["seed"]))
+  fresh = init_state(
+    LlamaConfig.from_dict(meta["model"]),
+    make_mesh(MeshConfig(data=-1)),
+    meta["base"],
+    int(meta["seed"]),
+  )
   moved = 0
-  for (p, v) in nnx.to_flat_state(fresh.state):
+  for p, v in nnx.to_flat_state(fresh.state):
     key = "/".join(map(str, p))
     if key in restored:
       np.testing.assert_array_equal(restored[key], saved[key])
@@ -224,8 +258,9 @@ def test_two_processes_train_write_once_and_restore(two_process_run):
   assert moved > 0, f"the forecasters did not change in {STEPS} steps"
 
 
-def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_run, tmp_path,
-                                                                    monkeypatch):
+def test_two_processes_equal_one_process_on_the_same_global_batches(
+  two_process_run, tmp_path, monkeypatch
+):
   mp_dir = two_process_run["workdir"]
   s = settings_from_config(_tiny_config(two_process_run["data_dir"]))
   shards: list[_ProcessShards] = []
@@ -243,8 +278,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_
   # The two processes consumed exactly these documents: their iterator states at the end
   # are those of the two shards this process read.
   def data_state(workdir: str, process: int, count: int) -> dict[str, Any]:
-    path = os.path.join(workdir, "checkpoints", "forecaster", str(STEPS), "data",
-                        f"process_{process}-of-{count}.json")
+    path = os.path.join(
+      workdir, "checkpoints", "forecaster", str(STEPS), "data", f"process_{process}-of-{count}.json"
+    )
     with open(path, encoding="utf-8") as f:
       return json.load(f)
 
@@ -272,10 +308,24 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_
 
 def test_half_given_multiprocess_flags_are_one_line_errors(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "ir_jax.train", "--config", os.path.join(REPO, "configs", "tiny.py"),
-       "--workdir", str(tmp_path / "w"), "--coordinator", "127.0.0.1:1234"],
-      cwd=str(tmp_path), check=False, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [
+      sys.executable,
+      "-m",
+      "ir_jax.train",
+      "--config",
+      os.path.join(REPO, "configs", "tiny.py"),
+      "--workdir",
+      str(tmp_path / "w"),
+      "--coordinator",
+      "127.0.0.1:1234",
+    ],
+    cwd=str(tmp_path),
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert out.returncode == 2
   assert out.stderr.startswith("ir_jax.train: error: multi-process flags need all of")
   assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / "w")

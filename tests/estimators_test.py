@@ -37,13 +37,15 @@ def _errors(seed: int) -> dict[int, dict[str, np.ndarray]]:
       f, w = _shifted(seed, n, 500, block)
       plain.append(E.lr_estimate(f, w).value)
       trunc.append(E.truncated_estimate(f, w).value)
-    out[n] = {"lr": np.abs(np.concatenate(plain) - TRUTH),
-              "truncated": np.abs(np.concatenate(trunc) - TRUTH)}
+    out[n] = {
+      "lr": np.abs(np.concatenate(plain) - TRUTH),
+      "truncated": np.abs(np.concatenate(trunc) - TRUTH),
+    }
   return out
 
 
 def _rmse(err: np.ndarray) -> float:
-  return float(np.sqrt(np.mean(err ** 2)))
+  return float(np.sqrt(np.mean(err**2)))
 
 
 # Margins checked on seeds 0-199 of this exact setup: the RMSE ratio truncated / plain was at
@@ -108,8 +110,9 @@ def test_self_normalized_by_hand():
   assert e.ess == pytest.approx(100 / 51.5)
 
 
-@pytest.mark.parametrize("kw", [dict(tau=3.0), dict(tau="power", c=1.5, beta=0.0),
-                                dict(tau="power", c=0.3, beta=1.0)])
+@pytest.mark.parametrize(
+  "kw", [dict(tau=3.0), dict(tau="power", c=1.5, beta=0.0), dict(tau="power", c=0.3, beta=1.0)]
+)
 def test_truncated_by_hand(kw):
   # tau = 3 (= 1.5 * 5^0 * 2 = 0.3 * 5^1 * 2): v = [.5, 1, 1, .5, 3], v f = [1, 0, 1, 1.5, 3]
   # mean 1.3; deviations -.3 -1.3 -.3 .2 1.7, squares sum 4.8, variance 1.2, se sqrt(1.2/5);
@@ -173,9 +176,14 @@ def test_target_equal_to_calibration_mix_is_exact(method):
   assert np.array_equal(r.perplexity, np.exp(losses.sum(-1) / tokens.sum()))
   assert np.array_equal(r.perplexity, r.measured)
   assert np.all(r.truncated_frac == 0) and r.ess == pytest.approx(301)
-  one = E.mix_perplexity(doms, losses[1], tokens, mix, calib_mix={"web": 5, "code": 2,
-                                                                   "math": 2, "books": 1},
-                         method=method)
+  one = E.mix_perplexity(
+    doms,
+    losses[1],
+    tokens,
+    mix,
+    calib_mix={"web": 5, "code": 2, "math": 2, "books": 1},
+    method=method,
+  )
   assert one.perplexity == math.exp(losses[1].sum() / tokens.sum())
 
 
@@ -190,13 +198,16 @@ def test_psis_with_repeated_domain_weights_is_self_normalized():
 
 
 # ------------------------------------------------ bad input
-@pytest.mark.parametrize("w, match", [
+@pytest.mark.parametrize(
+  "w, match",
+  [
     ([1.0, np.nan, 1.0], "finite"),
     ([1.0, np.inf, 1.0], "finite"),
     ([1.0, -0.5, 1.0], ">= 0"),
     ([0.0, 0.0, 0.0], "effective sample size 0"),
     ([1.0], "at least 2 samples"),
-])
+  ],
+)
 @pytest.mark.parametrize("method", ["lr", "self_normalized", "truncated"])
 def test_bad_weights(w, match, method):
   with pytest.raises(E.EstimatorError, match=match) as info:

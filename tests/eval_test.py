@@ -38,8 +38,20 @@ CONFIG = os.path.join(REPO, "configs", "tiny.py")
 DOCS = os.path.join(REPO, "tests", "data", "eval", "docs.jsonl")
 CALIB = os.path.join(REPO, "tests", "data", "eval", "calibration.txt")
 SEQ, BATCH = 64, 4
-FIELDS = ("mode", "policy", "sparsity", "perplexity", "nll", "tokens", "realized_sparsity",
-          "sparsity_attn", "sparsity_mlp", "flops_fraction", "ideal_flops_fraction", "doc_nll")
+FIELDS = (
+  "mode",
+  "policy",
+  "sparsity",
+  "perplexity",
+  "nll",
+  "tokens",
+  "realized_sparsity",
+  "sparsity_attn",
+  "sparsity_mlp",
+  "flops_fraction",
+  "ideal_flops_fraction",
+  "doc_nll",
+)
 
 
 def tiny_model_cfg():
@@ -58,8 +70,24 @@ def ckpt(tmp_path_factory):
 
 
 def run_eval(out: str, *args: str) -> dict:
-  assert main(["--config", CONFIG, "--data", DOCS, "--seq-len", str(SEQ), "--batch-size",
-               str(BATCH), "--json", out, *args]) == 0
+  assert (
+    main(
+      [
+        "--config",
+        CONFIG,
+        "--data",
+        DOCS,
+        "--seq-len",
+        str(SEQ),
+        "--batch-size",
+        str(BATCH),
+        "--json",
+        out,
+        *args,
+      ]
+    )
+    == 0
+  )
   with open(out, encoding="utf-8") as f:
     return json.load(f)
 
@@ -67,20 +95,37 @@ def run_eval(out: str, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def topk(ckpt, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("eval") / "topk.json")
-  return out, run_eval(out, "--model", ckpt, "--policy", "informed,random,dense",
-                       "--sparsity", "0,0.5", "--mode", "topk")
+  return out, run_eval(
+    out,
+    "--model",
+    ckpt,
+    "--policy",
+    "informed,random,dense",
+    "--sparsity",
+    "0,0.5",
+    "--mode",
+    "topk",
+  )
 
 
 def _rec(result: dict, policy: str, sparsity: float, mode: str = "topk") -> dict:
-  (r,) = [r for r in result["records"] if (r["policy"], r["sparsity"], r["mode"])
-          == (policy, sparsity, mode)]
+  (r,) = [
+    r
+    for r in result["records"]
+    if (r["policy"], r["sparsity"], r["mode"]) == (policy, sparsity, mode)
+  ]
   return r
 
 
 def test_records_have_the_fields(topk):
   _, result = topk
   assert [(r["policy"], r["sparsity"]) for r in result["records"]] == [
-      ("dense", 0.0), ("informed", 0.0), ("informed", 0.5), ("random", 0.0), ("random", 0.5)]
+    ("dense", 0.0),
+    ("informed", 0.0),
+    ("informed", 0.5),
+    ("random", 0.0),
+    ("random", 0.5),
+  ]
   for r in result["records"]:
     assert all(f in r for f in FIELDS), sorted(set(FIELDS) - set(r))
     assert r["tokens"] > 0 and np.isfinite(r["perplexity"])
@@ -116,19 +161,20 @@ def test_dense_matches_an_unrouted_forward_of_every_piece(topk, ckpt):
   owner = np.concatenate([np.full(len(x), i) for i, x in enumerate(ids)])
   pieces = []  # (doc, tokens) cut at row ends (multiples of SEQ) and document ends
   for start in range(0, len(stream), SEQ):
-    row, own = stream[start:start + SEQ], owner[start:start + SEQ]
+    row, own = stream[start : start + SEQ], owner[start : start + SEQ]
     for d in np.unique(own):
       pieces.append((int(d), row[own == d]))
   pieces = [(d, p) for d, p in pieces if len(p) >= 2]
   padded = np.zeros((len(pieces), SEQ), np.int32)
   for i, (_, p) in enumerate(pieces):
-    padded[i, :len(p)] = p  # causal: the right padding cannot change earlier logits
-  logits = np.asarray(jax.jit(lambda t: nnx.merge(*nnx.split(model))(t))(jnp.asarray(padded)),
-                      np.float64)
+    padded[i, : len(p)] = p  # causal: the right padding cannot change earlier logits
+  logits = np.asarray(
+    jax.jit(lambda t: nnx.merge(*nnx.split(model))(t))(jnp.asarray(padded)), np.float64
+  )
   want = np.zeros(len(docs))
   count = np.zeros(len(docs), int)
   for i, (d, p) in enumerate(pieces):
-    lg = logits[i, :len(p) - 1]
+    lg = logits[i, : len(p) - 1]
     logp = lg - lg.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     want[d] -= logp[np.arange(len(p) - 1), p[1:]].sum()
@@ -176,15 +222,35 @@ def test_plot_and_table(topk, capsys):
 
 
 def test_causal_mode_calibrates_on_other_text(ckpt, tmp_path):
-  result = run_eval(str(tmp_path / "causal.json"), "--model", ckpt, "--policy", "informed",
-                    "--sparsity", "0.5", "--mode", "causal", "--calibration-data", CALIB)
+  result = run_eval(
+    str(tmp_path / "causal.json"),
+    "--model",
+    ckpt,
+    "--policy",
+    "informed",
+    "--sparsity",
+    "0.5",
+    "--mode",
+    "causal",
+    "--calibration-data",
+    CALIB,
+  )
   (r,) = result["records"]
   assert r["mode"] == "causal" and len(r["thresholds"]) == 2
   assert abs(r["realized_sparsity"] - 0.5) < 0.15  # calibrated elsewhere: close, not exact
   assert result["calibration"] == CALIB
   with pytest.raises(ConfigError, match="overlaps the evaluated text"):
-    run_eval(str(tmp_path / "bad.json"), "--model", ckpt, "--policy", "informed",
-             "--mode", "causal", "--calibration-data", DOCS)
+    run_eval(
+      str(tmp_path / "bad.json"),
+      "--model",
+      ckpt,
+      "--policy",
+      "informed",
+      "--mode",
+      "causal",
+      "--calibration-data",
+      DOCS,
+    )
 
 
 def test_user_errors(ckpt, tmp_path):
@@ -195,22 +261,51 @@ def test_user_errors(ckpt, tmp_path):
   with pytest.raises(ConfigError, match="sparsity"):
     run_eval(str(tmp_path / "x.json"), "--model", ckpt, "--sparsity", "1.5")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, "-m", "ir_jax.eval", "--config", CONFIG, "--model", ckpt,
-                      "--mode", "beam", "--json", str(tmp_path / "x.json")],
-                     capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ir_jax.eval",
+      "--config",
+      CONFIG,
+      "--model",
+      ckpt,
+      "--mode",
+      "beam",
+      "--json",
+      str(tmp_path / "x.json"),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=120,
+  )
   assert p.returncode == 2
-  assert p.stderr.strip().splitlines() == ["ir_jax.eval: error: unknown mode 'beam'; choose "
-                                           "from topk,causal"]
+  assert p.stderr.strip().splitlines() == [
+    "ir_jax.eval: error: unknown mode 'beam'; choose from topk,causal"
+  ]
   assert not os.path.exists(tmp_path / "x.json")
 
 
 # ------------------------------------------------------------- data shift (--target-mix)
 def test_target_mix_equal_to_the_calibration_mix_reproduces_the_measured_curve(ckpt, tmp_path):
   # The 10 documents are 4 news, 3 science, 3 story: that mix gives weights of exactly 1.
-  result = run_eval(str(tmp_path / "shift.json"), "--model", ckpt, "--policy",
-                    "informed,dense", "--sparsity", "0.5", "--target-mix",
-                    "news=4,science=3,story=3", "--target-mix", "news=1",
-                    "--estimator", "truncated,self_normalized,lr")
+  result = run_eval(
+    str(tmp_path / "shift.json"),
+    "--model",
+    ckpt,
+    "--policy",
+    "informed,dense",
+    "--sparsity",
+    "0.5",
+    "--target-mix",
+    "news=4,science=3,story=3",
+    "--target-mix",
+    "news=1",
+    "--estimator",
+    "truncated,self_normalized,lr",
+  )
   est = result["shift"]["estimates"]
   assert {e["method"] for e in est} == {"truncated", "self_normalized", "lr"}
   same = [e for e in est if e["target_mix"] == "news=4,science=3,story=3"]
@@ -224,8 +319,9 @@ def test_target_mix_equal_to_the_calibration_mix_reproduces_the_measured_curve(c
   news = [i for i, d in enumerate(result["documents"]) if d["domain"] == "news"]
   tok = sum(result["documents"][i]["tokens"] for i in news)
   for e in (e for e in est if e["target_mix"] == "news=1"):
-    (r,) = [r for r in result["records"] if (r["policy"], r["sparsity"])
-            == (e["policy"], e["sparsity"])]
+    (r,) = [
+      r for r in result["records"] if (r["policy"], r["sparsity"]) == (e["policy"], e["sparsity"])
+    ]
     want = np.exp(sum(r["doc_nll"][i] for i in news) / tok)
     assert e["perplexity"] == pytest.approx(want, rel=1e-12)
     assert e["ess"] == pytest.approx(4) and e["truncated_frac"] == 0
@@ -236,8 +332,12 @@ def test_shift_cli_on_a_saved_result(topk, tmp_path, capsys):
 
   src, result = topk
   out = str(tmp_path / "est.json")
-  assert shift.main([src, "--target-mix", "science=1,story=1", "--estimator", "truncated",
-                     "--json", out]) == 0
+  assert (
+    shift.main(
+      [src, "--target-mix", "science=1,story=1", "--estimator", "truncated", "--json", out]
+    )
+    == 0
+  )
   with open(out, encoding="utf-8") as f:
     est = json.load(f)
   assert est["format"] == "ir_jax.eval.shift/1"
@@ -246,10 +346,14 @@ def test_shift_cli_on_a_saved_result(topk, tmp_path, capsys):
   keep = [i for i, d in enumerate(result["documents"]) if d["domain"] != "news"]
   tok = sum(result["documents"][i]["tokens"] for i in keep)
   for e in est["estimates"]:
-    (r,) = [r for r in result["records"] if (r["policy"], r["sparsity"], r["mode"])
-            == (e["policy"], e["sparsity"], e["mode"])]
-    assert e["perplexity"] == pytest.approx(np.exp(sum(r["doc_nll"][i] for i in keep) / tok),
-                                            rel=1e-12)
+    (r,) = [
+      r
+      for r in result["records"]
+      if (r["policy"], r["sparsity"], r["mode"]) == (e["policy"], e["sparsity"], e["mode"])
+    ]
+    assert e["perplexity"] == pytest.approx(
+      np.exp(sum(r["doc_nll"][i] for i in keep) / tok), rel=1e-12
+    )
   assert "target mix science=1,story=1" in capsys.readouterr().out
   if importlib.util.find_spec("matplotlib"):
     with open(os.path.splitext(out)[0] + ".png", "rb") as f:
@@ -258,19 +362,37 @@ def test_shift_cli_on_a_saved_result(topk, tmp_path, capsys):
 
 def test_target_mix_errors_are_one_line_and_come_before_the_evaluation(ckpt, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  base = [sys.executable, "-m", "ir_jax.eval", "--config", CONFIG, "--model", ckpt, "--data",
-          DOCS, "--json", str(tmp_path / "x.json")]
+  base = [
+    sys.executable,
+    "-m",
+    "ir_jax.eval",
+    "--config",
+    CONFIG,
+    "--model",
+    ckpt,
+    "--data",
+    DOCS,
+    "--json",
+    str(tmp_path / "x.json"),
+  ]
   for extra, msg in [
-      (["--target-mix", "news=1,wiki=1"], "--target-mix news=1,wiki=1: target_mix gives weight "
-                                          "to domains ['wiki'] that have no calibration "
-                                          "records"),
-      (["--target-mix", "news=-1"], "--target-mix 'news=-1': weight of 'news' must be finite "
-                                    "and >= 0, got -1"),
-      (["--target-mix", "news"], "--target-mix 'news': expected domain=weight,..., got 'news'"),
-      (["--target-mix", "news=1", "--estimator", "magic"], "--estimator 'magic': choose from "
-                                                           "lr,self_normalized,truncated,psis")]:
-    p = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO, env=env,
-                       timeout=120)
+    (
+      ["--target-mix", "news=1,wiki=1"],
+      "--target-mix news=1,wiki=1: target_mix gives weight "
+      "to domains ['wiki'] that have no calibration "
+      "records",
+    ),
+    (
+      ["--target-mix", "news=-1"],
+      "--target-mix 'news=-1': weight of 'news' must be finite and >= 0, got -1",
+    ),
+    (["--target-mix", "news"], "--target-mix 'news': expected domain=weight,..., got 'news'"),
+    (
+      ["--target-mix", "news=1", "--estimator", "magic"],
+      "--estimator 'magic': choose from lr,self_normalized,truncated,psis",
+    ),
+  ]:
+    p = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert p.returncode == 2, p.stderr
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith(f"ir_jax.eval: error: {msg}"), line
@@ -281,8 +403,9 @@ def test_target_mix_errors_are_one_line_and_come_before_the_evaluation(ckpt, tmp
 @pytest.mark.parametrize("data", ["nope.txt", "./held_out/", "~/missing.jsonl"])
 def test_missing_data_file_is_named_not_taken_for_a_tfds_name(ckpt, tmp_path, data):
   with pytest.raises(FileNotFoundError) as info:
-    main(["--config", CONFIG, "--model", ckpt, "--data", data, "--json",
-          str(tmp_path / "out.json")])
+    main(
+      ["--config", CONFIG, "--model", ckpt, "--data", data, "--json", str(tmp_path / "out.json")]
+    )
   msg = str(info.value)
   assert msg.startswith(f"--data {data}: no such file") and "\n" not in msg
   assert not (tmp_path / "out.json").exists()
@@ -299,11 +422,26 @@ def test_model_without_config_uses_its_own_tokenizer(tmp_path):
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init_model(cfg, seed=3))))
   ck = checkpoint.save(str(tmp_path / "tiny"), cfg, params, tokenizer_dir=str(tmp_path / "tok"))
   conf = tmp_path / "conf.py"
-  conf.write_text("import ml_collections\n\ndef get_config():\n"
-                  f"  return ml_collections.ConfigDict({{'data': {{'tokenizer': {ck!r}, "
-                  f"'files': [{DOCS!r}]}}}})\n")
-  common = ["--model", ck, "--data", DOCS, "--seq-len", str(SEQ), "--batch-size", str(BATCH),
-            "--policy", "dense,informed", "--sparsity", "0.5", "--no-plot"]
+  conf.write_text(
+    "import ml_collections\n\ndef get_config():\n"
+    f"  return ml_collections.ConfigDict({{'data': {{'tokenizer': {ck!r}, "
+    f"'files': [{DOCS!r}]}}}})\n"
+  )
+  common = [
+    "--model",
+    ck,
+    "--data",
+    DOCS,
+    "--seq-len",
+    str(SEQ),
+    "--batch-size",
+    str(BATCH),
+    "--policy",
+    "dense,informed",
+    "--sparsity",
+    "0.5",
+    "--no-plot",
+  ]
   assert main([*common, "--json", str(tmp_path / "a.json")]) == 0
   assert main([*common, "--config", str(conf), "--json", str(tmp_path / "b.json")]) == 0
   a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))

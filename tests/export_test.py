@@ -52,7 +52,9 @@ SPARSITIES = (0.25, 0.4, 0.7)
 def _tiny_settings(data_dir: str, base: str):
   from ir_jax.train import settings_from_config
 
-  spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(REPO, "configs", "tiny.py"))
+  spec = importlib.util.spec_from_file_location(
+    "tiny_cfg", os.path.join(REPO, "configs", "tiny.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   cfg = mod.get_config()
@@ -100,11 +102,16 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
   tok_dir = root / "tok"
   tok_dir.mkdir()
-  tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")
-                       ).save(str(tok_dir / "tokenizer.json"))
+  tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+    str(tok_dir / "tokenizer.json")
+  )
   s = _tiny_settings(str(root / "tfds"), str(root / "base"))
-  checkpoint.save(str(root / "base"), s.model.replace(lora_rank=0), _random_params(s.model.replace(lora_rank=0), 0),
-                  tokenizer_dir=str(tok_dir))
+  checkpoint.save(
+    str(root / "base"),
+    s.model.replace(lora_rank=0),
+    _random_params(s.model.replace(lora_rank=0), 0),
+    tokenizer_dir=str(tok_dir),
+  )
   summary = run(s, str(root / "work"), devices=jax.devices()[:1])
   final = jax.tree.map(np.asarray, nnx.to_pure_dict(summary["state"].state))
   return dict(workdir=str(root / "work"), settings=s, root=root, final=final)
@@ -166,6 +173,7 @@ _ROUTED_CACHE: dict = {}
 
 def _routed_fn(graphdef, specs):
   if (graphdef, specs) not in _ROUTED_CACHE:
+
     def f(state, tokens):
       m = nnx.merge(graphdef, state)
       return jnp.stack([m(tokens, routing=rs) for rs in specs])
@@ -179,10 +187,18 @@ def test_hf_round_trip(trained, tmp_path):
   work, final = trained["workdir"], trained["final"]
   out = str(tmp_path / "hf")
   assert main(["export", work, "--out", out]) == 0
-  assert {"config.json", "generation_config.json", "model.safetensors", "routing.json",
-          "routing.safetensors", "tokenizer.json"} <= set(os.listdir(out))
-  assert open(os.path.join(out, "tokenizer.json")).read() == open(
-      trained["root"] / "base" / "tokenizer.json").read()
+  assert {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "routing.json",
+    "routing.safetensors",
+    "tokenizer.json",
+  } <= set(os.listdir(out))
+  assert (
+    open(os.path.join(out, "tokenizer.json")).read()
+    == open(trained["root"] / "base" / "tokenizer.json").read()
+  )
   _no_partial(str(tmp_path))
   manifest = json.load(open(os.path.join(out, "routing.json")))
   spec = trained["settings"].routing
@@ -202,8 +218,13 @@ def test_hf_round_trip(trained, tmp_path):
   t = ex.open_trained(work)
   leaves = ex.Leaves(t.params)  # base weights come from disk one at a time
   flat_final = _flat(final)
-  assert set(jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in
-             jax.tree_util.tree_flatten_with_path(t.params)[0]) == flat_final.keys()
+  assert (
+    set(
+      jax.tree_util.keystr(p, simple=True, separator="/")
+      for p, _ in jax.tree_util.tree_flatten_with_path(t.params)[0]
+    )
+    == flat_final.keys()
+  )
   for k, v in flat_final.items():
     np.testing.assert_array_equal(np.asarray(leaves.get(tuple(k.split("/")))), v, err_msg=k)
 
@@ -256,8 +277,10 @@ def test_sharded_tied_export_is_bitwise(tmp_path):
   shards = sorted(set(index["weight_map"].values()))
   assert len(shards) > 2 and not os.path.exists(os.path.join(out, "model.safetensors"))
   for name in shards:
-    assert os.path.getsize(os.path.join(out, name)) < 20 * 1024 + 4096 or len(
-        SafetensorsFile(os.path.join(out, name)).keys()) == 1
+    assert (
+      os.path.getsize(os.path.join(out, name)) < 20 * 1024 + 4096
+      or len(SafetensorsFile(os.path.join(out, name)).keys()) == 1
+    )
   assert "lm_head.weight" not in index["weight_map"]  # tied
   vocab = TINY_HF_CONFIGS["mha_tied_theta1e6"]["vocab_size"]
   tokens = np.asarray(_tokens(vocab, (2, 17), seed=3))
@@ -280,17 +303,25 @@ def reference_layout(d: int, r: int, h: int) -> dict[str, tuple[int, ...]]:
   """The README's reference table for one layer (written out independently of the code)."""
   table = {}
   for lw in ("lw_attn", "lw_mlp"):
-    table |= {f"{lw}.linear1.weight": (r, d), f"{lw}.linear1.bias": (r,),
-              f"{lw}.linear2.weight": (d, r), f"{lw}.linear2.bias": (d,)}
+    table |= {
+      f"{lw}.linear1.weight": (r, d),
+      f"{lw}.linear1.bias": (r,),
+      f"{lw}.linear2.weight": (d, r),
+      f"{lw}.linear2.bias": (d,),
+    }
   for router in ("router_attention", "router_mlp"):
-    table |= {f"{router}.hidden_layer.weight": (h, d), f"{router}.hidden_layer.bias": (h,),
-              f"{router}.weight_predictor.weight": (2, h),
-              f"{router}.weight_predictor.bias": (2,)}
+    table |= {
+      f"{router}.hidden_layer.weight": (h, d),
+      f"{router}.hidden_layer.bias": (h,),
+      f"{router}.weight_predictor.weight": (2, h),
+      f"{router}.weight_predictor.bias": (2,),
+    }
   return table
 
 
 def _torch_reference(st: SafetensorsFile, pre: str, n: np.ndarray):
   """The reference modules (nn.Linear stacks) on normed inputs n: (execute prob, argmax, LFF)."""
+
   def linear(name: str) -> torch.nn.Linear:
     w = torch.tensor(st.get(pre + name + ".weight"))
     lin = torch.nn.Linear(w.shape[1], w.shape[0])
@@ -301,16 +332,23 @@ def _torch_reference(st: SafetensorsFile, pre: str, n: np.ndarray):
 
   x = torch.tensor(n)
   with torch.no_grad():
-    logits = linear("router_mlp.weight_predictor")(
-        torch.relu(linear("router_mlp.hidden_layer")(x)))
+    logits = linear("router_mlp.weight_predictor")(torch.relu(linear("router_mlp.hidden_layer")(x)))
     lff = linear("lw_mlp.linear2")(torch.nn.functional.silu(linear("lw_mlp.linear1")(x)))
   return torch.softmax(logits, -1)[..., 0].numpy(), logits.argmax(-1).numpy(), lff.numpy()
 
 
 @pytest.mark.parametrize("router_hidden", [16, 0])
 def test_reference_export_layout_and_reload(router_hidden, tmp_path):
-  cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
-                    num_heads=4, num_kv_heads=2, lff_rank=8, router_hidden=router_hidden)
+  cfg = LlamaConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    lff_rank=8,
+    router_hidden=router_hidden,
+  )
   params = _random_params(cfg, 1)
   rng = np.random.RandomState(1)
   for k, v in _flat(params["routing"]).items():  # trained-looking, non-zero everywhere
@@ -334,13 +372,17 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
   for k, s in want.items():
     assert st.shape(k) == s, k
   ours = params["routing"]
-  np.testing.assert_array_equal(st.get("model.layers.1.lw_attn.linear1.weight"),
-                                ours["attn_lff"]["w1"][1].T)
-  np.testing.assert_array_equal(st.get("model.layers.0.lw_mlp.linear2.bias"), ours["mlp_lff"]["b2"][0])
+  np.testing.assert_array_equal(
+    st.get("model.layers.1.lw_attn.linear1.weight"), ours["attn_lff"]["w1"][1].T
+  )
+  np.testing.assert_array_equal(
+    st.get("model.layers.0.lw_mlp.linear2.bias"), ours["mlp_lff"]["b2"][0]
+  )
 
   # Thresholds ride in the second logit's bias; -inf (always execute) as -1e30.
   np.testing.assert_array_equal(
-      st.get("model.layers.0.router_attention.weight_predictor.bias")[1], np.float32(-1e30))
+    st.get("model.layers.0.router_attention.weight_predictor.bias")[1], np.float32(-1e30)
+  )
   # The reference's modules, run by torch, execute exactly where our score says so.
   model = ir_jax.load_model(ckpt)
   n = rng.randn(64, 32).astype(np.float32)
@@ -353,8 +395,9 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
     np.testing.assert_allclose(prob, 1 / (1 + np.exp(-(score - t))), atol=1e-6)
     np.testing.assert_array_equal(argmax == 0, score > t)  # their gate = our causal mode
     assert 0 < (score > t).mean() < 1  # the threshold splits these inputs
-    np.testing.assert_allclose(lff, np.asarray(layer.mlp_lff(jnp.asarray(n)[None]))[0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      lff, np.asarray(layer.mlp_lff(jnp.asarray(n)[None]))[0], rtol=1e-5, atol=1e-5
+    )
 
   # Loading the export back gives every forecaster, router and threshold bitwise.
   manifest = json.load(open(os.path.join(out, "routing.json")))
@@ -367,8 +410,16 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
 # ------------------------------------------------------------- bad input
 @pytest.fixture()
 def small_ckpt(tmp_path):
-  cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
-                    num_heads=4, num_kv_heads=2, lff_rank=8, router_hidden=8)
+  cfg = LlamaConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    lff_rank=8,
+    router_hidden=8,
+  )
   return checkpoint.save(str(tmp_path / "ckpt"), cfg, _random_params(cfg, 2))
 
 
@@ -377,8 +428,9 @@ def test_checkpoint_still_being_written_is_refused(small_ckpt, capsys, tmp_path)
   os.remove(os.path.join(small_ckpt, "params", "commit_success.txt"))
   err = _cli_error(capsys, "export", small_ckpt, "--out", out)
   assert "commit_success.txt" in err and "still being written" in err
-  os.rename(os.path.join(small_ckpt, "params"),
-            os.path.join(small_ckpt, "params.orbax-checkpoint-tmp-1234"))
+  os.rename(
+    os.path.join(small_ckpt, "params"), os.path.join(small_ckpt, "params.orbax-checkpoint-tmp-1234")
+  )
   err = _cli_error(capsys, "export", small_ckpt, "--out", out)
   assert "params.orbax-checkpoint-tmp-1234" in err and "still being written" in err
   assert not os.path.exists(out)

@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _module():
   spec = importlib.util.spec_from_file_location(
-      "fault_injection", os.path.join(REPO, "launch", "fault_injection.py"))
+    "fault_injection", os.path.join(REPO, "launch", "fault_injection.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod

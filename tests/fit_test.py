@@ -36,8 +36,15 @@ def test_solve_forecaster_recovers_a_low_rank_linear_map_through_silu():
   y = x @ true + rng.randn(d)
   m = dict(count=np.float64(n), sx=x.sum(0), sy=y.sum(0), xtx=x.T @ x, xty=x.T @ y)
   w = fit.solve_forecaster(m, rank=r, ridge=1e-9)
-  cfg = LlamaConfig(vocab_size=8, hidden_size=d, intermediate_size=8, num_layers=1,
-                    num_heads=2, num_kv_heads=1, lff_rank=r)
+  cfg = LlamaConfig(
+    vocab_size=8,
+    hidden_size=d,
+    intermediate_size=8,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    lff_rank=r,
+  )
   lff = Forecaster(cfg, nnx.Rngs(0))
   for k, v in w.items():
     getattr(lff, k)[...] = jnp.asarray(v, jnp.float32)
@@ -52,8 +59,9 @@ def test_solve_router_matches_numpy_least_squares():
   d, n = 10, 500
   x = rng.randn(n, d) + 3.0
   y = x @ rng.randn(d) + 0.3 * rng.randn(n) + 1.0
-  m = dict(count=np.float64(n), sx=x.sum(0), xtx=x.T @ x, xty=x.T @ y, sy=y.sum(),
-           syy=(y * y).sum())
+  m = dict(
+    count=np.float64(n), sx=x.sum(0), xtx=x.T @ x, xty=x.T @ y, sy=y.sum(), syy=(y * y).sum()
+  )
   got = fit.solve_router(m, ridge=1e-12)
   a = np.c_[x, np.ones(n)]
   coef = np.linalg.lstsq(a, y, rcond=None)[0]
@@ -72,10 +80,11 @@ def test_sink_tokens_always_execute_so_their_logits_are_dense():
   starts = [0, 5, 14]  # packed_row: documents of 5, 9 and 7 tokens
   for policy in ("informed", "greedy", "random", "oracle"):
     for sparsity in (0.5, 0.85):
-      out = np.asarray(m(toks, pos, seg, routing=R.RoutingSpec(policy=policy,
-                                                                sparsity=sparsity)))[0]
+      out = np.asarray(m(toks, pos, seg, routing=R.RoutingSpec(policy=policy, sparsity=sparsity)))[
+        0
+      ]
       np.testing.assert_allclose(out[starts], dense[starts], atol=1e-5, rtol=0)
-      assert np.abs(out[starts[0] + 1:starts[1]] - dense[starts[0] + 1:starts[1]]).max() > 1e-4
+      assert np.abs(out[starts[0] + 1 : starts[1]] - dense[starts[0] + 1 : starts[1]]).max() > 1e-4
   # Causal mode: sinks pass any finite threshold.
   m.routing.threshold[...] = jnp.full(m.routing.threshold[...].shape, 1e6)
   m.routing.calibrated_for[...] = jnp.full(m.routing.calibrated_for[...].shape, 0.5)  # as if
@@ -111,7 +120,7 @@ def test_ordinary_token_explained_variance_equals_numpy():
     for u, (nn, uu, lff) in enumerate(pairs):
       f = np.asarray(lff(nn), np.float64)[ordinary]
       uu = np.asarray(uu, np.float64)[ordinary]
-      want[l, u] = 1 - ((f - uu) ** 2).sum() / (uu ** 2).sum()
+      want[l, u] = 1 - ((f - uu) ** 2).sum() / (uu**2).sum()
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -216,8 +225,9 @@ def test_causal_calibration_hits_the_capacity_in_causal_mode():
   table = ((0.75, 0.5), (0.5, 0.75), (0.25, 1.0))
   spec = R.RoutingSpec(capacities=table, mode="causal")
   R.calibrate_thresholds(m, batches, spec, iterations=3)
-  rates = np.mean([np.asarray(m(b, routing=spec, return_aux=True)[1]["exec_rate"])
-                   for b in batches], axis=0)
+  rates = np.mean(
+    [np.asarray(m(b, routing=spec, return_aux=True)[1]["exec_rate"]) for b in batches], axis=0
+  )
   # On the calibration tokens themselves, causal routing executes each unit's capacity
   # (to within a token or two of 256 per unit; the last layers converge last).
   np.testing.assert_allclose(rates, np.asarray(table), atol=2 / 128)

@@ -50,8 +50,14 @@ pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = int(os.environ.get("IR_JAX_FUZZ", "0") or 0)
-MAX_EXAMPLES = {"model": 150, "hf": 100, "routing_spec": 300, "routing_forward": 15,
-                "train": 200, "cli": 6}
+MAX_EXAMPLES = {
+  "model": 150,
+  "hf": 100,
+  "routing_spec": 300,
+  "routing_forward": 15,
+  "train": 200,
+  "cli": 6,
+}
 
 
 # Outcomes per test function: a fuzz test whose examples were all refused would pass
@@ -65,23 +71,27 @@ def event(kind: str) -> None:
 
 
 def fuzz(name: str) -> Any:
-  return settings(max_examples=MAX_EXAMPLES[name] * max(SCALE, 1), deadline=None,
-                  database=None, derandomize=not SCALE,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+  return settings(
+    max_examples=MAX_EXAMPLES[name] * max(SCALE, 1),
+    deadline=None,
+    database=None,
+    derandomize=not SCALE,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+  )
 
 
 # Values of the wrong kind or out of any range: huge and negative integers,
 # non-finite and tiny floats, strings, None, bools, lists and dicts.
 JUNK = st.one_of(
-    st.integers(min_value=-10**13, max_value=10**13),
-    st.sampled_from([0, -1, 2**31, 2**32, 2**63, 10**12, 10**400]),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0.0, -0.0, 1e-300, 1e-45, 1e300, math.nan, math.inf, -math.inf]),
-    st.text(max_size=6),
-    st.none(),
-    st.booleans(),
-    st.lists(st.integers(-3, 3), max_size=3),
-    st.dictionaries(st.text(string.ascii_letters, max_size=4), st.integers(-3, 3), max_size=2),
+  st.integers(min_value=-(10**13), max_value=10**13),
+  st.sampled_from([0, -1, 2**31, 2**32, 2**63, 10**12, 10**400]),
+  st.floats(allow_nan=True, allow_infinity=True),
+  st.sampled_from([0.0, -0.0, 1e-300, 1e-45, 1e300, math.nan, math.inf, -math.inf]),
+  st.text(max_size=6),
+  st.none(),
+  st.booleans(),
+  st.lists(st.integers(-3, 3), max_size=3),
+  st.dictionaries(st.text(string.ascii_letters, max_size=4), st.integers(-3, 3), max_size=2),
 )
 
 
@@ -94,52 +104,66 @@ def overrides(fields: dict[str, st.SearchStrategy], junk: Any = None) -> st.Sear
   configs are common), half the time with junk mixed in."""
   junk = junk or {}
   return st.one_of(
-      st.fixed_dictionaries({}, optional=fields),
-      st.fixed_dictionaries({}, optional={k: st.one_of(v, v, junk.get(k, JUNK))
-                                          for k, v in fields.items()}))
+    st.fixed_dictionaries({}, optional=fields),
+    st.fixed_dictionaries(
+      {}, optional={k: st.one_of(v, v, junk.get(k, JUNK)) for k, v in fields.items()}
+    ),
+  )
 
 
 # ------------------------------------------------------------------- model
 ROPE = st.one_of(
-    st.none(),
-    st.fixed_dictionaries({"rope_type": st.just("linear"), "factor": maybe_junk(
-        st.floats(0.5, 8.0))}),
-    st.fixed_dictionaries({"rope_type": st.sampled_from(["llama3", "default", "yarn"]),
-                           "factor": maybe_junk(st.floats(1.0, 8.0)),
-                           "low_freq_factor": maybe_junk(st.floats(0.5, 4.0)),
-                           "high_freq_factor": maybe_junk(st.floats(0.5, 8.0)),
-                           "original_max_position_embeddings": maybe_junk(
-                               st.integers(1, 4096))}),
+  st.none(),
+  st.fixed_dictionaries(
+    {"rope_type": st.just("linear"), "factor": maybe_junk(st.floats(0.5, 8.0))}
+  ),
+  st.fixed_dictionaries(
+    {
+      "rope_type": st.sampled_from(["llama3", "default", "yarn"]),
+      "factor": maybe_junk(st.floats(1.0, 8.0)),
+      "low_freq_factor": maybe_junk(st.floats(0.5, 4.0)),
+      "high_freq_factor": maybe_junk(st.floats(0.5, 8.0)),
+      "original_max_position_embeddings": maybe_junk(st.integers(1, 4096)),
+    }
+  ),
 )
 TOKEN_ID = st.one_of(st.none(), st.integers(0, 300))
 MODEL_FIELDS = {
-    "vocab_size": st.integers(1, 300),
-    "hidden_size": st.sampled_from([8, 16, 24, 32]),
-    "intermediate_size": st.integers(1, 64),
-    "num_layers": st.integers(1, 3),
-    "num_heads": st.sampled_from([1, 2, 3, 4]),
-    "num_kv_heads": st.sampled_from([1, 2, 4]),
-    "head_dim": st.sampled_from([0, 2, 4, 6, 8, 5]),
-    "rms_norm_eps": st.floats(1e-8, 0.5),
-    "rope_theta": st.floats(1.5, 1e7),
-    "rope_scaling": ROPE,
-    "max_position_embeddings": st.integers(1, 4096),
-    "tie_word_embeddings": st.booleans(),
-    "bos_token_id": TOKEN_ID,
-    "eos_token_id": TOKEN_ID,
-    "pad_token_id": TOKEN_ID,
-    "dtype": st.sampled_from(["float32", "bfloat16", "float16", "int8"]),
-    "param_dtype": st.sampled_from(["float32", "bfloat16"]),
-    "scan_layers": st.booleans(),
-    "remat": st.booleans(),
-    "lff_rank": st.integers(1, 16),
-    "router_hidden": st.integers(0, 16),
-    "lora_rank": st.integers(0, 4),
-    "lora_alpha": st.floats(0.1, 64.0),
+  "vocab_size": st.integers(1, 300),
+  "hidden_size": st.sampled_from([8, 16, 24, 32]),
+  "intermediate_size": st.integers(1, 64),
+  "num_layers": st.integers(1, 3),
+  "num_heads": st.sampled_from([1, 2, 3, 4]),
+  "num_kv_heads": st.sampled_from([1, 2, 4]),
+  "head_dim": st.sampled_from([0, 2, 4, 6, 8, 5]),
+  "rms_norm_eps": st.floats(1e-8, 0.5),
+  "rope_theta": st.floats(1.5, 1e7),
+  "rope_scaling": ROPE,
+  "max_position_embeddings": st.integers(1, 4096),
+  "tie_word_embeddings": st.booleans(),
+  "bos_token_id": TOKEN_ID,
+  "eos_token_id": TOKEN_ID,
+  "pad_token_id": TOKEN_ID,
+  "dtype": st.sampled_from(["float32", "bfloat16", "float16", "int8"]),
+  "param_dtype": st.sampled_from(["float32", "bfloat16"]),
+  "scan_layers": st.booleans(),
+  "remat": st.booleans(),
+  "lff_rank": st.integers(1, 16),
+  "router_hidden": st.integers(0, 16),
+  "lora_rank": st.integers(0, 4),
+  "lora_alpha": st.floats(0.1, 64.0),
 }
-BASE_MODEL = dict(vocab_size=101, hidden_size=32, intermediate_size=56, num_layers=2,
-                  num_heads=4, num_kv_heads=2, lff_rank=8, router_hidden=16,
-                  max_position_embeddings=128)
+BASE_MODEL = dict(
+  vocab_size=101,
+  hidden_size=32,
+  intermediate_size=56,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  lff_rank=8,
+  router_hidden=16,
+  max_position_embeddings=128,
+)
 
 
 def check_traces(cfg: LlamaConfig) -> None:
@@ -154,9 +178,11 @@ def check_traces(cfg: LlamaConfig) -> None:
 
 
 @fuzz("model")
-@given(changes=overrides(MODEL_FIELDS),
-       drop=st.sampled_from([None] * 8 + ["vocab_size", "num_heads"]),
-    unknown=st.sampled_from([False] * 9 + [True]))
+@given(
+  changes=overrides(MODEL_FIELDS),
+  drop=st.sampled_from([None] * 8 + ["vocab_size", "num_heads"]),
+  unknown=st.sampled_from([False] * 9 + [True]),
+)
 def test_model_config_fields(changes, drop, unknown):
   d = {**BASE_MODEL, **changes}
   if drop is not None:  # a required field missing
@@ -175,35 +201,62 @@ def test_model_config_fields(changes, drop, unknown):
 
 
 JSONISH = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-10**13, 10**13),
-              st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3),
-                            st.dictionaries(st.text(max_size=4), inner, max_size=3)),
-    max_leaves=6)
+  st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**13), 10**13),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+  ),
+  lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+  ),
+  max_leaves=6,
+)
 HF_FIELDS = {
-    "vocab_size": st.integers(1, 300), "hidden_size": st.sampled_from([8, 16, 32]),
-    "intermediate_size": st.integers(1, 64), "num_hidden_layers": st.integers(1, 3),
-    "num_attention_heads": st.sampled_from([1, 2, 4]),
-    "num_key_value_heads": st.sampled_from([None, 1, 2]),
-    "head_dim": st.sampled_from([None, 4, 8]), "rms_norm_eps": st.floats(1e-8, 0.1),
-    "rope_theta": st.floats(2.0, 1e6), "rope_scaling": ROPE,
-    "rope_parameters": st.one_of(st.none(), st.fixed_dictionaries(
-        {"rope_theta": st.floats(2.0, 1e6), "rope_type": st.just("default")})),
-    "max_position_embeddings": st.integers(1, 4096), "tie_word_embeddings": st.booleans(),
-    "bos_token_id": TOKEN_ID, "eos_token_id": st.one_of(TOKEN_ID, st.lists(TOKEN_ID, max_size=2)),
-    "pad_token_id": TOKEN_ID, "model_type": st.sampled_from(["llama", "mistral", "gpt2"]),
-    "architectures": st.sampled_from([["LlamaForCausalLM"], ["GPT2LMHeadModel"]]),
-    "attention_bias": st.booleans(), "mlp_bias": st.booleans(),
+  "vocab_size": st.integers(1, 300),
+  "hidden_size": st.sampled_from([8, 16, 32]),
+  "intermediate_size": st.integers(1, 64),
+  "num_hidden_layers": st.integers(1, 3),
+  "num_attention_heads": st.sampled_from([1, 2, 4]),
+  "num_key_value_heads": st.sampled_from([None, 1, 2]),
+  "head_dim": st.sampled_from([None, 4, 8]),
+  "rms_norm_eps": st.floats(1e-8, 0.1),
+  "rope_theta": st.floats(2.0, 1e6),
+  "rope_scaling": ROPE,
+  "rope_parameters": st.one_of(
+    st.none(),
+    st.fixed_dictionaries({"rope_theta": st.floats(2.0, 1e6), "rope_type": st.just("default")}),
+  ),
+  "max_position_embeddings": st.integers(1, 4096),
+  "tie_word_embeddings": st.booleans(),
+  "bos_token_id": TOKEN_ID,
+  "eos_token_id": st.one_of(TOKEN_ID, st.lists(TOKEN_ID, max_size=2)),
+  "pad_token_id": TOKEN_ID,
+  "model_type": st.sampled_from(["llama", "mistral", "gpt2"]),
+  "architectures": st.sampled_from([["LlamaForCausalLM"], ["GPT2LMHeadModel"]]),
+  "attention_bias": st.booleans(),
+  "mlp_bias": st.booleans(),
 }
-BASE_HF = dict(vocab_size=101, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, model_type="llama")
+BASE_HF = dict(
+  vocab_size=101,
+  hidden_size=32,
+  intermediate_size=56,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  model_type="llama",
+)
 
 
 @fuzz("hf")
-@given(changes=overrides(HF_FIELDS, {k: JSONISH for k in HF_FIELDS}),
-       drop=st.sampled_from([None] * 8 + ["vocab_size", "num_hidden_layers"]),
-    garbage=st.one_of(st.none(), st.binary(max_size=40), JSONISH.filter(
-        lambda v: not isinstance(v, dict))))
+@given(
+  changes=overrides(HF_FIELDS, {k: JSONISH for k in HF_FIELDS}),
+  drop=st.sampled_from([None] * 8 + ["vocab_size", "num_hidden_layers"]),
+  garbage=st.one_of(
+    st.none(), st.binary(max_size=40), JSONISH.filter(lambda v: not isinstance(v, dict))
+  ),
+)
 def test_hf_config_json(changes, drop, garbage):
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "config.json")
@@ -228,12 +281,15 @@ def test_hf_config_json(changes, drop, garbage):
 # ----------------------------------------------------------------- routing
 CAPS = st.lists(st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)), min_size=1, max_size=3)
 ROUTING_FIELDS = {
-    "policy": st.sampled_from(R.POLICIES), "sparsity": st.floats(0.0, 1.0),
-    "mode": st.sampled_from(R.MODES), "gate": st.sampled_from(R.GATES),
-    "compute": st.sampled_from(R.COMPUTES),
-    "temperature": st.one_of(st.floats(0.05, 10.0), st.sampled_from([1e-30, 1e30])),
-    "capacities": st.one_of(st.none(), CAPS), "k_multiple": st.integers(1, 16),
-    "seed": st.integers(0, 2**32 - 1),
+  "policy": st.sampled_from(R.POLICIES),
+  "sparsity": st.floats(0.0, 1.0),
+  "mode": st.sampled_from(R.MODES),
+  "gate": st.sampled_from(R.GATES),
+  "compute": st.sampled_from(R.COMPUTES),
+  "temperature": st.one_of(st.floats(0.05, 10.0), st.sampled_from([1e-30, 1e30])),
+  "capacities": st.one_of(st.none(), CAPS),
+  "k_multiple": st.integers(1, 16),
+  "seed": st.integers(0, 2**32 - 1),
 }
 JUNK_CAPS = st.one_of(JUNK, st.lists(st.one_of(JUNK, st.tuples(JUNK, JUNK)), max_size=3))
 
@@ -256,9 +312,17 @@ def test_routing_spec_fields_and_k(fields):
         assert isinstance(k, int) and 0 <= k <= t, (spec, t, layer, unit, k)
 
 
-TINY = LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_layers=2,
-                   num_heads=2, num_kv_heads=1, lff_rank=4, router_hidden=8,
-                   max_position_embeddings=64)
+TINY = LlamaConfig(
+  vocab_size=61,
+  hidden_size=16,
+  intermediate_size=24,
+  num_layers=2,
+  num_heads=2,
+  num_kv_heads=1,
+  lff_rank=4,
+  router_hidden=8,
+  max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +372,9 @@ def test_valid_routing_specs_run_a_finite_forward(tiny_model, fields):
 
 # ------------------------------------------------------------ train config
 def tiny_dict() -> dict[str, Any]:
-  spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(REPO, "configs", "tiny.py"))
+  spec = importlib.util.spec_from_file_location(
+    "tiny_cfg", os.path.join(REPO, "configs", "tiny.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config().to_dict()
@@ -316,31 +382,64 @@ def tiny_dict() -> dict[str, Any]:
 
 _INT = st.integers(-2, 20)
 _NUM = st.floats(-1.0, 10.0)
-_STAGE_FIELDS = {"steps": _INT, "learning_rate": st.floats(-1e-3, 1e-2), "batch_size": _INT,
-                 "seq_len": _INT, "warmup": st.floats(-0.5, 1.5), "grad_accum": _INT,
-                 "weight_decay": _NUM, "grad_clip": _NUM,
-                 "schedule": st.sampled_from(["constant", "cosine", "linear", "step"])}
-TRAIN_FIELDS = {f"train.{stage}.{k}": v for stage in ("forecaster", "router", "lora")
-                for k, v in _STAGE_FIELDS.items()}
-TRAIN_FIELDS.update({
-    "train.router.temperature_start": _NUM, "train.router.temperature_end": _NUM,
-    "train.router.sparsity_weight": _NUM, "train.router.importance_weight": _NUM,
+_STAGE_FIELDS = {
+  "steps": _INT,
+  "learning_rate": st.floats(-1e-3, 1e-2),
+  "batch_size": _INT,
+  "seq_len": _INT,
+  "warmup": st.floats(-0.5, 1.5),
+  "grad_accum": _INT,
+  "weight_decay": _NUM,
+  "grad_clip": _NUM,
+  "schedule": st.sampled_from(["constant", "cosine", "linear", "step"]),
+}
+TRAIN_FIELDS = {
+  f"train.{stage}.{k}": v
+  for stage in ("forecaster", "router", "lora")
+  for k, v in _STAGE_FIELDS.items()
+}
+TRAIN_FIELDS.update(
+  {
+    "train.router.temperature_start": _NUM,
+    "train.router.temperature_end": _NUM,
+    "train.router.sparsity_weight": _NUM,
+    "train.router.importance_weight": _NUM,
     "train.router.gate": st.sampled_from(["gumbel", "ste", "hard"]),
-    "train.router.calibration_batches": _INT, "train.router.prior_bias": st.booleans(),
-    "train.lora.rank": _INT, "train.lora.alpha": _NUM,
-    "train.stages": st.sampled_from(["forecaster", "forecaster,router", "router,lora", "lora",
-                                     "forecaster,forecaster", "", "distill"]),
-    "train.seed": _INT, "train.log_every": _INT, "train.checkpoint_every": _INT,
-    "train.keep_checkpoints": _INT, "train.eval_batches": _INT,
-    "train.async_checkpoints": st.booleans(), "train.tensorboard": st.booleans(),
+    "train.router.calibration_batches": _INT,
+    "train.router.prior_bias": st.booleans(),
+    "train.lora.rank": _INT,
+    "train.lora.alpha": _NUM,
+    "train.stages": st.sampled_from(
+      [
+        "forecaster",
+        "forecaster,router",
+        "router,lora",
+        "lora",
+        "forecaster,forecaster",
+        "",
+        "distill",
+      ]
+    ),
+    "train.seed": _INT,
+    "train.log_every": _INT,
+    "train.checkpoint_every": _INT,
+    "train.keep_checkpoints": _INT,
+    "train.eval_batches": _INT,
+    "train.async_checkpoints": st.booleans(),
+    "train.tensorboard": st.booleans(),
     "train.init_from": st.sampled_from(["", "runs/other"]),
-    "mesh.data": st.integers(-2, 4), "mesh.fsdp": st.integers(-2, 4),
+    "mesh.data": st.integers(-2, 4),
+    "mesh.fsdp": st.integers(-2, 4),
     "mesh.tensor": st.integers(-2, 4),
-    "data.seq_len": _INT, "data.batch_size": _INT,
+    "data.seq_len": _INT,
+    "data.batch_size": _INT,
     "routing.policy": st.sampled_from(R.POLICIES + ("best",)),
-    "routing.sparsity": st.floats(-0.5, 1.5), "routing.capacities": st.one_of(st.none(), CAPS),
-    "routing.k_multiple": _INT, "routing.seed": _INT,
-})
+    "routing.sparsity": st.floats(-0.5, 1.5),
+    "routing.capacities": st.one_of(st.none(), CAPS),
+    "routing.k_multiple": _INT,
+    "routing.seed": _INT,
+  }
+)
 
 
 def _set(d: dict[str, Any], path: str, value: Any) -> None:
@@ -370,33 +469,55 @@ def test_train_settings_fields(changes, as_config_dict):
     assert data.batch_size >= 1 and data.seq_len >= 2
     stage_cfg = s.train.stage(stage)
     # steps may be 0 only for a stage that fits in closed form before its first step
-    assert stage_cfg.steps >= (0 if getattr(stage_cfg, "init", "none") == "fit" else 1) and stage_cfg.grad_accum >= 1
+    assert (
+      stage_cfg.steps >= (0 if getattr(stage_cfg, "init", "none") == "fit" else 1)
+      and stage_cfg.grad_accum >= 1
+    )
 
 
 # --------------------------------------------------------------------- CLI
 _WORD = st.text(alphabet=string.ascii_letters + "_-", max_size=6)
 _F = lambda **kw: st.floats(**kw).map(repr)  # noqa: E731
 BAD_CLI = st.one_of(
-    st.tuples(st.just("train.forecaster.steps"), st.one_of(  # 0 is valid: the fit alone
-        st.integers(-10**12, -1).map(str), _WORD.map(lambda w: "x" + w))),
-    st.tuples(st.just("train.lora.steps"), st.integers(-10**12, 0).map(str)),
-    st.tuples(st.just("routing.sparsity"), st.one_of(
-        _F(min_value=1.001, max_value=1e300), _F(min_value=-1e300, max_value=-1e-9),
-        st.sampled_from(["nan", "inf", "-inf"]))),
-    st.tuples(st.just("mesh.fsdp"), st.integers(-10**6, 0).filter(lambda v: v != -1).map(str)),
-    st.tuples(st.just("data.seq_len"), st.integers(-10**6, 1).map(str)),
-    st.tuples(st.just("model.vocab_size"), st.one_of(st.integers(4_000_001, 10**15),
-                                                     st.integers(-10**6, 0)).map(str)),
-    st.tuples(st.just("train.router.temperature_end"), st.one_of(
-        _F(min_value=-1e300, max_value=0.0), st.sampled_from(["nan", "inf", "1e-45"]))),
-    st.tuples(st.just("routing.seed"), st.one_of(st.integers(-10**9, -1),
-                                                 st.integers(2**32, 2**62)).map(str)),
-    st.tuples(st.just("routing.policy"), _WORD.filter(lambda w: w not in R.POLICIES)),
-    st.tuples(st.just("train.stages"), _WORD.map(lambda w: "x" + w)),
-    st.tuples(st.just("model.rms_norm_eps"), st.one_of(
-        _F(min_value=1.0, max_value=1e300), _F(min_value=-1e300, max_value=0.0))),
-    st.tuples(st.just("train.router.sparsity_weight"), st.one_of(
-        _F(min_value=-1e300, max_value=-1e-9), st.sampled_from(["nan", "inf"]))),
+  st.tuples(
+    st.just("train.forecaster.steps"),
+    st.one_of(  # 0 is valid: the fit alone
+      st.integers(-(10**12), -1).map(str), _WORD.map(lambda w: "x" + w)
+    ),
+  ),
+  st.tuples(st.just("train.lora.steps"), st.integers(-(10**12), 0).map(str)),
+  st.tuples(
+    st.just("routing.sparsity"),
+    st.one_of(
+      _F(min_value=1.001, max_value=1e300),
+      _F(min_value=-1e300, max_value=-1e-9),
+      st.sampled_from(["nan", "inf", "-inf"]),
+    ),
+  ),
+  st.tuples(st.just("mesh.fsdp"), st.integers(-(10**6), 0).filter(lambda v: v != -1).map(str)),
+  st.tuples(st.just("data.seq_len"), st.integers(-(10**6), 1).map(str)),
+  st.tuples(
+    st.just("model.vocab_size"),
+    st.one_of(st.integers(4_000_001, 10**15), st.integers(-(10**6), 0)).map(str),
+  ),
+  st.tuples(
+    st.just("train.router.temperature_end"),
+    st.one_of(_F(min_value=-1e300, max_value=0.0), st.sampled_from(["nan", "inf", "1e-45"])),
+  ),
+  st.tuples(
+    st.just("routing.seed"),
+    st.one_of(st.integers(-(10**9), -1), st.integers(2**32, 2**62)).map(str),
+  ),
+  st.tuples(st.just("routing.policy"), _WORD.filter(lambda w: w not in R.POLICIES)),
+  st.tuples(st.just("train.stages"), _WORD.map(lambda w: "x" + w)),
+  st.tuples(
+    st.just("model.rms_norm_eps"),
+    st.one_of(_F(min_value=1.0, max_value=1e300), _F(min_value=-1e300, max_value=0.0)),
+  ),
+  st.tuples(
+    st.just("train.router.sparsity_weight"),
+    st.one_of(_F(min_value=-1e300, max_value=-1e-9), st.sampled_from(["nan", "inf"])),
+  ),
 )
 
 
@@ -414,10 +535,23 @@ def not_a_dir(tmp_path_factory):
 def test_cli_invalid_override_is_one_line(not_a_dir, case):
   field, value = case
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-m", "ir_jax.train", "--config",
-                        os.path.join(REPO, "configs", "tiny.py"), "--workdir", not_a_dir,
-                        f"--config.{field}={value}"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=120)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ir_jax.train",
+      "--config",
+      os.path.join(REPO, "configs", "tiny.py"),
+      "--workdir",
+      not_a_dir,
+      f"--config.{field}={value}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 2, out.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("ir_jax.train: error: "), out.stderr[-2000:]

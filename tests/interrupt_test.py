@@ -23,16 +23,23 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-  p = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=ENV, capture_output=True,
-                     text=True, timeout=600)
+  p = subprocess.run(
+    [sys.executable, "-m", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+  )
   assert p.returncode == 0, p.stdout + p.stderr
   return p
 
 
 def interrupt_at(marker: str, sig: int, *args: str) -> None:
   """Runs the command and sends `sig` as soon as it prints a line containing `marker`."""
-  p = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=ENV, text=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  p = subprocess.Popen(
+    [sys.executable, "-m", *args],
+    cwd=REPO,
+    env=ENV,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+  )
   seen = []
   for line in p.stdout:
     seen.append(line)
@@ -58,8 +65,9 @@ def files(root: str) -> dict[str, bytes]:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_data_prepare(tmp_path, sig):
   conf = ["--config", "configs/tiny.py"]
-  interrupt_at("scanning", sig, "ir_jax.data", "prepare", *conf,
-               f"--config.data.data_dir={tmp_path / 'a'}")
+  interrupt_at(
+    "scanning", sig, "ir_jax.data", "prepare", *conf, f"--config.data.data_dir={tmp_path / 'a'}"
+  )
   run("ir_jax.data", "prepare", *conf, f"--config.data.data_dir={tmp_path / 'a'}")
   run("ir_jax.data", "prepare", *conf, f"--config.data.data_dir={tmp_path / 'b'}")
   assert sorted(files(str(tmp_path / "a"))) == sorted(files(str(tmp_path / "b")))
@@ -71,8 +79,7 @@ def test_data_prepare(tmp_path, sig):
 
   dcfg = from_config(runpy.run_path(os.path.join(REPO, "configs", "tiny.py"))["get_config"]())
   for split in ("train", "validation"):
-    a, b = (open_split(dataclasses.replace(dcfg, data_dir=str(tmp_path / x)), split)
-            for x in "ab")
+    a, b = (open_split(dataclasses.replace(dcfg, data_dir=str(tmp_path / x)), split) for x in "ab")
     assert len(a) == len(b) > 0
     assert [a.document(i) for i in range(len(a))] == [b.document(i) for i in range(len(b))]
 
@@ -84,8 +91,9 @@ def _params(ckpt: str) -> dict:
   import ir_jax
 
   state = nnx.to_pure_dict(nnx.state(ir_jax.load_model(ckpt)))
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(state)}
+  return {
+    jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state)
+  }
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
@@ -97,8 +105,9 @@ def test_import_then_export(tiny_hf_dirs, tmp_path, sig):
   run(*imp, str(tmp_path / "b"))
   assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # no temporary directory left behind
   # orbax names its files by random hashes: the parameters are compared as loaded.
-  fa, fb = ({k: v for k, v in files(str(tmp_path / x)).items() if not k.startswith("params")}
-            for x in "ab")
+  fa, fb = (
+    {k: v for k, v in files(str(tmp_path / x)).items() if not k.startswith("params")} for x in "ab"
+  )
   assert "ir_jax.json" in fa and fa == fb
   pa, pb = _params(str(tmp_path / "a")), _params(str(tmp_path / "b"))
   assert sorted(pa) == sorted(pb) and all(np.array_equal(pa[k], pb[k]) for k in pa)
@@ -123,12 +132,28 @@ def test_eval(tmp_path, sig):
 
   (tmp_path / "tok").mkdir()
   byte_tokenizer().save(str(tmp_path / "tok" / "tokenizer.json"))
-  cfg = from_config_dict(runpy.run_path(os.path.join(REPO, "configs", "tiny.py"))
-                         ["get_config"]().model)
+  cfg = from_config_dict(
+    runpy.run_path(os.path.join(REPO, "configs", "tiny.py"))["get_config"]().model
+  )
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init_model(cfg, seed=3))))
   ckpt = checkpoint.save(str(tmp_path / "ckpt"), cfg, params, tokenizer_dir=str(tmp_path / "tok"))
-  ev = ("ir_jax.eval", "--model", ckpt, "--data", DOCS, "--seq-len", "32", "--batch-size", "2",
-        "--policy", "dense,informed,greedy", "--sparsity", "0.5", "--no-plot", "--json")
+  ev = (
+    "ir_jax.eval",
+    "--model",
+    ckpt,
+    "--data",
+    DOCS,
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--policy",
+    "dense,informed,greedy",
+    "--sparsity",
+    "0.5",
+    "--no-plot",
+    "--json",
+  )
   interrupt_at("topk   dense", sig, *ev, str(tmp_path / "a.json"))
   assert not (tmp_path / "a.json").exists()
   run(*ev, str(tmp_path / "a.json"))

@@ -46,8 +46,9 @@ BYTE_EOS = 256
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
   """A random tiny model of configs/tiny.py (byte vocabulary) as an ir_jax checkpoint."""
-  spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(REPO, "configs",
-                                                                         "tiny.py"))
+  spec = importlib.util.spec_from_file_location(
+    "tiny_cfg", os.path.join(REPO, "configs", "tiny.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   cfg = from_config_dict(mod.get_config().model)
@@ -59,8 +60,9 @@ def _evaluate(model, task: str, model_args: str | None = None) -> dict:
   from lm_eval.tasks import TaskManager
 
   tm = TaskManager(include_path=TASKS, include_defaults=False)
-  return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task],
-                                 task_manager=tm, log_samples=True)
+  return lm_eval.simple_evaluate(
+    model=model, model_args=model_args, tasks=[task], task_manager=tm, log_samples=True
+  )
 
 
 @nnx.jit(static_argnames=("spec",))
@@ -84,8 +86,11 @@ def _own_logprob(model, spec: RoutingSpec, context: str, continuation: str) -> f
 # way (a different top-k choice). The dense case checks batched scoring.
 @pytest.mark.parametrize("policy,sparsity,batch", [("informed", 0.4, 1), ("dense", 0.0, 4)])
 def test_loglikelihood_matches_own_scoring(ckpt, policy, sparsity, batch):
-  res = _evaluate("ir_jax", "ir_jax_tiny_mc", f"pretrained={ckpt},tokenizer=byte,"
-                  f"policy={policy},sparsity={sparsity},batch_size={batch}")
+  res = _evaluate(
+    "ir_jax",
+    "ir_jax_tiny_mc",
+    f"pretrained={ckpt},tokenizer=byte,policy={policy},sparsity={sparsity},batch_size={batch}",
+  )
   assert res["results"]["ir_jax_tiny_mc"]["sample_len"] == 4
   assert 0.0 <= res["results"]["ir_jax_tiny_mc"]["acc,none"] <= 1.0
   from ir_jax.api import load_model
@@ -95,16 +100,24 @@ def test_loglikelihood_matches_own_scoring(ckpt, policy, sparsity, batch):
   n = 0
   for sample in res["samples"]["ir_jax_tiny_mc"]:
     for (context, continuation), [(lp, _)] in zip(sample["arguments"], sample["resps"]):
-      assert lp == pytest.approx(_own_logprob(model, spec, context, continuation), rel=1e-5,
-                                 abs=1e-4)
+      assert lp == pytest.approx(
+        _own_logprob(model, spec, context, continuation), rel=1e-5, abs=1e-4
+      )
       n += 1
   assert n == 11  # every choice of every question
 
 
 def test_generation_matches_causal_decoding(ckpt):
-  lm = lm_eval_adapter.IrJaxLM(pretrained=ckpt, tokenizer="byte", policy="informed",
-                               sparsity=0.5, mode="causal", calibration=CALIB,
-                               calibration_seq_len=64, batch_size=2)
+  lm = lm_eval_adapter.IrJaxLM(
+    pretrained=ckpt,
+    tokenizer="byte",
+    policy="informed",
+    sparsity=0.5,
+    mode="causal",
+    calibration=CALIB,
+    calibration_seq_len=64,
+    batch_size=2,
+  )
   assert np.isfinite(np.asarray(lm.model.routing.threshold[...])).all()
   res = _evaluate(lm, "ir_jax_tiny_gen")
   samples = res["samples"]["ir_jax_tiny_gen"]
@@ -113,16 +126,17 @@ def test_generation_matches_causal_decoding(ckpt):
     prompt = s["arguments"][0][0]
     toks = np.asarray([[BYTE_EOS, *prompt.encode("utf-8")]], np.int32)
     out, _ = generate(lm.model, toks, 8, lm.spec)
-    new = [int(t) for t in out[0, toks.shape[1]:]]
+    new = [int(t) for t in out[0, toks.shape[1] :]]
     if BYTE_EOS in new:
-      new = new[:new.index(BYTE_EOS)]
+      new = new[: new.index(BYTE_EOS)]
     want = lm.tok.decode(new).split("\n")[0]
     assert s["resps"][0][0] == want
 
 
 def test_generation_needs_causal_routing(ckpt):
-  lm = lm_eval_adapter.IrJaxLM(pretrained=ckpt, tokenizer="byte", policy="informed",
-                               sparsity=0.5, mode="topk")
+  lm = lm_eval_adapter.IrJaxLM(
+    pretrained=ckpt, tokenizer="byte", policy="informed", sparsity=0.5, mode="topk"
+  )
 
   class Req:
     args = ("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 2})
@@ -147,10 +161,29 @@ def test_command_line_entry_point_registers_the_model(ckpt, tmp_path):
   # the "ir_jax" model type); its logged log-likelihoods equal our own scoring.
   out = tmp_path / "lm_eval_out"
   proc = subprocess.run(
-      [sys.executable, "-m", "ir_jax.lm_eval", "--model", "ir_jax", "--model_args",
-       f"pretrained={ckpt},tokenizer=byte,policy=dense", "--batch_size", "1", "--tasks",
-       "ir_jax_tiny_mc", "--include_path", TASKS, "--output_path", str(out), "--log_samples"],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "ir_jax.lm_eval",
+      "--model",
+      "ir_jax",
+      "--model_args",
+      f"pretrained={ckpt},tokenizer=byte,policy=dense",
+      "--batch_size",
+      "1",
+      "--tasks",
+      "ir_jax_tiny_mc",
+      "--include_path",
+      TASKS,
+      "--output_path",
+      str(out),
+      "--log_samples",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   samples = sorted(out.rglob("samples_ir_jax_tiny_mc_*.jsonl"))
   assert len(samples) == 1, sorted(str(p) for p in out.rglob("*"))

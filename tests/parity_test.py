@@ -43,8 +43,7 @@ def test_unrolled_equals_scanned(tiny_hf_dirs):
 
 
 def test_sharded_safetensors_with_index(tmp_path):
-  path = save_tiny_hf(str(tmp_path / "sharded"), "gqa_llama3_untied", seed=3,
-                      max_shard_size="20KB")
+  path = save_tiny_hf(str(tmp_path / "sharded"), "gqa_llama3_untied", seed=3, max_shard_size="20KB")
   assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
   tokens = np.random.RandomState(3).randint(0, 97, (1, 23))
   ours = np.asarray(ir_jax.load_model(path)(jnp.asarray(tokens, jnp.int32)))
@@ -59,14 +58,17 @@ def test_packed_batch_equals_separate_runs(tiny_hf_dirs):
   docs = [rng.randint(0, 97, n) for n in (7, 12, 5)]
   pad = 4
   tokens = np.concatenate(docs + [np.zeros(pad, np.int64)])[None]
-  segs = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(pad)])[None]
+  segs = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(pad)])[
+    None
+  ]
   pos = np.concatenate([np.arange(len(d)) for d in docs] + [np.arange(pad)])[None]
-  packed = np.asarray(model(jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32),
-                            jnp.asarray(segs, jnp.int32)))
+  packed = np.asarray(
+    model(jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32), jnp.asarray(segs, jnp.int32))
+  )
   start = 0
   for d in docs:
     ref = torch_logits(path, d[None])[0]
-    np.testing.assert_allclose(packed[0, start:start + len(d)], ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(packed[0, start : start + len(d)], ref, atol=1e-4, rtol=0)
     start += len(d)
 
 

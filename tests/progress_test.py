@@ -28,8 +28,10 @@ def test_plain_lines_at_most_every_interval_and_always_at_the_end(monkeypatch):
   p(4)  # 1 s after the last line: quiet
   clock.t = 124.0
   p(12)
-  assert lines == ["fit 3/12 (25%) 0.5 batches/s, 6s elapsed, ETA 18s",
-                   "fit 12/12 (100%) 0.5 batches/s, 24s elapsed, done"]
+  assert lines == [
+    "fit 3/12 (25%) 0.5 batches/s, 6s elapsed, ETA 18s",
+    "fit 12/12 (100%) 0.5 batches/s, 24s elapsed, done",
+  ]
 
 
 class Tty(io.StringIO):
@@ -61,5 +63,7 @@ def test_no_escape_codes_when_stdout_is_not_a_terminal(monkeypatch, capsys):
   p(2)
   out = capsys.readouterr().out
   assert "\r" not in out and "\x1b" not in out
-  assert out.splitlines() == ["eval 1/2 (50%) 1/s, 1s elapsed, ETA 1s",
-                              "eval 2/2 (100%) 1/s, 2s elapsed, done"]
+  assert out.splitlines() == [
+    "eval 1/2 (50%) 1/s, 1s elapsed, ETA 1s",
+    "eval 2/2 (100%) 1/s, 2s elapsed, done",
+  ]

@@ -60,9 +60,10 @@ def test_default_plan_is_the_documented_experiment(qt, plan, tmp_path):
   assert opts.docs == os.path.join(REPO, "docs")
   names = [s.name for s in plan.steps(opts)]
   assert names[:3] == ["heldout_valid", "heldout_wiki", "train_forecaster"]
-  arms = [n[len("train_"):] for n in names if n.startswith("train_")]
-  assert arms == ["forecaster"] + [f"router_{p}_{s}" for s in ("0.25", "0.4", "0.7")
-                                   for p in ("informed", "greedy")]
+  arms = [n[len("train_") :] for n in names if n.startswith("train_")]
+  assert arms == ["forecaster"] + [
+    f"router_{p}_{s}" for s in ("0.25", "0.4", "0.7") for p in ("informed", "greedy")
+  ]
   steps = {s.name: s for s in plan.steps(opts)}
   f = _flags(steps["train_forecaster"].argv)
   assert f["--config.train.stages"] == "forecaster"
@@ -76,20 +77,32 @@ def test_default_plan_is_the_documented_experiment(qt, plan, tmp_path):
   assert (r["--config.train.router.steps"], r["--config.train.router.batch_size"]) == ("40", "2")
   assert r["--config.train.router.fit_batches"] == "16"
   # Every router arm: the same budget and seed; only policy and sparsity differ.
-  budgets = {tuple(sorted((k, v) for k, v in _flags(s.argv).items()
-                          if not k.startswith("--config.routing.") and k != "--config.train.seed"))
-             for n, s in steps.items() if n.startswith("train_router_")}
+  budgets = {
+    tuple(
+      sorted(
+        (k, v)
+        for k, v in _flags(s.argv).items()
+        if not k.startswith("--config.routing.") and k != "--config.train.seed"
+      )
+    )
+    for n, s in steps.items()
+    if n.startswith("train_router_")
+  }
   assert len(budgets) == 1
-  assert {_flags(s.argv)["--config.train.seed"] for n, s in steps.items()
-          if n.startswith("train_")} == {"0"}
+  assert {
+    _flags(s.argv)["--config.train.seed"] for n, s in steps.items() if n.startswith("train_")
+  } == {"0"}
   ev = steps["eval_wiki_router_informed_0.4"].argv
   assert ev[ev.index("--policy") + 1] == "informed,random,oracle"
   assert ev[ev.index("--data") + 1].endswith("heldout/wiki.jsonl")
   assert ev[ev.index("--mode") + 1] == "topk"
   dense = steps["eval_valid_forecaster"].argv
   assert dense[dense.index("--policy") + 1] == "dense" and "--sparsity" not in dense
-  assert steps["heldout_wiki"].argv[steps["heldout_wiki"].argv.index("--source") + 1].endswith(
-      "assets/text/wiki/enwiki_articles.jsonl")
+  assert (
+    steps["heldout_wiki"]
+    .argv[steps["heldout_wiki"].argv.index("--source") + 1]
+    .endswith("assets/text/wiki/enwiki_articles.jsonl")
+  )
   assert 40 * 60 <= plan.estimate(opts)["total"] <= 70 * 60  # the docstring's promise
   shown = plan.show(steps["train_forecaster"].argv)
   assert shown.startswith("python -m ir_jax.train --config configs/smollm2_135m.py")
@@ -117,8 +130,12 @@ def test_smoke_lora_causal_commands(qt, plan, tmp_path):
 
 
 def test_bad_options_are_refused(qt, tmp_path):
-  for argv in (["--policies", "informed,dense"], ["--sparsity", "0.4,1.5"],
-               ["--router-steps", "-1"], ["--forecaster-fit-batches", "0"]):
+  for argv in (
+    ["--policies", "informed,dense"],
+    ["--sparsity", "0.4,1.5"],
+    ["--router-steps", "-1"],
+    ["--forecaster-fit-batches", "0"],
+  ):
     with pytest.raises(SystemExit):
       _opts(qt, "--runs", str(tmp_path), *argv)
 
@@ -126,9 +143,24 @@ def test_bad_options_are_refused(qt, tmp_path):
 # ------------------------------------------------------------------ held-out sets
 def test_heldout_set_is_capped_and_round_robin_over_domains(qt, plan, common, tmp_path):
   out = str(tmp_path / "h" / "set.jsonl")
-  assert qt.main(["heldout", "--config", os.path.join(REPO, "configs", "tiny.py"),
-                  "--source", EVAL_DOCS, "--out", out, "--max-tokens", "400",
-                  "--doc-tokens", "48"]) == 0
+  assert (
+    qt.main(
+      [
+        "heldout",
+        "--config",
+        os.path.join(REPO, "configs", "tiny.py"),
+        "--source",
+        EVAL_DOCS,
+        "--out",
+        out,
+        "--max-tokens",
+        "400",
+        "--doc-tokens",
+        "48",
+      ]
+    )
+    == 0
+  )
   m = json.load(open(os.path.splitext(out)[0] + ".json"))
   assert m["format"] == common.HELDOUT_FORMAT
   assert plan.heldout_complete(os.path.splitext(out)[0] + ".json")
@@ -142,17 +174,42 @@ def test_heldout_set_is_capped_and_round_robin_over_domains(qt, plan, common, tm
   for l in lines:  # prefixes of the source documents, cut at a word boundary
     assert any(s.startswith(l["text"]) for s in src)
   # --max-documents caps the count.
-  assert qt.main(["heldout", "--config", os.path.join(REPO, "configs", "tiny.py"), "--source",
-                  EVAL_DOCS, "--domain", "mixed", "--out", out, "--max-tokens", "10000",
-                  "--doc-tokens", "1000", "--max-documents", "3"]) == 0
+  assert (
+    qt.main(
+      [
+        "heldout",
+        "--config",
+        os.path.join(REPO, "configs", "tiny.py"),
+        "--source",
+        EVAL_DOCS,
+        "--domain",
+        "mixed",
+        "--out",
+        out,
+        "--max-tokens",
+        "10000",
+        "--doc-tokens",
+        "1000",
+        "--max-documents",
+        "3",
+      ]
+    )
+    == 0
+  )
   lines = [json.loads(l) for l in open(out)]
   assert len(lines) == 3 and {l["domain"] for l in lines} == {"mixed"}
 
 
 # ------------------------------------------------------------------ resuming and the report
-PPL = {"dense": 10.0, "informed": 11.0, "informed+lora": 10.8, "greedy": 13.0,
-       "greedy+lora": 12.0, "random": 14.0,
-       "oracle": 10.5}
+PPL = {
+  "dense": 10.0,
+  "informed": 11.0,
+  "informed+lora": 10.8,
+  "greedy": 13.0,
+  "greedy+lora": 12.0,
+  "random": 14.0,
+  "oracle": 10.5,
+}
 TRAIN_S = {"forecaster": 600.0, "router": 1200.0, "lora": 300.0}
 
 
@@ -161,36 +218,70 @@ def _fake_runs(qt, plan, common, runs: str, argv: list[str]) -> None:
   opts = _opts(qt, *argv)
   for name in ("valid", "wiki"):
     jsonl, manifest = plan.heldout_paths(opts, name)
-    common.write_json(manifest, {"format": common.HELDOUT_FORMAT, "jsonl": jsonl,
-                                 "source": name, "documents": 2, "tokens": 200,
-                                 "doc_tokens": 128, "max_tokens": 256, "max_documents": 0,
-                                 "domains": {name: {"documents": 2, "tokens": 200}}})
+    common.write_json(
+      manifest,
+      {
+        "format": common.HELDOUT_FORMAT,
+        "jsonl": jsonl,
+        "source": name,
+        "documents": 2,
+        "tokens": 200,
+        "doc_tokens": 128,
+        "max_tokens": 256,
+        "max_documents": 0,
+        "domains": {name: {"documents": 2, "tokens": 200}},
+      },
+    )
     open(jsonl, "w").write('{"text": "x"}\n')
   for a in plan.arms(opts):
     wd = os.path.join(runs, a.name)
     for st, n in a.steps.items():
       os.makedirs(os.path.join(wd, "checkpoints", st, str(n)))
-    common.write_json(os.path.join(wd, "run.json"), {"config": {
-        "data": {"batch_size": 8, "seq_len": 64}, "train": {st: {"batch_size": 0 if st ==
-                                                                 "forecaster" else 2}
-                                                            for st in a.stages}}})
-    common.write_json(os.path.join(wd, "train_summary.json"), {"stages": [
-        {"stage": st, "train_s": TRAIN_S[st]} for st in a.stages]})
+    common.write_json(
+      os.path.join(wd, "run.json"),
+      {
+        "config": {
+          "data": {"batch_size": 8, "seq_len": 64},
+          "train": {st: {"batch_size": 0 if st == "forecaster" else 2} for st in a.stages},
+        }
+      },
+    )
+    common.write_json(
+      os.path.join(wd, "train_summary.json"),
+      {"stages": [{"stage": st, "train_s": TRAIN_S[st]} for st in a.stages]},
+    )
   for job in plan.eval_jobs(opts):
     recs = []
     for p in job.policies:
-      for mode in (("topk",) if p == "dense" else opts.modes):
+      for mode in ("topk",) if p == "dense" else opts.modes:
         ppl = PPL[job.label[p]] * (1 + job.sparsity) * (1.1 if mode == "causal" else 1.0)
         if job.eval_set == "wiki":
           ppl *= 2
         nll = math.log(ppl)
-        recs.append({"mode": mode, "policy": p, "sparsity": job.sparsity, "perplexity": ppl,
-                     "nll": nll, "tokens": 198, "realized_sparsity": job.sparsity,
-                     "sparsity_attn": job.sparsity, "sparsity_mlp": job.sparsity,
-                     "flops_fraction": 1 - job.sparsity / 2, "ideal_flops_fraction": 0.5,
-                     "wall_s": 1.0, "doc_nll": [nll * 99, nll * 99]})
-    common.write_json(plan.eval_path(opts, job), {"records": recs, "documents": [
-        {"domain": "a", "tokens": 99}, {"domain": "b", "tokens": 99}]})
+        recs.append(
+          {
+            "mode": mode,
+            "policy": p,
+            "sparsity": job.sparsity,
+            "perplexity": ppl,
+            "nll": nll,
+            "tokens": 198,
+            "realized_sparsity": job.sparsity,
+            "sparsity_attn": job.sparsity,
+            "sparsity_mlp": job.sparsity,
+            "flops_fraction": 1 - job.sparsity / 2,
+            "ideal_flops_fraction": 0.5,
+            "wall_s": 1.0,
+            "doc_nll": [nll * 99, nll * 99],
+          }
+        )
+    common.write_json(
+      plan.eval_path(opts, job),
+      {
+        "records": recs,
+        "documents": [{"domain": "a", "tokens": 99}, {"domain": "b", "tokens": 99}],
+      },
+    )
 
 
 def _table(md: str) -> list[list[str]]:
@@ -199,8 +290,9 @@ def _table(md: str) -> list[list[str]]:
   return [[c.strip() for c in r.strip("|").split("|")] for r in rows[1:]]
 
 
-def test_complete_steps_are_skipped_and_the_report_is_written(qt, plan, common, tmp_path,
-                                                               monkeypatch, capsys):
+def test_complete_steps_are_skipped_and_the_report_is_written(
+  qt, plan, common, tmp_path, monkeypatch, capsys
+):
   pytest.importorskip("matplotlib")
   runs, docs = str(tmp_path / "runs"), str(tmp_path / "docs")
   argv = ["--smoke", "--runs", runs, "--docs", docs, "--lora", "--sparsity", "0.25,0.4,0.7"]
@@ -236,10 +328,11 @@ def test_complete_steps_are_skipped_and_the_report_is_written(qt, plan, common, 
   md = open(os.path.join(docs, "results.md")).read()
   rows = _table(md)
   assert len(rows) == 1 + 3 * 6
-  assert {(r[0], r[1]) for r in rows[1:]} == {(p, s) for p in ("informed", "informed+lora",
-                                                               "greedy", "greedy+lora", "random",
-                                                               "oracle")
-                                              for s in ("0.25", "0.4", "0.7")}
+  assert {(r[0], r[1]) for r in rows[1:]} == {
+    (p, s)
+    for p in ("informed", "informed+lora", "greedy", "greedy+lora", "random", "oracle")
+    for s in ("0.25", "0.4", "0.7")
+  }
   assert rows[0][:4] == ["dense", "0", "10.00", "20.00"]
   inf = next(r for r in rows if r[:2] == ["informed", "0.4"])
   assert inf[2].startswith("15.40 (1.54×)") and inf[3].startswith("30.80 (1.54×)")
@@ -264,8 +357,14 @@ def test_complete_steps_are_skipped_and_the_report_is_written(qt, plan, common, 
   os.rmdir(os.path.join(runs, "router_greedy_0.4", "checkpoints", "router", "2"))
   os.makedirs(os.path.join(runs, "router_greedy_0.4", "checkpoints", "router", "1"))
   assert not steps["train_router_greedy_0.4"].done()
-  os.remove(plan.eval_path(opts, next(j for j in plan.eval_jobs(opts)
-                                    if j.arm == "router_informed_0.7" and j.eval_set == "wiki")))
+  os.remove(
+    plan.eval_path(
+      opts,
+      next(
+        j for j in plan.eval_jobs(opts) if j.arm == "router_informed_0.7" and j.eval_set == "wiki"
+      ),
+    )
+  )
   assert not steps["eval_wiki_router_informed_0.7"].done()
   causal = {s.name: s for s in plan.steps(_opts(qt, *argv, "--causal"))}
   assert not causal["eval_valid_router_greedy_0.25"].done()  # its JSON has no causal records
@@ -275,12 +374,21 @@ def test_complete_steps_are_skipped_and_the_report_is_written(qt, plan, common, 
 
 
 # ------------------------------------------------------------------ the real smoke run
-@pytest.mark.skipif(not os.environ.get("IR_JAX_QUALITY_SMOKE"),
-                    reason="about 3 minutes; set IR_JAX_QUALITY_SMOKE=1 to run --smoke end to end")
+@pytest.mark.skipif(
+  not os.environ.get("IR_JAX_QUALITY_SMOKE"),
+  reason="about 3 minutes; set IR_JAX_QUALITY_SMOKE=1 to run --smoke end to end",
+)
 def test_smoke_run_end_to_end_then_resume(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-  cmd = [sys.executable, SCRIPT, "--smoke", "--runs", str(tmp_path / "runs"), "--docs",
-         str(tmp_path / "docs")]
+  cmd = [
+    sys.executable,
+    SCRIPT,
+    "--smoke",
+    "--runs",
+    str(tmp_path / "runs"),
+    "--docs",
+    str(tmp_path / "docs"),
+  ]
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stdout + p.stderr
   assert len([l for l in p.stdout.splitlines() if l.startswith("[")]) == 11

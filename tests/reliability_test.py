@@ -40,7 +40,9 @@ STEPS = 8  # checkpoints at 3, 6 and 8 (every 3 and at the end)
 def tiny_settings(data_dir: str, async_checkpoints: bool | None = None):
   """configs/tiny.py, forecaster only, 8 steps, checkpoints at 3, 6 and 8 (also used by
   tests/diskfull_test.py)."""
-  spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(REPO, "configs", "tiny.py"))
+  spec = importlib.util.spec_from_file_location(
+    "tiny_cfg", os.path.join(REPO, "configs", "tiny.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   cfg = mod.get_config()
@@ -75,8 +77,9 @@ def _stage(workdir: str) -> str:
 
 def _item(workdir: str, step: int, item: str) -> dict[str, np.ndarray]:
   tree = ocp.PyTreeCheckpointer().restore(os.path.join(_stage(workdir), str(step), item))
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _assert_same_final(a: str, b: str) -> None:
@@ -88,8 +91,11 @@ def _assert_same_final(a: str, b: str) -> None:
 
 
 def _largest(step_dir: str, item: str) -> str:
-  files = [p for p in glob.glob(os.path.join(step_dir, item, "**", "*"), recursive=True)
-           if os.path.isfile(p)]
+  files = [
+    p
+    for p in glob.glob(os.path.join(step_dir, item, "**", "*"), recursive=True)
+    if os.path.isfile(p)
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -98,7 +104,7 @@ def flip_bytes(step_dir: str) -> None:
   with open(path, "r+b") as f:
     data = bytearray(f.read())
     mid = len(data) // 2
-    data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
+    data[mid : mid + 8] = bytes(b ^ 0xFF for b in data[mid : mid + 8])
     f.seek(0)
     f.write(data)
 
@@ -118,8 +124,9 @@ def empty_metadata(step_dir: str) -> None:
 
 
 @pytest.mark.parametrize("damage", [flip_bytes, truncate, empty_metadata])
-def test_damaged_newest_checkpoint_falls_back_and_finishes_bit_identical(reference, damage,
-                                                                         tmp_path, capsys):
+def test_damaged_newest_checkpoint_falls_back_and_finishes_bit_identical(
+  reference, damage, tmp_path, capsys
+):
   s, ref = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(ref, workdir)
@@ -154,8 +161,11 @@ def test_every_checkpoint_damaged_is_refused_and_nothing_moves(reference, tmp_pa
   assert steps == [3, 6, STEPS]
   for n in steps:
     flip_bytes(os.path.join(_stage(workdir), str(n)))
-  with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged \(step 8: .*"
-                                            r"step 6: .*step 3: "):
+  with pytest.raises(
+    CheckpointError,
+    match=r"every checkpoint in .* is damaged \(step 8: .*"
+    r"step 6: .*step 3: ",
+  ):
     run(s, workdir)
   with pytest.raises(CheckpointError, match="is damaged"):
     run_result(workdir)

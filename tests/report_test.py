@@ -29,8 +29,12 @@ def test_summary_figure_has_one_panel_per_available_source(tmp_path):
   one = report.write_summary_figure(str(w), None, None)
   width_one, _ = _png_size(one)
   (w / "forecasters.json").write_text(json.dumps({"attn": [0.5, -3.0], "mlp": [0.2, 0.4]}))
-  ev = {"dense": {"perplexity": 60.0}, "routed": {"perplexity": 75.0}, "policy": "informed",
-        "sparsity": 0.25}
+  ev = {
+    "dense": {"perplexity": 60.0},
+    "routed": {"perplexity": 75.0},
+    "policy": "informed",
+    "sparsity": 0.25,
+  }
   four = report.write_summary_figure(str(w), np.array([[0.5, 1.0], [0.75, 0.75]]), ev)
   width_four, _ = _png_size(four)
   assert four == str(w / "summary.png")

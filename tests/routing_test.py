@@ -16,13 +16,23 @@ from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.forecast import ForecasterParam, RouterParam
 from ir_jax.model import init_model
 
-CFG = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=56, num_layers=3,
-                  num_heads=4, num_kv_heads=2, rope_theta=10_000.0, lff_rank=8,
-                  router_hidden=16, max_position_embeddings=128)
+CFG = LlamaConfig(
+  vocab_size=101,
+  hidden_size=32,
+  intermediate_size=56,
+  num_layers=3,
+  num_heads=4,
+  num_kv_heads=2,
+  rope_theta=10_000.0,
+  lff_rank=8,
+  router_hidden=16,
+  max_position_embeddings=128,
+)
 
 
-def make_model(cfg: LlamaConfig = CFG, seed: int = 0, lff_std: float = 0.05,
-               router_std: float = 1.0):
+def make_model(
+  cfg: LlamaConfig = CFG, seed: int = 0, lff_std: float = 0.05, router_std: float = 1.0
+):
   """A random model whose forecasters and routers are far from their tiny init,
   so forecasts matter and router scores are well separated."""
   m = init_model(cfg, seed)
@@ -44,8 +54,11 @@ def packed_row(seed: int = 1):
   toks = np.concatenate([rng.randint(0, CFG.vocab_size, n) for n in lens] + [np.zeros(pad, int)])
   pos = np.concatenate([np.arange(n) for n in lens] + [np.arange(pad)])
   seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)] + [np.zeros(pad, int)])
-  return (jnp.asarray(toks[None], jnp.int32), jnp.asarray(pos[None], jnp.int32),
-          jnp.asarray(seg[None], jnp.int32))
+  return (
+    jnp.asarray(toks[None], jnp.int32),
+    jnp.asarray(pos[None], jnp.int32),
+    jnp.asarray(seg[None], jnp.int32),
+  )
 
 
 # --------------------------------------------------------- numpy reference
@@ -61,7 +74,7 @@ def _rope(v, pos, theta):  # v [..., K] for one token
   k = v.shape[-1]
   inv = theta ** (-np.arange(0, k, 2) / k)
   ang = np.concatenate([pos * inv, pos * inv])
-  rot = np.concatenate([-v[..., k // 2:], v[..., :k // 2]], -1)
+  rot = np.concatenate([-v[..., k // 2 :], v[..., : k // 2]], -1)
   return v * np.cos(ang) + rot * np.sin(ang)
 
 
@@ -110,8 +123,9 @@ def numpy_routed_forward(m, toks, pos, seg, policy: str, capacity: float) -> np.
           g = hh // (H // N)
           q = _rope(n[i] @ a["q_proj"][:, hh], pos[i], cfg.rope_theta)
           keys = [j for j in range(i + 1) if seg[j] == seg[i]]
-          logits = np.array([q @ _rope(n[j] @ a["k_proj"][:, g], pos[j], cfg.rope_theta)
-                             for j in keys]) / math.sqrt(K)
+          logits = np.array(
+            [q @ _rope(n[j] @ a["k_proj"][:, g], pos[j], cfg.rope_theta) for j in keys]
+          ) / math.sqrt(K)
           w = np.exp(logits - logits.max())
           w /= w.sum()
           out[hh] = sum(wj * (n[j] @ a["v_proj"][:, g]) for wj, j in zip(w, keys))
@@ -121,8 +135,9 @@ def numpy_routed_forward(m, toks, pos, seg, policy: str, capacity: float) -> np.
   return h @ p["lm_head"]
 
 
-@pytest.mark.parametrize("policy,capacity", [("informed", 0.5), ("informed", 0.25),
-                                             ("greedy", 0.75)])
+@pytest.mark.parametrize(
+  "policy,capacity", [("informed", 0.5), ("informed", 0.25), ("greedy", 0.75)]
+)
 def test_gather_run_scatter_equals_numpy_loop_packed(policy, capacity):
   m = make_model()
   toks, pos, seg = packed_row()
@@ -151,9 +166,11 @@ def test_capacity_one_is_dense_and_zero_is_forecast_only():
   np.testing.assert_array_equal(full_all, dense)
   # The cases above may take route_unit's k == T shortcut; these run the real paths at
   # capacity 1 (gather all T tokens in score order and scatter back; mask with gate 1).
-  for spec in (R.RoutingSpec(sparsity=0.0, gate="ste"),
-               R.RoutingSpec(sparsity=0.0, gate="ste", compute="all"),
-               R.RoutingSpec(policy="random", sparsity=0.0, gate="ste")):
+  for spec in (
+    R.RoutingSpec(sparsity=0.0, gate="ste"),
+    R.RoutingSpec(sparsity=0.0, gate="ste", compute="all"),
+    R.RoutingSpec(policy="random", sparsity=0.0, gate="ste"),
+  ):
     np.testing.assert_allclose(np.asarray(m(t, routing=spec)), dense, atol=1e-5, rtol=0)
 
   # Capacity 0: every unit is x + LFF(n); reference built from the modules directly.
@@ -227,8 +244,7 @@ def _loss(model, t, spec, rng):
   return nll + 8.0 * jnp.abs(0.5 - jnp.mean(aux["exec_rate"])) + 0.1 * jnp.mean(aux["importance"])
 
 
-@pytest.mark.parametrize("gate,compute", [("ste", "gathered"), ("ste", "all"),
-                                          ("gumbel", "all")])
+@pytest.mark.parametrize("gate,compute", [("ste", "gathered"), ("ste", "all"), ("gumbel", "all")])
 def test_gradients_reach_routers_only(gate, compute):
   m = make_model(router_std=0.1)
   spec = R.RoutingSpec(sparsity=0.5, gate=gate, compute=compute, temperature=2.0)
@@ -278,8 +294,17 @@ def test_per_layer_capacity_table():
 
 
 def test_flops_match_hand_count():
-  cfg = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_layers=2,
-                    num_heads=2, num_kv_heads=1, head_dim=4, lff_rank=3, router_hidden=5)
+  cfg = LlamaConfig(
+    vocab_size=10,
+    hidden_size=8,
+    intermediate_size=12,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    lff_rank=3,
+    router_hidden=5,
+  )
   t = 4
   # Per token: q 2*8*8, k and v 2*8*4 each, o 2*8*8, scores+values 2*4*8*2 over T=4 keys,
   # mlp 3*2*8*12, lm head 2*8*10.

@@ -37,8 +37,12 @@ def paragraph() -> str:
 @pytest.fixture(scope="module")
 def imported(gguf_path, tmp_path_factory) -> str:
   out = str(tmp_path_factory.mktemp("smollm2") / "ckpt")
-  proc = subprocess.run([sys.executable, "-m", "ir_jax.convert", "import", "--format", "gguf",
-                         gguf_path, "--out", out], capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-m", "ir_jax.convert", "import", "--format", "gguf", gguf_path, "--out", out],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr
   return out
 
@@ -58,7 +62,9 @@ def test_gguf_import_matches_transformers(imported, gguf_path, paragraph):
   ids = np.asarray(tok.encode(paragraph).ids)
   assert 200 < len(ids) < 400
 
-  ours = token_logprobs(np.asarray(ir_jax.load_model(imported)(jnp.asarray(ids[None], jnp.int32)))[0], ids)
+  ours = token_logprobs(
+    np.asarray(ir_jax.load_model(imported)(jnp.asarray(ids[None], jnp.int32)))[0], ids
+  )
 
   d, f = os.path.split(gguf_path)
   hf_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
@@ -80,7 +86,12 @@ def test_gguf_loads_directly_and_config_is_smollm2(gguf_path):
   model = ir_jax.load_model(gguf_path)
   c = model.config
   assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == (
-      30, 576, 9, 3, 49152)
+    30,
+    576,
+    9,
+    3,
+    49152,
+  )
   assert c.tie_word_embeddings and c.rope_theta == 100_000.0
   assert not hasattr(model, "lm_head")
 

@@ -12,27 +12,27 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 from ir_jax import assets
 from ir_jax.tokenizer import (
-    SpecialTokens,
-    load_tokenizer,
-    save_tokenizer,
-    special_tokens_from_gguf,
-    tokenizer_from_gguf,
+  SpecialTokens,
+  load_tokenizer,
+  save_tokenizer,
+  special_tokens_from_gguf,
+  tokenizer_from_gguf,
 )
 
 # Strings with no whitespace run right before a number: there transformers'
 # GGUF loader and SmolLM2's real pre-tokenizer agree (see test below).
 CASES = [
-    "In 1987, 3.14159 and 42",
-    "<|im_start|>user\nhi<|im_end|>",
-    "<|endoftext|><|im_start|>assistant\nHello!<|im_end|>\n",
-    "naïve café — 日本語, Ελληνικά, русский 🤖👍🏽 “quotes” ‘x’",
-    "   three leading spaces",
-    " one leading space and trailing   ",
-    "\n\nleading newlines\n\n\nand blank lines\r\nCRLF\ttab",
-    "don't you'll I'M we've",
-    "",
-    " ",
-    "\n",
+  "In 1987, 3.14159 and 42",
+  "<|im_start|>user\nhi<|im_end|>",
+  "<|endoftext|><|im_start|>assistant\nHello!<|im_end|>\n",
+  "naïve café — 日本語, Ελληνικά, русский 🤖👍🏽 “quotes” ‘x’",
+  "   three leading spaces",
+  " one leading space and trailing   ",
+  "\n\nleading newlines\n\n\nand blank lines\r\nCRLF\ttab",
+  "don't you'll I'M we've",
+  "",
+  " ",
+  "\n",
 ]
 
 # Where SmolLM2's own tokenizer.json (Digits(individual) then ByteLevel, the
@@ -41,9 +41,9 @@ CASES = [
 # splitting: a whitespace run is cut at a digit, and any \p{N} char is
 # isolated. Values are what the model's tokenizer produces.
 SMOLLM_DIGIT_CASES = {
-    "x\n\n15": ["x", "ĊĊ", "1", "5"],
-    "in the  50 metres": ["in", "Ġthe", "ĠĠ", "5", "0", "Ġmetres"],
-    " ½": ["Ġ", "Â½"],
+  "x\n\n15": ["x", "ĊĊ", "1", "5"],
+  "in the  50 metres": ["in", "Ġthe", "ĠĠ", "5", "0", "Ġmetres"],
+  " ½": ["Ġ", "Â½"],
 }
 
 
@@ -88,16 +88,16 @@ def test_news_paragraph_matches_transformers(ours: Tokenizer, hf: Any, news_para
 
 
 def test_whole_news_corpus_matches_transformers_with_smollm_split(
-    ours: Tokenizer, hf: Any, news_text: str
+  ours: Tokenizer, hf: Any, news_text: str
 ) -> None:
   """Same vocab, merges and special tokens as transformers on 360 KB, once
   transformers is given SmolLM2's actual pre-tokenizer."""
   fixed = Tokenizer.from_str(hf.backend_tokenizer.to_str())
   fixed.pre_tokenizer = pre_tokenizers.Sequence(
-      [
-          pre_tokenizers.Digits(individual_digits=True),
-          pre_tokenizers.ByteLevel(add_prefix_space=False),
-      ]
+    [
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ]
   )
   for text in [news_text, *CASES, *SMOLLM_DIGIT_CASES]:
     assert ours.encode(text).ids == fixed.encode(text).ids, text[:80]
@@ -117,9 +117,9 @@ def test_special_tokens(ours: Tokenizer, reader: gguf.GGUFReader) -> None:
   info = special_tokens_from_gguf(reader)
   assert info.ids() == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "unk_token_id": 0}
   assert (info.bos_token, info.eos_token, info.unk_token) == (
-      "<|im_start|>",
-      "<|im_end|>",
-      "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
   )
   assert not info.add_bos_token and not info.add_eos_token
   assert ours.get_vocab_size(with_added_tokens=True) == 49152
@@ -131,7 +131,7 @@ def test_special_tokens(ours: Tokenizer, reader: gguf.GGUFReader) -> None:
 
 
 def test_chat_template_matches_transformers(
-    ours: Tokenizer, hf: Any, reader: gguf.GGUFReader
+  ours: Tokenizer, hf: Any, reader: gguf.GGUFReader
 ) -> None:
   info = special_tokens_from_gguf(reader)
   assert info.chat_template == hf.chat_template
@@ -145,7 +145,7 @@ def test_chat_template_matches_transformers(
 
 
 def test_save_and_load(
-    ours: Tokenizer, reader: gguf.GGUFReader, tmp_path: Path, news_paragraph: str
+  ours: Tokenizer, reader: gguf.GGUFReader, tmp_path: Path, news_paragraph: str
 ) -> None:
   info = special_tokens_from_gguf(reader)
   path = save_tokenizer(ours, tmp_path / "tok", info)
@@ -182,7 +182,7 @@ def test_load_errors(tmp_path: Path) -> None:
 
 
 def _write_gguf(
-    path: Path, model: str, pre: str | None = "gpt2", add_bos: bool = False, add_eos: bool = False
+  path: Path, model: str, pre: str | None = "gpt2", add_bos: bool = False, add_eos: bool = False
 ) -> Path:
   tokens = ["<s>", "</s>", "h", "i", "Ġ", "hi", "Ġhi"]
   w = gguf.GGUFWriter(str(path), arch="llama")
@@ -207,7 +207,7 @@ def test_synthetic_gguf_bos_eos(tmp_path: Path) -> None:
   plain = tokenizer_from_gguf(gguf.GGUFReader(_write_gguf(tmp_path / "a.gguf", "gpt2")))
   assert plain.encode("hi hi").tokens == ["hi", "Ġhi"]
   both = tokenizer_from_gguf(
-      gguf.GGUFReader(_write_gguf(tmp_path / "b.gguf", "gpt2", add_bos=True, add_eos=True))
+    gguf.GGUFReader(_write_gguf(tmp_path / "b.gguf", "gpt2", add_bos=True, add_eos=True))
   )
   assert both.encode("hi hi").ids == [0, 5, 6, 1]
   assert both.encode("hi hi", add_special_tokens=False).ids == [5, 6]
@@ -215,7 +215,7 @@ def test_synthetic_gguf_bos_eos(tmp_path: Path) -> None:
   info = special_tokens_from_gguf(gguf.GGUFReader(tmp_path / "b.gguf"))
   assert info == SpecialTokens(0, 1, None, None, "<s>", "</s>", None, None, True, True, None)
   bos_only = tokenizer_from_gguf(
-      gguf.GGUFReader(_write_gguf(tmp_path / "c.gguf", "gpt2", add_bos=True))
+    gguf.GGUFReader(_write_gguf(tmp_path / "c.gguf", "gpt2", add_bos=True))
   )
   assert bos_only.encode("hi").ids == [0, 5]
 

@@ -41,7 +41,9 @@ STEPS = 8
 
 
 def tiny_config(data_dir: str, **overrides):
-  spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(REPO, "configs", "tiny.py"))
+  spec = importlib.util.spec_from_file_location(
+    "tiny_cfg", os.path.join(REPO, "configs", "tiny.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   cfg = mod.get_config()
@@ -110,8 +112,9 @@ def full_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
   s = settings_from_config(tiny_config(data_dir))
   mesh = sh.make_mesh(s.mesh)
-  initial = _leaves(init_state(s.model, mesh, {"kind": "random", "seed": s.train.seed},
-                               s.train.seed).state)
+  initial = _leaves(
+    init_state(s.model, mesh, {"kind": "random", "seed": s.train.seed}, s.train.seed).state
+  )
   summary = run(s, workdir)
   final = _leaves(summary.pop("state").state)
   return dict(workdir=workdir, settings=s, initial=initial, final=final, summary=summary)
@@ -128,6 +131,7 @@ def _metrics(workdir: str) -> dict[str, list[dict]]:
 
 def test_losses_decrease_in_both_stages(full_run):
   m = _metrics(full_run["workdir"])
+
   def drop(stage: str, key: str) -> float:
     values = [r[key] for r in m[stage]]
     assert len(values) == STEPS
@@ -144,15 +148,28 @@ def test_losses_decrease_in_both_stages(full_run):
 
 def test_prior_bias_starts_fresh_routers_at_the_target_rate(full_run, data_dir, tmp_path):
   # A forecaster-only run leaves its routers untrained (output bias exactly 0).
-  run(settings_from_config(tiny_config(data_dir, **{
-      "train.stages": "forecaster", "train.forecaster.steps": 1, "train.eval_batches": 0})),
-      str(tmp_path / "f"))
+  run(
+    settings_from_config(
+      tiny_config(
+        data_dir,
+        **{"train.stages": "forecaster", "train.forecaster.steps": 1, "train.eval_batches": 0},
+      )
+    ),
+    str(tmp_path / "f"),
+  )
   prior = np.log(0.25 / 0.75)  # logit(capacity)
 
   def router_run(init_from: str, name: str) -> tuple[dict, dict]:
-    cfg = tiny_config(data_dir, **{"train.stages": "router", "train.init_from": init_from,
-                                   "train.router.steps": 1, "train.router.prior_bias": True,
-                                   "train.eval_batches": 0})
+    cfg = tiny_config(
+      data_dir,
+      **{
+        "train.stages": "router",
+        "train.init_from": init_from,
+        "train.router.steps": 1,
+        "train.router.prior_bias": True,
+        "train.eval_batches": 0,
+      },
+    )
     run(settings_from_config(cfg), str(tmp_path / name))
     (first,) = _metrics(str(tmp_path / name))["router"]
     return first, _adapters(str(tmp_path / name), "router", 1)
@@ -236,15 +253,26 @@ def test_checkpoint_from_8_devices_resumes_on_1(full_run, data_dir, tmp_path):
   with pytest.raises(Preempted):
     run(s, workdir, should_stop=lambda stage, step: (stage, step) == ("router", 4))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cmd = [sys.executable, "-m", "ir_jax.train", "--config", os.path.join(REPO, "configs", "tiny.py"),
-         "--workdir", workdir, f"--config.data.data_dir={data_dir}",
-         f"--config.data.files=('{NEWS}',)", "--config.mesh.data=1",
-         "--config.mesh.fsdp=1", f"--config.train.forecaster.steps={STEPS}",
-         f"--config.train.router.steps={STEPS}", "--config.train.checkpoint_every=3",
-         "--config.routing.sparsity=0.75", "--config.train.eval_batches=1",
-         "--config.train.log_every=1"]
-  out = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
-                       timeout=300)
+  cmd = [
+    sys.executable,
+    "-m",
+    "ir_jax.train",
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--workdir",
+    workdir,
+    f"--config.data.data_dir={data_dir}",
+    f"--config.data.files=('{NEWS}',)",
+    "--config.mesh.data=1",
+    "--config.mesh.fsdp=1",
+    f"--config.train.forecaster.steps={STEPS}",
+    f"--config.train.router.steps={STEPS}",
+    "--config.train.checkpoint_every=3",
+    "--config.routing.sparsity=0.75",
+    "--config.train.eval_batches=1",
+    "--config.train.log_every=1",
+  ]
+  out = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "1 cpu device(s)" in out.stdout
   assert "[router] resumed from batch 4" in out.stdout
@@ -274,8 +302,15 @@ def test_eval_reports_dense_and_routed_perplexity(full_run):
 
 
 def test_lora_stage_from_another_run_trains_only_lora(full_run, data_dir, tmp_path):
-  cfg = tiny_config(data_dir, **{"train.stages": "lora", "train.init_from": full_run["workdir"],
-                                 "train.lora.steps": 6, "train.eval_batches": 0})
+  cfg = tiny_config(
+    data_dir,
+    **{
+      "train.stages": "lora",
+      "train.init_from": full_run["workdir"],
+      "train.lora.steps": 6,
+      "train.eval_batches": 0,
+    },
+  )
   s = settings_from_config(cfg)
   assert s.model.lora_rank == 4
   summary = run(s, str(tmp_path / "lora"))
@@ -295,22 +330,34 @@ def test_lora_stage_from_another_run_trains_only_lora(full_run, data_dir, tmp_pa
 
 # ----------------------------------------------------------------- bad input
 def _cli(args: list[str], cwd: str, timeout: float = 120) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "ir_jax.train", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "ir_jax.train", *args],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
-@pytest.mark.parametrize("args, expect", [
+@pytest.mark.parametrize(
+  "args, expect",
+  [
     (["--config.train.bogus=1"], "unknown field"),
     (["--config.mesh.data=3"], "needs 3 devices but 8 are available"),
-    (["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.data.batch_size=6"],
-     "not divisible by the 8 data shards"),
+    (
+      ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.data.batch_size=6"],
+      "not divisible by the 8 data shards",
+    ),
     (["--config.train.stages=forecaster,distill"], "train.stages must list stages"),
     (["--config.routing.sparsity=1.5"], "routing.sparsity must be a number in [0, 1]"),
-])
+  ],
+)
 def test_bad_config_is_one_line_before_compiling(args, expect, tmp_path):
   t0 = time.time()
-  out = _cli(["--config", os.path.join(REPO, "configs", "tiny.py"),
-              "--workdir", str(tmp_path / "w"), *args], str(tmp_path))
+  out = _cli(
+    ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(tmp_path / "w"), *args],
+    str(tmp_path),
+  )
   assert out.returncode == 2, out.stderr
   assert expect in out.stderr
   assert "Traceback" not in out.stderr
@@ -335,14 +382,24 @@ def test_unknown_field_in_a_config_file_is_refused(data_dir):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
   # Adam's normalised steps of size 1e30 blow the forecasters up on step 2.
-  cfg = tiny_config(data_dir, **{"train.stages": "forecaster", "train.checkpoint_every": 1,
-                                 "train.forecaster.learning_rate": 1e30,
-                                 "train.forecaster.grad_clip": 0.0})
+  cfg = tiny_config(
+    data_dir,
+    **{
+      "train.stages": "forecaster",
+      "train.checkpoint_every": 1,
+      "train.forecaster.learning_rate": 1e30,
+      "train.forecaster.grad_clip": 0.0,
+    },
+  )
   workdir = str(tmp_path / "nan")
-  with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step (\d+).*last good checkpoint "
-                                          r"is batch (\d+)") as e:
+  with pytest.raises(
+    TrainingError,
+    match=r"loss is (nan|inf) at step (\d+).*last good checkpoint "
+    r"is batch (\d+)",
+  ) as e:
     run(settings_from_config(cfg), workdir)
   import re
+
   bad, good = map(int, re.search(r"at step (\d+).*batch (\d+)", str(e.value)).groups())
   assert good == bad - 1
   mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "forecaster"))
@@ -353,13 +410,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
 
 def test_sigterm_saves_then_exits_and_rerun_finishes(data_dir, tmp_path):
   workdir = str(tmp_path / "term")
-  args = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
-          f"--config.data.data_dir={data_dir}", f"--config.data.files=('{NEWS}',)",
-          "--config.train.stages=forecaster", "--config.train.forecaster.steps=400",
-          "--config.train.checkpoint_every=1000", "--config.train.log_every=1",
-          "--config.train.eval_batches=0", "--config.mesh.data=-1"]
-  proc = subprocess.Popen([sys.executable, "-u", "-m", "ir_jax.train", *args], cwd=str(tmp_path),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  args = [
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--workdir",
+    workdir,
+    f"--config.data.data_dir={data_dir}",
+    f"--config.data.files=('{NEWS}',)",
+    "--config.train.stages=forecaster",
+    "--config.train.forecaster.steps=400",
+    "--config.train.checkpoint_every=1000",
+    "--config.train.log_every=1",
+    "--config.train.eval_batches=0",
+    "--config.mesh.data=-1",
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, "-u", "-m", "ir_jax.train", *args],
+    cwd=str(tmp_path),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   for line in proc.stdout:  # wait until training is under way
     if line.startswith("[forecaster 3/"):
       break
@@ -398,7 +469,9 @@ def test_checkpoints_from_before_capacity_tables_still_load(full_run, tmp_path, 
   shutil.rmtree(path)
   ocp.PyTreeCheckpointer().save(path, tree)
   integrity.write_record(sdir, total)
-  model = nnx.merge(*(lambda model_state: (model_state.graphdef, model_state.state))(run_result(work)))
+  model = nnx.merge(
+    *(lambda model_state: (model_state.graphdef, model_state.state))(run_result(work))
+  )
   assert R.model_table(model) is None
   got = _leaves(nnx.state(model))
   for k, (kind, v) in full_run["final"].items():

@@ -62,8 +62,9 @@ def _set_in(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def read_params(source: Source, cfg: LlamaConfig | None = None,
-                progress: Callable[[int, int], None] | None = None) -> dict:
+def read_params(
+  source: Source, cfg: LlamaConfig | None = None, progress: Callable[[int, int], None] | None = None
+) -> dict:
   """The base weights of `source` as a pure dict of numpy arrays in our layout.
 
   Every tensor's shape is checked against the config before it is read;
@@ -85,13 +86,15 @@ def read_params(source: Source, cfg: LlamaConfig | None = None,
       key = e.hf.format(i=i)
       if not source.has(key):
         raise WeightImportError(
-            f"{source.where(key)}: tensor {key!r} is missing (the config needs it)")
+          f"{source.where(key)}: tensor {key!r} is missing (the config needs it)"
+        )
       expect = mapping.hf_shape(e, tuple(ours))
       got = tuple(source.shape(key))
       if got != expect:
         raise WeightImportError(
-            f"{source.where(key)}: tensor {key!r} has shape {list(got)}, "
-            f"the config expects {list(expect)}")
+          f"{source.where(key)}: tensor {key!r} has shape {list(got)}, "
+          f"the config expects {list(expect)}"
+        )
       slices.append(mapping.to_ours(e, source.get(key), tuple(ours)).astype(dtype))
       done += 1
       if progress is not None:
@@ -116,10 +119,16 @@ def model_from_params(cfg: LlamaConfig, params: dict, seed: int = 0) -> nnx.Modu
   return nnx.merge(graphdef, state)
 
 
-def import_weights(src: str, out: str, fmt: str | None = None, *,
-                   param_dtype: str | None = None, overwrite: bool = False,
-                   progress: Callable[[int, int], None] | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> str:
+def import_weights(
+  src: str,
+  out: str,
+  fmt: str | None = None,
+  *,
+  param_dtype: str | None = None,
+  overwrite: bool = False,
+  progress: Callable[[int, int], None] | None = None,
+  log: Callable[[str], None] = lambda s: None,
+) -> str:
   """Converts a HF directory or GGUF file into an ir_jax checkpoint directory
   (`progress` as in `read_params`; `log` gets a line per later phase)."""
   overrides = {"param_dtype": param_dtype} if param_dtype else {}
@@ -128,8 +137,10 @@ def import_weights(src: str, out: str, fmt: str | None = None, *,
   params = read_params(source, cfg, progress)
   if "routing" not in params:
     params["routing"] = init_routing_params(cfg)  # untrained: forecasts ~0, like a skip
-  provenance = {"source": os.path.abspath(src), "format": fmt or
-                ("gguf" if src.endswith(".gguf") else "hf")}
+  provenance = {
+    "source": os.path.abspath(src),
+    "format": fmt or ("gguf" if src.endswith(".gguf") else "hf"),
+  }
   manifest = getattr(source, "routing", None)
   routing = manifest.get("spec") if manifest is not None else None
   with tempfile.TemporaryDirectory() as tmp:
@@ -146,5 +157,12 @@ def import_weights(src: str, out: str, fmt: str | None = None, *,
     else:
       tok_dir = source.path
     log(f"writing {out} (orbax checkpoint + tokenizer) ...")
-    return checkpoint.save(out, cfg, params, tokenizer_dir=tok_dir,
-                           provenance=provenance, overwrite=overwrite, routing=routing)
+    return checkpoint.save(
+      out,
+      cfg,
+      params,
+      tokenizer_dir=tok_dir,
+      provenance=provenance,
+      overwrite=overwrite,
+      routing=routing,
+    )

@@ -43,9 +43,11 @@ INDEX_FILE = "model.safetensors.index.json"
 ORBAX_TMP = ".orbax-checkpoint-tmp"
 ORBAX_COMMIT = "commit_success.txt"
 # Our kernel -> its LoRA adapter (`scale * (n @ a) @ b` is added to `n @ kernel`).
-LORA = {("layers", "self_attn", "q_proj"): ("layers", "self_attn", "q_lora"),
-        ("layers", "self_attn", "v_proj"): ("layers", "self_attn", "v_lora"),
-        ("layers", "mlp", "gate_proj"): ("layers", "mlp", "gate_lora")}
+LORA = {
+  ("layers", "self_attn", "q_proj"): ("layers", "self_attn", "q_lora"),
+  ("layers", "self_attn", "v_proj"): ("layers", "self_attn", "v_lora"),
+  ("layers", "mlp", "gate_proj"): ("layers", "mlp", "gate_lora"),
+}
 
 
 class ExportError(checkpoint.CheckpointError):
@@ -82,21 +84,25 @@ class Lazy:
       item, args = {k: item}, {k: args}
     try:
       tree = ocp.PyTreeCheckpointer().restore(
-          self.directory, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                      partial_restore=True))
+        self.directory,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+      )
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise checkpoint.CheckpointError(
-          f"{self.directory}: cannot restore {'/'.join(self.path)} ({str(e)[:300]})") from None
+        f"{self.directory}: cannot restore {'/'.join(self.path)} ({str(e)[:300]})"
+      ) from None
     value = _get(tree, self.path)
     if tuple(value.shape) != tuple(self.shape):
       raise checkpoint.CheckpointError(
-          f"{self.directory}: {'/'.join(self.path)} is shaped {list(value.shape)}, the config "
-          f"expects {list(self.shape)}")
+        f"{self.directory}: {'/'.join(self.path)} is shaped {list(value.shape)}, the config "
+        f"expects {list(self.shape)}"
+      )
     return value
 
 
-def _lazy_tree(directory: str, abstract: dict, dtype: Any = None,
-               prefix: tuple[str, ...] = ()) -> dict:
+def _lazy_tree(
+  directory: str, abstract: dict, dtype: Any = None, prefix: tuple[str, ...] = ()
+) -> dict:
   """`abstract` (a pure dict of ShapeDtypeStructs) as Lazy leaves of the checkpoint at
   `directory`; floating leaves in `dtype` when given."""
   out = {}
@@ -140,6 +146,7 @@ class Leaves:
 
   def tree(self, prefix: tuple[str, ...]) -> dict:
     """The subtree at `prefix`, loaded (for the small routing subtree)."""
+
     def walk(node: Any, path: tuple[str, ...]) -> Any:
       if isinstance(node, dict):
         return {k: walk(v, path + (k,)) for k, v in node.items()}
@@ -160,14 +167,18 @@ def _check_committed(item_dir: str, what: str) -> None:
   parent, name = os.path.split(item_dir.rstrip(os.sep))
   pending = [n for n in _orbax_pending(parent) if n.startswith(name + ".")]
   if pending:
-    raise ExportError(f"{os.path.join(parent, pending[0])}: {what} is still being written "
-                      "(orbax temporary directory); wait for the writer to finish, or remove "
-                      "it if no process is writing")
+    raise ExportError(
+      f"{os.path.join(parent, pending[0])}: {what} is still being written "
+      "(orbax temporary directory); wait for the writer to finish, or remove "
+      "it if no process is writing"
+    )
   if not os.path.isdir(item_dir):
     raise ExportError(f"{item_dir}: missing; the {what} is incomplete")
   if not os.path.isfile(os.path.join(item_dir, ORBAX_COMMIT)):
-    raise ExportError(f"{item_dir}: no {ORBAX_COMMIT}; orbax has not finished writing the "
-                      f"{what} (still being written, or the write was interrupted)")
+    raise ExportError(
+      f"{item_dir}: no {ORBAX_COMMIT}; orbax has not finished writing the "
+      f"{what} (still being written, or the write was interrupted)"
+    )
 
 
 def _check_checkpoint(path: str) -> None:
@@ -184,9 +195,10 @@ def _newest_step(workdir: str, stages: list[str]) -> tuple[str, int]:
     pending = _orbax_pending(stage_dir(workdir, stage))
     if pending:
       raise ExportError(
-          f"{os.path.join(stage_dir(workdir, stage), pending[0])}: a training checkpoint is "
-          "still being written; wait for it (or the run) to finish, or remove it if no "
-          "process is writing")
+        f"{os.path.join(stage_dir(workdir, stage), pending[0])}: a training checkpoint is "
+        "still being written; wait for it (or the run) to finish, or remove it if no "
+        "process is writing"
+      )
   for stage in reversed(stages):
     d = stage_dir(workdir, stage)
     steps = sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
@@ -219,16 +231,19 @@ def _restore_run(workdir: str, cfg: LlamaConfig, base_path: str, stage: str, ste
   _, abs_state = nnx.split(abstract_model(cfg))
   abs_adapters, abs_base = nnx.split_state(abs_state, steps.ADAPTERS, ...)
   mgr = ocp.CheckpointManager(
-      rundir.stage_dir(workdir, stage), options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"adapters": ocp.StandardCheckpointHandler()})
+    rundir.stage_dir(workdir, stage),
+    options=ocp.CheckpointManagerOptions(create=False),
+    item_handlers={"adapters": ocp.StandardCheckpointHandler()},
+  )
   try:
     adapters = nnx.to_pure_dict(checkpoints.restore_adapters(mgr, step, _on_host(abs_adapters)))
   finally:
     mgr.close()
   # Base weights stay on disk until written, in the run's parameter dtype (as
   # the run itself restores them); Lazy.load checks each one's shape.
-  params = _lazy_tree(os.path.join(base_path, checkpoint.PARAMS_DIR),
-                      nnx.to_pure_dict(abs_base), cfg.weight_dtype)
+  params = _lazy_tree(
+    os.path.join(base_path, checkpoint.PARAMS_DIR), nnx.to_pure_dict(abs_base), cfg.weight_dtype
+  )
   _deep_update(params, adapters)
   return params
 
@@ -263,10 +278,17 @@ def open_trained(path: str) -> Trained:
 
       from ir_jax import sharding
 
-      model_state = rundir.run_result(path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()]))
+      model_state = rundir.run_result(
+        path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()])
+      )
       params, tok_dir = nnx.to_pure_dict(model_state.state), None
-    return Trained(cfg, params, routing_io.load_spec(path), tok_dir,
-                   {"workdir": path, "stage": stage, "step": step})
+    return Trained(
+      cfg,
+      params,
+      routing_io.load_spec(path),
+      tok_dir,
+      {"workdir": path, "stage": stage, "step": step},
+    )
   if checkpoint.is_checkpoint(path):
     _check_checkpoint(path)
     cfg = checkpoint.load_config(path)
@@ -275,8 +297,9 @@ def open_trained(path: str) -> Trained:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory")
   raise checkpoint.CheckpointError(
-      f"{path}: neither an ir_jax checkpoint ({checkpoint.META_FILE}) nor an ir_jax.train "
-      "workdir (run.json); import HF or GGUF weights with `python -m ir_jax.convert import`")
+    f"{path}: neither an ir_jax checkpoint ({checkpoint.META_FILE}) nor an ir_jax.train "
+    "workdir (run.json); import HF or GGUF weights with `python -m ir_jax.convert import`"
+  )
 
 
 # ------------------------------------------------------------ LoRA merge
@@ -292,8 +315,9 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
   return tree
 
 
-def merged_slice(cfg: LlamaConfig, leaves: Leaves, path: tuple[str, ...],
-                 layer: int | None) -> np.ndarray:
+def merged_slice(
+  cfg: LlamaConfig, leaves: Leaves, path: tuple[str, ...], layer: int | None
+) -> np.ndarray:
   """One parameter (one layer's slice of a stacked one) in our layout, LoRA merged.
 
   W' = W + scale * A @ B in float32, cast back to W's dtype: `n @ W'` is
@@ -357,7 +381,7 @@ def parse_size(text: str | int) -> int:
   unit = m.group(2).upper().rstrip("B")
   power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
   base = 1024 if unit.endswith("I") else 1000
-  size = int(float(m.group(1)) * base ** power)
+  size = int(float(m.group(1)) * base**power)
   if size < 1:
     raise ConfigError(f"--max-shard-size {text!r} must be at least 1 byte")
   return size
@@ -366,8 +390,9 @@ def parse_size(text: str | int) -> int:
 TensorSpec = tuple[str, np.dtype, tuple[int, ...]]
 
 
-def hf_tensors(cfg: LlamaConfig, leaves: Leaves
-               ) -> tuple[list[TensorSpec], Callable[[str], np.ndarray]]:
+def hf_tensors(
+  cfg: LlamaConfig, leaves: Leaves
+) -> tuple[list[TensorSpec], Callable[[str], np.ndarray]]:
   """Every HF tensor's (key, dtype, shape) in file order, and a function making one.
 
   The order is parameter-major (layer 0..L-1 of q_proj, then of k_proj, ...), so
@@ -376,17 +401,20 @@ def hf_tensors(cfg: LlamaConfig, leaves: Leaves
   specs: list[TensorSpec] = []
   makers: dict[str, Callable[[], np.ndarray]] = {}
   entries = list(mapping.entries(cfg.tie_word_embeddings))
-  order = ([e for e in entries if e.path == ("embed_tokens",)] +
-           [e for e in entries if e.per_layer] +
-           [e for e in entries if not e.per_layer and e.path != ("embed_tokens",)])
+  order = (
+    [e for e in entries if e.path == ("embed_tokens",)]
+    + [e for e in entries if e.per_layer]
+    + [e for e in entries if not e.per_layer and e.path != ("embed_tokens",)]
+  )
   for e in order:
     leaf = _get(leaves.params, e.path)
-    for layer in (range(cfg.num_layers) if e.per_layer else [None]):
+    for layer in range(cfg.num_layers) if e.per_layer else [None]:
       ours = tuple(leaf.shape[1:]) if layer is not None else tuple(leaf.shape)
       key = e.hf.format(i=layer)
       specs.append((key, np.dtype(leaf.dtype), mapping.hf_shape(e, ours)))
       makers[key] = lambda e=e, layer=layer: mapping.to_hf(
-          e, merged_slice(cfg, leaves, e.path, layer))
+        e, merged_slice(cfg, leaves, e.path, layer)
+      )
   return specs, lambda key: makers[key]()
 
 
@@ -405,9 +433,14 @@ def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec
   return shards
 
 
-def write_hf_weights(out_dir: str, cfg: LlamaConfig, leaves: Leaves, max_bytes: int,
-                     log: Callable[[str], None] = lambda _: None,
-                     progress: Callable[[int, int], None] | None = None) -> list[str]:
+def write_hf_weights(
+  out_dir: str,
+  cfg: LlamaConfig,
+  leaves: Leaves,
+  max_bytes: int,
+  log: Callable[[str], None] = lambda _: None,
+  progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
   """Writes model.safetensors (or shards + index) tensor by tensor; returns the files.
 
   `progress(tensors_made, tensors)` is called as each tensor is built."""
@@ -440,19 +473,27 @@ def write_hf_weights(out_dir: str, cfg: LlamaConfig, leaves: Leaves, max_bytes: 
 def _check_out(src: str, out: str, overwrite: bool) -> None:
   src, out = os.path.abspath(src), os.path.abspath(out)
   if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
-    raise ExportError(f"--out {out} overlaps the checkpoint being exported ({src}); choose "
-                      "another --out")
+    raise ExportError(
+      f"--out {out} overlaps the checkpoint being exported ({src}); choose another --out"
+    )
   if os.path.exists(out) and not os.path.isdir(out):
     raise FileExistsError(f"{out}: exists and is not a directory; choose another --out")
   if os.path.exists(out) and not overwrite and os.listdir(out):
-    raise FileExistsError(f"{out}: already exists and is not empty; choose another --out or "
-                          "pass --overwrite")
+    raise FileExistsError(
+      f"{out}: already exists and is not empty; choose another --out or pass --overwrite"
+    )
 
 
-def export(src: str, out: str, fmt: str = "hf", *, overwrite: bool = False,
-           max_shard_size: str | int = DEFAULT_SHARD_SIZE,
-           log: Callable[[str], None] = lambda _: None,
-           progress: Callable[[int, int], None] | None = None) -> str:
+def export(
+  src: str,
+  out: str,
+  fmt: str = "hf",
+  *,
+  overwrite: bool = False,
+  max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+  log: Callable[[str], None] = lambda _: None,
+  progress: Callable[[int, int], None] | None = None,
+) -> str:
   """Exports an ir_jax checkpoint directory or training workdir; returns `out` (absolute).
   `progress(tensors_written, tensors)` follows the model weights.
 
@@ -466,8 +507,16 @@ def export(src: str, out: str, fmt: str = "hf", *, overwrite: bool = False,
   trained = open_trained(src)  # checks the source is complete before restoring it
   cfg = trained.config
   out_cfg = exported_config(cfg)
-  lora = ({"merged": True, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
-           "targets": ["q_proj", "v_proj", "gate_proj"]} if cfg.lora_rank else {"merged": False})
+  lora = (
+    {
+      "merged": True,
+      "rank": cfg.lora_rank,
+      "alpha": cfg.lora_alpha,
+      "targets": ["q_proj", "v_proj", "gate_proj"],
+    }
+    if cfg.lora_rank
+    else {"merged": False}
+  )
   out = os.path.abspath(out)
   current = "the output directory"
   try:
@@ -480,8 +529,13 @@ def export(src: str, out: str, fmt: str = "hf", *, overwrite: bool = False,
       with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
         json.dump(out_cfg.to_hf(), f, indent=2)
       gen = {"_from_model_config": True}
-      gen.update({k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  if getattr(cfg, k) is not None})
+      gen.update(
+        {
+          k: getattr(cfg, k)
+          for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+          if getattr(cfg, k) is not None
+        }
+      )
       with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2)
       for name in checkpoint.TOKENIZER_FILES:
@@ -489,11 +543,20 @@ def export(src: str, out: str, fmt: str = "hf", *, overwrite: bool = False,
           shutil.copyfile(os.path.join(trained.tokenizer_dir, name), os.path.join(tmp, name))
       current = "routing modules"
       layout = "ir_jax" if fmt == "hf" else "reference"
-      routing_io.write(tmp, out_cfg, leaves.tree(("routing",)), layout, spec=trained.spec,
-                       lora=lora, source=trained.source)
+      routing_io.write(
+        tmp,
+        out_cfg,
+        leaves.tree(("routing",)),
+        layout,
+        spec=trained.spec,
+        lora=lora,
+        source=trained.source,
+      )
   except OSError as e:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-      raise ExportError(f"{out}: disk full while writing the {current} ({e.strerror}); nothing "
-                        "was written under that name") from None
+      raise ExportError(
+        f"{out}: disk full while writing the {current} ({e.strerror}); nothing "
+        "was written under that name"
+      ) from None
     raise
   return out

@@ -33,13 +33,29 @@ MAX_NESTING = 4  # arrays of arrays of ...
 MAX_KEY = 65_535  # the GGUF spec's limit on key length
 
 # GGUFValueType -> little-endian numpy dtype, for the fixed-size types.
-_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-            10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALARS = {
+  0: "<u1",
+  1: "<i1",
+  2: "<u2",
+  3: "<i2",
+  4: "<u4",
+  5: "<i4",
+  6: "<f4",
+  7: "?",
+  10: "<u8",
+  11: "<i8",
+  12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
-_FLOAT_TENSORS = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
-                  GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
-                  GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
-                  GGMLQuantizationType.I64: np.int64}
+_FLOAT_TENSORS = {
+  GGMLQuantizationType.F32: np.float32,
+  GGMLQuantizationType.F16: np.float16,
+  GGMLQuantizationType.F64: np.float64,
+  GGMLQuantizationType.I8: np.int8,
+  GGMLQuantizationType.I16: np.int16,
+  GGMLQuantizationType.I32: np.int32,
+  GGMLQuantizationType.I64: np.int64,
+}
 
 
 class GGUFError(ValueError):
@@ -89,8 +105,10 @@ class _Cursor:
 
   def need(self, n: int, what: str) -> None:
     if n > self.size - self.pos:
-      raise GGUFError(f"truncated or corrupt in {what}: needs {n} bytes at offset {self.pos}, "
-                      f"the file has {self.size - self.pos} left")
+      raise GGUFError(
+        f"truncated or corrupt in {what}: needs {n} bytes at offset {self.pos}, "
+        f"the file has {self.size - self.pos} left"
+      )
 
   def scalar(self, fmt: str, what: str) -> Any:
     n = struct.calcsize(fmt)
@@ -104,7 +122,7 @@ class _Cursor:
     if limit is not None and n > limit:
       raise GGUFError(f"{what}: a string of {n} bytes (at most {limit} allowed)")
     self.need(n, what)
-    raw = bytes(self.buf[self.pos:self.pos + n])
+    raw = bytes(self.buf[self.pos : self.pos + n])
     self.pos += n
     try:
       return raw.decode("utf-8")
@@ -171,8 +189,10 @@ class GGUFFile:
     n_kv = c.scalar("Q", "the header")
     # Each key/value takes >= 13 bytes and each tensor info >= 24.
     if n_kv * 13 + n_tensors * 24 > size - c.pos:
-      raise GGUFError(f"the header declares {n_kv} metadata keys and {n_tensors} tensors, more "
-                      f"than its {size} bytes can hold (truncated or corrupt)")
+      raise GGUFError(
+        f"the header declares {n_kv} metadata keys and {n_tensors} tensors, more "
+        f"than its {size} bytes can hold (truncated or corrupt)"
+      )
     for k in range(n_kv):
       key = c.string(f"metadata key {k}", MAX_KEY)
       what = f"metadata {key!r}"
@@ -214,16 +234,20 @@ class GGUFFile:
         raise GGUFError(f"{what}: unknown tensor type {raw_type}") from None
       n_elements = int(np.prod(dims, dtype=object)) if dims else 1
       if dims and dims[0] % block:
-        raise GGUFError(f"{what}: first dimension {dims[0]} is not a multiple of the "
-                        f"{ttype.name} block size {block}")
+        raise GGUFError(
+          f"{what}: first dimension {dims[0]} is not a multiple of the "
+          f"{ttype.name} block size {block}"
+        )
       n_bytes = n_elements * type_size // block
       begin = self.data_offset + offset
       if begin + n_bytes > size:
-        raise GGUFError(f"{what} ({ttype.name}{list(dims)}, {n_bytes} bytes at offset {begin}) "
-                        f"runs past the end of the {size}-byte file (truncated or corrupt)")
+        raise GGUFError(
+          f"{what} ({ttype.name}{list(dims)}, {n_bytes} bytes at offset {begin}) "
+          f"runs past the end of the {size}-byte file (truncated or corrupt)"
+        )
       spans.append((begin, begin + n_bytes, name))
       np_dims = tuple(reversed(dims))
-      raw = self.data[begin:begin + n_bytes]
+      raw = self.data[begin : begin + n_bytes]
       if ttype in _FLOAT_TENSORS:
         data = raw.view(_FLOAT_TENSORS[ttype]).reshape(np_dims)
       else:

@@ -27,27 +27,52 @@ class Entry:
 
 _L = "model.layers.{i}."
 TABLE: tuple[Entry, ...] = (
-    Entry(("embed_tokens",), "model.embed_tokens.weight", "token_embd.weight", "copy"),
-    Entry(("norm", "weight"), "model.norm.weight", "output_norm.weight", "copy"),
-    Entry(("lm_head",), "lm_head.weight", "output.weight", "linear"),
-    Entry(("layers", "input_layernorm", "weight"), _L + "input_layernorm.weight",
-          "blk.{i}.attn_norm.weight", "copy"),
-    Entry(("layers", "post_attention_layernorm", "weight"),
-          _L + "post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", "copy"),
-    Entry(("layers", "self_attn", "q_proj"), _L + "self_attn.q_proj.weight",
-          "blk.{i}.attn_q.weight", "linear"),
-    Entry(("layers", "self_attn", "k_proj"), _L + "self_attn.k_proj.weight",
-          "blk.{i}.attn_k.weight", "linear"),
-    Entry(("layers", "self_attn", "v_proj"), _L + "self_attn.v_proj.weight",
-          "blk.{i}.attn_v.weight", "linear"),
-    Entry(("layers", "self_attn", "o_proj"), _L + "self_attn.o_proj.weight",
-          "blk.{i}.attn_output.weight", "linear"),
-    Entry(("layers", "mlp", "gate_proj"), _L + "mlp.gate_proj.weight",
-          "blk.{i}.ffn_gate.weight", "linear"),
-    Entry(("layers", "mlp", "up_proj"), _L + "mlp.up_proj.weight",
-          "blk.{i}.ffn_up.weight", "linear"),
-    Entry(("layers", "mlp", "down_proj"), _L + "mlp.down_proj.weight",
-          "blk.{i}.ffn_down.weight", "linear"),
+  Entry(("embed_tokens",), "model.embed_tokens.weight", "token_embd.weight", "copy"),
+  Entry(("norm", "weight"), "model.norm.weight", "output_norm.weight", "copy"),
+  Entry(("lm_head",), "lm_head.weight", "output.weight", "linear"),
+  Entry(
+    ("layers", "input_layernorm", "weight"),
+    _L + "input_layernorm.weight",
+    "blk.{i}.attn_norm.weight",
+    "copy",
+  ),
+  Entry(
+    ("layers", "post_attention_layernorm", "weight"),
+    _L + "post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight",
+    "copy",
+  ),
+  Entry(
+    ("layers", "self_attn", "q_proj"),
+    _L + "self_attn.q_proj.weight",
+    "blk.{i}.attn_q.weight",
+    "linear",
+  ),
+  Entry(
+    ("layers", "self_attn", "k_proj"),
+    _L + "self_attn.k_proj.weight",
+    "blk.{i}.attn_k.weight",
+    "linear",
+  ),
+  Entry(
+    ("layers", "self_attn", "v_proj"),
+    _L + "self_attn.v_proj.weight",
+    "blk.{i}.attn_v.weight",
+    "linear",
+  ),
+  Entry(
+    ("layers", "self_attn", "o_proj"),
+    _L + "self_attn.o_proj.weight",
+    "blk.{i}.attn_output.weight",
+    "linear",
+  ),
+  Entry(
+    ("layers", "mlp", "gate_proj"), _L + "mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", "linear"
+  ),
+  Entry(("layers", "mlp", "up_proj"), _L + "mlp.up_proj.weight", "blk.{i}.ffn_up.weight", "linear"),
+  Entry(
+    ("layers", "mlp", "down_proj"), _L + "mlp.down_proj.weight", "blk.{i}.ffn_down.weight", "linear"
+  ),
 )
 
 

@@ -64,16 +64,32 @@ def layout(d: int, lff_rank: int, router_hidden: int) -> dict[str, tuple[int, ..
   h = router_hidden or 2  # a linear router becomes a 2-unit ReLU layer
   out: dict[str, tuple[int, ...]] = {}
   for ref in FORECASTERS.values():
-    out.update({f"{ref}.linear1.weight": (lff_rank, d), f"{ref}.linear1.bias": (lff_rank,),
-                f"{ref}.linear2.weight": (d, lff_rank), f"{ref}.linear2.bias": (d,)})
+    out.update(
+      {
+        f"{ref}.linear1.weight": (lff_rank, d),
+        f"{ref}.linear1.bias": (lff_rank,),
+        f"{ref}.linear2.weight": (d, lff_rank),
+        f"{ref}.linear2.bias": (d,),
+      }
+    )
   for ref in ROUTERS.values():
-    out.update({f"{ref}.hidden_layer.weight": (h, d), f"{ref}.hidden_layer.bias": (h,),
-                f"{ref}.weight_predictor.weight": (2, h), f"{ref}.weight_predictor.bias": (2,)})
+    out.update(
+      {
+        f"{ref}.hidden_layer.weight": (h, d),
+        f"{ref}.hidden_layer.bias": (h,),
+        f"{ref}.weight_predictor.weight": (2, h),
+        f"{ref}.weight_predictor.bias": (2,),
+      }
+    )
   return out
 
 
-def to_reference(layer: Callable[[str, str], np.ndarray], router_hidden: int,
-                 key: str, thresholds: np.ndarray | None = None) -> np.ndarray:
+def to_reference(
+  layer: Callable[[str, str], np.ndarray],
+  router_hidden: int,
+  key: str,
+  thresholds: np.ndarray | None = None,
+) -> np.ndarray:
   """One reference tensor of one layer; `layer(module, param)` gives our slice.
 
   `thresholds` `[2]` (attn, mlp): the layer's causal thresholds, folded into
@@ -107,9 +123,9 @@ def to_reference(layer: Callable[[str, str], np.ndarray], router_hidden: int,
   return np.array([[one, -one], [zero, zero]], w2.dtype)
 
 
-def from_reference(get: Callable[[str], np.ndarray], router_hidden: int,
-                   where: str, thresholds_in_bias: bool = False
-                   ) -> dict[str, dict[str, np.ndarray]]:
+def from_reference(
+  get: Callable[[str], np.ndarray], router_hidden: int, where: str, thresholds_in_bias: bool = False
+) -> dict[str, dict[str, np.ndarray]]:
   """One layer's forecasters and routers in our layout from its reference tensors.
 
   `thresholds_in_bias`: our export, whose `weight_predictor.bias[1]` holds the
@@ -117,10 +133,12 @@ def from_reference(get: Callable[[str], np.ndarray], router_hidden: int,
   """
   out: dict[str, dict[str, np.ndarray]] = {}
   for ours, ref in FORECASTERS.items():
-    out[ours] = {"w1": np.ascontiguousarray(get(f"{ref}.linear1.weight").T),
-                 "b1": get(f"{ref}.linear1.bias"),
-                 "w2": np.ascontiguousarray(get(f"{ref}.linear2.weight").T),
-                 "b2": get(f"{ref}.linear2.bias")}
+    out[ours] = {
+      "w1": np.ascontiguousarray(get(f"{ref}.linear1.weight").T),
+      "b1": get(f"{ref}.linear1.bias"),
+      "w2": np.ascontiguousarray(get(f"{ref}.linear2.weight").T),
+      "b2": get(f"{ref}.linear2.bias"),
+    }
   for ours, ref in ROUTERS.items():
     hw, hb = get(f"{ref}.hidden_layer.weight"), get(f"{ref}.hidden_layer.bias")
     pw, pb = get(f"{ref}.weight_predictor.weight"), get(f"{ref}.weight_predictor.bias")
@@ -128,11 +146,15 @@ def from_reference(get: Callable[[str], np.ndarray], router_hidden: int,
     if router_hidden:
       out[ours] = {"w1": np.ascontiguousarray(hw.T), "b1": hb, "w2": pw[0] - pw[1], "b2": b2}
       continue
-    linear = (np.array_equal(hw[1], -hw[0]) and not np.any(hb)
-              and np.array_equal(pw.astype(np.float32), [[1, -1], [0, 0]]))
+    linear = (
+      np.array_equal(hw[1], -hw[0])
+      and not np.any(hb)
+      and np.array_equal(pw.astype(np.float32), [[1, -1], [0, 0]])
+    )
     if not linear:
       raise WeightImportError(
-          f"{where}: {ref} is a general ReLU router but the model has router_hidden 0 "
-          "(a linear router); set router_hidden to its hidden width to import it")
+        f"{where}: {ref} is a general ReLU router but the model has router_hidden 0 "
+        "(a linear router); set router_hidden to its hidden width to import it"
+      )
     out[ours] = {"w2": hw[0], "b2": b2}
   return out

@@ -43,14 +43,16 @@ MODEL_FIELDS = ("lff_rank", "router_hidden", "dtype", "param_dtype", "scan_layer
 SPEC_FIELDS = ("policy", "sparsity", "capacities", "k_multiple", "seed")
 PREFIX = "model.layers.{i}."
 THRESHOLD_MEANING = (
-    "causal mode (decoding): token t executes unit u of layer l iff its router score > "
-    "values[l][u], else the unit is approximated by its forecaster; calibrated on held-out "
-    "tokens so each unit executes its capacity. '-inf' always executes, 'inf' never. "
-    "Top-k mode ignores thresholds.")
+  "causal mode (decoding): token t executes unit u of layer l iff its router score > "
+  "values[l][u], else the unit is approximated by its forecaster; calibrated on held-out "
+  "tokens so each unit executes its capacity. '-inf' always executes, 'inf' never. "
+  "Top-k mode ignores thresholds."
+)
 CAPACITY_MEANING = (
-    "the trained per-unit capacity table: values[l][u] is the fraction of tokens unit u of "
-    "layer l executes in top-k mode (the rest are approximated by the forecaster); its mean "
-    "sparsity is the spec's. null: no table (uniform capacity 1 - sparsity).")
+  "the trained per-unit capacity table: values[l][u] is the fraction of tokens unit u of "
+  "layer l executes in top-k mode (the rest are approximated by the forecaster); its mean "
+  "sparsity is the spec's. null: no table (uniform capacity 1 - sparsity)."
+)
 
 
 # ------------------------------------------------------------ routing spec
@@ -70,8 +72,10 @@ def spec_from_json(d: Any, where: str) -> Any:
   if d is None:
     return None
   if not isinstance(d, dict) or set(d) - set(SPEC_FIELDS):
-    raise WeightImportError(f"{where}: routing spec must be an object with fields from "
-                            f"{list(SPEC_FIELDS)}, got {str(d)[:200]}")
+    raise WeightImportError(
+      f"{where}: routing spec must be an object with fields from "
+      f"{list(SPEC_FIELDS)}, got {str(d)[:200]}"
+    )
   d = dict(d)
   if d.get("capacities") is not None:
     d["capacities"] = tuple(tuple(r) for r in d["capacities"])
@@ -104,8 +108,9 @@ def _flat(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str,
       yield prefix + (k,), v
 
 
-def tensor_specs(cfg: LlamaConfig, routing: dict, layout: str
-                 ) -> tuple[list[tuple[str, np.dtype, tuple[int, ...]]], Callable[[str], np.ndarray]]:
+def tensor_specs(
+  cfg: LlamaConfig, routing: dict, layout: str
+) -> tuple[list[tuple[str, np.dtype, tuple[int, ...]]], Callable[[str], np.ndarray]]:
   """(name, dtype, shape) of every routing tensor in `layout`, and a function making one.
 
   `routing` is the model's `routing` subtree (leaves `[L, ...]`, numpy or jax).
@@ -129,71 +134,87 @@ def tensor_specs(cfg: LlamaConfig, routing: dict, layout: str
       dtype = np.dtype(leaves[("attn_lff", "w1")].dtype)
       get = lambda module, param, i=i: slice_of((module, param), i)
       thr = slice_of(("threshold",), i)
-      for key, shape in reference.layout(cfg.hidden_size, cfg.lff_rank,
-                                         cfg.router_hidden).items():
+      for key, shape in reference.layout(cfg.hidden_size, cfg.lff_rank, cfg.router_hidden).items():
         specs.append((pre + key, dtype, shape))
         makers[pre + key] = lambda key=key, get=get, thr=thr: reference.to_reference(
-            get, cfg.router_hidden, key, thr)
+          get, cfg.router_hidden, key, thr
+        )
   return specs, lambda name: makers[name]()
 
 
-def write(out_dir: str, cfg: LlamaConfig, routing: dict, layout: str, *, spec: Any,
-          lora: dict[str, Any], source: dict[str, Any]) -> None:
+def write(
+  out_dir: str,
+  cfg: LlamaConfig,
+  routing: dict,
+  layout: str,
+  *,
+  spec: Any,
+  lora: dict[str, Any],
+  source: dict[str, Any],
+) -> None:
   """Writes routing.safetensors, then routing.json, into `out_dir`."""
   if layout not in LAYOUTS:
     raise ValueError(f"unknown routing layout {layout!r}; expected one of {LAYOUTS}")
   specs, make = tensor_specs(cfg, routing, layout)
-  write_streaming(os.path.join(out_dir, WEIGHTS), specs, make,
-                  {"format": "pt", "ir_jax_layout": layout})
+  write_streaming(
+    os.path.join(out_dir, WEIGHTS), specs, make, {"format": "pt", "ir_jax_layout": layout}
+  )
   thr = np.asarray(routing["threshold"], np.float32)
   cal = np.asarray(routing["calibrated_for"], np.float32) if "calibrated_for" in routing else None
   calibrated = cal is not None and bool((cal >= 0).all())
   thresholds: dict[str, Any] = {
-      "meaning": THRESHOLD_MEANING, "calibrated": calibrated,
-      "calibrated_for": [[float(v) for v in row] for row in cal] if calibrated else None}
+    "meaning": THRESHOLD_MEANING,
+    "calibrated": calibrated,
+    "calibrated_for": [[float(v) for v in row] for row in cal] if calibrated else None,
+  }
   if layout == "reference":  # exact values here; the router bias carries them too
     thresholds["values"] = [[_float_json(v) for v in row] for row in thr]
     thresholds["in_router_bias"] = "weight_predictor.bias[1] (+-1e30 for +-inf)"
   else:
     thresholds["tensors"] = PREFIX + "threshold"
   router = {
-      "hidden": cfg.router_hidden,
-      "input": "the unit's RMS-normed input (input_layernorm / post_attention_layernorm output)",
-      "formula": ("score = w2 . relu(W1 n + b1) + b2" if cfg.router_hidden
-                  else "score = w2 . n + b2 (linear)"),
-      "execute": "higher score = execute: top capacity*T scores per row (topk mode) or "
-                 "score > threshold (causal mode)",
+    "hidden": cfg.router_hidden,
+    "input": "the unit's RMS-normed input (input_layernorm / post_attention_layernorm output)",
+    "formula": (
+      "score = w2 . relu(W1 n + b1) + b2" if cfg.router_hidden else "score = w2 . n + b2 (linear)"
+    ),
+    "execute": "higher score = execute: top capacity*T scores per row (topk mode) or "
+    "score > threshold (causal mode)",
   }
   if layout == "reference":
     router["reference_logits"] = (
-        "[score, threshold]: index 0 = execute the unit, index 1 = approximate it with the "
-        "forecaster (as the reference's gumbel gates); argmax executes where ir_jax's causal "
-        "mode does, softmax index 0 = sigmoid(score - threshold). Use the "
-        "reference with post_norm_router=True and TokenRouter hidden width "
-        f"{cfg.router_hidden or 2} (it hard-codes d // 4 - 200)")
+      "[score, threshold]: index 0 = execute the unit, index 1 = approximate it with the "
+      "forecaster (as the reference's gumbel gates); argmax executes where ir_jax's causal "
+      "mode does, softmax index 0 = sigmoid(score - threshold). Use the "
+      "reference with post_norm_router=True and TokenRouter hidden width "
+      f"{cfg.router_hidden or 2} (it hard-codes d // 4 - 200)"
+    )
   caps = np.asarray(routing["capacity"], np.float32) if "capacity" in routing else None
   has_table = caps is not None and bool((caps >= 0).all())
-  capacity_table = {"meaning": CAPACITY_MEANING,
-                    "values": [[float(v) for v in row] for row in caps] if has_table else None}
+  capacity_table = {
+    "meaning": CAPACITY_MEANING,
+    "values": [[float(v) for v in row] for row in caps] if has_table else None,
+  }
   manifest = {
-      "format": FORMAT,
-      "version": VERSION,
-      "layout": layout,
-      "weights": WEIGHTS,
-      "units": list(UNITS),
-      "num_layers": cfg.num_layers,
-      "hidden_size": cfg.hidden_size,
-      "model": {f: getattr(cfg, f) for f in MODEL_FIELDS},
-      "spec": spec_to_json(spec),
-      "forecaster": {"rank": cfg.lff_rank,
-                     "input": router["input"],
-                     "formula": "LFF(n) = W2 silu(W1 n + b1) + b2, approximates the unit's "
-                                "output delta"},
-      "router": router,
-      "thresholds": thresholds,
-      "capacity_table": capacity_table,
-      "lora": lora,
-      "source": source,
+    "format": FORMAT,
+    "version": VERSION,
+    "layout": layout,
+    "weights": WEIGHTS,
+    "units": list(UNITS),
+    "num_layers": cfg.num_layers,
+    "hidden_size": cfg.hidden_size,
+    "model": {f: getattr(cfg, f) for f in MODEL_FIELDS},
+    "spec": spec_to_json(spec),
+    "forecaster": {
+      "rank": cfg.lff_rank,
+      "input": router["input"],
+      "formula": "LFF(n) = W2 silu(W1 n + b1) + b2, approximates the unit's output delta",
+    },
+    "router": router,
+    "thresholds": thresholds,
+    "capacity_table": capacity_table,
+    "lora": lora,
+    "source": source,
   }
   with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2)
@@ -209,14 +230,16 @@ def read_manifest(path: str) -> dict[str, Any] | None:
   if m.get("format") != FORMAT:
     raise WeightImportError(f"{file}: format is not {FORMAT!r}")
   if m.get("version") != VERSION:
-    raise WeightImportError(f"{file}: routing format version {m.get('version')!r}, this "
-                            f"ir_jax reads {VERSION}")
+    raise WeightImportError(
+      f"{file}: routing format version {m.get('version')!r}, this ir_jax reads {VERSION}"
+    )
   if m.get("layout") not in LAYOUTS:
     raise WeightImportError(f"{file}: layout must be one of {LAYOUTS}, got {m.get('layout')!r}")
   model = m.get("model")
   if not isinstance(model, dict) or set(model) - set(MODEL_FIELDS):
-    raise WeightImportError(f"{file}: 'model' must be an object with fields from "
-                            f"{list(MODEL_FIELDS)}")
+    raise WeightImportError(
+      f"{file}: 'model' must be an object with fields from {list(MODEL_FIELDS)}"
+    )
   if not os.path.isfile(os.path.join(path, WEIGHTS)):
     raise WeightImportError(f"{path}: has {MANIFEST} but no {WEIGHTS}; the export is incomplete")
   spec_from_json(m.get("spec"), file)  # validated now, so errors name the file
@@ -238,8 +261,10 @@ def read(path: str, manifest: dict[str, Any], cfg: LlamaConfig, target: dict) ->
     if name not in st:
       raise WeightImportError(f"{file}: tensor {name!r} is missing")
     if tuple(st.shape(name)) != tuple(shape):
-      raise WeightImportError(f"{file}: tensor {name!r} has shape {list(st.shape(name))}, "
-                              f"the config expects {list(shape)}")
+      raise WeightImportError(
+        f"{file}: tensor {name!r} has shape {list(st.shape(name))}, "
+        f"the config expects {list(shape)}"
+      )
     return st.get(name)
 
   slices: dict[tuple[str, ...], list[np.ndarray]] = {p: [] for p in leaves}
@@ -257,8 +282,12 @@ def read(path: str, manifest: dict[str, Any], cfg: LlamaConfig, target: dict) ->
         slices[p].append(get(pre + ".".join(p), want.shape[1:]))
       continue
     in_bias = bool((manifest.get("thresholds") or {}).get("in_router_bias"))
-    mods = reference.from_reference(lambda k: get(pre + k, ref_shapes[k]), cfg.router_hidden,
-                                    f"{file} layer {i}", thresholds_in_bias=in_bias)
+    mods = reference.from_reference(
+      lambda k: get(pre + k, ref_shapes[k]),
+      cfg.router_hidden,
+      f"{file} layer {i}",
+      thresholds_in_bias=in_bias,
+    )
     for p in leaves:
       if p == ("threshold",):
         slices[p].append(_thresholds(manifest, file, layers)[i])
@@ -281,10 +310,14 @@ def _thresholds(manifest: dict[str, Any], file: str, layers: int) -> np.ndarray:
   values = (manifest.get("thresholds") or {}).get("values")
   if values is None:
     return np.zeros((layers, len(UNITS)), np.float32)
-  if not isinstance(values, list) or len(values) != layers or any(
-      not isinstance(r, list) or len(r) != len(UNITS) for r in values):
-    raise WeightImportError(f"{file}: thresholds.values must be {layers} rows of "
-                            f"{len(UNITS)} numbers")
+  if (
+    not isinstance(values, list)
+    or len(values) != layers
+    or any(not isinstance(r, list) or len(r) != len(UNITS) for r in values)
+  ):
+    raise WeightImportError(
+      f"{file}: thresholds.values must be {layers} rows of {len(UNITS)} numbers"
+    )
   return np.array([[_float_from_json(v, file) for v in r] for r in values], np.float32)
 
 
@@ -297,15 +330,19 @@ def _calibrated_for(manifest: dict[str, Any], file: str, layers: int) -> np.ndar
   return _fractions(manifest, ("thresholds", "calibrated_for"), file, layers)
 
 
-def _fractions(manifest: dict[str, Any], where: tuple[str, str], file: str,
-               layers: int) -> np.ndarray:
+def _fractions(
+  manifest: dict[str, Any], where: tuple[str, str], file: str, layers: int
+) -> np.ndarray:
   """A `[layers, 2]` table of fractions at manifest[where[0]][where[1]]; NO_TABLE when null."""
   values = (manifest.get(where[0]) or {}).get(where[1])
   name = ".".join(where)
   if values is None:
     return np.full((layers, len(UNITS)), NO_TABLE, np.float32)
-  if not isinstance(values, list) or len(values) != layers or any(
-      not isinstance(r, list) or len(r) != len(UNITS) for r in values):
+  if (
+    not isinstance(values, list)
+    or len(values) != layers
+    or any(not isinstance(r, list) or len(r) != len(UNITS) for r in values)
+  ):
     raise WeightImportError(f"{file}: {name} must be {layers} rows of {len(UNITS)} numbers")
   out = np.array([[_float_from_json(v, file) for v in r] for r in values], np.float32)
   if not ((out >= 0) & (out <= 1)).all():
@@ -340,4 +377,3 @@ def load_spec(path: str) -> Any:
     meta = read_json_object(run_file, ConfigError)
     return routing_spec((meta.get("config") or {}).get("routing") or {})
   return None
-

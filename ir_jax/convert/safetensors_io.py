@@ -16,10 +16,16 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
@@ -53,22 +59,27 @@ class SafetensorsFile:
       # Checked before reading: f.read(n) would allocate n bytes up front.
       if n > min(_MAX_HEADER, size - 8):
         raise SafetensorsError(
-            f"{path}: header declares {n} bytes but the file has {size - 8} after the length "
-            f"(at most {_MAX_HEADER}); truncated or not a safetensors file")
+          f"{path}: header declares {n} bytes but the file has {size - 8} after the length "
+          f"(at most {_MAX_HEADER}); truncated or not a safetensors file"
+        )
       raw = f.read(n)
     values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")  # >= JSON values - 1
     if values > _MAX_JSON_VALUES:
-      raise SafetensorsError(f"{path}: header holds ~{values} JSON values, more than the "
-                             f"{_MAX_JSON_VALUES} of any model file; refusing to parse it")
+      raise SafetensorsError(
+        f"{path}: header holds ~{values} JSON values, more than the "
+        f"{_MAX_JSON_VALUES} of any model file; refusing to parse it"
+      )
     try:
       header = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
       raise SafetensorsError(
-          f"{path}: header is not valid JSON ({str(e)[:200]}); not a safetensors file") from None
+        f"{path}: header is not valid JSON ({str(e)[:200]}); not a safetensors file"
+      ) from None
     del raw
     if not isinstance(header, dict):
-      raise SafetensorsError(f"{path}: header must be a JSON object of tensor entries, "
-                             f"found {type(header).__name__}")
+      raise SafetensorsError(
+        f"{path}: header must be a JSON object of tensor entries, found {type(header).__name__}"
+      )
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
       raise SafetensorsError(f"{path}: __metadata__ must be an object of strings")
@@ -78,17 +89,25 @@ class SafetensorsFile:
     self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
     spans = []
     for name, info in header.items():
-      ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
-            and isinstance(info.get("shape"), list) and all(map(_is_int, info["shape"]))
-            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-            and all(map(_is_int, info["data_offsets"])))
+      ok = (
+        isinstance(info, dict)
+        and isinstance(info.get("dtype"), str)
+        and isinstance(info.get("shape"), list)
+        and all(map(_is_int, info["shape"]))
+        and isinstance(info.get("data_offsets"), list)
+        and len(info["data_offsets"]) == 2
+        and all(map(_is_int, info["data_offsets"]))
+      )
       if not ok:
         raise SafetensorsError(
-            f"{path}: tensor {name!r} has a malformed entry {str(info)[:200]}; expected "
-            "{\"dtype\": str, \"shape\": [int, ...], \"data_offsets\": [begin, end]}")
+          f"{path}: tensor {name!r} has a malformed entry {str(info)[:200]}; expected "
+          '{"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}'
+        )
       if info["dtype"] not in _DTYPES:
-        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype "
-                               f"{info['dtype'][:50]!r}; expected one of {sorted(_DTYPES)}")
+        raise SafetensorsError(
+          f"{path}: tensor {name!r} has unsupported dtype "
+          f"{info['dtype'][:50]!r}; expected one of {sorted(_DTYPES)}"
+        )
       dtype = _DTYPES[info["dtype"]]
       shape = tuple(info["shape"])
       begin, end = info["data_offsets"]
@@ -97,8 +116,9 @@ class SafetensorsFile:
       nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
       if not 0 <= begin <= end <= data_size or end - begin != nbytes:
         raise SafetensorsError(
-            f"{path}: tensor {name!r} ({info['dtype']}{list(shape)[:8]}, {nbytes} bytes) has "
-            f"offsets [{begin}, {end}) inconsistent with {data_size} data bytes")
+          f"{path}: tensor {name!r} ({info['dtype']}{list(shape)[:8]}, {nbytes} bytes) has "
+          f"offsets [{begin}, {end}) inconsistent with {data_size} data bytes"
+        )
       self._entries[name] = (dtype, shape, begin, end)
       spans.append((begin, end, name))
     spans.sort()
@@ -123,27 +143,34 @@ class SafetensorsFile:
       return np.zeros(shape, dtype)
     if self._mm is None:
       self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-    raw = self._mm[self._base + begin:self._base + end]
+    raw = self._mm[self._base + begin : self._base + end]
     if raw.size != end - begin:  # the file shrank after its header was checked
       raise SafetensorsError(f"{self.path}: tensor {name!r} is cut short; the file was truncated")
     return np.array(raw.view(dtype).reshape(shape))
 
 
-def save_file(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-              path: str, metadata: Mapping[str, str] | None = None) -> None:
+def save_file(
+  tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+  path: str,
+  metadata: Mapping[str, str] | None = None,
+) -> None:
   """Writes in-memory tensors in the safetensors format."""
   items = dict(tensors.items() if isinstance(tensors, Mapping) else tensors)
-  write_streaming(path, [(n, a.dtype, a.shape) for n, a in items.items()],
-                  lambda name: items[name], metadata)
+  write_streaming(
+    path, [(n, a.dtype, a.shape) for n, a in items.items()], lambda name: items[name], metadata
+  )
 
 
 def tensor_nbytes(dtype: np.dtype, shape: Sequence[int]) -> int:
   return int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
 
 
-def write_streaming(path: str, specs: Sequence[tuple[str, np.dtype, Sequence[int]]],
-                    produce: Callable[[str], np.ndarray],
-                    metadata: Mapping[str, str] | None = None) -> int:
+def write_streaming(
+  path: str,
+  specs: Sequence[tuple[str, np.dtype, Sequence[int]]],
+  produce: Callable[[str], np.ndarray],
+  metadata: Mapping[str, str] | None = None,
+) -> int:
   """Writes a safetensors file whose tensors are made one at a time.
 
   `specs` lists (name, dtype, shape) in file order, so the header is written
@@ -161,8 +188,11 @@ def write_streaming(path: str, specs: Sequence[tuple[str, np.dtype, Sequence[int
     if dt not in _NAMES:
       raise SafetensorsError(f"cannot write tensor {name!r} of dtype {dt}")
     nbytes = tensor_nbytes(dt, shape)
-    header[name] = {"dtype": _NAMES[dt], "shape": [int(s) for s in shape],
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": _NAMES[dt],
+      "shape": [int(s) for s in shape],
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
@@ -173,8 +203,9 @@ def write_streaming(path: str, specs: Sequence[tuple[str, np.dtype, Sequence[int
       a = produce(name)
       if np.dtype(a.dtype) != np.dtype(dtype) or tuple(a.shape) != tuple(shape):
         raise SafetensorsError(
-            f"{path}: tensor {name!r} came out {np.dtype(a.dtype)}{list(a.shape)}, "
-            f"declared {np.dtype(dtype)}{list(shape)}")
+          f"{path}: tensor {name!r} came out {np.dtype(a.dtype)}{list(a.shape)}, "
+          f"declared {np.dtype(dtype)}{list(shape)}"
+        )
       if a.size:
         f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
       del a

@@ -66,8 +66,14 @@ class HFSource:
       self._where = {k: single for k in st.keys()}
     else:
       bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-      hint = (f" (found {bins[0]}: pickled weights are never loaded; re-save with "
-              "safe_serialization=True)") if bins else ""
+      hint = (
+        (
+          f" (found {bins[0]}: pickled weights are never loaded; re-save with "
+          "safe_serialization=True)"
+        )
+        if bins
+        else ""
+      )
       raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
 
   def has(self, key: str) -> bool:
@@ -96,10 +102,13 @@ def _read_index(index: str) -> dict[str, str]:
     with open(index, encoding="utf-8") as f:
       weight_map = json.load(f)["weight_map"]
   except (ValueError, RecursionError, KeyError, TypeError) as e:  # ValueError: bad JSON / UTF-8
-    raise WeightImportError(f"{index}: not a valid safetensors index; expected an object with "
-                            f"a 'weight_map' of tensor name -> file ({str(e)[:200]})") from None
+    raise WeightImportError(
+      f"{index}: not a valid safetensors index; expected an object with "
+      f"a 'weight_map' of tensor name -> file ({str(e)[:200]})"
+    ) from None
   if not isinstance(weight_map, dict) or not all(
-      isinstance(v, str) and v for v in weight_map.values()):
+    isinstance(v, str) and v for v in weight_map.values()
+  ):
     raise WeightImportError(f"{index}: 'weight_map' must map tensor names to file names")
   return weight_map
 
@@ -147,9 +156,11 @@ class GGUFSource:
       if kind is float:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
       if not ok:
-        raise WeightImportError(f"{self.path}: GGUF metadata {key!r} must be "
-                                f"{'an integer' if kind is int else 'a number'}, got "
-                                f"{str(v)[:100]!r}")
+        raise WeightImportError(
+          f"{self.path}: GGUF metadata {key!r} must be "
+          f"{'an integer' if kind is int else 'a number'}, got "
+          f"{str(v)[:100]!r}"
+        )
       return v
 
     tokens = self.reader.fields.get("tokenizer.ggml.tokens")
@@ -162,22 +173,26 @@ class GGUFSource:
     head_dim = typed("llama.rope.dimension_count", int) or (d // heads if heads > 0 else 0)
     scaling = None
     if self.field("llama.rope.scaling.type") not in (None, "none"):
-      raise WeightImportError(f"{self.path}: GGUF rope scaling "
-                              f"{str(self.field('llama.rope.scaling.type'))[:100]!r} is not supported")
+      raise WeightImportError(
+        f"{self.path}: GGUF rope scaling "
+        f"{str(self.field('llama.rope.scaling.type'))[:100]!r} is not supported"
+      )
     fields = dict(
-        vocab_size=vocab, hidden_size=d,
-        intermediate_size=typed("llama.feed_forward_length", int, required=True),
-        num_layers=typed("llama.block_count", int, required=True), num_heads=heads,
-        num_kv_heads=typed("llama.attention.head_count_kv", int) or heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(typed("llama.attention.layer_norm_rms_epsilon", float, required=True)),
-        rope_theta=float(typed("llama.rope.freq_base", float) or 10_000.0),
-        rope_scaling=scaling,
-        max_position_embeddings=typed("llama.context_length", int) or 4096,
-        tie_word_embeddings="output.weight" not in self.tensors,
-        bos_token_id=typed("tokenizer.ggml.bos_token_id", int),
-        eos_token_id=typed("tokenizer.ggml.eos_token_id", int),
-        pad_token_id=typed("tokenizer.ggml.padding_token_id", int),
+      vocab_size=vocab,
+      hidden_size=d,
+      intermediate_size=typed("llama.feed_forward_length", int, required=True),
+      num_layers=typed("llama.block_count", int, required=True),
+      num_heads=heads,
+      num_kv_heads=typed("llama.attention.head_count_kv", int) or heads,
+      head_dim=head_dim,
+      rms_norm_eps=float(typed("llama.attention.layer_norm_rms_epsilon", float, required=True)),
+      rope_theta=float(typed("llama.rope.freq_base", float) or 10_000.0),
+      rope_scaling=scaling,
+      max_position_embeddings=typed("llama.context_length", int) or 4096,
+      tie_word_embeddings="output.weight" not in self.tensors,
+      bos_token_id=typed("tokenizer.ggml.bos_token_id", int),
+      eos_token_id=typed("tokenizer.ggml.eos_token_id", int),
+      pad_token_id=typed("tokenizer.ggml.padding_token_id", int),
     )
     fields.update(overrides)
     try:
@@ -190,7 +205,7 @@ class GGUFSource:
       if e.per_layer:
         prefix, suffix = e.hf.split("{i}")
         if key.startswith(prefix) and key.endswith(suffix):
-          i = key[len(prefix):len(key) - len(suffix)]
+          i = key[len(prefix) : len(key) - len(suffix)]
           if i.isdigit():
             return e.gguf.replace("{i}", i)
       elif e.hf == key:
@@ -214,8 +229,9 @@ class GGUFSource:
     try:
       w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
     except (NotImplementedError, ValueError) as e:
-      raise WeightImportError(f"{self.path}: tensor {t.name} of type {t.tensor_type.name} "
-                         f"cannot be dequantized ({e})") from None
+      raise WeightImportError(
+        f"{self.path}: tensor {t.name} of type {t.tensor_type.name} cannot be dequantized ({e})"
+      ) from None
     w = w.reshape(self.shape(key))
     if key.endswith("q_proj.weight"):
       w = _unpermute_rows(w, self.config.num_heads)

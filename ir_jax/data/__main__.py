@@ -71,10 +71,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   if stats:
     print("prepare stats:", json.dumps(stats.get("counts", {})))
   tok = load_text_tokenizer(dcfg.tokenizer, dcfg.add_bos, dcfg.add_eos)
-  print(f"tokenizer {tok.source}: vocab {tok.vocab_size}, BOS ids {list(tok.prefix)}, "
-        f"EOS ids {list(tok.suffix)}")
-  it = make_iterator(dcfg, split, mode=args.mode, shuffle=args.mode == "pack",
-                     num_epochs=1, tokenizer=tok, process_index=0, process_count=1)
+  print(
+    f"tokenizer {tok.source}: vocab {tok.vocab_size}, BOS ids {list(tok.prefix)}, "
+    f"EOS ids {list(tok.suffix)}"
+  )
+  it = make_iterator(
+    dcfg,
+    split,
+    mode=args.mode,
+    shuffle=args.mode == "pack",
+    num_epochs=1,
+    tokenizer=tok,
+    process_index=0,
+    process_count=1,
+  )
   t0, tokens, slots = time.time(), 0, 0
   batch: dict[str, np.ndarray] = {}
   for i in range(args.batches):
@@ -87,52 +97,72 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if i == 0:
       print("batch:", {k: f"{v.dtype}{list(v.shape)}" for k, v in batch.items()})
       row = batch["inputs"][0][batch["segment_ids"][0] > 0]
-      print(f"row 0 has {int(batch['segment_ids'][0].max())} segments; starts: "
-            f"{tok.decode(row[:48])!r}")
+      print(
+        f"row 0 has {int(batch['segment_ids'][0].max())} segments; starts: {tok.decode(row[:48])!r}"
+      )
   dt = time.time() - t0
   if slots:
-    print(f"{slots // dcfg.seq_len} rows: {tokens} tokens, fill {tokens / slots:.1%}, "
-          f"{tokens / max(dt, 1e-9):,.0f} tokens/s")
+    print(
+      f"{slots // dcfg.seq_len} rows: {tokens} tokens, fill {tokens / slots:.1%}, "
+      f"{tokens / max(dt, 1e-9):,.0f} tokens/s"
+    )
   it.close()
   return 0
 
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-      prog=PROG,
-      description="Prepare the dataset a config's `data` section names (local text files -> "
-                  "TFDS array_record under data.data_dir; catalogue datasets need network), or "
-                  "inspect a prepared one.")
+    prog=PROG,
+    description="Prepare the dataset a config's `data` section names (local text files -> "
+    "TFDS array_record under data.data_dir; catalogue datasets need network), or "
+    "inspect a prepared one.",
+  )
   sub = p.add_subparsers(dest="command", required=True)
 
   def common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--config", required=True,
-                    help="a configs/*.py file with get_config() and a `data` section")
-    sp.add_argument("--show-config", action="store_true",
-                    help="print every field of --config with its value (after overrides) and "
-                         "exit; override any with --config.SECTION.FIELD=V, e.g. "
-                         "--config.data.seq_len=128 (repeatable)")
+    sp.add_argument(
+      "--config", required=True, help="a configs/*.py file with get_config() and a `data` section"
+    )
+    sp.add_argument(
+      "--show-config",
+      action="store_true",
+      help="print every field of --config with its value (after overrides) and "
+      "exit; override any with --config.SECTION.FIELD=V, e.g. "
+      "--config.data.seq_len=128 (repeatable)",
+    )
     sp.add_argument("--data-dir", default=None, help="override data.data_dir")
 
-  sp = sub.add_parser("prepare", help="read, validate and write the dataset (no-op if done)",
-                      description="Scan data.files (counting skipped input), split documents "
-                                  "into train/validation by content hash, and write both as "
-                                  "array_record under data.data_dir.")
+  sp = sub.add_parser(
+    "prepare",
+    help="read, validate and write the dataset (no-op if done)",
+    description="Scan data.files (counting skipped input), split documents "
+    "into train/validation by content hash, and write both as "
+    "array_record under data.data_dir.",
+  )
   common(sp)
   sp.set_defaults(fn=cmd_prepare)
-  sp = sub.add_parser("inspect", help="print stats, tokenizer and a few batches of a split",
-                      description="Read a prepared split through the pipeline (one process) "
-                                  "and print its documents, domains, tokenizer and batch fill.")
+  sp = sub.add_parser(
+    "inspect",
+    help="print stats, tokenizer and a few batches of a split",
+    description="Read a prepared split through the pipeline (one process) "
+    "and print its documents, domains, tokenizer and batch fill.",
+  )
   common(sp)
   sp.add_argument("--split", default=None, help="split name (default: data.train_split)")
-  sp.add_argument("--mode", choices=("pack", "pad"), default="pack",
-                  help="pack rows (training) or pad one document piece per row (evaluation)")
+  sp.add_argument(
+    "--mode",
+    choices=("pack", "pad"),
+    default="pack",
+    help="pack rows (training) or pad one document piece per row (evaluation)",
+  )
   sp.add_argument("--batches", type=int, default=4, help="batches to read (default 4)")
   sp.set_defaults(fn=cmd_inspect)
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--set" in argv or any(a.startswith("--set=") for a in argv):
-    raise ConfigError("--set is gone: override config fields as every entry point does, "
-                      "--config.SECTION.FIELD=V (e.g. --config.data.seq_len=128)")
+    raise ConfigError(
+      "--set is gone: override config fields as every entry point does, "
+      "--config.SECTION.FIELD=V (e.g. --config.data.seq_len=128)"
+    )
   rest, overrides = config_file.split_overrides(argv)
   args = p.parse_args(rest)
   args.overrides = overrides

@@ -80,23 +80,26 @@ class IrJaxText(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg: TextConfig = self.builder_config
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Local text documents for ir_jax (see metadata.json for the file list).",
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "domain": tfds.features.Text(),
-            "source": tfds.features.Text(),  # "path:line" of the record
-        }),
-        metadata=tfds.core.MetadataDict(
-            files=[f.to_json() for f in cfg.files] if cfg.files else []),
+      builder=self,
+      description="Local text documents for ir_jax (see metadata.json for the file list).",
+      features=tfds.features.FeaturesDict(
+        {
+          "text": tfds.features.Text(),
+          "domain": tfds.features.Text(),
+          "source": tfds.features.Text(),  # "path:line" of the record
+        }
+      ),
+      metadata=tfds.core.MetadataDict(files=[f.to_json() for f in cfg.files] if cfg.files else []),
     )
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict[str, str]]]]:
     del dl_manager  # nothing to download
     cfg: TextConfig = self.builder_config
     if not cfg.files or cfg.data is None:
-      raise DataError(f"dataset {self.name}/{cfg.name} can only be read, not prepared, without "
-                      "its data config; prepare it with `" + _PREPARE_HINT + "`")
+      raise DataError(
+        f"dataset {self.name}/{cfg.name} can only be read, not prepared, without "
+        "its data config; prepare it with `" + _PREPARE_HINT + "`"
+      )
     if cfg.verbose:
       print(f"scanning {len(cfg.files)} files ...", flush=True)
     # A first pass validates every record before anything is written and
@@ -104,19 +107,30 @@ class IrJaxText(tfds.core.GeneratorBasedBuilder):
     stats = sources.scan(cfg.files, cfg.data, verbose=cfg.verbose)
     if stats.counts["documents"] == 0:
       skips = {k: v for k, v in stats.counts.items() if k.startswith("skipped_")}
-      raise DataError(f"no documents in data.files ({len(cfg.files)} files, all empty or "
-                      f"skipped: {skips}); check the files and data.split_mode")
+      raise DataError(
+        f"no documents in data.files ({len(cfg.files)} files, all empty or "
+        f"skipped: {skips}); check the files and data.split_mode"
+      )
     self.info.metadata["stats"] = stats.to_json()
     self.info.metadata["options"] = {
-        k: getattr(cfg.data, k) for k in ("split_mode", "validation_fraction", "text_field",
-                                          "domain_field", "encoding_errors", "bad_records")}
-    self.info.metadata["domains"] = sorted({k.split("/", 1)[1]
-                                            for k in stats.docs_by_split_domain})
+      k: getattr(cfg.data, k)
+      for k in (
+        "split_mode",
+        "validation_fraction",
+        "text_field",
+        "domain_field",
+        "encoding_errors",
+        "bad_records",
+      )
+    }
+    self.info.metadata["domains"] = sorted({k.split("/", 1)[1] for k in stats.docs_by_split_domain})
     if cfg.verbose:
       print(stats.summary(), flush=True)
-    return {split: self._generate_examples(split)
-            for split in (sources.TRAIN, sources.VALIDATION)
-            if stats.counts[f"documents_{split}"] > 0}
+    return {
+      split: self._generate_examples(split)
+      for split in (sources.TRAIN, sources.VALIDATION)
+      if stats.counts[f"documents_{split}"] > 0
+    }
 
   def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, str]]]:
     cfg: TextConfig = self.builder_config
@@ -162,18 +176,21 @@ logging.getLogger("absl").addFilter(_QuietLocalBuilder())
 # Local text
 
 
-def local_builder(cfg: DataConfig, base_dir: str | os.PathLike[str] | None = None,
-                  verbose: bool = True) -> IrJaxText:
+def local_builder(
+  cfg: DataConfig, base_dir: str | os.PathLike[str] | None = None, verbose: bool = True
+) -> IrJaxText:
   """The builder for `cfg.files` under `cfg.data_dir` (prepared or not)."""
   files = tuple(sources.resolve_files(cfg, base_dir))
   name = sources.fingerprint(files, cfg)
-  config = TextConfig(name=name, files=files, data=cfg, verbose=verbose,
-                      description=f"{len(files)} local text files")
+  config = TextConfig(
+    name=name, files=files, data=cfg, verbose=verbose, description=f"{len(files)} local text files"
+  )
   return IrJaxText(config=config, data_dir=os.path.expanduser(cfg.data_dir))
 
 
-def prepare(cfg: DataConfig, base_dir: str | os.PathLike[str] | None = None,
-            verbose: bool = True) -> str:
+def prepare(
+  cfg: DataConfig, base_dir: str | os.PathLike[str] | None = None, verbose: bool = True
+) -> str:
   """Prepare the dataset `cfg` names as array_record (no-op if done); return its directory."""
   if cfg.name != LOCAL:
     return _prepare_catalogue(cfg, verbose)
@@ -197,11 +214,14 @@ def _catalogue_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
   # The text catalogue registers its builders on import; without it
   # tfds.builder("c4/en") reports the dataset as unknown.
   import tensorflow_datasets.text  # noqa: F401
+
   try:
     return tfds.builder(cfg.name, data_dir=os.path.expanduser(cfg.data_dir))
   except (tfds.core.registered.DatasetNotFoundError, ValueError):  # unknown or unparsable
-    raise DataError(f"data.name {cfg.name!r} is neither 'local', a TFDS catalogue dataset nor a "
-                    f"prepared dataset directory; check the name (e.g. 'c4/en')") from None
+    raise DataError(
+      f"data.name {cfg.name!r} is neither 'local', a TFDS catalogue dataset nor a "
+      f"prepared dataset directory; check the name (e.g. 'c4/en')"
+    ) from None
 
 
 def catalogue_ready(cfg: DataConfig) -> tfds.core.DatasetBuilder:
@@ -214,10 +234,12 @@ def catalogue_ready(cfg: DataConfig) -> tfds.core.DatasetBuilder:
   """
   builder = _catalogue_builder(cfg)
   if not builder.is_prepared():
-    raise DataError(f"TFDS dataset {cfg.name!r} is not prepared under data.data_dir="
-                    f"{cfg.data_dir} (expected {builder.data_dir}); run `{_PREPARE_HINT}` "
-                    "where the network is reachable, or point data.data_dir at a copy "
-                    "(e.g. a gcsfuse-mounted bucket)")
+    raise DataError(
+      f"TFDS dataset {cfg.name!r} is not prepared under data.data_dir="
+      f"{cfg.data_dir} (expected {builder.data_dir}); run `{_PREPARE_HINT}` "
+      "where the network is reachable, or point data.data_dir at a copy "
+      "(e.g. a gcsfuse-mounted bucket)"
+    )
   return builder
 
 
@@ -235,8 +257,12 @@ def _prepare_catalogue(cfg: DataConfig, verbose: bool) -> str:
 # Reading
 
 
-def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | None = None,
-               prepare_if_missing: bool = False) -> TextSource:
+def open_split(
+  cfg: DataConfig,
+  split: str,
+  base_dir: str | os.PathLike[str] | None = None,
+  prepare_if_missing: bool = False,
+) -> TextSource:
   """Random access to one split of the dataset `cfg` names, prepared as array_record.
 
   `prepare_if_missing` prepares the local text dataset (seconds); a catalogue
@@ -248,8 +274,10 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
     builder: tfds.core.DatasetBuilder = local_builder(cfg, base_dir, verbose=prepare_if_missing)
     if not builder.is_prepared():
       if not prepare_if_missing:
-        raise DataError(f"the local text dataset for data.files is not prepared (expected "
-                        f"{builder.data_dir}); run `{_PREPARE_HINT}`")
+        raise DataError(
+          f"the local text dataset for data.files is not prepared (expected "
+          f"{builder.data_dir}); run `{_PREPARE_HINT}`"
+        )
       tfds.disable_progress_bar()  # TFDS's tqdm bars put escape codes in logs; ours print lines
       builder.download_and_prepare(file_format="array_record")
     text_field = "text"
@@ -260,17 +288,23 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
   fmt = getattr(info, "file_format", None)
   fmt = str(getattr(fmt, "value", fmt) or "")
   if fmt != "array_record":
-    raise DataError(f"{builder.data_dir} was prepared as {fmt or 'unknown format'}, which needs "
-                    "TensorFlow to read; prepare it again with file_format='array_record' "
-                    f"(`{_PREPARE_HINT}`)")
+    raise DataError(
+      f"{builder.data_dir} was prepared as {fmt or 'unknown format'}, which needs "
+      "TensorFlow to read; prepare it again with file_format='array_record' "
+      f"(`{_PREPARE_HINT}`)"
+    )
   if split.split("[", 1)[0] not in info.splits:
-    raise DataError(f"{builder.data_dir} has no split {split!r} (it has {sorted(info.splits)}); "
-                    "a local split is absent when no document hashed into it: change "
-                    "data.validation_fraction or data.train_split/eval_split")
+    raise DataError(
+      f"{builder.data_dir} has no split {split!r} (it has {sorted(info.splits)}); "
+      "a local split is absent when no document hashed into it: change "
+      "data.validation_fraction or data.train_split/eval_split"
+    )
   features = info.features
   if text_field not in features:
-    raise DataError(f"{cfg.name!r} has no text field {text_field!r} (features: "
-                    f"{sorted(features)}); set data.text_field")
+    raise DataError(
+      f"{cfg.name!r} has no text field {text_field!r} (features: "
+      f"{sorted(features)}); set data.text_field"
+    )
   # Our local datasets list their domains in the metadata and store one per
   # record; a catalogue dataset is one domain, named after it.
   listed = tuple((info.metadata or {}).get("domains", ()))
@@ -279,10 +313,15 @@ def open_split(cfg: DataConfig, split: str, base_dir: str | os.PathLike[str] | N
   config_name = builder.builder_config.name if builder.builder_config else ""
   if not config_name:
     config_name = str(getattr(info, "config_name", "") or "")
-  return TextSource(name=f"{builder.name}/{config_name}" if config_name else builder.name,
-                    split=split, records=builder.as_data_source(split=split), domains=domains,
-                    text_field=text_field, domain_field=domain_field,
-                    path=str(builder.data_dir))
+  return TextSource(
+    name=f"{builder.name}/{config_name}" if config_name else builder.name,
+    split=split,
+    records=builder.as_data_source(split=split),
+    domains=domains,
+    text_field=text_field,
+    domain_field=domain_field,
+    path=str(builder.data_dir),
+  )
 
 
 def read_stats(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -58,8 +58,9 @@ class DataConfig:
   prefetch: int = 2  # local batches prepared ahead in a background thread (0: none)
 
   def __post_init__(self) -> None:
-    files = tuple(f if isinstance(f, FileSpec) else _file_spec(f, i)
-                  for i, f in enumerate(self.files))
+    files = tuple(
+      f if isinstance(f, FileSpec) else _file_spec(f, i) for i, f in enumerate(self.files)
+    )
     object.__setattr__(self, "files", files)
     self.validate()
 
@@ -83,11 +84,15 @@ class DataConfig:
     if not isinstance(self.name, str) or not self.name:
       raise ConfigError(f"data.name must be 'local' or a TFDS dataset name, got {self.name!r}")
     if self.name == LOCAL and not self.files:
-      raise ConfigError("data.name is 'local' but data.files is empty; list text/JSONL files "
-                        "or globs, e.g. ('assets/text/news/*.cor',)")
+      raise ConfigError(
+        "data.name is 'local' but data.files is empty; list text/JSONL files "
+        "or globs, e.g. ('assets/text/news/*.cor',)"
+      )
     if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 2:
-      raise ConfigError(f"data.seq_len must be an integer >= 2 (a row needs an input and its "
-                        f"next-token target), got {self.seq_len!r}")
+      raise ConfigError(
+        f"data.seq_len must be an integer >= 2 (a row needs an input and its "
+        f"next-token target), got {self.seq_len!r}"
+      )
     integer("batch_size", 1)
     integer("seed", 0)
     if self.seed >= 2**32:
@@ -99,16 +104,23 @@ class DataConfig:
     for i, f in enumerate(self.files):
       if f.split_mode:
         if f.split_mode not in SPLIT_MODES:
-          raise ConfigError(f"data.files[{i}].split_mode must be one of {list(SPLIT_MODES)}, "
-                            f"got {f.split_mode!r}")
+          raise ConfigError(
+            f"data.files[{i}].split_mode must be one of {list(SPLIT_MODES)}, got {f.split_mode!r}"
+          )
     vf = self.validation_fraction
     if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf <= 1.0:
       raise ConfigError(f"data.validation_fraction must be a number in [0, 1], got {vf!r}")
     for name in ("add_bos", "add_eos"):
       if getattr(self, name) not in (None, True, False):
         raise ConfigError(f"data.{name} must be None, True or False, got {getattr(self, name)!r}")
-    for name in ("tokenizer", "data_dir", "text_field", "domain_field", "train_split",
-                 "eval_split"):
+    for name in (
+      "tokenizer",
+      "data_dir",
+      "text_field",
+      "domain_field",
+      "train_split",
+      "eval_split",
+    ):
       if not isinstance(getattr(self, name), str):
         raise ConfigError(f"data.{name} must be a string, got {getattr(self, name)!r}")
     if not self.data_dir:
@@ -126,8 +138,10 @@ def _file_spec(entry: Any, i: int) -> FileSpec:
     known = {f.name for f in dataclasses.fields(FileSpec)}
     unknown = sorted(set(d) - known)
     if unknown or "path" not in d:
-      raise ConfigError(f"data.files[{i}] must be a path string or a dict with keys "
-                        f"{sorted(known)} ('path' required), got {entry!r}")
+      raise ConfigError(
+        f"data.files[{i}] must be a path string or a dict with keys "
+        f"{sorted(known)} ('path' required), got {entry!r}"
+      )
     for k, v in d.items():
       if not isinstance(v, str):
         raise ConfigError(f"data.files[{i}].{k} must be a string, got {v!r}")
@@ -157,8 +171,9 @@ def data_config(data_cfg: Any, model_checkpoint: str = "") -> DataConfig:
 def from_config(cfg: Any) -> DataConfig:
   """`cfg.data` of a whole config as a DataConfig (tokenizer defaults to model.checkpoint)."""
   if "data" not in cfg:
-    raise ConfigError("the config has no `data` section; add cfg.data = ConfigDict(...) "
-                      "(see configs/tiny.py)")
+    raise ConfigError(
+      "the config has no `data` section; add cfg.data = ConfigDict(...) (see configs/tiny.py)"
+    )
   ckpt = ""
   if "model" in cfg and "checkpoint" in cfg.model:
     ckpt = cfg.model.checkpoint or ""

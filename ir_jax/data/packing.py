@@ -61,8 +61,14 @@ def finish_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   loss_mask_BxT = np.zeros(inputs_BxT.shape, np.float32)
   loss_mask_BxT[:, :-1] = same_BxT1
   rest = {k: v for k, v in batch.items() if k not in ROW_FIELDS}
-  return {"inputs": inputs_BxT, "targets": targets_BxT, "loss_mask": loss_mask_BxT,
-          "positions": batch["positions"], "segment_ids": segment_ids_BxT, **rest}
+  return {
+    "inputs": inputs_BxT,
+    "targets": targets_BxT,
+    "loss_mask": loss_mask_BxT,
+    "positions": batch["positions"],
+    "segment_ids": segment_ids_BxT,
+    **rest,
+  }
 
 
 class TokenBatches(grain.IterDataset):
@@ -111,9 +117,9 @@ class TokenBatchIterator(grain.DatasetIterator):
         break
       take = min(t_len - fill, len(tokens) - self._offset)
       seg += 1
-      out["inputs"][b, fill:fill + take] = tokens[self._offset:self._offset + take]
-      out["segment_ids"][b, fill:fill + take] = seg
-      out["positions"][b, fill:fill + take] = np.arange(take, dtype=np.int32)
+      out["inputs"][b, fill : fill + take] = tokens[self._offset : self._offset + take]
+      out["segment_ids"][b, fill : fill + take] = seg
+      out["positions"][b, fill : fill + take] = np.arange(take, dtype=np.int32)
       if self._mode == PAD:
         out["doc_ids"][b] = doc["doc_id"]
         out["chunk_ids"][b] = self._offset // t_len
@@ -140,9 +146,14 @@ class TokenBatchIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     doc, offset = state.get("doc"), state.get("offset")
-    if not (isinstance(doc, int) and isinstance(offset, int) and 0 <= doc <= self._num_docs
-            and offset >= 0):
-      raise ValueError(f"bad packing cursor {state!r}: expected ints doc in "
-                       f"[0, {self._num_docs}] and offset >= 0")
+    if not (
+      isinstance(doc, int)
+      and isinstance(offset, int)
+      and 0 <= doc <= self._num_docs
+      and offset >= 0
+    ):
+      raise ValueError(
+        f"bad packing cursor {state!r}: expected ints doc in [0, {self._num_docs}] and offset >= 0"
+      )
     self._doc, self._offset = doc, offset
     self._cached = None

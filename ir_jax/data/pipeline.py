@@ -39,18 +39,30 @@ class _Tokenize:
 
   def __call__(self, index: int) -> dict[str, Any]:
     text, domain = self.source.document(int(index))
-    return {"tokens": self.tokenizer.encode(text), "doc_id": int(index),
-            "domain_id": self.domain_ids.get(domain, -1)}
+    return {
+      "tokens": self.tokenizer.encode(text),
+      "doc_id": int(index),
+      "domain_id": self.domain_ids.get(domain, -1),
+    }
 
 
-def document_stream(source: TextSource, tokenizer: TextTokenizer, *, seed: int, shuffle: bool,
-                    num_epochs: int | None, process_index: int,
-                    process_count: int) -> grain.MapDataset:
+def document_stream(
+  source: TextSource,
+  tokenizer: TextTokenizer,
+  *,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  process_index: int,
+  process_count: int,
+) -> grain.MapDataset:
   """This process's tokenized documents, in order: every process_count-th record, shuffled."""
   n = len(source)
   if n < process_count:
-    raise DataError(f"split {source.split!r} of {source.name} has {n} documents, fewer than the "
-                    f"{process_count} processes reading it; use more data or fewer processes")
+    raise DataError(
+      f"split {source.split!r} of {source.name} has {n} documents, fewer than the "
+      f"{process_count} processes reading it; use more data or fewer processes"
+    )
   ds = grain.MapDataset.range(n)[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)  # grain reseeds the permutation every epoch of a repeat
@@ -77,12 +89,24 @@ class DataIterator(grain.DatasetIterator):
   same number of steps (a collective waiting on a finished process hangs).
   """
 
-  def __init__(self, source: TextSource, tokenizer: TextTokenizer, *, seq_len: int,
-               batch_size: int, mode: str = PACK, shuffle: bool = True, seed: int = 0,
-               num_epochs: int | None = None, mesh: Mesh | None = None,
-               batch_axes: str | Sequence[str] = "data", process_index: int | None = None,
-               process_count: int | None = None, prefetch: int = 0,
-               num_batches: int | None = None) -> None:
+  def __init__(
+    self,
+    source: TextSource,
+    tokenizer: TextTokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    mode: str = PACK,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    mesh: Mesh | None = None,
+    batch_axes: str | Sequence[str] = "data",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 0,
+    num_batches: int | None = None,
+  ) -> None:
     super().__init__()
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -93,8 +117,10 @@ class DataIterator(grain.DatasetIterator):
     if not 0 <= pi < pc:
       raise DataError(f"process_index must be in [0, {pc}), got {pi}")
     if batch_size % pc:
-      raise DataError(f"batch size {batch_size} is not divisible by the {pc} processes; "
-                      "make data.batch_size a multiple of the process count")
+      raise DataError(
+        f"batch size {batch_size} is not divisible by the {pc} processes; "
+        "make data.batch_size a multiple of the process count"
+      )
     if num_epochs is not None and num_epochs < 1:
       raise DataError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
     if num_batches is not None and num_batches < 0:
@@ -106,26 +132,43 @@ class DataIterator(grain.DatasetIterator):
         raise DataError(f"batch axes {missing} are not axes of the mesh {mesh.axis_names}")
       shards = math.prod(mesh.shape[a] for a in axes)
       if batch_size % shards:
-        raise DataError(f"batch size {batch_size} is not divisible by the {shards} shards of "
-                        f"mesh axes {axes}; make data.batch_size a multiple of {shards}")
+        raise DataError(
+          f"batch size {batch_size} is not divisible by the {shards} shards of "
+          f"mesh axes {axes}; make data.batch_size a multiple of {shards}"
+        )
     self.source, self.tokenizer, self.mesh = source, tokenizer, mesh
     self.batch_axes, self.batch_size, self.seq_len = batch_axes, batch_size, seq_len
     self.local_batch_size = batch_size // pc
     self.domains = source.domains
     self.mode, self.num_batches = mode, num_batches
-    self._docs = document_stream(source, tokenizer, seed=seed, shuffle=shuffle,
-                                 num_epochs=num_epochs, process_index=pi, process_count=pc)
+    self._docs = document_stream(
+      source,
+      tokenizer,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      process_index=pi,
+      process_count=pc,
+    )
     # All that must match between saving and restoring a state: anything else
     # would silently continue a different stream.
-    self._layout = {"dataset": source.name, "split": source.split, "mode": mode,
-                    "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
-                    "shuffle": shuffle, "num_epochs": num_epochs, "process_index": pi,
-                    "process_count": pc, "num_documents": len(source),
-                    "num_batches": num_batches}
+    self._layout = {
+      "dataset": source.name,
+      "split": source.split,
+      "mode": mode,
+      "seq_len": seq_len,
+      "batch_size": batch_size,
+      "seed": seed,
+      "shuffle": shuffle,
+      "num_epochs": num_epochs,
+      "process_index": pi,
+      "process_count": pc,
+      "num_documents": len(source),
+      "num_batches": num_batches,
+    }
     batches: grain.IterDataset = TokenBatches(self._docs, seq_len, self.local_batch_size, mode)
     if prefetch > 0:
-      batches = grain.experimental.ThreadPrefetchIterDataset(batches,
-                                                             prefetch_buffer_size=prefetch)
+      batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
     self._inner: grain.DatasetIterator | None = iter(batches)
     self._batches = 0
     _LIVE.add(self)
@@ -165,25 +208,39 @@ class DataIterator(grain.DatasetIterator):
     local = self.next_local()
     if self.mesh is None:
       return local
-    return {k: jax.make_array_from_process_local_data(
-        batch_sharding(self.mesh, self.batch_axes, v.ndim), v, (self.batch_size, *v.shape[1:]))
-            for k, v in local.items()}
+    return {
+      k: jax.make_array_from_process_local_data(
+        batch_sharding(self.mesh, self.batch_axes, v.ndim), v, (self.batch_size, *v.shape[1:])
+      )
+      for k, v in local.items()
+    }
 
   def get_state(self) -> dict[str, Any]:
-    return {"format": STATE_FORMAT, **self._layout, "cursor": self._open().get_state(),
-            "batches": self._batches}
+    return {
+      "format": STATE_FORMAT,
+      **self._layout,
+      "cursor": self._open().get_state(),
+      "batches": self._batches,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
       found = state.get("format") if isinstance(state, dict) else type(state).__name__
-      raise DataError(f"not an ir_jax data iterator state (format {found!r}, expected "
-                      f"{STATE_FORMAT!r})")
-    diff = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in self._layout.items()
-            if state.get(k) != v]
+      raise DataError(
+        f"not an ir_jax data iterator state (format {found!r}, expected {STATE_FORMAT!r})"
+      )
+    diff = [
+      f"{k}: saved {state.get(k)!r}, now {v!r}"
+      for k, v in self._layout.items()
+      if state.get(k) != v
+    ]
     if diff:
-      raise DataError("the saved data iterator state belongs to a different pipeline ("
-                      + "; ".join(diff) + "); restore with the same data config and process "
-                      "layout, or start the data from scratch")
+      raise DataError(
+        "the saved data iterator state belongs to a different pipeline ("
+        + "; ".join(diff)
+        + "); restore with the same data config and process "
+        "layout, or start the data from scratch"
+      )
     self._open().set_state(state["cursor"])
     self._batches = int(state.get("batches", 0))
 
@@ -209,21 +266,41 @@ def _close_live_iterators() -> None:
     it.close()
 
 
-def make_iterator(cfg: DataConfig, split: str | None = None, *, mode: str = PACK,
-                  shuffle: bool = True, num_epochs: int | None = None, mesh: Mesh | None = None,
-                  batch_axes: str | Sequence[str] = "data", process_index: int | None = None,
-                  process_count: int | None = None, tokenizer: TextTokenizer | None = None,
-                  base_dir: str | os.PathLike[str] | None = None,
-                  prepare_if_missing: bool = False,
-                  num_batches: int | None = None) -> DataIterator:
+def make_iterator(
+  cfg: DataConfig,
+  split: str | None = None,
+  *,
+  mode: str = PACK,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  mesh: Mesh | None = None,
+  batch_axes: str | Sequence[str] = "data",
+  process_index: int | None = None,
+  process_count: int | None = None,
+  tokenizer: TextTokenizer | None = None,
+  base_dir: str | os.PathLike[str] | None = None,
+  prepare_if_missing: bool = False,
+  num_batches: int | None = None,
+) -> DataIterator:
   """A DataIterator over `split` (default `cfg.train_split`) of the dataset `cfg` names."""
   source = open_split(cfg, split or cfg.train_split, base_dir, prepare_if_missing)
   tok = tokenizer or load_text_tokenizer(cfg.tokenizer, cfg.add_bos, cfg.add_eos)
-  return DataIterator(source, tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, mode=mode,
-                      shuffle=shuffle, seed=cfg.seed, num_epochs=num_epochs, mesh=mesh,
-                      batch_axes=batch_axes, process_index=process_index,
-                      process_count=process_count, prefetch=cfg.prefetch,
-                      num_batches=num_batches)
+  return DataIterator(
+    source,
+    tok,
+    seq_len=cfg.seq_len,
+    batch_size=cfg.batch_size,
+    mode=mode,
+    shuffle=shuffle,
+    seed=cfg.seed,
+    num_epochs=num_epochs,
+    mesh=mesh,
+    batch_axes=batch_axes,
+    process_index=process_index,
+    process_count=process_count,
+    prefetch=cfg.prefetch,
+    num_batches=num_batches,
+  )
 
 
 def train_iterator(cfg: DataConfig, **kwargs: Any) -> DataIterator:

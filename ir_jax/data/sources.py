@@ -38,8 +38,12 @@ class SourceFile:
   encoding: str  # '' -> UTF-8 with the declared-encoding fallback
 
   def to_json(self) -> dict[str, str]:
-    return {"path": self.display, "domain": self.domain, "split_mode": self.split_mode,
-            "encoding": self.encoding}
+    return {
+      "path": self.display,
+      "domain": self.domain,
+      "split_mode": self.split_mode,
+      "encoding": self.encoding,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +66,19 @@ class Stats:
     self.examples.setdefault(kind, where)
 
   def to_json(self) -> dict[str, Any]:
-    return {"counts": dict(sorted(self.counts.items())),
-            "documents": dict(sorted(self.docs_by_split_domain.items())),
-            "first_skip": dict(sorted(self.examples.items()))}
+    return {
+      "counts": dict(sorted(self.counts.items())),
+      "documents": dict(sorted(self.docs_by_split_domain.items())),
+      "first_skip": dict(sorted(self.examples.items())),
+    }
 
   def summary(self) -> str:
     c = self.counts
-    lines = [f"{c['files']} files, {c['bytes'] / 1e6:.2f} MB, {c['documents']} documents "
-             f"({c['documents_train']} train, {c['documents_validation']} validation)"]
-    domains = sorted({k.split('/', 1)[1] for k in self.docs_by_split_domain})
+    lines = [
+      f"{c['files']} files, {c['bytes'] / 1e6:.2f} MB, {c['documents']} documents "
+      f"({c['documents_train']} train, {c['documents_validation']} validation)"
+    ]
+    domains = sorted({k.split("/", 1)[1] for k in self.docs_by_split_domain})
     for d in domains:
       tr = self.docs_by_split_domain[f"{TRAIN}/{d}"]
       va = self.docs_by_split_domain[f"{VALIDATION}/{d}"]
@@ -90,8 +98,9 @@ def _matches(pattern: str, base: Path) -> list[Path]:
   return sorted(Path(p) for p in glob.glob(full, recursive=True))
 
 
-def resolve_files(cfg: DataConfig, base_dir: str | os.PathLike[str] | None = None
-                  ) -> list[SourceFile]:
+def resolve_files(
+  cfg: DataConfig, base_dir: str | os.PathLike[str] | None = None
+) -> list[SourceFile]:
   """Expand `cfg.files` globs into SourceFiles, sorted within each entry.
 
   Relative patterns are looked up under `base_dir` (default: the current
@@ -110,16 +119,21 @@ def resolve_files(cfg: DataConfig, base_dir: str | os.PathLike[str] | None = Non
         break
     if not paths:
       where = " or ".join(str(b) for b in bases)
-      raise DataError(f"data.files[{i}] {spec.path!r} matches no file (looked under {where}); "
-                      "fix the path, or fetch the demo text with `bash launch/fetch_assets.sh`")
+      raise DataError(
+        f"data.files[{i}] {spec.path!r} matches no file (looked under {where}); "
+        "fix the path, or fetch the demo text with `bash launch/fetch_assets.sh`"
+      )
     for p in paths:
       if p.is_dir():
-        raise DataError(f"data.files[{i}] {spec.path!r} matches directory {p}; "
-                        "use a glob for its files, e.g. 'DIR/*.txt'")
+        raise DataError(
+          f"data.files[{i}] {spec.path!r} matches directory {p}; "
+          "use a glob for its files, e.g. 'DIR/*.txt'"
+        )
       key = p.resolve()
       if key in seen:
-        raise DataError(f"file {p} is listed twice (data.files[{seen[key]}] and [{i}]); "
-                        "list every file once")
+        raise DataError(
+          f"file {p} is listed twice (data.files[{seen[key]}] and [{i}]); list every file once"
+        )
       seen[key] = i
       out.append(_source_file(spec, p, base, cfg))
   return out
@@ -138,8 +152,9 @@ def _source_file(spec: FileSpec, path: Path, base: Path, cfg: DataConfig) -> Sou
     except ValueError:
       display = str(path)
   domain = spec.domain or ("" if is_jsonl else path.parent.name or "text")
-  return SourceFile(path=path, display=display, domain=domain, split_mode=mode,
-                    encoding=spec.encoding)
+  return SourceFile(
+    path=path, display=display, domain=domain, split_mode=mode, encoding=spec.encoding
+  )
 
 
 def fingerprint(files: Sequence[SourceFile], cfg: DataConfig) -> str:
@@ -149,8 +164,10 @@ def fingerprint(files: Sequence[SourceFile], cfg: DataConfig) -> str:
   file sets or edited files get different names without reading whole corpora.
   """
   h = hashlib.sha256()
-  options = {k: getattr(cfg, k) for k in ("validation_fraction", "text_field", "domain_field",
-                                          "encoding_errors", "bad_records")}
+  options = {
+    k: getattr(cfg, k)
+    for k in ("validation_fraction", "text_field", "domain_field", "encoding_errors", "bad_records")
+  }
   h.update(json.dumps({"format": 1, "options": options}, sort_keys=True).encode())
   for f in files:
     size = f.path.stat().st_size
@@ -195,15 +212,18 @@ def _records(fh: BinaryIO, mode: str) -> Iterator[tuple[int, bytes]]:
     yield start, b"".join(block)
 
 
-def _decode(raw: bytes, f: SourceFile, where: str, first: bool, cfg: DataConfig,
-            stats: Stats) -> str | None:
+def _decode(
+  raw: bytes, f: SourceFile, where: str, first: bool, cfg: DataConfig, stats: Stats
+) -> str | None:
   """Text of one record under the encoding policy, or None if it is skipped."""
   if f.encoding:
     try:
       return raw.decode(f.encoding)
     except (UnicodeDecodeError, LookupError) as e:
-      raise DataError(f"{where}: cannot decode as {f.encoding!r} ({e}); fix the `encoding` "
-                      f"of this entry in data.files") from None
+      raise DataError(
+        f"{where}: cannot decode as {f.encoding!r} ({e}); fix the `encoding` "
+        f"of this entry in data.files"
+      ) from None
   try:
     # A byte-order mark can only start the file; it is not text.
     return raw.decode("utf-8-sig" if first else "utf-8")
@@ -220,17 +240,19 @@ def _decode(raw: bytes, f: SourceFile, where: str, first: bool, cfg: DataConfig,
     stats.skip("skipped_undecodable_records", where)
     return None
   raise DataError(
-      f"{where}: not valid UTF-8 (byte 0x{raw[bad.start]:02x} at record offset {bad.start}); "
-      f"declare the file's encoding in data.files (e.g. {{'path': ..., 'encoding': 'latin-1'}}) "
-      f"or set data.encoding_errors to 'replace' or 'skip'")
+    f"{where}: not valid UTF-8 (byte 0x{raw[bad.start]:02x} at record offset {bad.start}); "
+    f"declare the file's encoding in data.files (e.g. {{'path': ..., 'encoding': 'latin-1'}}) "
+    f"or set data.encoding_errors to 'replace' or 'skip'"
+  )
 
 
 def _bad_record(where: str, what: str, kind: str, cfg: DataConfig, stats: Stats) -> None:
   if cfg.bad_records == "skip":
     stats.skip(kind, where)
     return
-  raise DataError(f"{where}: {what}; fix the line, or set data.bad_records='skip' to skip and "
-                  "count such lines")
+  raise DataError(
+    f"{where}: {what}; fix the line, or set data.bad_records='skip' to skip and count such lines"
+  )
 
 
 def read_documents(f: SourceFile, cfg: DataConfig, stats: Stats) -> Iterator[Document]:
@@ -255,14 +277,25 @@ def read_documents(f: SourceFile, cfg: DataConfig, stats: Stats) -> Iterator[Doc
         try:
           obj = json.loads(text)
         except json.JSONDecodeError as e:
-          _bad_record(where, f"not valid JSON ({e.msg} at column {e.colno})",
-                      "skipped_invalid_json", cfg, stats)
+          _bad_record(
+            where,
+            f"not valid JSON ({e.msg} at column {e.colno})",
+            "skipped_invalid_json",
+            cfg,
+            stats,
+          )
           continue
         if not isinstance(obj, dict) or not isinstance(obj.get(cfg.text_field), str):
-          found = (f"keys {sorted(obj)[:8]}" if isinstance(obj, dict)
-                   else f"a JSON {type(obj).__name__}")
-          _bad_record(where, f"expected an object with a string {cfg.text_field!r} field, "
-                      f"found {found}", "skipped_missing_text", cfg, stats)
+          found = (
+            f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+          )
+          _bad_record(
+            where,
+            f"expected an object with a string {cfg.text_field!r} field, found {found}",
+            "skipped_missing_text",
+            cfg,
+            stats,
+          )
           continue
         text = obj[cfg.text_field]
         if not domain:
@@ -296,8 +329,9 @@ def split_of(text: str, validation_fraction: float) -> str:
 class Progress:
   """One line every `interval` seconds (and at the end) while scanning files."""
 
-  def __init__(self, total_files: int, total_bytes: int, interval: float = 2.0,
-               enabled: bool = True) -> None:
+  def __init__(
+    self, total_files: int, total_bytes: int, interval: float = 2.0, enabled: bool = True
+  ) -> None:
     self.total_files, self.total_bytes = total_files, total_bytes
     self.interval, self.enabled = interval, enabled
     self.start = self.last = time.time()
@@ -309,9 +343,11 @@ class Progress:
     self.last = now
     c = stats.counts
     rate = c["bytes"] / 1e6 / max(now - self.start, 1e-6)
-    print(f"  scanned {c['files']}/{self.total_files} files, {c['bytes'] / 1e6:.1f}/"
-          f"{self.total_bytes / 1e6:.1f} MB, {c['documents']} documents ({rate:.1f} MB/s)",
-          flush=True)
+    print(
+      f"  scanned {c['files']}/{self.total_files} files, {c['bytes'] / 1e6:.1f}/"
+      f"{self.total_bytes / 1e6:.1f} MB, {c['documents']} documents ({rate:.1f} MB/s)",
+      flush=True,
+    )
 
 
 def scan(files: Sequence[SourceFile], cfg: DataConfig, verbose: bool = True) -> Stats:

@@ -62,10 +62,12 @@ def _affixes(tok: Tokenizer, source: str) -> tuple[tuple[int, ...], tuple[int, .
   plain = tok.encode("a", add_special_tokens=False).ids
   full = tok.encode("a").ids
   for k in range(len(full) - len(plain) + 1):
-    if full[k:k + len(plain)] == plain:
-      return tuple(full[:k]), tuple(full[k + len(plain):])
-  raise DataError(f"{source}: the post-processor rewrites text tokens ({plain} -> {full}); "
-                  "only processors that add tokens around the text are supported")
+    if full[k : k + len(plain)] == plain:
+      return tuple(full[:k]), tuple(full[k + len(plain) :])
+  raise DataError(
+    f"{source}: the post-processor rewrites text tokens ({plain} -> {full}); "
+    "only processors that add tokens around the text are supported"
+  )
 
 
 def _magic(path: Path) -> bytes:
@@ -103,8 +105,9 @@ def _declared_special(path: Path, tok: Tokenizer) -> dict[str, int]:
   return out
 
 
-def load_text_tokenizer(spec: str, add_bos: bool | None = None,
-                        add_eos: bool | None = None) -> TextTokenizer:
+def load_text_tokenizer(
+  spec: str, add_bos: bool | None = None, add_eos: bool | None = None
+) -> TextTokenizer:
   """Load `spec` (tokenizer.json, a directory with one, a .gguf, or "byte").
 
   `add_bos`/`add_eos` None keep what the tokenizer's post-processor does,
@@ -113,8 +116,10 @@ def load_text_tokenizer(spec: str, add_bos: bool | None = None,
   in the tokenizer.json are switched off: documents are never cut here.
   """
   if not spec:
-    raise DataError("data.tokenizer is empty and the model has no checkpoint to take one from; "
-                    "set data.tokenizer to a tokenizer.json, a model directory or a .gguf file")
+    raise DataError(
+      "data.tokenizer is empty and the model has no checkpoint to take one from; "
+      "set data.tokenizer to a tokenizer.json, a model directory or a .gguf file"
+    )
   path = Path(spec).expanduser()
   if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
     path = REPO_ROOT / path  # configs/ name files relative to the repository root
@@ -124,9 +129,11 @@ def load_text_tokenizer(spec: str, add_bos: bool | None = None,
     try:
       tok = load_tokenizer(path)
     except FileNotFoundError as e:
-      raise DataError(f"data.tokenizer {spec!r}: {e}; point it at a tokenizer.json, a model "
-                      "directory or a .gguf (`python -m ir_jax.convert import ...` writes "
-                      f"{TOKENIZER_JSON})") from None
+      raise DataError(
+        f"data.tokenizer {spec!r}: {e}; point it at a tokenizer.json, a model "
+        "directory or a .gguf (`python -m ir_jax.convert import ...` writes "
+        f"{TOKENIZER_JSON})"
+      ) from None
     except ValueError as e:
       raise DataError(f"data.tokenizer {spec!r}: {e}") from None
   tok.no_truncation()
@@ -141,13 +148,18 @@ def load_text_tokenizer(spec: str, add_bos: bool | None = None,
     if own:
       return own
     # Only now: reading a GGUF's metadata again takes seconds.
-    declared = ({"bos": 256, "eos": 256} if spec == BYTE_TOKENIZER
-                else _declared_special(path, tok))
+    declared = {"bos": 256, "eos": 256} if spec == BYTE_TOKENIZER else _declared_special(path, tok)
     if name not in declared:
-      raise DataError(f"data.add_{name}=True but tokenizer {spec!r} declares no {name.upper()} "
-                      f"token (no {name}_token in {TOKENIZER_CONFIG_JSON} or GGUF metadata); "
-                      f"set data.add_{name}=None or False")
+      raise DataError(
+        f"data.add_{name}=True but tokenizer {spec!r} declares no {name.upper()} "
+        f"token (no {name}_token in {TOKENIZER_CONFIG_JSON} or GGUF metadata); "
+        f"set data.add_{name}=None or False"
+      )
     return (declared[name],)
 
-  return TextTokenizer(tokenizer=tok, prefix=choose("bos", add_bos, prefix),
-                       suffix=choose("eos", add_eos, suffix), source=spec)
+  return TextTokenizer(
+    tokenizer=tok,
+    prefix=choose("bos", add_bos, prefix),
+    suffix=choose("eos", add_eos, suffix),
+    source=spec,
+  )

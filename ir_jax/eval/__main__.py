@@ -64,12 +64,14 @@ def _local_docs(dcfg: DataConfig, spec: str) -> tuple[list[tuple[str, str, str]]
   """Documents of comma-separated files/globs, read as the data pipeline reads them."""
   from ir_jax.data import sources
 
-  cfg = dataclasses.replace(dcfg, name="local",
-                            files=tuple(FileSpec(p.strip()) for p in spec.split(",") if p.strip()))
+  cfg = dataclasses.replace(
+    dcfg, name="local", files=tuple(FileSpec(p.strip()) for p in spec.split(",") if p.strip())
+  )
   files = sources.resolve_files(cfg)
   stats = sources.Stats()
-  docs = [(d.text, d.domain, d.source) for f in files
-          for d in sources.read_documents(f, cfg, stats)]
+  docs = [
+    (d.text, d.domain, d.source) for f in files for d in sources.read_documents(f, cfg, stats)
+  ]
   return docs, [str(f.path.resolve()) for f in files]
 
 
@@ -119,21 +121,25 @@ def _data_section(args: argparse.Namespace, model_path: str) -> tuple[DataConfig
     with open(os.path.join(args.workdir, "run.json"), encoding="utf-8") as f:
       stored = json.load(f).get("config") or {}
     if "data" not in stored:
-      raise ConfigError(f"--workdir {args.workdir}: its run.json stores no data section; "
-                        "pass --config")
+      raise ConfigError(
+        f"--workdir {args.workdir}: its run.json stores no data section; pass --config"
+      )
     ckpt = (stored.get("model") or {}).get("checkpoint") or ""
     dcfg = data_config(stored["data"], ckpt)
     desc = f"{os.path.abspath(os.path.join(args.workdir, 'run.json'))} (config of the run)"
   else:
     if args.data is None:
-      raise ConfigError("--model without --config: name the held-out text with --data "
-                        "(a model carries no evaluation split), or pass --config")
+      raise ConfigError(
+        "--model without --config: name the held-out text with --data "
+        "(a model carries no evaluation split), or pass --config"
+      )
     if "causal" in _split_list(args.mode, "mode") and not args.calibration_data:
-      raise ConfigError("--model without --config and --mode causal: name the calibration "
-                        "text with --calibration-data (there is no config train split)")
+      raise ConfigError(
+        "--model without --config and --mode causal: name the calibration "
+        "text with --calibration-data (there is no config train split)"
+      )
     if _is_files(args.data):
-      dcfg = DataConfig(files=tuple(FileSpec(x.strip()) for x in args.data.split(",")
-                                    if x.strip()))
+      dcfg = DataConfig(files=tuple(FileSpec(x.strip()) for x in args.data.split(",") if x.strip()))
     elif _looks_like_a_file(args.data):  # named below, with the other --data errors
       dcfg = DataConfig(files=(FileSpec(args.data),))
     else:  # a TFDS name or prepared directory
@@ -146,53 +152,87 @@ def _data_section(args: argparse.Namespace, model_path: str) -> tuple[DataConfig
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-      prog="python -m ir_jax.eval",
-      description="Held-out perplexity of a routed model for every policy x sparsity x routing "
-                  "mode. Documents are packed into full rows of --seq-len tokens (one segment "
-                  "per document piece; the remainder is one shorter row), so top-k capacity "
-                  "applies to real tokens only. Writes --json (one record per setting, with "
-                  "realized sparsity, executed-FLOPs fraction, token count and per-document "
-                  "NLL sums), prints a table, and writes a plot beside the JSON (.png).")
-  p.add_argument("--config", default=None,
-                 help="config file (configs/*.py): its data section gives the tokenizer, eval "
-                      "split, seq_len and batch_size (default: the config a --workdir was "
-                      "trained with; with --model and no config, the model's tokenizer and "
-                      "--data is required)")
+    prog="python -m ir_jax.eval",
+    description="Held-out perplexity of a routed model for every policy x sparsity x routing "
+    "mode. Documents are packed into full rows of --seq-len tokens (one segment "
+    "per document piece; the remainder is one shorter row), so top-k capacity "
+    "applies to real tokens only. Writes --json (one record per setting, with "
+    "realized sparsity, executed-FLOPs fraction, token count and per-document "
+    "NLL sums), prints a table, and writes a plot beside the JSON (.png).",
+  )
+  p.add_argument(
+    "--config",
+    default=None,
+    help="config file (configs/*.py): its data section gives the tokenizer, eval "
+    "split, seq_len and batch_size (default: the config a --workdir was "
+    "trained with; with --model and no config, the model's tokenizer and "
+    "--data is required)",
+  )
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="an ir_jax.train run directory: base weights + trained "
-                                     "forecasters/routers")
-  src.add_argument("--model", help="anything ir_jax.load_model takes: ir_jax checkpoint dir, "
-                                   "train workdir, HF directory, .gguf")
-  p.add_argument("--data", default=None,
-                 help="held-out text: a text/JSONL file or glob, or several comma separated "
-                      "(every document is evaluated), or a TFDS dataset name / prepared "
-                      "directory (its eval split); default: the config's data eval split")
-  p.add_argument("--policy", default=DEFAULT_POLICIES,
-                 help=f"comma-separated policies (default {DEFAULT_POLICIES}); dense is "
-                      "evaluated once, at sparsity 0")
-  p.add_argument("--sparsity", default=DEFAULT_SPARSITIES,
-                 help=f"comma-separated fractions of (token, unit) pairs approximated "
-                      f"(default {DEFAULT_SPARSITIES})")
-  p.add_argument("--mode", default="topk",
-                 help="comma-separated routing modes: topk (k = round(capacity x row length) "
-                      "per row) and/or causal (calibrated per-unit thresholds; what decoding "
-                      "uses) (default topk)")
-  p.add_argument("--calibration-data", default=None,
-                 help="text/JSONL file(s) or globs for the causal-mode thresholds; must not be "
-                      "the evaluated text (default: the config's train split)")
-  p.add_argument("--calibration-batches", type=int, default=4,
-                 help="batches of --batch-size x --seq-len tokens for calibration (default 4)")
+  src.add_argument(
+    "--workdir", help="an ir_jax.train run directory: base weights + trained forecasters/routers"
+  )
+  src.add_argument(
+    "--model",
+    help="anything ir_jax.load_model takes: ir_jax checkpoint dir, "
+    "train workdir, HF directory, .gguf",
+  )
+  p.add_argument(
+    "--data",
+    default=None,
+    help="held-out text: a text/JSONL file or glob, or several comma separated "
+    "(every document is evaluated), or a TFDS dataset name / prepared "
+    "directory (its eval split); default: the config's data eval split",
+  )
+  p.add_argument(
+    "--policy",
+    default=DEFAULT_POLICIES,
+    help=f"comma-separated policies (default {DEFAULT_POLICIES}); dense is "
+    "evaluated once, at sparsity 0",
+  )
+  p.add_argument(
+    "--sparsity",
+    default=DEFAULT_SPARSITIES,
+    help=f"comma-separated fractions of (token, unit) pairs approximated "
+    f"(default {DEFAULT_SPARSITIES})",
+  )
+  p.add_argument(
+    "--mode",
+    default="topk",
+    help="comma-separated routing modes: topk (k = round(capacity x row length) "
+    "per row) and/or causal (calibrated per-unit thresholds; what decoding "
+    "uses) (default topk)",
+  )
+  p.add_argument(
+    "--calibration-data",
+    default=None,
+    help="text/JSONL file(s) or globs for the causal-mode thresholds; must not be "
+    "the evaluated text (default: the config's train split)",
+  )
+  p.add_argument(
+    "--calibration-batches",
+    type=int,
+    default=4,
+    help="batches of --batch-size x --seq-len tokens for calibration (default 4)",
+  )
   p.add_argument("--seq-len", type=int, default=None, help="row length (default data.seq_len)")
-  p.add_argument("--batch-size", type=int, default=None,
-                 help="rows per forward (default data.batch_size)")
-  p.add_argument("--max-documents", type=int, default=None,
-                 help="evaluate only the first N documents (default all)")
+  p.add_argument(
+    "--batch-size", type=int, default=None, help="rows per forward (default data.batch_size)"
+  )
+  p.add_argument(
+    "--max-documents",
+    type=int,
+    default=None,
+    help="evaluate only the first N documents (default all)",
+  )
   p.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
   p.add_argument("--json", required=True, help="output JSON path; the plot goes beside it (.png)")
   shift_group = p.add_argument_group(
-      "data shift", "estimate the curves on other domain mixes from this one evaluation "
-                    "(likelihood-ratio reweighting of the per-document losses; see "
-                    "docs/estimators.md); also `python -m ir_jax.eval.shift` on a saved JSON")
+    "data shift",
+    "estimate the curves on other domain mixes from this one evaluation "
+    "(likelihood-ratio reweighting of the per-document losses; see "
+    "docs/estimators.md); also `python -m ir_jax.eval.shift` on a saved JSON",
+  )
   shift.add_arguments(shift_group)
   p.add_argument("--no-plot", action="store_true", help="do not write the .png plot")
   args = p.parse_args(argv)
@@ -210,13 +250,16 @@ def main(argv: list[str] | None = None) -> int:
   for name in ("seq_len", "batch_size", "max_documents", "calibration_batches"):
     v = getattr(args, name)
     if v is not None and v < (2 if name == "seq_len" else 1):
-      raise ConfigError(f"--{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}, "
-                        f"got {v}")
+      raise ConfigError(
+        f"--{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}, got {v}"
+      )
   for flag in ("workdir", "model", "data", "calibration_data", "json"):
     refuse_remote(f"--{flag.replace('_', '-')}", getattr(args, flag))
   if args.workdir and not os.path.isfile(os.path.join(args.workdir, "run.json")):
-    raise FileNotFoundError(f"--workdir {args.workdir}: no run.json; not an ir_jax.train run "
-                            "directory (use --model for checkpoints)")
+    raise FileNotFoundError(
+      f"--workdir {args.workdir}: no run.json; not an ir_jax.train run "
+      "directory (use --model for checkpoints)"
+    )
   model_path = args.workdir or args.model
   if not os.path.exists(model_path):
     raise FileNotFoundError(f"--model {model_path}: no such file or directory")
@@ -238,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     texts, eval_files = _local_docs(dcfg, args.data)
     data_desc = args.data
   elif _looks_like_a_file(args.data):
-    raise FileNotFoundError(f"--data {args.data}: no such file (expected a text/JSONL file, a "
-                            "glob, a TFDS dataset name or a prepared dataset directory)")
+    raise FileNotFoundError(
+      f"--data {args.data}: no such file (expected a text/JSONL file, a "
+      "glob, a TFDS dataset name or a prepared dataset directory)"
+    )
   elif "," not in args.data and not any(c in args.data for c in "*?["):
     texts = _split_docs(dataclasses.replace(dcfg, name=args.data), dcfg.eval_split)
     data_desc = f"{args.data} split {dcfg.eval_split!r}"
@@ -264,34 +309,43 @@ def main(argv: list[str] | None = None) -> int:
       cal_texts, cal_files = _local_docs(dcfg, args.calibration_data)
       overlap = sorted(set(cal_files) & set(eval_files))
       if overlap:
-        raise ConfigError(f"--calibration-data overlaps the evaluated text ({overlap[0]}); "
-                          "calibrate on other text")
+        raise ConfigError(
+          f"--calibration-data overlaps the evaluated text ({overlap[0]}); calibrate on other text"
+        )
       cal_docs = ev.tokenize_documents(cal_texts, tok)
       calib_desc = args.calibration_data
 
       def calibration():
         full, _ = ev.pack_documents(cal_docs, seq_len)
         if not len(full):
-          raise DataError(f"--calibration-data {args.calibration_data}: fewer than --seq-len "
-                          f"{seq_len} tokens")
-        rows = full.inputs[:n_cal * batch_size]
-        return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+          raise DataError(
+            f"--calibration-data {args.calibration_data}: fewer than --seq-len {seq_len} tokens"
+          )
+        rows = full.inputs[: n_cal * batch_size]
+        return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     else:
       overlap = sorted(set(eval_files) & set(_config_files(dcfg)))
       if overlap:
-        raise ConfigError(f"--data {overlap[0]} is also training data of the config, so its "
-                          "train split would calibrate the thresholds on evaluated text; pass "
-                          "--calibration-data with other text")
+        raise ConfigError(
+          f"--data {overlap[0]} is also training data of the config, so its "
+          "train split would calibrate the thresholds on evaluated text; pass "
+          "--calibration-data with other text"
+        )
       calib_desc = f"{dcfg.name} split {dcfg.train_split!r} of the config"
 
       def calibration():
         from ir_jax.data.packing import PACK
         from ir_jax.data.pipeline import make_iterator
 
-        it = make_iterator(dataclasses.replace(dcfg, seq_len=seq_len, batch_size=batch_size,
-                                               prefetch=0),
-                           dcfg.train_split, mode=PACK, shuffle=False, num_epochs=None,
-                           tokenizer=tok, prepare_if_missing=True)
+        it = make_iterator(
+          dataclasses.replace(dcfg, seq_len=seq_len, batch_size=batch_size, prefetch=0),
+          dcfg.train_split,
+          mode=PACK,
+          shuffle=False,
+          num_epochs=None,
+          tokenizer=tok,
+          prepare_if_missing=True,
+        )
         try:
           return [np.asarray(next(it)["inputs"]) for _ in range(n_cal)]
         finally:
@@ -303,18 +357,34 @@ def main(argv: list[str] | None = None) -> int:
   model = load_model(model_path)
   c = model.config
   n_tok = sum(len(d.tokens) for d in docs)
-  print(f"loaded {model_path} ({c.num_layers} layers, d={c.hidden_size}) in "
-        f"{time.time() - t0:.1f}s; evaluating {len(docs)} documents ({n_tok} tokens) of "
-        f"{data_desc}, rows of {seq_len}, {len(todo)} settings", flush=True)
-  result = ev.evaluate(model, docs, todo, seq_len=seq_len, batch_size=batch_size,
-                       calibration=calibration, seed=args.seed,
-                       log=lambda s: print(s, flush=True),
-                       progress=lambda label, n: Progress(label, n, unit="batches"))
+  print(
+    f"loaded {model_path} ({c.num_layers} layers, d={c.hidden_size}) in "
+    f"{time.time() - t0:.1f}s; evaluating {len(docs)} documents ({n_tok} tokens) of "
+    f"{data_desc}, rows of {seq_len}, {len(todo)} settings",
+    flush=True,
+  )
+  result = ev.evaluate(
+    model,
+    docs,
+    todo,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    calibration=calibration,
+    seed=args.seed,
+    log=lambda s: print(s, flush=True),
+    progress=lambda label, n: Progress(label, n, unit="batches"),
+  )
   domains = sorted({d.domain for d in docs})
-  result = {**result, "model": os.path.abspath(model_path), "config": config_desc,
-            "data": data_desc, "tokenizer": dcfg.tokenizer, "calibration": calib_desc,
-            "calibration_batches": args.calibration_batches if calib_desc else None,
-            "domains": {d: sum(x.domain == d for x in docs) for d in domains}}
+  result = {
+    **result,
+    "model": os.path.abspath(model_path),
+    "config": config_desc,
+    "data": data_desc,
+    "tokenizer": dcfg.tokenizer,
+    "calibration": calib_desc,
+    "calibration_batches": args.calibration_batches if calib_desc else None,
+    "domains": {d: sum(x.domain == d for x in docs) for d in domains},
+  }
   estimated = shift.from_args(result, args)
   if estimated is not None:
     result["shift"] = estimated
@@ -330,8 +400,12 @@ def main(argv: list[str] | None = None) -> int:
       print(f"wrote {png}")
       if estimated is not None:
         png = os.path.splitext(args.json)[0] + ".shift.png"
-        shift.plot(result, estimated, png, title=f"{os.path.basename(model_path)}: estimated "
-                                                 "curves on the target mixes")
+        shift.plot(
+          result,
+          estimated,
+          png,
+          title=f"{os.path.basename(model_path)}: estimated curves on the target mixes",
+        )
         print(f"wrote {png}")
     except ImportError:
       print(f"{PROG}: {plotting.NO_MATPLOTLIB}", file=sys.stderr)

@@ -101,20 +101,23 @@ def _check_weights(w: Any) -> np.ndarray:
   """`w` as float64, or EstimatorError if a weight is NaN, infinite or negative."""
   w = np.asarray(w, dtype=np.float64)
   if w.ndim == 0:
-    raise EstimatorError("weights must be an array with one weight per sample (last axis), "
-                         "got a scalar")
+    raise EstimatorError(
+      "weights must be an array with one weight per sample (last axis), got a scalar"
+    )
   bad = ~np.isfinite(w)
   if bad.any():
     raise EstimatorError(
-        f"weights must be finite likelihood ratios p_target/p_calib >= 0, got {int(bad.sum())} "
-        f"NaN/inf (first at index {_first_bad(bad)}); a ratio is infinite where the "
-        "calibration data cannot produce what the target needs: fix or drop those samples")
+      f"weights must be finite likelihood ratios p_target/p_calib >= 0, got {int(bad.sum())} "
+      f"NaN/inf (first at index {_first_bad(bad)}); a ratio is infinite where the "
+      "calibration data cannot produce what the target needs: fix or drop those samples"
+    )
   neg = w < 0
   if neg.any():
     raise EstimatorError(
-        f"weights must be likelihood ratios >= 0, got {int(neg.sum())} negative (first at "
-        f"index {_first_bad(neg)}, value {w[neg].min():g}); pass p_target/p_calib, not a "
-        "difference or a log ratio")
+      f"weights must be likelihood ratios >= 0, got {int(neg.sum())} negative (first at "
+      f"index {_first_bad(neg)}, value {w[neg].min():g}); pass p_target/p_calib, not a "
+      "difference or a log ratio"
+    )
   return w
 
 
@@ -123,8 +126,9 @@ def _check_values(f: Any, name: str = "values") -> np.ndarray:
   bad = ~np.isfinite(f)
   if bad.any():
     raise EstimatorError(
-        f"{name} must be finite, got {int(bad.sum())} NaN/inf (first at index "
-        f"{_first_bad(bad)}); a NaN loss is usually a failed evaluation: re-run or drop it")
+      f"{name} must be finite, got {int(bad.sum())} NaN/inf (first at index "
+      f"{_first_bad(bad)}); a NaN loss is usually a failed evaluation: re-run or drop it"
+    )
   return f
 
 
@@ -133,22 +137,26 @@ def _broadcast(*arrays: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
     out = np.broadcast_arrays(*arrays)
   except ValueError:
     shapes = ", ".join(f"{n} {a.shape}" for n, a in zip(names, arrays))
-    raise EstimatorError(f"shapes do not broadcast: {shapes}; samples must lie on the last "
-                         "axis of every array") from None
+    raise EstimatorError(
+      f"shapes do not broadcast: {shapes}; samples must lie on the last axis of every array"
+    ) from None
   return [np.ascontiguousarray(a) for a in out]
 
 
 def _check_positive_mass(w: np.ndarray) -> None:
   if w.shape[-1] < 2:
-    raise EstimatorError(f"need at least 2 samples on the last axis for an estimate and its "
-                         f"standard error, got weights of shape {w.shape}")
+    raise EstimatorError(
+      f"need at least 2 samples on the last axis for an estimate and its "
+      f"standard error, got weights of shape {w.shape}"
+    )
   zero = w.sum(-1) <= 0
   if zero.any():
     where = f" (row {_first_bad(zero)})" if w.ndim > 1 else ""
     raise EstimatorError(
-        f"all weights are zero{where} (effective sample size 0): no calibration sample has "
-        "positive probability under the target, so the data says nothing about it; evaluate "
-        "on data that covers the target or check how the weights were computed")
+      f"all weights are zero{where} (effective sample size 0): no calibration sample has "
+      "positive probability under the target, so the data says nothing about it; evaluate "
+      "on data that covers the target or check how the weights were computed"
+    )
 
 
 def _scalar(x: np.ndarray) -> Any:
@@ -161,8 +169,7 @@ def _kish_ess(v: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- truncation
-def truncation_level(w: Any, rule: str = "ionides", *, c: float = 1.0,
-                     beta: float = 0.5) -> Any:
+def truncation_level(w: Any, rule: str = "ionides", *, c: float = 1.0, beta: float = 0.5) -> Any:
   """tau_n for truncated IS, per leading index: "ionides" sqrt(n) * mean(w), or
   "power" c * n**beta * mean(w) (beta = 0.5, c = 1 is Ionides' choice)."""
   w = _check_weights(w)
@@ -175,16 +182,18 @@ def truncation_level(w: Any, rule: str = "ionides", *, c: float = 1.0,
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
       raise EstimatorError(f"truncation exponent beta must be a finite number >= 0, got {beta!r}")
   else:
-    raise EstimatorError(f"truncation rule must be one of {TAU_RULES} or a number > 0, "
-                         f"got {rule!r}")
-  return _scalar(c * n ** beta * w.mean(-1))
+    raise EstimatorError(
+      f"truncation rule must be one of {TAU_RULES} or a number > 0, got {rule!r}"
+    )
+  return _scalar(c * n**beta * w.mean(-1))
 
 
 def _tau(w: np.ndarray, tau: float | str, c: float, beta: float) -> np.ndarray:
   if isinstance(tau, str):
     return np.asarray(truncation_level(w, tau, c=c, beta=beta), np.float64)
-  if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau)
-          and tau > 0):
+  if not (
+    isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau) and tau > 0
+  ):
     raise EstimatorError(f"tau must be a finite number > 0 or one of {TAU_RULES}, got {tau!r}")
   return np.full(w.shape[:-1], float(tau))
 
@@ -195,11 +204,13 @@ def _psis_row(w: np.ndarray, r_eff: float, array_stats: Any) -> tuple[np.ndarray
   pos = w > 0
   m = int(pos.sum())
   if m < _PSIS_MIN_SAMPLES:
-    raise EstimatorError(f"psis needs at least {_PSIS_MIN_SAMPLES} positive weights to fit a "
-                         f"Pareto tail, got {m}; use method='truncated'")
+    raise EstimatorError(
+      f"psis needs at least {_PSIS_MIN_SAMPLES} positive weights to fit a "
+      f"Pareto tail, got {m}; use method='truncated'"
+    )
   lr = np.log(w[pos])
   tail = int(math.floor(3 * math.sqrt(m / r_eff))) if m * r_eff > 225 else m // 5
-  top = np.exp(np.sort(lr)[-tail - 1:] - lr.max())  # the tail and the value below it
+  top = np.exp(np.sort(lr)[-tail - 1 :] - lr.max())  # the tail and the value below it
   if np.unique(top).size < top.size:
     # Repeated values (per-domain weights): a continuous Pareto tail does not fit; the
     # weights take few values and are bounded, so they are used as they are.
@@ -208,8 +219,10 @@ def _psis_row(w: np.ndarray, r_eff: float, array_stats: Any) -> tuple[np.ndarray
   # It returns log weights normalised to sum to 1; rescale so the body keeps w's scale.
   lw, khat = array_stats.psislw(-lr, r_eff=r_eff)
   if not np.all(np.isfinite(lw)):
-    raise EstimatorError(f"psis could not fit a Pareto tail to these weights (k-hat {khat}); "
-                         "use method='truncated' or 'self_normalized'")
+    raise EstimatorError(
+      f"psis could not fit a Pareto tail to these weights (k-hat {khat}); "
+      "use method='truncated' or 'self_normalized'"
+    )
   v_pos = np.exp(lw - lw[np.argmin(lr)] + lr.min())
   v = np.zeros_like(w)
   v[pos] = v_pos
@@ -220,11 +233,14 @@ def _psis(w: np.ndarray, r_eff: float) -> tuple[np.ndarray, np.ndarray]:
   try:
     from arviz_stats.base import array_stats  # lazy: optional dependency
   except ImportError as e:
-    raise ImportError("method='psis' needs the optional package arviz-stats "
-                      "(pip install arviz-stats); the other methods work without it") from e
+    raise ImportError(
+      "method='psis' needs the optional package arviz-stats "
+      "(pip install arviz-stats); the other methods work without it"
+    ) from e
   if not (isinstance(r_eff, (int, float)) and math.isfinite(r_eff) and r_eff > 0):
-    raise EstimatorError(f"r_eff must be a finite number > 0 (1 for independent samples), "
-                         f"got {r_eff!r}")
+    raise EstimatorError(
+      f"r_eff must be a finite number > 0 (1 for independent samples), got {r_eff!r}"
+    )
   flat = w.reshape(-1, w.shape[-1])
   rows = [_psis_row(row, r_eff, array_stats) for row in flat]
   v = np.stack([r[0] for r in rows]).reshape(w.shape)
@@ -232,8 +248,9 @@ def _psis(w: np.ndarray, r_eff: float) -> tuple[np.ndarray, np.ndarray]:
   return v, khat
 
 
-def _used_weights(w: np.ndarray, method: str, tau: float | str, c: float, beta: float,
-                  r_eff: float) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+def _used_weights(
+  w: np.ndarray, method: str, tau: float | str, c: float, beta: float, r_eff: float
+) -> tuple[np.ndarray, np.ndarray, Any, Any]:
   """Weights a method applies, the changed fraction, tau and k-hat."""
   if method in ("lr", "self_normalized"):
     return w, np.zeros(w.shape[:-1]), None, None
@@ -248,8 +265,9 @@ def _used_weights(w: np.ndarray, method: str, tau: float | str, c: float, beta: 
 
 
 # ----------------------------------------------------------------- estimators
-def _mean_estimate(f: Any, w: Any, method: str, tau: float | str = "ionides",
-                   c: float = 1.0, beta: float = 0.5) -> Estimate:
+def _mean_estimate(
+  f: Any, w: Any, method: str, tau: float | str = "ionides", c: float = 1.0, beta: float = 0.5
+) -> Estimate:
   w = _check_weights(w)
   _check_positive_mass(w)
   v, frac, t, _ = _used_weights(w, method, tau, c, beta, 1.0)
@@ -257,9 +275,15 @@ def _mean_estimate(f: Any, w: Any, method: str, tau: float | str = "ionides",
   f, v = _broadcast(_check_values(f), v, names=("values", "weights"))
   n = w.shape[-1]
   vf = v * f
-  return Estimate(value=_scalar(vf.mean(-1)), se=_scalar(vf.std(-1, ddof=1) / math.sqrt(n)),
-                  ess=_scalar(ess), truncated_frac=_scalar(frac), method=method, n=n,
-                  tau=t)
+  return Estimate(
+    value=_scalar(vf.mean(-1)),
+    se=_scalar(vf.std(-1, ddof=1) / math.sqrt(n)),
+    ess=_scalar(ess),
+    truncated_frac=_scalar(frac),
+    method=method,
+    n=n,
+    tau=t,
+  )
 
 
 def lr_estimate(f: Any, w: Any) -> Estimate:
@@ -267,16 +291,25 @@ def lr_estimate(f: Any, w: Any) -> Estimate:
   return _mean_estimate(f, w, "lr")
 
 
-def truncated_estimate(f: Any, w: Any, tau: float | str = "ionides", *, c: float = 1.0,
-                       beta: float = 0.5) -> Estimate:
+def truncated_estimate(
+  f: Any, w: Any, tau: float | str = "ionides", *, c: float = 1.0, beta: float = 0.5
+) -> Estimate:
   """Truncated IS: mean(min(w, tau_n) f); tau a number or a rule (`truncation_level`);
   se = sd(min(w, tau) f) / sqrt(n) (the truncation bias is not in it)."""
   return _mean_estimate(f, w, "truncated", tau, c, beta)
 
 
-def ratio_estimate(num: Any, den: Any, w: Any, method: str = "truncated", *,
-                   tau: float | str = "ionides", c: float = 1.0, beta: float = 0.5,
-                   r_eff: float = 1.0) -> Estimate:
+def ratio_estimate(
+  num: Any,
+  den: Any,
+  w: Any,
+  method: str = "truncated",
+  *,
+  tau: float | str = "ionides",
+  c: float = 1.0,
+  beta: float = 0.5,
+  r_eff: float = 1.0,
+) -> Estimate:
   """E_target[num] / E_target[den] as sum(v num) / sum(v den), with v the weights of
   `method` (lr and self_normalized coincide here: the scale of v cancels).
 
@@ -287,18 +320,32 @@ def ratio_estimate(num: Any, den: Any, w: Any, method: str = "truncated", *,
   _check_positive_mass(w)
   v, frac, t, khat = _used_weights(w, method, tau, c, beta, r_eff)
   ess = _kish_ess(v)
-  num, den, v = _broadcast(_check_values(num, "numerator"), _check_values(den, "denominator"),
-                           v, names=("numerator", "denominator", "weights"))
+  num, den, v = _broadcast(
+    _check_values(num, "numerator"),
+    _check_values(den, "denominator"),
+    v,
+    names=("numerator", "denominator", "weights"),
+  )
   n = w.shape[-1]
   total = (v * den).sum(-1)
   if (total <= 0).any():
-    raise EstimatorError("the weighted denominator sum(w * den) is not positive (e.g. no "
-                         "tokens in the documents the target weights); the ratio is undefined")
+    raise EstimatorError(
+      "the weighted denominator sum(w * den) is not positive (e.g. no "
+      "tokens in the documents the target weights); the ratio is undefined"
+    )
   r = (v * num).sum(-1) / total
   resid = v * (num - r[..., None] * den)
   se = np.sqrt(n / (n - 1) * (resid * resid).sum(-1)) / np.abs(total)
-  return Estimate(value=_scalar(r), se=_scalar(se), ess=_scalar(ess),
-                  truncated_frac=_scalar(frac), method=method, n=n, tau=t, pareto_k=khat)
+  return Estimate(
+    value=_scalar(r),
+    se=_scalar(se),
+    ess=_scalar(ess),
+    truncated_frac=_scalar(frac),
+    method=method,
+    n=n,
+    tau=t,
+    pareto_k=khat,
+  )
 
 
 def self_normalized_estimate(f: Any, w: Any) -> Estimate:
@@ -316,8 +363,12 @@ def psis_estimate(f: Any, w: Any, *, r_eff: float = 1.0) -> Estimate:
 
 def estimate(f: Any, w: Any, method: str = "truncated", **kwargs: Any) -> Estimate:
   """Dispatches to the estimator `method` (one of METHODS) with its keyword arguments."""
-  fns = {"lr": lr_estimate, "self_normalized": self_normalized_estimate,
-         "truncated": truncated_estimate, "psis": psis_estimate}
+  fns = {
+    "lr": lr_estimate,
+    "self_normalized": self_normalized_estimate,
+    "truncated": truncated_estimate,
+    "psis": psis_estimate,
+  }
   if method not in fns:
     raise EstimatorError(f"method must be one of {METHODS}, got {method!r}")
   return fns[method](f, w, **kwargs)
@@ -333,8 +384,9 @@ def empirical_mix(domains: Sequence[Hashable]) -> dict[Hashable, float]:
 
 def _labels(domains: Sequence[Hashable]) -> list[Hashable]:
   if isinstance(domains, (str, bytes)) or np.ndim(domains) != 1 or len(domains) == 0:
-    raise EstimatorError("domains must be a non-empty 1-D sequence with one label per record, "
-                         f"got {domains!r:.80}")
+    raise EstimatorError(
+      f"domains must be a non-empty 1-D sequence with one label per record, got {domains!r:.80}"
+    )
   return list(domains)
 
 
@@ -342,8 +394,12 @@ def _check_mix(mix: Mapping[Hashable, float], name: str) -> dict[Hashable, float
   if not isinstance(mix, Mapping) or not mix:
     raise EstimatorError(f"{name} must be a non-empty mapping domain -> weight, got {mix!r:.80}")
   for d, p in mix.items():
-    if not (isinstance(p, (int, float, np.floating, np.integer)) and not isinstance(p, bool)
-            and math.isfinite(p) and p >= 0):
+    if not (
+      isinstance(p, (int, float, np.floating, np.integer))
+      and not isinstance(p, bool)
+      and math.isfinite(p)
+      and p >= 0
+    ):
       raise EstimatorError(f"{name}[{d!r}] must be a finite weight >= 0, got {p!r}")
   total = float(sum(mix.values()))
   if total <= 0:
@@ -351,8 +407,11 @@ def _check_mix(mix: Mapping[Hashable, float], name: str) -> dict[Hashable, float
   return {d: float(p) / total for d, p in mix.items()}
 
 
-def domain_weights(domains: Sequence[Hashable], target_mix: Mapping[Hashable, float],
-                   calib_mix: Mapping[Hashable, float] | None = None) -> np.ndarray:
+def domain_weights(
+  domains: Sequence[Hashable],
+  target_mix: Mapping[Hashable, float],
+  calib_mix: Mapping[Hashable, float] | None = None,
+) -> np.ndarray:
   """w_i = p_target(domain_i) / p_calib(domain_i), one per record.
 
   p_calib is the empirical domain frequency of the records; `target_mix` weights are
@@ -368,25 +427,36 @@ def domain_weights(domains: Sequence[Hashable], target_mix: Mapping[Hashable, fl
     declared = _check_mix(calib_mix, "calib_mix")
     stray = sorted((str(d) for d in p_calib if declared.get(d, 0.0) <= 0))
     if stray:
-      raise EstimatorError(f"records have domains {stray} that calib_mix gives no weight; the "
-                           "records do not come from this calibration mix: check both")
+      raise EstimatorError(
+        f"records have domains {stray} that calib_mix gives no weight; the "
+        "records do not come from this calibration mix: check both"
+      )
   missing = sorted(str(d) for d, p in target.items() if p > 0 and d not in p_calib)
   if missing:
     raise EstimatorError(
-        f"target_mix gives weight to domains {missing} that have no calibration records, so "
-        "p_target/p_calib is undefined there; evaluate some documents of those domains or "
-        "drop them from the target mix")
+      f"target_mix gives weight to domains {missing} that have no calibration records, so "
+      "p_target/p_calib is undefined there; evaluate some documents of those domains or "
+      "drop them from the target mix"
+    )
   ratio = {d: target.get(d, 0.0) / p for d, p in p_calib.items()}
   if all(abs(r - 1.0) <= _UNIT_WEIGHT_RTOL for r in ratio.values()):
     ratio = dict.fromkeys(ratio, 1.0)
   return np.array([ratio[d] for d in labels], np.float64)
 
 
-def mix_perplexity(domains: Sequence[Hashable], loss_sums: Any, token_counts: Any,
-                   target_mix: Mapping[Hashable, float],
-                   calib_mix: Mapping[Hashable, float] | None = None, *,
-                   method: str = "truncated", tau: float | str = "ionides", c: float = 1.0,
-                   beta: float = 0.5, r_eff: float = 1.0) -> MixPerplexity:
+def mix_perplexity(
+  domains: Sequence[Hashable],
+  loss_sums: Any,
+  token_counts: Any,
+  target_mix: Mapping[Hashable, float],
+  calib_mix: Mapping[Hashable, float] | None = None,
+  *,
+  method: str = "truncated",
+  tau: float | str = "ionides",
+  c: float = 1.0,
+  beta: float = 0.5,
+  r_eff: float = 1.0,
+) -> MixPerplexity:
   """Target-mix perplexity from per-document calibration records.
 
   domains [n]; loss_sums [..., n] summed token NLL per document (nats; leading axes,
@@ -399,18 +469,30 @@ def mix_perplexity(domains: Sequence[Hashable], loss_sums: Any, token_counts: An
   loss_sums = _check_values(loss_sums, "loss_sums")
   token_counts = _check_values(token_counts, "token_counts")
   if (token_counts < 0).any():
-    raise EstimatorError("token_counts must be >= 0 (tokens scored per document), got "
-                         f"{token_counts.min():g}")
+    raise EstimatorError(
+      f"token_counts must be >= 0 (tokens scored per document), got {token_counts.min():g}"
+    )
   if loss_sums.shape[-1:] != w.shape or token_counts.shape[-1:] != w.shape:
-    raise EstimatorError(f"loss_sums {loss_sums.shape} and token_counts {token_counts.shape} "
-                         f"must have one entry per record on the last axis ({w.shape[0]} "
-                         "records)")
-  est = ratio_estimate(loss_sums, token_counts, w, method, tau=tau, c=c, beta=beta,
-                       r_eff=r_eff)
+    raise EstimatorError(
+      f"loss_sums {loss_sums.shape} and token_counts {token_counts.shape} "
+      f"must have one entry per record on the last axis ({w.shape[0]} "
+      "records)"
+    )
+  est = ratio_estimate(loss_sums, token_counts, w, method, tau=tau, c=c, beta=beta, r_eff=r_eff)
   loss_b, tok_b = np.broadcast_arrays(loss_sums, token_counts)
   measured = np.exp(loss_b.sum(-1) / tok_b.sum(-1))
   ppl = np.exp(est.value)
-  return MixPerplexity(perplexity=_scalar(ppl), perplexity_se=_scalar(ppl * est.se),
-                       loss=est.value, loss_se=est.se, measured=_scalar(measured), weights=w,
-                       ess=est.ess, truncated_frac=est.truncated_frac, method=method, n=est.n,
-                       tau=est.tau, pareto_k=est.pareto_k)
+  return MixPerplexity(
+    perplexity=_scalar(ppl),
+    perplexity_se=_scalar(ppl * est.se),
+    loss=est.value,
+    loss_se=est.se,
+    measured=_scalar(measured),
+    weights=w,
+    ess=est.ess,
+    truncated_frac=est.truncated_frac,
+    method=method,
+    n=est.n,
+    tau=est.tau,
+    pareto_k=est.pareto_k,
+  )

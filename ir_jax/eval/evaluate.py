@@ -81,8 +81,9 @@ class Rows:
 
 
 # ------------------------------------------------------------------ data
-def tokenize_documents(texts: Iterable[tuple[str, str, str]], tokenizer: TextTokenizer,
-                       max_documents: int | None = None) -> list[Document]:
+def tokenize_documents(
+  texts: Iterable[tuple[str, str, str]], tokenizer: TextTokenizer, max_documents: int | None = None
+) -> list[Document]:
   """(text, domain, source) triples -> Documents (at most `max_documents`)."""
   docs = []
   for text, domain, source in texts:
@@ -97,8 +98,11 @@ def pack_documents(docs: Sequence[Document], seq_len: int) -> tuple[Rows, Rows |
   if seq_len < 2:
     raise ConfigError(f"seq_len must be >= 2 (a row needs an input and its target), got {seq_len}")
   tokens = np.concatenate([d.tokens for d in docs]) if docs else np.zeros(0, np.int32)
-  doc_of = np.concatenate([np.full(len(d.tokens), i, np.int32) for i, d in enumerate(docs)]
-                          ) if docs else np.zeros(0, np.int32)
+  doc_of = (
+    np.concatenate([np.full(len(d.tokens), i, np.int32) for i, d in enumerate(docs)])
+    if docs
+    else np.zeros(0, np.int32)
+  )
   n_full = len(tokens) // seq_len
 
   def rows(tok: np.ndarray, doc: np.ndarray, t: int) -> Rows:
@@ -113,12 +117,18 @@ def pack_documents(docs: Sequence[Document], seq_len: int) -> tuple[Rows, Rows |
     same[:, :-1] = ~starts[:, 1:]
     targets = np.zeros_like(tok)
     targets[:, :-1] = np.where(same[:, :-1], tok[:, 1:], 0)
-    return Rows(tok.astype(np.int32), targets.astype(np.int32), same.astype(np.float32),
-                (idx - start_at).astype(np.int32), seg, doc.astype(np.int32))
+    return Rows(
+      tok.astype(np.int32),
+      targets.astype(np.int32),
+      same.astype(np.float32),
+      (idx - start_at).astype(np.int32),
+      seg,
+      doc.astype(np.int32),
+    )
 
-  full = rows(tokens[:n_full * seq_len], doc_of[:n_full * seq_len], seq_len)
+  full = rows(tokens[: n_full * seq_len], doc_of[: n_full * seq_len], seq_len)
   r = len(tokens) - n_full * seq_len
-  tail = rows(tokens[n_full * seq_len:], doc_of[n_full * seq_len:], r) if r >= 2 else None
+  tail = rows(tokens[n_full * seq_len :], doc_of[n_full * seq_len :], r) if r >= 2 else None
   return full, tail
 
 
@@ -133,8 +143,9 @@ class Setting:
     return RoutingSpec(policy=self.policy, sparsity=self.sparsity, seed=seed).inference(self.mode)
 
 
-def settings(policies: Sequence[str], sparsities: Sequence[float],
-             modes: Sequence[str]) -> list[Setting]:
+def settings(
+  policies: Sequence[str], sparsities: Sequence[float], modes: Sequence[str]
+) -> list[Setting]:
   """Every (mode, policy, sparsity); `dense` once (top-k mode, sparsity 0), first."""
   for p in policies:
     if p not in POLICIES:
@@ -157,19 +168,29 @@ def settings(policies: Sequence[str], sparsities: Sequence[float],
 
 # ------------------------------------------------------------------ the step
 @nnx.jit(static_argnames=("spec",))
-def eval_rows(model: Llama, batch: dict[str, Array], rng: Array,
-              spec: RoutingSpec) -> dict[str, Array]:
+def eval_rows(
+  model: Llama, batch: dict[str, Array], rng: Array, spec: RoutingSpec
+) -> dict[str, Array]:
   """Per-token NLL `[B, T]` (0 off the loss mask) and executed (token, unit) counts `[L, 2]`
   over real tokens (segment id > 0)."""
-  logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], routing=spec,
-                      rng=rng, return_aux=True)
+  logits, aux = model(
+    batch["inputs"],
+    batch["positions"],
+    batch["segment_ids"],
+    routing=spec,
+    rng=rng,
+    return_aux=True,
+  )
   nll = token_nll(logits, batch["targets"])
   nll_BxT = jnp.where(batch["loss_mask"] > 0, nll, 0.0)
   real_BxT = batch["segment_ids"] > 0
   # The decisions route_unit made, counted over real tokens.
   counts = jnp.sum(aux["gate_BxT"] & real_BxT[None, None], axis=(2, 3))
-  return {"nll_BxT": nll_BxT, "exec_Lx2": counts.astype(jnp.float32),
-          "real": jnp.sum(real_BxT).astype(jnp.float32)}
+  return {
+    "nll_BxT": nll_BxT,
+    "exec_Lx2": counts.astype(jnp.float32),
+    "real": jnp.sum(real_BxT).astype(jnp.float32),
+  }
 
 
 def _batches(full: Rows, tail: Rows | None, batch_size: int) -> Iterable[Rows]:
@@ -183,9 +204,15 @@ def num_batches(full: Rows, tail: Rows | None, batch_size: int) -> int:
   return -(-len(full) // batch_size) + (tail is not None)
 
 
-def evaluate_setting(model: Llama, full: Rows, tail: Rows | None, num_docs: int,
-                     spec: RoutingSpec, batch_size: int,
-                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def evaluate_setting(
+  model: Llama,
+  full: Rows,
+  tail: Rows | None,
+  num_docs: int,
+  spec: RoutingSpec,
+  batch_size: int,
+  progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
   """One record: perplexity, realized sparsity, per-document NLL sums.
 
   `progress(batches_done)` is called after every batch."""
@@ -194,8 +221,10 @@ def evaluate_setting(model: Llama, full: Rows, tail: Rows | None, num_docs: int,
   exec_Lx2, real = 0.0, 0.0
   key = jax.random.key(spec.seed)
   for i, rows in enumerate(_batches(full, tail, batch_size)):
-    batch = {k: jnp.asarray(getattr(rows, k)) for k in
-             ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
+    batch = {
+      k: jnp.asarray(getattr(rows, k))
+      for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+    }
     out = jax.device_get(eval_rows(model, batch, jax.random.fold_in(key, i), spec))
     mask = rows.loss_mask > 0
     np.add.at(nll_doc, rows.doc_index[mask], np.asarray(out["nll_BxT"], np.float64)[mask])
@@ -206,22 +235,36 @@ def evaluate_setting(model: Llama, full: Rows, tail: Rows | None, num_docs: int,
       progress(i + 1)
   tokens = int(tok_doc.sum())
   if not tokens:
-    raise DataError("the evaluated text gave no tokens to score (every document is a single "
-                    "token?); give more text")
+    raise DataError(
+      "the evaluated text gave no tokens to score (every document is a single "
+      "token?); give more text"
+    )
   nll = float(nll_doc.sum() / tokens)
   rate_Lx2 = exec_Lx2 / max(real, 1.0)
-  return {"nll": nll, "perplexity": perplexity(nll_doc.sum(), tokens), "tokens": tokens,
-          "realized_sparsity": float(1.0 - rate_Lx2.mean()),
-          "sparsity_attn": float(1.0 - rate_Lx2[:, 0].mean()),
-          "sparsity_mlp": float(1.0 - rate_Lx2[:, 1].mean()),
-          "doc_nll": nll_doc.tolist(), "doc_tokens": tok_doc.tolist()}
+  return {
+    "nll": nll,
+    "perplexity": perplexity(nll_doc.sum(), tokens),
+    "tokens": tokens,
+    "realized_sparsity": float(1.0 - rate_Lx2.mean()),
+    "sparsity_attn": float(1.0 - rate_Lx2[:, 0].mean()),
+    "sparsity_mlp": float(1.0 - rate_Lx2[:, 1].mean()),
+    "doc_nll": nll_doc.tolist(),
+    "doc_tokens": tok_doc.tolist(),
+  }
 
 
-def evaluate(model: Llama, docs: Sequence[Document], todo: Sequence[Setting], *, seq_len: int,
-             batch_size: int, calibration: Callable[[], Iterable[np.ndarray]] | None = None,
-             seed: int = 0, log: Callable[[str], None] = lambda s: None,
-             progress: Callable[[str, int], Callable[[int], None]] | None = None
-             ) -> dict[str, Any]:
+def evaluate(
+  model: Llama,
+  docs: Sequence[Document],
+  todo: Sequence[Setting],
+  *,
+  seq_len: int,
+  batch_size: int,
+  calibration: Callable[[], Iterable[np.ndarray]] | None = None,
+  seed: int = 0,
+  log: Callable[[str], None] = lambda s: None,
+  progress: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> dict[str, Any]:
   """Evaluates every setting on `docs`; returns the JSON-able result (see `ir_jax.eval`).
 
   `calibration()` yields token batches `[B, T]` for causal-mode thresholds
@@ -235,8 +278,10 @@ def evaluate(model: Llama, docs: Sequence[Document], todo: Sequence[Setting], *,
   vocab = model.config.vocab_size
   top = max(int(d.tokens.max()) for d in docs if len(d.tokens))
   if top >= vocab:
-    raise ConfigError(f"the tokenizer produced token id {top}, but the model's vocabulary has "
-                      f"{vocab} ids; use the model's tokenizer (data.tokenizer)")
+    raise ConfigError(
+      f"the tokenizer produced token id {top}, but the model's vocabulary has "
+      f"{vocab} ids; use the model's tokenizer (data.tokenizer)"
+    )
   full, tail = pack_documents(docs, seq_len)
   cfg = model.config
   calib_batches: list[np.ndarray] | None = None
@@ -264,38 +309,57 @@ def evaluate(model: Llama, docs: Sequence[Document], todo: Sequence[Setting], *,
       rec = evaluate_setting(model, full, tail, len(docs), spec, batch_size, bar)
       doc_tokens = rec.pop("doc_tokens")
       fl = flops(cfg, spec, seq_len)
-      rec = {"mode": st.mode, "policy": st.policy, "sparsity": st.sparsity,
-             "capacity_table": spec.capacities is not None, **rec,
-             "flops_fraction": fl["executed_fraction"], "ideal_flops_fraction": fl["ideal_fraction"],
-             "wall_s": round(time.time() - t0, 3)}
+      rec = {
+        "mode": st.mode,
+        "policy": st.policy,
+        "sparsity": st.sparsity,
+        "capacity_table": spec.capacities is not None,
+        **rec,
+        "flops_fraction": fl["executed_fraction"],
+        "ideal_flops_fraction": fl["ideal_fraction"],
+        "wall_s": round(time.time() - t0, 3),
+      }
       if thresholds is not None:
         rec["thresholds"] = thresholds
       records.append(rec)
-      log(f"  {st.mode:6s} {st.policy:8s} sparsity {st.sparsity:.2f}: perplexity "
-          f"{rec['perplexity']:.4f}, realized {rec['realized_sparsity']:.3f} "
-          f"({rec['wall_s']:.1f}s)")
+      log(
+        f"  {st.mode:6s} {st.policy:8s} sparsity {st.sparsity:.2f}: perplexity "
+        f"{rec['perplexity']:.4f}, realized {rec['realized_sparsity']:.3f} "
+        f"({rec['wall_s']:.1f}s)"
+      )
   finally:
     model.routing.threshold[...] = jnp.asarray(saved_thr)
-  documents = [{"domain": d.domain, "source": d.source, "tokens": int(n)}
-               for d, n in zip(docs, doc_tokens)]
-  return {"format": FORMAT, "seq_len": seq_len, "batch_size": batch_size,
-          "chunking": "packed rows of seq_len, one segment per document piece; the remainder "
-                      "is one shorter row",
-          "rows": len(full) + (tail is not None), "tail_row_tokens": 0 if tail is None
-          else int(tail.inputs.shape[1]), "documents": documents, "records": records}
+  documents = [
+    {"domain": d.domain, "source": d.source, "tokens": int(n)} for d, n in zip(docs, doc_tokens)
+  ]
+  return {
+    "format": FORMAT,
+    "seq_len": seq_len,
+    "batch_size": batch_size,
+    "chunking": "packed rows of seq_len, one segment per document piece; the remainder "
+    "is one shorter row",
+    "rows": len(full) + (tail is not None),
+    "tail_row_tokens": 0 if tail is None else int(tail.inputs.shape[1]),
+    "documents": documents,
+    "records": records,
+  }
 
 
 # ------------------------------------------------------------------ reading results
-def doc_losses(result: dict[str, Any], mode: str = "topk",
-               policy: str | None = None) -> tuple[list[str], list[dict[str, Any]], np.ndarray,
-                                                   np.ndarray]:
+def doc_losses(
+  result: dict[str, Any], mode: str = "topk", policy: str | None = None
+) -> tuple[list[str], list[dict[str, Any]], np.ndarray, np.ndarray]:
   """(domains [n], records, loss sums [R, n], token counts [n]) for `mix_perplexity`.
 
   The records of `mode` (and `policy` if given; dense is always included),
   in file order; rows of the loss sums follow them.
   """
-  recs = [r for r in result["records"] if (r["mode"] == mode or r["policy"] == "dense")
-          and (policy is None or r["policy"] in (policy, "dense"))]
+  recs = [
+    r
+    for r in result["records"]
+    if (r["mode"] == mode or r["policy"] == "dense")
+    and (policy is None or r["policy"] in (policy, "dense"))
+  ]
   domains = [d["domain"] for d in result["documents"]]
   tokens = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
   losses = np.asarray([r["doc_nll"] for r in recs], np.float64).reshape(len(recs), len(domains))
@@ -306,15 +370,19 @@ def table(result: dict[str, Any]) -> str:
   """The records as a console table."""
   recs = result["records"]
   dense = next((r["perplexity"] for r in recs if r["policy"] == "dense"), None)
-  head = (f"{'mode':6s} {'policy':8s} {'sparsity':>8s} {'realized':>8s} {'attn':>6s} "
-          f"{'mlp':>6s} {'FLOPs':>6s} {'perplexity':>11s} {'vs dense':>8s} {'tokens':>8s}")
+  head = (
+    f"{'mode':6s} {'policy':8s} {'sparsity':>8s} {'realized':>8s} {'attn':>6s} "
+    f"{'mlp':>6s} {'FLOPs':>6s} {'perplexity':>11s} {'vs dense':>8s} {'tokens':>8s}"
+  )
   lines = [head, "-" * len(head)]
   for r in recs:
     rel = "" if dense is None else f"{r['perplexity'] / dense:8.3f}"
-    lines.append(f"{r['mode']:6s} {r['policy']:8s} {r['sparsity']:8.2f} "
-                 f"{r['realized_sparsity']:8.3f} {r['sparsity_attn']:6.3f} "
-                 f"{r['sparsity_mlp']:6.3f} {r['flops_fraction']:6.3f} {r['perplexity']:11.4f} "
-                 f"{rel:>8s} {r['tokens']:8d}")
+    lines.append(
+      f"{r['mode']:6s} {r['policy']:8s} {r['sparsity']:8.2f} "
+      f"{r['realized_sparsity']:8.3f} {r['sparsity_attn']:6.3f} "
+      f"{r['sparsity_mlp']:6.3f} {r['flops_fraction']:6.3f} {r['perplexity']:11.4f} "
+      f"{rel:>8s} {r['tokens']:8d}"
+    )
   return "\n".join(lines)
 
 
@@ -325,20 +393,29 @@ def plot(result: dict[str, Any], path: str, title: str = "") -> str:
   recs = result["records"]
   modes = [m for m in MODES if any(r["mode"] == m and r["policy"] != "dense" for r in recs)]
   dense = next((r for r in recs if r["policy"] == "dense"), None)
-  fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(5.5 * max(len(modes), 1), 4.2),
-                           squeeze=False, sharey=True)
+  fig, axes = plt.subplots(
+    1, max(len(modes), 1), figsize=(5.5 * max(len(modes), 1), 4.2), squeeze=False, sharey=True
+  )
   for ax, mode in zip(axes[0], modes or ["topk"]):
     for policy in POLICIES:
       # Realized, not target, sparsity: causal thresholds calibrated elsewhere can miss it.
-      pts = sorted((r["realized_sparsity"], r["perplexity"]) for r in recs
-                   if r["mode"] == mode and r["policy"] == policy and policy != "dense")
+      pts = sorted(
+        (r["realized_sparsity"], r["perplexity"])
+        for r in recs
+        if r["mode"] == mode and r["policy"] == policy and policy != "dense"
+      )
       if pts:
         if dense is not None and pts[0][0] > 0:
           pts = [(0.0, dense["perplexity"])] + pts
         ax.plot(*zip(*pts), marker="o", label=policy)
     if dense is not None:
-      ax.axhline(dense["perplexity"], color="gray", linestyle="--", linewidth=1,
-                 label=f"dense {dense['perplexity']:.3g}")
+      ax.axhline(
+        dense["perplexity"],
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label=f"dense {dense['perplexity']:.3g}",
+      )
     ax.set_xlabel("realized sparsity (fraction of token-unit pairs approximated)")
     ax.set_title(f"{mode} routing")
     ax.set_yscale("log")

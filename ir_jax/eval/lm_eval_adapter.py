@@ -59,8 +59,9 @@ NAME = "ir_jax"
 
 
 @nnx.jit(static_argnames=("spec",))
-def token_logprobs(model: Any, tokens_BxT: jax.Array,
-                   spec: RoutingSpec) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(
+  model: Any, tokens_BxT: jax.Array, spec: RoutingSpec
+) -> tuple[jax.Array, jax.Array]:
   """(log p(token t+1 | tokens <= t) `[B, T-1]`, whether it is the argmax `[B, T-1]`)."""
   logits = model(tokens_BxT, routing=spec)
   target = tokens_BxT[:, 1:]
@@ -71,11 +72,22 @@ def token_logprobs(model: Any, tokens_BxT: jax.Array,
 class IrJaxLM(LM):
   """An ir_jax model at one routing spec, as an lm-eval `LM`."""
 
-  def __init__(self, pretrained: str, tokenizer: str | None = None, policy: str = "dense",
-               sparsity: float = 0.0, mode: str = "topk", calibration: str | None = None,
-               calibration_seq_len: int = 256, calibration_batches: int = 4,
-               batch_size: int | str = 8, max_length: int | None = None,
-               max_gen_toks: int = 64, seed: int = 0, **kwargs: Any) -> None:
+  def __init__(
+    self,
+    pretrained: str,
+    tokenizer: str | None = None,
+    policy: str = "dense",
+    sparsity: float = 0.0,
+    mode: str = "topk",
+    calibration: str | None = None,
+    calibration_seq_len: int = 256,
+    calibration_batches: int = 4,
+    batch_size: int | str = 8,
+    max_length: int | None = None,
+    max_gen_toks: int = 64,
+    seed: int = 0,
+    **kwargs: Any,
+  ) -> None:
     super().__init__()
     from ir_jax.api import load_model
     from ir_jax.data.tokenize import load_text_tokenizer
@@ -83,8 +95,10 @@ class IrJaxLM(LM):
     # lm-eval passes device, dtype etc. for every model type; JAX chooses devices itself.
     self.model = load_model(str(pretrained))
     # The model's trained capacity table (rescaled to `sparsity`) when it has one.
-    self.spec = trained_spec(self.model, RoutingSpec(policy=str(policy), sparsity=float(sparsity),
-                                                     mode=str(mode), seed=int(seed)))
+    self.spec = trained_spec(
+      self.model,
+      RoutingSpec(policy=str(policy), sparsity=float(sparsity), mode=str(mode), seed=int(seed)),
+    )
     from ir_jax.data.config import DataError
 
     tok_spec = str(tokenizer or pretrained)
@@ -107,8 +121,9 @@ class IrJaxLM(LM):
     self.max_length = int(max_length or cfg.max_position_embeddings)
     self.max_gen_toks = int(max_gen_toks)
     if self.batch < 1 or self.max_length < 2:
-      raise ConfigError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, "
-                        f"{max_length}")
+      raise ConfigError(
+        f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}"
+      )
     if calibration and self.spec.mode == "causal" and self.spec.policy != "dense":
       self._calibrate(str(calibration), int(calibration_seq_len), int(calibration_batches))
     check_calibrated(self.model, self.spec)  # stored thresholds only for the spec they fit
@@ -122,14 +137,18 @@ class IrJaxLM(LM):
 
     cfg = DataConfig(files=tuple(FileSpec(p.strip()) for p in files.split(",") if p.strip()))
     stats = sources.Stats()
-    docs = [Document(d.domain, d.source, self.encode(d.text, bos=True))
-            for f in sources.resolve_files(cfg) for d in sources.read_documents(f, cfg, stats)]
+    docs = [
+      Document(d.domain, d.source, self.encode(d.text, bos=True))
+      for f in sources.resolve_files(cfg)
+      for d in sources.read_documents(f, cfg, stats)
+    ]
     full, _ = pack_documents(docs, seq_len)
     if not len(full):
       raise DataError(f"calibration={files}: fewer than calibration_seq_len={seq_len} tokens")
-    rows = full.inputs[:batches * self.batch]
-    calibrate_thresholds(self.model, [rows[i:i + self.batch]
-                                      for i in range(0, len(rows), self.batch)], self.spec)
+    rows = full.inputs[: batches * self.batch]
+    calibrate_thresholds(
+      self.model, [rows[i : i + self.batch] for i in range(0, len(rows), self.batch)], self.spec
+    )
 
   def encode(self, text: str, bos: bool = False) -> list[int]:
     ids = self.tok.tokenizer.encode(text, add_special_tokens=False).ids
@@ -143,7 +162,7 @@ class IrJaxLM(LM):
     out: list[Any] = [None] * len(seqs)
     for length, idx in sorted(by_len.items()):
       for start in range(0, len(idx), self.batch):
-        chunk = idx[start:start + self.batch]
+        chunk = idx[start : start + self.batch]
         toks = jnp.asarray(np.asarray([seqs[i] for i in chunk], np.int32))
         lp, greedy = jax.device_get(token_logprobs(self.model, toks, self.spec))
         for j, i in enumerate(chunk):
@@ -151,18 +170,20 @@ class IrJaxLM(LM):
     return out
 
   # ------------------------------------------------------------- the LM API
-  def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False
-                    ) -> list[tuple[float, bool]]:
+  def loglikelihood(
+    self, requests: list[Any], disable_tqdm: bool = False
+  ) -> list[tuple[float, bool]]:
     seqs, n_cont = [], []
     for req in requests:
       context, continuation = req.args
       cont = self.encode(continuation)
       if not cont:
         raise ConfigError(f"empty continuation after tokenizing {continuation!r}")
-      full = (self.encode(context, bos=True) + cont)[-(self.max_length + 1):]
+      full = (self.encode(context, bos=True) + cont)[-(self.max_length + 1) :]
       if len(full) <= len(cont):
-        raise ConfigError(f"a continuation of {len(cont)} tokens does not fit in max_length "
-                          f"{self.max_length}")
+        raise ConfigError(
+          f"a continuation of {len(cont)} tokens does not fit in max_length {self.max_length}"
+        )
       seqs.append(full)
       n_cont.append(len(cont))
     out = []
@@ -176,21 +197,29 @@ class IrJaxLM(LM):
     out = []
     for req in requests:
       (text,) = req.args
-      windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-          token_list=self.encode(text), prefix_token=self.prefix_id,
-          max_seq_len=self.max_length, context_len=1)]
+      windows = [
+        make_disjoint_window(w)
+        for w in get_rolling_token_windows(
+          token_list=self.encode(text),
+          prefix_token=self.prefix_id,
+          max_seq_len=self.max_length,
+          context_len=1,
+        )
+      ]
       seqs = [list(ctx) + list(pred) for ctx, pred in windows]
       total = 0.0
       for (lp, _), (_, pred) in zip(self._score(seqs), windows):
-        total += float(lp[-len(pred):].sum())
+        total += float(lp[-len(pred) :].sum())
       out.append(total)
       self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
     return out
 
   def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
     if self.spec.mode != "causal" and self.spec.policy != "dense":
-      raise ConfigError("generation routes causally (top-k looks at future tokens): use "
-                        "mode=causal (with calibration=FILE) or policy=dense")
+      raise ConfigError(
+        "generation routes causally (top-k looks at future tokens): use "
+        "mode=causal (with calibration=FILE) or policy=dense"
+      )
     out = []
     for req in requests:
       context, gen_kwargs = req.args
@@ -205,7 +234,7 @@ class IrJaxLM(LM):
 
   def _generate(self, prompt: list[int], max_new: int, until: list[str]) -> str:
     """Greedy decoding, one token per step through the causal decode step."""
-    prompt = prompt[-max(self.max_length - max_new, 1):]
+    prompt = prompt[-max(self.max_length - max_new, 1) :]
     total = min(len(prompt) + max_new, self.max_length)
     # A cache rounded up to 64 positions: one compile serves many request lengths
     # (positions beyond the current one are masked as future keys).
@@ -214,8 +243,9 @@ class IrJaxLM(LM):
     tokens = list(prompt)
     new: list[int] = []
     for pos in range(total - 1):
-      logits, cache, _ = decode_step(self.model, cache, jnp.asarray([tokens[pos]], jnp.int32),
-                                     jnp.int32(pos), self.spec)
+      logits, cache, _ = decode_step(
+        self.model, cache, jnp.asarray([tokens[pos]], jnp.int32), jnp.int32(pos), self.spec
+      )
       if pos + 1 < len(tokens):
         continue
       nxt = int(np.argmax(np.asarray(logits[0])))

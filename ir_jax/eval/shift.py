@@ -49,11 +49,13 @@ def parse_mix(text: str) -> dict[str, float]:
     try:
       w = float(value)
     except ValueError:
-      raise ConfigError(f"--target-mix {text!r}: weight of {name!r} is not a number: "
-                        f"{value.strip()!r}") from None
+      raise ConfigError(
+        f"--target-mix {text!r}: weight of {name!r} is not a number: {value.strip()!r}"
+      ) from None
     if not math.isfinite(w) or w < 0:
-      raise ConfigError(f"--target-mix {text!r}: weight of {name!r} must be finite and >= 0, "
-                        f"got {value.strip()}")
+      raise ConfigError(
+        f"--target-mix {text!r}: weight of {name!r} must be finite and >= 0, got {value.strip()}"
+      )
     if name in mix:
       raise ConfigError(f"--target-mix {text!r}: domain {name!r} given twice")
     mix[name] = w
@@ -87,9 +89,15 @@ def _settings(result: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]], n
   return out
 
 
-def estimate_curves(result: dict[str, Any], mixes: Sequence[tuple[str, dict[str, float]]],
-                    methods: Sequence[str] = ("truncated",), *, tau: str | float = "ionides",
-                    c: float = 1.0, beta: float = 0.5) -> dict[str, Any]:
+def estimate_curves(
+  result: dict[str, Any],
+  mixes: Sequence[tuple[str, dict[str, float]]],
+  methods: Sequence[str] = ("truncated",),
+  *,
+  tau: str | float = "ionides",
+  c: float = 1.0,
+  beta: float = 0.5,
+) -> dict[str, Any]:
   """Estimated target-mix perplexity of every setting of `result`, per mix and method.
 
   Returns {"calibration_mix", "methods", "tau", "estimates": [one dict per (mix, method,
@@ -107,40 +115,62 @@ def estimate_curves(result: dict[str, Any], mixes: Sequence[tuple[str, dict[str,
         if not recs:
           continue
         try:
-          m = es.mix_perplexity(domains, losses, tokens, mix, method=method, tau=tau, c=c,
-                                beta=beta)
+          m = es.mix_perplexity(
+            domains, losses, tokens, mix, method=method, tau=tau, c=c, beta=beta
+          )
         except es.EstimatorError as e:  # e.g. PSIS with too few positive weights
-          skipped.append({"target_mix": label, "method": method, "mode": mode,
-                          "reason": str(e)})
+          skipped.append({"target_mix": label, "method": method, "mode": mode, "reason": str(e)})
           continue
         for i, r in enumerate(recs):
-          pick = lambda a: None if a is None else float(np.asarray(a).reshape(-1)[
-              i if np.size(a) > 1 else 0])
-          rows.append({
-              "target_mix": label, "mix": mix, "method": method, "mode": mode,
-              "policy": r["policy"], "sparsity": r["sparsity"],
+          pick = lambda a: (
+            None if a is None else float(np.asarray(a).reshape(-1)[i if np.size(a) > 1 else 0])
+          )
+          rows.append(
+            {
+              "target_mix": label,
+              "mix": mix,
+              "method": method,
+              "mode": mode,
+              "policy": r["policy"],
+              "sparsity": r["sparsity"],
               "realized_sparsity": r["realized_sparsity"],
               "calibration_perplexity": r["perplexity"],
-              "perplexity": pick(m.perplexity), "perplexity_se": pick(m.perplexity_se),
-              "ess": pick(m.ess), "truncated_frac": pick(m.truncated_frac),
-              "tau": pick(m.tau), "pareto_k": pick(m.pareto_k), "n": m.n})
-  return {"calibration_mix": calib, "documents": len(domains), "methods": list(methods),
-          "tau": {"rule": tau, "c": c, "beta": beta}, "estimates": rows, "skipped": skipped}
+              "perplexity": pick(m.perplexity),
+              "perplexity_se": pick(m.perplexity_se),
+              "ess": pick(m.ess),
+              "truncated_frac": pick(m.truncated_frac),
+              "tau": pick(m.tau),
+              "pareto_k": pick(m.pareto_k),
+              "n": m.n,
+            }
+          )
+  return {
+    "calibration_mix": calib,
+    "documents": len(domains),
+    "methods": list(methods),
+    "tau": {"rule": tau, "c": c, "beta": beta},
+    "estimates": rows,
+    "skipped": skipped,
+  }
 
 
 def table(shift: dict[str, Any]) -> str:
   """The estimates as a console table, one block per target mix."""
   calib = ", ".join(f"{d}={p:.3f}" for d, p in sorted(shift["calibration_mix"].items()))
   lines = [f"calibration mix ({shift['documents']} documents): {calib}"]
-  head = (f"{'method':16s} {'mode':6s} {'policy':8s} {'sparsity':>8s} {'calib ppl':>10s} "
-          f"{'target ppl':>10s} {'+-se':>8s} {'ess':>7s} {'trunc':>6s}")
+  head = (
+    f"{'method':16s} {'mode':6s} {'policy':8s} {'sparsity':>8s} {'calib ppl':>10s} "
+    f"{'target ppl':>10s} {'+-se':>8s} {'ess':>7s} {'trunc':>6s}"
+  )
   for label in dict.fromkeys(e["target_mix"] for e in shift["estimates"]):
     lines += ["", f"target mix {label}", head, "-" * len(head)]
     for e in shift["estimates"]:
       if e["target_mix"] == label:
-        lines.append(f"{e['method']:16s} {e['mode']:6s} {e['policy']:8s} {e['sparsity']:8.2f} "
-                     f"{e['calibration_perplexity']:10.4f} {e['perplexity']:10.4f} "
-                     f"{e['perplexity_se']:8.3f} {e['ess']:7.1f} {e['truncated_frac']:6.3f}")
+        lines.append(
+          f"{e['method']:16s} {e['mode']:6s} {e['policy']:8s} {e['sparsity']:8.2f} "
+          f"{e['calibration_perplexity']:10.4f} {e['perplexity']:10.4f} "
+          f"{e['perplexity_se']:8.3f} {e['ess']:7.1f} {e['truncated_frac']:6.3f}"
+        )
     for k in shift.get("skipped", []):
       if k["target_mix"] == label:
         lines.append(f"{k['method']:16s} {k['mode']:6s} not estimated: {k['reason']}")
@@ -160,17 +190,30 @@ def plot(result: dict[str, Any], shift: dict[str, Any], path: str, title: str = 
   for ax, label in zip(axes[0], labels):
     for k, policy in enumerate(policies):
       color = f"C{k}"
-      pts = sorted((r["realized_sparsity"], r["perplexity"]) for r in result["records"]
-                   if r["policy"] == policy and r["mode"] == "topk")
+      pts = sorted(
+        (r["realized_sparsity"], r["perplexity"])
+        for r in result["records"]
+        if r["policy"] == policy and r["mode"] == "topk"
+      )
       if pts:
         ax.plot(*zip(*pts), color=color, marker="o", label=f"{policy} measured (calibration)")
       for method in shift["methods"]:
-        est = sorted((e["realized_sparsity"], e["perplexity"]) for e in shift["estimates"]
-                     if e["target_mix"] == label and e["method"] == method
-                     and e["policy"] == policy and e["mode"] == "topk")
+        est = sorted(
+          (e["realized_sparsity"], e["perplexity"])
+          for e in shift["estimates"]
+          if e["target_mix"] == label
+          and e["method"] == method
+          and e["policy"] == policy
+          and e["mode"] == "topk"
+        )
         if est:
-          ax.plot(*zip(*est), color=color, linestyle=styles.get(method, "--"), marker="x",
-                  label=f"{policy} {method}")
+          ax.plot(
+            *zip(*est),
+            color=color,
+            linestyle=styles.get(method, "--"),
+            marker="x",
+            label=f"{policy} {method}",
+          )
     if dense is not None:
       ax.axhline(dense, color="gray", linewidth=1, label=f"dense (calibration) {dense:.3g}")
     ax.set_title(f"target {label}", fontsize=9)
@@ -187,19 +230,28 @@ def plot(result: dict[str, Any], shift: dict[str, Any], path: str, title: str = 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--target-mix", action="append", default=[], metavar="DOMAIN=W,...",
-                 help="a target data mix (weights normalised to 1; repeat for several); "
-                      "every domain with weight > 0 must occur in the evaluated documents")
-  p.add_argument("--estimator", default=DEFAULT_METHODS,
-                 help=f"comma-separated estimators of {','.join(es.METHODS)} (default "
-                      f"{DEFAULT_METHODS})")
-  p.add_argument("--tau", default="ionides",
-                 help="truncation boundary of the truncated estimator: ionides "
-                      "(c sqrt(n) mean w), power (c n^beta mean w) or a number (default "
-                      "ionides)")
+  p.add_argument(
+    "--target-mix",
+    action="append",
+    default=[],
+    metavar="DOMAIN=W,...",
+    help="a target data mix (weights normalised to 1; repeat for several); "
+    "every domain with weight > 0 must occur in the evaluated documents",
+  )
+  p.add_argument(
+    "--estimator",
+    default=DEFAULT_METHODS,
+    help=f"comma-separated estimators of {','.join(es.METHODS)} (default {DEFAULT_METHODS})",
+  )
+  p.add_argument(
+    "--tau",
+    default="ionides",
+    help="truncation boundary of the truncated estimator: ionides "
+    "(c sqrt(n) mean w), power (c n^beta mean w) or a number (default "
+    "ionides)",
+  )
   p.add_argument("--tau-c", type=float, default=1.0, help="c of the tau rule (default 1)")
-  p.add_argument("--tau-beta", type=float, default=0.5, help="beta of the power rule "
-                                                              "(default 0.5)")
+  p.add_argument("--tau-beta", type=float, default=0.5, help="beta of the power rule (default 0.5)")
 
 
 def from_args(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
@@ -213,17 +265,19 @@ def from_args(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     try:
       tau = float(tau)
     except ValueError:
-      raise ConfigError(f"--tau {args.tau!r}: expected {' or '.join(es.TAU_RULES)} or a "
-                        "number") from None
+      raise ConfigError(
+        f"--tau {args.tau!r}: expected {' or '.join(es.TAU_RULES)} or a number"
+      ) from None
   return estimate_curves(result, mixes, methods, tau=tau, c=args.tau_c, beta=args.tau_beta)
 
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-      prog="python -m ir_jax.eval.shift",
-      description="Estimated perplexity-vs-sparsity curves for other domain mixes from an "
-                  "existing `python -m ir_jax.eval` JSON (its per-document losses and "
-                  "domains); runs no model.")
+    prog="python -m ir_jax.eval.shift",
+    description="Estimated perplexity-vs-sparsity curves for other domain mixes from an "
+    "existing `python -m ir_jax.eval` JSON (its per-document losses and "
+    "domains); runs no model.",
+  )
   p.add_argument("result", metavar="EVAL_JSON", help="a JSON written by python -m ir_jax.eval")
   add_arguments(p)
   p.add_argument("--json", default=None, help="write the estimates here (plot beside it, .png)")

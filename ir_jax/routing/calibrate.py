@@ -33,7 +33,9 @@ def model_table(model: Llama) -> tuple[tuple[float, float], ...] | None:
   return tuple(tuple(float(c) for c in row) for row in caps)
 
 
-def rescale_table(table: Iterable[Iterable[float]], sparsity: float) -> tuple[tuple[float, ...], ...]:
+def rescale_table(
+  table: Iterable[Iterable[float]], sparsity: float
+) -> tuple[tuple[float, ...], ...]:
   """The table with its mean sparsity moved to `sparsity`, keeping its shape.
 
   Every unit's sparsity is multiplied by one factor (units the table keeps
@@ -75,8 +77,9 @@ def trained_spec(model: Llama, spec: RoutingSpec, sparsity: float | None = None)
 
 
 # ------------------------------------------------------------ calibration
-def calibrate_thresholds(model: Llama, batches: Iterable[Array], spec: RoutingSpec,
-                         iterations: int = 2) -> np.ndarray:
+def calibrate_thresholds(
+  model: Llama, batches: Iterable[Array], spec: RoutingSpec, iterations: int = 2
+) -> np.ndarray:
   """Sets causal-mode thresholds so each unit executes its capacity on `batches`.
 
   Scores are first collected under top-k routing at the same capacities (so
@@ -158,9 +161,12 @@ def check_calibrated(model: Llama, spec: RoutingSpec) -> None:
   if (stored < 0).all():
     got = "were never calibrated"
   else:
-    got = (f"were calibrated for other capacities (mean {float(stored.mean()):.4g}, "
-           f"this spec: {float(want.mean()):.4g})")
+    got = (
+      f"were calibrated for other capacities (mean {float(stored.mean()):.4g}, "
+      f"this spec: {float(want.mean()):.4g})"
+    )
   raise ConfigError(
-      f"causal routing at sparsity {1 - float(want.mean()):.4g}: the model's thresholds {got}; "
-      "calibrate them for this spec first (routing.calibrate_thresholds(model, held-out "
-      "batches, spec); ir_jax.eval does it with --calibration) or route in top-k mode")
+    f"causal routing at sparsity {1 - float(want.mean()):.4g}: the model's thresholds {got}; "
+    "calibrate them for this spec first (routing.calibrate_thresholds(model, held-out "
+    "batches, spec); ir_jax.eval does it with --calibration) or route in top-k mode"
+  )

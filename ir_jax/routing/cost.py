@@ -23,8 +23,15 @@ def flops(cfg: LlamaConfig, spec: RoutingSpec, seq_len: int, batch: int = 1) -> 
   what a perfect skip would compute at the spec's capacities. Attention
   scores count the full `[T, T]` product, as computed.
   """
-  d, h, n, k, f, v, t = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                         cfg.intermediate_size, cfg.vocab_size, seq_len)
+  d, h, n, k, f, v, t = (
+    cfg.hidden_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.intermediate_size,
+    cfg.vocab_size,
+    seq_len,
+  )
   q_o = 2 * d * h * k * 2  # q and o projections
   kv = 2 * d * n * k * 2
   core = 2 * t * h * k * 2  # scores and weighted values over all T keys
@@ -35,8 +42,11 @@ def flops(cfg: LlamaConfig, spec: RoutingSpec, seq_len: int, batch: int = 1) -> 
   runs_all = spec.mode == "causal" or spec.compute == "all" or spec.gate == "gumbel"
   executed = ideal = batch * t * head
   for l in range(cfg.num_layers):
-    ka, km = (spec.k(t, l, 0), spec.k(t, l, 1)) if spec.mode == "topk" else (
-        spec.capacity(l, 0) * t, spec.capacity(l, 1) * t)
+    ka, km = (
+      (spec.k(t, l, 0), spec.k(t, l, 1))
+      if spec.mode == "topk"
+      else (spec.capacity(l, 0) * t, spec.capacity(l, 1) * t)
+    )
     routed = spec.policy != "dense" and not (spec.mode == "topk" and ka == t and km == t)
     extra = 0
     if routed:
@@ -49,5 +59,10 @@ def flops(cfg: LlamaConfig, spec: RoutingSpec, seq_len: int, batch: int = 1) -> 
       executed += batch * t * (dense_layer + extra)
     else:
       executed += batch * (t * (kv + extra) + ka * (q_o + core) + km * mlp)
-  return dict(dense=float(dense), executed=float(executed), ideal=float(ideal),
-              executed_fraction=executed / dense, ideal_fraction=ideal / dense)
+  return dict(
+    dense=float(dense),
+    executed=float(executed),
+    ideal=float(ideal),
+    executed_fraction=executed / dense,
+    ideal_fraction=ideal / dense,
+  )

@@ -23,8 +23,9 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict[str, Array]:
   return dict(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype))
 
 
-def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Array,
-                spec: RoutingSpec) -> tuple[Array, dict[str, Array], Array]:
+def decode_body(
+  model: Llama, cache: dict[str, Array], token_B: Array, pos: Array, spec: RoutingSpec
+) -> tuple[Array, dict[str, Array], Array]:
   """One token per row at position `pos`: (logits_BxV, new cache, exec gates [L, 2, B]).
 
   Keys and values are written for every token. Causal mode: each unit executes
@@ -40,8 +41,10 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
   call this one inside a larger jitted loop (e.g. a `lax.scan` over steps).
   """
   if spec.policy != "dense" and (spec.gate != "hard" or spec.mode not in MODES):
-    raise ConfigError("decoding routes with hard gates: pass spec.inference('causal') "
-                      "(thresholds) or spec.inference('topk') (static row capacity)")
+    raise ConfigError(
+      "decoding routes with hard gates: pass spec.inference('causal') "
+      "(thresholds) or spec.inference('topk') (static row capacity)"
+    )
   cfg = model.config
   spec.check_layers(cfg.num_layers)
   b = token_B.shape[0]
@@ -53,8 +56,9 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
   rgraphdef, rstate = nnx.split(model.routing)
   caps = layer_caps(spec, cfg)
   if spec.mode == "topk":
-    ks = np.array([[row_k(spec, b, l, u) for u in range(len(UNITS))]
-                   for l in range(cfg.num_layers)], np.int32)
+    ks = np.array(
+      [[row_k(spec, b, l, u) for u in range(len(UNITS))] for l in range(cfg.num_layers)], np.int32
+    )
   else:
     ks = np.ones((cfg.num_layers, len(UNITS)), np.int32)
 
@@ -62,9 +66,17 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
     take = lambda a: a[lid]
     layer = lambda: nnx.merge(graphdef, jax.tree.map(take, state))  # sliced where used
     routing_layer = nnx.merge(rgraphdef, jax.tree.map(take, rstate))
-    x, aux, (ck, cv) = routed_layer(layer, routing_layer, constrain(x, BxTxD), ctx, spec, k_pair,
-                                    jax.random.fold_in(key, lid), cache=(ck, cv, pos),
-                                    caps=cap)
+    x, aux, (ck, cv) = routed_layer(
+      layer,
+      routing_layer,
+      constrain(x, BxTxD),
+      ctx,
+      spec,
+      k_pair,
+      jax.random.fold_in(key, lid),
+      cache=(ck, cv, pos),
+      caps=cap,
+    )
     return constrain(x, BxTxD), (ck, cv, aux["gate_BxT"][:, :, 0])
 
   # Each layer returns only this step's keys/values `[B, 1, N, K]`; they are written
@@ -72,26 +84,33 @@ def decode_body(model: Llama, cache: dict[str, Array], token_B: Array, pos: Arra
   if (ks == ks[0]).all() and cfg.scan_layers:
     k_pair = (int(ks[0, 0]), int(ks[0, 1]))
     x, (new_k, new_v, gates) = jax.lax.scan(
-        lambda x, per: one_layer(*per[:1], x, *per[1:], k_pair), x,
-        (jnp.arange(cfg.num_layers), cache["k"], cache["v"], jnp.asarray(caps)))
+      lambda x, per: one_layer(*per[:1], x, *per[1:], k_pair),
+      x,
+      (jnp.arange(cfg.num_layers), cache["k"], cache["v"], jnp.asarray(caps)),
+    )
   else:  # per-layer row counts: unrolled, each layer with its own static k
     outs = []
     for l in range(cfg.num_layers):
-      x, o = one_layer(l, x, cache["k"][l], cache["v"][l], jnp.asarray(caps[l]),
-                       (int(ks[l, 0]), int(ks[l, 1])))
+      x, o = one_layer(
+        l, x, cache["k"][l], cache["v"][l], jnp.asarray(caps[l]), (int(ks[l, 0]), int(ks[l, 1]))
+      )
       outs.append(o)
     new_k, new_v, gates = (jnp.stack(a) for a in zip(*outs))
   write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, pos, axis=2)
-  return (model.logits(x)[:, 0], dict(k=write(cache["k"], new_k), v=write(cache["v"], new_v)),
-          gates)
+  return (
+    model.logits(x)[:, 0],
+    dict(k=write(cache["k"], new_k), v=write(cache["v"], new_v)),
+    gates,
+  )
 
 
 # The cache is donated: pass each step the cache the previous step returned.
 decode_step = nnx.jit(decode_body, static_argnames=("spec",), donate_argnames=("cache",))
 
 
-def generate(model: Llama, prompt_BxT: Array, max_new_tokens: int,
-             spec: RoutingSpec) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+  model: Llama, prompt_BxT: Array, max_new_tokens: int, spec: RoutingSpec
+) -> tuple[np.ndarray, np.ndarray]:
   """Greedy decoding with a KV cache: (tokens `[B, T + new]`, logits of every step).
 
   The prompt is fed token by token through the same step, so every token's
@@ -102,8 +121,10 @@ def generate(model: Llama, prompt_BxT: Array, max_new_tokens: int,
   b, t = prompt.shape
   total = t + max_new_tokens
   if total > model.config.max_position_embeddings:
-    raise ConfigError(f"prompt + new tokens = {total} exceeds max_position_embeddings "
-                      f"{model.config.max_position_embeddings}")
+    raise ConfigError(
+      f"prompt + new tokens = {total} exceeds max_position_embeddings "
+      f"{model.config.max_position_embeddings}"
+    )
   cache = init_cache(model.config, b, total)
   tokens = np.zeros((b, total), np.int32)
   tokens[:, :t] = prompt

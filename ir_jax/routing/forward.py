@@ -36,9 +36,17 @@ class Ctx:
   sink_BxT: Array | None = None  # tokens that always execute (segment starts)
 
 
-def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], routing_layer: RoutingLayer,
-                 x_BxTxD: Array, ctx: Ctx, spec: RoutingSpec, ks: tuple[int, int], key: Array,
-                 cache: tuple[Array, Array, Array] | None = None, caps: Array | None = None):
+def routed_layer(
+  layer: DecoderLayer | Callable[[], DecoderLayer],
+  routing_layer: RoutingLayer,
+  x_BxTxD: Array,
+  ctx: Ctx,
+  spec: RoutingSpec,
+  ks: tuple[int, int],
+  key: Array,
+  cache: tuple[Array, Array, Array] | None = None,
+  caps: Array | None = None,
+):
   """One decoder layer with both units routed; returns (x, aux[, this step's (k, v)]).
 
   `layer` may be a function returning the layer: each unit then asks for its
@@ -77,14 +85,36 @@ def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], routing_layer
   thr = routing_layer.threshold[...]
   if caps is not None:
     thr = jnp.where(caps >= 1.0, -jnp.inf, jnp.where(caps <= 0.0, jnp.inf, thr))
-  delta, aux_a = route_unit(n, x_BxTxD, attn_fn, routing_layer.attn_lff, routing_layer.attn_router, spec, ks[0],
-                            thr[0], jax.random.fold_in(key, 0), ctx.temperature, ctx.sink_BxT,
-                            rows=rows)
+  delta, aux_a = route_unit(
+    n,
+    x_BxTxD,
+    attn_fn,
+    routing_layer.attn_lff,
+    routing_layer.attn_router,
+    spec,
+    ks[0],
+    thr[0],
+    jax.random.fold_in(key, 0),
+    ctx.temperature,
+    ctx.sink_BxT,
+    rows=rows,
+  )
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   n = get().post_attention_layernorm(x_BxTxD)
-  delta, aux_m = route_unit(n, x_BxTxD, lambda _, ns: get().mlp(ns), routing_layer.mlp_lff,
-                            routing_layer.mlp_router, spec, ks[1], thr[1], jax.random.fold_in(key, 1),
-                            ctx.temperature, ctx.sink_BxT, rows=rows)
+  delta, aux_m = route_unit(
+    n,
+    x_BxTxD,
+    lambda _, ns: get().mlp(ns),
+    routing_layer.mlp_lff,
+    routing_layer.mlp_router,
+    spec,
+    ks[1],
+    thr[1],
+    jax.random.fold_in(key, 1),
+    ctx.temperature,
+    ctx.sink_BxT,
+    rows=rows,
+  )
   x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
   aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
   if cache is None:
@@ -92,11 +122,17 @@ def routed_layer(layer: DecoderLayer | Callable[[], DecoderLayer], routing_layer
   return x_BxTxD, aux, (k_new.astype(k_all.dtype), v_new.astype(v_all.dtype))
 
 
-
-def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
-                   segment_ids_BxT: Array | None, spec: RoutingSpec, *,
-                   rng: Array | None = None, return_aux: bool = False,
-                   temperature: Array | None = None):
+def routed_forward(
+  model: Llama,
+  tokens_BxT: Array,
+  positions_BxT: Array | None,
+  segment_ids_BxT: Array | None,
+  spec: RoutingSpec,
+  *,
+  rng: Array | None = None,
+  return_aux: bool = False,
+  temperature: Array | None = None,
+):
   """Logits `[B, T, V]` with every unit routed per `spec` (and aux if asked).
 
   `temperature` (a scalar, may be traced) replaces `spec.temperature` for
@@ -110,9 +146,13 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
   check_calibrated(model, spec)
   b, t = tokens_BxT.shape
   index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  ctx = Ctx(index_BxT if positions_BxT is None else positions_BxT, index_BxT,
-            segment_ids_BxT, temperature,
-            sink_mask(index_BxT, segment_ids_BxT) if spec.protect_sinks else None)
+  ctx = Ctx(
+    index_BxT if positions_BxT is None else positions_BxT,
+    index_BxT,
+    segment_ids_BxT,
+    temperature,
+    sink_mask(index_BxT, segment_ids_BxT) if spec.protect_sinks else None,
+  )
   key = jax.random.key(spec.seed) if rng is None else rng
   ks = layer_ks(spec, cfg, t)
   x = model.embed(tokens_BxT)
@@ -123,15 +163,25 @@ def routed_forward(model: Llama, tokens_BxT: Array, positions_BxT: Array | None,
     caps = jnp.asarray(layer_caps(spec, cfg))
 
     def layer_fn(layer, routing_layer, x, lid):
-      return routed_layer(layer, routing_layer, x, ctx, spec, static_ks, jax.random.fold_in(key, lid),
-                          caps=caps[lid])
+      return routed_layer(
+        layer, routing_layer, x, ctx, spec, static_ks, jax.random.fold_in(key, lid), caps=caps[lid]
+      )
 
     x, aux = model.run_layers(layer_fn, x, jnp.asarray(layer_ids))
   else:
+
     def layer_fn(layer, routing_layer, x, per):
       lid, k_pair, cap_pair = per  # numpy leaves in the unrolled loop: static
-      return routed_layer(layer, routing_layer, x, ctx, spec, (int(k_pair[0]), int(k_pair[1])),
-                          jax.random.fold_in(key, int(lid)), caps=jnp.asarray(cap_pair))
+      return routed_layer(
+        layer,
+        routing_layer,
+        x,
+        ctx,
+        spec,
+        (int(k_pair[0]), int(k_pair[1])),
+        jax.random.fold_in(key, int(lid)),
+        caps=jnp.asarray(cap_pair),
+      )
 
     x, aux = model.run_layers(layer_fn, x, (layer_ids, ks, layer_caps(spec, cfg)), scan=False)
   logits = model.logits(x)
@@ -143,9 +193,14 @@ def realized_sparsity(aux: dict[str, Array]) -> Array:
   return 1.0 - jnp.mean(aux["exec_rate"])
 
 
-def _spec_forward(spec: RoutingSpec, model: Llama, tokens_BxT: Array,
-                  positions_BxT: Array | None = None, segment_ids_BxT: Array | None = None,
-                  **kwargs: Any):
+def _spec_forward(
+  spec: RoutingSpec,
+  model: Llama,
+  tokens_BxT: Array,
+  positions_BxT: Array | None = None,
+  segment_ids_BxT: Array | None = None,
+  **kwargs: Any,
+):
   """`routed_forward` with this spec; what `model(tokens, routing=spec)` calls."""
   return routed_forward(model, tokens_BxT, positions_BxT, segment_ids_BxT, spec, **kwargs)
 

@@ -71,22 +71,34 @@ class RoutingSpec:
       raise ConfigError(f"routing.sparsity must be a number in [0, 1], got {self.sparsity!r}")
     if self.capacities is not None:
       rows = self.capacities
-      if (not isinstance(rows, (list, tuple)) or not rows
-          or any(not isinstance(r, (list, tuple)) or len(r) != len(UNITS)
-                 or not all(is_fraction(c) for c in r) for r in rows)):
-        raise ConfigError("routing.capacities must be a non-empty per-layer list of "
-                          f"(attn, mlp) capacities in [0, 1], got {self.capacities!r}")
+      if (
+        not isinstance(rows, (list, tuple))
+        or not rows
+        or any(
+          not isinstance(r, (list, tuple))
+          or len(r) != len(UNITS)
+          or not all(is_fraction(c) for c in r)
+          for r in rows
+        )
+      ):
+        raise ConfigError(
+          "routing.capacities must be a non-empty per-layer list of "
+          f"(attn, mlp) capacities in [0, 1], got {self.capacities!r}"
+        )
       object.__setattr__(self, "capacities", tuple(tuple(float(c) for c in r) for r in rows))
     if not is_temperature(self.temperature):
-      raise ConfigError(f"routing.temperature must be a number in [{_MIN_TEMPERATURE:.3g}, "
-                        f"{_MAX_TEMPERATURE:.3g}] (float32, > 0), got {self.temperature!r}")
+      raise ConfigError(
+        f"routing.temperature must be a number in [{_MIN_TEMPERATURE:.3g}, "
+        f"{_MAX_TEMPERATURE:.3g}] (float32, > 0), got {self.temperature!r}"
+      )
     if not (is_int(self.k_multiple) and self.k_multiple >= 1):
       raise ConfigError(f"routing.k_multiple must be an integer >= 1, got {self.k_multiple!r}")
     if not (is_int(self.seed) and 0 <= self.seed < 2**32):
       raise ConfigError(f"routing.seed must be an integer in [0, 2**32), got {self.seed!r}")
     if self.gate == "gumbel" and self.compute != "all":
-      raise ConfigError("routing.gate='gumbel' samples a variable number of tokens; "
-                        "it needs routing.compute='all'")
+      raise ConfigError(
+        "routing.gate='gumbel' samples a variable number of tokens; it needs routing.compute='all'"
+      )
     if not isinstance(self.protect_sinks, bool):
       raise ConfigError(f"routing.protect_sinks must be True or False, got {self.protect_sinks!r}")
     if self.mode == "causal" and self.gate != "hard":
@@ -107,8 +119,9 @@ class RoutingSpec:
 
   def check_layers(self, num_layers: int) -> None:
     if self.capacities is not None and len(self.capacities) != num_layers:
-      raise ConfigError(f"routing.capacities has {len(self.capacities)} rows; the model has "
-                        f"{num_layers} layers")
+      raise ConfigError(
+        f"routing.capacities has {len(self.capacities)} rows; the model has {num_layers} layers"
+      )
 
   def inference(self, mode: str = "topk") -> RoutingSpec:
     """This spec as inference routes: hard gates, only selected tokens computed.
@@ -133,23 +146,28 @@ _MAX_TEMPERATURE = float(np.finfo(np.float32).max)
 
 def is_temperature(v: Any) -> bool:
   """A Gumbel temperature float32 holds as a positive finite number."""
-  return (isinstance(v, (int, float)) and not isinstance(v, bool)
-          and _MIN_TEMPERATURE <= v <= _MAX_TEMPERATURE)
+  return (
+    isinstance(v, (int, float))
+    and not isinstance(v, bool)
+    and _MIN_TEMPERATURE <= v <= _MAX_TEMPERATURE
+  )
 
 
 # ------------------------------------------------- capacities and counts
 def layer_caps(spec: RoutingSpec, cfg: LlamaConfig) -> np.ndarray:
   """The spec's capacity of every unit, `[L, 2]` (fractions of tokens executed)."""
-  return np.array([[spec.capacity(l, u) for u in range(len(UNITS))]
-                   for l in range(cfg.num_layers)], np.float32)
+  return np.array(
+    [[spec.capacity(l, u) for u in range(len(UNITS))] for l in range(cfg.num_layers)], np.float32
+  )
 
 
 def layer_ks(spec: RoutingSpec, cfg: LlamaConfig, t: int) -> np.ndarray:
   """Static top-k counts of every unit for rows of `t` tokens, `[L, 2]` (which units run
   how much: what the routed forward, `flops` and the benchmarks all use)."""
   spec.check_layers(cfg.num_layers)
-  return np.array([[spec.k(t, l, u) for u in range(len(UNITS))]
-                   for l in range(cfg.num_layers)], np.int32)
+  return np.array(
+    [[spec.k(t, l, u) for u in range(len(UNITS))] for l in range(cfg.num_layers)], np.int32
+  )
 
 
 def row_k(spec: RoutingSpec, rows: int, layer: int, unit: int) -> int:

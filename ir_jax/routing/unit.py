@@ -76,8 +76,9 @@ def _importance(x_BxTxD: Array, u_BxTxD: Array) -> Array:
 UnitFn = Callable[[Array | None, Array], Array]
 
 
-def _forecast_and_scores(n_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router,
-                         spec: RoutingSpec, key: Array) -> tuple[Array, Array | None, Array]:
+def _forecast_and_scores(
+  n_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router, spec: RoutingSpec, key: Array
+) -> tuple[Array, Array | None, Array]:
   """(forecast, the unit's output for every token if the policy needed it, scores `[B, T]`):
   the forecast is 0 for greedy; scores are the router's, uniform noise (random) or the
   forecast error (oracle, which runs the unit on every token)."""
@@ -91,10 +92,20 @@ def _forecast_and_scores(n_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster, route
   return forecast, None, router(n_BxTxD)
 
 
-def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
-               router: Router, spec: RoutingSpec, k: int, threshold: Array,
-               key: Array, temperature: Array | None = None,
-               sink_BxT: Array | None = None, rows: bool = False) -> tuple[Array, dict[str, Array]]:
+def route_unit(
+  n_BxTxD: Array,
+  x_BxTxD: Array,
+  unit_fn: UnitFn,
+  lff: Forecaster,
+  router: Router,
+  spec: RoutingSpec,
+  k: int,
+  threshold: Array,
+  key: Array,
+  temperature: Array | None = None,
+  sink_BxT: Array | None = None,
+  rows: bool = False,
+) -> tuple[Array, dict[str, Array]]:
   """The unit's contribution to the residual for every token, and statistics.
 
   `unit_fn(idx_BxS, n_BxSxD)` runs the unit for the tokens at `idx` (None:
@@ -111,10 +122,12 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
   if rows and spec.policy != "dense":
     return _route_rows(n_BxTxD, unit_fn, lff, router, spec, k, key, sink_BxT)
   if spec.policy == "dense" or (spec.mode == "topk" and k == t and spec.gate == "hard"):
-    return unit_fn(None, n_BxTxD), dict(exec_rate=jnp.ones((), f32),
-                                        importance=jnp.zeros((), f32),
-                                        scores_BxT=jnp.zeros((b, t), f32),
-                                        gate_BxT=jnp.ones((b, t), bool))
+    return unit_fn(None, n_BxTxD), dict(
+      exec_rate=jnp.ones((), f32),
+      importance=jnp.zeros((), f32),
+      scores_BxT=jnp.zeros((b, t), f32),
+      gate_BxT=jnp.ones((b, t), bool),
+    )
   forecast, u_all, scores = _forecast_and_scores(n_BxTxD, unit_fn, lff, router, spec, key)
   soft = jax.nn.sigmoid(scores)
   if sink_BxT is not None:
@@ -150,9 +163,11 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
     # A decode step: run the unit only when some row's token passes its
     # threshold (lax.cond executes one branch), so a skipped unit costs its
     # forecast and router alone. With one row this is exact per-token skipping.
-    out = jax.lax.cond(jnp.any(gate),
-                       lambda: jnp.where(gate[..., None], unit_fn(None, n_BxTxD), forecast),
-                       lambda: forecast)
+    out = jax.lax.cond(
+      jnp.any(gate),
+      lambda: jnp.where(gate[..., None], unit_fn(None, n_BxTxD), forecast),
+      lambda: forecast,
+    )
     importance = jnp.zeros((), f32)
   else:
     if u_all is None:
@@ -162,13 +177,19 @@ def route_unit(n_BxTxD: Array, x_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster,
     else:
       out = forecast + g[..., None].astype(forecast.dtype) * (u_all - forecast)
     importance = jnp.mean((1.0 - g) * _importance(x_BxTxD, jax.lax.stop_gradient(u_all)))
-  return out, dict(exec_rate=jnp.mean(g), importance=importance, scores_BxT=scores,
-                   gate_BxT=gate)
+  return out, dict(exec_rate=jnp.mean(g), importance=importance, scores_BxT=scores, gate_BxT=gate)
 
 
-def _route_rows(n_Bx1xD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router,
-                spec: RoutingSpec, k: int, key: Array,
-                sink_Bx1: Array | None) -> tuple[Array, dict[str, Array]]:
+def _route_rows(
+  n_Bx1xD: Array,
+  unit_fn: UnitFn,
+  lff: Forecaster,
+  router: Router,
+  spec: RoutingSpec,
+  k: int,
+  key: Array,
+  sink_Bx1: Array | None,
+) -> tuple[Array, dict[str, Array]]:
   """Static row capacity for a decode step of B rows (one token each): the unit
   runs for the `k` highest-scoring rows only (gathered, `[k, 1, D]`) and the
   other rows get the forecast. Shapes are static, no thresholds are needed, and
@@ -205,5 +226,9 @@ def _route_rows(n_Bx1xD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router
     out = gathered()
   else:
     out = jax.lax.cond(jnp.any(sink_Bx1), everyone, gathered)
-  return out, dict(exec_rate=jnp.mean(gate.astype(f32)), importance=jnp.zeros((), f32),
-                   scores_BxT=scores, gate_BxT=gate)
+  return out, dict(
+    exec_rate=jnp.mean(gate.astype(f32)),
+    importance=jnp.zeros((), f32),
+    scores_BxT=scores,
+    gate_BxT=gate,
+  )

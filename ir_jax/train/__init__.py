@@ -8,5 +8,14 @@ from ir_jax.train.config import STAGES, Settings, TrainConfig, settings_from_con
 from ir_jax.train.loop import Preempted, TrainingError, run
 from ir_jax.train.rundir import load_run_model, run_result
 
-__all__ = ["STAGES", "Settings", "TrainConfig", "settings_from_config", "Preempted",
-           "TrainingError", "load_run_model", "run", "run_result"]
+__all__ = [
+  "STAGES",
+  "Settings",
+  "TrainConfig",
+  "settings_from_config",
+  "Preempted",
+  "TrainingError",
+  "load_run_model",
+  "run",
+  "run_result",
+]

@@ -19,24 +19,32 @@ if TYPE_CHECKING:
   from ir_jax.train.config import Settings
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
-    "Config file (configs/*.py) with sections model, data, train, routing, mesh. Override any "
-    "field with --config.SECTION.FIELD=VALUE, e.g. --config.train.stages=forecaster "
-    "--config.train.router.steps=500 --config.routing.policy=greedy "
-    "--config.routing.sparsity=0.7 --config.mesh.fsdp=4 --config.data.batch_size=16.",
-    lock_config=True)
+  "config",
+  None,
+  "Config file (configs/*.py) with sections model, data, train, routing, mesh. Override any "
+  "field with --config.SECTION.FIELD=VALUE, e.g. --config.train.stages=forecaster "
+  "--config.train.router.steps=500 --config.routing.policy=greedy "
+  "--config.routing.sparsity=0.7 --config.mesh.fsdp=4 --config.data.batch_size=16.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None,
-    "Run directory for checkpoints, metrics.jsonl, tensorboard/ and eval.json. Rerunning the "
-    "same command resumes from the newest checkpoint; SIGTERM saves one before exiting.")
+  "workdir",
+  None,
+  "Run directory for checkpoints, metrics.jsonl, tensorboard/ and eval.json. Rerunning the "
+  "same command resumes from the newest checkpoint; SIGTERM saves one before exiting.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator", None,
-    "HOST:PORT of process 0 for a multi-process run (with --num_processes and --process_id). "
-    "Not needed on Cloud TPU VMs or under SLURM, where JAX finds the job itself.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "processes in a multi-process run (with --coordinator)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "this process's index in [0, --num_processes)")
+  "coordinator",
+  None,
+  "HOST:PORT of process 0 for a multi-process run (with --num_processes and --process_id). "
+  "Not needed on Cloud TPU VMs or under SLURM, where JAX finds the job itself.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "processes in a multi-process run (with --coordinator)"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "this process's index in [0, --num_processes)"
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 PROG = "ir_jax.train"
@@ -72,8 +80,9 @@ def main(argv: list[str]) -> None:
     _start_processes(settings)
     run(settings, _WORKDIR.value)
   except USER_ERRORS as e:
-    print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-          file=sys.stderr)
+    print(
+      f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr
+    )
     sys.exit(2)
   except TrainingError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -94,13 +103,17 @@ def _start_processes(settings: Settings) -> None:
   try:
     plan = maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except RuntimeError as e:  # the coordinator is unreachable, a peer died, ...
-    print(f"{PROG}: error: cannot join the multi-process job: {str(e).splitlines()[0]}",
-          file=sys.stderr)
+    print(
+      f"{PROG}: error: cannot join the multi-process job: {str(e).splitlines()[0]}", file=sys.stderr
+    )
     sys.exit(1)
   if not plan.distributed or jax.process_count() == 1:
     return
-  print(f"{PROG}: process {jax.process_index()} of {jax.process_count()} ({plan.reason}), "
-        f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+  print(
+    f"{PROG}: process {jax.process_index()} of {jax.process_count()} ({plan.reason}), "
+    f"{jax.local_device_count()} local / {jax.device_count()} global devices",
+    flush=True,
+  )
   from jax.experimental import multihost_utils
 
   from ir_jax.data.builder import open_split

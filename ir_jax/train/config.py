@@ -67,14 +67,17 @@ class StageConfig:
       v = getattr(self, field)
       ok = is_number(v) and (v > low if low_open else v >= low) and v <= high
       if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+        bound = f"{'>' if low_open else '>='} {low}" + (
+          f" and <= {high}" if high < math.inf else ""
+        )
         raise ConfigError(f"train.{name}.{field} must be a number {bound}, got {v!r}")
 
     integer("steps", 0 if getattr(self, "init", "none") == "fit" else 1)
     number("learning_rate", 0.0, low_open=True)
     if self.schedule not in SCHEDULES:
-      raise ConfigError(f"train.{name}.schedule must be one of {list(SCHEDULES)}, "
-                        f"got {self.schedule!r}")
+      raise ConfigError(
+        f"train.{name}.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}"
+      )
     number("warmup", 0.0, 1.0)
     number("weight_decay", 0.0)
     number("grad_clip", 0.0)
@@ -84,8 +87,9 @@ class StageConfig:
     if self.seq_len == 1:
       raise ConfigError(f"train.{name}.seq_len must be 0 (data.seq_len) or >= 2, got 1")
     if self.steps * self.grad_accum >= 2**31:  # the step counter is an int32 on device
-      raise ConfigError(f"train.{name}.steps x grad_accum must be below 2**31, got "
-                        f"{self.steps} x {self.grad_accum}")
+      raise ConfigError(
+        f"train.{name}.steps x grad_accum must be below 2**31, got {self.steps} x {self.grad_accum}"
+      )
 
 
 INITS = ("fit", "none")
@@ -96,7 +100,9 @@ def _check_fit(stage_cfg: StageConfig, name: str) -> None:
   if stage_cfg.init not in INITS:
     raise ConfigError(f"train.{name}.init must be one of {list(INITS)}, got {stage_cfg.init!r}")
   if not is_int(stage_cfg.fit_batches) or stage_cfg.fit_batches < 1:
-    raise ConfigError(f"train.{name}.fit_batches must be an integer >= 1, got {stage_cfg.fit_batches!r}")
+    raise ConfigError(
+      f"train.{name}.fit_batches must be an integer >= 1, got {stage_cfg.fit_batches!r}"
+    )
   if not (is_number(stage_cfg.ridge) and stage_cfg.ridge > 0):
     raise ConfigError(f"train.{name}.ridge must be a number > 0, got {stage_cfg.ridge!r}")
 
@@ -126,8 +132,10 @@ class ForecasterStage(StageConfig):
     super().validate(name)
     _check_fit(self, name)
     if not (is_number(self.outlier) and self.outlier > 1) and self.outlier != float("inf"):
-      raise ConfigError(f"train.{name}.outlier must be a number > 1 (or inf: keep every "
-                        f"token), got {self.outlier!r}")
+      raise ConfigError(
+        f"train.{name}.outlier must be a number > 1 (or inf: keep every "
+        f"token), got {self.outlier!r}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +197,10 @@ class RouterStage(StageConfig):
     for f in ("temperature_start", "temperature_end"):
       v = getattr(self, f)
       if not is_temperature(v):
-        raise ConfigError(f"train.router.{f} must be a number > 0 that float32 holds "
-                          f"(about 1e-38 to 3e38), got {v!r}")
+        raise ConfigError(
+          f"train.router.{f} must be a number > 0 that float32 holds "
+          f"(about 1e-38 to 3e38), got {v!r}"
+        )
     for f in ("sparsity_weight", "importance_weight"):
       v = getattr(self, f)
       if not (is_number(v) and v >= 0):
@@ -199,22 +209,26 @@ class RouterStage(StageConfig):
       raise ConfigError(f"train.router.prior_bias must be True or False, got {self.prior_bias!r}")
     _check_fit(self, name)
     if self.allocation not in ALLOCATIONS:
-      raise ConfigError(f"train.router.allocation must be one of {list(ALLOCATIONS)}, "
-                        f"got {self.allocation!r}")
+      raise ConfigError(
+        f"train.router.allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}"
+      )
     if self.budget not in ("pairs", "flops"):
       raise ConfigError(f"train.router.budget must be 'pairs' or 'flops', got {self.budget!r}")
     if self.budget == "flops" and self.allocation != "error":
       raise ConfigError("train.router.budget='flops' needs train.router.allocation='error'")
     if not is_int(self.allocation_batches) or self.allocation_batches < 1:
-      raise ConfigError(f"train.router.allocation_batches must be an integer >= 1, "
-                        f"got {self.allocation_batches!r}")
+      raise ConfigError(
+        f"train.router.allocation_batches must be an integer >= 1, got {self.allocation_batches!r}"
+      )
     for f in ("probe_level", "max_sparsity"):
       v = getattr(self, f)
       if not (is_number(v) and 0 < v <= 1):
         raise ConfigError(f"train.router.{f} must be a number in (0, 1], got {v!r}")
     if not is_int(self.calibration_batches) or self.calibration_batches < 0:
-      raise ConfigError(f"train.router.calibration_batches must be an integer >= 0, "
-                        f"got {self.calibration_batches!r}")
+      raise ConfigError(
+        f"train.router.calibration_batches must be an integer >= 0, "
+        f"got {self.calibration_batches!r}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,12 +297,19 @@ class TrainConfig:
     stages = self.stage_list
     bad = [s for s in stages if s not in STAGES]
     if not stages or bad:
-      raise ConfigError(f"train.stages must list stages from {list(STAGES)} separated by commas, "
-                        f"got {self.stages!r}")
+      raise ConfigError(
+        f"train.stages must list stages from {list(STAGES)} separated by commas, "
+        f"got {self.stages!r}"
+      )
     if len(set(stages)) != len(stages):
       raise ConfigError(f"train.stages names a stage twice: {self.stages!r}")
-    for name, low in (("seed", 0), ("log_every", 1), ("checkpoint_every", 1),
-                      ("keep_checkpoints", 1), ("eval_batches", 0)):
+    for name, low in (
+      ("seed", 0),
+      ("log_every", 1),
+      ("checkpoint_every", 1),
+      ("keep_checkpoints", 1),
+      ("eval_batches", 0),
+    ):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < low:
         raise ConfigError(f"train.{name} must be an integer >= {low}, got {v!r}")
@@ -313,6 +334,12 @@ class Settings:
   mesh: MeshConfig
   raw: dict[str, Any]  # the config as plain JSON-able data (saved with checkpoints)
   model_random_init: bool = False  # model.random_init: no checkpoint means random weights
+
+  def with_lora_adapters(self) -> Settings:
+    """These settings with a model that carries LoRA adapters of `train.lora`'s rank."""
+    lora = self.train.lora
+    model = self.model.replace(lora_rank=lora.rank, lora_alpha=float(lora.alpha))
+    return dataclasses.replace(self, model=model)
 
   def stage_data(self, stage: str) -> DataConfig:
     """The data config with the stage's batch size / sequence length overrides."""
@@ -371,8 +398,10 @@ def routing_spec(d: dict[str, Any]) -> RoutingSpec:
   d = dict(d)
   unknown = sorted(set(d) - set(ROUTING_FIELDS))
   if unknown:
-    raise ConfigError(f"unknown routing config fields {unknown}; known: {list(ROUTING_FIELDS)} "
-                      "(gates and modes follow the stage: see train.router.gate)")
+    raise ConfigError(
+      f"unknown routing config fields {unknown}; known: {list(ROUTING_FIELDS)} "
+      "(gates and modes follow the stage: see train.router.gate)"
+    )
   caps = d.get("capacities")
   if isinstance(caps, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in caps):
     d["capacities"] = tuple(tuple(r) for r in caps)  # hashable; RoutingSpec checks the rest
@@ -396,21 +425,32 @@ def settings_from_config(cfg: Any) -> Settings:
     raise ConfigError(f"model.random_init must be True or False, got {random_init!r}")
   model = from_config_dict(model_d)
   if "data" not in top:
-    raise ConfigError("the config has no `data` section; add cfg.data = ConfigDict(...) "
-                      "(see configs/tiny.py)")
+    raise ConfigError(
+      "the config has no `data` section; add cfg.data = ConfigDict(...) (see configs/tiny.py)"
+    )
   data = data_config(_section(cfg, "data"), ckpt)  # a ConfigDict or a plain dict
   train = train_config(_section(cfg, "train"))
   routing = routing_spec(_section(cfg, "routing"))
   mesh = _build(MeshConfig, _section(cfg, "mesh"), "mesh")
-  if "lora" in train.stage_list:
-    model = model.replace(lora_rank=train.lora.rank, lora_alpha=float(train.lora.alpha))
   routing.check_layers(model.num_layers)
   if routing.policy == "dense" and "router" in train.stage_list:
-    raise ConfigError("routing.policy is 'dense' but train.stages has 'router'; routers train "
-                      "for 'informed' or 'greedy' routing")
+    raise ConfigError(
+      "routing.policy is 'dense' but train.stages has 'router'; routers train "
+      "for 'informed' or 'greedy' routing"
+    )
   raw = {s: _section(cfg, s) for s in SECTIONS if s in top}
-  return Settings(model=model, model_checkpoint=ckpt, data=data, train=train, routing=routing,
-                  mesh=mesh, raw=raw, model_random_init=random_init)
+  settings = Settings(
+    model=model,
+    model_checkpoint=ckpt,
+    data=data,
+    train=train,
+    routing=routing,
+    mesh=mesh,
+    raw=raw,
+    model_random_init=random_init,
+  )
+  # The lora stage trains adapters the model must carry from the start (ir_jax.train.stages).
+  return settings.with_lora_adapters() if "lora" in train.stage_list else settings
 
 
 def default_config() -> Any:
@@ -422,8 +462,14 @@ def default_config() -> Any:
   import ml_collections
 
   def as_dict(dc: Any) -> dict[str, Any]:
-    return {f.name: (as_dict(getattr(dc, f.name)) if dataclasses.is_dataclass(getattr(dc, f.name))
-                     else getattr(dc, f.name)) for f in dataclasses.fields(dc)}
+    return {
+      f.name: (
+        as_dict(getattr(dc, f.name))
+        if dataclasses.is_dataclass(getattr(dc, f.name))
+        else getattr(dc, f.name)
+      )
+      for f in dataclasses.fields(dc)
+    }
 
   cfg = ml_collections.ConfigDict()
   cfg.train = ml_collections.ConfigDict(as_dict(TrainConfig()))

@@ -26,8 +26,9 @@ from ir_jax.train.init import forecaster_report
 from ir_jax.train.metrics import MetricWriter, log
 
 
-def prior_router_bias(trainable: nnx.State, routing: RoutingSpec,
-                      shardings: nnx.State) -> nnx.State:
+def prior_router_bias(
+  trainable: nnx.State, routing: RoutingSpec, shardings: nnx.State
+) -> nnx.State:
   """Untrained routers (output bias exactly 0) start at the target execute rate.
 
   Gumbel gates execute with probability sigmoid(score); a bias of
@@ -36,8 +37,7 @@ def prior_router_bias(trainable: nnx.State, routing: RoutingSpec,
   threshold routing are unchanged by a constant shift. Routers trained before
   (non-zero bias) are left alone.
   """
-  cap = 1.0 - routing.sparsity if routing.capacities is None else float(
-      np.mean(routing.capacities))
+  cap = 1.0 - routing.sparsity if routing.capacities is None else float(np.mean(routing.capacities))
   cap = min(max(cap, 1e-3), 1 - 1e-3)
   prior = math.log(cap / (1.0 - cap))
   flat = dict(nnx.to_flat_state(trainable))
@@ -54,14 +54,22 @@ def prior_router_bias(trainable: nnx.State, routing: RoutingSpec,
   return trainable
 
 
-def report_forecasters(s: Settings, model: Llama, mesh: jax.sharding.Mesh, workdir: str,
-                       writer: MetricWriter, step: int) -> None:
+def report_forecasters(
+  s: Settings, model: Llama, mesh: jax.sharding.Mesh, workdir: str, writer: MetricWriter, step: int
+) -> None:
   """Held-out fit of the forecasters on a few eval batches: forecasters.json and a
   `forecaster_heldout` metrics record."""
-  held = pipeline.make_iterator(s.data, s.data.eval_split, mode=PACK, shuffle=False,
-                                num_epochs=1, mesh=mesh, batch_axes=sh.BATCH_AXES,
-                                num_batches=min(4, s.train.eval_batches),
-                                prepare_if_missing=True)
+  held = pipeline.make_iterator(
+    s.data,
+    s.data.eval_split,
+    mode=PACK,
+    shuffle=False,
+    num_epochs=1,
+    mesh=mesh,
+    batch_axes=sh.BATCH_AXES,
+    num_batches=min(4, s.train.eval_batches),
+    prepare_if_missing=True,
+  )
   try:
     batches = list(held)
   finally:
@@ -71,13 +79,16 @@ def report_forecasters(s: Settings, model: Llama, mesh: jax.sharding.Mesh, workd
     writer.write("forecaster_heldout", step, info)  # not the step's own (stage, step) record
 
 
-def calibrate_router(s: Settings, num_batches: int, model: Llama,
-                     it: Iterator[dict[str, Any]]) -> None:
+def calibrate_router(
+  s: Settings, num_batches: int, model: Llama, it: Iterator[dict[str, Any]]
+) -> None:
   """Calibrates `model`'s causal-mode thresholds in place on the next `num_batches`
   training batches (gathered whole on every process, so all calibrate alike)."""
   log(f"[router] calibrating causal-mode thresholds on {num_batches} batches ...")
   from jax.experimental import multihost_utils
 
-  cal = [np.asarray(multihost_utils.process_allgather(next(it)["inputs"], tiled=True))
-         for _ in range(num_batches)]
+  cal = [
+    np.asarray(multihost_utils.process_allgather(next(it)["inputs"], tiled=True))
+    for _ in range(num_batches)
+  ]
   calibrate_thresholds(model, cal, trained_spec(model, s.routing.inference()))

@@ -20,7 +20,7 @@ from ir_jax.files import write_json
 from ir_jax.model import Llama
 from ir_jax.progress import Progress
 from ir_jax.routing import model_table, unit_flops
-from ir_jax.train.config import Settings
+from ir_jax.train.config import Settings, StageConfig
 
 
 def _log(msg: str) -> None:
@@ -37,65 +37,109 @@ def _target_sparsity(s: Settings) -> float:
   return r.sparsity if r.capacities is None else float(1.0 - np.mean(r.capacities))
 
 
-def stage_init(s: Settings, stage: str, model: Llama, it: Iterator[dict[str, Any]]) -> dict[str, float]:
-  """Runs the stage's fit on batches drawn from its training stream; returns metrics to log."""
-  stage_cfg = s.train.stage(stage)
-  if stage == "forecaster":
-    _log(f"[forecaster] closed-form fit: statistics over {stage_cfg.fit_batches} batches "
-         f"(ordinary tokens; segment starts excluded), rank {model.config.lff_rank}, "
-         f"ridge {stage_cfg.ridge:g}")
-    m = fit.forecaster_moments(model, _batches(it, stage_cfg.fit_batches),
-                               Progress("[forecaster] statistics", stage_cfg.fit_batches, printer=_log),
-                               outlier=stage_cfg.outlier)
-    fit.set_forecasters(model, m, stage_cfg.ridge)
-    dropped = int(m["dropped"].sum())
-    if dropped:
-      _log(f"[forecaster] left {dropped} (token, unit) outliers out of the fit (output energy "
-           f"> {stage_cfg.outlier:g} x the batch mean)")
-    return {"fit_tokens": float(m["count"][0, 0]), "fit_outliers": float(dropped)}
-  if stage == "router":
-    greedy = s.routing.policy == "greedy"
-    target = "log |Unit(n)|^2 (greedy: nothing replaces a skipped unit)" if greedy else (
-        "log forecast error")
-    _log(f"[router] warm start: routers regress {target} over {stage_cfg.fit_batches} batches")
-    m = fit.router_moments(model, _batches(it, stage_cfg.fit_batches),
-                           Progress("[router] statistics", stage_cfg.fit_batches, printer=_log), greedy)
-    r2 = fit.set_routers(model, m, stage_cfg.ridge)
-    info = {"router_fit_r2_attn": float(r2[:, 0].mean()), "router_fit_r2_mlp": float(r2[:, 1].mean())}
-    _log(f"[router] fit R^2 of the log error: attention {info['router_fit_r2_attn']:.2f}, "
-         f"MLP {info['router_fit_r2_mlp']:.2f}")
-    sparsity = _target_sparsity(s)
-    alloc = stage_cfg.allocation if (s.routing.capacities is None and 0 < sparsity < 1) else "uniform"
-    batches = _batches(it, stage_cfg.allocation_batches)
-    shape = (model.config.num_layers, 2)
-    if alloc == "error":
-      scores, rel_err = fit.error_curves(model, batches, greedy)
-      cost = (unit_flops(model.config, s.stage_data(stage).seq_len)
-              if stage_cfg.budget == "flops" else None)
-      table = fit.allocate_curves(scores, rel_err, sparsity, max_sparsity=stage_cfg.max_sparsity,
-                                  unit_cost=cost)
-    elif alloc == "probe":
-      _log(f"[router] capacity table: probing {shape[0] * shape[1]} units at sparsity "
-           f"{stage_cfg.probe_level:g} on {stage_cfg.allocation_batches} batch(es)")
-      damage, scores = fit.unit_damage(model, batches, stage_cfg.probe_level,
-                                       Progress("[router] probes", shape[0] * shape[1],
-                                                printer=_log), greedy)
-      table = fit.allocate(damage, sparsity, stage_cfg.probe_level, max_sparsity=stage_cfg.max_sparsity)
-    else:
-      _, scores = fit.unit_scores(model, batches, greedy)
-      caps = (np.asarray(s.routing.capacities) if s.routing.capacities is not None
-              else np.full(shape, 1.0 - sparsity))
-      fit.center_routers(model, caps, scores)
-      return info
-    fit.set_table(model, table, scores)
-    tab = np.asarray(model_table(model))
-    info.update(table_sparsity_attn=float(1 - tab[:, 0].mean()),
-                table_sparsity_mlp=float(1 - tab[:, 1].mean()))
-    _log(f"[router] capacity table ({alloc}, budget {stage_cfg.budget}; mean sparsity "
-         f"{1 - tab.mean():.3f}): attention "
-         f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}")
+def fit_forecasters(
+  s: Settings, stage_cfg: StageConfig, model: Llama, it: Iterator[dict[str, Any]]
+) -> dict[str, float]:
+  """The forecaster stage's closed-form start: reduced-rank ridge fits from second moments
+  over batches drawn from its training stream; returns metrics to log."""
+  _log(
+    f"[forecaster] closed-form fit: statistics over {stage_cfg.fit_batches} batches "
+    f"(ordinary tokens; segment starts excluded), rank {model.config.lff_rank}, "
+    f"ridge {stage_cfg.ridge:g}"
+  )
+  m = fit.forecaster_moments(
+    model,
+    _batches(it, stage_cfg.fit_batches),
+    Progress("[forecaster] statistics", stage_cfg.fit_batches, printer=_log),
+    outlier=stage_cfg.outlier,
+  )
+  fit.set_forecasters(model, m, stage_cfg.ridge)
+  dropped = int(m["dropped"].sum())
+  if dropped:
+    _log(
+      f"[forecaster] left {dropped} (token, unit) outliers out of the fit (output energy "
+      f"> {stage_cfg.outlier:g} x the batch mean)"
+    )
+  return {"fit_tokens": float(m["count"][0, 0]), "fit_outliers": float(dropped)}
+
+
+def fit_routers(
+  s: Settings, stage_cfg: StageConfig, model: Llama, it: Iterator[dict[str, Any]]
+) -> dict[str, float]:
+  """The router stage's closed-form start: routers regress their oracle target, then the
+  capacity table is allocated; returns metrics to log."""
+  greedy = s.routing.policy == "greedy"
+  target = (
+    "log |Unit(n)|^2 (greedy: nothing replaces a skipped unit)"
+    if greedy
+    else ("log forecast error")
+  )
+  _log(f"[router] warm start: routers regress {target} over {stage_cfg.fit_batches} batches")
+  m = fit.router_moments(
+    model,
+    _batches(it, stage_cfg.fit_batches),
+    Progress("[router] statistics", stage_cfg.fit_batches, printer=_log),
+    greedy,
+  )
+  r2 = fit.set_routers(model, m, stage_cfg.ridge)
+  info = {
+    "router_fit_r2_attn": float(r2[:, 0].mean()),
+    "router_fit_r2_mlp": float(r2[:, 1].mean()),
+  }
+  _log(
+    f"[router] fit R^2 of the log error: attention {info['router_fit_r2_attn']:.2f}, "
+    f"MLP {info['router_fit_r2_mlp']:.2f}"
+  )
+  sparsity = _target_sparsity(s)
+  alloc = stage_cfg.allocation if (s.routing.capacities is None and 0 < sparsity < 1) else "uniform"
+  batches = _batches(it, stage_cfg.allocation_batches)
+  shape = (model.config.num_layers, 2)
+  if alloc == "error":
+    scores, rel_err = fit.error_curves(model, batches, greedy)
+    cost = (
+      unit_flops(model.config, s.stage_data("router").seq_len)
+      if stage_cfg.budget == "flops"
+      else None
+    )
+    table = fit.allocate_curves(
+      scores, rel_err, sparsity, max_sparsity=stage_cfg.max_sparsity, unit_cost=cost
+    )
+  elif alloc == "probe":
+    _log(
+      f"[router] capacity table: probing {shape[0] * shape[1]} units at sparsity "
+      f"{stage_cfg.probe_level:g} on {stage_cfg.allocation_batches} batch(es)"
+    )
+    damage, scores = fit.unit_damage(
+      model,
+      batches,
+      stage_cfg.probe_level,
+      Progress("[router] probes", shape[0] * shape[1], printer=_log),
+      greedy,
+    )
+    table = fit.allocate(
+      damage, sparsity, stage_cfg.probe_level, max_sparsity=stage_cfg.max_sparsity
+    )
+  else:
+    _, scores = fit.unit_scores(model, batches, greedy)
+    caps = (
+      np.asarray(s.routing.capacities)
+      if s.routing.capacities is not None
+      else np.full(shape, 1.0 - sparsity)
+    )
+    fit.center_routers(model, caps, scores)
     return info
-  raise ValueError(f"stage {stage!r} has no fit")
+  fit.set_table(model, table, scores)
+  tab = np.asarray(model_table(model))
+  info.update(
+    table_sparsity_attn=float(1 - tab[:, 0].mean()),
+    table_sparsity_mlp=float(1 - tab[:, 1].mean()),
+  )
+  _log(
+    f"[router] capacity table ({alloc}, budget {stage_cfg.budget}; mean sparsity "
+    f"{1 - tab.mean():.3f}): attention "
+    f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}"
+  )
+  return info
 
 
 def forecaster_report(model: Llama, batches: list[dict[str, Any]], path: str) -> dict[str, float]:
@@ -103,16 +147,23 @@ def forecaster_report(model: Llama, batches: list[dict[str, Any]], path: str) ->
   excluded), written to `path` (JSON); returns the per-unit-type means to log."""
   ex = fit.explained(fit.forecast_error(model, batches))
   if jax.process_index() == 0:
-    write_json(path, {"what": "1 - sum |LFF(n) - Unit(n)|^2 / sum |Unit(n)|^2 over held-out "
-                              "ordinary tokens (segment starts excluded), per layer",
-                      "tokens_batches": len(batches),
-                      "attn": [round(float(v), 4) for v in ex[:, 0]],
-                      "mlp": [round(float(v), 4) for v in ex[:, 1]]})
-  info = {"heldout_explained_attn": float(ex[:, 0].mean()),
-          "heldout_explained_mlp": float(ex[:, 1].mean())}
-  _log(f"[forecaster] held-out explained variance (ordinary tokens): attention "
-       f"{info['heldout_explained_attn']:.2f}, MLP {info['heldout_explained_mlp']:.2f} "
-       f"(per layer: {path})")
+    write_json(
+      path,
+      {
+        "what": "1 - sum |LFF(n) - Unit(n)|^2 / sum |Unit(n)|^2 over held-out "
+        "ordinary tokens (segment starts excluded), per layer",
+        "tokens_batches": len(batches),
+        "attn": [round(float(v), 4) for v in ex[:, 0]],
+        "mlp": [round(float(v), 4) for v in ex[:, 1]],
+      },
+    )
+  info = {
+    "heldout_explained_attn": float(ex[:, 0].mean()),
+    "heldout_explained_mlp": float(ex[:, 1].mean()),
+  }
+  _log(
+    f"[forecaster] held-out explained variance (ordinary tokens): attention "
+    f"{info['heldout_explained_attn']:.2f}, MLP {info['heldout_explained_mlp']:.2f} "
+    f"(per layer: {path})"
+  )
   return info
-
-

@@ -71,8 +71,10 @@ def write_record(stage_dir: str, step: int) -> str | None:
   step_dir = os.path.join(stage_dir, str(step))
   if not os.path.isdir(step_dir):
     return None
-  files = {rel: {"bytes": size, "sha256": _sha256(os.path.join(step_dir, rel))}
-           for rel, size in sorted(_files(step_dir).items())}
+  files = {
+    rel: {"bytes": size, "sha256": _sha256(os.path.join(step_dir, rel))}
+    for rel, size in sorted(_files(step_dir).items())
+  }
   os.makedirs(record_dir(stage_dir), exist_ok=True)
   path = os.path.join(record_dir(stage_dir), f"{step}.json")
   return write_json(path, {"format": FORMAT, "step": step, "files": files}, indent=0)
@@ -114,8 +116,14 @@ def check(stage_dir: str, step: int) -> str | None:
   return None
 
 
-def restore_newest_whole(steps: list[int], stage_dir: str, restore: Callable[[int], Any],
-                         log: Callable[[str], None], *, quarantine: bool) -> tuple[int, Any] | None:
+def restore_newest_whole(
+  steps: list[int],
+  stage_dir: str,
+  restore: Callable[[int], Any],
+  log: Callable[[str], None],
+  *,
+  quarantine: bool,
+) -> tuple[int, Any] | None:
   """(step, restored) of the newest step that passes `check` and `restore`, else None.
 
   Damaged steps newer than it are reported through `log` and, with `quarantine`,
@@ -133,15 +141,19 @@ def restore_newest_whole(steps: list[int], stage_dir: str, restore: Callable[[in
         why = f"restoring it failed: {type(e).__name__}: {first[:200]}"
       else:
         for bad, reason in problems:
-          log(f"checkpoint step {bad} of {stage_dir} is damaged ({reason}); "
-              + (f"moved to {move_aside(stage_dir, bad)}; " if quarantine else "")
-              + f"using step {step}")
+          log(
+            f"checkpoint step {bad} of {stage_dir} is damaged ({reason}); "
+            + (f"moved to {move_aside(stage_dir, bad)}; " if quarantine else "")
+            + f"using step {step}"
+          )
         return step, out
     problems.append((step, why))
   if problems:
     listing = "; ".join(f"step {s}: {w}" for s, w in problems)
-    raise DamagedCheckpoint(f"every checkpoint in {stage_dir} is damaged ({listing}); move the "
-                            "directory away to start this stage over")
+    raise DamagedCheckpoint(
+      f"every checkpoint in {stage_dir} is damaged ({listing}); move the "
+      "directory away to start this stage over"
+    )
   return None
 
 

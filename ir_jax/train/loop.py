@@ -28,10 +28,10 @@ from ir_jax.config import ConfigError
 from ir_jax.data import pipeline
 from ir_jax.files import write_json
 from ir_jax.routing import model_table
-from ir_jax.train import checkpoints, hooks, report, rundir, steps
+from ir_jax.train import checkpoints, report, rundir, steps
 from ir_jax.train.config import Settings
-from ir_jax.train.init import stage_init
 from ir_jax.train.metrics import MetricWriter, console_line, log
+from ir_jax.train.stages import STAGES, HookContext
 from ir_jax.train.state import (
   ModelState,
   adapter_target,
@@ -50,8 +50,9 @@ class Preempted(Exception):
   """A stop was requested (SIGTERM or `should_stop`); a checkpoint was saved first."""
 
   def __init__(self, stage: str, step: int) -> None:
-    super().__init__(f"stopped at {stage} step {step} after saving a checkpoint; rerun the same "
-                     "command to resume")
+    super().__init__(
+      f"stopped at {stage} step {step} after saving a checkpoint; rerun the same command to resume"
+    )
     self.stage, self.step = stage, step
 
 
@@ -84,16 +85,25 @@ def check_batch(s: Settings, mesh: jax.sharding.Mesh) -> None:
     b = s.stage_data(stage).batch_size
     where = f"train.{stage}.batch_size" if s.train.stage(stage).batch_size else "data.batch_size"
     if b % shards:
-      raise ConfigError(f"{where}={b} is not divisible by the {shards} data shards of the mesh "
-                        f"(data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); use a "
-                        f"multiple of {shards}")
+      raise ConfigError(
+        f"{where}={b} is not divisible by the {shards} data shards of the mesh "
+        f"(data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); use a "
+        f"multiple of {shards}"
+      )
     if b % jax.process_count():
       raise ConfigError(f"{where}={b} is not divisible by the {jax.process_count()} processes")
 
 
-def train_stage(s: Settings, stage: str, model_state: ModelState, mesh: jax.sharding.Mesh, workdir: str,
-                writer: MetricWriter, stop: _StopFlag,
-                should_stop: Callable[[str, int], bool] | None) -> dict[str, Any]:
+def train_stage(
+  s: Settings,
+  stage: str,
+  model_state: ModelState,
+  mesh: jax.sharding.Mesh,
+  workdir: str,
+  writer: MetricWriter,
+  stop: _StopFlag,
+  should_stop: Callable[[str, int], bool] | None,
+) -> dict[str, Any]:
   """Trains `stage` into `ms` (from its newest whole checkpoint, if any); returns its record.
 
   A stage already finished is only restored. Stops by saving a checkpoint and
@@ -105,26 +115,45 @@ def train_stage(s: Settings, stage: str, model_state: ModelState, mesh: jax.shar
   sdir = rundir.stage_dir(workdir, stage)
   mgr = checkpoints.open_manager(sdir, s.train.keep_checkpoints, s.train.async_checkpoints)
   adapters_target = adapter_target(model_state)
-  trainable_type = steps.TRAINABLE[stage]
-  graphdef, trainable, frozen = nnx.split(nnx.merge(model_state.graphdef, model_state.state), trainable_type, ...)
+  row = STAGES[stage]
+  trainable_type = row.trainable
+  graphdef, trainable, frozen = nnx.split(
+    nnx.merge(model_state.graphdef, model_state.state), trainable_type, ...
+  )
   lazy: dict[str, Any] = {}  # iterator and compiled step, built only when training is left
 
   def prepare() -> tuple[Any, Any]:
     if not lazy:
-      lazy["it"] = pipeline.train_iterator(data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES,
-                                           prepare_if_missing=True)
+      lazy["it"] = pipeline.train_iterator(
+        data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES, prepare_if_missing=True
+      )
       lazy["built"] = jit_stage_step(s, stage, graphdef, trainable, model_state.shardings, mesh)
     return lazy["it"], lazy["built"]
 
   def restore(n: int) -> dict[str, Any]:
     if n >= total:  # a finished stage: its adapters are all that is needed
-      return checkpoints.restore_compat(lambda tgt: mgr.restore(n, args=ocp.args.Composite(
-          adapters=ocp.args.StandardRestore(tgt), meta=ocp.args.JsonRestore())), adapters_target)
+      return checkpoints.restore_compat(
+        lambda tgt: mgr.restore(
+          n,
+          args=ocp.args.Composite(
+            adapters=ocp.args.StandardRestore(tgt), meta=ocp.args.JsonRestore()
+          ),
+        ),
+        adapters_target,
+      )
     it_, built_ = prepare()
-    return checkpoints.restore_compat(lambda tgt: mgr.restore(n, args=ocp.args.Composite(
-        adapters=ocp.args.StandardRestore(tgt),
-        opt_state=ocp.args.StandardRestore(sh.with_shardings(built_.abs_opt, built_.opt_sh)),
-        data=checkpoints.grain_restore(it_), meta=ocp.args.JsonRestore())), adapters_target)
+    return checkpoints.restore_compat(
+      lambda tgt: mgr.restore(
+        n,
+        args=ocp.args.Composite(
+          adapters=ocp.args.StandardRestore(tgt),
+          opt_state=ocp.args.StandardRestore(sh.with_shardings(built_.abs_opt, built_.opt_sh)),
+          data=checkpoints.grain_restore(it_),
+          meta=ocp.args.JsonRestore(),
+        ),
+      ),
+      adapters_target,
+    )
 
   t0 = time.time()
   on_disk = list(mgr.all_steps())
@@ -146,10 +175,18 @@ def train_stage(s: Settings, stage: str, model_state: ModelState, mesh: jax.shar
       lazy["it"].close()
     mgr.close()
     log(f"[{stage}] already finished ({latest} batches); restored its result")
-    return {"stage": stage, "resumed_from": latest, "steps_run": 0,
-            "train_s": float((restored["meta"] or {}).get("train_s", 0.0))}
+    return {
+      "stage": stage,
+      "resumed_from": latest,
+      "steps_run": 0,
+      "train_s": float((restored["meta"] or {}).get("train_s", 0.0)),
+    }
 
   it, built = prepare()
+
+  def context(step: int) -> HookContext:
+    return HookContext(s, stage_cfg, mesh, workdir, writer, it, step)
+
   tx, opt_sh, tr_sh, fr_sh = built.tx, built.opt_sh, built.tr_sh, built.fr_sh
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
 
@@ -159,22 +196,26 @@ def train_stage(s: Settings, stage: str, model_state: ModelState, mesh: jax.shar
   if latest is not None:
     prior_s = float((restored["meta"] or {}).get("train_s", 0.0))
     replace_adapters(model_state, restored["adapters"])
-    graphdef, trainable, frozen = nnx.split(nnx.merge(model_state.graphdef, model_state.state), trainable_type, ...)
+    graphdef, trainable, frozen = nnx.split(
+      nnx.merge(model_state.graphdef, model_state.state), trainable_type, ...
+    )
     opt_state = restored["opt_state"]
     start = latest
     log(f"[{stage}] resumed from batch {latest} ({time.time() - t0:.1f}s)")
-  elif getattr(stage_cfg, "init", "none") == "fit":
+  elif row.fit is not None and getattr(stage_cfg, "init", "none") == "fit":
     model = nnx.merge(graphdef, trainable, frozen)
-    fit_info = stage_init(s, stage, model, it)
+    fit_info = row.fit(s, stage_cfg, model, it)
     writer.write(stage, 0, fit_info)
     _, trainable, frozen = nnx.split(model, trainable_type, ...)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     fitted = True
-  elif stage == "router" and stage_cfg.prior_bias:
-    trainable = hooks.prior_router_bias(trainable, s.routing, tr_sh)
+  elif row.start is not None:
+    trainable = row.start(trainable, tr_sh, context(start))
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-  log(f"[{stage}] training {n_train:,} parameters ({trainable_type.__name__}) for {stage_cfg.steps} "
-      f"steps x {stage_cfg.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
+  log(
+    f"[{stage}] training {n_train:,} parameters ({trainable_type.__name__}) for {stage_cfg.steps} "
+    f"steps x {stage_cfg.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens"
+  )
   step_fn = built.fn
   sched = steps.schedule(stage_cfg)
   tokens_per_batch = data_cfg.batch_size * data_cfg.seq_len
@@ -189,30 +230,40 @@ def train_stage(s: Settings, stage: str, model_state: ModelState, mesh: jax.shar
         # orbax logs, rather than raises, some failures of an asynchronous commit.
         if not os.path.isdir(os.path.join(sdir, str(step_))):
           raise model_ckpt.CheckpointError(
-              f"checkpoint step {step_} in {sdir} was not committed (its write failed; see the "
-              "log above); rerun the same command to resume from the newest complete one")
+            f"checkpoint step {step_} in {sdir} was not committed (its write failed; see the "
+            "log above); rerun the same command to resume from the newest complete one"
+          )
         checkpoints.record_step(mgr, sdir, step_)
 
   def save(step: int) -> None:
     record_pending()
     adapters, _ = nnx.split_state(nnx.merge_state(trainable, frozen), steps.ADAPTERS, ...)
     # train_s: wall seconds spent in this stage's steps so far, over all resumes.
-    meta = {"stage": stage, "step": step, "total": total, "config": s.raw,
-            "train_s": round(prior_s + time.time() - t_begin, 3)}
+    meta = {
+      "stage": stage,
+      "step": step,
+      "total": total,
+      "config": s.raw,
+      "train_s": round(prior_s + time.time() - t_begin, 3),
+    }
     with checkpoints.writing(sdir, step):
-      mgr.save(step, args=ocp.args.Composite(
-          adapters=ocp.args.StandardSave(adapters), opt_state=ocp.args.StandardSave(opt_state),
-          data=checkpoints.grain_save(it), meta=ocp.args.JsonSave(meta)), force=True)
+      mgr.save(
+        step,
+        args=ocp.args.Composite(
+          adapters=ocp.args.StandardSave(adapters),
+          opt_state=ocp.args.StandardSave(opt_state),
+          data=checkpoints.grain_save(it),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+      )
     pending.append(step)
 
   def finish() -> None:
     nonlocal trainable, frozen
-    if stage == "forecaster" and s.train.eval_batches:
-      hooks.report_forecasters(s, nnx.merge(graphdef, trainable, frozen), mesh, workdir,
-                               writer, total)
-    if stage == "router" and stage_cfg.calibration_batches:
+    if row.finish is not None:
       model = nnx.merge(graphdef, trainable, frozen)
-      hooks.calibrate_router(s, stage_cfg.calibration_batches, model, it)
+      row.finish(model, context(total))
       _, trainable, frozen = nnx.split(model, trainable_type, ...)
       frozen = jax.device_put(frozen, fr_sh)
 
@@ -227,24 +278,29 @@ def train_stage(s: Settings, stage: str, model_state: ModelState, mesh: jax.shar
   try:
     while step < total:
       batch = next(it)
-      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
-                                              jnp.asarray(step, jnp.int32))
+      trainable, opt_state, metrics = step_fn(
+        trainable, opt_state, frozen, batch, jnp.asarray(step, jnp.int32)
+      )
       step += 1
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         last = mgr.latest_step()
         raise TrainingError(
-            f"[{stage}] loss is {loss} at step {step}; stopping. The last good checkpoint is "
-            f"{'batch ' + str(last) if last is not None else 'none (no checkpoint yet)'} of "
-            f"stage {stage}; lower train.{stage}.learning_rate or check the data")
+          f"[{stage}] loss is {loss} at step {step}; stopping. The last good checkpoint is "
+          f"{'batch ' + str(last) if last is not None else 'none (no checkpoint yet)'} of "
+          f"stage {stage}; lower train.{stage}.learning_rate or check the data"
+        )
       first_loss = loss if first_loss is None else first_loss
       last_loss = loss
       if step % s.train.log_every == 0 or step == total:
         now = time.time()
         dt = (now - t_last) / max(step - n_last, 1)
         vals = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        vals.update(lr=float(sched(min((step - 1) // stage_cfg.grad_accum, stage_cfg.steps - 1))),
-                    step_time_s=dt, tokens_per_s=tokens_per_batch / dt)
+        vals.update(
+          lr=float(sched(min((step - 1) // stage_cfg.grad_accum, stage_cfg.steps - 1))),
+          step_time_s=dt,
+          tokens_per_s=tokens_per_batch / dt,
+        )
         writer.write(stage, step, vals)
         log(console_line(stage, step, total, vals))
         t_last, n_last = now, step
@@ -265,14 +321,24 @@ def train_stage(s: Settings, stage: str, model_state: ModelState, mesh: jax.shar
   it.close()
   mgr.close()
   model_state.state = nnx.state(nnx.merge(graphdef, trainable, frozen))
-  return {"stage": stage, "resumed_from": start, "steps_run": step - start,
-          "train_s": round(prior_s + time.time() - t_begin, 3),
-          "first_loss": first_loss, "last_loss": last_loss}
+  return {
+    "stage": stage,
+    "resumed_from": start,
+    "steps_run": step - start,
+    "train_s": round(prior_s + time.time() - t_begin, 3),
+    "first_loss": first_loss,
+    "last_loss": last_loss,
+  }
 
 
 # ------------------------------------------------------------ the run
-def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | None = None,
-        devices: list[jax.Device] | None = None) -> dict[str, Any]:
+def run(
+  s: Settings,
+  workdir: str,
+  *,
+  should_stop: Callable[[str, int], bool] | None = None,
+  devices: list[jax.Device] | None = None,
+) -> dict[str, Any]:
   """Trains every stage of `s` in `workdir` (resuming), then evaluates; returns a summary.
 
   `should_stop(stage, step)` returning True stops like SIGTERM does: save, then
@@ -287,8 +353,10 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
   if jax.process_index() == 0 and old is None:
     rundir.write_run(workdir, s, base)
   rundir.barrier("run_json")
-  log(f"ir_jax.train: {jax.device_count()} {jax.devices()[0].platform} device(s), mesh "
-      f"{dict(mesh.shape)}, workdir {workdir}")
+  log(
+    f"ir_jax.train: {jax.device_count()} {jax.devices()[0].platform} device(s), mesh "
+    f"{dict(mesh.shape)}, workdir {workdir}"
+  )
 
   t0 = time.time()
   model_state = init_state(s.model, mesh, base, s.train.seed)
@@ -297,8 +365,7 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
     log(f"initialised forecasters/routers/LoRA from {s.train.init_from}")
   log(f"model state ready in {time.time() - t0:.1f}s")
 
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
-                        tensorboard=s.train.tensorboard)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=s.train.tensorboard)
   stop = _StopFlag()
   stop.install()
   summary: dict[str, Any] = {"workdir": workdir, "stages": []}
@@ -312,11 +379,12 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
     stop.uninstall()
     writer.close()
   if jax.process_index() == 0:
-    write_json(os.path.join(workdir, "train_summary.json"), {"stages": summary["stages"]},
-               indent=2)
+    write_json(os.path.join(workdir, "train_summary.json"), {"stages": summary["stages"]}, indent=2)
   if s.train.eval_batches:
-    log(f"evaluating held-out perplexity, dense and routed, on {s.train.eval_batches} batches "
-        f"of {s.data.batch_size} x {s.data.seq_len} tokens ...")
+    log(
+      f"evaluating held-out perplexity, dense and routed, on {s.train.eval_batches} batches "
+      f"of {s.data.batch_size} x {s.data.seq_len} tokens ..."
+    )
     t_eval = time.time()
     ev = evaluate(s, model_state, mesh, s.train.eval_batches)
     ev["wall_s"] = round(time.time() - t_eval, 2)
@@ -326,9 +394,11 @@ def run(s: Settings, workdir: str, *, should_stop: Callable[[str, int], bool] | 
         json.dump(ev, f, indent=2)
     _closing(workdir, model_state, ev)
     d, r = ev["dense"], ev["routed"]
-    log(f"held-out perplexity ({d['tokens']} tokens of {ev['split']!r}): dense "
-        f"{d['perplexity']:.3f}  routed ({ev['policy']}, sparsity {ev['sparsity']}) "
-        f"{r['perplexity']:.3f}  realized sparsity {r['realized_sparsity']:.3f}")
+    log(
+      f"held-out perplexity ({d['tokens']} tokens of {ev['split']!r}): dense "
+      f"{d['perplexity']:.3f}  routed ({ev['policy']}, sparsity {ev['sparsity']}) "
+      f"{r['perplexity']:.3f}  realized sparsity {r['realized_sparsity']:.3f}"
+    )
   else:
     _closing(workdir, model_state, None)
   summary["state"] = model_state

@@ -38,8 +38,10 @@ class MetricWriter:
       try:
         from tensorboardX import SummaryWriter
       except ImportError:
-        print("ir_jax.train: tensorboardX is not installed; metrics go to metrics.jsonl only",
-              file=sys.stderr)
+        print(
+          "ir_jax.train: tensorboardX is not installed; metrics go to metrics.jsonl only",
+          file=sys.stderr,
+        )
       else:
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -67,8 +69,19 @@ class MetricWriter:
       self._tb = None
 
 
-_ORDER = ("loss", "lm", "lff_attn", "lff_mlp", "explained_attn", "explained_mlp",
-          "sparsity_attn", "sparsity_mlp", "sparsity_penalty", "importance", "temperature")
+_ORDER = (
+  "loss",
+  "lm",
+  "lff_attn",
+  "lff_mlp",
+  "explained_attn",
+  "explained_mlp",
+  "sparsity_attn",
+  "sparsity_mlp",
+  "sparsity_penalty",
+  "importance",
+  "temperature",
+)
 
 
 def console_line(stage: str, step: int, total: int, values: dict[str, float]) -> str:

@@ -45,8 +45,9 @@ def _read_json(path: str) -> Any:
     return None
 
 
-def write_summary_figure(workdir: str, table: np.ndarray | None,
-                         ev: dict[str, Any] | None) -> str | None:
+def write_summary_figure(
+  workdir: str, table: np.ndarray | None, ev: dict[str, Any] | None
+) -> str | None:
   """Draws WORKDIR/summary.png; returns its path, or None when nothing could be drawn."""
   try:
     plt = plotting.pyplot()
@@ -78,18 +79,28 @@ def write_summary_figure(workdir: str, table: np.ndarray | None,
         v = np.clip(np.asarray(explained[unit], float), -1, 1)
         ax.plot(np.arange(len(v)), v, marker="o", ms=3, label=unit)
       ax.axhline(0, color="grey", lw=0.5)
-      ax.set(title="forecast explained variance\n(held-out, clipped to [-1, 1])",
-             xlabel="layer", ylim=(-1.05, 1.05))
+      ax.set(
+        title="forecast explained variance\n(held-out, clipped to [-1, 1])",
+        xlabel="layer",
+        ylim=(-1.05, 1.05),
+      )
       ax.legend(fontsize=8)
     elif panel == "table":
       im = ax.imshow(np.asarray(table).T, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-      ax.set(title=f"capacity table (mean {float(np.mean(table)):.3f})", xlabel="layer",
-             yticks=[0, 1], yticklabels=["attn", "mlp"])
+      ax.set(
+        title=f"capacity table (mean {float(np.mean(table)):.3f})",
+        xlabel="layer",
+        yticks=[0, 1],
+        yticklabels=["attn", "mlp"],
+      )
       fig.colorbar(im, ax=ax, label="fraction of tokens executed")
     else:
       d, r = ev["dense"]["perplexity"], ev["routed"]["perplexity"]
-      bars = ax.bar(["dense", f"routed\n{ev.get('policy', '')} @ {ev.get('sparsity', '')}"],
-                    [d, r], color=["#4c72b0", "#dd8452"])
+      bars = ax.bar(
+        ["dense", f"routed\n{ev.get('policy', '')} @ {ev.get('sparsity', '')}"],
+        [d, r],
+        color=["#4c72b0", "#dd8452"],
+      )
       for b, v in zip(bars, (d, r)):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom")
       ax.set(title=f"held-out perplexity ({r / d:.2f}x dense)", ylabel="perplexity")
@@ -101,17 +112,25 @@ def closing_lines(workdir: str, ev: dict[str, Any] | None, figure: str | None) -
   """Where the results are and what the last numbers mean."""
   lines = [f"results in {workdir}:"]
   if ev:
-    lines.append("  eval.json          held-out perplexity, dense and routed (lower is better; "
-                 "routed/dense is the price of approximating that share of unit work)")
-  for name, what in (("metrics.jsonl", "one record per logged step (loss terms, realized "
-                      "sparsity, forecast explained variance, tokens/s)"),
-                     ("forecasters.json", "forecast explained variance per layer on held-out "
-                      "ordinary tokens"),
-                     ("tensorboard", "the same metrics for TensorBoard")):
+    lines.append(
+      "  eval.json          held-out perplexity, dense and routed (lower is better; "
+      "routed/dense is the price of approximating that share of unit work)"
+    )
+  for name, what in (
+    (
+      "metrics.jsonl",
+      "one record per logged step (loss terms, realized "
+      "sparsity, forecast explained variance, tokens/s)",
+    ),
+    ("forecasters.json", "forecast explained variance per layer on held-out ordinary tokens"),
+    ("tensorboard", "the same metrics for TensorBoard"),
+  ):
     if os.path.exists(os.path.join(workdir, name)):
       lines.append(f"  {name:<18} {what}")
   if figure:
     lines.append(f"  {os.path.basename(figure):<18} a picture of the above")
-  lines.append("  the trained model loads with ir_jax.load_model(WORKDIR); "
-               "python -m ir_jax.convert export turns it into HF safetensors")
+  lines.append(
+    "  the trained model loads with ir_jax.load_model(WORKDIR); "
+    "python -m ir_jax.convert export turns it into HF safetensors"
+  )
   return lines

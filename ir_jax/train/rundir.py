@@ -71,8 +71,10 @@ def check_workdir(workdir: str, s: Settings) -> dict[str, Any] | None:
   meta = read_run(workdir)
   if meta is None:
     if os.path.isdir(workdir) and os.path.isdir(os.path.join(workdir, "checkpoints")):
-      raise ConfigError(f"{workdir} holds checkpoints but no {RUN_FILE}; it is not a run this "
-                        "version wrote. Choose an empty --workdir")
+      raise ConfigError(
+        f"{workdir} holds checkpoints but no {RUN_FILE}; it is not a run this "
+        "version wrote. Choose an empty --workdir"
+      )
     return None
   try:
     old = LlamaConfig.from_dict(meta["model"])
@@ -80,12 +82,16 @@ def check_workdir(workdir: str, s: Settings) -> dict[str, Any] | None:
     raise ConfigError(f"{workdir}/{RUN_FILE}: bad model config ({e})") from None
   diff = shape_diff(old, s.model, SHAPE_FIELDS + ADAPTER_FIELDS)
   if diff:
-    raise ConfigError(f"--workdir {workdir} holds a run of a different model ({', '.join(diff)}); "
-                      "choose another --workdir or the config it was started with")
+    raise ConfigError(
+      f"--workdir {workdir} holds a run of a different model ({', '.join(diff)}); "
+      "choose another --workdir or the config it was started with"
+    )
   if meta.get("stages") != list(s.train.stage_list):
-    raise ConfigError(f"--workdir {workdir} was started with train.stages "
-                      f"{','.join(meta.get('stages') or [])!r}, now {s.train.stages!r}; "
-                      "choose another --workdir")
+    raise ConfigError(
+      f"--workdir {workdir} was started with train.stages "
+      f"{','.join(meta.get('stages') or [])!r}, now {s.train.stages!r}; "
+      "choose another --workdir"
+    )
   return meta
 
 
@@ -108,20 +114,26 @@ def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
   if s.train.init_from:
     other = read_run(s.train.init_from)
     if other is None:
-      raise FileNotFoundError(f"train.init_from={s.train.init_from}: no {RUN_FILE}; expected the "
-                              "--workdir of a finished ir_jax.train run")
+      raise FileNotFoundError(
+        f"train.init_from={s.train.init_from}: no {RUN_FILE}; expected the "
+        "--workdir of a finished ir_jax.train run"
+      )
     return dict(other["base"])
   src = s.model_checkpoint
   if not src:
     if not s.model_random_init:
-      raise ConfigError("model.checkpoint is empty: point it at an ir_jax checkpoint, a "
-                        "HuggingFace directory or a GGUF file (python -m ir_jax.convert import "
-                        "makes the first), or pass --config.model.random_init=True to train on "
-                        "random weights (smoke tests)")
+      raise ConfigError(
+        "model.checkpoint is empty: point it at an ir_jax checkpoint, a "
+        "HuggingFace directory or a GGUF file (python -m ir_jax.convert import "
+        "makes the first), or pass --config.model.random_init=True to train on "
+        "random weights (smoke tests)"
+      )
     return {"kind": "random", "seed": s.train.seed}
   if not os.path.exists(src):
-    raise FileNotFoundError(f"model.checkpoint {src}: no such file or directory (run "
-                            "`bash launch/fetch_assets.sh` for the demo assets)")
+    raise FileNotFoundError(
+      f"model.checkpoint {src}: no such file or directory (run "
+      "`bash launch/fetch_assets.sh` for the demo assets)"
+    )
   if os.path.isdir(src) and model_ckpt.is_checkpoint(src):
     return {"kind": "checkpoint", "path": os.path.abspath(src)}
   base = os.path.join(workdir, "base")
@@ -140,10 +152,16 @@ def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
 def write_run(workdir: str, s: Settings, base: dict[str, Any]) -> None:
   """Creates `workdir` and its run.json (atomically: a reader sees all of it or none)."""
   os.makedirs(workdir, exist_ok=True)
-  meta = {"format": RUN_FORMAT, "version": RUN_VERSION, "model": s.model.to_dict(),
-          "base": base, "seed": s.train.seed, "stages": list(s.train.stage_list),
-          "init_from": os.path.abspath(s.train.init_from) if s.train.init_from else "",
-          "config": s.raw}
+  meta = {
+    "format": RUN_FORMAT,
+    "version": RUN_VERSION,
+    "model": s.model.to_dict(),
+    "base": base,
+    "seed": s.train.seed,
+    "stages": list(s.train.stage_list),
+    "init_from": os.path.abspath(s.train.init_from) if s.train.init_from else "",
+    "config": s.raw,
+  }
   write_json(os.path.join(workdir, RUN_FILE), meta, indent=2, default=str)
 
 
@@ -166,8 +184,9 @@ def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelStat
       continue
     mgr = open_manager(d)
     try:
-      found = restore_whole(mgr, d, lambda n: restore_adapters(mgr, n, adapter_target(model_state)),
-                            quarantine=False)
+      found = restore_whole(
+        mgr, d, lambda n: restore_adapters(mgr, n, adapter_target(model_state)), quarantine=False
+      )
     finally:
       mgr.close()
     if found is not None:

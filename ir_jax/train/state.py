@@ -22,20 +22,31 @@ from ir_jax.train import steps
 
 # Model fields that fix the shapes of the base weights: a workdir or base
 # checkpoint must agree on these.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "tie_word_embeddings")
+SHAPE_FIELDS = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "tie_word_embeddings",
+)
 ADAPTER_FIELDS = ("lff_rank", "router_hidden", "lora_rank")
 
 
 def shape_diff(a: LlamaConfig, b: LlamaConfig, fields: tuple[str, ...]) -> list[str]:
   """`field a vs b` for each of `fields` on which the two configs differ."""
-  return [f"{f} {getattr(a, f)} vs {getattr(b, f)}" for f in fields
-          if getattr(a, f) != getattr(b, f)]
+  return [
+    f"{f} {getattr(a, f)} vs {getattr(b, f)}" for f in fields if getattr(a, f) != getattr(b, f)
+  ]
 
 
 def _paths(tree: Any) -> dict[tuple, Any]:
-  return {tuple(getattr(k, "key", getattr(k, "name", k)) for k in p): v
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    tuple(getattr(k, "key", getattr(k, "name", k)) for k in p): v
+    for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _set_path(tree: dict, path: tuple, value: Any) -> None:
@@ -59,14 +70,16 @@ def abstract_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh) -> tuple[Any, nnx.
   return graphdef, abs_state, sh.state_shardings(abs_state, mesh)
 
 
-def init_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh, base: dict[str, Any],
-               seed: int) -> ModelState:
+def init_state(
+  cfg: LlamaConfig, mesh: jax.sharding.Mesh, base: dict[str, Any], seed: int
+) -> ModelState:
   """Base weights (restored or random) and fresh adapters, created already sharded."""
   graphdef, abs_state, shardings = abstract_state(cfg, mesh)
 
   def fresh(filter_: Any, model_cfg: LlamaConfig = cfg) -> nnx.State:
     """Newly initialised leaves matching `filter_`, created sharded under jit
     (the leaves not returned are dead code that XLA drops)."""
+
     def make():
       return nnx.split_state(nnx.state(Llama(model_cfg, nnx.Rngs(params=seed))), filter_, ...)[0]
 
@@ -87,15 +100,21 @@ def init_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh, base: dict[str, Any],
   ckpt_cfg = model_ckpt.load_config(path)
   diff = shape_diff(ckpt_cfg, cfg, SHAPE_FIELDS)
   if diff:
-    raise ConfigError(f"the base checkpoint {path} does not match the config's model "
-                      f"({', '.join(diff)}); fix the model section or model.checkpoint")
+    raise ConfigError(
+      f"the base checkpoint {path} does not match the config's model "
+      f"({', '.join(diff)}); fix the model section or model.checkpoint"
+    )
   # Restore the checkpoint's whole tree (orbax needs the saved structure), sharded
   # by the same rules, in the dtype this run wants for base weights.
   _, ck_abs, ck_sh = abstract_state(ckpt_cfg, mesh)
   wdt = cfg.weight_dtype
-  target = jax.tree.map(lambda a, s_: jax.ShapeDtypeStruct(
-      a.shape, wdt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=s_),
-      nnx.to_pure_dict(ck_abs), nnx.to_pure_dict(ck_sh))
+  target = jax.tree.map(
+    lambda a, s_: jax.ShapeDtypeStruct(
+      a.shape, wdt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=s_
+    ),
+    nnx.to_pure_dict(ck_abs),
+    nnx.to_pure_dict(ck_sh),
+  )
   restored = _paths(model_ckpt.restore_params(path, target))
   base_abs, _ = nnx.split_state(abs_state, nnx.Not(steps.ADAPTERS), ...)
   merged: dict = {}
@@ -103,8 +122,9 @@ def init_state(cfg: LlamaConfig, mesh: jax.sharding.Mesh, base: dict[str, Any],
     got = restored.get(p)
     if got is None or got.shape != want.shape:
       raise model_ckpt.CheckpointError(
-          f"{path}: parameter {'/'.join(map(str, p))} is "
-          f"{'missing' if got is None else f'shaped {got.shape}, expected {want.shape}'}")
+        f"{path}: parameter {'/'.join(map(str, p))} is "
+        f"{'missing' if got is None else f'shaped {got.shape}, expected {want.shape}'}"
+      )
     _set_path(merged, p, got)
   for p, v in _paths(nnx.to_pure_dict(adapters)).items():
     _set_path(merged, p, v)

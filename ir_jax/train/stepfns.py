@@ -23,15 +23,19 @@ from ir_jax.nll import perplexity
 from ir_jax.routing import RoutingSpec, trained_spec
 from ir_jax.train import steps
 from ir_jax.train.config import Settings
+from ir_jax.train.stages import STAGES
 from ir_jax.train.state import ModelState
 
 
-def jit_eval_step(graphdef: Any, shardings: nnx.State, spec: RoutingSpec | None,
-                  mesh: jax.sharding.Mesh) -> Any:
+def jit_eval_step(
+  graphdef: Any, shardings: nnx.State, spec: RoutingSpec | None, mesh: jax.sharding.Mesh
+) -> Any:
   """eval(state, batch) jitted for `mesh`: dense when `spec` is None (also used by ir_jax.aot)."""
-  return jax.jit(sh.with_mesh(steps.make_eval_step(graphdef, spec), mesh),
-                 in_shardings=(shardings, jax.sharding.NamedSharding(mesh, sh.batch_spec(2))),
-                 out_shardings=sh.replicated(mesh))
+  return jax.jit(
+    sh.with_mesh(steps.make_eval_step(graphdef, spec), mesh),
+    in_shardings=(shardings, jax.sharding.NamedSharding(mesh, sh.batch_spec(2))),
+    out_shardings=sh.replicated(mesh),
+  )
 
 
 @dataclasses.dataclass
@@ -46,41 +50,67 @@ class StageStep:
   fr_sh: nnx.State
 
 
-def jit_stage_step(s: Settings, stage: str, graphdef: Any, trainable: nnx.State,
-                   shardings: nnx.State, mesh: jax.sharding.Mesh) -> StageStep:
+def jit_stage_step(
+  s: Settings,
+  stage: str,
+  graphdef: Any,
+  trainable: nnx.State,
+  shardings: nnx.State,
+  mesh: jax.sharding.Mesh,
+) -> StageStep:
   """The jitted, donating train step of `stage` (also used by ir_jax.aot).
 
   `trainable` may be abstract; optimizer-state leaves shaped like a parameter
   follow that parameter's sharding, the rest are replicated.
   """
   stage_cfg = s.train.stage(stage)
-  tr_sh, fr_sh = nnx.split_state(shardings, steps.TRAINABLE[stage], ...)
+  row = STAGES[stage]
+  tr_sh, fr_sh = nnx.split_state(shardings, row.trainable, ...)
   tx = steps.optimizer(stage_cfg)
   abs_opt = jax.eval_shape(tx.init, trainable)
   rep = sh.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s_: s_, abs_opt, tr_sh,
-                                 transform_non_params=lambda _: rep)
-  loss_fn = steps.stage_loss_fn(stage, stage_cfg, s.routing, s.train.seed)
+  opt_sh = optax.tree_map_params(
+    tx, lambda _, s_: s_, abs_opt, tr_sh, transform_non_params=lambda _: rep
+  )
+  loss_fn = row.loss_fn(s)
   batch_sh = jax.sharding.NamedSharding(mesh, sh.batch_spec(2))
-  fn = jax.jit(sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
-               in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
-               out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
+  fn = jax.jit(
+    sh.with_mesh(steps.make_train_step(graphdef, loss_fn, tx), mesh),
+    in_shardings=(tr_sh, opt_sh, fr_sh, batch_sh, rep),
+    out_shardings=(tr_sh, opt_sh, rep),
+    donate_argnums=(0, 1),
+  )
   return StageStep(fn, tx, abs_opt, opt_sh, tr_sh, fr_sh)
 
 
-def evaluate(s: Settings, model_state: ModelState, mesh: jax.sharding.Mesh,
-             num_batches: int) -> dict[str, Any]:
+def evaluate(
+  s: Settings, model_state: ModelState, mesh: jax.sharding.Mesh, num_batches: int
+) -> dict[str, Any]:
   """Held-out perplexity, dense and routed at the configured policy and sparsity."""
   data = s.data
-  eval_spec = trained_spec(nnx.merge(model_state.graphdef, model_state.state), s.routing.inference())
-  results: dict[str, Any] = {"split": data.eval_split, "seq_len": data.seq_len,
-                             "policy": eval_spec.policy, "sparsity": eval_spec.sparsity,
-                             "capacity_table": eval_spec.capacities is not None}
+  eval_spec = trained_spec(
+    nnx.merge(model_state.graphdef, model_state.state), s.routing.inference()
+  )
+  results: dict[str, Any] = {
+    "split": data.eval_split,
+    "seq_len": data.seq_len,
+    "policy": eval_spec.policy,
+    "sparsity": eval_spec.sparsity,
+    "capacity_table": eval_spec.capacities is not None,
+  }
   for name, spec in (("dense", None), ("routed", eval_spec)):
     fn = jit_eval_step(model_state.graphdef, model_state.shardings, spec, mesh)
-    it = pipeline.make_iterator(data, data.eval_split, mode=PACK, shuffle=False, num_epochs=1,
-                                mesh=mesh, batch_axes=sh.BATCH_AXES, num_batches=num_batches,
-                                prepare_if_missing=True)
+    it = pipeline.make_iterator(
+      data,
+      data.eval_split,
+      mode=PACK,
+      shuffle=False,
+      num_epochs=1,
+      mesh=mesh,
+      batch_axes=sh.BATCH_AXES,
+      num_batches=num_batches,
+      prepare_if_missing=True,
+    )
     nll, tokens, execs = 0.0, 0.0, []
     try:
       for batch in it:
@@ -92,13 +122,16 @@ def evaluate(s: Settings, model_state: ModelState, mesh: jax.sharding.Mesh,
     finally:
       it.close()
     if not tokens:
-      raise DataError(f"the {data.eval_split!r} split gave no tokens to evaluate; raise "
-                      "data.validation_fraction")
+      raise DataError(
+        f"the {data.eval_split!r} split gave no tokens to evaluate; raise data.validation_fraction"
+      )
     rec = {"nll": nll / tokens, "perplexity": perplexity(nll, tokens), "tokens": int(tokens)}
     if execs:
       rate = np.sum(execs, axis=0) / tokens
       rec["realized_sparsity"] = float(1.0 - rate.mean())
-      rec["sparsity_attn"], rec["sparsity_mlp"] = (float(1.0 - rate[:, 0].mean()),
-                                                   float(1.0 - rate[:, 1].mean()))
+      rec["sparsity_attn"], rec["sparsity_mlp"] = (
+        float(1.0 - rate[:, 0].mean()),
+        float(1.0 - rate[:, 1].mean()),
+      )
     results[name] = rec
   return results

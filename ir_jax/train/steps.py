@@ -1,6 +1,6 @@
 """Per-stage losses, optimizers and the jitted train / eval steps.
 
-A stage trains one parameter type (`TRAINABLE`) and freezes everything else:
+A stage trains one parameter type (ir_jax.train.stages) and freezes everything else:
 the model is split into (graphdef, trainable, frozen) and only `trainable`
 enters the optimizer, so frozen weights are never copied into optimizer state.
 """
@@ -22,10 +22,8 @@ from ir_jax.routing import RoutingSpec, routed_forward, sink_mask
 from ir_jax.train.config import RouterStage, StageConfig
 
 Array = jax.Array
-TRAINABLE = {"forecaster": ForecasterParam, "router": RouterParam, "lora": LoraParam}
 # Everything a training run produces on top of the base weights.
-ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, Capacity, CalibratedFor,
-                   LoraParam)
+ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, Capacity, CalibratedFor, LoraParam)
 
 
 # ------------------------------------------------------------ optimizers
@@ -40,7 +38,9 @@ def schedule(stage_cfg: StageConfig) -> optax.Schedule:
     main = optax.constant_schedule(stage_cfg.learning_rate)
   if not warm:
     return main
-  return optax.join_schedules([optax.linear_schedule(0.0, stage_cfg.learning_rate, warm), main], [warm])
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, stage_cfg.learning_rate, warm), main], [warm]
+  )
 
 
 def optimizer(stage_cfg: StageConfig) -> optax.GradientTransformation:
@@ -98,10 +98,13 @@ def forecaster_loss(model: Llama, batch: dict[str, Array]) -> tuple[Array, dict[
 
   _, (losses_Lx2, explained_Lx2) = model.run_layers(layer_fn, sg(model.embed(tokens)))
   loss = jnp.sum(losses_Lx2)
-  return loss, {"loss": loss, "lff_attn": jnp.mean(losses_Lx2[:, 0]),
-                "lff_mlp": jnp.mean(losses_Lx2[:, 1]),
-                "explained_attn": jnp.mean(explained_Lx2[:, 0]),
-                "explained_mlp": jnp.mean(explained_Lx2[:, 1])}
+  return loss, {
+    "loss": loss,
+    "lff_attn": jnp.mean(losses_Lx2[:, 0]),
+    "lff_mlp": jnp.mean(losses_Lx2[:, 1]),
+    "explained_attn": jnp.mean(explained_Lx2[:, 0]),
+    "explained_mlp": jnp.mean(explained_Lx2[:, 1]),
+  }
 
 
 def lm_loss(logits_BxTxV: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
@@ -119,64 +122,97 @@ def router_spec(routing: RoutingSpec, router_cfg: RouterStage) -> RoutingSpec:
   return dataclasses.replace(routing, mode="topk", gate="ste", compute="gathered")
 
 
-def router_loss(model: Llama, batch: dict[str, Array], spec: RoutingSpec, router_cfg: RouterStage,
-                temperature: Array, rng: Array) -> tuple[Array, dict[str, Array]]:
-  logits, aux = routed_forward(model, batch["inputs"], batch["positions"], batch["segment_ids"],
-                               spec, rng=rng, return_aux=True, temperature=temperature)
+def router_loss(
+  model: Llama,
+  batch: dict[str, Array],
+  spec: RoutingSpec,
+  router_cfg: RouterStage,
+  temperature: Array,
+  rng: Array,
+) -> tuple[Array, dict[str, Array]]:
+  logits, aux = routed_forward(
+    model,
+    batch["inputs"],
+    batch["positions"],
+    batch["segment_ids"],
+    spec,
+    rng=rng,
+    return_aux=True,
+    temperature=temperature,
+  )
   lm, _ = lm_loss(logits, batch)
   exec_Lx2 = aux["exec_rate"]
-  capacity = 1.0 - spec.sparsity if spec.capacities is None else jnp.mean(
-      jnp.asarray(spec.capacities, jnp.float32))
+  capacity = (
+    1.0 - spec.sparsity
+    if spec.capacities is None
+    else jnp.mean(jnp.asarray(spec.capacities, jnp.float32))
+  )
   # With a trained capacity table each unit is held to its own capacity (the
   # table is what evaluation routes with); without one, the mean rate is.
   table_Lx2 = model.routing.capacity[...]
   has_table = jnp.all(table_Lx2 >= 0)
-  sparsity_pen = jnp.where(has_table, jnp.mean(jnp.abs(table_Lx2 - exec_Lx2)),
-                           jnp.abs(capacity - jnp.mean(exec_Lx2)))
+  sparsity_pen = jnp.where(
+    has_table, jnp.mean(jnp.abs(table_Lx2 - exec_Lx2)), jnp.abs(capacity - jnp.mean(exec_Lx2))
+  )
   importance = jnp.mean(aux["importance"])
   loss = lm + router_cfg.sparsity_weight * sparsity_pen + router_cfg.importance_weight * importance
-  return loss, {"loss": loss, "lm": lm, "sparsity_penalty": sparsity_pen,
-                "importance": importance, "temperature": temperature,
-                "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
-                "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1])}
+  return loss, {
+    "loss": loss,
+    "lm": lm,
+    "sparsity_penalty": sparsity_pen,
+    "importance": importance,
+    "temperature": temperature,
+    "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
+    "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1]),
+  }
 
 
-def lora_loss(model: Llama, batch: dict[str, Array],
-              spec: RoutingSpec) -> tuple[Array, dict[str, Array]]:
-  logits, aux = routed_forward(model, batch["inputs"], batch["positions"], batch["segment_ids"],
-                               spec, return_aux=True)
+def lora_loss(
+  model: Llama, batch: dict[str, Array], spec: RoutingSpec
+) -> tuple[Array, dict[str, Array]]:
+  logits, aux = routed_forward(
+    model, batch["inputs"], batch["positions"], batch["segment_ids"], spec, return_aux=True
+  )
   lm, _ = lm_loss(logits, batch)
   exec_Lx2 = aux["exec_rate"]
-  return lm, {"loss": lm, "lm": lm, "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
-              "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1])}
+  return lm, {
+    "loss": lm,
+    "lm": lm,
+    "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
+    "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1]),
+  }
 
 
-def lora_spec(routing: RoutingSpec) -> RoutingSpec:
-  """The LoRA stage trains under inference routing (hard top-k)."""
-  return routing.inference()
+LossFn = Callable[[Llama, dict[str, Array], Array], tuple[Array, dict]]
 
 
 # ------------------------------------------------------------------ steps
-def stage_loss_fn(stage: str, stage_cfg: StageConfig, routing: RoutingSpec,
-                  seed: int) -> Callable[[Llama, dict[str, Array], Array], tuple[Array, dict]]:
-  """loss(model, batch, step) -> (loss, metrics) for `stage`."""
-  if stage == "forecaster":
-    return lambda model, batch, step: forecaster_loss(model, batch)
-  if stage == "router":
-    assert isinstance(stage_cfg, RouterStage)
-    spec = router_spec(routing, stage_cfg)
-    base_key = jax.random.key(seed)
+# One builder per stage: (stage config, the routing the stage trains under, seed) ->
+# loss(model, batch, step) -> (loss, metrics). ir_jax.train.stages names them.
+def forecaster_loss_fn(stage_cfg: StageConfig, spec: RoutingSpec | None, seed: int) -> LossFn:
+  return lambda model, batch, step: forecaster_loss(model, batch)
 
-    def loss(model, batch, step):
-      frac = jnp.minimum(step.astype(jnp.float32) / max(stage_cfg.steps * stage_cfg.grad_accum - 1, 1), 1.0)
-      temp = stage_cfg.temperature_start + (stage_cfg.temperature_end - stage_cfg.temperature_start) * frac
-      return router_loss(model, batch, spec, stage_cfg, temp, jax.random.fold_in(base_key, step))
 
-    return loss
-  if stage == "lora":
-    spec = lora_spec(routing)
-    return lambda model, batch, step: lora_loss(model, batch, spec)
-  raise ValueError(f"unknown stage {stage!r}")
+def router_loss_fn(stage_cfg: StageConfig, spec: RoutingSpec | None, seed: int) -> LossFn:
+  """Gumbel-gate LM loss whose temperature anneals linearly over the stage's batches."""
+  assert isinstance(stage_cfg, RouterStage) and spec is not None
+  base_key = jax.random.key(seed)
+
+  def loss(model, batch, step):
+    frac = jnp.minimum(
+      step.astype(jnp.float32) / max(stage_cfg.steps * stage_cfg.grad_accum - 1, 1), 1.0
+    )
+    temp = (
+      stage_cfg.temperature_start + (stage_cfg.temperature_end - stage_cfg.temperature_start) * frac
+    )
+    return router_loss(model, batch, spec, stage_cfg, temp, jax.random.fold_in(base_key, step))
+
+  return loss
+
+
+def lora_loss_fn(stage_cfg: StageConfig, spec: RoutingSpec | None, seed: int) -> LossFn:
+  assert spec is not None
+  return lambda model, batch, step: lora_loss(model, batch, spec)
 
 
 def make_train_step(graphdef: Any, loss_fn: Callable, tx: optax.GradientTransformation):
@@ -205,8 +241,9 @@ def make_eval_step(graphdef: Any, spec: RoutingSpec | None):
       logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
       aux = None
     else:
-      logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                          routing=spec, return_aux=True)
+      logits, aux = model(
+        batch["inputs"], batch["positions"], batch["segment_ids"], routing=spec, return_aux=True
+      )
     mean, count = lm_loss(logits, batch)
     out = {"nll_sum": mean * count, "tokens": count}
     if aux is not None:

@@ -40,15 +40,17 @@ def read_json(path: str) -> Any:
 
 def git_info() -> dict[str, Any]:
   """The checkout's commit and whether tracked files differ from it (None: not a checkout)."""
+
   def git(*a: str) -> str:
     try:
-      return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,
-                            timeout=30).stdout.strip()
+      return subprocess.run(
+        ["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30
+      ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
       return ""
 
   commit = git("rev-parse", "HEAD")
-  return {"commit": commit or None,
-          "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
-
-
+  return {
+    "commit": commit or None,
+    "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+  }

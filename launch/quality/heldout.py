@@ -27,7 +27,7 @@ def _cut(text: str, tok: Any, limit: int) -> tuple[str, int]:
   for _ in range(20):
     cut = text[:pos]
     nl = cut.rfind("\n")
-    cut = cut[:nl] if nl > len(cut) // 2 else cut[:max(cut.rfind(" "), 1)]
+    cut = cut[:nl] if nl > len(cut) // 2 else cut[: max(cut.rfind(" "), 1)]
     cut = cut.strip()
     n_cut = len(tok.encode(cut))
     if n_cut <= limit:
@@ -38,11 +38,13 @@ def _cut(text: str, tok: Any, limit: int) -> tuple[str, int]:
 
 def build_heldout(argv: Sequence[str]) -> int:
   """`quality_table.py heldout`: a capped held-out set as JSONL (text, domain) + manifest."""
-  p = argparse.ArgumentParser(prog="python launch/quality_table.py heldout",
-                              description=build_heldout.__doc__)
+  p = argparse.ArgumentParser(
+    prog="python launch/quality_table.py heldout", description=build_heldout.__doc__
+  )
   p.add_argument("--config", required=True)
-  p.add_argument("--source", required=True,
-                 help="'split' (the config's eval split) or a text/JSONL file")
+  p.add_argument(
+    "--source", required=True, help="'split' (the config's eval split) or a text/JSONL file"
+  )
   p.add_argument("--domain", default="", help="domain of every document of --source FILE")
   p.add_argument("--out", required=True, help="output .jsonl (manifest: same name, .json)")
   p.add_argument("--max-tokens", type=int, required=True)
@@ -71,8 +73,11 @@ def build_heldout(argv: Sequence[str]) -> int:
 
     fcfg = dataclasses.replace(dcfg, name="local", files=(FileSpec(a.source, domain=a.domain),))
     stats = sources.Stats()
-    docs = [(d.text, d.domain, d.source) for f in sources.resolve_files(fcfg)
-            for d in sources.read_documents(f, fcfg, stats)]
+    docs = [
+      (d.text, d.domain, d.source)
+      for f in sources.resolve_files(fcfg)
+      for d in sources.read_documents(f, fcfg, stats)
+    ]
     desc = rel(a.source)
   by_domain: dict[str, list[tuple[str, str]]] = {}
   for text, domain, source in docs:
@@ -85,8 +90,9 @@ def build_heldout(argv: Sequence[str]) -> int:
   min_piece = min(a.doc_tokens, max(2, a.doc_tokens // 4))
 
   def room() -> bool:
-    return (a.max_tokens - total >= min_piece
-            and (not a.max_documents or len(chosen) < a.max_documents))
+    return a.max_tokens - total >= min_piece and (
+      not a.max_documents or len(chosen) < a.max_documents
+    )
 
   while any(queues.values()) and room():
     for d in list(queues):
@@ -98,29 +104,48 @@ def build_heldout(argv: Sequence[str]) -> int:
       cut, n = _cut(text, tok, limit)
       if n < 2:
         continue
-      chosen.append({"text": cut, "domain": d, "source": source, "tokens": n,
-                     "document_tokens": full})
+      chosen.append(
+        {"text": cut, "domain": d, "source": source, "tokens": n, "document_tokens": full}
+      )
       total += n
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out + ".partial", "w", encoding="utf-8") as f:
     for c in chosen:
-      f.write(json.dumps({dcfg.text_field: c["text"], dcfg.domain_field: c["domain"]},
-                         ensure_ascii=False) + "\n")
+      f.write(
+        json.dumps({dcfg.text_field: c["text"], dcfg.domain_field: c["domain"]}, ensure_ascii=False)
+        + "\n"
+      )
   os.replace(a.out + ".partial", a.out)
-  doms = {d: {"documents": sum(c["domain"] == d for c in chosen),
-              "tokens": sum(c["tokens"] for c in chosen if c["domain"] == d),
-              "available_documents": len(v)} for d, v in by_domain.items()}
-  manifest = {"format": HELDOUT_FORMAT, "jsonl": os.path.abspath(a.out), "source": desc,
-              "config": rel(a.config), "tokenizer": dcfg.tokenizer, "max_tokens": a.max_tokens,
-              "doc_tokens": a.doc_tokens, "max_documents": a.max_documents,
-              "documents": len(chosen), "tokens": total, "domains": doms,
-              "selection": "round-robin over domains in source order; each document cut at a "
-                           "line or word boundary to its first doc_tokens tokens; until "
-                           "max_tokens (and max_documents), stopping before a piece of "
-                           "less than doc_tokens / 4",
-              "items": [{k: v for k, v in c.items() if k != "text"} for c in chosen]}
+  doms = {
+    d: {
+      "documents": sum(c["domain"] == d for c in chosen),
+      "tokens": sum(c["tokens"] for c in chosen if c["domain"] == d),
+      "available_documents": len(v),
+    }
+    for d, v in by_domain.items()
+  }
+  manifest = {
+    "format": HELDOUT_FORMAT,
+    "jsonl": os.path.abspath(a.out),
+    "source": desc,
+    "config": rel(a.config),
+    "tokenizer": dcfg.tokenizer,
+    "max_tokens": a.max_tokens,
+    "doc_tokens": a.doc_tokens,
+    "max_documents": a.max_documents,
+    "documents": len(chosen),
+    "tokens": total,
+    "domains": doms,
+    "selection": "round-robin over domains in source order; each document cut at a "
+    "line or word boundary to its first doc_tokens tokens; until "
+    "max_tokens (and max_documents), stopping before a piece of "
+    "less than doc_tokens / 4",
+    "items": [{k: v for k, v in c.items() if k != "text"} for c in chosen],
+  }
   write_json(os.path.splitext(a.out)[0] + ".json", manifest)
-  print(f"{desc}: {len(chosen)} documents, {total} tokens "
-        + ", ".join(f"{d} {v['documents']}/{v['tokens']}" for d, v in doms.items())
-        + f" -> {a.out}")
+  print(
+    f"{desc}: {len(chosen)} documents, {total} tokens "
+    + ", ".join(f"{d} {v['documents']}/{v['tokens']}" for d, v in doms.items())
+    + f" -> {a.out}"
+  )
   return 0

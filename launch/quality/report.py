@@ -20,8 +20,10 @@ from .plan import arms, eval_jobs, eval_path, heldout_paths, show, steps, train_
 
 # Label order in tables and plots; greedy+lora is the greedy arm after a LoRA stage.
 LABELS = ("dense", "informed", "informed+lora", "greedy", "greedy+lora", "random", "oracle")
-SET_TITLES = {"valid": "validation split (training domains, unseen documents)",
-              "wiki": "Wikipedia (a domain not trained on)"}
+SET_TITLES = {
+  "valid": "validation split (training domains, unseen documents)",
+  "wiki": "Wikipedia (a domain not trained on)",
+}
 
 
 def collect(runs: str) -> dict[str, Any]:
@@ -43,14 +45,22 @@ def collect(runs: str) -> dict[str, Any]:
     for st in a.stages:
       stage_cfg, dc = cfg.get("train", {}).get(st, {}), cfg.get("data", {})
       if dc:
-        rows[st] = [stage_cfg.get("batch_size") or dc.get("batch_size"),
-                    stage_cfg.get("seq_len") or dc.get("seq_len")]
-    arm_info[a.name] = {"workdir": rel(wd), "stages": list(a.stages), "steps": a.steps,
-                        "batch": rows,
-                        "builds_on": a.builds_on, "policy": a.policy or None,
-                        "sparsity": a.sparsity if a.policy else None, "complete": done,
-                        "train_s": round(sum(v or 0.0 for v in stages.values()), 3) if done
-                        else None, "stage_train_s": stages}
+        rows[st] = [
+          stage_cfg.get("batch_size") or dc.get("batch_size"),
+          stage_cfg.get("seq_len") or dc.get("seq_len"),
+        ]
+    arm_info[a.name] = {
+      "workdir": rel(wd),
+      "stages": list(a.stages),
+      "steps": a.steps,
+      "batch": rows,
+      "builds_on": a.builds_on,
+      "policy": a.policy or None,
+      "sparsity": a.sparsity if a.policy else None,
+      "complete": done,
+      "train_s": round(sum(v or 0.0 for v in stages.values()), 3) if done else None,
+      "stage_train_s": stages,
+    }
 
   def arm_s(name: str) -> float | None:
     return arm_info.get(name, {}).get("train_s")
@@ -58,10 +68,17 @@ def collect(runs: str) -> dict[str, Any]:
   sets = {}
   for es in ("valid", "wiki"):
     m = read_json(heldout_paths(opts, es)[1]) or {}
-    sets[es] = {"title": SET_TITLES[es], "source": m.get("source"), "data": rel(
-        heldout_paths(opts, es)[0]), "documents": m.get("documents"), "tokens": m.get("tokens"),
-        "domains": m.get("domains"), "doc_tokens": m.get("doc_tokens"),
-        "max_tokens": m.get("max_tokens"), "max_documents": m.get("max_documents")}
+    sets[es] = {
+      "title": SET_TITLES[es],
+      "source": m.get("source"),
+      "data": rel(heldout_paths(opts, es)[0]),
+      "documents": m.get("documents"),
+      "tokens": m.get("tokens"),
+      "domains": m.get("domains"),
+      "doc_tokens": m.get("doc_tokens"),
+      "max_tokens": m.get("max_tokens"),
+      "max_documents": m.get("max_documents"),
+    }
   records = []
   for job in eval_jobs(opts):
     res = read_json(eval_path(opts, job))
@@ -83,8 +100,11 @@ def collect(runs: str) -> dict[str, Any]:
       elif label == "greedy":
         parts = {"routers": arm_s(job.arm)}
       elif label == "informed+lora":
-        parts = {"lora": arm_s(job.arm), "routers": arm_s(arm_info[job.arm]["builds_on"]),
-                 "forecasters": fc}
+        parts = {
+          "lora": arm_s(job.arm),
+          "routers": arm_s(arm_info[job.arm]["builds_on"]),
+          "forecasters": fc,
+        }
       else:
         parts = {"lora": arm_s(job.arm), "routers": arm_s(arm_info[job.arm]["builds_on"])}
       total = None if any(v is None for v in parts.values()) else sum(parts.values())
@@ -93,34 +113,64 @@ def collect(runs: str) -> dict[str, Any]:
         acc = sums.setdefault(d, [0.0, 0])
         acc[0] += nll
         acc[1] += doc["tokens"]
-      by_dom = {d: {"tokens": n, "perplexity": math.exp(v / n) if n else None}
-                for d, (v, n) in sums.items()}
-      records.append({
-          "eval_set": job.eval_set, "arm": job.arm, "label": label, "mode": r["mode"],
-          "policy": r["policy"], "sparsity": r["sparsity"], "perplexity": r["perplexity"],
-          "nll": r["nll"], "tokens": r["tokens"], "realized_sparsity": r["realized_sparsity"],
-          "sparsity_attn": r.get("sparsity_attn"), "sparsity_mlp": r.get("sparsity_mlp"),
+      by_dom = {
+        d: {"tokens": n, "perplexity": math.exp(v / n) if n else None} for d, (v, n) in sums.items()
+      }
+      records.append(
+        {
+          "eval_set": job.eval_set,
+          "arm": job.arm,
+          "label": label,
+          "mode": r["mode"],
+          "policy": r["policy"],
+          "sparsity": r["sparsity"],
+          "perplexity": r["perplexity"],
+          "nll": r["nll"],
+          "tokens": r["tokens"],
+          "realized_sparsity": r["realized_sparsity"],
+          "sparsity_attn": r.get("sparsity_attn"),
+          "sparsity_mlp": r.get("sparsity_mlp"),
           "flops_fraction": r.get("flops_fraction"),
-          "ideal_flops_fraction": r.get("ideal_flops_fraction"), "eval_wall_s": r.get("wall_s"),
-          "train_s": total, "train_s_parts": parts,
+          "ideal_flops_fraction": r.get("ideal_flops_fraction"),
+          "eval_wall_s": r.get("wall_s"),
+          "train_s": total,
+          "train_s_parts": parts,
           "by_domain": by_dom,
-          "source": rel(eval_path(opts, job))})
+          "source": rel(eval_path(opts, job)),
+        }
+      )
   invocations = plan.get("invocations", [])
-  runs_cmds = [i["command"] for i in invocations if "--report-only" not in i["command"]
-               and "--dry-run" not in i["command"]]
+  runs_cmds = [
+    i["command"]
+    for i in invocations
+    if "--report-only" not in i["command"] and "--dry-run" not in i["command"]
+  ]
   return {
-      "format": RESULTS_FORMAT,
-      "created": datetime.datetime.now().isoformat(timespec="seconds"),
-      "git": {**git_info(), "run_started_at": (invocations[0]["git"] if invocations else None)},
-      "options": {**o, "runs": rel(o["runs"]), "docs": rel(o["docs"]), "config": rel(o["config"]),
-                  "wiki": rel(o["wiki"])},
-      "eval_sets": sets,
-      "arms": arm_info,
-      "commands": {"driver": runs_cmds[-1] if runs_cmds else None, "driver_invocations": runs_cmds,
-                   "steps": [{"step": s.name, "command": show(s.argv),
-                              "log": rel(os.path.join(runs, "logs", f"{s.name}.log"))}
-                             for s in steps(opts)]},
-      "records": records,
+    "format": RESULTS_FORMAT,
+    "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    "git": {**git_info(), "run_started_at": (invocations[0]["git"] if invocations else None)},
+    "options": {
+      **o,
+      "runs": rel(o["runs"]),
+      "docs": rel(o["docs"]),
+      "config": rel(o["config"]),
+      "wiki": rel(o["wiki"]),
+    },
+    "eval_sets": sets,
+    "arms": arm_info,
+    "commands": {
+      "driver": runs_cmds[-1] if runs_cmds else None,
+      "driver_invocations": runs_cmds,
+      "steps": [
+        {
+          "step": s.name,
+          "command": show(s.argv),
+          "log": rel(os.path.join(runs, "logs", f"{s.name}.log")),
+        }
+        for s in steps(opts)
+      ],
+    },
+    "records": records,
   }
 
 
@@ -138,8 +188,9 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
   rows: dict[tuple, dict[str, Any]] = {}
   for r in results["records"]:
     key = (r["label"], r["sparsity"], r["mode"])
-    row = rows.setdefault(key, {"label": r["label"], "sparsity": r["sparsity"],
-                                "mode": r["mode"], "sets": {}})
+    row = rows.setdefault(
+      key, {"label": r["label"], "sparsity": r["sparsity"], "mode": r["mode"], "sets": {}}
+    )
     row["sets"][r["eval_set"]] = r
   return sorted(rows.values(), key=_row_key)
 
@@ -148,9 +199,12 @@ def markdown_table(results: dict[str, Any]) -> str:
   sets = list(results["eval_sets"])
   dense = {r["eval_set"]: r["perplexity"] for r in results["records"] if r["label"] == "dense"}
   causal = any(r["mode"] == "causal" for r in results["records"])
-  head = ["policy", "sparsity"] + (["mode"] if causal else []) + [
-      f"perplexity {s} (× dense)" for s in sets] + [
-      f"realized sparsity ({' / '.join(sets)})", "FLOPs fraction", "training time"]
+  head = (
+    ["policy", "sparsity"]
+    + (["mode"] if causal else [])
+    + [f"perplexity {s} (× dense)" for s in sets]
+    + [f"realized sparsity ({' / '.join(sets)})", "FLOPs fraction", "training time"]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in table_rows(results):
     recs = [row["sets"].get(s) for s in sets]
@@ -168,14 +222,24 @@ def markdown_table(results: dict[str, Any]) -> str:
     if not parts:
       ttime = "0 (no training)"
     elif len(parts) == 1:
-      (k, v), = parts.items()
+      ((k, v),) = parts.items()
       ttime = f"{_fmt_min(v)} ({k})"
     else:
-      ttime = f"{_fmt_min(any_rec['train_s'])} (" + " + ".join(
-          f"{k} {_fmt_min(v)}" for k, v in parts.items()) + ")"
-    cells = [row["label"], f"{row['sparsity']:g}"] + ([row["mode"]] if causal else []) + ppl + [
-        real, f"{any_rec['flops_fraction']:.3f}" if any_rec.get("flops_fraction") is not None
-        else "–", ttime]
+      ttime = (
+        f"{_fmt_min(any_rec['train_s'])} ("
+        + " + ".join(f"{k} {_fmt_min(v)}" for k, v in parts.items())
+        + ")"
+      )
+    cells = (
+      [row["label"], f"{row['sparsity']:g}"]
+      + ([row["mode"]] if causal else [])
+      + ppl
+      + [
+        real,
+        f"{any_rec['flops_fraction']:.3f}" if any_rec.get("flops_fraction") is not None else "–",
+        ttime,
+      ]
+    )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -193,19 +257,28 @@ def plot(results: dict[str, Any], path: str) -> str:
     dense = next((r["perplexity"] for r in rs if r["label"] == "dense"), None)
     for i, label in enumerate(LABELS[1:]):
       for mode, style in (("topk", "-"), ("causal", "--")):
-        pts = sorted((r["sparsity"], r["perplexity"]) for r in rs
-                     if r["label"] == label and r["mode"] == mode)
+        pts = sorted(
+          (r["sparsity"], r["perplexity"]) for r in rs if r["label"] == label and r["mode"] == mode
+        )
         if not pts:
           continue
         if dense is not None:
           pts = [(0.0, dense)] + pts
-        ax.plot(*zip(*pts), style, marker="o", color=f"C{i}",
-                label=label + ("" if mode == "topk" else " (causal)"))
+        ax.plot(
+          *zip(*pts),
+          style,
+          marker="o",
+          color=f"C{i}",
+          label=label + ("" if mode == "topk" else " (causal)"),
+        )
     if dense is not None:
       ax.axhline(dense, color="gray", linestyle=":", linewidth=1, label=f"dense {dense:.3g}")
     info = results["eval_sets"][es]
-    ax.set_title(f"{info.get('title', es)}\n{info.get('tokens') or '?'} tokens, "
-                 f"{info.get('documents') or '?'} documents", fontsize=10)
+    ax.set_title(
+      f"{info.get('title', es)}\n{info.get('tokens') or '?'} tokens, "
+      f"{info.get('documents') or '?'} documents",
+      fontsize=10,
+    )
     ax.set_xlabel("target sparsity (fraction of token-unit pairs approximated)")
     ax.set_yscale("log")
     for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
@@ -220,97 +293,136 @@ def plot(results: dict[str, Any], path: str) -> str:
 
 def _budget(arms_: dict[str, Any], stage: str, o: dict[str, Any]) -> str:
   """'N steps of B x T tokens' of a stage, from the first arm that trained it."""
-  steps_ = {"forecaster": o["forecaster_steps"], "router": o["router_steps"],
-            "lora": o["lora_steps"]}[stage]
+  steps_ = {
+    "forecaster": o["forecaster_steps"],
+    "router": o["router_steps"],
+    "lora": o["lora_steps"],
+  }[stage]
   rows = next((a["batch"][stage] for a in arms_.values() if stage in a.get("batch", {})), None)
   if rows is None:
     rows = [o["router_batch"] if stage != "forecaster" else "?", o["seq_len"]]
   return f"{steps_} steps of {rows[0]} x {rows[1]} tokens"
 
 
-def markdown(results: dict[str, Any], png: str | None, reading: str | None = None,
-             shift: str | None = None) -> str:
+def markdown(
+  results: dict[str, Any], png: str | None, reading: str | None = None, shift: str | None = None
+) -> str:
   o = results["options"]
   g = results["git"]
   arms_ = results["arms"]
   sets = results["eval_sets"]
   lines = [
-      "# Quality table: informed vs greedy routing",
-      "",
-      f"Generated by `launch/quality_table.py` from `results.json` ({results['created']}); "
-      "`python launch/quality_table.py --report-only` rebuilds this page from the JSON files "
-      "without training. Every number below is read from those files.",
-      "",
-      "## Setup",
-      "",
-      f"- Model and data: `{o['config']}`"
-      + (" (smoke run: tiny random model)" if o.get("smoke") else "")
-      + f"; rows of {o['seq_len']} tokens.",
-      f"- Training (base model frozen, seed {o['seed']} for every arm): forecasters "
-      f"{_budget(arms_, 'forecaster', o)}; routers {_budget(arms_, 'router', o)} per arm "
-      "(Gumbel gates), every arm from the same forecasters"
-      + (f"; LoRA {_budget(arms_, 'lora', o)} after each greedy arm." if o.get("lora") else "."),
-      f"- Target sparsities {', '.join(f'{s:g}' for s in o['sparsities'])}; routing mode "
-      f"{' and '.join(('topk', 'causal') if o.get('causal') else ('topk',))}.",
+    "# Quality table: informed vs greedy routing",
+    "",
+    f"Generated by `launch/quality_table.py` from `results.json` ({results['created']}); "
+    "`python launch/quality_table.py --report-only` rebuilds this page from the JSON files "
+    "without training. Every number below is read from those files.",
+    "",
+    "## Setup",
+    "",
+    f"- Model and data: `{o['config']}`"
+    + (" (smoke run: tiny random model)" if o.get("smoke") else "")
+    + f"; rows of {o['seq_len']} tokens.",
+    f"- Training (base model frozen, seed {o['seed']} for every arm): forecasters "
+    f"{_budget(arms_, 'forecaster', o)}; routers {_budget(arms_, 'router', o)} per arm "
+    "(Gumbel gates), every arm from the same forecasters"
+    + (f"; LoRA {_budget(arms_, 'lora', o)} after each greedy arm." if o.get("lora") else "."),
+    f"- Target sparsities {', '.join(f'{s:g}' for s in o['sparsities'])}; routing mode "
+    f"{' and '.join(('topk', 'causal') if o.get('causal') else ('topk',))}.",
   ]
   for name, s in sets.items():
-    doms = ", ".join(f"{d} {v['documents']} documents / {v['tokens']} tokens"
-                     for d, v in (s.get("domains") or {}).items())
-    lines.append(f"- Held-out `{name}`: {s['title']}; {s.get('source')}, capped to "
-                 f"{s.get('tokens')} tokens in {s.get('documents')} documents (first "
-                 f"{s.get('doc_tokens')} tokens of each, at most {s.get('max_tokens')} per set"
-                 + (f", {s['max_documents']} documents" if s.get("max_documents") else "")
-                 + f"): {doms}.")
+    doms = ", ".join(
+      f"{d} {v['documents']} documents / {v['tokens']} tokens"
+      for d, v in (s.get("domains") or {}).items()
+    )
+    lines.append(
+      f"- Held-out `{name}`: {s['title']}; {s.get('source')}, capped to "
+      f"{s.get('tokens')} tokens in {s.get('documents')} documents (first "
+      f"{s.get('doc_tokens')} tokens of each, at most {s.get('max_tokens')} per set"
+      + (f", {s['max_documents']} documents" if s.get("max_documents") else "")
+      + f"): {doms}."
+    )
   lines += [
-      f"- Git commit: `{g.get('commit')}`" + (" (with uncommitted changes)" if g.get("dirty")
-                                               else "")
-      + (f"; the run started at `{g['run_started_at'].get('commit')}`"
-         if g.get("run_started_at") and g["run_started_at"].get("commit") != g.get("commit")
-         else "") + ".",
-      "",
-      "## Results",
-      "",
-      "Perplexity on each held-out set (in parentheses: relative to dense), realized sparsity "
-      "(fraction of approximated token-unit pairs, per set), executed FLOPs relative to dense "
-      "(units run + forecasters + routers) and the training time behind the row: informed "
-      "rows need the forecasters and their routers; greedy rows only their routers; "
-      "greedy+lora rows the greedy routers and the LoRA stage; random and oracle rows use "
-      "the forecasters with no router. Training time is wall time of the training steps "
-      "(`train_s` in each workdir's train_summary.json), on the machine that ran it.",
-      "",
-      markdown_table(results) if results["records"] else "(no evaluation results yet)",
-      "",
+    f"- Git commit: `{g.get('commit')}`"
+    + (" (with uncommitted changes)" if g.get("dirty") else "")
+    + (
+      f"; the run started at `{g['run_started_at'].get('commit')}`"
+      if g.get("run_started_at") and g["run_started_at"].get("commit") != g.get("commit")
+      else ""
+    )
+    + ".",
+    "",
+    "## Results",
+    "",
+    "Perplexity on each held-out set (in parentheses: relative to dense), realized sparsity "
+    "(fraction of approximated token-unit pairs, per set), executed FLOPs relative to dense "
+    "(units run + forecasters + routers) and the training time behind the row: informed "
+    "rows need the forecasters and their routers; greedy rows only their routers; "
+    "greedy+lora rows the greedy routers and the LoRA stage; random and oracle rows use "
+    "the forecasters with no router. Training time is wall time of the training steps "
+    "(`train_s` in each workdir's train_summary.json), on the machine that ran it.",
+    "",
+    markdown_table(results) if results["records"] else "(no evaluation results yet)",
+    "",
   ]
   if png:
     lines += [f"![perplexity vs sparsity]({os.path.basename(png)})", ""]
   else:
     lines += ["(no plot: matplotlib is not installed; `pip install 'ir_jax[eval]'`)", ""]
-  lines += ["Training runs:", "", "| arm | stages x steps | builds on | training time |",
-            "|---|---|---|---|"]
+  lines += [
+    "Training runs:",
+    "",
+    "| arm | stages x steps | builds on | training time |",
+    "|---|---|---|---|",
+  ]
   for name, a in arms_.items():
     st = ", ".join(f"{k} x {v}" for k, v in a["steps"].items())
-    lines.append(f"| {name} | {st} | {a['builds_on'] or '–'} | "
-                 f"{_fmt_min(a['train_s']) if a['complete'] else 'incomplete'} |")
+    lines.append(
+      f"| {name} | {st} | {a['builds_on'] or '–'} | "
+      f"{_fmt_min(a['train_s']) if a['complete'] else 'incomplete'} |"
+    )
   c = results["commands"]
-  lines += ["", "## Commands", "", "The driver (resumable; rerun it to continue):", "", "```bash",
-            c["driver"] or "python launch/quality_table.py", "```", "",
-            "What it ran, in order (logs under the runs directory's logs/):", "", "```bash"]
+  lines += [
+    "",
+    "## Commands",
+    "",
+    "The driver (resumable; rerun it to continue):",
+    "",
+    "```bash",
+    c["driver"] or "python launch/quality_table.py",
+    "```",
+    "",
+    "What it ran, in order (logs under the runs directory's logs/):",
+    "",
+    "```bash",
+  ]
   lines += [s["command"] for s in c["steps"]]
   lines += ["```", ""]
   if shift:
-    lines += ["## Quality under data shift", "",
-              "From `launch/shift_experiment.py` (its own page: `shift.md`, plot `shift.png`); "
-              "estimators described in `estimators.md`.", "", shift.strip(), "",
-              "![estimated vs measured](shift.png)", ""]
+    lines += [
+      "## Quality under data shift",
+      "",
+      "From `launch/shift_experiment.py` (its own page: `shift.md`, plot `shift.png`); "
+      "estimators described in `estimators.md`.",
+      "",
+      shift.strip(),
+      "",
+      "![estimated vs measured](shift.png)",
+      "",
+    ]
   if reading:
     lines += ["## Reading", "", reading.strip(), ""]
     return "\n".join(lines)
-  lines += ["## Reading", "",
-            "**To be written from the numbers above.** This section is a placeholder: the "
-            "analysis (does informed routing without LoRA match or beat greedy routing, with "
-            "or without LoRA, at each sparsity, in and out of the training domains, and at "
-            "what training time) is to be written by a person reading the table and the plot; "
-            "nothing here was written before the numbers existed.", ""]
+  lines += [
+    "## Reading",
+    "",
+    "**To be written from the numbers above.** This section is a placeholder: the "
+    "analysis (does informed routing without LoRA match or beat greedy routing, with "
+    "or without LoRA, at each sparsity, in and out of the training domains, and at "
+    "what training time) is to be written by a person reading the table and the plot; "
+    "nothing here was written before the numbers existed.",
+    "",
+  ]
   return "\n".join(lines)
 
 
