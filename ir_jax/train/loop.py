@@ -216,6 +216,8 @@ def train_stage(
     f"[{stage}] training {n_train:,} parameters ({trainable_type.__name__}) for {stage_cfg.steps} "
     f"steps x {stage_cfg.grad_accum} batch(es) of {data_cfg.batch_size} x {data_cfg.seq_len} tokens"
   )
+  if start < total and row.loss_doc:
+    log(f"[{stage}] loss = {row.loss_doc}")
   step_fn = built.fn
   sched = steps.schedule(stage_cfg)
   tokens_per_batch = data_cfg.batch_size * data_cfg.seq_len

@@ -54,6 +54,8 @@ class Stage:
   # (model, context) -> None, may change the frozen part of `model` in place.
   finish: Callable[[Llama, HookContext], None] | None = None
   lora: bool = False  # the model carries LoRA adapters (rank from train.lora)
+  # What the stage's logged `loss` is, printed when it starts training.
+  loss_doc: str = ""
 
   def spec(self, settings: Settings) -> RoutingSpec | None:
     """The routing this stage trains under for `settings`."""
@@ -88,6 +90,8 @@ STAGES: dict[str, Stage] = {
     loss=steps.forecaster_loss_fn,
     fit=init.fit_forecasters,
     finish=_forecaster_finish,
+    loss_doc="SmoothL1 (beta 1) of each forecast against its unit's output on ordinary "
+    "tokens, summed over the 2 x layers units (lff_attn, lff_mlp: the per-unit means)",
   ),
   "router": Stage(
     name="router",
@@ -97,6 +101,8 @@ STAGES: dict[str, Stage] = {
     fit=init.fit_routers,
     start=_router_start,
     finish=_router_finish,
+    loss_doc="lm (next-token NLL in nats under Gumbel gates) + sparsity_weight x "
+    "sparsity_penalty (execute rate above the capacity table) + importance_weight x importance",
   ),
   "lora": Stage(
     name="lora",
@@ -105,6 +111,7 @@ STAGES: dict[str, Stage] = {
     loss=steps.lora_loss_fn,
     fit=None,
     lora=True,
+    loss_doc="next-token NLL in nats under hard top-k routing at the target capacities",
   ),
 }
 assert tuple(STAGES) == config.STAGES, "ir_jax.train.config.STAGES names the table's rows"

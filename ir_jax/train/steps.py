@@ -55,10 +55,10 @@ def optimizer(stage_cfg: StageConfig) -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------- losses
 def smooth_l1(pred: Array, target: Array, valid_BxT: Array) -> Array:
-  """SmoothL1 (beta 1) averaged over valid tokens and features."""
-  d = (pred - target).astype(jnp.float32)
-  a = jnp.abs(d)
-  per = jnp.where(a < 1.0, 0.5 * d * d, a - 0.5).mean(-1)
+  """SmoothL1 (beta 1; optax's Huber loss with delta 1) averaged over valid tokens and
+  features."""
+  per = optax.huber_loss(pred.astype(jnp.float32), target.astype(jnp.float32), delta=1.0)
+  per = per.mean(-1)
   return jnp.sum(per * valid_BxT) / jnp.maximum(jnp.sum(valid_BxT), 1.0)
 
 
