@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -43,6 +42,7 @@ from ir_jax.bench_programs import Variant, build_variants
 from ir_jax.bench_tpu import tpu_table, tpu_view
 from ir_jax.config import ConfigError, LlamaConfig, from_config_dict
 from ir_jax.model import init_model
+from ir_jax.provenance import git_commit
 
 PROG = "ir_jax.bench"
 DEFAULT_SPARSITIES = "0.25,0.4,0.7"
@@ -340,20 +340,7 @@ def read_table(path: str, layers: int) -> list[list[float]]:
 
 
 def _commit() -> str | None:
-  try:
-    return (
-      subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-      ).stdout.strip()
-      or None
-    )
-  except (OSError, subprocess.SubprocessError):
-    return None
+  return git_commit(REPO, short=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

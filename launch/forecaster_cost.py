@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ def main() -> int:
 
   from ir_jax.forecast import ForecasterParam
   from ir_jax.model import init_model
+  from ir_jax.provenance import git_commit
   from ir_jax.train import settings_from_config, steps
   from ir_jax.train.stages import STAGES
 
@@ -94,7 +94,7 @@ def main() -> int:
     "seq_len": t,
     "reps": args.reps,
     "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
-    "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip(),
+    "commit": git_commit(short=True),
   }
   for k, v in results.items():
     med = statistics.median(v)

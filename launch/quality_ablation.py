@@ -19,7 +19,6 @@ import importlib.util
 import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -52,13 +51,12 @@ def main(argv: list[str] | None = None) -> int:
   from ir_jax import routing as R
   from ir_jax.data import pipeline
   from ir_jax.data.packing import PACK
+  from ir_jax.provenance import git_commit
   from ir_jax.train.config import settings_from_config
 
   os.chdir(REPO)
   # The commit the code was loaded from (edits during the run do not change it).
-  commit = subprocess.run(
-    ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-  ).stdout.strip()
+  commit = git_commit(REPO)
   spec = importlib.util.spec_from_file_location("_ablation_config", args.config)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

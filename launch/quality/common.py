@@ -8,10 +8,10 @@ write atomically, so a killed run never leaves a file that looks complete.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from ir_jax import provenance
 from ir_jax.files import write_json  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,17 +40,4 @@ def read_json(path: str) -> Any:
 
 def git_info() -> dict[str, Any]:
   """The checkout's commit and whether tracked files differ from it (None: not a checkout)."""
-
-  def git(*a: str) -> str:
-    try:
-      return subprocess.run(
-        ["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30
-      ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-      return ""
-
-  commit = git("rev-parse", "HEAD")
-  return {
-    "commit": commit or None,
-    "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
-  }
+  return provenance.git_info(REPO)
