@@ -97,3 +97,26 @@ def test_bucket_paths_are_refused_in_one_line_naming_gcsfuse(argv, tmp_path):
   assert len(lines) == 1, proc.stderr
   assert "gs://bucket/" in lines[0] and "gcsfuse" in lines[0]
   assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+def test_capacity_table_from_the_command_line(monkeypatch):
+  """routing.capacities defaults to None yet takes a table as a flag (a typed placeholder)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from ir_jax.train.config import settings_from_config
+
+  def parse(*overrides):
+    argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", *overrides]
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads overrides from sys.argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv)
+    fv(argv)
+    return settings_from_config(fv.config)
+
+  table = "((0.5, 0.7), (0.6, 0.8))"  # configs/tiny.py has 2 layers
+  assert parse(f"--config.routing.capacities={table}").routing.capacities == (
+    (0.5, 0.7),
+    (0.6, 0.8),
+  )
+  assert parse().routing.capacities is None

@@ -475,5 +475,8 @@ def default_config() -> Any:
   cfg.train = ml_collections.ConfigDict(as_dict(TrainConfig()))
   spec = RoutingSpec(sparsity=0.4)
   cfg.routing = ml_collections.ConfigDict({f: getattr(spec, f) for f in ROUTING_FIELDS})
+  # None by default; typed so that a table can be given on the command line:
+  # --config.routing.capacities='((0.5, 0.9), (0.6, 0.9), ...)' (one (attn, mlp) per layer).
+  cfg.routing.capacities = ml_collections.config_dict.placeholder(tuple)
   cfg.mesh = ml_collections.ConfigDict(as_dict(MeshConfig()))
   return cfg
