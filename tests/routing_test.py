@@ -89,13 +89,14 @@ def numpy_routed_forward(m, toks, pos, seg, policy: str, capacity: float) -> np.
   toks, pos = np.asarray(toks)[0], np.asarray(pos)[0]
   seg = np.asarray(seg)[0] if seg is not None else np.ones_like(toks)
   t = len(toks)
-  k_exec = int(round(capacity * t))
   x = p["embed_tokens"][toks]
   H, N, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   for l in range(cfg.num_layers):
     L = jax.tree.map(lambda a: a[l], p["layers"])
     Rt = jax.tree.map(lambda a: a[l], p["routing"])
-    for unit in ("attn", "mlp"):
+    for u, unit in enumerate(("attn", "mlp")):
+      cap = capacity if np.ndim(capacity) == 0 else capacity[l][u]  # a per-layer table
+      k_exec = int(round(cap * t))
       norm = L["input_layernorm" if unit == "attn" else "post_attention_layernorm"]["weight"]
       n = _rms(x, norm, cfg.rms_norm_eps)
       lff, router = Rt[f"{unit}_lff"], Rt[f"{unit}_router"]
@@ -291,6 +292,39 @@ def test_per_layer_capacity_table():
   np.testing.assert_array_equal(np.asarray(aux_remat["exec_rate"]), np.asarray(aux["exec_rate"]))
   with pytest.raises(ConfigError, match="capacities has 2 rows"):
     m(tokens(2, 16), routing=R.RoutingSpec(capacities=table[:2]))
+
+
+def test_capacity_table_scanned_equals_numpy_loop_and_unrolled():
+  """A per-layer table scans the layers (lax.switch among each unit type's distinct k):
+  the same logits as the token-by-token numpy loop and as the unrolled layers, and the
+  same gradients as the unrolled layers."""
+  m = make_model()
+  toks, pos, seg = packed_row()  # 24 tokens: these capacities give whole k
+  table = ((1.0, 0.5), (0.25, 0.75), (0.5, 0.25))
+  spec = R.RoutingSpec(policy="informed", capacities=table)
+  assert m.config.scan_layers
+  scanned, aux = m(toks, pos, seg, routing=spec, return_aux=True)
+  ref = numpy_routed_forward(m, toks, pos, seg, "informed", table)
+  np.testing.assert_allclose(np.asarray(scanned)[0], ref, atol=2e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(aux["exec_rate"]), np.array(table))
+
+  def grads(model):
+    def f(state):
+      out = nnx.merge(graphdef, state)(toks, pos, seg, routing=spec)
+      return jnp.mean(jnp.square(out))
+
+    graphdef, state = nnx.split(model)
+    return jax.grad(f)(state)
+
+  g_scan = grads(m)
+  m.config = m.config.replace(scan_layers=False)
+  unrolled = m(toks, pos, seg, routing=spec)
+  np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), atol=1e-5, rtol=0)
+  g_unrolled = grads(m)
+  flat_s, flat_u = jax.tree.leaves(g_scan), jax.tree.leaves(g_unrolled)
+  assert len(flat_s) == len(flat_u) and any(float(jnp.abs(a).max()) > 0 for a in flat_s)
+  for a, b in zip(flat_s, flat_u):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
 
 def test_flops_match_hand_count():

@@ -46,6 +46,8 @@ def routed_layer(
   key: Array,
   cache: tuple[Array, Array, Array] | None = None,
   caps: Array | None = None,
+  k_levels: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+  level_index: Array | None = None,
 ):
   """One decoder layer with both units routed; returns (x, aux[, this step's (k, v)]).
 
@@ -55,6 +57,10 @@ def routed_layer(
   `caps` `[2]`: the spec's capacities of this layer; in causal mode a unit at
   capacity 1 always executes and one at 0 never does, whatever its calibrated threshold.
   With a cache in top-k mode, `ks` count rows (static row capacity, `unit._route_rows`).
+  `k_levels` (static: the distinct k of each unit type over all layers) with `level_index` `[2]`
+  (traced: this layer's position in each) replace `ks`: each unit then runs under a
+  `lax.switch` over its levels, one branch per distinct k, so a per-layer capacity table
+  still scans the layers (see `routed_forward`).
   """
   get = (lambda: layer) if isinstance(layer, DecoderLayer) else layer
   rows = cache is not None and spec.mode == "topk"
@@ -85,37 +91,38 @@ def routed_layer(
   thr = routing_layer.threshold[...]
   if caps is not None:
     thr = jnp.where(caps >= 1.0, -jnp.inf, jnp.where(caps <= 0.0, jnp.inf, thr))
-  delta, aux_a = route_unit(
-    n,
-    x_BxTxD,
-    attn_fn,
-    routing_layer.attn_lff,
-    routing_layer.attn_router,
-    spec,
-    ks[0],
-    thr[0],
-    jax.random.fold_in(key, 0),
-    ctx.temperature,
-    ctx.sink_BxT,
-    rows=rows,
-  )
-  x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
+
+  def unit(u: int, n: Array, x: Array, unit_fn: Callable, lff: Any, router: Any):
+    def run(k: int):
+      delta, aux = route_unit(
+        n,
+        x,
+        unit_fn,
+        lff,
+        router,
+        spec,
+        k,
+        thr[u],
+        jax.random.fold_in(key, u),
+        ctx.temperature,
+        ctx.sink_BxT,
+        rows=rows,
+      )
+      return delta.astype(x.dtype), aux
+
+    if k_levels is None:
+      return run(ks[u])
+    if len(k_levels[u]) == 1:
+      return run(k_levels[u][0])
+    return jax.lax.switch(level_index[u], [lambda k=k: run(k) for k in k_levels[u]])
+
+  delta, aux_a = unit(0, n, x_BxTxD, attn_fn, routing_layer.attn_lff, routing_layer.attn_router)
+  x_BxTxD = x_BxTxD + delta
   n = get().post_attention_layernorm(x_BxTxD)
-  delta, aux_m = route_unit(
-    n,
-    x_BxTxD,
-    lambda _, ns: get().mlp(ns),
-    routing_layer.mlp_lff,
-    routing_layer.mlp_router,
-    spec,
-    ks[1],
-    thr[1],
-    jax.random.fold_in(key, 1),
-    ctx.temperature,
-    ctx.sink_BxT,
-    rows=rows,
+  delta, aux_m = unit(
+    1, n, x_BxTxD, lambda _, ns: get().mlp(ns), routing_layer.mlp_lff, routing_layer.mlp_router
   )
-  x_BxTxD = x_BxTxD + delta.astype(x_BxTxD.dtype)
+  x_BxTxD = x_BxTxD + delta
   aux = jax.tree.map(lambda a, m: jnp.stack([a, m]), aux_a, aux_m)
   if cache is None:
     return x_BxTxD, aux
@@ -139,8 +146,11 @@ def routed_forward(
   Gumbel gates, so an annealed temperature does not recompile every step.
 
   aux: exec_rate [L, 2], importance [L, 2], scores_BxT and gate_BxT [L, 2, B, T]. A uniform
-  capacity scans the layers; a per-layer capacity table unrolls them (each
-  layer then has its own static k).
+  capacity scans the layers with one static k per unit type. A per-layer
+  capacity table scans them too: each unit switches (`lax.switch`, one branch
+  taken) among the distinct k its type has in the table, so the compiled body
+  holds one copy of a unit per distinct k rather than one per layer. With the
+  config's `scan_layers=False` the layers are unrolled, each with its own static k.
   """
   cfg = model.config
   check_calibrated(model, spec)
@@ -168,6 +178,27 @@ def routed_forward(
       )
 
     x, aux = model.run_layers(layer_fn, x, jnp.asarray(layer_ids))
+  elif model.config.scan_layers:
+    levels = tuple(tuple(sorted({int(k) for k in ks[:, u]})) for u in range(ks.shape[1]))
+    index = np.array([[levels[u].index(int(k)) for u, k in enumerate(row)] for row in ks])
+
+    def layer_fn(layer, routing_layer, x, per):
+      lid, level_pair, cap_pair = per
+      return routed_layer(
+        layer,
+        routing_layer,
+        x,
+        ctx,
+        spec,
+        (0, 0),  # unused: k_levels and level_index choose
+        jax.random.fold_in(key, lid),
+        caps=cap_pair,
+        k_levels=levels,
+        level_index=level_pair,
+      )
+
+    per_layer = (jnp.asarray(layer_ids), jnp.asarray(index), jnp.asarray(layer_caps(spec, cfg)))
+    x, aux = model.run_layers(layer_fn, x, per_layer)
   else:
 
     def layer_fn(layer, routing_layer, x, per):
