@@ -3,6 +3,7 @@
     python launch/scaling_table.py                    # compile every missing row (~1 h)
     python launch/scaling_table.py --report           # print the markdown table only
     python launch/scaling_table.py --only llama7b.py:v4:2x2x2
+    python launch/scaling_table.py --update-doc docs/scaling.md   # fold fresh rows in
 
 Needs libtpu (pip install 'ir_jax[tpu]'). Every (config, topology, mesh) job is
 one `python -m ir_jax.aot` process compiling the four stages one after another;
@@ -97,6 +98,27 @@ def report(records: list[dict]) -> str:
   return head + "\n" + "\n".join(lines)
 
 
+def _row_key(line: str) -> tuple[str, ...]:
+  """(config, stage, topology, mesh, per-host batch) of a table row; a † mark is ignored."""
+  cells = [c.strip() for c in line.strip().strip("|").split("|")]
+  return (cells[0], cells[1].replace("†", "").strip(), *cells[2:5])
+
+
+def update_doc(text: str, records: list[dict]) -> tuple[str, int]:
+  """`text` with every row of its table that has a fresh record replaced by that record's
+  row (which carries no † mark); (new text, rows replaced). Rows without a record stay."""
+  fresh = {_row_key(line): line for line in report(records).splitlines()[2:]}
+  out, replaced = [], 0
+  for line in text.splitlines(keepends=True):
+    if line.startswith("| llama") and _row_key(line) in fresh:
+      new = fresh[_row_key(line)] + "\n"
+      replaced += new != line
+      out.append(new)
+    else:
+      out.append(line)
+  return "".join(out), replaced
+
+
 def main() -> int:
   p = argparse.ArgumentParser(
     description=__doc__.splitlines()[0],
@@ -106,6 +128,13 @@ def main() -> int:
   p.add_argument("--jsonl", default=os.path.join(REPO, "docs", "scaling_aot.jsonl"))
   p.add_argument("--report", action="store_true", help="print the table from --jsonl only")
   p.add_argument(
+    "--update-doc",
+    metavar="MD",
+    default=None,
+    help="replace the rows of MD's table (e.g. docs/scaling.md) that --jsonl has fresh "
+    "records for, dropping their † marks; nothing is compiled",
+  )
+  p.add_argument(
     "--only",
     action="append",
     default=[],
@@ -114,6 +143,13 @@ def main() -> int:
   args = p.parse_args()
   if args.report:
     print(report(load(args.jsonl)))
+    return 0
+  if args.update_doc:
+    with open(args.update_doc, encoding="utf-8") as f:
+      text, n = update_doc(f.read(), load(args.jsonl))
+    with open(args.update_doc, "w", encoding="utf-8") as f:
+      f.write(text)
+    print(f"{args.update_doc}: {n} row(s) replaced by fresh records")
     return 0
   failed = 0
   for config, topology, overrides, stages in jobs():
