@@ -38,7 +38,7 @@ class Progress:
     self.t0 = time.time()
     self.last = self.t0 - (every if self.bar else 0.0)
 
-  def line(self, done: int, total: int, elapsed: float) -> str:
+  def line(self, done: int, total: int, elapsed: float, note: str = "") -> str:
     rate = done / elapsed if elapsed > 0 else 0.0
     unit = f" {self.unit}/s" if self.unit else "/s"
     tail = "done" if done >= total else f"ETA {elapsed / max(done, 1) * (total - done):.0f}s"
@@ -46,19 +46,22 @@ class Progress:
     if self.bar:
       filled = int(BAR_WIDTH * min(done, total) / total)
       head = f"{self.label} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}]"
+    note = f", {note}" if note else ""
     return (
-      f"{head} {done}/{total} ({100 * done / total:.0f}%) {rate:.3g}{unit}, "
+      f"{head} {done}/{total} ({100 * done / total:.0f}%) {rate:.3g}{unit}{note}, "
       f"{elapsed:.0f}s elapsed, {tail}"
     )
 
-  def __call__(self, done: int, total: int | None = None) -> None:
+  def __call__(self, done: int, total: int | None = None, note: str = "") -> None:
+    """Reports `done` of `total` (default: the constructor's), with `note` (e.g. counts
+    the rate does not show) after the rate."""
     total = self.total if total is None else max(int(total), 1)
     now = time.time()
     finished = done >= total
     if not finished and now - self.last < (0.5 if self.bar else self.every):
       return
     self.last = now
-    text = self.line(done, total, now - self.t0)
+    text = self.line(done, total, now - self.t0, note)
     if self.bar:  # redraw in place; the finished line stays
       sys.stdout.write("\r" + text + ("\n" if finished else ""))
       sys.stdout.flush()

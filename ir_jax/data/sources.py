@@ -12,13 +12,13 @@ import glob
 import hashlib
 import json
 import os
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ir_jax.data.config import DataConfig, DataError, FileSpec
+from ir_jax.progress import Progress
 from ir_jax.text import DECLARED_ENCODINGS, decode_replacing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -326,39 +326,18 @@ def split_of(text: str, validation_fraction: float) -> str:
   return VALIDATION if u < validation_fraction else TRAIN
 
 
-class Progress:
-  """One line every `interval` seconds (and at the end) while scanning files."""
-
-  def __init__(
-    self, total_files: int, total_bytes: int, interval: float = 2.0, enabled: bool = True
-  ) -> None:
-    self.total_files, self.total_bytes = total_files, total_bytes
-    self.interval, self.enabled = interval, enabled
-    self.start = self.last = time.time()
-
-  def update(self, stats: Stats, done: bool = False) -> None:
-    now = time.time()
-    if not self.enabled or (not done and now - self.last < self.interval):
-      return
-    self.last = now
-    c = stats.counts
-    rate = c["bytes"] / 1e6 / max(now - self.start, 1e-6)
-    print(
-      f"  scanned {c['files']}/{self.total_files} files, {c['bytes'] / 1e6:.1f}/"
-      f"{self.total_bytes / 1e6:.1f} MB, {c['documents']} documents ({rate:.1f} MB/s)",
-      flush=True,
-    )
-
-
 def scan(files: Sequence[SourceFile], cfg: DataConfig, verbose: bool = True) -> Stats:
   """Read every file once: validate, count documents per split and domain, count skips."""
   stats = Stats()
-  progress = Progress(len(files), sum(f.path.stat().st_size for f in files), enabled=verbose)
-  for f in files:
+  total_kb = max(sum(f.path.stat().st_size for f in files) // 1024, 1)
+  progress = Progress("  scanning", total_kb, every=2.0, unit="kB") if verbose else None
+  for i, f in enumerate(files):
     for doc in read_documents(f, cfg, stats):
       split = split_of(doc.text, cfg.validation_fraction)
       stats.counts[f"documents_{split}"] += 1
       stats.docs_by_split_domain[f"{split}/{doc.domain}"] += 1
-    progress.update(stats)
-  progress.update(stats, done=True)
+    if progress is not None:
+      c = stats.counts
+      done = total_kb if i == len(files) - 1 else min(c["bytes"] // 1024, total_kb - 1)
+      progress(done, note=f"{c['files']}/{len(files)} files, {c['documents']} documents")
   return stats
