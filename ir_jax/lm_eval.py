@@ -4,20 +4,32 @@ lm-eval finds a model type only once something has imported the module that
 registers it, and its `lm_eval` command imports nothing of ours. This entry
 point imports `ir_jax.eval.lm_eval_adapter` (model type "ir_jax") and hands
 argv to lm-eval's CLI unchanged, so every lm-eval flag works as documented
-there. With no subcommand it runs `lm_eval run`. Example, offline, on the
-repository's local test tasks:
+there. With no subcommand it runs `lm_eval run`. Example, offline, after the
+demo, on the repository's local test task:
 
   python -m ir_jax.lm_eval --model ir_jax \
       --model_args pretrained=runs/demo,policy=informed,sparsity=0.25 \
       --tasks ir_jax_tiny_mc --include_path tests/data/lm_eval_task \
-      --limit 8 --output_path runs/lm_eval
+      --batch_size 1 --output_path runs/lm_eval
 
-Model args: see `ir_jax.eval.lm_eval_adapter` (pretrained, tokenizer, policy,
-sparsity, mode, calibration, ...).
+Model args: pretrained (a training workdir, checkpoint, HF directory or GGUF),
+tokenizer (default: pretrained's own; a workdir's is the one its run trained
+with, read from WORKDIR/base), policy, sparsity, mode (topk | causal),
+calibration, ...: see `ir_jax.eval.lm_eval_adapter`.
+
+Hub access: none. HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 are set before
+lm-eval loads (unless already set in the environment), so lm-eval's stock tasks,
+which download their data from the HuggingFace hub, fail. Give a local task
+instead: a directory passed as --include_path holding a task YAML whose
+`custom_dataset: !function utils.load` names a function in a utils.py beside it
+that returns a datasets.DatasetDict read from local files (see
+tests/data/lm_eval_task/ and docs/lm_eval.md for one to copy). Errors in ir_jax's
+part (a missing model, a bad model arg) print one line.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 SUBCOMMANDS = ("run", "ls", "validate")
@@ -25,6 +37,9 @@ SUBCOMMANDS = ("run", "ls", "validate")
 
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
+  # Before lm-eval imports `datasets`, which reads these once: nothing may reach a hub.
+  os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
   try:
     from lm_eval.__main__ import cli_evaluate
   except ImportError:
@@ -39,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
   elif argv and argv[0] not in SUBCOMMANDS:
     argv = ["run", *argv]  # lm-eval's subcommand for evaluating
   sys.argv = ["lm_eval", *argv]
-  cli_evaluate()
+  from ir_jax.errors import cli_main
+
+  cli_main(cli_evaluate, "ir_jax.lm_eval")
 
 
 if __name__ == "__main__":

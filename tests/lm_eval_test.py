@@ -4,6 +4,9 @@ loglikelihood   every (context, continuation) lm-eval asked for vs log-softmax (
                 of our routed forward over [prefix] + context + continuation
 generation      the text lm-eval got vs ir_jax.routing.generate (greedy, causal) cut at
                 the task's stop string
+workdir         the README's command line on a trained workdir whose tokenizer (a BPE
+                trained here) lives only in WORKDIR/base: the logged log-likelihoods vs
+                our forward over that BPE's ids (the tokenizers library, not ir_jax)
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(REPO, "tests", "data", "lm_eval_task")
 CALIB = os.path.join(REPO, "tests", "data", "eval", "calibration.txt")
+NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
 BYTE_EOS = 256
+BPE_VOCAB = 320
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +204,160 @@ def test_command_line_entry_point_registers_the_model(ckpt, tmp_path):
       assert float(resp[0][0]) == pytest.approx(want, rel=1e-5, abs=1e-4)
       n += 1
   assert n == 11  # every choice of every question
+
+
+# ------------------------------------------------------- a workdir's own tokenizer
+def _tiny_cfg():
+  spec = importlib.util.spec_from_file_location(
+    "tiny_cfg", os.path.join(REPO, "configs", "tiny.py")
+  )
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def bpe_workdir(tmp_path_factory):
+  """A tiny model trained a few steps (forecaster, router) on base weights imported from a
+  HF directory that carries a byte-level BPE tokenizer (trained here on the news text),
+  as the demo imports its GGUF; the HF directory is deleted afterwards, so the
+  tokenizer is in WORKDIR/base only. Returns (workdir, path of a copy of the BPE)."""
+  if not os.path.exists(NEWS):
+    pytest.skip("demo assets missing: run `bash launch/fetch_assets.sh`")
+  import shutil
+
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  from ir_jax.convert.export import export
+  from ir_jax.text import read_text
+  from ir_jax.train import run, settings_from_config
+
+  root = tmp_path_factory.mktemp("bpe_workdir")
+  tok_dir = root / "tok"
+  tok_dir.mkdir()
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(
+    read_text(NEWS).splitlines(),
+    trainers.BpeTrainer(
+      vocab_size=BPE_VOCAB,
+      special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+    ),
+  )
+  tok.save(str(tok_dir / "tokenizer.json"))
+  (tok_dir / "tokenizer_config.json").write_text(
+    json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
+  )
+  shutil.copy(tok_dir / "tokenizer.json", root / "bpe_copy.json")
+
+  cfg = _tiny_cfg()
+  cfg.model.vocab_size = tok.get_vocab_size()
+  cfg.model.bos_token_id = cfg.model.eos_token_id = 0  # <|endoftext|>
+  model_cfg = from_config_dict(cfg.model)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init_model(model_cfg, seed=7))))
+  hf = str(root / "hf")
+  export(checkpoint.save(str(root / "ckpt"), model_cfg, params, tokenizer_dir=str(tok_dir)), hf)
+  shutil.rmtree(root / "ckpt")
+
+  cfg.model.checkpoint = hf
+  cfg.model.random_init = False
+  cfg.data.tokenizer = hf  # as configs/smollm2_135m.py names its GGUF
+  cfg.data.files = (NEWS,)
+  cfg.data.data_dir = str(root / "tfds")
+  cfg.data.batch_size = 4
+  cfg.mesh.data = 1
+  cfg.train.eval_batches = 0
+  cfg.train.forecaster.steps = 1
+  cfg.train.router.steps = 1
+  cfg.routing.sparsity = 0.25
+  workdir = str(root / "work")
+  run(settings_from_config(cfg), workdir, devices=jax.devices()[:1])
+  shutil.rmtree(hf)
+  assert os.path.isfile(os.path.join(workdir, "base", "tokenizer.json"))
+  return workdir, str(root / "bpe_copy.json")
+
+
+def test_readme_command_finds_a_workdirs_tokenizer_in_base(bpe_workdir, tmp_path):
+  # The README's command line (plus --log_samples, to compare every choice), with the
+  # trained workdir as `pretrained` and no tokenizer= argument.
+  import tokenizers
+
+  workdir, bpe = bpe_workdir
+  out = tmp_path / "lm_eval"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ir_jax.lm_eval",
+      "--model",
+      "ir_jax",
+      "--model_args",
+      f"pretrained={workdir},policy=informed,sparsity=0.25",
+      "--tasks",
+      "ir_jax_tiny_mc",
+      "--include_path",
+      TASKS,
+      "--batch_size",
+      "1",
+      "--output_path",
+      str(out),
+      "--log_samples",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (samples,) = sorted(out.rglob("samples_ir_jax_tiny_mc_*.jsonl"))
+  from ir_jax.api import load_model
+  from ir_jax.routing import trained_spec
+
+  model = load_model(workdir)
+  spec = trained_spec(model, RoutingSpec(policy="informed", sparsity=0.25))
+  assert spec.capacities is not None  # the run's trained table, rescaled to 0.25
+  tok = tokenizers.Tokenizer.from_file(bpe)
+  n = 0
+  for line in samples.read_text().splitlines():
+    sample = json.loads(line)
+    for args, resp in zip(sample["arguments"].values(), sample["resps"]):
+      ctx, cont = tok.encode(args["arg_0"]).ids, tok.encode(args["arg_1"]).ids
+      toks = np.asarray([[0, *ctx, *cont]], np.int32)  # BOS <|endoftext|> = 0
+      logits = np.asarray(_forward(model, jnp.asarray(toks), spec), np.float64)[0]
+      logp = logits - logits.max(-1, keepdims=True)
+      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+      pos = np.arange(len(ctx), len(ctx) + len(cont))
+      want = float(logp[pos, toks[0, pos + 1]].sum())
+      assert float(resp[0][0]) == pytest.approx(want, rel=1e-5, abs=1e-4)
+      n += 1
+  assert n == 11  # every choice of every question
+
+
+def test_missing_model_is_one_line(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ir_jax.lm_eval",
+      "--model",
+      "ir_jax",
+      "--model_args",
+      f"pretrained={tmp_path / 'nope'},policy=dense",
+      "--tasks",
+      "ir_jax_tiny_mc",
+      "--include_path",
+      TASKS,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  err = proc.stderr.strip().splitlines()
+  assert "Traceback" not in proc.stderr
+  assert err[-1].startswith("ir_jax.lm_eval: error: ") and "nope" in err[-1], err[-3:]

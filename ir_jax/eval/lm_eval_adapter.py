@@ -4,14 +4,23 @@
     lm_eval.simple_evaluate(model="ir_jax",
                             model_args="pretrained=runs/tiny,policy=informed,sparsity=0.4", ...)
 
-or from a shell (the lm-eval CLI with this model type registered):
+or from a shell, `python -m ir_jax.lm_eval` (lm-eval's own CLI with this model type
+registered; docs/lm_eval.md has a local task to copy):
 
-    python -m ir_jax.eval.lm_eval_adapter --model ir_jax \
-        --model_args pretrained=runs/tiny,policy=informed,sparsity=0.4,mode=topk \
-        --tasks TASK --include_path DIR
+    python -m ir_jax.lm_eval --model ir_jax \
+        --model_args pretrained=runs/demo,policy=informed,sparsity=0.25 \
+        --tasks ir_jax_tiny_mc --include_path tests/data/lm_eval_task --batch_size 1
 
-Model args: `pretrained` (anything `ir_jax.load_model` takes), `tokenizer`
-(default: `pretrained`'s; "byte" for the built-in byte tokenizer), `policy`,
+Hub access. Importing this module sets HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1
+unless they are already set (`datasets` reads them when lm-eval imports it), so a
+task whose data lives on the HuggingFace hub fails instead of downloading. Run local
+tasks: a YAML under `--include_path` whose `custom_dataset` function (or
+`dataset_path: json` with local `data_files`) reads files on disk.
+
+Model args: `pretrained` (anything `ir_jax.load_model` takes: a training workdir, a
+checkpoint, a HF directory or a GGUF), `tokenizer` (default: `pretrained`'s own; for
+a workdir the one its run trained with, read from WORKDIR/base when it came with the
+base weights; "byte" for the built-in byte tokenizer), `policy`,
 `sparsity`, `mode` (topk | causal), `calibration` (text/JSONL file(s) or globs
 for causal-mode thresholds; without it the model's stored thresholds are used, and
 refused unless they were calibrated for this spec's capacities),
@@ -91,6 +100,7 @@ class IrJaxLM(LM):
     super().__init__()
     from ir_jax.api import load_model
     from ir_jax.data.tokenize import load_text_tokenizer
+    from ir_jax.generate import model_tokenizer
 
     # lm-eval passes device, dtype etc. for every model type; JAX chooses devices itself.
     self.model = load_model(str(pretrained))
@@ -101,7 +111,7 @@ class IrJaxLM(LM):
     )
     from ir_jax.data.config import DataError
 
-    tok_spec = str(tokenizer or pretrained)
+    tok_spec = str(tokenizer or model_tokenizer(str(pretrained)))
     self.tok = load_text_tokenizer(tok_spec, add_bos=None, add_eos=False)
     try:  # the BOS the tokenizer declares, even if its post-processor does not add it
       declared = load_text_tokenizer(tok_spec, add_bos=True, add_eos=False).prefix
