@@ -134,3 +134,20 @@ def maybe_initialize(
     coordinator_address=p.coordinator, num_processes=p.num_processes, process_id=p.process_id
   )
   return p
+
+
+def host_array(x) -> "np.ndarray":
+  """The whole value of `x` as a numpy array on every process.
+
+  A fully addressable array (one process, or replicated) is fetched directly; one
+  that spans other processes' devices (data- or FSDP-sharded across hosts) is gathered
+  with `multihost_utils.process_allgather`, a collective every process must call.
+  Plain numpy values pass through.
+  """
+  import numpy as np
+
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

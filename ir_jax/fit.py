@@ -17,6 +17,14 @@ greedy allocation then spreads the target sparsity where damage rises least.
 Every pass is one jitted function per batch whose outputs have a leading
 layers axis, so it shards like the model (d = 4096: 64 Gram matrices of
 4096^2 floats, about 4.3 GB, split over the devices with the layers).
+
+Across processes (a pod): batches are global arrays whose rows live on
+several hosts and the model may be FSDP-sharded over them, so every pass's
+outputs (and the token masks that select from them) are gathered whole onto
+every process (`ir_jax.distributed.host_array`, a collective all processes
+call in the same order); the solves then run on the same numbers on every
+host, and what is written back into the model is process 0's result, placed
+with the sharding the variable had (`_set`), so replicas cannot drift apart.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ir_jax.distributed import host_array
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
 from ir_jax.routing import RoutingSpec, sink_mask
@@ -164,9 +173,9 @@ def error_curves(
   for b in batches:
     b = {k: jnp.asarray(v) for k, v in b.items()}
     out = _error_curves(model, b, greedy)
-    keep = np.asarray(_ordinary(b)).reshape(-1) > 0
-    scores.append(np.asarray(out["score"])[..., keep])
-    errs.append(np.asarray(out["rel_err"])[..., keep])
+    keep = host_array(_ordinary(b)).reshape(-1) > 0  # global rows, as the outputs
+    scores.append(host_array(out["score"])[..., keep])
+    errs.append(host_array(out["rel_err"])[..., keep])
   return np.concatenate(scores, -1), np.concatenate(errs, -1)
 
 
@@ -253,7 +262,7 @@ def _accumulate(
       progress(i + 1)
   if total is None:
     raise ValueError("a closed-form fit needs at least one batch")
-  return {k: np.asarray(jax.device_get(v), np.float64) for k, v in total.items()}
+  return {k: np.asarray(host_array(v), np.float64) for k, v in total.items()}
 
 
 def forecaster_moments(
@@ -347,8 +356,19 @@ def _stack(per: list[list[dict[str, np.ndarray]]], name: str, unit: int) -> np.n
 
 
 def _set(var: nnx.Variable, value: np.ndarray) -> None:
+  """Writes `value` into `var` with its dtype, shape and sharding. Across processes the
+  value is process 0's (host-side solves may differ in the last bit from host to host,
+  and every replica of a parameter must hold the same number)."""
   old = var[...]
-  var[...] = jnp.asarray(value, old.dtype).reshape(old.shape)
+  new = np.asarray(jnp.asarray(value, old.dtype).reshape(old.shape))
+  if not isinstance(old, jax.Array):
+    var[...] = jnp.asarray(new)
+    return
+  if not old.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    new = np.asarray(multihost_utils.broadcast_one_to_all(new))
+  var[...] = jax.device_put(new, old.sharding)
 
 
 def set_forecasters(model: Llama, moments: dict[str, np.ndarray], ridge: float) -> None:
@@ -379,11 +399,11 @@ def set_routers(model: Llama, moments: dict[str, np.ndarray], ridge: float) -> n
   for u in range(len(UNITS)):
     router = model.routing.router(u)
     hidden = router.hidden
-    w2 = np.asarray(router.w2[...], np.float64).copy()
+    w2 = np.array(host_array(router.w2[...]), np.float64)
     b2 = np.zeros((num_layers, 1))
     if hidden:
-      w1 = np.asarray(router.w1[...], np.float64).copy()
-      b1 = np.asarray(router.b1[...], np.float64).copy()
+      w1 = np.array(host_array(router.w1[...]), np.float64)
+      b1 = np.array(host_array(router.b1[...]), np.float64)
     for l in range(num_layers):
       fit = solve_router({k: v[l, u] for k, v in moments.items()}, ridge)
       r2[l, u] = fit["r2"]
@@ -428,13 +448,13 @@ def unit_scores(
   thr_var = model.routing.threshold
   saved = thr_var[...]
   try:
-    thr_var[...] = jnp.full(saved.shape, -jnp.inf, jnp.float32)  # every token executes
+    _set(thr_var, np.full(saved.shape, -np.inf, np.float32))  # every token executes
     base, scores = [], []
     for b in batches:
       b = {k: jnp.asarray(v) for k, v in b.items()}
       nll, batch_scores = _routed_nll(model, b, _causal_all(greedy))
-      base.append(float(nll))
-      scores.append(np.asarray(batch_scores)[:, :, np.asarray(_ordinary(b)) > 0])
+      base.append(float(host_array(nll)))
+      scores.append(host_array(batch_scores)[:, :, host_array(_ordinary(b)) > 0])
   finally:
     thr_var[...] = saved
   return float(np.mean(base)), np.concatenate(scores, axis=-1)
@@ -461,8 +481,8 @@ def unit_damage(
       l, u = divmod(j, shape[1])
       thr = np.full(shape, -np.inf, np.float32)
       thr[l, u] = np.quantile(scores[l, u], level)
-      thr_var[...] = jnp.asarray(thr)
-      nll = [float(_routed_nll(model, b, _causal_all(greedy))[0]) for b in batches]
+      _set(thr_var, thr)
+      nll = [float(host_array(_routed_nll(model, b, _causal_all(greedy))[0])) for b in batches]
       damage[l, u] = np.mean(nll) - base
       if progress is not None:
         progress(j + 1, shape[0] * shape[1])

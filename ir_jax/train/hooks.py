@@ -19,6 +19,7 @@ from flax import nnx
 from ir_jax import sharding as sh
 from ir_jax.data import pipeline
 from ir_jax.data.packing import PACK
+from ir_jax.distributed import host_array
 from ir_jax.model import Llama
 from ir_jax.routing import RoutingSpec, calibrate_thresholds, trained_spec
 from ir_jax.train.config import Settings
@@ -45,7 +46,7 @@ def prior_router_bias(
   for path, var in flat.items():
     if path[-1] == "b2" and path[-2].endswith("_router"):
       value = var[...]
-      if not np.any(np.asarray(jax.device_get(value))):
+      if not np.any(host_array(value)):  # gathered: FSDP may split it over hosts
         var[...] = jnp.full(value.shape, prior, value.dtype)
         changed = True
   if changed:
