@@ -174,19 +174,34 @@ def test_capacity_one_is_dense_and_zero_is_forecast_only():
   ):
     np.testing.assert_allclose(np.asarray(m(t, routing=spec)), dense, atol=1e-5, rtol=0)
 
-  # Capacity 0: every unit is x + LFF(n); reference built from the modules directly.
-  x = m.embed(t)
+  # Capacity 0: every unit is x + LFF(n), except (sinks protected) the first token of the
+  # row, which executes; reference built from the modules directly. Position 0 attends
+  # only to itself, so its attention output is the dense one at position 0.
   gd, st = nnx.split(m.layers)
   rgd, rst = nnx.split(m.routing)
-  for l in range(CFG.num_layers):
-    layer = nnx.merge(gd, jax.tree.map(lambda a: a[l], st))
-    routing_layer = nnx.merge(rgd, jax.tree.map(lambda a: a[l], rst))
-    x = x + routing_layer.attn_lff(layer.input_layernorm(x))
-    x = x + routing_layer.mlp_lff(layer.post_attention_layernorm(x))
-  ref = np.asarray(m.logits(x))
-  for policy in ("informed", "random", "oracle"):
-    zero = np.asarray(m(t, routing=R.RoutingSpec(policy=policy, sparsity=1.0)))
-    np.testing.assert_allclose(zero, ref, atol=1e-6, rtol=0)
+  b, T = t.shape
+  index = jnp.broadcast_to(jnp.arange(T), (b, T))
+  for protect in (False, True):
+    x = m.embed(t)
+    for l in range(CFG.num_layers):
+      layer = nnx.merge(gd, jax.tree.map(lambda a: a[l], st))
+      routing_layer = nnx.merge(rgd, jax.tree.map(lambda a: a[l], rst))
+      n = layer.input_layernorm(x)
+      delta = routing_layer.attn_lff(n)
+      if protect:
+        delta = delta.at[:, 0].set(layer.self_attn(n, index, index, None)[:, 0])
+      x = x + delta
+      n = layer.post_attention_layernorm(x)
+      delta = routing_layer.mlp_lff(n)
+      if protect:
+        delta = delta.at[:, 0].set(layer.mlp(n)[:, 0])
+      x = x + delta
+    ref = np.asarray(m.logits(x))
+    for policy in ("informed", "random", "oracle", "static"):
+      for mode in ("topk", "causal"):
+        spec = R.RoutingSpec(policy=policy, sparsity=1.0, mode=mode, protect_sinks=protect)
+        zero = np.asarray(m(t, routing=spec))
+        np.testing.assert_allclose(zero, ref, atol=1e-5 if protect else 1e-6, rtol=0)
 
 
 def test_greedy_equals_informed_with_zero_forecasters():
@@ -284,7 +299,10 @@ def test_per_layer_capacity_table():
   table = ((1.0, 0.5), (0.25, 0.75), (0.5, 0.0))
   spec = R.RoutingSpec(capacities=table)
   logits, aux = m(tokens(2, 16), routing=spec, return_aux=True)
-  np.testing.assert_allclose(np.asarray(aux["exec_rate"]), np.array(table))
+  # capacity 0 keeps one sink slot per 64 tokens (at least one): the row's first token
+  want = np.array(table)
+  want[2, 1] = 1 / 16
+  np.testing.assert_allclose(np.asarray(aux["exec_rate"]), want)
   # With remat (as the 7B configs use) the unrolled table path gives the same result.
   m.config = m.config.replace(remat=True)
   logits_remat, aux_remat = m(tokens(2, 16), routing=spec, return_aux=True)
@@ -340,11 +358,11 @@ def test_flops_match_hand_count():
     router_hidden=5,
   )
   t = 4
-  # Per token: q 2*8*8, k and v 2*8*4 each, o 2*8*8, scores+values 2*4*8*2 over T=4 keys,
-  # mlp 3*2*8*12, lm head 2*8*10.
-  q, kv, o, core, mlp, head = 128, 128, 128, 128, 576, 160
+  # Per token: q 2*8*8, k and v 2*8*4 each, o 2*8*8, scores+values 2*2.5*8*2 over the
+  # (T + 1) / 2 = 2.5 keys a causal row attends on average, mlp 3*2*8*12, lm head 2*8*10.
+  q, kv, o, core, mlp, head = 128, 128, 128, 80, 576, 160
   dense = t * (2 * (q + kv + o + core + mlp) + head)
-  assert R.flops(cfg, R.RoutingSpec(policy="dense"), t)["dense"] == dense
+  assert R.flops(cfg, R.RoutingSpec(policy="dense"), t)["dense"] == dense == 8960
   # Sparsity 0.5: k = 2 of 4 tokens run q/o/core and the mlp; every token runs k/v,
   # two forecasters (4*8*3 each) and two routers (2*8*5 + 2*5 each).
   lff, router = 96, 90
@@ -352,8 +370,61 @@ def test_flops_match_hand_count():
   f = R.flops(cfg, R.RoutingSpec(sparsity=0.5), t)
   assert f["executed"] == f["ideal"] == t * head + 2 * per_layer
   assert f["executed_fraction"] == pytest.approx(f["executed"] / dense)
+  # Three forms: layer 0 attention executes (no forecaster, no router), its MLP is
+  # forecast (forecaster for 4 tokens, the MLP for the one sink slot, no router); layer 1
+  # attention routes at 0.5, its MLP executes.
+  table = ((1.0, 0.0), (0.5, 1.0))
+  layer0 = t * (q + kv + o + core) + t * lff + 1 * mlp
+  layer1 = t * (kv + lff + router) + 2 * (q + o + core) + t * mlp
+  f = R.flops(cfg, R.RoutingSpec(capacities=table), t)
+  assert f["executed"] == t * head + layer0 + layer1
+  # The static policy runs no router and the same forms.
+  static = R.flops(cfg, R.RoutingSpec(policy="static", capacities=((1.0, 0.0), (0.0, 1.0))), t)
+  assert static["executed"] == t * head + layer0 + t * (kv + lff) + (q + o + core) + t * mlp
   # Masked forms compute every unit: executed exceeds dense.
   assert R.flops(cfg, R.RoutingSpec(sparsity=0.5, compute="all"), t)["executed_fraction"] > 1
+
+
+def test_flops_smollm2_and_llama7b_by_hand():
+  # SmolLM2-135M (d 576, 9 heads, 3 KV heads of 64, ffn 1536, vocab 49152, 30 layers), rows
+  # of 256 tokens: per token q+o 2*576*576*2 = 1,327,104; k+v 2*576*192*2 = 442,368;
+  # scores+values 2*128.5*576*2 = 296,064; MLP 6*576*1536 = 5,308,416; head 2*576*49152 =
+  # 56,623,104; dense 30 * 7,373,952 + 56,623,104 = 277,841,664.
+  small = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+  )
+  assert R.flops(small, R.RoutingSpec(policy="dense"), 256)["dense"] == 256 * 277_841_664
+  # Every attention forecast (k+v 442,368 + forecaster 4*576*100 = 230,400 + 4 sink slots
+  # of 256: 1,623,168 * 4 / 256 = 25,362) and every MLP routed at 0.5 (forecaster 230,400 +
+  # router 2*576*128 + 2*128 = 147,712 + half the MLP 2,654,208): 698,130 + 3,032,320 per
+  # layer; 30 * 3,730,450 + 56,623,104 = 168,536,604 per token.
+  spec = R.RoutingSpec(capacities=((0.0, 0.5),) * 30)
+  f = R.flops(small, spec, 256)
+  assert f["executed"] == pytest.approx(256 * 168_536_604, rel=1e-12)
+  assert f["executed_fraction"] == pytest.approx(0.6065922640, rel=1e-9)
+  # Llama-2-7B (d 4096, 32 heads of 128, no GQA, ffn 11008, vocab 32000, 32 layers) at
+  # 2,048 tokens: q+o = k+v = 67,108,864; scores+values 2*1024.5*4096*2 = 16,785,408; MLP
+  # 270,532,608; head 262,144,000; dense 13,751,287,808 per token. Uniform 0.5: attention
+  # 67,108,864 + 1,638,400 + 1,048,832 + 0.5 * 83,894,272 = 111,743,232; MLP 1,638,400 +
+  # 1,048,832 + 135,266,304 = 137,953,536; 32 * 249,696,768 + 262,144,000 = 8,252,440,576.
+  big = LlamaConfig(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+  )
+  assert R.flops(big, R.RoutingSpec(policy="dense"), 2048)["dense"] == 2048 * 13_751_287_808
+  f = R.flops(big, R.RoutingSpec(sparsity=0.5), 2048)
+  assert f["executed"] == pytest.approx(2048 * 8_252_440_576, rel=1e-12)
 
 
 def test_bad_routing_input_fails_at_config_time():

@@ -46,13 +46,13 @@ def _split_list(text: str, what: str) -> list[str]:
   return items
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str, what: str = "sparsity") -> list[float]:
   out = []
-  for s in _split_list(text, "sparsity"):
+  for s in _split_list(text, what):
     try:
       out.append(float(s))
     except ValueError:
-      raise ConfigError(f"--sparsity: {s!r} is not a number") from None
+      raise ConfigError(f"--{what}: {s!r} is not a number") from None
   return out
 
 
@@ -197,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     f"(default {DEFAULT_SPARSITIES})",
   )
   p.add_argument(
+    "--flops",
+    default="",
+    help="comma-separated executed-FLOPs budgets (fractions of dense, forecasters and "
+    "routers included), beside --sparsity: the model's trained capacity table moved to "
+    "each budget (the model needs one). Give --sparsity '' to evaluate budgets only",
+  )
+  p.add_argument(
     "--mode",
     default="topk",
     help="comma-separated routing modes: topk (k = round(capacity x row length) "
@@ -238,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
 
   policies = _split_list(args.policy, "policy")
-  sparsities = _floats(args.sparsity)
+  sparsities = _floats(args.sparsity) if args.sparsity.strip() else []
+  budgets = _floats(args.flops, "flops") if args.flops.strip() else []
   modes = _split_list(args.mode, "mode")
   from ir_jax.eval import evaluate as ev
 
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
   if mixes:
     shift.parse_methods(args.estimator)
 
-  todo = ev.settings(policies, sparsities, modes)
+  todo = ev.settings(policies, sparsities, modes, budgets)
   for name in ("seq_len", "batch_size", "max_documents", "calibration_batches"):
     v = getattr(args, name)
     if v is not None and v < (2 if name == "seq_len" else 1):

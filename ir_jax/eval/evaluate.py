@@ -138,15 +138,29 @@ class Setting:
   mode: str
   policy: str
   sparsity: float
+  flops: float = 0.0  # an executed-FLOPs budget instead of the sparsity (0: none)
 
   def spec(self, seed: int = 0) -> RoutingSpec:
-    return RoutingSpec(policy=self.policy, sparsity=self.sparsity, seed=seed).inference(self.mode)
+    return RoutingSpec(
+      policy=self.policy, sparsity=self.sparsity, flops=self.flops, seed=seed
+    ).inference(self.mode)
+
+  @property
+  def label(self) -> str:
+    return f"flops {self.flops:.2f}" if self.flops else f"sparsity {self.sparsity:.2f}"
 
 
 def settings(
-  policies: Sequence[str], sparsities: Sequence[float], modes: Sequence[str]
+  policies: Sequence[str],
+  sparsities: Sequence[float],
+  modes: Sequence[str],
+  budgets: Sequence[float] = (),
 ) -> list[Setting]:
-  """Every (mode, policy, sparsity); `dense` once (top-k mode, sparsity 0), first."""
+  """Every (mode, policy, sparsity) and (mode, policy, FLOPs budget); `dense` once (top-k
+  mode, sparsity 0), first."""
+  for f in budgets:
+    if not (isinstance(f, (int, float)) and 0.05 < f <= 1.0):
+      raise ConfigError(f"a FLOPs budget must be a fraction of dense in (0.05, 1], got {f!r}")
   for p in policies:
     if p not in POLICIES:
       raise ConfigError(f"unknown policy {p!r}; choose from {','.join(POLICIES)}")
@@ -161,6 +175,7 @@ def settings(
     for p in policies:
       if p != "dense":
         out.extend(Setting(m, p, float(s)) for s in sparsities)
+        out.extend(Setting(m, p, 0.0, float(f)) for f in budgets)
   if not out:
     raise ConfigError("nothing to evaluate: give at least one policy and one sparsity")
   return out
@@ -291,7 +306,7 @@ def evaluate(
   try:
     for st in todo:
       # A trained capacity table (rescaled to this sparsity) replaces the uniform capacity.
-      spec = trained_spec(model, st.spec(seed))
+      spec = trained_spec(model, st.spec(seed), seq_len=seq_len)
       t0 = time.time()
       thresholds = None
       if st.mode == "causal" and st.policy != "dense":
@@ -304,7 +319,7 @@ def evaluate(
         from ir_jax.routing import calibrate_thresholds
 
         thresholds = calibrate_thresholds(model, calib_batches, spec).tolist()
-      label = f"  {st.mode:6s} {st.policy:8s} sparsity {st.sparsity:.2f}"
+      label = f"  {st.mode:6s} {st.policy:8s} {st.label}"
       bar = progress(label, num_batches(full, tail, batch_size)) if progress else None
       rec = evaluate_setting(model, full, tail, len(docs), spec, batch_size, bar)
       doc_tokens = rec.pop("doc_tokens")
@@ -313,6 +328,7 @@ def evaluate(
         "mode": st.mode,
         "policy": st.policy,
         "sparsity": st.sparsity,
+        "flops_budget": st.flops,
         "capacity_table": spec.capacities is not None,
         **rec,
         "flops_fraction": fl["executed_fraction"],
@@ -323,7 +339,7 @@ def evaluate(
         rec["thresholds"] = thresholds
       records.append(rec)
       log(
-        f"  {st.mode:6s} {st.policy:8s} sparsity {st.sparsity:.2f}: perplexity "
+        f"  {st.mode:6s} {st.policy:8s} {st.label}: perplexity "
         f"{rec['perplexity']:.4f}, realized {rec['realized_sparsity']:.3f} "
         f"({rec['wall_s']:.1f}s)"
       )

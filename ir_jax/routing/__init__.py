@@ -21,20 +21,21 @@ decision never depends on later tokens; it is what decoding uses.
 Modules, each building only on those listed above it:
   spec       RoutingSpec, its validation, per-unit capacities and token counts
   unit       route_unit: scores, top-k or thresholds, gather-run-scatter
-  calibrate  capacity tables (trained_spec) and causal thresholds
+  calibrate  the model's capacity table and causal thresholds
   forward    routed_layer and routed_forward (what RoutingSpec.forward runs)
   decode     KV-cache decoding: decode_body, decode_step, generate
-  cost       matmul FLOPs of a routed forward
+  cost       matmul FLOPs of a routed forward: each unit executes, forecasts or routes
+  budget     tables for an executed-FLOPs budget; trained_spec (route a trained model)
 """
 
+from ir_jax.routing.budget import allocate_flops, error_shape, table_for_flops, trained_spec
 from ir_jax.routing.calibrate import (
   calibrate_thresholds,
   check_calibrated,
   model_table,
   rescale_table,
-  trained_spec,
 )
-from ir_jax.routing.cost import flops, unit_flops
+from ir_jax.routing.cost import flops, form_flops, token_flops, unit_flops
 from ir_jax.routing.decode import decode_body, decode_step, generate, init_cache
 from ir_jax.routing.forward import Ctx, realized_sparsity, routed_forward, routed_layer
 from ir_jax.routing.spec import (
@@ -73,6 +74,11 @@ __all__ = [
   "decode_body",
   "decode_step",
   "flops",
+  "form_flops",
+  "token_flops",
+  "allocate_flops",
+  "error_shape",
+  "table_for_flops",
   "gather",
   "generate",
   "init_cache",

@@ -1,14 +1,14 @@
 """Capacity tables and causal thresholds: what a model was trained and calibrated for.
 
-`trained_spec` routes at the model's learned per-unit capacity table;
-`calibrate_thresholds` sets the per-unit thresholds causal mode (decoding)
+`model_table` reads the model's learned per-unit capacity table and
+`rescale_table` moves its pair sparsity (`ir_jax.routing.budget.trained_spec` routes
+with it); `calibrate_thresholds` sets the per-unit thresholds causal mode (decoding)
 compares scores with, and `check_calibrated` refuses causal routing at
 capacities they were not calibrated for.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable
 
 import jax
@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ir_jax.config import ConfigError
+from ir_jax.distributed import host_array
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
 from ir_jax.routing.spec import RoutingSpec, is_fraction, layer_caps
@@ -66,21 +67,30 @@ def rescale_table(
   return tuple(tuple(float(1.0 - v) for v in row) for row in out)
 
 
-def trained_spec(model: Llama, spec: RoutingSpec, sparsity: float | None = None) -> RoutingSpec:
-  """`spec` with the model's capacity table (rescaled to `sparsity`, default the spec's own)
-  when the model has one and the spec names no table; otherwise `spec` unchanged."""
-  table = model_table(model)
-  if table is None or spec.capacities is not None or spec.policy == "dense":
-    return spec
-  target = spec.sparsity if sparsity is None else sparsity
-  return dataclasses.replace(spec, capacities=rescale_table(table, target))
-
-
 # ------------------------------------------------------------ calibration
+def _as_batch(b: Array | dict[str, Array]) -> dict[str, Array]:
+  """Token rows `[B, T]`, or a packed batch with positions and segment ids."""
+  if isinstance(b, dict):
+    out = {"inputs": jnp.asarray(b["inputs"], jnp.int32)}
+    for k in ("positions", "segment_ids"):
+      if b.get(k) is not None:
+        out[k] = jnp.asarray(b[k], jnp.int32)
+    return out
+  return {"inputs": jnp.asarray(b, jnp.int32)}
+
+
 def calibrate_thresholds(
-  model: Llama, batches: Iterable[Array], spec: RoutingSpec, iterations: int = 2
+  model: Llama,
+  batches: Iterable[Array | dict[str, Array]],
+  spec: RoutingSpec,
+  iterations: int = 2,
 ) -> np.ndarray:
   """Sets causal-mode thresholds so each unit executes its capacity on `batches`.
+
+  A batch is token rows `[B, T]` (each row one sequence from position 0) or a packed
+  batch (`inputs`, `positions`, `segment_ids`, as the data pipeline yields): routing
+  then sees documents as evaluation does (segment starts execute, positions restart)
+  and padding (segment id 0) takes no part in the quantiles.
 
   Scores are first collected under top-k routing at the same capacities (so
   later layers see routed inputs), and each unit's threshold is the
@@ -89,7 +99,7 @@ def calibrate_thresholds(
   decoding uses; a unit's inputs depend on earlier units' decisions) and the
   quantiles are taken again. Returns thresholds `[L, 2]` and stores them in the model.
   """
-  batches = [jnp.asarray(b, jnp.int32) for b in batches]
+  batches = [_as_batch(b) for b in batches]
   if not batches:
     raise ValueError("calibrate_thresholds needs at least one batch of held-out tokens")
   cfg = model.config
@@ -97,9 +107,17 @@ def calibrate_thresholds(
   caps = layer_caps(spec, cfg)
 
   def quantiles(scoring: RoutingSpec) -> np.ndarray:
-    fwd = nnx.jit(lambda m, t: m(t, routing=scoring, return_aux=True)[1]["scores_BxT"])
-    chunks = [np.asarray(fwd(model, b)) for b in batches]
-    scores = np.concatenate([c.reshape(c.shape[0], c.shape[1], -1) for c in chunks], axis=-1)
+    fwd = nnx.jit(
+      lambda m, b: m(
+        b["inputs"], b.get("positions"), b.get("segment_ids"), routing=scoring, return_aux=True
+      )[1]["scores_BxT"]
+    )
+    chunks = []
+    for b in batches:
+      c = host_array(fwd(model, b))  # [L, 2, B, T]
+      real = host_array(b["segment_ids"]) > 0 if "segment_ids" in b else np.ones(c.shape[2:], bool)
+      chunks.append(c[:, :, real])
+    scores = np.concatenate(chunks, axis=-1)
     thr = np.zeros((cfg.num_layers, len(UNITS)), np.float32)
     for l in range(cfg.num_layers):
       for u in range(len(UNITS)):
@@ -158,15 +176,26 @@ def check_calibrated(model: Llama, spec: RoutingSpec) -> None:
   used = (want > 0) & (want < 1)
   if np.allclose(stored[used], want[used], rtol=0, atol=1e-6):
     return
+  table = model_table(model)
   if (stored < 0).all():
     got = "were never calibrated"
   else:
+    diff = int(np.sum(~np.isclose(stored, want, rtol=0, atol=1e-6) & used))
     got = (
-      f"were calibrated for other capacities (mean {float(stored.mean()):.4g}, "
-      f"this spec: {float(want.mean()):.4g})"
+      f"were calibrated for other capacities ({diff} of {int(used.sum())} routed units "
+      f"differ; calibrated mean {float(stored.mean()):.4f}, this spec's "
+      f"{float(want.mean()):.4f}"
+      + (", this spec routes a uniform capacity" if spec.capacities is None else "")
+      + ")"
     )
+  hint = (
+    "; the model has a trained per-unit capacity table: route with it through "
+    "routing.trained_spec(model, spec) (what ir_jax.eval and ir_jax.generate do)"
+    if table is not None and spec.capacities is None
+    else ""
+  )
   raise ConfigError(
-    f"causal routing at sparsity {1 - float(want.mean()):.4g}: the model's thresholds {got}; "
-    "calibrate them for this spec first (routing.calibrate_thresholds(model, held-out "
-    "batches, spec); ir_jax.eval does it with --calibration) or route in top-k mode"
+    f"causal routing at sparsity {1 - float(want.mean()):.4g}: the model's thresholds {got}"
+    f"{hint}; or calibrate them for this spec first (routing.calibrate_thresholds(model, "
+    "held-out batches, spec); ir_jax.eval does it with --calibration), or route in top-k mode"
   )

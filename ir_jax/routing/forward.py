@@ -57,6 +57,8 @@ def routed_layer(
   `caps` `[2]`: the spec's capacities of this layer; in causal mode a unit at
   capacity 1 always executes and one at 0 never does, whatever its calibrated threshold.
   With a cache in top-k mode, `ks` count rows (static row capacity, `unit._route_rows`).
+  An entry of `ks` (or of `k_levels`) may be a pair (k, forecast_only): a unit at capacity 0
+  runs no router and executes only segment starts in its k sink slots (`spec.forecast_only`).
   `k_levels` (static: the distinct k of each unit type over all layers) with `level_index` `[2]`
   (traced: this layer's position in each) replace `ks`: each unit then runs under a
   `lax.switch` over its levels, one branch per distinct k, so a per-layer capacity table
@@ -93,7 +95,8 @@ def routed_layer(
     thr = jnp.where(caps >= 1.0, -jnp.inf, jnp.where(caps <= 0.0, jnp.inf, thr))
 
   def unit(u: int, n: Array, x: Array, unit_fn: Callable, lff: Any, router: Any):
-    def run(k: int):
+    def run(level: int | tuple[int, bool]):
+      k, forecast_only = (level, False) if isinstance(level, (int, np.integer)) else level
       delta, aux = route_unit(
         n,
         x,
@@ -107,6 +110,7 @@ def routed_layer(
         ctx.temperature,
         ctx.sink_BxT,
         rows=rows,
+        forecast_only=forecast_only,
       )
       return delta.astype(x.dtype), aux
 
@@ -165,10 +169,16 @@ def routed_forward(
   )
   key = jax.random.key(spec.seed) if rng is None else rng
   ks = layer_ks(spec, cfg, t)
+  # A unit's static form: (k, forecast-only); a capacity-0 unit and a small capacity may
+  # share k but not code (the former runs no router).
+  forms = [
+    [(int(ks[l, u]), spec.forecast_only(l, u)) for u in range(ks.shape[1])]
+    for l in range(cfg.num_layers)
+  ]
   x = model.embed(tokens_BxT)
   layer_ids = np.arange(cfg.num_layers, dtype=np.int32)
-  if (ks == ks[0]).all():
-    static_ks = (int(ks[0, 0]), int(ks[0, 1]))
+  if all(row == forms[0] for row in forms):
+    static_ks = tuple(forms[0])
 
     caps = jnp.asarray(layer_caps(spec, cfg))
 
@@ -179,8 +189,8 @@ def routed_forward(
 
     x, aux = model.run_layers(layer_fn, x, jnp.asarray(layer_ids))
   elif model.config.scan_layers:
-    levels = tuple(tuple(sorted({int(k) for k in ks[:, u]})) for u in range(ks.shape[1]))
-    index = np.array([[levels[u].index(int(k)) for u, k in enumerate(row)] for row in ks])
+    levels = tuple(tuple(sorted({row[u] for row in forms})) for u in range(ks.shape[1]))
+    index = np.array([[levels[u].index(f) for u, f in enumerate(row)] for row in forms])
 
     def layer_fn(layer, routing_layer, x, per):
       lid, level_pair, cap_pair = per
@@ -203,13 +213,14 @@ def routed_forward(
 
     def layer_fn(layer, routing_layer, x, per):
       lid, k_pair, cap_pair = per  # numpy leaves in the unrolled loop: static
+      l = int(lid)
       return routed_layer(
         layer,
         routing_layer,
         x,
         ctx,
         spec,
-        (int(k_pair[0]), int(k_pair[1])),
+        tuple((int(k_pair[u]), spec.forecast_only(l, u)) for u in range(len(k_pair))),
         jax.random.fold_in(key, int(lid)),
         caps=jnp.asarray(cap_pair),
       )

@@ -15,7 +15,7 @@ import numpy as np
 from ir_jax.config import ConfigError, LlamaConfig, is_int
 from ir_jax.forecast import UNITS
 
-POLICIES = ("informed", "greedy", "random", "oracle", "dense")
+POLICIES = ("informed", "greedy", "random", "oracle", "static", "dense")
 MODES = ("topk", "causal")
 GATES = ("hard", "ste", "gumbel")
 COMPUTES = ("gathered", "all")
@@ -25,8 +25,14 @@ COMPUTES = ("gathered", "all")
 class RoutingSpec:
   """How to route: hashable, so it is a static argument of jitted functions.
 
-  policy:     one of POLICIES.
+  policy:     one of POLICIES. "static" has no router: every unit executes every token
+              (capacity 1) or is forecast for every token (capacity 0; segment starts
+              still execute): unit pruning with forecasts, the baseline routing must beat.
   sparsity:   fraction of (token, unit) pairs approximated; capacity = 1 - sparsity.
+  flops:      executed-FLOPs budget as a fraction of dense (forecasters and routers
+              included); 0 = none (the sparsity is the target). A model's trained table
+              is moved to this budget by `trained_spec`, which needs the sequence length;
+              a spec with a budget and no table cannot route until then.
   mode:       "topk" (training, prefill, scoring) or "causal" (thresholds; decoding).
   gate:       "hard" (inference), "ste" (straight-through top-k: hard mask forward,
               sigmoid(score) gradient backward) or "gumbel" (binary Gumbel-softmax
@@ -42,6 +48,7 @@ class RoutingSpec:
 
   policy: str = "informed"
   sparsity: float = 0.0
+  flops: float = 0.0
   mode: str = "topk"
   gate: str = "hard"
   compute: str = "gathered"
@@ -69,6 +76,11 @@ class RoutingSpec:
     one_of("compute", COMPUTES)
     if not is_fraction(self.sparsity):
       raise ConfigError(f"routing.sparsity must be a number in [0, 1], got {self.sparsity!r}")
+    if not (is_fraction(self.flops) and (self.flops == 0 or self.flops > 0.05)):
+      raise ConfigError(
+        f"routing.flops must be 0 (no FLOPs budget) or a fraction of dense FLOPs in "
+        f"(0.05, 1], got {self.flops!r}"
+      )
     if self.capacities is not None:
       rows = self.capacities
       if (
@@ -103,6 +115,14 @@ class RoutingSpec:
       raise ConfigError(f"routing.protect_sinks must be True or False, got {self.protect_sinks!r}")
     if self.mode == "causal" and self.gate != "hard":
       raise ConfigError("routing.mode='causal' is for inference; use gate='hard'")
+    if self.policy == "static":
+      caps = [1.0 - self.sparsity] if self.capacities is None else sum(self.capacities, ())
+      if any(c not in (0.0, 1.0) for c in caps):
+        raise ConfigError(
+          "routing.policy='static' has no router: every unit must execute every token "
+          "(capacity 1) or be forecast (capacity 0); give a 0/1 capacity table (a static "
+          "run's trained table) or sparsity 0 or 1"
+        )
 
   def capacity(self, layer: int, unit: int) -> float:
     if self.policy == "dense":
@@ -111,8 +131,15 @@ class RoutingSpec:
       return self.capacities[layer][unit]
     return 1.0 - self.sparsity
 
+  def forecast_only(self, layer: int, unit: int) -> bool:
+    """The unit is forecast for every token but segment starts: no router runs."""
+    return self.policy != "dense" and self.capacity(layer, unit) <= 0.0
+
   def k(self, seq_len: int, layer: int, unit: int) -> int:
-    """Static number of executed tokens per row in top-k mode."""
+    """Static number of executed tokens per row in top-k mode. A unit at capacity 0 keeps
+    `sink_slots` for segment starts when sinks are protected."""
+    if self.forecast_only(layer, unit):
+      return sink_slots(seq_len) if self.protect_sinks else 0
     k = int(round(self.capacity(layer, unit) * seq_len))
     k = -(-k // self.k_multiple) * self.k_multiple
     return min(k, seq_len)
@@ -130,6 +157,14 @@ class RoutingSpec:
     mode for decoding (calibrated thresholds). Policy, capacities and seed stay.
     """
     return dataclasses.replace(self, mode=mode, gate="hard", compute="gathered")
+
+
+def sink_slots(seq_len: int) -> int:
+  """Rows a forecast-only unit (capacity 0) still executes per row in top-k mode: room for
+  the row's segment starts, which always execute (one slot per 64 tokens, at least one).
+  A row with more segment starts than slots forecasts the rest; the first slots go to
+  the earliest starts."""
+  return min(seq_len, max(1, -(-seq_len // 64)))
 
 
 def is_fraction(v: Any) -> bool:

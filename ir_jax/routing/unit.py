@@ -77,13 +77,22 @@ UnitFn = Callable[[Array | None, Array], Array]
 
 
 def _forecast_and_scores(
-  n_BxTxD: Array, unit_fn: UnitFn, lff: Forecaster, router: Router, spec: RoutingSpec, key: Array
+  n_BxTxD: Array,
+  unit_fn: UnitFn,
+  lff: Forecaster,
+  router: Router,
+  spec: RoutingSpec,
+  key: Array,
+  forecast_only: bool = False,
 ) -> tuple[Array, Array | None, Array]:
   """(forecast, the unit's output for every token if the policy needed it, scores `[B, T]`):
   the forecast is 0 for greedy; scores are the router's, uniform noise (random) or the
-  forecast error (oracle, which runs the unit on every token)."""
+  forecast error (oracle, which runs the unit on every token). A forecast-only unit (and
+  the static policy) has no scores to compute: zeros, so only segment starts stand out."""
   b, t, _ = n_BxTxD.shape
   forecast = jnp.zeros_like(n_BxTxD) if spec.policy == "greedy" else lff(n_BxTxD)
+  if forecast_only or spec.policy == "static":
+    return forecast, None, jnp.zeros((b, t), jnp.float32)
   if spec.policy == "oracle":
     u_all = unit_fn(None, n_BxTxD)
     return forecast, u_all, jnp.sum(jnp.square((u_all - forecast).astype(jnp.float32)), -1)
@@ -105,6 +114,7 @@ def route_unit(
   temperature: Array | None = None,
   sink_BxT: Array | None = None,
   rows: bool = False,
+  forecast_only: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
   """The unit's contribution to the residual for every token, and statistics.
 
@@ -116,11 +126,14 @@ def route_unit(
   take top-k slots first; gates and thresholds are forced open for them).
   `rows=True` (a decode step of several rows, top-k mode): `k` counts rows, and
   `unit_fn` takes row indices `[k]` (see `_route_rows`).
+  `forecast_only` (static; the unit's capacity is 0): no router runs, every token gets the
+  forecast except segment starts, which execute (top-k: `k` sink slots, see
+  `spec.sink_slots`; causal: a threshold of +inf passes sinks alone).
   """
   b, t, _ = n_BxTxD.shape
   f32 = jnp.float32
   if rows and spec.policy != "dense":
-    return _route_rows(n_BxTxD, unit_fn, lff, router, spec, k, key, sink_BxT)
+    return _route_rows(n_BxTxD, unit_fn, lff, router, spec, k, key, sink_BxT, forecast_only)
   if spec.policy == "dense" or (spec.mode == "topk" and k == t and spec.gate == "hard"):
     return unit_fn(None, n_BxTxD), dict(
       exec_rate=jnp.ones((), f32),
@@ -128,13 +141,17 @@ def route_unit(
       scores_BxT=jnp.zeros((b, t), f32),
       gate_BxT=jnp.ones((b, t), bool),
     )
-  forecast, u_all, scores = _forecast_and_scores(n_BxTxD, unit_fn, lff, router, spec, key)
+  forecast, u_all, scores = _forecast_and_scores(
+    n_BxTxD, unit_fn, lff, router, spec, key, forecast_only
+  )
   soft = jax.nn.sigmoid(scores)
   if sink_BxT is not None:
     scores = jnp.where(sink_BxT, scores + SINK_BONUS, scores)
 
   if spec.mode == "causal":
     gate = scores > threshold
+    if sink_BxT is not None:  # also under a threshold of +inf (a forecast-only unit)
+      gate = gate | sink_BxT
   elif spec.gate == "gumbel":
     u = jax.random.uniform(jax.random.fold_in(key, 1), (b, t), f32, 1e-6, 1 - 1e-6)
     temp = spec.temperature if temperature is None else temperature  # traced when annealed
@@ -189,6 +206,7 @@ def _route_rows(
   k: int,
   key: Array,
   sink_Bx1: Array | None,
+  forecast_only: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
   """Static row capacity for a decode step of B rows (one token each): the unit
   runs for the `k` highest-scoring rows only (gathered, `[k, 1, D]`) and the
@@ -200,7 +218,9 @@ def _route_rows(
   """
   b = n_Bx1xD.shape[0]
   f32 = jnp.float32
-  forecast, u_all, scores = _forecast_and_scores(n_Bx1xD, unit_fn, lff, router, spec, key)
+  forecast, u_all, scores = _forecast_and_scores(
+    n_Bx1xD, unit_fn, lff, router, spec, key, forecast_only
+  )
   if sink_Bx1 is not None:
     scores = jnp.where(sink_Bx1, scores + SINK_BONUS, scores)
   idx_K = topk_indices(scores[:, 0][None], k)[0] if k else None  # one top-k per step

@@ -27,7 +27,7 @@ from ir_jax.sharding import MeshConfig
 
 STAGES = ("forecaster", "router", "lora")
 # The routing section: the policy and target the routers train for and the run is evaluated at.
-ROUTING_FIELDS = ("policy", "sparsity", "capacities", "k_multiple", "seed")
+ROUTING_FIELDS = ("policy", "sparsity", "flops", "capacities", "k_multiple", "seed")
 SCHEDULES = ("constant", "cosine", "linear")
 SECTIONS = ("model", "data", "train", "routing", "mesh")
 

@@ -84,12 +84,15 @@ def calibrate_router(
   s: Settings, num_batches: int, model: Llama, it: Iterator[dict[str, Any]]
 ) -> None:
   """Calibrates `model`'s causal-mode thresholds in place on the next `num_batches`
-  training batches (gathered whole on every process, so all calibrate alike)."""
+  training batches, packed as evaluation sees them (tokens, positions and segment ids,
+  gathered whole on every process, so all calibrate alike)."""
   log(f"[router] calibrating causal-mode thresholds on {num_batches} batches ...")
   from jax.experimental import multihost_utils
 
-  cal = [
-    np.asarray(multihost_utils.process_allgather(next(it)["inputs"], tiled=True))
-    for _ in range(num_batches)
-  ]
-  calibrate_thresholds(model, cal, trained_spec(model, s.routing.inference()))
+  gather = lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  cal = []
+  for _ in range(num_batches):
+    b = next(it)
+    cal.append({k: gather(b[k]) for k in ("inputs", "positions", "segment_ids")})
+  seq_len = s.stage_data("router").seq_len
+  calibrate_thresholds(model, cal, trained_spec(model, s.routing.inference(), seq_len=seq_len))

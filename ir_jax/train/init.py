@@ -19,7 +19,8 @@ from ir_jax import fit
 from ir_jax.files import write_json
 from ir_jax.model import Llama
 from ir_jax.progress import Progress
-from ir_jax.routing import model_table, unit_flops
+from ir_jax.routing import allocate_flops, error_shape, model_table, unit_flops
+from ir_jax.routing.budget import table_flops
 from ir_jax.train.config import Settings, StageConfig
 
 
@@ -68,6 +69,8 @@ def fit_routers(
 ) -> dict[str, float]:
   """The router stage's closed-form start: routers regress their oracle target, then the
   capacity table is allocated; returns metrics to log."""
+  if s.routing.flops:
+    return _fit_flops_table(s, stage_cfg, model, it)
   greedy = s.routing.policy == "greedy"
   target = (
     "log |Unit(n)|^2 (greedy: nothing replaces a skipped unit)"
@@ -137,6 +140,80 @@ def fit_routers(
   _log(
     f"[router] capacity table ({alloc}, budget {stage_cfg.budget}; mean sparsity "
     f"{1 - tab.mean():.3f}): attention "
+    f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}"
+  )
+  return info
+
+
+def _fit_flops_table(
+  s: Settings, stage_cfg: StageConfig, model: Llama, it: Iterator[dict[str, Any]]
+) -> dict[str, float]:
+  """The router stage's start under an executed-FLOPs budget (`routing.flops`): routers
+  regress their oracle target (not for the static policy, which has none), every unit's
+  loss damage when forecast alone is probed, and `routing.allocate_flops` chooses per unit
+  execute, forecast or route (static: execute or forecast) to meet the budget."""
+  policy = s.routing.policy
+  greedy = policy == "greedy"
+  routed = policy != "static"
+  info: dict[str, float] = {}
+  if routed:
+    _log(
+      f"[router] warm start: routers regress log forecast error over {stage_cfg.fit_batches} batches"
+    )
+    m = fit.router_moments(
+      model,
+      _batches(it, stage_cfg.fit_batches),
+      Progress("[router] statistics", stage_cfg.fit_batches, printer=_log),
+      greedy,
+    )
+    r2 = fit.set_routers(model, m, stage_cfg.ridge)
+    info.update(router_fit_r2_attn=float(r2[:, 0].mean()), router_fit_r2_mlp=float(r2[:, 1].mean()))
+    _log(
+      f"[router] fit R^2 of the log error: attention {info['router_fit_r2_attn']:.2f}, "
+      f"MLP {info['router_fit_r2_mlp']:.2f}"
+    )
+  batches = _batches(it, stage_cfg.allocation_batches)
+  shape = (model.config.num_layers, 2)
+  n_units = shape[0] * shape[1]
+  _log(
+    f"[router] FLOPs budget {s.routing.flops:g} of dense: probing the loss damage of each of "
+    f"{n_units} units forecast alone on {len(batches)} batch(es)"
+  )
+  damage, scores = fit.unit_damage(
+    model, batches, 1.0, Progress("[router] probes", n_units, printer=_log), greedy
+  )
+  err_shape = None
+  if routed:
+    curve_scores, rel_err = fit.error_curves(model, batches, greedy)
+    err_shape = error_shape(curve_scores, rel_err)
+  seq_len = s.stage_data("router").seq_len
+  table = allocate_flops(
+    model.config,
+    seq_len,
+    s.routing.flops,
+    damage,
+    err_shape,
+    policy=policy,
+    routed=routed,
+    max_sparsity=stage_cfg.max_sparsity,
+  )
+  fit.set_table(model, table, scores)
+  fl = table_flops(model.config, table, seq_len, policy)
+  forms = dict(
+    execute=int((table >= 1).sum()),
+    forecast=int((table <= 0).sum()),
+    route=int(((table > 0) & (table < 1)).sum()),
+  )
+  info.update(
+    table_sparsity_attn=float(1 - table[:, 0].mean()),
+    table_sparsity_mlp=float(1 - table[:, 1].mean()),
+    table_flops=fl,
+    **{f"units_{k}": float(v) for k, v in forms.items()},
+  )
+  _log(
+    f"[router] capacity table for {s.routing.flops:g} of dense FLOPs: executes {fl:.3f} of "
+    f"dense at {seq_len} tokens; units execute {forms['execute']}, forecast "
+    f"{forms['forecast']}, route {forms['route']}; pair sparsity attention "
     f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}"
   )
   return info

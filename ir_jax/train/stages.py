@@ -20,7 +20,7 @@ from flax import nnx
 
 from ir_jax.forecast import ForecasterParam, RouterParam
 from ir_jax.model import Llama, LoraParam
-from ir_jax.routing import RoutingSpec
+from ir_jax.routing import RoutingSpec, trained_spec
 from ir_jax.train import config, hooks, init, steps
 from ir_jax.train.config import Settings, StageConfig
 from ir_jax.train.metrics import MetricWriter
@@ -54,6 +54,8 @@ class Stage:
   # (model, context) -> None, may change the frozen part of `model` in place.
   finish: Callable[[Llama, HookContext], None] | None = None
   lora: bool = False  # the model carries LoRA adapters (rank from train.lora)
+  # Routes as deployed: with the model's trained capacity table (`stage_settings`).
+  routes_as_deployed: bool = False
   # What the stage's logged `loss` is, printed when it starts training.
   loss_doc: str = ""
 
@@ -111,7 +113,20 @@ STAGES: dict[str, Stage] = {
     loss=steps.lora_loss_fn,
     fit=None,
     lora=True,
-    loss_doc="next-token NLL in nats under hard top-k routing at the target capacities",
+    routes_as_deployed=True,
+    loss_doc="next-token NLL in nats under hard top-k routing with the model's trained "
+    "capacity table at the routing budget (what evaluation and export route with)",
   ),
 }
 assert tuple(STAGES) == config.STAGES, "ir_jax.train.config.STAGES names the table's rows"
+
+
+def stage_settings(settings: Settings, stage: str, model: Llama) -> Settings:
+  """The settings `stage` trains under. A stage that routes as deployed (LoRA) takes the
+  model's trained capacity table, moved to the routing budget exactly as evaluation and
+  export move it (`routing.trained_spec`), so it adapts to the routing it is used with."""
+  if not STAGES[stage].routes_as_deployed:
+    return settings
+  seq_len = settings.stage_data(stage).seq_len
+  spec = trained_spec(model, settings.routing.inference(), seq_len=seq_len)
+  return dataclasses.replace(settings, routing=spec)
