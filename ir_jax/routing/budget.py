@@ -12,10 +12,9 @@ included) meet a budget, minimising the summed damage to the LM loss:
              1 - c tokens its router ranks lowest (`error_shape`): the loss probe
              says how much a unit matters, the error curve where inside it.
 
-A Lagrangian search picks, for a price per FLOP, each unit's cheapest form in
-damage + price x FLOPs; the price is bisected to the budget and the slack left by
-the last discrete choice is given to the routed unit whose damage falls fastest
-per FLOP. With no routed form allowed (`routed=False`) this is the static baseline:
+A multiple-choice knapsack (dynamic programming over the budget in small cost
+steps) picks the forms of least summed damage; the slack the discrete choice
+leaves is given to the routed units whose damage falls fastest per FLOP. With no routed form allowed (`routed=False`) this is the static baseline:
 unit pruning with forecasts, at the same budget and by the same measurements.
 `table_for_flops` moves an existing table to another budget, and `trained_spec`
 is the one rule every entry point routes a trained model by.
@@ -113,52 +112,54 @@ def allocate_flops(
     harm[..., 2:] = d[..., None] * np.moveaxis(frac, 0, -1)
   fixed = token_flops(cfg, seq_len)["head"] / dense_tok  # the output head always runs
 
-  def choose(price: float) -> np.ndarray:
-    return np.argmin(harm + price * cost, axis=-1)  # [L, 2]
-
-  def spent(pick: np.ndarray) -> float:
-    return fixed + np.take_along_axis(cost, pick[..., None], -1).sum()
-
   floor = fixed + cost.min(-1).sum()
   if budget < floor - 1e-9:
     raise ConfigError(
       f"a FLOPs budget of {budget:.3f} of dense is below the cheapest table "
       f"({floor:.3f}: every unit forecast{' or routed' if routed else ''}); raise routing.flops"
     )
-  lo_p, hi_p = 0.0, 1.0
-  while spent(choose(hi_p)) > budget:
-    hi_p *= 2.0
-    if hi_p > 1e30:
-      break
-  if spent(choose(0.0)) <= budget:
-    hi_p = 0.0
-  for _ in range(100):
-    mid = 0.5 * (lo_p + hi_p)
-    if spent(choose(mid)) > budget:
-      lo_p = mid
-    else:
-      hi_p = mid
-  pick = choose(hi_p)
-  # The last discrete choice may leave slack: upgrade single units (to any dearer option
-  # that still fits) where damage falls most per FLOP added, while one fits.
-  for _ in range(4 * pick.size * len(caps)):
-    slack = budget - spent(pick)
-    now_cost = np.take_along_axis(cost, pick[..., None], -1)
-    now_harm = np.take_along_axis(harm, pick[..., None], -1)
-    extra = cost - now_cost
-    gain = now_harm - harm
-    ok = (extra > 1e-15) & (extra <= slack + 1e-15) & (gain > 0)
-    if not ok.any():
-      break
-    rate = np.where(ok, gain / np.maximum(extra, 1e-30), -np.inf)
-    l, u, o = np.unravel_index(np.argmax(rate), rate.shape)
-    pick[l, u] = o
+  pick = _knapsack(cost.reshape(-1, len(caps)), harm.reshape(-1, len(caps)), budget - fixed)
+  pick = pick.reshape(num_l, num_u)
+
+  def spent(p: np.ndarray) -> float:
+    return fixed + np.take_along_axis(cost, p[..., None], -1).sum()
+
   table = caps_o[pick].astype(np.float64)
   # Slack: raise routed units' capacities (continuously) where damage falls fastest per FLOP.
   slack = budget - spent(pick)
   if routed and slack > 0:
     table = _fill(table, slack, d, shape, cfg, seq_len, dense_tok)
   return table
+
+
+def _knapsack(cost: np.ndarray, harm: np.ndarray, avail: float, bins: int = 4096) -> np.ndarray:
+  """The option per unit (`cost`, `harm` `[N, O]`) of least summed harm whose summed cost is
+  at most `avail`: a multiple-choice knapsack by dynamic programming over `bins` cost
+  steps (costs rounded up, so the choice never exceeds `avail`)."""
+  n, o = cost.shape
+  step = max(avail, 1e-12) / bins
+  c = np.ceil(cost / step - 1e-9).astype(np.int64)
+  best = np.zeros(bins + 1)  # least harm with at most b steps spent, units so far
+  choice = np.zeros((n, bins + 1), np.int32)
+  for i in range(n):
+    new = np.full(bins + 1, np.inf)
+    arg = np.zeros(bins + 1, np.int32)
+    for j in range(o):
+      if c[i, j] > bins:
+        continue
+      cand = np.full(bins + 1, np.inf)
+      cand[c[i, j] :] = best[: bins + 1 - c[i, j]] + harm[i, j]
+      better = cand < new
+      new[better], arg[better] = cand[better], j
+    best, choice[i] = new, arg
+  if not np.isfinite(best[bins]):
+    raise ConfigError("no capacity table meets this FLOPs budget")
+  pick = np.zeros(n, np.int64)
+  b = bins
+  for i in range(n - 1, -1, -1):
+    pick[i] = choice[i, b]
+    b -= c[i, pick[i]]
+  return pick
 
 
 def _fill(table, slack, d, shape, cfg, seq_len, dense_tok) -> np.ndarray:
