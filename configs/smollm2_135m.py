@@ -80,5 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.router.allocation_batches = 2
   cfg.train.router.steps = 0
   cfg.train.router.calibration_batches = 2
+  # The budget is executed FLOPs (forecasters and routers included), 0.85 of dense: the
+  # router stage probes each unit's loss damage when forecast and chooses per unit to
+  # execute, forecast or route (ir_jax.routing.budget). routing.sparsity is what a
+  # run without a budget (routing.flops=0) targets: the paper's pair sparsity.
   cfg.routing.sparsity = 0.25
+  cfg.routing.flops = 0.85
   return cfg

@@ -38,6 +38,7 @@ from ir_jax import plotting
 from ir_jax.config import ConfigError
 from ir_jax.data.config import DataError
 from ir_jax.data.tokenize import TextTokenizer
+from ir_jax.eval.bootstrap import ratio_interval
 from ir_jax.model import Llama
 from ir_jax.nll import perplexity, token_nll
 from ir_jax.routing import MODES, POLICIES, RoutingSpec, flops, trained_spec
@@ -348,6 +349,11 @@ def evaluate(
   documents = [
     {"domain": d.domain, "source": d.source, "tokens": int(n)} for d, n in zip(docs, doc_tokens)
   ]
+  dense = next((r for r in records if r["policy"] == "dense"), None)
+  if dense is not None and doc_tokens is not None:
+    for r in records:  # x dense, with a 95% bootstrap interval over documents
+      ratio, lo, hi = ratio_interval(r["doc_nll"], dense["doc_nll"], doc_tokens)
+      r.update(ratio=ratio, ci_low=lo, ci_high=hi)
   return {
     "format": FORMAT,
     "seq_len": seq_len,
@@ -388,16 +394,18 @@ def table(result: dict[str, Any]) -> str:
   dense = next((r["perplexity"] for r in recs if r["policy"] == "dense"), None)
   head = (
     f"{'mode':6s} {'policy':8s} {'sparsity':>8s} {'realized':>8s} {'attn':>6s} "
-    f"{'mlp':>6s} {'FLOPs':>6s} {'perplexity':>11s} {'vs dense':>8s} {'tokens':>8s}"
+    f"{'mlp':>6s} {'FLOPs':>6s} {'perplexity':>11s} {'vs dense (95% CI)':>22s} {'tokens':>8s}"
   )
   lines = [head, "-" * len(head)]
   for r in recs:
     rel = "" if dense is None else f"{r['perplexity'] / dense:8.3f}"
+    if "ci_low" in r:
+      rel = f"{r['ratio']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})"
     lines.append(
       f"{r['mode']:6s} {r['policy']:8s} {r['sparsity']:8.2f} "
       f"{r['realized_sparsity']:8.3f} {r['sparsity_attn']:6.3f} "
       f"{r['sparsity_mlp']:6.3f} {r['flops_fraction']:6.3f} {r['perplexity']:11.4f} "
-      f"{rel:>8s} {r['tokens']:8d}"
+      f"{rel:>22s} {r['tokens']:8d}"
     )
   return "\n".join(lines)
 
