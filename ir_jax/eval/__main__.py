@@ -106,6 +106,16 @@ def _config_files(dcfg: DataConfig) -> list[str]:
     return []
 
 
+def _trained_budget(workdir: str | None) -> float:
+  """The executed-FLOPs budget a run was trained for (routing.flops in its run.json), or 0."""
+  path = os.path.join(workdir, "run.json") if workdir else ""
+  if not path or not os.path.isfile(path):
+    return 0.0
+  with open(path, encoding="utf-8") as f:
+    stored = json.load(f).get("config") or {}
+  return float((stored.get("routing") or {}).get("flops") or 0.0)
+
+
 def _data_section(args: argparse.Namespace, model_path: str) -> tuple[DataConfig, str | None]:
   """The data section to evaluate with, and where it came from (for the JSON).
 
@@ -192,13 +202,14 @@ def main(argv: list[str] | None = None) -> int:
   )
   p.add_argument(
     "--sparsity",
-    default=DEFAULT_SPARSITIES,
-    help=f"comma-separated fractions of (token, unit) pairs approximated "
-    f"(default {DEFAULT_SPARSITIES})",
+    default=None,
+    help=f"comma-separated fractions of (token, unit) pairs approximated (default: a "
+    f"--workdir trained for a FLOPs budget is evaluated at that budget alone; otherwise "
+    f"{DEFAULT_SPARSITIES})",
   )
   p.add_argument(
     "--flops",
-    default="",
+    default=None,
     help="comma-separated executed-FLOPs budgets (fractions of dense, forecasters and "
     "routers included), beside --sparsity: the model's trained capacity table moved to "
     "each budget (the model needs one). Give --sparsity '' to evaluate budgets only",
@@ -245,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
 
   policies = _split_list(args.policy, "policy")
-  sparsities = _floats(args.sparsity) if args.sparsity.strip() else []
-  budgets = _floats(args.flops, "flops") if args.flops.strip() else []
+  if args.sparsity is None and args.flops is None:
+    trained = _trained_budget(args.workdir)
+    args.sparsity, args.flops = ("", str(trained)) if trained else (DEFAULT_SPARSITIES, "")
+  sparsities = _floats(args.sparsity) if (args.sparsity or "").strip() else []
+  budgets = _floats(args.flops, "flops") if (args.flops or "").strip() else []
   modes = _split_list(args.mode, "mode")
   from ir_jax.eval import evaluate as ev
 

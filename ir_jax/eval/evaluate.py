@@ -393,16 +393,18 @@ def table(result: dict[str, Any]) -> str:
   recs = result["records"]
   dense = next((r["perplexity"] for r in recs if r["policy"] == "dense"), None)
   head = (
-    f"{'mode':6s} {'policy':8s} {'sparsity':>8s} {'realized':>8s} {'attn':>6s} "
+    f"{'mode':6s} {'policy':8s} {'target':>8s} {'realized':>8s} {'attn':>6s} "
     f"{'mlp':>6s} {'FLOPs':>6s} {'perplexity':>11s} {'vs dense (95% CI)':>22s} {'tokens':>8s}"
   )
   lines = [head, "-" * len(head)]
   for r in recs:
     rel = "" if dense is None else f"{r['perplexity'] / dense:8.3f}"
+    # the target: a FLOPs budget ("F0.80") or a pair sparsity
+    target = f"F{r['flops_budget']:.2f}" if r.get("flops_budget") else f"{r['sparsity']:.2f}"
     if "ci_low" in r:
       rel = f"{r['ratio']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})"
     lines.append(
-      f"{r['mode']:6s} {r['policy']:8s} {r['sparsity']:8.2f} "
+      f"{r['mode']:6s} {r['policy']:8s} {target:>8s} "
       f"{r['realized_sparsity']:8.3f} {r['sparsity_attn']:6.3f} "
       f"{r['sparsity_mlp']:6.3f} {r['flops_fraction']:6.3f} {r['perplexity']:11.4f} "
       f"{rel:>22s} {r['tokens']:8d}"
