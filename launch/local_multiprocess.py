@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 
 def free_port() -> int:
@@ -34,10 +34,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _pump(proc: subprocess.Popen, prefix: str, out: Any) -> None:
+def _pump(
+  proc: subprocess.Popen,
+  prefix: str,
+  out: Any,
+  on_line: Callable[[str, list[subprocess.Popen]], None] | None,
+  procs: list[subprocess.Popen],
+) -> None:
   for line in proc.stdout:  # type: ignore[union-attr]
     out.write(f"{prefix} {line}")
     out.flush()
+    if on_line is not None:
+      on_line(f"{prefix} {line}", procs)
 
 
 def launch(
@@ -49,8 +57,13 @@ def launch(
   cwd: str | None = None,
   timeout: float | None = None,
   out: Any = None,
+  on_line: Callable[[str, list[subprocess.Popen]], None] | None = None,
 ) -> int:
-  """Runs the processes to completion; returns the job's exit status."""
+  """Runs the processes to completion; returns the job's exit status.
+
+  `on_line(line, processes)` sees every output line (prefixed `[pI] `) as it arrives,
+  with the job's processes (e.g. to signal one of them at a chosen moment).
+  """
   out = out or sys.stdout
   port = port or free_port()
   env = dict(
@@ -76,7 +89,7 @@ def launch(
       cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
     procs.append(p)
-    t = threading.Thread(target=_pump, args=(p, f"[p{i}]", out), daemon=True)
+    t = threading.Thread(target=_pump, args=(p, f"[p{i}]", out, on_line, procs), daemon=True)
     t.start()
     pumps.append(t)
   deadline = None if timeout is None else time.time() + timeout

@@ -32,6 +32,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -114,7 +115,7 @@ OVERRIDES = {
 }
 
 
-def _tiny_config(data_dir: str) -> Any:
+def _tiny_config(data_dir: str, overrides: dict[str, Any] = OVERRIDES) -> Any:
   spec = importlib.util.spec_from_file_location(
     "tiny_cfg", os.path.join(REPO, "configs", "tiny.py")
   )
@@ -122,7 +123,7 @@ def _tiny_config(data_dir: str) -> Any:
   spec.loader.exec_module(mod)
   cfg = mod.get_config()
   cfg.data.data_dir = data_dir
-  for key, value in OVERRIDES.items():
+  for key, value in overrides.items():
     *parents, leaf = key.split(".")
     node = cfg
     for k in parents:
@@ -149,7 +150,8 @@ def _metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-_TRAIN_ITERATOR = pipeline.train_iterator  # the real one (the test below replaces it)
+_TRAIN_ITERATOR = pipeline.train_iterator  # the real ones (the tests below replace them)
+_MAKE_ITERATOR = pipeline.make_iterator
 
 
 class _ProcessShards(grain.DatasetIterator):
@@ -161,13 +163,19 @@ class _ProcessShards(grain.DatasetIterator):
   """
 
   def __init__(
-    self, cfg: Any, mesh: jax.sharding.Mesh, batch_axes: Any, process_count: int, **kwargs: Any
+    self,
+    cfg: Any,
+    mesh: jax.sharding.Mesh,
+    batch_axes: Any,
+    process_count: int,
+    make: Any = _TRAIN_ITERATOR,
+    **kwargs: Any,
   ) -> None:
     self.shards: list[pipeline.DataIterator] = []
     super().__init__()
     self.mesh, self.batch_axes = mesh, batch_axes
     self.shards = [
-      _TRAIN_ITERATOR(cfg, process_index=i, process_count=process_count, **kwargs)
+      make(cfg, process_index=i, process_count=process_count, **kwargs)
       for i in range(process_count)
     ]
 
@@ -329,3 +337,267 @@ def test_half_given_multiprocess_flags_are_one_line_errors(tmp_path):
   assert out.returncode == 2
   assert out.stderr.startswith("ir_jax.train: error: multi-process flags need all of")
   assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / "w")
+
+
+# ------------------------------------------------------------ every stage, every layout
+# configs/tiny.py's default recipe plus LoRA, cut to the fewest batches that still run
+# every pass: the closed-form forecaster fit and its held-out report, the router warm
+# start and the error-curve capacity table (allocation "error", the default), Gumbel
+# router steps, causal-threshold calibration, LoRA steps, the held-out evaluation.
+RECIPE = {
+  "train.stages": "forecaster,router,lora",
+  "train.forecaster.steps": 2,
+  "train.forecaster.fit_batches": 2,
+  "train.router.steps": 4,
+  "train.router.fit_batches": 2,
+  "train.router.allocation_batches": 1,
+  "train.router.calibration_batches": 1,
+  "train.lora.steps": 2,
+  "train.log_every": 1,
+  "train.checkpoint_every": 2,
+  "train.eval_batches": 1,
+  "train.async_checkpoints": False,
+}
+FINAL = {"forecaster": 2, "router": 4, "lora": 2}  # each stage's last checkpoint step
+# name -> (processes, devices per process, mesh). "fsdp" splits the weights (embed dim)
+# and the batch over the two processes; "2x2" both, with two devices in each process.
+LAYOUTS = {
+  "dp": (2, 1, {"mesh.data": -1}),
+  "fsdp": (2, 1, {"mesh.data": 1, "mesh.fsdp": 2}),
+  "2x2": (2, 2, {"mesh.data": 2, "mesh.fsdp": 2}),
+}
+TIMING = {"step_time_s", "tokens_per_s", "time", "wall_s"}
+
+
+def _recipe_overrides(layout: str) -> dict[str, Any]:
+  return {**RECIPE, **LAYOUTS[layout][2]}
+
+
+def _train_args(workdir: str, data_dir: str, overrides: dict[str, Any]) -> list[str]:
+  return [
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--workdir",
+    workdir,
+    f"--config.data.data_dir={data_dir}",
+    *(f"--config.{k}={v}" for k, v in overrides.items()),
+  ]
+
+
+def _stacked_iterators(monkeypatch, process_count: int) -> None:
+  """Every iterator the run makes (training streams, held-out report, evaluation) gives
+  the global batches of a `process_count`-process job (see `_ProcessShards`)."""
+
+  def make(
+    cfg: Any, split: str | None = None, *, mesh: Any = None, batch_axes: Any = "data", **kwargs: Any
+  ) -> _ProcessShards:
+    for key in ("process_index", "process_count"):
+      kwargs.pop(key, None)
+    return _ProcessShards(
+      cfg, mesh, batch_axes, process_count, make=_MAKE_ITERATOR, split=split, **kwargs
+    )
+
+  monkeypatch.setattr(pipeline, "make_iterator", make)  # train_iterator calls it too
+
+
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory) -> str:
+  """The tiny dataset, prepared once for every layout."""
+  if not os.path.exists(NEWS):
+    pytest.skip("demo assets missing: run `bash launch/fetch_assets.sh`")
+  from ir_jax.data.builder import open_split
+
+  data_dir = str(tmp_path_factory.mktemp("recipe_tfds"))
+  s = settings_from_config(_tiny_config(data_dir, RECIPE))
+  open_split(s.data, s.data.train_split, prepare_if_missing=True)
+  open_split(s.data, s.data.eval_split, prepare_if_missing=True)
+  return data_dir
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def recipe(request, recipe_data, tmp_path_factory) -> dict[str, Any]:
+  """The recipe run as a 2-process job with the layout's mesh, and in this process on as
+  many of its devices with the same mesh and the job's global batches."""
+  layout = request.param
+  procs, per_process, _ = LAYOUTS[layout]
+  root = tmp_path_factory.mktemp(f"recipe_{layout}")
+  mp_dir, one_dir = str(root / "mp"), str(root / "one")
+  overrides = _recipe_overrides(layout)
+  out = io.StringIO()
+  status = _launcher().launch(
+    _train_args(mp_dir, recipe_data, overrides),
+    num_processes=procs,
+    devices_per_process=per_process,
+    cwd=REPO,
+    timeout=400,
+    out=out,
+  )
+  assert status == 0, out.getvalue()[-4000:]
+  s = settings_from_config(_tiny_config(recipe_data, overrides))
+  with pytest.MonkeyPatch.context() as mp:
+    _stacked_iterators(mp, procs)
+    run(s, one_dir, devices=jax.devices()[: procs * per_process])
+  return {
+    "layout": layout,
+    "mp": mp_dir,
+    "one": one_dir,
+    "log": out.getvalue(),
+    "data_dir": recipe_data,
+  }
+
+
+def _json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _untimed(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _untimed(v) for k, v in x.items() if k not in TIMING}
+  if isinstance(x, list):
+    return [_untimed(v) for v in x]
+  return x
+
+
+def _assert_close(a: Any, b: Any, rtol: float, what: str) -> None:
+  """Equal JSON-like values; numbers within `rtol` (0: bitwise)."""
+  if isinstance(a, dict):
+    assert isinstance(b, dict) and set(a) == set(b), f"{what}: {sorted(a)} != {sorted(b)}"
+    for k in a:
+      _assert_close(a[k], b[k], rtol, f"{what}.{k}")
+  elif isinstance(a, list):
+    assert isinstance(b, list) and len(a) == len(b), what
+    for i, (x, y) in enumerate(zip(a, b)):
+      _assert_close(x, y, rtol, f"{what}[{i}]")
+  elif isinstance(a, float) and not isinstance(b, str):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=0, err_msg=what)
+  else:
+    assert a == b, f"{what}: {a!r} != {b!r}"
+
+
+# Tolerances. With two devices every cross-device sum (gradients, statistics moments,
+# losses) has two terms, which floating point adds commutatively: the per-device
+# programs are the same in both runs, so everything is bitwise equal. With four devices
+# gloo's all-reduce and the in-process one may add the four partial sums in another
+# order (a last-bit difference, ~1e-7 relative), which the few SGD steps, the solves
+# and the capacity-table quantiles carry on at that scale.
+RTOL = {"dp": 0.0, "fsdp": 0.0, "2x2": 1e-4}
+
+
+def test_every_stage_across_processes_equals_one_process(recipe):
+  mp, one, rtol = recipe["mp"], recipe["one"], RTOL[recipe["layout"]]
+  log = recipe["log"]
+  assert "[p0] [router] capacity table (error" in log and "[p0] [lora 2/2]" in log, log[-3000:]
+  assert "[p0] [router] calibrating causal-mode thresholds" in log
+  # Every logged record: fit statistics, R^2, table sparsities, every step's losses and
+  # realized sparsities, the forecasters' held-out fit.
+  _assert_close(_untimed(_metrics(one)), _untimed(_metrics(mp)), rtol, "metrics")
+  assert any("table_sparsity_mlp" in r for r in _metrics(mp))
+  _assert_close(
+    _json(os.path.join(one, "forecasters.json")),
+    _json(os.path.join(mp, "forecasters.json")),
+    rtol,
+    "forecasters.json",
+  )
+  ev_one, ev_mp = _json(os.path.join(one, "eval.json")), _json(os.path.join(mp, "eval.json"))
+  _assert_close(_untimed(ev_one), _untimed(ev_mp), rtol, "eval.json")
+  assert ev_mp["routed"]["tokens"] > 0 and ev_mp["capacity_table"]
+  # Every stage's final checkpoint: forecasters, routers, thresholds, capacity table,
+  # LoRA adapters, and their optimizer states.
+  for stage, step in FINAL.items():
+    for item in ("adapters", "opt_state"):
+      a = _raw(os.path.join(mp, "checkpoints", stage, str(step), item))
+      b = _raw(os.path.join(one, "checkpoints", stage, str(step), item))
+      assert set(a) == set(b) and a, (stage, item)
+      for key in a:
+        np.testing.assert_allclose(
+          a[key], b[key], rtol=rtol, atol=rtol * 1e-3, err_msg=f"{stage}/{step} {item} {key}"
+        )
+  router = _raw(os.path.join(mp, "checkpoints", "router", str(FINAL["router"]), "adapters"))
+  thresholds = [v for k, v in router.items() if "threshold" in k]
+  # Calibrated: finite where a unit approximates, -inf where the table keeps it dense.
+  assert thresholds and not np.isnan(thresholds[0]).any() and np.isfinite(thresholds[0]).any()
+
+
+def test_export_of_a_multiprocess_run_equals_one_process(recipe, tmp_path):
+  if recipe["layout"] != "fsdp":  # one layout suffices: export reads the checkpoint alone
+    pytest.skip("checked on the fsdp layout")
+  from safetensors.numpy import load_file
+
+  from ir_jax.convert.export import export
+
+  def tensors(workdir: str, name: str) -> dict[str, np.ndarray]:
+    out = export(workdir, str(tmp_path / name))
+    got = {}
+    for f in sorted(os.listdir(out)):
+      if f.endswith(".safetensors"):
+        got.update({f"{f}:{k}": v for k, v in load_file(os.path.join(out, f)).items()})
+    return got
+
+  a, b = tensors(recipe["mp"], "mp"), tensors(recipe["one"], "one")
+  assert set(a) == set(b) and any(k.startswith("routing") for k in a), sorted(a)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(recipe, tmp_path):
+  """SIGTERM reaches process 1 only, while the router stage compiles its first step:
+  both processes agree to stop at the same step, save it together, exit 143; rerunning
+  resumes there, and the result equals the uninterrupted job's bit for bit."""
+  if recipe["layout"] != "dp":
+    pytest.skip("checked on the dp layout")
+  workdir = str(tmp_path / "w")
+  args = _train_args(workdir, recipe["data_dir"], _recipe_overrides("dp"))
+  sent: list[int] = []
+
+  def preempt_p1(line: str, procs: list[subprocess.Popen]) -> None:
+    if not sent and line.startswith("[p0] [router] training"):
+      procs[1].send_signal(signal.SIGTERM)
+      sent.append(1)
+
+  out = io.StringIO()
+  status = _launcher().launch(
+    args,
+    num_processes=2,
+    devices_per_process=1,
+    cwd=REPO,
+    timeout=300,
+    out=out,
+    on_line=preempt_p1,
+  )
+  log = out.getvalue()
+  assert sent and status == 143, log[-3000:]
+  assert "[p1] ir_jax.train: SIGTERM received (process 1)" in log, log[-3000:]
+  assert "[p0] ir_jax.train: SIGTERM received" not in log.split("stopped at")[0]
+  stopped = {
+    line.split("]")[0][1:]: line.split("stopped at router step ")[1].split()[0]
+    for line in log.splitlines()
+    if "stopped at router step" in line
+  }
+  assert set(stopped) == {"p0", "p1"} and len(set(stopped.values())) == 1, log[-3000:]
+  step = int(stopped["p0"])
+  assert 0 < step < FINAL["router"]
+  rdir = os.path.join(workdir, "checkpoints", "router", str(step))
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(rdir, "adapters")))
+
+  out = io.StringIO()
+  status = _launcher().launch(
+    args, num_processes=2, devices_per_process=1, cwd=REPO, timeout=300, out=out
+  )
+  log = out.getvalue()
+  assert status == 0, log[-3000:]
+  assert f"[p0] [router] resumed from batch {step}" in log, log[-3000:]
+  ref = recipe["mp"]
+  for stage, final in FINAL.items():
+    for item in ("adapters", "opt_state"):
+      a = _raw(os.path.join(workdir, "checkpoints", stage, str(final), item))
+      b = _raw(os.path.join(ref, "checkpoints", stage, str(final), item))
+      assert set(a) == set(b) and a
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{stage} {item} {key}")
+  _assert_close(
+    _untimed(_json(os.path.join(workdir, "eval.json"))),
+    _untimed(_json(os.path.join(ref, "eval.json"))),
+    0.0,
+    "eval.json",
+  )

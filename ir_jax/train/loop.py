@@ -65,7 +65,9 @@ class _StopFlag:
   def install(self) -> None:
     def handler(signum, frame):
       self.set = True
-      log("ir_jax.train: SIGTERM received; saving a checkpoint before exiting")
+      # Every process says so (log() is process 0's): a signal may reach one host only.
+      who = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+      print(f"ir_jax.train: SIGTERM received{who}; saving a checkpoint before exiting", flush=True)
 
     try:
       self._old = signal.signal(signal.SIGTERM, handler)
@@ -76,6 +78,42 @@ class _StopFlag:
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
       self._old = None
+
+
+def agreed_stop(flag: bool) -> bool:
+  """True on every process when `flag` is True on any: one stop decision per step.
+
+  A SIGTERM (a maintenance event, a preemption notice) may reach one host only, or
+  reach hosts at different steps; a host that stopped alone would leave the others
+  waiting in the next step's collectives. Every process calls this once per step, so
+  all see the same answer at the same step and save that step together. With one
+  process it is `flag` itself (no collective).
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def check_same_steps(steps_on_disk: list[int], directory: str) -> None:
+  """Refuses (CheckpointError) when the processes see different checkpoint steps in
+  `directory`: each would restore its own newest step and the job would continue from
+  mixed states (or hang); a multi-process run needs one filesystem shared by all hosts."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  mine = np.asarray([max(steps_on_disk, default=-1), len(steps_on_disk)], np.int64)
+  seen = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 2]
+  if (seen != seen[0]).any():
+    views = ", ".join(
+      f"process {i}: {'none' if n < 0 else f'newest {n} of {c}'}" for i, (n, c) in enumerate(seen)
+    )
+    raise model_ckpt.CheckpointError(
+      f"{directory}: the processes see different checkpoints ({views}); the workdir must "
+      "be one filesystem shared by every host"
+    )
 
 
 def check_batch(s: Settings, mesh: jax.sharding.Mesh) -> None:
@@ -158,6 +196,7 @@ def train_stage(
   t0 = time.time()
   on_disk = list(mgr.all_steps())
   try:
+    check_same_steps(on_disk, sdir)  # so that every process restores the same step
     found = checkpoints.restore_whole(mgr, sdir, restore, quarantine=True)
   except BaseException:
     if lazy:
@@ -308,7 +347,7 @@ def train_stage(
         t_last, n_last = now, step
       if step == total:
         finish()
-      stop_now = stop.set or (should_stop is not None and should_stop(stage, step))
+      stop_now = agreed_stop(stop.set or (should_stop is not None and should_stop(stage, step)))
       if step % s.train.checkpoint_every == 0 or step == total or stop_now:
         save(step)
       if stop_now and step < total:
