@@ -25,6 +25,8 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -37,9 +39,22 @@ SDIST = "bigbench==1.0.0"
 SDIST_MB = 358
 MEMBER = "bigbench/benchmark_tasks/{}/task.json"
 RECORD = "prepared.json"
-# sha256 of each task.json in the bigbench 1.0.0 sdist.
-TASKS: dict[str, str] = {}
-DEFAULT_TASKS = ()
+# sha256 of each task.json in the bigbench 1.0.0 sdist (multiple-choice items in brackets).
+TASKS: dict[str, str] = {
+  "anachronisms": "864b2377906bbd2e6feaa3d0b9b605377529d8a637867b278cd486722b179b55",  # 230
+  "hyperbaton": "8cd85fac8281210a1276a82fddd493a27b0484b84ddf65f0b4f9b4476d6233e2",  # 50,000
+  "implicatures": "cd3dcb575f3e189ad8a7b5b32364521f569fb4136dea88542d8dc240cd5b3e7d",  # 492
+  "navigate": "e076d286bb54c9304de99c24a8d3ddd749be78c12af5d58315195b194c8efa18",  # 1,000
+  "social_iqa": "edc9f568b70ae6d4af0783764dbe4e4f18aa1242c675a93f534338d73a565348",  # 1,954
+  "sports_understanding": "925617612d19ca02d7b13bfb263300cc13701dca8851151a77be8ce986feadab",
+  "strategyqa": "60af9081fed20102fd8bb1e02dc7d9f12238efcba33e4c1a56b4d61cb6409803",  # 2,290
+  "timedial": "fccc6b6981fcd3bacdf9a3467e6be9ada9efcd75510175d98b1c8e9269bb5cfb",  # 2,550
+  "winowhy": "c36fa38ab146fd7cc60e9f4b7a34c979c5ffbcb4a6870302bf8d785fbe64d1f6",  # 2,865
+}
+DEFAULT_TASKS = tuple(sorted(TASKS))
+# pip 26 refuses this sdist (its metadata declares a direct-URL dependency, bleurt, even
+# under --no-deps); this pip, in a throwaway venv, downloads it as pip always did.
+FALLBACK_PIP = "pip==24.0"
 
 UTILS_PY = '''"""Loads items.jsonl beside this file (written by `python -m ir_jax.tasks prepare`)."""
 
@@ -198,6 +213,43 @@ def task_jsons(archive: Path, names: Iterable[str]) -> dict[str, bytes]:
   return found
 
 
+def _pip_download(python: str, dest: Path) -> Path:
+  """`PYTHON -m pip download --no-deps` of the pinned sdist into `dest`; the archive."""
+  dest.mkdir(parents=True, exist_ok=True)
+  cmd = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+         "--no-binary", ":all:", "-d", str(dest), SDIST]  # fmt: skip
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
+    raise RuntimeError(f"pip download of {SDIST} failed (exit {proc.returncode}): {tail}")
+  archives = sorted(dest.glob("bigbench-*.tar.gz"))
+  if len(archives) != 1:
+    raise RuntimeError(f"pip download of {SDIST} left {len(archives)} archives in {dest}")
+  return archives[0]
+
+
+def download_sdist(dest: Path) -> Path:
+  """The pinned sdist, downloaded into `dest` (with FALLBACK_PIP when the running pip
+  refuses it)."""
+  print(f"downloading {SDIST} from the package registry (about {SDIST_MB} MB) ...", flush=True)
+  try:
+    return _pip_download(sys.executable, dest / "pip")
+  except RuntimeError as e:
+    if "direct URL" not in str(e):
+      raise
+  print(f"  this pip refuses it (a direct-URL dependency); again with {FALLBACK_PIP} ...")
+  venv = dest / "venv"
+  py = str(venv / "bin" / "python")
+  for cmd in (
+    [sys.executable, "-m", "venv", str(venv)],
+    [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", FALLBACK_PIP],
+  ):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd[-2:])} failed: {proc.stderr.strip()[-500:]}")
+  return _pip_download(py, dest / "pip24")
+
+
 def prepare(
   names: list[str],
   out: Path,
@@ -222,10 +274,7 @@ def prepare(
   if todo:
     with tempfile.TemporaryDirectory(prefix="ir_jax_tasks_") as tmp:
       if sdist is None:
-        from ir_jax.assets import Package, pip_download
-
-        print(f"downloading {SDIST} from the package registry (about {SDIST_MB} MB) ...")
-        sdist = pip_download(Package(SDIST, ("--no-binary", ":all:"), SDIST_MB, ()), Path(tmp))
+        sdist = download_sdist(Path(tmp))
       print(f"reading {len(todo)} task(s) from {sdist.name} ...", flush=True)
       raw = task_jsons(sdist, todo)
     for n in todo:
