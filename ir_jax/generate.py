@@ -84,13 +84,15 @@ def decode(
   eos: int | None = None,
   temperature: float = 0.0,
   seed: int = 0,
+  cache_len: int | None = None,
   on_token: Callable[[list[int]], None] = lambda new: None,
 ) -> tuple[list[int], float, int]:
   """(new tokens, share of (token, unit) pairs executed, tokens fed to the model).
 
   One token per step through the KV-cache decode step (so every routing decision is
   causal); stops after `max_new` tokens or at `eos` (not included). `on_token` gets
-  the new tokens so far after each one.
+  the new tokens so far after each one. `cache_len` (default: prompt + max_new rounded
+  up to CACHE_ROUND) fixes the KV cache's length, so calls of one length share a compile.
   """
   from ir_jax.routing import check_calibrated, decode_step, init_cache
 
@@ -102,8 +104,7 @@ def decode(
       f"model's {cfg.max_position_embeddings} positions; shorten one of them"
     )
   check_calibrated(model, spec)
-  cache_len = min(-(-total // CACHE_ROUND) * CACHE_ROUND, cfg.max_position_embeddings)
-  cache = init_cache(cfg, 1, cache_len)
+  cache = init_cache(cfg, 1, max(cache_len or 0, cache_length(cfg, total)))
   rng = np.random.default_rng(seed)
   tokens, new, executed = list(prompt), [], []
   for pos in range(total - 1):
@@ -125,6 +126,24 @@ def decode(
     new.append(nxt)
     on_token(new)
   return new, float(np.mean(executed)), len(executed)
+
+
+def cache_length(cfg: Any, total: int) -> int:
+  """`total` positions rounded up to CACHE_ROUND, at most the model's."""
+  return min(-(-total // CACHE_ROUND) * CACHE_ROUND, cfg.max_position_embeddings)
+
+
+def warm_up(model: Any, specs: list[Any], cache_len: int) -> None:
+  """Compiles the decode step for each spec at this cache length (a minute or more for
+  a real model on a CPU), saying so, before any continuation is streamed."""
+  from ir_jax.routing import decode_step, init_cache
+
+  t0 = time.time()
+  print(f"compiling the decode step ({len(specs)} routing(s)) ...", flush=True)
+  for spec in specs:
+    cache = init_cache(model.config, 1, cache_len)
+    decode_step(model, cache, jnp.zeros((1,), jnp.int32), jnp.int32(0), spec)
+  print(f"compiled in {time.time() - t0:.1f}s", flush=True)
 
 
 class Printer:
@@ -258,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
       f"(sparsity {1 - mean:.3f}: {mean:.1%} of units executed on calibration text)"
     )
   runs = [("dense", RoutingSpec(policy="dense"))] + ([("routed", routed)] if routed else [])
-  for i, text in enumerate(prompts):
-    ids = [int(t) for t in tok.encode(text)]
+  encoded = [[int(t) for t in tok.encode(text)] for text in prompts]
+  cache_len = cache_length(cfg, max(map(len, encoded)) + args.max_new_tokens)
+  if max(map(len, encoded)) + args.max_new_tokens <= cfg.max_position_embeddings:
+    warm_up(model, [spec for _, spec in runs], cache_len)  # else decode() says what is wrong
+  for i, (text, ids) in enumerate(zip(prompts, encoded)):
     print(f"\n[{i + 1}/{len(prompts)}] {text}")
     for name, spec in runs:
       print(f"--- {name}:", flush=True)
@@ -272,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         eos=cfg.eos_token_id,
         temperature=args.temperature,
         seed=args.seed,
+        cache_len=cache_len,
         on_token=show,
       )
       show.finish(new)
