@@ -31,7 +31,7 @@ from ir_jax.routing import model_table
 from ir_jax.train import checkpoints, report, rundir, steps
 from ir_jax.train.config import Settings
 from ir_jax.train.metrics import MetricWriter, console_line, log
-from ir_jax.train.stages import STAGES, HookContext
+from ir_jax.train.stages import STAGES, HookContext, stage_settings
 from ir_jax.train.state import (
   ModelState,
   adapter_target,
@@ -147,6 +147,7 @@ def train_stage(
   A stage already finished is only restored. Stops by saving a checkpoint and
   raising `Preempted`; a non-finite loss raises `TrainingError`.
   """
+  s = stage_settings(s, stage, nnx.merge(model_state.graphdef, model_state.state))
   stage_cfg = s.train.stage(stage)
   total = stage_cfg.steps * stage_cfg.grad_accum  # batches
   data_cfg = s.stage_data(stage)
@@ -437,8 +438,14 @@ def run(
     d, r = ev["dense"], ev["routed"]
     log(
       f"held-out perplexity ({d['tokens']} tokens of {ev['split']!r}): dense "
-      f"{d['perplexity']:.3f}  routed ({ev['policy']}, sparsity {ev['sparsity']}) "
-      f"{r['perplexity']:.3f}  realized sparsity {r['realized_sparsity']:.3f}"
+      f"{d['perplexity']:.3f}  routed ({ev['policy']}, "
+      + (
+        f"FLOPs budget {ev['flops_budget']:g}"
+        if ev.get("flops_budget")
+        else f"sparsity {ev['sparsity']}"
+      )
+      + f") {r['perplexity']:.3f} ({r['perplexity'] / d['perplexity']:.2f}x)  executed FLOPs "
+      f"{ev['flops_fraction']:.3f} of dense  realized sparsity {r['realized_sparsity']:.3f}"
     )
   else:
     _closing(workdir, model_state, None)

@@ -20,7 +20,7 @@ from ir_jax.data import pipeline
 from ir_jax.data.config import DataError
 from ir_jax.data.packing import PACK
 from ir_jax.nll import perplexity
-from ir_jax.routing import RoutingSpec, trained_spec
+from ir_jax.routing import RoutingSpec, flops, trained_spec
 from ir_jax.train import steps
 from ir_jax.train.config import Settings
 from ir_jax.train.stages import STAGES
@@ -88,15 +88,16 @@ def evaluate(
 ) -> dict[str, Any]:
   """Held-out perplexity, dense and routed at the configured policy and sparsity."""
   data = s.data
-  eval_spec = trained_spec(
-    nnx.merge(model_state.graphdef, model_state.state), s.routing.inference()
-  )
+  model = nnx.merge(model_state.graphdef, model_state.state)
+  eval_spec = trained_spec(model, s.routing.inference(), seq_len=data.seq_len)
   results: dict[str, Any] = {
     "split": data.eval_split,
     "seq_len": data.seq_len,
     "policy": eval_spec.policy,
     "sparsity": eval_spec.sparsity,
+    "flops_budget": eval_spec.flops,
     "capacity_table": eval_spec.capacities is not None,
+    "flops_fraction": flops(model.config, eval_spec, data.seq_len)["executed_fraction"],
   }
   for name, spec in (("dense", None), ("routed", eval_spec)):
     fn = jit_eval_step(model_state.graphdef, model_state.shardings, spec, mesh)
