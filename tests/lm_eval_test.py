@@ -339,27 +339,25 @@ def test_readme_command_finds_a_workdirs_tokenizer_in_base(bpe_workdir, tmp_path
   assert n == 11  # every choice of every question
 
 
-def test_missing_model_is_one_line(tmp_path):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "ir_jax.lm_eval",
-      "--model",
-      "ir_jax",
-      "--model_args",
-      f"pretrained={tmp_path / 'nope'},policy=dense",
-      "--tasks",
-      "ir_jax_tiny_mc",
-      "--include_path",
-      TASKS,
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  err = proc.stderr.strip().splitlines()
-  assert "Traceback" not in proc.stderr
-  assert err[-1].startswith("ir_jax.lm_eval: error: ") and "nope" in err[-1], err[-3:]
+def test_missing_model_is_one_line(tmp_path, capsys, monkeypatch):
+  from ir_jax import lm_eval as cli
+
+  monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() hands lm-eval its own argv
+  with pytest.raises(SystemExit) as e:
+    cli.main(
+      [
+        "--model",
+        "ir_jax",
+        "--model_args",
+        f"pretrained={tmp_path / 'nope'},policy=dense",
+        "--tasks",
+        "ir_jax_tiny_mc",
+        "--include_path",
+        TASKS,
+      ]
+    )
+  err = capsys.readouterr().err
+  assert e.value.code == 2, err[-3000:]
+  assert "Traceback" not in err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("ir_jax.lm_eval: error: ") and "nope" in last, err[-3000:]
