@@ -252,7 +252,10 @@ def trained_spec(
         f"routing.flops={spec.flops:g} needs the model's capacity table, and this model has "
         "none: train its router stage with routing.flops set, or route by routing.sparsity"
       )
-    caps = table_for_flops(model.config, table, spec.flops, seq_len, spec.policy)
+    # The oracle runs every unit to rank tokens (an analysis bound, not a deployable cost):
+    # it takes the table informed routing would run at this budget.
+    cost_policy = "informed" if spec.policy == "oracle" else spec.policy
+    caps = table_for_flops(model.config, table, spec.flops, seq_len, cost_policy)
     return dataclasses.replace(spec, capacities=caps)
   if table is None:
     return spec

@@ -1,0 +1,278 @@
+"""The quality table in executed FLOPs: SmolLM2 routed at budgets of dense compute, resumable.
+
+    python launch/budget_table.py                       # the run (about 1.5 h on 2 quiet cores)
+    python launch/budget_table.py --report-only         # rebuild the report from the JSONs
+    python launch/budget_table.py --dry-run             # print the steps and commands
+
+Every arm starts from one forecaster run (closed-form fits, the demo's recipe) and
+runs the router stage with `--config.routing.flops=B` (B in --budgets): the
+per-unit loss probes and `routing.allocate_flops` choose execute / forecast / route
+per unit. Arms: informed (routers warm-started on log forecast error), greedy
+(routers on log |Unit|^2, skipping instead of forecasting), static (no router:
+units execute or are forecast, chosen by the same probes). Each arm is evaluated by
+`python -m ir_jax.eval` at its budget (top-k mode) on every held-out set; the
+informed arm also with the random policy (its table moved to the same budget
+under random's cost, which has no router) and the oracle (informed's table; it
+runs every unit to rank tokens, so its FLOPs are not its point), and at the
+paper's pair sparsities 0.25 and 0.4 (the table rescaled), as is greedy.
+
+Held-out sets (built once with `launch/quality_table.py heldout`, round-robin
+over domains, each document cut to its first 4,096 tokens):
+  valid  the config's validation split: Shakespeare and news documents of the
+         fitting domains that played no part in fitting;
+  lee    news.cor's companion `lee.cor` (news articles outside the fitting files);
+  wiki   Wikipedia articles: a domain that played no part in fitting or choosing.
+
+Every perplexity ratio carries a 95% bootstrap interval over documents
+(ir_jax.eval.bootstrap). Output: RUNS/... and docs/results_flops.{json,md,png}.
+A step whose output exists is skipped, so a killed run resumes when rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ir_jax.files import write_json  # noqa: E402
+from ir_jax.plotting import pyplot, save  # noqa: E402
+from ir_jax.provenance import git_info  # noqa: E402
+
+CONFIG = "configs/smollm2_135m.py"
+SETS = {
+  "valid": ("split", ""),
+  "lee": ("assets/text/news/lee.cor", "news_lee"),
+  "wiki": ("assets/text/wiki/enwiki_articles.jsonl", "wiki"),
+}
+PAIRS = (0.25, 0.4)
+
+
+def _run(cmd: list[str], log: Path, what: str) -> None:
+  log.parent.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  print(f"[{time.strftime('%H:%M:%S')}] {what} ...", flush=True)
+  with open(log, "a", encoding="utf-8") as f:
+    f.write("$ " + shlex.join(cmd) + "\n")
+    f.flush()
+    rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+  if rc:
+    raise SystemExit(f"{what} failed (exit {rc}); see {log}")
+  print(f"    done in {time.time() - t0:.0f}s", flush=True)
+
+
+def _train_cmd(workdir: Path, extra: list[str]) -> list[str]:
+  return (
+    [sys.executable, "-m", "ir_jax.train", "--config", CONFIG, "--workdir", str(workdir)]
+    + ["--config.train.eval_batches=0"]
+    + extra
+  )
+
+
+def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
+  """(name, output that marks it done, command) in order."""
+  runs = Path(a.runs)
+  py = sys.executable
+  out: list[tuple[str, Path, list[str]]] = []
+  for name, (source, domain) in SETS.items():
+    jsonl = runs / "heldout" / f"{name}.jsonl"
+    cmd = [py, "launch/quality_table.py", "heldout", "--config", CONFIG, "--source", source]
+    cmd += ["--out", str(jsonl), "--max-tokens", str(a.max_tokens), "--doc-tokens", "4096"]
+    out.append((f"heldout {name}", jsonl, cmd + (["--domain", domain] if domain else [])))
+  fc = runs / "forecaster"
+  out.append(
+    (
+      "forecasters",
+      fc / "train_summary.json",
+      _train_cmd(fc, ["--config.train.stages=forecaster"]),
+    )
+  )
+  evals = {"informed": "dense,informed,random,oracle", "static": "dense,static"}
+  for b in a.budgets:  # one budget at a time: partial results are whole rows
+    for policy in ("informed", "static", "greedy"):
+      wd = runs / f"{policy}_{b:g}"
+      extra = [
+        "--config.train.stages=router",
+        f"--config.train.init_from={fc}",
+        f"--config.routing.policy={policy}",
+        f"--config.routing.flops={b}",
+        f"--config.train.router.allocation_batches={a.probe_batches}",
+      ]
+      if policy == "static":
+        extra.append("--config.train.router.calibration_batches=0")
+      out.append((f"train {policy} {b:g}", wd / "train_summary.json", _train_cmd(wd, extra)))
+      pairs = ",".join(str(p) for p in PAIRS) if (policy != "static" and b == a.pair_arm) else ""
+      for name in SETS:
+        js = runs / "eval" / name / f"{policy}_{b:g}.json"
+        cmd = [py, "-m", "ir_jax.eval", "--workdir", str(wd), "--data"]
+        cmd += [
+          str(runs / "heldout" / f"{name}.jsonl"),
+          "--policy",
+          evals.get(policy, "dense,greedy"),
+        ]
+        cmd += ["--flops", str(b), "--sparsity", pairs, "--json", str(js), "--no-plot"]
+        out.append((f"eval {policy} {b:g} on {name}", js, cmd))
+  return out
+
+
+def report(a: argparse.Namespace) -> None:
+  """docs/results_flops.{json,md,png} from the eval JSONs present."""
+  runs = Path(a.runs)
+  rows = []
+  commit = git_info(str(ROOT))
+  for name in SETS:
+    for js in sorted((runs / "eval" / name).glob("*.json")):
+      arm = js.stem
+      res = json.loads(js.read_text())
+      dense = next(r for r in res["records"] if r["policy"] == "dense")
+      for r in res["records"]:
+        if r["policy"] == "dense" and not arm.startswith("informed"):
+          continue  # dense once per set
+        budget = r.get("flops_budget") or 0.0
+        rows.append(
+          {
+            "arm": arm,
+            "policy": r["policy"],
+            "budget_kind": "flops" if budget else ("pairs" if r["policy"] != "dense" else "none"),
+            "budget": budget or r["sparsity"],
+            "eval_set": name,
+            "perplexity": r["perplexity"],
+            "dense_perplexity": dense["perplexity"],
+            "ratio": r.get("ratio"),
+            "ci_low": r.get("ci_low"),
+            "ci_high": r.get("ci_high"),
+            "flops_fraction": r["flops_fraction"],
+            "realized_sparsity": r["realized_sparsity"],
+            "tokens": r["tokens"],
+            "documents": len(res["documents"]),
+          }
+        )
+  seen, uniq = set(), []
+  for r in rows:  # the dense row of each set once
+    key = (r["policy"], r["budget_kind"], r["budget"], r["eval_set"])
+    if key not in seen:
+      seen.add(key)
+      uniq.append(r)
+  rows = uniq
+  docs = ROOT / "docs"
+  write_json(
+    str(docs / "results_flops.json"),
+    {"generated_by": "launch/budget_table.py", "commit": commit, "rows": rows},
+    indent=1,
+  )
+  _plot(rows, docs / "results_flops.png")
+  _markdown(rows, commit, docs / "results_flops.md", a)
+  print(f"wrote docs/results_flops.json, .md, .png ({len(rows)} rows)")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+  plt = pyplot()
+  sets = list(SETS)
+  fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+  for ax, name in zip(axes[0], sets):
+    for policy in ("informed", "greedy", "random", "oracle", "static"):
+      pts = sorted(
+        (r["flops_fraction"], r["ratio"], r["ci_low"], r["ci_high"])
+        for r in rows
+        if r["eval_set"] == name and r["policy"] == policy and r["budget_kind"] == "flops"
+      )
+      if pts:
+        x, y, lo, hi = map(list, zip(*pts))
+        ax.errorbar(
+          x, y, yerr=[[v - l for v, l in zip(y, lo)], [h - v for v, h in zip(y, hi)]],
+          marker="o", capsize=3, label=policy,
+        )  # fmt: skip
+    pair = [r for r in rows if r["eval_set"] == name and r["budget_kind"] == "pairs"]
+    for r in pair:
+      ax.plot(r["flops_fraction"], r["ratio"], "x", color="k")
+      ax.annotate(f"{r['policy']} s={r['budget']:g}", (r["flops_fraction"], r["ratio"]), fontsize=7)
+    ax.set_yscale("log")
+    ax.set(
+      title=f"{name} (lower is better)",
+      xlabel="executed FLOPs / dense",
+      ylabel="perplexity x dense",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  save(fig, str(path))
+
+
+def _markdown(rows: list[dict], commit: dict, path: Path, a: argparse.Namespace) -> None:
+  lines = [
+    "# Quality at matched compute: SmolLM2-135M at executed-FLOPs budgets",
+    "",
+    "Generated by `python launch/budget_table.py` (`--report-only` rebuilds this page "
+    "from the eval JSONs); every number below is read from `results_flops.json`. "
+    f"Commit `{commit.get('commit', '?')}`{' (uncommitted changes)' if commit.get('dirty') else ''}.",
+    "",
+    "Perplexity x dense with a 95% bootstrap interval over documents; executed FLOPs "
+    "are per `ir_jax.routing.flops` (forecasters and routers included, causal attention). "
+    "Budgets are top-k mode; `pairs` rows are the paper's pair sparsity (the table rescaled).",
+    "",
+  ]
+  for name in SETS:
+    sub = [r for r in rows if r["eval_set"] == name]
+    if not sub:
+      continue
+    d = sub[0]["dense_perplexity"]
+    lines += [
+      f"## {name} (dense perplexity {d:.2f}, {sub[0]['tokens']} tokens, "
+      f"{sub[0]['documents']} documents)",
+      "",
+      "| policy | budget | executed FLOPs | perplexity | x dense (95% CI) | realized sparsity |",
+      "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(sub, key=lambda r: (r["budget_kind"], -r["budget"], r["policy"])):
+      if r["policy"] == "dense":
+        continue
+      b = f"{r['budget']:g} of FLOPs" if r["budget_kind"] == "flops" else f"pairs {r['budget']:g}"
+      ci = f"{r['ratio']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})"
+      lines.append(
+        f"| {r['policy']} | {b} | {r['flops_fraction']:.3f} | {r['perplexity']:.2f} | {ci} | "
+        f"{r['realized_sparsity']:.3f} |"
+      )
+    lines.append("")
+  lines += ["![perplexity x dense against executed FLOPs](results_flops.png)", ""]
+  path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+    prog="python launch/budget_table.py", description=__doc__.split("\n")[0]
+  )
+  p.add_argument("--runs", default="runs/budget")
+  p.add_argument("--budgets", default="0.8,0.9,0.7", help="in the order run")
+  p.add_argument("--max-tokens", type=int, default=16384, help="tokens per held-out set")
+  p.add_argument("--probe-batches", type=int, default=2, help="batches of the loss probes")
+  p.add_argument("--pair-arm", type=float, default=0.8, help="arm also evaluated at pairs")
+  p.add_argument("--report-only", action="store_true")
+  p.add_argument("--dry-run", action="store_true")
+  a = p.parse_args(argv)
+  a.budgets = [float(b) for b in a.budgets.split(",")]
+  if a.report_only:
+    report(a)
+    return 0
+  todo = steps(a)
+  for name, done, cmd in todo:
+    if a.dry_run:
+      print(f"{'[done] ' if done.exists() else ''}{name}: {shlex.join(cmd)}")
+      continue
+    if done.exists():
+      continue
+    _run(cmd, Path(a.runs) / "logs" / (name.replace(" ", "_") + ".log"), name)
+    if name.startswith("eval"):
+      report(a)  # partial results as they come
+  if not a.dry_run:
+    report(a)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
