@@ -198,7 +198,11 @@ def task_jsons(archive: Path, names: Iterable[str]) -> dict[str, bytes]:
 
   want = {MEMBER.format(n): n for n in names}
   found: dict[str, bytes] = {}
-  with tarfile.open(archive) as tf:
+  try:
+    tf = tarfile.open(archive)
+  except tarfile.TarError as e:
+    raise ConfigError(f"{archive}: not the bigbench sdist (a .tar.gz): {e}") from None
+  with tf:
     for m in tf:
       rel = m.name.split("/", 1)[1] if "/" in m.name else m.name
       if m.isfile() and rel in want:
@@ -264,7 +268,8 @@ def prepare(
   unknown = [n for n in names if n not in pins]
   if unknown:
     raise ConfigError(
-      f"--tasks: no pinned checksum for {', '.join(unknown)}; known: {', '.join(sorted(pins))}"
+      f"--tasks: {', '.join(unknown)}: not a pinned BIG-bench task (pinned, with "
+      f"checksums: {', '.join(sorted(pins))})"
     )
   record = read_record(out)
   todo = [n for n in names if force or not is_prepared(out, n, record, pins[n])]

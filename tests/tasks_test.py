@@ -104,8 +104,11 @@ def test_wrong_checksum_and_unknown_task_are_refused(tmp_path):
   with pytest.raises(ConfigError, match="sha256 .* expected 0+ "):
     tasks.prepare(["fake"], out, sdist=tasks.Path(sdist), checksums={"fake": "0" * 64})
   assert not (out / "bigbench_fake").exists()
-  with pytest.raises(ConfigError, match="no pinned checksum for nope"):
+  with pytest.raises(ConfigError, match="nope: not a pinned BIG-bench task"):
     tasks.prepare(["nope"], out, sdist=tasks.Path(sdist), checksums=shas)
+  (tmp_path / "junk.tar.gz").write_bytes(b"not an archive")
+  with pytest.raises(ConfigError, match="not the bigbench sdist"):
+    tasks.prepare(["fake"], out, sdist=tmp_path / "junk.tar.gz", checksums=shas)
   with pytest.raises(ConfigError, match="no task.json for other"):
     tasks.prepare(["other"], out, sdist=tasks.Path(sdist), checksums={"other": "0" * 64})
 
