@@ -337,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
   sdist = Path(args.sdist) if args.sdist else None
   if sdist is not None and not sdist.is_file():
     raise FileNotFoundError(f"--sdist {sdist}: no such file")
-  prepare(names, Path(args.out), sdist=sdist, force=args.force)
+  try:
+    prepare(names, Path(args.out), sdist=sdist, force=args.force)
+  except RuntimeError as e:  # the download failed: pip's last lines say why
+    print(f"{PROG}: error: {' / '.join(str(e).splitlines())}", file=sys.stderr)
+    return 1
   return 0
 
 
