@@ -134,8 +134,8 @@ def cache_length(cfg: Any, total: int) -> int:
 
 
 def warm_up(model: Any, specs: list[Any], cache_len: int) -> None:
-  """Compiles the decode step for each spec at this cache length (a minute or more for
-  a real model on a CPU), saying so, before any continuation is streamed."""
+  """Compiles the decode step for each spec at this cache length (seconds for SmolLM2 on
+  a CPU), saying so, before any continuation is streamed."""
   from ir_jax.routing import decode_step, init_cache
 
   t0 = time.time()
