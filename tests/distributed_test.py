@@ -459,8 +459,8 @@ def _untimed(x: Any) -> Any:
   return x
 
 
-def _assert_close(a: Any, b: Any, rtol: float, what: str) -> None:
-  """Equal JSON-like values; numbers within `rtol` (0: bitwise)."""
+def _assert_close(a: Any, b: Any, rtol: tuple[float, ...], what: str) -> None:
+  """Equal JSON-like values; numbers within rtol[0], R^2 within rtol[1] (0: bitwise)."""
   if isinstance(a, dict):
     assert isinstance(b, dict) and set(a) == set(b), f"{what}: {sorted(a)} != {sorted(b)}"
     for k in a:
@@ -470,7 +470,8 @@ def _assert_close(a: Any, b: Any, rtol: float, what: str) -> None:
     for i, (x, y) in enumerate(zip(a, b)):
       _assert_close(x, y, rtol, f"{what}[{i}]")
   elif isinstance(a, float) and not isinstance(b, str):
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=0, err_msg=what)
+    tol = rtol[1] if "_r2_" in what else rtol[0]
+    np.testing.assert_allclose(a, b, rtol=tol, atol=0, err_msg=what)
   else:
     assert a == b, f"{what}: {a!r} != {b!r}"
 
@@ -478,10 +479,13 @@ def _assert_close(a: Any, b: Any, rtol: float, what: str) -> None:
 # Tolerances. With two devices every cross-device sum (gradients, statistics moments,
 # losses) has two terms, which floating point adds commutatively: the per-device
 # programs are the same in both runs, so everything is bitwise equal. With four devices
-# gloo's all-reduce and the in-process one may add the four partial sums in another
-# order (a last-bit difference, ~1e-7 relative), which the few SGD steps, the solves
-# and the capacity-table quantiles carry on at that scale.
-RTOL = {"dp": 0.0, "fsdp": 0.0, "2x2": 1e-4}
+# gloo's all-reduce and the in-process one add the four partial sums in another order:
+# moments, losses and evaluation differ by ~1e-7 relative (measured: at most 1.03e-6,
+# the router grad norm). The router warm start's ridge solve, on 2 batches of
+# statistics, amplifies that to ~2e-4 of a router weight's scale (measured 2.1e-4), and
+# its logged R^2, a difference of nearly equal terms, to ~2e-3 (measured 1.8e-3).
+# (JSON numbers rtol, R^2 rtol, arrays: |a - b| <= tol * max |b|)
+RTOL = {"dp": (0.0, 0.0, 0.0), "fsdp": (0.0, 0.0, 0.0), "2x2": (1e-5, 1e-2, 1e-3)}
 
 
 def test_every_stage_across_processes_equals_one_process(recipe):
@@ -510,8 +514,10 @@ def test_every_stage_across_processes_equals_one_process(recipe):
       b = _raw(os.path.join(one, "checkpoints", stage, str(step), item))
       assert set(a) == set(b) and a, (stage, item)
       for key in a:
+        ref = b[key].astype(np.float64)
+        scale = np.max(np.abs(ref[np.isfinite(ref)]), initial=0.0)
         np.testing.assert_allclose(
-          a[key], b[key], rtol=rtol, atol=rtol * 1e-3, err_msg=f"{stage}/{step} {item} {key}"
+          a[key], ref, rtol=0, atol=rtol[2] * scale, err_msg=f"{stage}/{step} {item} {key}"
         )
   router = _raw(os.path.join(mp, "checkpoints", "router", str(FINAL["router"]), "adapters"))
   thresholds = [v for k, v in router.items() if "threshold" in k]
@@ -598,6 +604,6 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(recipe, tmp_p
   _assert_close(
     _untimed(_json(os.path.join(workdir, "eval.json"))),
     _untimed(_json(os.path.join(ref, "eval.json"))),
-    0.0,
+    (0.0, 0.0),
     "eval.json",
   )
