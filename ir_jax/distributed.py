@@ -30,6 +30,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 from ir_jax.config import ConfigError
 
@@ -136,7 +137,7 @@ def maybe_initialize(
   return p
 
 
-def host_array(x) -> "np.ndarray":
+def host_array(x) -> np.ndarray:
   """The whole value of `x` as a numpy array on every process.
 
   A fully addressable array (one process, or replicated) is fetched directly; one
@@ -144,8 +145,6 @@ def host_array(x) -> "np.ndarray":
   with `multihost_utils.process_allgather`, a collective every process must call.
   Plain numpy values pass through.
   """
-  import numpy as np
-
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
 

@@ -47,3 +47,18 @@ def test_interval_equals_a_plain_loop():
 def test_bad_shapes_are_refused():
   with pytest.raises(ValueError, match="one shape"):
     ratio_interval([1.0], [1.0, 2.0], [1, 1])
+
+
+def test_document_tally_follows_documents_across_rows():
+  from ir_jax.eval.bootstrap import DocumentTally
+
+  # Row 0: doc A (3 tokens), doc B cut at the row end; row 1: B's rest, then padding;
+  # row 2 (after padding): doc C, doc D cut; row 3: D's rest fills the row exactly.
+  seg = np.array([[1, 1, 1, 2, 2], [1, 1, 0, 0, 0], [1, 1, 2, 2, 2], [1, 1, 1, 1, 1]])
+  nll = np.arange(20, dtype=float).reshape(4, 5)
+  mask = (seg > 0).astype(float)
+  tally = DocumentTally()
+  tally.add(nll[:2], mask[:2], seg[:2])  # two calls: the state carries across batches
+  tally.add(nll[2:], mask[2:], seg[2:])
+  assert tally.tokens == [3, 4, 2, 8]
+  assert tally.nll == [0 + 1 + 2, 3 + 4 + 5 + 6, 10 + 11, 12 + 13 + 14 + 15 + 16 + 17 + 18 + 19]

@@ -444,7 +444,8 @@ def run(
         if ev.get("flops_budget")
         else f"sparsity {ev['sparsity']}"
       )
-      + f") {r['perplexity']:.3f} ({r['perplexity'] / d['perplexity']:.2f}x)  executed FLOPs "
+      + f") {r['perplexity']:.3f}  {r['ratio']:.2f}x dense (95% CI {r['ci_low']:.2f}-"
+      f"{r['ci_high']:.2f}, {r['documents']} documents)  executed FLOPs "
       f"{ev['flops_fraction']:.3f} of dense  realized sparsity {r['realized_sparsity']:.3f}"
     )
   else:

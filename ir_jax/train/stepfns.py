@@ -19,6 +19,8 @@ from ir_jax import sharding as sh
 from ir_jax.data import pipeline
 from ir_jax.data.config import DataError
 from ir_jax.data.packing import PACK
+from ir_jax.distributed import host_array
+from ir_jax.eval.bootstrap import DocumentTally, ratio_interval
 from ir_jax.nll import perplexity
 from ir_jax.routing import RoutingSpec, flops, trained_spec
 from ir_jax.train import steps
@@ -99,6 +101,7 @@ def evaluate(
     "capacity_table": eval_spec.capacities is not None,
     "flops_fraction": flops(model.config, eval_spec, data.seq_len)["executed_fraction"],
   }
+  docs: dict[str, DocumentTally] = {}
   for name, spec in (("dense", None), ("routed", eval_spec)):
     fn = jit_eval_step(model_state.graphdef, model_state.shardings, spec, mesh)
     it = pipeline.make_iterator(
@@ -113,9 +116,15 @@ def evaluate(
       prepare_if_missing=True,
     )
     nll, tokens, execs = 0.0, 0.0, []
+    tally = DocumentTally()
     try:
       for batch in it:
         out = jax.device_get(fn(model_state.state, batch))
+        tally.add(
+          host_array(out["nll_BxT"]),
+          host_array(batch["loss_mask"]),
+          host_array(batch["segment_ids"]),
+        )
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
         if "exec_rate" in out:
@@ -135,4 +144,8 @@ def evaluate(
         float(1.0 - rate[:, 1].mean()),
       )
     results[name] = rec
+    docs[name] = tally
+  # x dense with a 95% bootstrap interval over the documents of the scored rows
+  ratio, lo, hi = ratio_interval(docs["routed"].nll, docs["dense"].nll, docs["dense"].tokens)
+  results["routed"].update(ratio=ratio, ci_low=lo, ci_high=hi, documents=len(docs["dense"].nll))
   return results

@@ -233,7 +233,8 @@ def make_train_step(graphdef: Any, loss_fn: Callable, tx: optax.GradientTransfor
 
 
 def make_eval_step(graphdef: Any, spec: RoutingSpec | None):
-  """eval(state, batch) -> {nll_sum, tokens, exec_rate [L, 2] or absent}: dense when spec is None."""
+  """eval(state, batch) -> {nll_sum, tokens, nll_BxT (per scored token, 0 elsewhere), exec_rate
+  [L, 2] or absent}: dense when spec is None."""
 
   def eval_fn(state, batch):
     model = nnx.merge(graphdef, state)
@@ -245,7 +246,8 @@ def make_eval_step(graphdef: Any, spec: RoutingSpec | None):
         batch["inputs"], batch["positions"], batch["segment_ids"], routing=spec, return_aux=True
       )
     mean, count = lm_loss(logits, batch)
-    out = {"nll_sum": mean * count, "tokens": count}
+    nll_BxT = token_nll(logits, batch["targets"]) * batch["loss_mask"].astype(jnp.float32)
+    out = {"nll_sum": mean * count, "tokens": count, "nll_BxT": nll_BxT}
     if aux is not None:
       out["exec_rate"] = aux["exec_rate"]
     return out
