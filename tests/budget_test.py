@@ -163,3 +163,38 @@ def test_lora_trains_under_the_routing_it_is_evaluated_with(tmp_path):
   assert lora_spec == eval_spec
   np.testing.assert_allclose(np.asarray(lora_spec.capacities), table, atol=1e-7)
   assert lora_spec.mode == "topk" and lora_spec.gate == "hard"
+
+
+def test_forecast_only_attention_runs_its_slots_on_their_own_keys():
+  # Rows of 128 tokens keep 2 sink slots; three documents start at 0, 50 and 90, so the
+  # first two starts execute attention (each attends only to itself) and everything else
+  # is forecast; the MLPs execute. Reference from the modules, attention over the row.
+  import jax
+  from flax import nnx
+
+  m = make_model()
+  t = 128
+  starts = (0, 50, 90)
+  seg = np.zeros(t, np.int32)
+  pos = np.zeros(t, np.int32)
+  for i, s0 in enumerate(starts):
+    end = starts[i + 1] if i + 1 < len(starts) else t
+    seg[s0:end] = i + 1
+    pos[s0:end] = np.arange(end - s0)
+  toks = tokens(1, t, 9)
+  pos_, seg_ = jnp.asarray(pos[None]), jnp.asarray(seg[None])
+  spec = R.RoutingSpec(capacities=((0.0, 1.0),) * CFG.num_layers)
+  ours = np.asarray(m(toks, pos_, seg_, routing=spec))
+  index = jnp.arange(t)[None]
+  gd, st = nnx.split(m.layers)
+  rgd, rst = nnx.split(m.routing)
+  x = m.embed(toks)
+  for l in range(CFG.num_layers):
+    layer = nnx.merge(gd, jax.tree.map(lambda a: a[l], st))
+    routing_layer = nnx.merge(rgd, jax.tree.map(lambda a: a[l], rst))
+    n = layer.input_layernorm(x)
+    full = layer.self_attn(n, pos_, index, seg_)
+    delta = routing_layer.attn_lff(n).at[:, [0, 50]].set(full[:, [0, 50]])
+    x = x + delta
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+  np.testing.assert_allclose(ours, np.asarray(m.logits(x)), atol=1e-5, rtol=0)

@@ -7,7 +7,8 @@ of the row). Each unit takes one of three forms, read from its capacity c:
 
   execute   c = 1: the unit, for every token; no forecaster, no router
   forecast  c = 0: the forecaster for every token, the unit for the sink slots
-            (segment starts, `spec.sink_slots`); no router
+            (segment starts, `spec.sink_slots`; attention keys and values for those
+            slots alone, top-k mode: they attend only to each other); no router
   route     0 < c < 1: forecaster and router for every token, the unit for c of
             them (attention keys and values for every token: later tokens attend them)
 
@@ -65,9 +66,9 @@ def form_flops(
   always = c["kv"] if unit == 0 else 0.0
   if policy == "dense" or capacity >= 1.0:
     return always + skip
-  if capacity <= 0.0:
+  if capacity <= 0.0:  # the slots' keys and values too: nothing else attends to them
     slots = RoutingSpec(policy="static", sparsity=1.0).k(seq_len, 0, 0)
-    return always + _overhead(c, 0.0, policy) + skip * slots / seq_len
+    return _overhead(c, 0.0, policy) + (always + skip) * slots / seq_len
   if policy == "oracle":  # the error it ranks by needs the unit's output for every token
     return always + skip + _overhead(c, capacity, policy)
   return always + _overhead(c, capacity, policy) + skip * capacity

@@ -67,26 +67,37 @@ def routed_layer(
   get = (lambda: layer) if isinstance(layer, DecoderLayer) else layer
   rows = cache is not None and spec.mode == "topk"
   n = get().input_layernorm(x_BxTxD)
-  k_new, v_new = get().self_attn.keys_values(n, ctx.positions_BxT)
-  if cache is None:
-    k_all, v_all, k_index, k_seg = k_new, v_new, ctx.index_BxT, ctx.segment_ids_BxT
+  if cache is None:  # keys and values are computed where a unit runs (see attn_fn)
+    k_new = v_new = None
   else:  # decode: write this step's keys/values, attend over the cache
+    k_new, v_new = get().self_attn.keys_values(n, ctx.positions_BxT)
     ck, cv, pos = cache
     k_all = jax.lax.dynamic_update_slice_in_dim(ck, k_new.astype(ck.dtype), pos, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cv, v_new.astype(cv.dtype), pos, axis=1)
     k_index = jnp.broadcast_to(jnp.arange(ck.shape[1]), ck.shape[:2])
     k_seg = None
 
-  def attn_fn(idx: Array | None, n_BxSxD: Array) -> Array:
+  def attn_fn(idx: Array | None, n_BxSxD: Array, own_kv: bool = False) -> Array:
+    """Attention for the tokens at `idx` (None: all). `own_kv` (a forecast-only unit's
+    slots: segment starts, then the row's earliest tokens) attends within the gathered
+    tokens alone: each one's earlier tokens of its segment are gathered too, so this is
+    exact, and no other token needs keys or values."""
     attn = get().self_attn
     q_pos, q_index, q_seg = ctx.positions_BxT, ctx.index_BxT, ctx.segment_ids_BxT
-    keys, values, kv_index, kv_seg = k_all, v_all, k_index, k_seg
+    if cache is None and not own_kv:
+      keys, values = attn.keys_values(n, q_pos)
+      kv_index, kv_seg = q_index, q_seg
+    elif cache is not None:
+      keys, values, kv_index, kv_seg = k_all, v_all, k_index, k_seg
     if idx is not None and rows:  # idx `[k]`: rows of the batch, with their caches
       q_pos, q_index = q_pos[idx], q_index[idx]
       keys, values, kv_index = keys[idx], values[idx], kv_index[idx]
     elif idx is not None:  # idx `[B, S]`: tokens of every row
       q_pos, q_index = gather(q_pos, idx), gather(q_index, idx)
       q_seg = None if q_seg is None else gather(q_seg, idx)
+    if own_kv:
+      keys, values = attn.keys_values(n_BxSxD, q_pos)
+      kv_index, kv_seg = q_index, q_seg
     q = attn.queries(n_BxSxD, q_pos)
     return attn.attend(q, keys, values, attention_mask(q_index, kv_index, q_seg, kv_seg))
 
@@ -97,10 +108,11 @@ def routed_layer(
   def unit(u: int, n: Array, x: Array, unit_fn: Callable, lff: Any, router: Any):
     def run(level: int | tuple[int, bool]):
       k, forecast_only = (level, False) if isinstance(level, (int, np.integer)) else level
+      own = forecast_only and u == 0 and cache is None and spec.mode == "topk"
       delta, aux = route_unit(
         n,
         x,
-        unit_fn,
+        (lambda idx, ns: unit_fn(idx, ns, own_kv=True)) if own and k else unit_fn,
         lff,
         router,
         spec,
