@@ -63,21 +63,22 @@ def get_config() -> ml_collections.ConfigDict:
   # A CPU-sized budget (minutes on 2 cores): forecasters are closed-form
   # reduced-rank ridge fits (12 x 1,024 tokens of statistics), routers are
   # warm-started by regressing their unit's log forecast error (8 x 1,024
-  # tokens) and a per-unit capacity table is allocated from each unit's
-  # forecast error curve (2 x 1,024 tokens). No SGD steps: the reference
+  # tokens); then every unit's loss damage when forecast alone is probed (60
+  # forwards of 1,024 tokens) and a table chooses per unit to execute, forecast
+  # or route within the FLOPs budget below (routing.flops). No SGD steps: the reference
   # budgets in the defaults (2,000 steps per stage) are for accelerators;
   # `--config.train.router.steps=N` adds Gumbel-gate LM-loss steps on top.
   cfg.train.stages = "forecaster,router"
   cfg.train.log_every = 4
   cfg.train.checkpoint_every = 20
-  cfg.train.eval_batches = 8
+  cfg.train.eval_batches = 16  # 16,384 held-out tokens for the last line and its interval
   cfg.train.forecaster.init = "fit"
   cfg.train.forecaster.fit_batches = 12
   cfg.train.forecaster.steps = 0
   cfg.train.router.init = "fit"
   cfg.train.router.fit_batches = 8
   cfg.train.router.allocation = "error"
-  cfg.train.router.allocation_batches = 2
+  cfg.train.router.allocation_batches = 1  # the loss probes: 60 forwards of 1,024 tokens
   cfg.train.router.steps = 0
   cfg.train.router.calibration_batches = 2
   # The budget is executed FLOPs (forecasters and routers included), 0.85 of dense: the
