@@ -21,7 +21,8 @@ Model args: `pretrained` (anything `ir_jax.load_model` takes: a training workdir
 checkpoint, a HF directory or a GGUF), `tokenizer` (default: `pretrained`'s own; for
 a workdir the one its run trained with, read from WORKDIR/base when it came with the
 base weights; "byte" for the built-in byte tokenizer), `policy`,
-`sparsity`, `mode` (topk | causal), `calibration` (text/JSONL file(s) or globs
+`sparsity`, `flops` (an executed-FLOPs budget, fraction of dense: the model's trained
+table moved to it, its FLOPs counted at rows of `calibration_seq_len`), `mode` (topk | causal), `calibration` (text/JSONL file(s) or globs
 for causal-mode thresholds; without it the model's stored thresholds are used, and
 refused unless they were calibrated for this spec's capacities),
 `calibration_seq_len`, `calibration_batches`, `batch_size`, `max_length`,
@@ -87,6 +88,7 @@ class IrJaxLM(LM):
     tokenizer: str | None = None,
     policy: str = "dense",
     sparsity: float = 0.0,
+    flops: float = 0.0,
     mode: str = "topk",
     calibration: str | None = None,
     calibration_seq_len: int = 256,
@@ -104,10 +106,18 @@ class IrJaxLM(LM):
 
     # lm-eval passes device, dtype etc. for every model type; JAX chooses devices itself.
     self.model = load_model(str(pretrained))
-    # The model's trained capacity table (rescaled to `sparsity`) when it has one.
+    # The model's trained capacity table when it has one: moved to the FLOPs budget
+    # `flops` (its FLOPs quoted at rows of calibration_seq_len tokens), else to `sparsity`.
     self.spec = trained_spec(
       self.model,
-      RoutingSpec(policy=str(policy), sparsity=float(sparsity), mode=str(mode), seed=int(seed)),
+      RoutingSpec(
+        policy=str(policy),
+        sparsity=float(sparsity),
+        flops=float(flops),
+        mode=str(mode),
+        seed=int(seed),
+      ),
+      seq_len=int(calibration_seq_len),
     )
     from ir_jax.data.config import DataError
 
