@@ -22,6 +22,8 @@ ENTRY_POINTS = (
   "ir_jax.aot",
   "ir_jax.bench",
   "ir_jax.perplexity",
+  "ir_jax.generate",
+  "ir_jax.tasks",
 )
 
 
