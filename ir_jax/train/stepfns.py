@@ -108,7 +108,9 @@ def evaluate(
       data,
       data.eval_split,
       mode=PACK,
-      shuffle=False,
+      # Documents in a fixed shuffled order (data.seed; the same for both passes): the
+      # first batches of a split in file order can be a handful of long documents.
+      shuffle=True,
       num_epochs=1,
       mesh=mesh,
       batch_axes=sh.BATCH_AXES,
