@@ -198,3 +198,22 @@ def test_forecast_only_attention_runs_its_slots_on_their_own_keys():
     x = x + delta
     x = x + layer.mlp(layer.post_attention_layernorm(x))
   np.testing.assert_allclose(ours, np.asarray(m.logits(x)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.8])
+def test_error_curve_table_meets_its_budget(budget):
+  from ir_jax import fit
+
+  rng = np.random.RandomState(11)
+  err = np.exp(rng.randn(30, 2, 300))
+  scores = np.log(err) + rng.randn(30, 2, 300)
+  cost = R.unit_flops(SMOL, 256)
+  table = R.budget.curves_for_flops(
+    SMOL,
+    256,
+    budget,
+    lambda sp: fit.allocate_curves(scores, err, sp, max_sparsity=0.875, unit_cost=cost),
+  )
+  spec = R.RoutingSpec(capacities=tuple(map(tuple, table)))
+  assert abs(R.flops(SMOL, spec, 256)["executed_fraction"] - budget) <= 0.005
+  assert table.min() >= 0.125 - 1e-9  # every unit keeps some execution

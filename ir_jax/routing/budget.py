@@ -23,7 +23,7 @@ is the one rule every entry point routes a trained model by.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -261,3 +261,28 @@ def trained_spec(
     return spec
   target = spec.sparsity if sparsity is None else sparsity
   return dataclasses.replace(spec, capacities=rescale_table(table, target))
+
+
+def curves_for_flops(
+  cfg: LlamaConfig,
+  seq_len: int,
+  budget: float,
+  allocate: Callable[[float], np.ndarray],
+  policy: str = "informed",
+) -> np.ndarray:
+  """The table `allocate(s)` gives (an error-curve allocation whose FLOPs fall as its
+  parameter s rises, e.g. `fit.allocate_curves` with unit costs) at the s that meets an
+  executed-FLOPs `budget`, by bisection; raises when even s = 1 spends more."""
+  lo, hi = 0.0, 1.0
+  if table_flops(cfg, allocate(hi), seq_len, policy) > budget + BUDGET_TOL:
+    raise ConfigError(
+      f"the error-curve allocation cannot reach {budget:.3f} of dense FLOPs (it keeps every "
+      "unit partly executed); use train.router.allocation='probe' or raise routing.flops"
+    )
+  for _ in range(40):
+    mid = 0.5 * (lo + hi)
+    if table_flops(cfg, allocate(mid), seq_len, policy) > budget:
+      lo = mid
+    else:
+      hi = mid
+  return allocate(hi)
