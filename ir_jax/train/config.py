@@ -163,7 +163,11 @@ class RouterStage(StageConfig):
                       curves rise least. probe: each unit's measured loss increase when
                       it alone approximates `probe_level` of the tokens, extrapolated
                       quadratically (60 forward passes for 30 layers; noisier). uniform:
-                      every unit at the target capacity.
+                      every unit at the target capacity. With an executed-FLOPs budget
+                      (routing.flops): error weights each unit's curve by its cost and
+                      bisects to the budget; probe (and the static policy) probes each
+                      unit's loss damage when forecast alone and picks execute /
+                      forecast / route per unit by a knapsack (ir_jax.routing.budget).
   allocation_batches: batches for the allocation measurements.
   budget:             pairs (the table's mean sparsity over (token, unit) pairs is the
                       target, the paper's measure) or flops (error allocation only: the
