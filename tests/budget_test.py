@@ -11,17 +11,7 @@ import pytest
 
 from ir_jax import routing as R
 from ir_jax.config import ConfigError, LlamaConfig
-from tests.routing_test import CFG, make_model, tokens
-
-SMOL = LlamaConfig(
-  vocab_size=49152,
-  hidden_size=576,
-  intermediate_size=1536,
-  num_layers=30,
-  num_heads=9,
-  num_kv_heads=3,
-  head_dim=64,
-)
+from tests.routing_test import CFG, SMOL, make_model, tokens
 
 
 def _problem(seed: int, cfg: LlamaConfig = SMOL, n: int = 400):

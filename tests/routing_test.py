@@ -30,6 +30,18 @@ CFG = LlamaConfig(
 )
 
 
+# SmolLM2-135M's shapes (the demo model), for FLOPs counts by hand.
+SMOL = LlamaConfig(
+  vocab_size=49152,
+  hidden_size=576,
+  intermediate_size=1536,
+  num_layers=30,
+  num_heads=9,
+  num_kv_heads=3,
+  head_dim=64,
+)
+
+
 def make_model(
   cfg: LlamaConfig = CFG, seed: int = 0, lff_std: float = 0.05, router_std: float = 1.0
 ):
@@ -390,15 +402,7 @@ def test_flops_smollm2_and_llama7b_by_hand():
   # of 256 tokens: per token q+o 2*576*576*2 = 1,327,104; k+v 2*576*192*2 = 442,368;
   # scores+values 2*128.5*576*2 = 296,064; MLP 6*576*1536 = 5,308,416; head 2*576*49152 =
   # 56,623,104; dense 30 * 7,373,952 + 56,623,104 = 277,841,664.
-  small = LlamaConfig(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-  )
+  small = SMOL
   assert R.flops(small, R.RoutingSpec(policy="dense"), 256)["dense"] == 256 * 277_841_664
   # Every attention forecast (forecaster 4*576*100 = 230,400 + 4 sink slots of 256 with
   # their own keys and values: (1,623,168 + 442,368) * 4 / 256 = 32,274) and every MLP
