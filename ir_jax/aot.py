@@ -163,7 +163,9 @@ def step_flops(
   """
   b, t, L = batch, seq_len, cfg.num_layers
   d, h, k = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-  core = 2 * t * h * k * 2  # per query token: scores and weighted values over all T keys
+  # per query token: scores and weighted values over the (T + 1) / 2 keys a causal row
+  # attends on average (as ir_jax.routing.flops counts them)
+  core = 2 * (t + 1) / 2 * h * k * 2
   lff = lff_flops(cfg)
   if stage == "forecaster":
     dense = routed_flops(cfg, RoutingSpec(policy="dense"), t, b)["dense"]
