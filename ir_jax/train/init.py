@@ -72,27 +72,7 @@ def fit_routers(
   if s.routing.flops:
     return _fit_flops_table(s, stage_cfg, model, it)
   greedy = s.routing.policy == "greedy"
-  target = (
-    "log |Unit(n)|^2 (greedy: nothing replaces a skipped unit)"
-    if greedy
-    else ("log forecast error")
-  )
-  _log(f"[router] warm start: routers regress {target} over {stage_cfg.fit_batches} batches")
-  m = fit.router_moments(
-    model,
-    _batches(it, stage_cfg.fit_batches),
-    Progress("[router] statistics", stage_cfg.fit_batches, printer=_log),
-    greedy,
-  )
-  r2 = fit.set_routers(model, m, stage_cfg.ridge)
-  info = {
-    "router_fit_r2_attn": float(r2[:, 0].mean()),
-    "router_fit_r2_mlp": float(r2[:, 1].mean()),
-  }
-  _log(
-    f"[router] fit R^2 of the log error: attention {info['router_fit_r2_attn']:.2f}, "
-    f"MLP {info['router_fit_r2_mlp']:.2f}"
-  )
+  info = _warm_start_routers(stage_cfg, model, it, greedy)
   sparsity = _target_sparsity(s)
   alloc = stage_cfg.allocation if (s.routing.capacities is None and 0 < sparsity < 1) else "uniform"
   batches = _batches(it, stage_cfg.allocation_batches)
@@ -145,6 +125,35 @@ def fit_routers(
   return info
 
 
+def _warm_start_routers(
+  stage_cfg: StageConfig, model: Llama, it: Iterator[dict[str, Any]], greedy: bool
+) -> dict[str, float]:
+  """Routers regress their oracle target (log forecast error; greedy: log |Unit(n)|^2) on
+  the next `fit_batches` batches; returns the fit's R^2 per unit type to log."""
+  target = (
+    "log |Unit(n)|^2 (greedy: nothing replaces a skipped unit)"
+    if greedy
+    else ("log forecast error")
+  )
+  _log(f"[router] warm start: routers regress {target} over {stage_cfg.fit_batches} batches")
+  m = fit.router_moments(
+    model,
+    _batches(it, stage_cfg.fit_batches),
+    Progress("[router] statistics", stage_cfg.fit_batches, printer=_log),
+    greedy,
+  )
+  r2 = fit.set_routers(model, m, stage_cfg.ridge)
+  info = {
+    "router_fit_r2_attn": float(r2[:, 0].mean()),
+    "router_fit_r2_mlp": float(r2[:, 1].mean()),
+  }
+  _log(
+    f"[router] fit R^2 of the log error: attention {info['router_fit_r2_attn']:.2f}, "
+    f"MLP {info['router_fit_r2_mlp']:.2f}"
+  )
+  return info
+
+
 def _fit_flops_table(
   s: Settings, stage_cfg: StageConfig, model: Llama, it: Iterator[dict[str, Any]]
 ) -> dict[str, float]:
@@ -160,23 +169,7 @@ def _fit_flops_table(
   policy = s.routing.policy
   greedy = policy == "greedy"
   routed = policy != "static"
-  info: dict[str, float] = {}
-  if routed:
-    _log(
-      f"[router] warm start: routers regress log forecast error over {stage_cfg.fit_batches} batches"
-    )
-    m = fit.router_moments(
-      model,
-      _batches(it, stage_cfg.fit_batches),
-      Progress("[router] statistics", stage_cfg.fit_batches, printer=_log),
-      greedy,
-    )
-    r2 = fit.set_routers(model, m, stage_cfg.ridge)
-    info.update(router_fit_r2_attn=float(r2[:, 0].mean()), router_fit_r2_mlp=float(r2[:, 1].mean()))
-    _log(
-      f"[router] fit R^2 of the log error: attention {info['router_fit_r2_attn']:.2f}, "
-      f"MLP {info['router_fit_r2_mlp']:.2f}"
-    )
+  info = _warm_start_routers(stage_cfg, model, it, greedy) if routed else {}
   batches = _batches(it, stage_cfg.allocation_batches)
   shape = (model.config.num_layers, 2)
   n_units = shape[0] * shape[1]
@@ -194,8 +187,13 @@ def _fit_flops_table(
       model.config,
       seq_len,
       s.routing.flops,
+      # sp is capped: allocate_curves lifts its per-unit cap to a target above it
       lambda sp: fit.allocate_curves(
-        scores, rel_err, sp, max_sparsity=stage_cfg.max_sparsity, unit_cost=cost
+        scores,
+        rel_err,
+        min(sp, stage_cfg.max_sparsity),
+        max_sparsity=stage_cfg.max_sparsity,
+        unit_cost=cost,
       ),
       policy,
     )
