@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -91,18 +92,76 @@ def restore_whole(
   """The newest checkpoint step that is whole (integrity record and orbax agree), restored.
 
   Damaged newer steps are logged (and, with `quarantine`, moved aside by process 0);
-  when every step is damaged a CheckpointError says so and nothing is moved.
+  when every step is damaged a CheckpointError says so and nothing is moved. In a
+  multi-process job the step is decided once for all processes (`restore_agreed`).
   """
+  steps = list(mgr.all_steps())
   try:
-    return integrity.restore_newest_whole(
-      list(mgr.all_steps()),
-      directory,
-      restore,
-      log,
-      quarantine=quarantine and jax.process_index() == 0,
-    )
+    if jax.process_count() == 1:
+      return integrity.restore_newest_whole(steps, directory, restore, log, quarantine=quarantine)
+    return restore_agreed(steps, directory, restore, quarantine=quarantine)
   except integrity.DamagedCheckpoint as e:
     raise model_ckpt.CheckpointError(str(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+  first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return f"{type(e).__name__}: {first[:200]}"
+
+
+def restore_agreed(
+  steps: list[int], directory: str, restore: Callable[[int], Any], *, quarantine: bool
+) -> tuple[int, Any] | None:
+  """`integrity.restore_newest_whole` for a multi-process job: every process restores the
+  same step, decided once.
+
+  The candidate steps are process 0's list, broadcast; process 0 alone checks a step
+  against its integrity record (the workdir is one shared filesystem: one read of the
+  files, not one per host) and broadcasts the verdict; every process then restores the
+  step, and it counts only when the restore succeeded on all of them (a host that cannot
+  read it makes all of them fall back to the next older step together). Every process
+  must call this, with the same `directory`.
+  """
+  from jax.experimental import multihost_utils
+
+  me = jax.process_index()
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  mine = np.full((max(n, 1),), -1, np.int32)
+  if me == 0:
+    mine[:n] = sorted(steps, reverse=True)
+  candidates = [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(mine))[:n]]
+  problems: list[tuple[int, str]] = []
+  for step in candidates:
+    why = integrity.check(directory, step) if me == 0 else None
+    if bool(multihost_utils.broadcast_one_to_all(np.int32(why is not None))):
+      problems.append((step, why or "its files disagree with its integrity record"))
+      continue
+    try:
+      out, err = restore(step), None
+    except Exception as e:  # orbax/tensorstore/JSON errors of a damaged or unreadable step
+      out, err = None, _first_line(e)
+      print(
+        f"ir_jax.train: process {me} cannot restore checkpoint step {step} of {directory} ({err})",
+        flush=True,
+      )
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(err is not None)))
+    if not failed.any():
+      for bad, reason in problems:
+        log(
+          f"checkpoint step {bad} of {directory} is damaged ({reason}); "
+          + (f"moved to {integrity.move_aside(directory, bad)}; " if quarantine and me == 0 else "")
+          + f"using step {step}"
+        )
+      return step, out
+    who = ", ".join(str(i) for i in np.flatnonzero(failed))
+    problems.append((step, f"restoring it failed on process {who}" + (f": {err}" if err else "")))
+  if problems:
+    listing = "; ".join(f"step {s}: {w}" for s, w in problems)
+    raise integrity.DamagedCheckpoint(
+      f"every checkpoint in {directory} is damaged ({listing}); move the "
+      "directory away to start this stage over"
+    )
+  return None
 
 
 def record_step(mgr: ocp.CheckpointManager, directory: str, step: int) -> None:
