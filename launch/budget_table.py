@@ -4,7 +4,8 @@
     python launch/budget_table.py --report-only         # rebuild the report from the JSONs
     python launch/budget_table.py --dry-run             # print the steps and commands
 
-Every arm starts from one forecaster run (closed-form fits, the demo's recipe) and
+Every arm starts from one forecaster run (closed-form fits, the demo's recipe: its
+training split mixes Shakespeare, news and Wikipedia pieces equally) and
 runs the router stage with `--config.routing.flops=B` (B in --budgets): the
 per-unit loss probes and `routing.allocate_flops` choose execute / forecast / route
 per unit. Arms: informed (routers warm-started on log forecast error), greedy
@@ -17,11 +18,13 @@ runs every unit to rank tokens, so its FLOPs are not its point), and at the
 paper's pair sparsities 0.25 and 0.4 (the table rescaled), as is greedy.
 
 Held-out sets (built once with `launch/quality_table.py heldout`, round-robin
-over domains, each document cut to its first 4,096 tokens):
-  valid  the config's validation split: Shakespeare and news documents of the
-         fitting domains that played no part in fitting;
-  lee    news.cor's companion `lee.cor` (news articles outside the fitting files);
-  wiki   Wikipedia articles: a domain that played no part in fitting or choosing.
+over domains, each document cut to its first 1,024 tokens (wiki: 2,048)):
+  valid  the config's validation split: Shakespeare, news and Wikipedia documents
+         of the fitting domains that played no part in fitting;
+  wiki   the Wikipedia documents of that split alone (Wikipedia is fitted since
+         the forecasters and routers draw the three domains equally: in-distribution);
+  pydoc  Python's reference documentation (the stdlib's `pydoc_data` topics):
+         a domain that played no part in fitting, choosing or calibrating.
 
 Every perplexity ratio carries a 95% bootstrap interval over documents
 (ir_jax.eval.bootstrap). Output: RUNS/... and docs/results_flops.{json,md,png}.
@@ -46,11 +49,26 @@ from ir_jax.plotting import pyplot, save  # noqa: E402
 from ir_jax.provenance import git_info  # noqa: E402
 
 CONFIG = "configs/smollm2_135m.py"
+# name: (source, option for build_heldout, tokens per document)
 SETS = {
-  "valid": ("split", ""),
-  "lee": ("assets/text/news/lee.cor", "news_lee"),
-  "wiki": ("assets/text/wiki/enwiki_articles.jsonl", "wiki"),
+  "valid": ("split", [], 1024),
+  "pydoc": ("pydoc", ["--domain", "pydoc"], 1024),
+  "wiki": ("split", ["--only-domain", "wiki"], 2048),
 }
+
+
+def pydoc_source(path: Path) -> None:
+  """Python's reference documentation topics (stdlib `pydoc_data`), one JSONL line each."""
+  import pydoc_data.topics as topics
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for name in sorted(topics.topics):
+      text = topics.topics[name].strip()
+      if len(text) > 400:  # skip stubs
+        f.write(json.dumps({"text": text, "topic": name}) + "\n")
+
+
 PAIRS = (0.25, 0.4)
 
 
@@ -80,11 +98,14 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
   runs = Path(a.runs)
   py = sys.executable
   out: list[tuple[str, Path, list[str]]] = []
-  for name, (source, domain) in SETS.items():
+  for name, (source, opts, doc_tokens) in SETS.items():
     jsonl = runs / "heldout" / f"{name}.jsonl"
+    if source == "pydoc":
+      source = str(runs / "heldout" / "pydoc_topics.jsonl")  # written by main() when run
     cmd = [py, "launch/quality_table.py", "heldout", "--config", CONFIG, "--source", source]
-    cmd += ["--out", str(jsonl), "--max-tokens", str(a.max_tokens), "--doc-tokens", "4096"]
-    out.append((f"heldout {name}", jsonl, cmd + (["--domain", domain] if domain else [])))
+    cmd += ["--out", str(jsonl), "--max-tokens", str(a.max_tokens)]
+    cmd += ["--doc-tokens", str(doc_tokens), *opts]
+    out.append((f"heldout {name}", jsonl, cmd))
   fc = runs / "forecaster"
   out.append(
     (
@@ -109,6 +130,8 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
       out.append((f"train {policy} {b:g}", wd / "train_summary.json", _train_cmd(wd, extra)))
       pairs = ",".join(str(p) for p in PAIRS) if (policy != "static" and b == a.pair_arm) else ""
       for name in SETS:
+        if name != "valid":
+          pairs = ""  # the paper's pair-sparsity points on the in-domain set only
         js = runs / "eval" / name / f"{policy}_{b:g}.json"
         cmd = [py, "-m", "ir_jax.eval", "--workdir", str(wd), "--data"]
         cmd += [
@@ -266,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
       continue
     if done.exists():
       continue
+    if name == "heldout pydoc":
+      pydoc_source(Path(a.runs) / "heldout" / "pydoc_topics.jsonl")
     _run(cmd, Path(a.runs) / "logs" / (name.replace(" ", "_") + ".log"), name)
     if name.startswith("eval"):
       report(a)  # partial results as they come

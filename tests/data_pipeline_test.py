@@ -161,15 +161,17 @@ def segments(batches: list[dict[str, np.ndarray]]) -> list[tuple[int, ...]]:
   return out
 
 
-def parse_stream(segs: list[tuple[int, ...]], docs: list[tuple[int, ...]]) -> list[int]:
+def parse_stream(
+  segs: list[tuple[int, ...]], docs: list[tuple[int, ...]], counts: list[int] | None = None
+) -> list[int]:
   """Split the concatenated segments back into whole documents; return their order.
 
-  Fails unless every document occurs exactly once, contiguously, and every
-  document boundary is also a segment boundary.
+  Fails unless every document occurs exactly once (`counts[i]` times if
+  given), contiguously, and every document boundary is also a segment boundary.
   """
   stream = [t for s in segs for t in s]
   seg_starts = set(np.cumsum([0] + [len(s) for s in segs]).tolist())
-  left = Counter(range(len(docs)))
+  left = Counter(dict(enumerate(counts))) if counts is not None else Counter(range(len(docs)))
   order, p = [], 0
   while p < len(stream):
     hits = [i for i in left if left[i] and tuple(stream[p : p + len(docs[i])]) == docs[i]]
@@ -532,3 +534,86 @@ def test_two_real_jax_processes_build_global_batches(corpus, tmp_path):
   )
   assert [r["tokens"] for r in results] == [want, want]
   assert results[0]["steps"] == results[1]["steps"] == max(r["local"] for r in results)
+
+
+# --------------------------------------------------------------------------- domain mix
+
+
+def test_text_pieces_cut_at_line_breaks_and_cover_the_text():
+  from ir_jax.data.pipeline import text_pieces
+
+  text = "aaaa bbbb\ncccc dddd\neeee"  # 24 characters, line breaks at 9 and 19
+  assert text_pieces(text, 12) == [(0, 9), (9, 19), (19, 24)]
+  assert text_pieces("x" * 25, 10) == [(0, 10), (10, 20), (20, 25)]  # no break: hard cuts
+  assert text_pieces("one two three four", 10) == [(0, 7), (7, 13), (13, 18)]  # spaces
+  assert text_pieces("short", 100) == [(0, 5)]
+  assert text_pieces("abc\n\n   \n\ndef", 4) == [(0, 3), (9, 13)]  # whitespace-only dropped
+  rng = random.Random(5)
+  for _ in range(50):
+    t = "".join(rng.choice("ab \n") for _ in range(rng.randint(1, 300)))
+    size = rng.randint(2, 40)
+    pieces = text_pieces(t, size)
+    assert all(0 < b - a <= size for a, b in pieces)
+    # Whole text in order: what lies between pieces is whitespace only.
+    edges = [0] + [x for p in pieces for x in p] + [len(t)]
+    assert all(not t[edges[i] : edges[i + 1]].strip() for i in range(0, len(edges), 2))
+
+
+def test_domain_mix_draws_every_domain_equally(corpus):
+  cfg = dataclasses.replace(corpus["cfg"], train_mix="domains", piece_chars=80)
+  src = open_split(cfg, "train", base_dir=corpus["root"])
+  from ir_jax.data.pipeline import domain_table, text_pieces
+
+  table = domain_table(src, 80, 0, 1)
+  # The reference: pieces per domain by a plain loop over the records.
+  pieces: dict[str, list[tuple[int, int, int]]] = {}
+  for r in range(len(src)):
+    text, dom = src.document(r)
+    pieces.setdefault(dom, []).extend((r, a, b) for a, b in text_pieces(text, 80))
+  doms = sorted(pieces)
+  longest = max(len(v) for v in pieces.values())
+  assert table.shape == (len(doms) * longest, 4)
+  for i, row in enumerate(table):  # round-robin over domains
+    assert src.document(int(row[1]))[1] == doms[i % len(doms)]
+  for d in doms:  # every piece of every domain, cycled in order
+    got = [tuple(int(v) for v in row[1:]) for row in table[doms.index(d) :: len(doms)]]
+    assert got == [pieces[d][k % len(pieces[d])] for k in range(longest)]
+  # Unshuffled, each run of D segments holds one piece of each domain; shuffled,
+  # an epoch holds each domain equally often and packs the pieces' tokens.
+  tok = load_text_tokenizer(cfg.tokenizer)
+  kw = dict(process_index=0, process_count=1, base_dir=corpus["root"])
+  it = make_iterator(cfg, "train", shuffle=True, num_epochs=1, **kw)
+  batches = local_batches(it)
+  segs = segments(batches)
+  want = Counter(
+    tuple(tok.encode(src.document(int(r))[0][a:b].strip()).tolist()) for _, r, a, b in table
+  )
+  order = parse_stream(segs, list(want), list(want.values()))
+  assert Counter(order) == Counter(dict(enumerate(want.values())))
+  # Evaluation and other splits still see whole documents.
+  ev = make_iterator(cfg, "validation", mode="pad", shuffle=False, num_epochs=1, **kw)
+  assert doc_starts(local_batches(ev)) == list(
+    range(len(open_split(cfg, "validation", corpus["root"])))
+  )
+
+
+def test_domain_mix_state_restores_and_old_states_still_load(corpus):
+  cfg = dataclasses.replace(corpus["cfg"], train_mix="domains", piece_chars=80)
+  kw = dict(shuffle=True, num_epochs=None, process_index=0, process_count=1)
+  a = make_iterator(cfg, "train", base_dir=corpus["root"], **kw)
+  local_batches(a, 7)
+  state = json.loads(json.dumps(a.get_state()))
+  assert state["mix"] == "domains" and state["piece_chars"] == 80
+  want = local_batches(a, 5)
+  b = make_iterator(cfg, "train", base_dir=corpus["root"], **kw)
+  b.set_state(state)
+  for x, y in zip(local_batches(b, 5), want):
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  # A documents-mix state (all states saved before the option) has no mix keys
+  # and restores into a documents-mix iterator; a domains-mix iterator refuses it.
+  plain = make_iterator(corpus["cfg"], "train", base_dir=corpus["root"], **kw)
+  old = plain.get_state()
+  assert "mix" not in old
+  make_iterator(corpus["cfg"], "train", base_dir=corpus["root"], **kw).set_state(old)
+  with pytest.raises(DataError, match="mix"):
+    make_iterator(cfg, "train", base_dir=corpus["root"], **kw).set_state(old)

@@ -10,6 +10,7 @@ from ir_jax.config import ConfigError, refuse_remote
 
 LOCAL = "local"  # data.name for the local-text builder over data.files
 SPLIT_MODES = ("file", "blank_lines", "lines")
+DOCUMENTS, DOMAINS = "documents", "domains"  # data.train_mix
 ENCODING_ERRORS = ("strict", "replace", "skip")
 BAD_RECORDS = ("error", "skip")
 BYTE_TOKENIZER = "byte"  # data.tokenizer for the built-in 257-token byte tokenizer
@@ -56,6 +57,11 @@ class DataConfig:
   encoding_errors: str = "strict"  # undecodable bytes: raise, replace (counted), skip record
   bad_records: str = "error"  # JSONL line that is not an object with a string text field
   prefetch: int = 2  # local batches prepared ahead in a background thread (0: none)
+  # The training split's packed stream: "documents" (every document once per
+  # epoch, shuffled) or "domains" (documents cut into pieces of at most
+  # piece_chars characters, drawn with equal weight per domain).
+  train_mix: str = DOCUMENTS
+  piece_chars: int = 2000
 
   def __post_init__(self) -> None:
     files = tuple(
@@ -99,6 +105,8 @@ class DataConfig:
       raise ConfigError(f"data.seed must be below 2**32 (grain's shuffle seed), got {self.seed}")
     integer("prefetch", 0)
     choice("split_mode", SPLIT_MODES)
+    choice("train_mix", (DOCUMENTS, DOMAINS))
+    integer("piece_chars", 64)
     choice("encoding_errors", ENCODING_ERRORS)
     choice("bad_records", BAD_RECORDS)
     for i, f in enumerate(self.files):

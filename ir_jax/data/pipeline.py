@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ir_jax.data.builder import TextSource, open_split
-from ir_jax.data.config import DataConfig, DataError
+from ir_jax.data.config import DOCUMENTS, DOMAINS, DataConfig, DataError
 from ir_jax.data.packing import PACK, PAD, TokenBatches, empty_batch
 from ir_jax.data.tokenize import TextTokenizer, load_text_tokenizer
 
@@ -46,6 +46,72 @@ class _Tokenize:
     }
 
 
+def text_pieces(text: str, size: int) -> list[tuple[int, int]]:
+  """Character ranges cutting `text` into pieces of at most `size` characters.
+
+  A cut goes at the last line break in the second half of the window, else
+  the last space there, else at `size`; pieces that are only whitespace are
+  dropped. The ranges cover the text in order.
+  """
+  out: list[tuple[int, int]] = []
+  a, n = 0, len(text)
+  while a < n:
+    b = min(a + size, n)
+    if b < n:
+      lo = a + size // 2
+      cut = text.rfind("\n", lo, b)
+      if cut < 0:
+        cut = text.rfind(" ", lo, b)
+      if cut > a:
+        b = cut
+    if text[a:b].strip():
+      out.append((a, b))
+    a = b
+  return out
+
+
+class _TokenizePiece:
+  """Epoch position -> {tokens, doc_id, domain_id} of one piece of a document."""
+
+  def __init__(self, source: TextSource, tokenizer: TextTokenizer, table: np.ndarray) -> None:
+    self.source, self.tokenizer, self.table = source, tokenizer, table
+    self.domain_ids = {d: i for i, d in enumerate(source.domains)}
+
+  def __call__(self, position: int) -> dict[str, Any]:
+    piece, record, start, end = (int(v) for v in self.table[int(position)])
+    text, domain = self.source.document(record)
+    return {
+      "tokens": self.tokenizer.encode(text[start:end].strip()),
+      "doc_id": piece,
+      "domain_id": self.domain_ids.get(domain, -1),
+    }
+
+
+def domain_table(
+  source: TextSource, piece_chars: int, process_index: int, process_count: int
+) -> np.ndarray:
+  """One domain-balanced epoch of this process's records: rows (piece, record, start, end).
+
+  Every record of this process's shard is cut into pieces of at most
+  `piece_chars` characters (`text_pieces`); each domain's pieces are cycled
+  to the length of the largest domain's, and the domains interleaved round-robin,
+  so any run of D consecutive rows holds one piece of each of the D domains
+  and every piece appears at least once per epoch.
+  """
+  by_domain: dict[str, list[tuple[int, int, int, int]]] = {}
+  piece = 0
+  for record in range(process_index, len(source), process_count):
+    text, domain = source.document(record)
+    for start, end in text_pieces(text, piece_chars):
+      by_domain.setdefault(domain, []).append((piece, record, start, end))
+      piece += 1
+  if not by_domain:
+    raise DataError(f"split {source.split!r} of {source.name} has no text for this process")
+  length = max(len(v) for v in by_domain.values())
+  cols = [np.resize(np.asarray(by_domain[d], np.int64), (length, 4)) for d in sorted(by_domain)]
+  return np.stack(cols, axis=1).reshape(-1, 4)  # round-robin: row i*D + d is domain d
+
+
 def document_stream(
   source: TextSource,
   tokenizer: TextTokenizer,
@@ -55,20 +121,33 @@ def document_stream(
   num_epochs: int | None,
   process_index: int,
   process_count: int,
+  mix: str = DOCUMENTS,
+  piece_chars: int = 0,
 ) -> grain.MapDataset:
-  """This process's tokenized documents, in order: every process_count-th record, shuffled."""
+  """This process's tokenized documents, in order: every process_count-th record, shuffled.
+
+  mix="domains": instead of whole documents, pieces of at most `piece_chars`
+  characters drawn with equal weight per domain (`domain_table`), so a few
+  long documents or one large domain cannot fill the batches a fit sees.
+  """
   n = len(source)
   if n < process_count:
     raise DataError(
       f"split {source.split!r} of {source.name} has {n} documents, fewer than the "
       f"{process_count} processes reading it; use more data or fewer processes"
     )
-  ds = grain.MapDataset.range(n)[process_index::process_count]
+  if mix == DOMAINS:
+    table = domain_table(source, piece_chars, process_index, process_count)
+    ds = grain.MapDataset.range(len(table))
+    fn: Any = _TokenizePiece(source, tokenizer, table)
+  else:
+    ds = grain.MapDataset.range(n)[process_index::process_count]
+    fn = _Tokenize(source, tokenizer)
   if shuffle:
     ds = ds.shuffle(seed=seed)  # grain reseeds the permutation every epoch of a repeat
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  return ds.map(_Tokenize(source, tokenizer))
+  return ds.map(fn)
 
 
 def batch_sharding(mesh: Mesh, batch_axes: str | Sequence[str], ndim: int) -> NamedSharding:
@@ -106,6 +185,8 @@ class DataIterator(grain.DatasetIterator):
     process_count: int | None = None,
     prefetch: int = 0,
     num_batches: int | None = None,
+    mix: str = DOCUMENTS,
+    piece_chars: int = 0,
   ) -> None:
     super().__init__()
     pi = jax.process_index() if process_index is None else process_index
@@ -125,6 +206,13 @@ class DataIterator(grain.DatasetIterator):
       raise DataError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
     if num_batches is not None and num_batches < 0:
       raise DataError(f"num_batches must be None or >= 0, got {num_batches}")
+    if mix not in (DOCUMENTS, DOMAINS):
+      raise DataError(f"mix must be {DOCUMENTS!r} or {DOMAINS!r}, got {mix!r}")
+    if mix == DOMAINS and (mode != PACK or piece_chars < 1):
+      raise DataError(
+        f"mix {DOMAINS!r} packs pieces of documents: it needs mode {PACK!r} and "
+        f"piece_chars >= 1, got mode {mode!r} and piece_chars {piece_chars}"
+      )
     if mesh is not None:
       axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
       missing = [a for a in axes if a not in mesh.axis_names]
@@ -149,6 +237,8 @@ class DataIterator(grain.DatasetIterator):
       num_epochs=num_epochs,
       process_index=pi,
       process_count=pc,
+      mix=mix,
+      piece_chars=piece_chars,
     )
     # All that must match between saving and restoring a state: anything else
     # would silently continue a different stream.
@@ -166,6 +256,8 @@ class DataIterator(grain.DatasetIterator):
       "num_documents": len(source),
       "num_batches": num_batches,
     }
+    if mix != DOCUMENTS:  # only when set: states saved before the option still restore
+      self._layout.update(mix=mix, piece_chars=piece_chars)
     batches: grain.IterDataset = TokenBatches(self._docs, seq_len, self.local_batch_size, mode)
     if prefetch > 0:
       batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
@@ -283,7 +375,8 @@ def make_iterator(
   num_batches: int | None = None,
 ) -> DataIterator:
   """A DataIterator over `split` (default `cfg.train_split`) of the dataset `cfg` names."""
-  source = open_split(cfg, split or cfg.train_split, base_dir, prepare_if_missing)
+  split_name = split or cfg.train_split
+  source = open_split(cfg, split_name, base_dir, prepare_if_missing)
   tok = tokenizer or load_text_tokenizer(cfg.tokenizer, cfg.add_bos, cfg.add_eos)
   return DataIterator(
     source,
@@ -300,6 +393,10 @@ def make_iterator(
     process_count=process_count,
     prefetch=cfg.prefetch,
     num_batches=num_batches,
+    # The training split's packed stream follows data.train_mix (fits, SGD steps
+    # and calibration all read it); evaluation and other splits see documents.
+    mix=cfg.train_mix if (split_name == cfg.train_split and mode == PACK) else DOCUMENTS,
+    piece_chars=cfg.piece_chars,
   )
 
 

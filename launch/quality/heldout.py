@@ -46,6 +46,9 @@ def build_heldout(argv: Sequence[str]) -> int:
     "--source", required=True, help="'split' (the config's eval split) or a text/JSONL file"
   )
   p.add_argument("--domain", default="", help="domain of every document of --source FILE")
+  p.add_argument(
+    "--only-domain", default="", help="keep only the documents of this domain (e.g. of a split)"
+  )
   p.add_argument("--out", required=True, help="output .jsonl (manifest: same name, .json)")
   p.add_argument("--max-tokens", type=int, required=True)
   p.add_argument("--doc-tokens", type=int, required=True)
@@ -79,6 +82,12 @@ def build_heldout(argv: Sequence[str]) -> int:
       for d in sources.read_documents(f, fcfg, stats)
     ]
     desc = rel(a.source)
+  if a.only_domain:
+    found = sorted({d for _, d, _ in docs})
+    docs = [x for x in docs if x[1] == a.only_domain]
+    if not docs:
+      raise SystemExit(f"--only-domain {a.only_domain!r}: {desc} has domains {found}")
+    desc += f", domain {a.only_domain!r}"
   by_domain: dict[str, list[tuple[str, str]]] = {}
   for text, domain, source in docs:
     by_domain.setdefault(domain, []).append((text, source))
