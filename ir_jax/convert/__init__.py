@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from ir_jax import checkpoint, forecast
-from ir_jax.config import LlamaConfig
+from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.convert import mapping
 from ir_jax.convert.sources import GGUFSource, HFSource, Source, WeightImportError
 from ir_jax.model import abstract_model
@@ -131,6 +131,12 @@ def import_weights(
 ) -> str:
   """Converts a HF directory or GGUF file into an ir_jax checkpoint directory
   (`progress` as in `read_params`; `log` gets a line per later phase)."""
+  if jax.process_count() > 1:
+    raise ConfigError(
+      f"importing {src} needs one process, this is process {jax.process_index()} of "
+      f"{jax.process_count()}; run python -m ir_jax.convert import on one host, then copy "
+      "the checkpoint where every host reads it"
+    )
   overrides = {"param_dtype": param_dtype} if param_dtype else {}
   source = open_source(src, fmt, **overrides)
   cfg = source.config

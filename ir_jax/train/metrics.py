@@ -23,7 +23,8 @@ class MetricWriter:
   """Writes one record per call to `workdir/metrics.jsonl` (+ TensorBoard) on process 0.
 
   Records of a resumed run are appended; a reader keeps the last record of each
-  (stage, step) pair, since steps after the last checkpoint are trained again.
+  (stage, step) pair, since steps after the last checkpoint are trained again. Each
+  record is fsynced as it is written (one per log step).
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True) -> None:
@@ -54,6 +55,9 @@ class MetricWriter:
       rec[k] = v if math.isfinite(v) else str(v)
     self._jsonl.write(json.dumps(rec) + "\n")
     self._jsonl.flush()
+    # On disk now, not only in the page cache: a host lost right after a log step keeps
+    # its records, and a gcsfuse mount uploads the file on fsync (not on flush).
+    os.fsync(self._jsonl.fileno())
     if self._tb is not None:
       for k, v in values.items():
         if math.isfinite(float(v)):

@@ -12,6 +12,8 @@ Workdir layout:
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import time
 from typing import Any
 
@@ -64,10 +66,51 @@ def read_run(workdir: str) -> dict[str, Any] | None:
   return meta
 
 
+def check_renames(workdir: str) -> None:
+  """Refuses (ConfigError) a workdir whose filesystem cannot rename a directory.
+
+  Orbax commits a checkpoint step by renaming its temporary directory to `<N>`. A
+  gcsfuse mount of a flat bucket refuses that unless mounted with --rename-dir-limit (a
+  bucket with hierarchical namespace renames folders natively), and the run would
+  train up to its first checkpoint before failing. So a directory with a file in a
+  subdirectory is created in the workdir (or its nearest existing parent), renamed and
+  removed. Where the probe cannot even be created nothing is said: the run's own writes
+  report that.
+  """
+  base = os.path.abspath(workdir)
+  while not os.path.isdir(base):
+    parent = os.path.dirname(base)
+    if parent == base:
+      return
+    base = parent
+  probe = os.path.join(base, f".ir_jax_rename_probe.{socket.gethostname()}.{os.getpid()}")
+  try:
+    os.makedirs(os.path.join(probe, "a", "d"))
+    with open(os.path.join(probe, "a", "d", "f"), "w", encoding="utf-8") as f:
+      f.write("x")
+  except OSError:
+    shutil.rmtree(probe, ignore_errors=True)
+    return
+  try:
+    os.rename(os.path.join(probe, "a"), os.path.join(probe, "b"))
+  except OSError as e:
+    raise ConfigError(
+      f"--workdir {workdir}: its filesystem cannot rename a directory ({e.strerror or e}), "
+      "which every checkpoint commit needs; on a gcsfuse mount use a bucket with "
+      "hierarchical namespace or mount with --rename-dir-limit=200000 (docs/scaling.md)"
+    ) from None
+  finally:
+    shutil.rmtree(probe, ignore_errors=True)
+
+
 def check_workdir(workdir: str, s: Settings) -> dict[str, Any] | None:
-  """The existing run.json, after checking it trains the same model; None if fresh."""
+  """The existing run.json, after checking it trains the same model; None if fresh.
+
+  Also refuses a workdir on a filesystem that cannot commit orbax checkpoints
+  (`check_renames`)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir {workdir} exists and is not a directory")
+  check_renames(workdir)
   meta = read_run(workdir)
   if meta is None:
     if os.path.isdir(workdir) and os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -109,7 +152,8 @@ def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
   """Where the base weights come from: {"kind": "checkpoint", "path"} or {"kind": "random"}.
 
   A GGUF file or HF directory in model.checkpoint is imported once into
-  `workdir/base` (process 0; the others wait).
+  `workdir/base` by a single-process run; a multi-process job refuses to (ConfigError,
+  saying how to import it beforehand) unless `workdir/base` is already there.
   """
   if s.train.init_from:
     other = read_run(s.train.init_from)
@@ -138,6 +182,13 @@ def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
     return {"kind": "checkpoint", "path": os.path.abspath(src)}
   base = os.path.join(workdir, "base")
   if not model_ckpt.is_checkpoint(base):
+    if jax.process_count() > 1:
+      raise ConfigError(
+        f"model.checkpoint {src} is a HuggingFace directory or GGUF file, which a "
+        f"multi-process job does not import ({jax.process_count()} processes); import it once, "
+        f"in one process: python -m ir_jax.convert import {src} --out DIR, copy DIR where "
+        "every host reads it (the bucket), and set model.checkpoint=DIR (docs/scaling.md)"
+      )
     if jax.process_index() == 0:
       from ir_jax.convert import import_weights
 
@@ -145,7 +196,6 @@ def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
       log(f"importing base weights {src} -> {base} ...")
       import_weights(src, base, param_dtype=s.model.param_dtype, overwrite=True)
       log(f"imported in {time.time() - t0:.1f}s")
-    barrier("import")
   return {"kind": "checkpoint", "path": os.path.abspath(base)}
 
 
