@@ -1,4 +1,6 @@
-"""`python -m ir_jax.data {prepare,inspect} --config configs/X.py`: prepare and look at data."""
+"""`python -m ir_jax.data {prepare,inspect} --config configs/X.py`: prepare and look at data;
+`python -m ir_jax.data c4 --src SHARDS --out DIR`: the C4 release's json.gz shards -> a
+prepared dataset (ir_jax.data.c4)."""
 
 from __future__ import annotations
 
@@ -110,6 +112,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_c4(args: argparse.Namespace) -> int:
+  from ir_jax.data.c4 import prepare_c4
+
+  t0 = time.time()
+  path = prepare_c4(args.src, args.out, validation_fraction=args.validation_fraction)
+  print(f"done in {time.time() - t0:.1f}s: {path}")
+  print(f"train on it with --config.data.name={path} (or a copy of it: the whole directory)")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
     prog=PROG,
@@ -157,6 +169,30 @@ def main(argv: list[str] | None = None) -> int:
   )
   sp.add_argument("--batches", type=int, default=4, help="batches to read (default 4)")
   sp.set_defaults(fn=cmd_inspect)
+  sp = sub.add_parser(
+    "c4",
+    help="C4 release shards (*.json.gz) -> a prepared dataset for data.name",
+    description="Decompress C4 shards as the public release ships them (gzipped JSON "
+    'lines {"text", "timestamp", "url"}, e.g. en/c4-train.00000-of-01024.json.gz) to '
+    "OUT/jsonl, prepare them as array_record under OUT/tfds (train/validation split "
+    "by text hash) and print the directory to pass as data.name. Rerunning resumes. "
+    "Nothing is downloaded: fetch the shards first.",
+  )
+  sp.add_argument(
+    "--src",
+    required=True,
+    action="append",
+    metavar="PATH",
+    help="a shard, a directory of shards or a glob (quote it); repeatable",
+  )
+  sp.add_argument("--out", required=True, metavar="DIR", help="output directory")
+  sp.add_argument(
+    "--validation-fraction",
+    type=float,
+    default=0.05,
+    help="share of documents (by text hash) in the validation split (default 0.05)",
+  )
+  sp.set_defaults(fn=cmd_c4)
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--set" in argv or any(a.startswith("--set=") for a in argv):
     raise ConfigError(
@@ -166,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
   rest, overrides = config_file.split_overrides(argv)
   args = p.parse_args(rest)
   args.overrides = overrides
-  if args.show_config:
+  if getattr(args, "show_config", False):
     cfg = load_config(args.config, overrides)
     print(f"config fields of {args.config} (override with --config.SECTION.FIELD=V):")
     print("\n".join(config_file.config_lines(cfg)))
