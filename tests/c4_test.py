@@ -132,3 +132,14 @@ def test_cli_without_shards_is_one_line(tmp_path):
   assert out.returncode == 2, out.stderr
   assert out.stderr.startswith(f"python -m ir_jax.data: error: --src {tmp_path / 'none'}: no ")
   assert len(out.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o")
+
+
+def test_bucket_paths_are_refused(tmp_path):
+  from ir_jax.config import ConfigError
+  from ir_jax.data.c4 import prepare_c4
+
+  with pytest.raises(ConfigError, match="--out gs://b/c4: URL paths are not read directly"):
+    prepare_c4([str(tmp_path)], "gs://b/c4")
+  with pytest.raises(ConfigError, match="--src gs://b/en/x.json.gz: URL paths"):
+    prepare_c4(["gs://b/en/x.json.gz"], str(tmp_path / "o"))
+  assert os.listdir(tmp_path) == []

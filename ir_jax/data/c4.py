@@ -33,6 +33,7 @@ import os
 import zlib
 from typing import Callable
 
+from ir_jax.config import refuse_remote
 from ir_jax.data.config import LOCAL, DataConfig, DataError, FileSpec
 
 SUFFIX = ".json.gz"
@@ -107,6 +108,9 @@ def prepare_c4(
   returns the prepared dataset directory (the value for data.name)."""
   from ir_jax.data.builder import prepare
 
+  for s in src:
+    refuse_remote("--src", s)
+  refuse_remote("--out", out)
   files = shards(src)
   jsonl = os.path.join(os.path.abspath(out), "jsonl")
   os.makedirs(jsonl, exist_ok=True)
