@@ -22,13 +22,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from launchers_test import BASH, SLURM, TPU, TPU_ENV, _commands, _dry_run  # noqa: E402
+from launchers_test import BASH, SLURM, TPU, TPU_ENV, _commands, _dry_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
