@@ -119,6 +119,7 @@ def test_broken_shards_are_one_line_errors(tmp_path):
   assert os.listdir(tmp_path / "o2" / "jsonl") == []
 
 
+@pytest.mark.slow  # a fresh interpreter (jax import)
 def test_cli_without_shards_is_one_line(tmp_path):
   out = subprocess.run(
     [sys.executable, "-m", "ir_jax.data", "c4", "--src", str(tmp_path / "none"), "--out", "o"],

@@ -16,7 +16,10 @@ import signal
 import subprocess
 import time
 
+import pytest
 from launchers_test import BASH, SLURM
+
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "srun $*" >> "$EVENTS"

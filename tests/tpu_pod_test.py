@@ -27,6 +27,8 @@ import time
 import pytest
 from launchers_test import BASH, SLURM, TPU, TPU_ENV, _commands, _dry_run
 
+pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
