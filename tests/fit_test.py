@@ -240,3 +240,30 @@ def test_unit_damage_probes_approximate_the_probed_unit_only():
   assert damage.shape == (CFG.num_layers, 2) and scores.shape[:2] == (CFG.num_layers, 2)
   # Approximating half of a unit's tokens with a random forecaster changes the loss.
   assert np.abs(damage).min() > 1e-6, damage
+
+
+def test_linear_router_warm_start_scores_equal_the_hidden_routers():
+  """The warm start is a linear fit: a linear router (router_hidden=0, 2d FLOPs per
+  token) scores every token as the hidden-layer router carrying that fit does."""
+  import dataclasses
+
+  hid = make_model(lff_std=1e-3)
+  lin = make_model(dataclasses.replace(CFG, router_hidden=0), lff_std=1e-3)
+  # Same seed, same decoder; the closed-form forecasters then fit the same too.
+  for a, b in zip(jax.tree.leaves(nnx.state(hid.layers)), jax.tree.leaves(nnx.state(lin.layers))):
+    np.testing.assert_array_equal(a, b)
+  batches = [_batch(4, 32, s) for s in range(3)]
+  fit.set_forecasters(hid, fit.forecaster_moments(hid, batches), ridge=1e-2)
+  fit.set_forecasters(lin, fit.forecaster_moments(lin, batches), ridge=1e-2)
+  r2_h = fit.set_routers(hid, fit.router_moments(hid, batches), ridge=1e-2)
+  r2_l = fit.set_routers(lin, fit.router_moments(lin, batches), ridge=1e-2)
+  np.testing.assert_allclose(r2_l, r2_h, rtol=1e-5)
+  n = np.random.RandomState(3).randn(50, CFG.hidden_size)
+  for u in range(2):
+    h, w = hid.routing.router(u), lin.routing.router(u)
+    assert w.w2.shape == (CFG.num_layers, CFG.hidden_size)  # linear: one weight per input
+    for l in range(CFG.num_layers):
+      p = lambda v: np.asarray(v[...][l], np.float64)  # noqa: E731
+      hidden = np.maximum(n @ p(h.w1) + p(h.b1), 0.0) @ p(h.w2) + p(h.b2)[0]
+      linear = n @ p(w.w2) + p(w.b2)[0]
+      np.testing.assert_allclose(linear, hidden, rtol=1e-4, atol=1e-3 * np.abs(hidden).max())
