@@ -148,7 +148,10 @@ def report(a: argparse.Namespace) -> None:
   """docs/results_flops.{json,md,png} from the eval JSONs present."""
   runs = Path(a.runs)
   rows = []
-  commit = git_info(str(ROOT))
+  # The checkout the runs were made in (a pinned worktree), else this one.
+  commit = git_info(str(runs.resolve())) if runs.is_dir() else {}
+  if not commit.get("commit"):
+    commit = git_info(str(ROOT))
   for name in SETS:
     for js in sorted((runs / "eval" / name).glob("*.json")):
       arm = js.stem
@@ -174,6 +177,7 @@ def report(a: argparse.Namespace) -> None:
             "realized_sparsity": r["realized_sparsity"],
             "tokens": r["tokens"],
             "documents": len(res["documents"]),
+            "commit": commit.get("commit", "?") + ("+dirty" if commit.get("dirty") else ""),
           }
         )
   seen, uniq = set(), []
@@ -189,6 +193,11 @@ def report(a: argparse.Namespace) -> None:
     {"generated_by": "launch/budget_table.py", "commit": commit, "rows": rows},
     indent=1,
   )
+  # The same rows in docs/results.json (launch/quality_table.py keeps this key).
+  main_json = docs / "results.json"
+  merged = json.loads(main_json.read_text()) if main_json.is_file() else {}
+  merged["flops_records"] = rows
+  write_json(str(main_json), merged, indent=1)
   _plot(rows, docs / "results_flops.png")
   _markdown(rows, commit, docs / "results_flops.md", a)
   print(f"wrote docs/results_flops.json, .md, .png ({len(rows)} rows)")

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import shlex
 import signal
@@ -228,7 +229,7 @@ def run_all(opts: Options, command: str) -> int:
     signal.signal(signal.SIGTERM, old_term)
   results = collect(opts.runs)
   path = os.path.join(opts.docs, "results.json")
-  write_json(path, results)
+  write_json(path, _keep_flops_records(path, results))
   written = write_report(path, opts.docs)
   print(
     f"{PROG}: all steps complete in {hms(time.time() - t0)}; wrote "
@@ -236,6 +237,16 @@ def run_all(opts: Options, command: str) -> int:
     flush=True,
   )
   return 0
+
+
+def _keep_flops_records(path: str, results: dict[str, Any]) -> dict[str, Any]:
+  """results.json's compute-matched rows belong to launch/budget_table.py: keep them."""
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    if isinstance(old, dict) and "flops_records" in old:
+      results = {**results, "flops_records": old["flops_records"]}
+  return results
 
 
 # ------------------------------------------------------------------ main
@@ -254,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.report_only:
     path = os.path.join(opts.docs, "results.json")
     if os.path.isfile(os.path.join(opts.runs, "plan.json")):
-      write_json(path, collect(opts.runs))
+      write_json(path, _keep_flops_records(path, collect(opts.runs)))
     elif not os.path.isfile(path):
       raise SystemExit(f"{PROG}: error: neither {rel(opts.runs)}/plan.json nor {rel(path)}")
     written = write_report(path, opts.docs)
