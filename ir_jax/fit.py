@@ -40,6 +40,7 @@ from flax import nnx
 from ir_jax.distributed import host_array
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
+from ir_jax.progress import counter, doing
 from ir_jax.routing import RoutingSpec, sink_mask
 from ir_jax.train.steps import lm_loss
 
@@ -170,12 +171,15 @@ def error_curves(
   """(router scores, relative approximation errors |Unit(n) - LFF(n)|^2 / |x|^2, LFF = 0 when
   `greedy`), `[L, 2, n]` over the n ordinary tokens of `batches` in the dense model."""
   scores, errs = [], []
-  for b in batches:
+  bar = counter("  error curves", len(batches), unit="batches")
+  for i, b in enumerate(batches):
     b = {k: jnp.asarray(v) for k, v in b.items()}
-    out = _error_curves(model, b, greedy)
-    keep = host_array(_ordinary(b)).reshape(-1) > 0  # global rows, as the outputs
-    scores.append(host_array(out["score"])[..., keep])
-    errs.append(host_array(out["rel_err"])[..., keep])
+    with doing("compiling the error-curve pass" if i == 0 else "measuring error curves"):
+      out = _error_curves(model, b, greedy)
+      keep = host_array(_ordinary(b)).reshape(-1) > 0  # global rows, as the outputs
+      scores.append(host_array(out["score"])[..., keep])
+      errs.append(host_array(out["rel_err"])[..., keep])
+    bar(i + 1)
   return np.concatenate(scores, -1), np.concatenate(errs, -1)
 
 
@@ -256,8 +260,11 @@ def _accumulate(
 ) -> dict[str, np.ndarray]:
   total = None
   for i, batch in enumerate(batches):
-    out = fn(model, {k: jnp.asarray(v) for k, v in batch.items()})
-    total = out if total is None else jax.tree.map(jnp.add, total, out)
+    with doing("compiling the statistics pass" if i == 0 else "gathering statistics"):
+      out = fn(model, {k: jnp.asarray(v) for k, v in batch.items()})
+      total = out if total is None else jax.tree.map(jnp.add, total, out)
+      if i == 0:  # the first batch's wait (compile and run) belongs to this label
+        jax.block_until_ready(total)
     if progress is not None:
       progress(i + 1)
   if total is None:
@@ -374,13 +381,15 @@ def _set(var: nnx.Variable, value: np.ndarray) -> None:
 def set_forecasters(model: Llama, moments: dict[str, np.ndarray], ridge: float) -> None:
   """Writes the reduced-rank ridge fit of every unit into the model's forecasters."""
   num_layers = moments["count"].shape[0]
-  per = [
-    [
-      solve_forecaster({k: v[l, u] for k, v in moments.items()}, model.config.lff_rank, ridge)
-      for u in range(len(UNITS))
-    ]
-    for l in range(num_layers)
-  ]
+  n_units = num_layers * len(UNITS)
+  bar = counter("  forecaster ridge solves", n_units, unit="units")
+  per: list[list[dict[str, np.ndarray]]] = [[] for _ in range(num_layers)]
+  with doing("solving the forecasters' ridge regressions"):
+    for j in range(n_units):
+      l, u = divmod(j, len(UNITS))
+      m = {k: v[l, u] for k, v in moments.items()}
+      per[l].append(solve_forecaster(m, model.config.lff_rank, ridge))
+      bar(j + 1)
   for u in range(len(UNITS)):
     lff = model.routing.forecaster(u)
     for name in ("w1", "b1", "w2", "b2"):
@@ -396,6 +405,7 @@ def set_routers(model: Llama, moments: dict[str, np.ndarray], ridge: float) -> n
   """
   num_layers = moments["count"].shape[0]
   r2 = np.zeros((num_layers, len(UNITS)))
+  bar = counter("  router ridge solves", num_layers * len(UNITS), unit="units")
   for u in range(len(UNITS)):
     router = model.routing.router(u)
     hidden = router.hidden
@@ -406,6 +416,7 @@ def set_routers(model: Llama, moments: dict[str, np.ndarray], ridge: float) -> n
       b1 = np.array(host_array(router.b1[...]), np.float64)
     for l in range(num_layers):
       fit = solve_router({k: v[l, u] for k, v in moments.items()}, ridge)
+      bar(u * num_layers + l + 1)
       r2[l, u] = fit["r2"]
       alpha = SCORE_SCALE / fit["std"]
       if hidden:
@@ -450,9 +461,10 @@ def unit_scores(
   try:
     _set(thr_var, np.full(saved.shape, -np.inf, np.float32))  # every token executes
     base, scores = [], []
-    for b in batches:
+    for i, b in enumerate(batches):
       b = {k: jnp.asarray(v) for k, v in b.items()}
-      nll, batch_scores = _routed_nll(model, b, _causal_all(greedy))
+      with doing("compiling the routed loss pass" if i == 0 else "scoring tokens"):
+        nll, batch_scores = _routed_nll(model, b, _causal_all(greedy))
       base.append(float(host_array(nll)))
       scores.append(host_array(batch_scores)[:, :, host_array(_ordinary(b)) > 0])
   finally:

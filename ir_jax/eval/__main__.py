@@ -32,7 +32,7 @@ from ir_jax.errors import cli_main
 from ir_jax.eval import estimators as es
 from ir_jax.eval import shift
 from ir_jax.files import write_json
-from ir_jax.progress import Progress
+from ir_jax.progress import Heartbeat, Progress, doing
 
 PROG = "ir_jax.eval"
 DEFAULT_POLICIES = "informed,greedy,random,oracle,dense"
@@ -161,6 +161,12 @@ def _data_section(args: argparse.Namespace, model_path: str) -> tuple[DataConfig
 
 
 def main(argv: list[str] | None = None) -> int:
+  # "  ... WHAT (Ns so far)" whenever the output has been quiet for 8 s (ir_jax.progress)
+  with Heartbeat():
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
   p = argparse.ArgumentParser(
     prog="python -m ir_jax.eval",
     description="Held-out perplexity of a routed model for every policy x sparsity x routing "
@@ -312,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     data_desc = f"{args.data} split {dcfg.eval_split!r}"
   else:
     raise FileNotFoundError(f"--data {args.data}: matches no file")
-  docs = ev.tokenize_documents(texts, tok, args.max_documents)
+  with doing(f"reading and tokenizing {data_desc}"):
+    docs = ev.tokenize_documents(texts, tok, args.max_documents)
   if not docs:
     raise DataError(f"--data {data_desc}: no documents")
   for text, mix in zip(args.target_mix, mixes):  # refused now, not after the evaluation
@@ -376,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
   from ir_jax.api import load_model
 
   t0 = time.time()
-  model = load_model(model_path)
+  print(f"loading {model_path} ...", flush=True)
+  with doing(f"loading {model_path}"):
+    model = load_model(model_path)
   c = model.config
   n_tok = sum(len(d.tokens) for d in docs)
   print(

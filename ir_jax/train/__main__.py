@@ -7,6 +7,7 @@ detected, and launch/ for the TPU pod, SLURM and local launchers.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ir_jax import absl_cli
+from ir_jax.progress import Heartbeat, doing
 
 if TYPE_CHECKING:
   from ir_jax.train.config import Settings
@@ -48,15 +50,73 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 PROG = "ir_jax.train"
+# "  ... WHAT (Ns so far)" whenever the output has been quiet for 8 s (ir_jax.progress)
+_HEARTBEAT = Heartbeat()
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped after a checkpoint; rerun to resume
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing: --help exits 0 (with --config FILE: every field); one-line errors."""
-  return absl_cli.parse_flags(argv, PROG, __doc__)
+  """absl flag parsing: --help exits 0 (with --config FILE: every field); one-line errors.
+
+  A --workdir that cannot be a directory is refused first, before the config file
+  imports JAX (seconds); a heartbeat starts here too, so that no stretch of the run,
+  the imports included, is silent for long."""
+  if not any(a in absl_cli.HELP_FLAGS for a in argv[1:]):
+    problem = workdir_problem(_flag_value(argv, "workdir"))
+    if problem:
+      print(f"{PROG}: error: {problem}", file=sys.stderr)
+      sys.exit(2)
+    _HEARTBEAT.start()
+  with doing("importing JAX and reading the config"):
+    return absl_cli.parse_flags(argv, PROG, __doc__)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The last value of `--name` in argv (`--name=V` or `--name V`), as absl takes it."""
+  value = None
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith(f"--{name}="):
+      value = a.split("=", 1)[1]
+    elif a == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def workdir_problem(path: str | None) -> str | None:
+  """Why `path` cannot be (or become) a run directory, in one line; None when it can.
+
+  Checked with the standard library alone: an existing non-directory, a file among
+  its parents, or a first existing parent that is not writable. Remote paths are left
+  to the later check that names the route that works."""
+  if not path or "://" in path:
+    return None
+  full = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(full) and not os.path.isdir(full):
+    return f"--workdir {path}: exists and is not a directory; give a directory"
+  parent = full
+  while not os.path.exists(parent):
+    up = os.path.dirname(parent)
+    if up == parent:
+      return None
+    parent = up
+  if not os.path.isdir(parent):
+    return (
+      f"--workdir {path}: {parent} is a file, so no directory can be made under it; "
+      "choose a workdir under a directory"
+    )
+  if parent != full and not os.access(parent, os.W_OK | os.X_OK):
+    return f"--workdir {path}: cannot create it, {parent} is not writable"
+  return None
 
 
 def main(argv: list[str]) -> None:
+  try:
+    _main(argv)
+  finally:
+    _HEARTBEAT.stop()
+
+
+def _main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.* flag")
@@ -109,6 +169,8 @@ def _start_processes(settings: Settings) -> None:
     sys.exit(1)
   if not plan.distributed or jax.process_count() == 1:
     return
+  if jax.process_index() != 0:  # process 0 speaks for the job
+    _HEARTBEAT.stop()
   print(
     f"{PROG}: process {jax.process_index()} of {jax.process_count()} ({plan.reason}), "
     f"{jax.local_device_count()} local / {jax.device_count()} global devices",

@@ -21,6 +21,7 @@ from ir_jax.data import pipeline
 from ir_jax.data.packing import PACK
 from ir_jax.distributed import host_array
 from ir_jax.model import Llama
+from ir_jax.progress import doing
 from ir_jax.routing import RoutingSpec, calibrate_thresholds, trained_spec
 from ir_jax.train.config import Settings
 from ir_jax.train.init import forecaster_report
@@ -60,6 +61,21 @@ def report_forecasters(
 ) -> None:
   """Held-out fit of the forecasters on a few eval batches: forecasters.json and a
   `forecaster_heldout` metrics record."""
+  n = min(4, s.train.eval_batches)
+  log(f"[forecaster] measuring the forecasts' held-out fit on {n} batch(es) ...")
+  with doing("[forecaster] measuring the held-out fit"):
+    _report_forecasters(s, model, mesh, workdir, writer, step, n)
+
+
+def _report_forecasters(
+  s: Settings,
+  model: Llama,
+  mesh: jax.sharding.Mesh,
+  workdir: str,
+  writer: MetricWriter,
+  step: int,
+  n: int,
+) -> None:
   held = pipeline.make_iterator(
     s.data,
     s.data.eval_split,
@@ -68,7 +84,7 @@ def report_forecasters(
     num_epochs=1,
     mesh=mesh,
     batch_axes=sh.BATCH_AXES,
-    num_batches=min(4, s.train.eval_batches),
+    num_batches=n,
     prepare_if_missing=True,
   )
   try:
@@ -86,7 +102,10 @@ def calibrate_router(
   """Calibrates `model`'s causal-mode thresholds in place on the next `num_batches`
   training batches, packed as evaluation sees them (tokens, positions and segment ids,
   gathered whole on every process, so all calibrate alike)."""
-  log(f"[router] calibrating causal-mode thresholds on {num_batches} batches ...")
+  log(
+    f"[router] calibrating causal-mode thresholds on {num_batches} batch(es) (a top-k pass, "
+    "then causal passes, routed as decoding routes) ..."
+  )
   from jax.experimental import multihost_utils
 
   gather = lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
@@ -95,4 +114,5 @@ def calibrate_router(
     b = next(it)
     cal.append({k: gather(b[k]) for k in ("inputs", "positions", "segment_ids")})
   seq_len = s.stage_data("router").seq_len
-  calibrate_thresholds(model, cal, trained_spec(model, s.routing.inference(), seq_len=seq_len))
+  with doing("[router] calibrating causal-mode thresholds"):
+    calibrate_thresholds(model, cal, trained_spec(model, s.routing.inference(), seq_len=seq_len))

@@ -27,6 +27,7 @@ from ir_jax import sharding as sh
 from ir_jax.config import ConfigError
 from ir_jax.data import pipeline
 from ir_jax.files import write_json
+from ir_jax.progress import doing
 from ir_jax.routing import model_table
 from ir_jax.train import checkpoints, report, rundir, steps
 from ir_jax.train.config import Settings
@@ -163,9 +164,10 @@ def train_stage(
 
   def prepare() -> tuple[Any, Any]:
     if not lazy:
-      lazy["it"] = pipeline.train_iterator(
-        data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES, prepare_if_missing=True
-      )
+      with doing(f"[{stage}] opening the training data"):
+        lazy["it"] = pipeline.train_iterator(
+          data_cfg, mesh=mesh, batch_axes=sh.BATCH_AXES, prepare_if_missing=True
+        )
       lazy["built"] = jit_stage_step(s, stage, graphdef, trainable, model_state.shardings, mesh)
     return lazy["it"], lazy["built"]
 
@@ -198,7 +200,10 @@ def train_stage(
   on_disk = list(mgr.all_steps())
   try:
     check_same_steps(on_disk, sdir)  # so that every process restores the same step
-    found = checkpoints.restore_whole(mgr, sdir, restore, quarantine=True)
+    if on_disk:
+      log(f"[{stage}] restoring its newest checkpoint from {sdir} ...")
+    with doing(f"[{stage}] restoring its checkpoint"):
+      found = checkpoints.restore_whole(mgr, sdir, restore, quarantine=True)
   except BaseException:
     if lazy:
       lazy["it"].close()
@@ -244,7 +249,8 @@ def train_stage(
     log(f"[{stage}] resumed from batch {latest} ({time.time() - t0:.1f}s)")
   elif row.fit is not None and getattr(stage_cfg, "init", "none") == "fit":
     model = nnx.merge(graphdef, trainable, frozen)
-    fit_info = row.fit(s, stage_cfg, model, it)
+    with doing(f"[{stage}] closed-form start"):
+      fit_info = row.fit(s, stage_cfg, model, it)
     writer.write(stage, 0, fit_info)
     _, trainable, frozen = nnx.split(model, trainable_type, ...)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
@@ -305,14 +311,16 @@ def train_stage(
     nonlocal trainable, frozen
     if row.finish is not None:
       model = nnx.merge(graphdef, trainable, frozen)
-      row.finish(model, context(total))
+      with doing(f"[{stage}] finishing the stage"):
+        row.finish(model, context(total))
       _, trainable, frozen = nnx.split(model, trainable_type, ...)
       frozen = jax.device_put(frozen, fr_sh)
 
   if fitted:  # the fit is a resume point of its own (it took a pass over the data)
     if total == 0:
       finish()
-    save(0)
+    with doing(f"[{stage}] writing its checkpoint"):
+      save(0)
   t_last = time.time()
   n_last = start
   first_loss = last_loss = None
@@ -320,11 +328,15 @@ def train_stage(
   try:
     while step < total:
       batch = next(it)
-      trainable, opt_state, metrics = step_fn(
-        trainable, opt_state, frozen, batch, jnp.asarray(step, jnp.int32)
-      )
+      first = step == start
+      if first:  # compiling can take a minute on a large model; nothing to count
+        log(f"[{stage}] compiling the train step (the first step waits for it) ...")
+      with doing(f"[{stage}] compiling the train step" if first else f"[{stage}] training"):
+        trainable, opt_state, metrics = step_fn(
+          trainable, opt_state, frozen, batch, jnp.asarray(step, jnp.int32)
+        )
+        loss = float(metrics["loss"])
       step += 1
-      loss = float(metrics["loss"])
       if not math.isfinite(loss):
         last = mgr.latest_step()
         raise TrainingError(
@@ -354,7 +366,8 @@ def train_stage(
       if stop_now and step < total:
         record_pending()
         raise Preempted(stage, step)
-    record_pending()
+    with doing(f"[{stage}] writing its checkpoint"):
+      record_pending()
   except BaseException:
     it.close()
     with contextlib.suppress(Exception):  # a failed write raises again here; report the first
@@ -390,7 +403,8 @@ def run(
   mesh = sh.make_mesh(s.mesh, devices)  # ConfigError when it does not divide the devices
   check_batch(s, mesh)
   old = rundir.check_workdir(workdir, s)
-  base = rundir.resolve_base(s, workdir) if old is None else dict(old["base"])
+  with doing("importing the base weights"):
+    base = rundir.resolve_base(s, workdir) if old is None else dict(old["base"])
   rundir.check_data_ready(s)  # before the workdir exists: a refused run leaves nothing behind
   if jax.process_index() == 0 and old is None:
     rundir.write_run(workdir, s, base)
@@ -401,9 +415,12 @@ def run(
   )
 
   t0 = time.time()
-  model_state = init_state(s.model, mesh, base, s.train.seed)
+  log("loading the model state onto the mesh (base weights, forecasters, routers) ...")
+  with doing("loading the model state"):
+    model_state = init_state(s.model, mesh, base, s.train.seed)
   if s.train.init_from:
-    adopt_adapters(model_state, rundir.run_result(s.train.init_from, mesh))
+    with doing(f"reading {s.train.init_from}"):
+      adopt_adapters(model_state, rundir.run_result(s.train.init_from, mesh))
     log(f"initialised forecasters/routers/LoRA from {s.train.init_from}")
   log(f"model state ready in {time.time() - t0:.1f}s")
 
@@ -428,7 +445,8 @@ def run(
       f"of {s.data.batch_size} x {s.data.seq_len} tokens ..."
     )
     t_eval = time.time()
-    ev = evaluate(s, model_state, mesh, s.train.eval_batches)
+    with doing("evaluating held-out perplexity"):
+      ev = evaluate(s, model_state, mesh, s.train.eval_batches)
     ev["wall_s"] = round(time.time() - t_eval, 2)
     summary["eval"] = ev
     if jax.process_index() == 0:
@@ -459,6 +477,7 @@ def _closing(workdir: str, model_state: ModelState, ev: dict[str, Any] | None) -
   if jax.process_index() != 0:
     return
   table = model_table(nnx.merge(model_state.graphdef, model_state.state))
-  figure = report.write_summary_figure(workdir, None if table is None else np.asarray(table), ev)
+  with doing("drawing summary.png"):
+    figure = report.write_summary_figure(workdir, None if table is None else np.asarray(table), ev)
   for line in report.closing_lines(workdir, ev, figure):
     log(line)

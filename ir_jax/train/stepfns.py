@@ -22,6 +22,7 @@ from ir_jax.data.packing import PACK
 from ir_jax.distributed import host_array
 from ir_jax.eval.bootstrap import DocumentTally, ratio_interval
 from ir_jax.nll import perplexity
+from ir_jax.progress import counter, doing
 from ir_jax.routing import RoutingSpec, flops, trained_spec
 from ir_jax.train import steps
 from ir_jax.train.config import Settings
@@ -119,9 +120,14 @@ def evaluate(
     )
     nll, tokens, execs = 0.0, 0.0, []
     tally = DocumentTally()
+    bar = counter(f"  {name} pass", num_batches, unit="batches")
+    done = 0
     try:
-      for batch in it:
-        out = jax.device_get(fn(model_state.state, batch))
+      for i, batch in enumerate(it):
+        # the first batch waits for the compile: nothing to count until it is done
+        with doing(f"compiling the {name} evaluation" if i == 0 else f"evaluating {name}"):
+          out = jax.device_get(fn(model_state.state, batch))
+        bar(i + 1)
         tally.add(
           host_array(out["nll_BxT"]),
           host_array(batch["loss_mask"]),
@@ -131,6 +137,9 @@ def evaluate(
         tokens += float(out["tokens"])
         if "exec_rate" in out:
           execs.append(np.asarray(out["exec_rate"]) * float(out["tokens"]))
+        done = i + 1
+      if done < num_batches:  # the split ended first
+        bar(done, max(done, 1))
     finally:
       it.close()
     if not tokens:
