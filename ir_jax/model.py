@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ir_jax import forecast
+from ir_jax.attention import attention
 from ir_jax.config import LlamaConfig
 from ir_jax.sharding import constrain
 
@@ -135,16 +136,6 @@ class RMSNorm(nnx.Module):
     return (self.weight[...].astype(jnp.float32) * x).astype(self.dtype)
 
 
-def attention_mask(
-  q_index_BxS: Array, k_index_BxT: Array, q_segment_BxS: Array | None, k_segment_BxT: Array | None
-) -> Array:
-  """Causal (by original index) and same-segment mask `[B, S, T]`."""
-  mask = k_index_BxT[:, None, :] <= q_index_BxS[:, :, None]
-  if q_segment_BxS is not None:
-    mask &= q_segment_BxS[:, :, None] == k_segment_BxT[:, None, :]
-  return mask
-
-
 class Attention(nnx.Module):
   """Grouped-query attention, split so a router can feed queries for a subset."""
 
@@ -183,21 +174,27 @@ class Attention(nnx.Module):
     return apply_rope(q_BxSxHxK, positions_BxS, rope_inv_freq(self.config))
 
   def attend(
-    self, q_BxSxHxK: Array, k_BxTxNxK: Array, v_BxTxNxK: Array, mask_BxSxT: Array
+    self,
+    q_BxSxHxK: Array,
+    k_BxTxNxK: Array,
+    v_BxTxNxK: Array,
+    q_index_BxS: Array,
+    kv_index_BxT: Array,
+    q_segment_BxS: Array | None = None,
+    kv_segment_BxT: Array | None = None,
   ) -> Array:
-    """Softmax attention and the output projection; returns `[B, S, D]`."""
-    b, s, h, kd = q_BxSxHxK.shape
-    n = k_BxTxNxK.shape[2]
-    q_BxSxNxGxK = q_BxSxHxK.reshape(b, s, n, h // n, kd)
-    logits_BxNxGxSxT = jnp.einsum(
-      "bsngk,btnk->bngst", q_BxSxNxGxK, k_BxTxNxK, preferred_element_type=jnp.float32
+    """Softmax attention (causal by index, within segments; `ir_jax.attention`, which never
+    holds the `[S, T]` scores) and the output projection; returns `[B, S, D]`."""
+    o_BxSxHxK = attention(
+      q_BxSxHxK,
+      k_BxTxNxK,
+      v_BxTxNxK,
+      q_index_BxS,
+      kv_index_BxT,
+      q_segment_BxS,
+      kv_segment_BxT,
+      dtype=self.dtype,
     )
-    logits_BxNxGxSxT = logits_BxNxGxSxT / math.sqrt(kd)
-    big_neg = jnp.finfo(jnp.float32).min
-    logits_BxNxGxSxT = jnp.where(mask_BxSxT[:, None, None], logits_BxNxGxSxT, big_neg)
-    probs = jax.nn.softmax(logits_BxNxGxSxT, axis=-1).astype(self.dtype)
-    o_BxSxNxGxK = jnp.einsum("bngst,btnk->bsngk", probs, v_BxTxNxK)
-    o_BxSxHxK = o_BxSxNxGxK.reshape(b, s, h, kd)
     return jnp.einsum("bshk,hkd->bsd", o_BxSxHxK, self._w(self.o_proj))
 
   def __call__(
@@ -205,8 +202,7 @@ class Attention(nnx.Module):
   ) -> Array:
     k, v = self.keys_values(n_BxTxD, positions_BxT)
     q = self.queries(n_BxTxD, positions_BxT)
-    mask = attention_mask(index_BxT, index_BxT, segment_ids_BxT, segment_ids_BxT)
-    return self.attend(q, k, v, mask)
+    return self.attend(q, k, v, index_BxT, index_BxT, segment_ids_BxT, segment_ids_BxT)
 
 
 class MLP(nnx.Module):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ir_jax.forecast import RoutingLayer
-from ir_jax.model import DecoderLayer, Llama, attention_mask
+from ir_jax.model import DecoderLayer, Llama
 from ir_jax.routing.calibrate import check_calibrated
 from ir_jax.routing.spec import RoutingSpec, layer_caps, layer_ks
 from ir_jax.routing.unit import gather, route_unit, sink_mask
@@ -99,7 +99,7 @@ def routed_layer(
       keys, values = attn.keys_values(n_BxSxD, q_pos)
       kv_index, kv_seg = q_index, q_seg
     q = attn.queries(n_BxSxD, q_pos)
-    return attn.attend(q, keys, values, attention_mask(q_index, kv_index, q_seg, kv_seg))
+    return attn.attend(q, keys, values, q_index, kv_index, q_seg, kv_seg)
 
   thr = routing_layer.threshold[...]
   if caps is not None:
