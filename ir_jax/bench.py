@@ -370,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--k-multiple",
     type=int,
-    default=8,
-    help="round each unit's top-k capacity up to a multiple of this",
+    help="round each unit's top-k capacity up to a multiple of this (default 8; with "
+    "--workdir / --checkpoint: the run's)",
   )
   p.add_argument(
     "--dtype",
@@ -402,13 +402,98 @@ def build_parser() -> argparse.ArgumentParser:
     default="2,4",
     help="two unrolled depths to compile for --tpu (per-layer cost by difference)",
   )
+  p.add_argument(
+    "--workdir",
+    metavar="RUN",
+    help="time a trained model instead: an ir_jax.train workdir, routed by its own table "
+    "and budget (prefill at --seq-lens, one-row decode after the longest; see "
+    "ir_jax.bench_trained)",
+  )
+  p.add_argument(
+    "--checkpoint",
+    metavar="PATH",
+    help="like --workdir, for an ir_jax checkpoint or export directory",
+  )
+  p.add_argument(
+    "--seq-lens",
+    default="512,2048",
+    help="with --workdir / --checkpoint: comma-separated prefill lengths (one row each)",
+  )
   p.add_argument("--quiet", action="store_true", help="no per-round lines")
   return p
+
+
+def _ints(text: str, name: str) -> list[int]:
+  try:
+    out = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ConfigError(f"{name} must be comma-separated integers, got {text!r}") from None
+  if not out or min(out) < 1:
+    raise ConfigError(f"{name} must list lengths >= 1, got {text!r}")
+  return out
+
+
+def trained_main(args: argparse.Namespace, argv: Sequence[str], log: Callable[[str], None]) -> int:
+  """`--workdir` / `--checkpoint`: the trained model's own table, dense vs routed."""
+  from ir_jax import bench_trained as BT
+
+  if args.workdir and args.checkpoint:
+    raise ConfigError("pass --workdir or --checkpoint, not both")
+  if args.reps < 1 or args.warmup < 0:
+    raise ConfigError("--reps must be >= 1 and --warmup >= 0")
+  model, spec, path = BT.load_trained(args.workdir, args.checkpoint)
+  cfg = model.config
+  seq_lens = _ints(args.seq_lens, "--seq-lens")
+  too_long = [t for t in seq_lens if t > cfg.max_position_embeddings]
+  if too_long:
+    raise ConfigError(
+      f"--seq-lens {too_long} exceed the model's max_position_embeddings "
+      f"{cfg.max_position_embeddings}; pass shorter --seq-lens"
+    )
+  steps = 32 if args.decode_steps is None else args.decode_steps
+  k_multiple = args.k_multiple or spec.k_multiple
+  t0 = time.perf_counter()
+  log(
+    f"{path}: {cfg.num_layers} layers, d {cfg.hidden_size}, on {jax.default_backend()}; compiling..."
+  )
+  variants, tables = BT.build(model, spec, seq_lens, steps, k_multiple, args.seed, log)
+  log(f"compiled {len(variants)} programs in {time.perf_counter() - t0:.0f}s")
+  time_variants(variants, args.reps, args.warmup, log)
+  result = dict(
+    kind="trained",
+    path=os.path.abspath(path),
+    workdir=args.workdir,
+    checkpoint=args.checkpoint,
+    routing=dict(
+      policy=spec.policy, sparsity=spec.sparsity, flops=spec.flops, capacities=spec.capacities
+    ),
+    model=cfg.to_dict(),
+    seq_lens=seq_lens,
+    decode_steps=steps,
+    k_multiple=k_multiple,
+    reps=args.reps,
+    warmup=args.warmup,
+    backend=jax.default_backend(),
+    devices=[str(d) for d in jax.devices()[:1]],
+    jax_version=jax.__version__,
+    commit=_commit(),
+    command="python -m ir_jax.bench " + " ".join(argv),
+    memory_note="peak_bytes: XLA memory_analysis() of each compiled program",
+    **BT.summarize(variants, tables, cfg, steps),
+  )
+  print(BT.table(result))
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   log = (lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+  if args.workdir or args.checkpoint:
+    return trained_main(args, list(argv if argv is not None else sys.argv[1:]), log)
   if args.tpu:
     try:
       depths = tuple(int(x) for x in args.tpu_layers.split(","))
@@ -431,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     val = getattr(args, name)
     if val is not None and val < 1:
       raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {val}")
+  args.k_multiple = 8 if args.k_multiple is None else args.k_multiple
   if args.warmup < 0 or args.k_multiple < 1:
     raise ConfigError("--warmup must be >= 0 and --k-multiple >= 1")
   if args.config:
