@@ -207,3 +207,47 @@ def test_error_curve_table_meets_its_budget(budget):
   spec = R.RoutingSpec(capacities=tuple(map(tuple, table)))
   assert abs(R.flops(SMOL, spec, 256)["executed_fraction"] - budget) <= 0.005
   assert table.min() >= 0.125 - 1e-9  # every unit keeps some execution
+
+
+def test_a_static_run_can_ask_for_a_flops_budget():
+  """policy static + routing.flops is a valid run config (its 0/1 table comes from the
+  router stage's allocation); a static spec with neither a table nor 0/1 capacity is not."""
+  from ir_jax.config_file import load_config
+  from ir_jax.train.config import settings_from_config
+
+  cfg = load_config("configs/tiny.py")
+  cfg.routing.policy = "static"
+  cfg.routing.flops = 0.8
+  s = settings_from_config(cfg)
+  assert s.routing.policy == "static" and s.routing.flops == 0.8
+  with pytest.raises(ConfigError, match="static"):
+    R.RoutingSpec(policy="static", sparsity=0.25)
+  with pytest.raises(ConfigError, match="static"):
+    R.RoutingSpec(policy="static", flops=0.8, capacities=((0.5, 1.0),) * 3)
+
+
+@pytest.mark.slow
+def test_static_run_at_a_flops_budget_trains_a_0_1_table_that_meets_it(tmp_path):
+  import subprocess
+  import sys
+
+  wd = tmp_path / "static"
+  cmd = [sys.executable, "-m", "ir_jax.train", "--config", "configs/tiny.py"]
+  cmd += ["--workdir", str(wd), "--config.routing.policy=static", "--config.routing.flops=0.8"]
+  cmd += ["--config.train.eval_batches=0", f"--config.data.data_dir={tmp_path / 'tfds'}"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  from ir_jax import load_model
+
+  m = load_model(str(wd))
+  table = np.asarray(m.routing.capacity[...])
+  assert set(np.unique(table)) <= {0.0, 1.0} and (table == 0).any()
+  spec = R.trained_spec(m, R.RoutingSpec(policy="static", flops=0.8), seq_len=cfg_seq(wd))
+  assert abs(R.flops(m.config, spec, cfg_seq(wd))["executed_fraction"] - 0.8) <= 0.02 + 1e-9
+
+
+def cfg_seq(wd) -> int:
+  import json
+
+  run = json.loads((wd / "run.json").read_text())
+  return int(run["config"]["data"]["seq_len"])
