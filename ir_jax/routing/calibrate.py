@@ -20,6 +20,7 @@ from ir_jax.config import ConfigError
 from ir_jax.distributed import host_array
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
+from ir_jax.progress import counter, doing
 from ir_jax.routing.spec import RoutingSpec, is_fraction, layer_caps
 
 Array = jax.Array
@@ -105,6 +106,9 @@ def calibrate_thresholds(
   cfg = model.config
   spec.check_layers(cfg.num_layers)
   caps = layer_caps(spec, cfg)
+  # Under a command (a heartbeat is on) each forward pass over a batch is counted.
+  bar = counter("  calibration", (1 + iterations) * len(batches), unit="passes")
+  passes = [0]
 
   def quantiles(scoring: RoutingSpec) -> np.ndarray:
     fwd = nnx.jit(
@@ -113,8 +117,12 @@ def calibrate_thresholds(
       )[1]["scores_BxT"]
     )
     chunks = []
-    for b in batches:
-      c = host_array(fwd(model, b))  # [L, 2, B, T]
+    for i, b in enumerate(batches):
+      what = f"compiling the {scoring.mode} calibration pass" if i == 0 else "calibrating"
+      with doing(what):
+        c = host_array(fwd(model, b))  # [L, 2, B, T]
+      passes[0] += 1
+      bar(passes[0])
       real = host_array(b["segment_ids"]) > 0 if "segment_ids" in b else np.ones(c.shape[2:], bool)
       chunks.append(c[:, :, real])
     scores = np.concatenate(chunks, axis=-1)
@@ -158,12 +166,24 @@ def _threshold_between(scores: np.ndarray, capacity: float) -> np.float32:
   return mid if lo < mid < s[i + 1] else lo
 
 
+def _sparsities(caps: np.ndarray) -> str:
+  """`mean sparsity 0.400 (attention 0.000, MLP 0.800)` of capacities `[L, 2]`."""
+  s = 1.0 - np.asarray(caps, np.float64)
+  return f"mean sparsity {s.mean():.3f} (attention {s[:, 0].mean():.3f}, MLP {s[:, 1].mean():.3f})"
+
+
 def check_calibrated(model: Llama, spec: RoutingSpec) -> None:
   """Refuses causal routing at capacities the model's thresholds were not calibrated for.
 
   Units at capacity 1 or 0 ignore thresholds and are not checked; top-k mode and
   the dense policy need no thresholds. Does nothing under a trace (the values are
   not known): call it before jitting, as `generate` and the evaluators do.
+
+  The refusal says what the thresholds fit and what the spec asks, per unit type, so two
+  specs with the same mean read apart; when the thresholds fit the model's trained
+  capacity table and the spec names no table, it names the way to route with that table
+  (`ir_jax.routing.trained_spec`), which every entry point (ir_jax.eval, ir_jax.generate,
+  the lm-eval adapter, training's evaluation) takes.
   """
   if spec.mode != "causal" or spec.policy == "dense":
     return
@@ -177,25 +197,43 @@ def check_calibrated(model: Llama, spec: RoutingSpec) -> None:
   if np.allclose(stored[used], want[used], rtol=0, atol=1e-6):
     return
   table = model_table(model)
-  if (stored < 0).all():
-    got = "were never calibrated"
-  else:
-    diff = int(np.sum(~np.isclose(stored, want, rtol=0, atol=1e-6) & used))
-    got = (
-      f"were calibrated for other capacities ({diff} of {int(used.sum())} routed units "
-      f"differ; calibrated mean {float(stored.mean()):.4f}, this spec's "
-      f"{float(want.mean()):.4f}"
-      + (", this spec routes a uniform capacity" if spec.capacities is None else "")
-      + ")"
-    )
-  hint = (
-    "; the model has a trained per-unit capacity table: route with it through "
-    "routing.trained_spec(model, spec) (what ir_jax.eval and ir_jax.generate do)"
-    if table is not None and spec.capacities is None
-    else ""
+  asked = (
+    f"a uniform sparsity {1 - float(want.mean()):.3f} on every unit"
+    if spec.capacities is None
+    else f"a capacity table of {_sparsities(want)}"
   )
+  if (stored < 0).all():
+    raise ConfigError(
+      f"causal routing at {asked}: the model's thresholds were never calibrated; calibrate "
+      "them for this spec first (ir_jax.routing.calibrate_thresholds(model, held-out "
+      "batches, spec); python -m ir_jax.eval --mode causal calibrates on its own), or route "
+      "in top-k mode"
+    )
+  diff = int(np.sum(~np.isclose(stored, want, rtol=0, atol=1e-6) & used))
+  fits_table = table is not None and np.allclose(stored, np.asarray(table), rtol=0, atol=1e-6)
+  fitted = (
+    f"the model's trained per-unit capacity table, {_sparsities(stored)}"
+    if fits_table
+    else f"other capacities, {_sparsities(stored)}"
+  )
+  if fits_table and spec.capacities is None:
+    same_mean = abs(float(stored.mean()) - float(want.mean())) <= 1e-6
+    how = (
+      "this spec's mean sparsity is the table's, so route with the table: "
+      "ir_jax.routing.trained_spec(model, spec) (what ir_jax.eval, ir_jax.generate and the "
+      "lm-eval adapter do)"
+      if same_mean
+      else "ir_jax.routing.trained_spec(model, spec) routes with the table moved to this "
+      "sparsity, whose thresholds must then be calibrated (ir_jax.routing.calibrate_thresholds"
+      "(model, held-out batches, that spec)); or route in top-k mode"
+    )
+  else:
+    how = (
+      "calibrate them for this spec first (ir_jax.routing.calibrate_thresholds(model, "
+      "held-out batches, spec); python -m ir_jax.eval --mode causal calibrates on its own), "
+      "or route in top-k mode"
+    )
   raise ConfigError(
-    f"causal routing at sparsity {1 - float(want.mean()):.4g}: the model's thresholds {got}"
-    f"{hint}; or calibrate them for this spec first (routing.calibrate_thresholds(model, "
-    "held-out batches, spec); ir_jax.eval does it with --calibration), or route in top-k mode"
+    f"causal routing at {asked}: the model's thresholds were calibrated for {fitted} "
+    f"({diff} of {int(used.sum())} routed units differ); {how}"
   )
