@@ -69,10 +69,25 @@ def _local_docs(dcfg: DataConfig, spec: str) -> tuple[list[tuple[str, str, str]]
   )
   files = sources.resolve_files(cfg)
   stats = sources.Stats()
-  docs = [
-    (d.text, d.domain, d.source) for f in files for d in sources.read_documents(f, cfg, stats)
-  ]
+  try:
+    docs = [
+      (d.text, d.domain, d.source) for f in files for d in sources.read_documents(f, cfg, stats)
+    ]
+  except DataError as e:
+    raise DataError(_eval_hint(str(e))) from None
   return docs, [str(f.path.resolve()) for f in files]
+
+
+def _eval_hint(msg: str) -> str:
+  """A data error's hint in the options this command has: it sets no data.* field, so an
+  undecodable file is converted or read through a --config whose data section says how."""
+  if "not valid UTF-8" not in msg:
+    return msg
+  return (
+    msg.split(";")[0] + "; ir_jax.eval reads --data files as UTF-8 (Latin-1 where a file is "
+    "known to be): convert it (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8), or give "
+    "--config a config whose data section sets data.encoding_errors to 'replace' or 'skip'"
+  )
 
 
 TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".cor", ".md", ".gz", ".csv")

@@ -4,12 +4,13 @@ The picture has up to four panels, each drawn from a file the run wrote:
 loss per stage (metrics.jsonl), forecast explained variance per layer
 (forecasters.json), the per-unit capacity table the router stage chose (the
 model), and dense vs routed held-out perplexity (eval.json). A panel whose
-source is absent is left out; without matplotlib there is no picture (said
-once) and nothing else changes.
+source is absent is left out; without matplotlib there is no picture (the
+closing lines say so, in one line) and nothing else changes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -43,6 +44,19 @@ def _read_json(path: str) -> Any:
       return json.load(f)
   except (OSError, json.JSONDecodeError):
     return None
+
+
+def _routed_label(ev: dict[str, Any]) -> str:
+  """The routed bar's label: policy, what it was asked for, the FLOPs it executes."""
+  asked = (
+    f"FLOPs budget {ev['flops_budget']:g}"
+    if ev.get("flops_budget")
+    else f"sparsity {ev.get('sparsity', '')}"
+  )
+  label = f"routed\n{ev.get('policy', '')}, {asked}"
+  if isinstance(ev.get("flops_fraction"), (int, float)):
+    label += f"\nexecutes {ev['flops_fraction']:.2f} of dense FLOPs"
+  return label
 
 
 def write_summary_figure(
@@ -86,24 +100,25 @@ def write_summary_figure(
       )
       ax.legend(fontsize=8)
     elif panel == "table":
-      im = ax.imshow(np.asarray(table).T, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+      # In sparsity, as the console speaks: the share of a unit's tokens approximated.
+      sparsity = 1.0 - np.asarray(table, float)
+      im = ax.imshow(sparsity.T, aspect="auto", vmin=0, vmax=1, cmap="viridis")
       ax.set(
-        title=f"capacity table (mean {float(np.mean(table)):.3f})",
+        title=f"capacity table: sparsity per unit\n(mean {float(sparsity.mean()):.3f})",
         xlabel="layer",
         yticks=[0, 1],
         yticklabels=["attn", "mlp"],
       )
-      fig.colorbar(im, ax=ax, label="fraction of tokens executed")
+      fig.colorbar(im, ax=ax, label="share of tokens approximated")
     else:
       d, r = ev["dense"]["perplexity"], ev["routed"]["perplexity"]
-      bars = ax.bar(
-        ["dense", f"routed\n{ev.get('policy', '')} @ {ev.get('sparsity', '')}"],
-        [d, r],
-        color=["#4c72b0", "#dd8452"],
-      )
+      bars = ax.bar(["dense", _routed_label(ev)], [d, r], color=["#4c72b0", "#dd8452"])
       for b, v in zip(bars, (d, r)):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom")
-      ax.set(title=f"held-out perplexity ({r / d:.2f}x dense)", ylabel="perplexity")
+      ax.set(
+        title=f"held-out perplexity, lower is better\n(routed {r / d:.2f}x dense)",
+        ylabel="perplexity",
+      )
   fig.tight_layout()
   return plotting.save(fig, os.path.join(workdir, FIGURE), dpi=110)
 
@@ -129,6 +144,8 @@ def closing_lines(workdir: str, ev: dict[str, Any] | None, figure: str | None) -
       lines.append(f"  {name:<18} {what}")
   if figure:
     lines.append(f"  {os.path.basename(figure):<18} a picture of the above")
+  elif importlib.util.find_spec("matplotlib") is None:
+    lines.append(f"  {FIGURE:<18} not drawn: {plotting.NO_MATPLOTLIB}")
   lines.append(
     "  the trained model loads with ir_jax.load_model(WORKDIR); "
     "python -m ir_jax.convert export turns it into HF safetensors"
