@@ -1,30 +1,22 @@
-"""Quality under data shift: estimated vs measured perplexity-vs-sparsity on other mixes.
+"""Quality under data shift, checked against truth: classifier density ratios between a
+calibration pool A and unlabeled target documents B, four estimators, many resamples.
 
-    python launch/shift_experiment.py --workdir runs/quality/router_informed_0.4
-    python launch/shift_experiment.py --report-only      # redo docs/shift.{json,md,png}
+    python launch/shift_experiment.py --eval runs/budget/eval --heldout runs/budget/heldout
+    python launch/shift_experiment.py ... --resamples 50 --docs /tmp/shift   # a quick look
 
-What it does (each step one subprocess; outputs under --runs, default runs/shift):
-  1. Passages. Held-out documents of three domains, cut into passages of about
-     --passage-words words (~1.3 tokens per word): Shakespeare and news from the
-     config's validation split (never trained on), Wikipedia articles from
-     assets/text/wiki/enwiki_articles.jsonl (a domain never trained on).
-     Passages are dealt alternately into two disjoint pools: A, the calibration
-     set, subsampled to the calibration mix --calib-mix (default shakespeare
-     0.45, news 0.45, wiki 0.10, by passage count), and B, the check set (the
-     remaining passages, at most --max-check-passages per domain).
-  2. `python -m ir_jax.eval` on A with every --target-mix and every estimator:
-     the estimated curves (informed routing at --sparsity, plus dense).
-  3. `python -m ir_jax.eval` on B: per-domain mean NLL and tokens per passage of
-     every setting. The measured target-mix perplexity is
-     exp(sum_d p_d NLL_d / sum_d p_d tokens_d), the value an evaluation of a
-     target-mix sample of B converges to (no sampling noise from drawing a mix).
-  4. Report: for each target mix, setting and estimator, the estimate, its
-     standard error, ESS, truncated fraction and the error against B, into
-     docs/shift.json and docs/shift.md (+ docs/shift.png: estimated vs measured).
+Material: the per-document summed NLL of every setting (`python -m ir_jax.eval --json`, one
+JSON per routed arm and budget, each with dense beside it) on the held-out sets `--sets`
+(default valid,pydoc: disjoint documents of four domains), and the documents' texts (the
+held-out JSONL each evaluation read, in the same order). No model runs here.
 
-Both evaluations use the same trained routers and forecasters, so estimate and
-measurement differ only by which passages were scored (A vs B) and by what
-the estimator does with the weights (truncation bias, variance).
+For each target (a scenario: how many documents of each domain A and B hold) and each
+resample: A and B are drawn without replacement, disjoint; B's domain labels are then
+forgotten. Weights w(x) = p_B(x) / p_A(x) at A's documents come from
+`estimators.classifier_weights` on hashed word n-grams (`estimators.text_features`),
+cross-fitted. Every estimator of `estimators.target_perplexity` turns A's NLLs, the weights
+and B's mean token count into B's perplexity with a 95 % prediction interval, for every
+setting; the truth is the perplexity measured on B. Output: docs/shift.{json,md,png}
+(bias, RMSE and coverage per target, setting and estimator).
 """
 
 from __future__ import annotations
@@ -32,29 +24,51 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
-import random
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from ir_jax import plotting
-
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices, a shared machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from ir_jax import plotting  # noqa: E402
+from ir_jax.eval import estimators as es  # noqa: E402
+
 PROG = "shift_experiment"
-WIKI = os.path.join(REPO, "assets", "text", "wiki", "enwiki_articles.jsonl")
-DEFAULT_MIXES = (
-  "shakespeare=1,news=1,wiki=1",
-  "news=0.7,shakespeare=0.2,wiki=0.1",
-  "wiki=0.5,news=0.25,shakespeare=0.25",
-  "wiki=0.9,news=0.05,shakespeare=0.05",
-  "wiki=1",
-  "shakespeare=1",
-)
-METHODS = "lr,self_normalized,truncated,psis"
+METHODS = ("lr", "self_normalized", "truncated", "psis")
+# name: (A counts per domain, B counts per domain, heavy-tailed?). Domains of the default
+# sets: news 25, pydoc 32, wiki 8, shakespeare 4 documents.
+_ALL = {"news": 11, "pydoc": 13, "wiki": 4, "shakespeare": 2}
+SCENARIOS = {
+  "no shift": (_ALL, {"news": 7, "pydoc": 9, "wiki": 3, "shakespeare": 1}, False),
+  "more pydoc": (
+    {"news": 14, "pydoc": 10, "wiki": 4, "shakespeare": 2},
+    {"news": 5, "pydoc": 13, "wiki": 2},
+    False,
+  ),
+  "pydoc only": ({"news": 16, "pydoc": 8, "wiki": 4, "shakespeare": 2}, {"pydoc": 20}, False),
+  "news only": ({"news": 10, "pydoc": 14, "wiki": 4, "shakespeare": 2}, {"news": 15}, False),
+  "pydoc rare in A": (
+    {"news": 20, "pydoc": 2, "wiki": 5, "shakespeare": 3},
+    {"news": 4, "pydoc": 16},
+    True,
+  ),
+  "news rare in A": (
+    {"news": 2, "pydoc": 22, "wiki": 4, "shakespeare": 2},
+    {"news": 16, "pydoc": 4},
+    True,
+  ),
+  "wiki rare in A": (
+    {"news": 16, "pydoc": 12, "wiki": 1, "shakespeare": 1},
+    {"news": 3, "pydoc": 1, "wiki": 6},
+    True,
+  ),
+}
 
 
 def rel(p: str) -> str:
@@ -62,342 +76,329 @@ def rel(p: str) -> str:
   return p if r.startswith("..") else r
 
 
-def passages(text: str, words: int) -> list[str]:
-  """Consecutive passages of `words` words (the last one kept if at least half as long)."""
-  ws = text.split()
-  out = [" ".join(ws[i : i + words]) for i in range(0, len(ws), words)]
-  if len(out) > 1 and len(out[-1].split()) < words // 2:
-    out.pop()
-  return out
-
-
-def build_pools(
-  config: str,
-  runs: str,
-  words: int,
-  calib_mix: dict[str, float],
-  max_wiki_articles: int,
-  max_check: int,
-  seed: int,
-) -> dict:
-  sys.path.insert(0, REPO)
-  from ir_jax.config_file import load_config
-  from ir_jax.data.config import from_config
-  from ir_jax.eval.__main__ import _split_docs
-
-  dcfg = from_config(load_config(config))
-  by_domain: dict[str, list[str]] = {}
-  for text, domain, _ in _split_docs(dcfg, dcfg.eval_split):
-    by_domain.setdefault(domain, []).extend(passages(text, words))
-  with open(WIKI, encoding="utf-8") as f:
-    for i, line in enumerate(f):
-      if i >= max_wiki_articles:
-        break
-      by_domain.setdefault("wiki", []).extend(passages(json.loads(line)["text"], words))
-  missing = sorted(set(calib_mix) - set(by_domain))
-  if missing:
-    raise SystemExit(
-      f"{PROG}: error: --calib-mix names domains {missing}; the passages have {sorted(by_domain)}"
+def load(eval_dir: str, heldout: str, sets: list[str]) -> dict:
+  """Texts, domains, tokens [n] and NLL [settings, n] of every document of `sets` (the
+  settings every set has, dense first)."""
+  texts, domains, tokens, per_set = [], [], [], []
+  for name in sets:
+    with open(os.path.join(heldout, f"{name}.jsonl"), encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    folder = os.path.join(eval_dir, name)
+    files = (
+      sorted(f for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
     )
-  rng = random.Random(seed)
-  pool_a, pool_b = {}, {}
-  for d, ps in sorted(by_domain.items()):
-    pool_a[d], pool_b[d] = ps[0::2], ps[1::2]
-  # A at the calibration mix: the largest pool sizes with those proportions.
-  total = sum(calib_mix.values())
-  share = {d: w / total for d, w in calib_mix.items() if w > 0}
-  n_a = min(int(len(pool_a[d]) / s) for d, s in share.items())
-  for d in list(pool_a):
-    k = int(round(share.get(d, 0.0) * n_a))
-    rng.shuffle(pool_a[d])
-    pool_b[d] += pool_a[d][k:]  # passages A does not use go to the check set
-    pool_a[d] = pool_a[d][:k]
-    rng.shuffle(pool_b[d])
-    pool_b[d] = pool_b[d][:max_check]
-  paths = {}
-  for name, pool in (("A", pool_a), ("B", pool_b)):
-    path = os.path.join(runs, f"pool_{name}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-      for d, ps in sorted(pool.items()):
-        for p in ps:
-          f.write(json.dumps({"text": p, "domain": d}) + "\n")
-    paths[name] = path
+    per: dict[str, np.ndarray] = {}
+    docs = None
+    for fn in files:
+      with open(os.path.join(folder, fn), encoding="utf-8") as f:
+        res = json.load(f)
+      docs = docs or res["documents"]
+      if [d["domain"] for d in res["documents"]] != [r["domain"] for r in rows]:
+        raise SystemExit(f"{PROG}: error: {fn} of {name}: documents differ from {name}.jsonl")
+      arm = fn[: -len(".json")]
+      for r in res["records"]:
+        if r["mode"] != "topk":
+          continue
+        if r["policy"] == "dense":
+          key = "dense"
+        elif r.get("flops_budget"):
+          key = f"{r['policy']} {arm.split('_')[-1]}"  # at the arm's FLOPs budget
+        else:
+          key = f"{r['policy']} s{r['sparsity']:g} ({arm})"
+        per.setdefault(key, np.asarray(r["doc_nll"], np.float64))
+    if docs is None:
+      raise SystemExit(f"{PROG}: error: no eval JSON in {folder}; run launch/budget_table.py")
+    texts += [r["text"] for r in rows]
+    domains += [r["domain"] for r in rows]
+    tokens += [d["tokens"] for d in docs]
+    per_set.append(per)
+  keys = [k for k in per_set[0] if all(k in p for p in per_set)]
+  keys.sort(key=lambda k: (k != "dense", k))
   return {
-    "paths": paths,
-    "counts": {n: {d: len(v) for d, v in p.items()} for n, p in (("A", pool_a), ("B", pool_b))},
+    "texts": texts,
+    "domains": np.asarray(domains),
+    "tokens": np.asarray(tokens, np.float64),
+    "nll": np.stack([np.concatenate([p[k] for p in per_set]) for k in keys]),
+    "settings": keys,
   }
 
 
-def run_eval(args, data: str, out: str, extra: list[str]) -> None:
-  cmd = [
-    sys.executable,
-    "-m",
-    "ir_jax.eval",
-    "--config",
-    args.config,
-    "--workdir",
-    args.workdir,
-    "--data",
-    data,
-    "--policy",
-    args.policy,
-    "--sparsity",
-    args.sparsity,
-    "--seq-len",
-    str(args.seq_len),
-    "--json",
-    out,
-    "--no-plot",
-    *extra,
-  ]
-  log = out + ".log"
-  print(f"{PROG}: {' '.join(rel(c) if os.path.isabs(c) else c for c in cmd[1:])}", flush=True)
-  t0 = time.time()
-  with open(log, "w", encoding="utf-8") as f:
-    r = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=False)
-  if r.returncode:
-    raise SystemExit(f"{PROG}: error: the evaluation failed (exit {r.returncode}); see {log}")
-  print(f"  done in {time.time() - t0:.0f}s", flush=True)
+def draw(rng: np.random.Generator, domains: np.ndarray, a: dict, b: dict) -> tuple:
+  ia, ib = [], []
+  for d in sorted(set(a) | set(b)):
+    idx = rng.permutation(np.flatnonzero(domains == d))
+    need = a.get(d, 0) + b.get(d, 0)
+    if need > len(idx):
+      raise SystemExit(f"{PROG}: error: the scenario needs {need} {d!r} documents, have {len(idx)}")
+    ia += list(idx[: a.get(d, 0)])
+    ib += list(idx[a.get(d, 0) : need])
+  return np.asarray(ia), np.asarray(ib)
 
 
-def measured(result: dict, mix: dict[str, float]) -> dict[tuple, float]:
-  """Target-mix perplexity of every setting from the check set's per-domain means."""
-  docs = result["documents"]
-  total = sum(mix.values())
+def run(data: dict, resamples: int, seed: int, log=print) -> dict:
+  feats = es.text_features(data["texts"])
+  nll, tok, dom = data["nll"], data["tokens"], data["domains"]
   out = {}
-  for r in result["records"]:
-    num = den = 0.0
-    for d, w in mix.items():
-      idx = [i for i, x in enumerate(docs) if x["domain"] == d]
-      if w > 0 and not idx:
-        raise SystemExit(f"{PROG}: error: the check set has no {d!r} passages")
-      if w > 0:
-        num += w / total * sum(r["doc_nll"][i] for i in idx) / len(idx)
-        den += w / total * sum(docs[i]["tokens"] for i in idx) / len(idx)
-    out[(r["mode"], r["policy"], r["sparsity"])] = math.exp(num / den)
+  for si, (name, (ca, cb, heavy)) in enumerate(SCENARIOS.items()):
+    t0 = time.time()
+    rng = np.random.default_rng([seed, si])
+    est = {m: np.full((resamples, len(data["settings"]), 3), np.nan) for m in METHODS}
+    diag = {m: np.full((resamples, 3), np.nan) for m in METHODS}  # ess, truncated, k
+    truth = np.empty((resamples, len(data["settings"])))
+    aucs, wmax, wmean, label_w = [], [], [], []
+    for r in range(resamples):
+      ia, ib = draw(rng, dom, ca, cb)
+      dr = es.classifier_weights(feats[ia], feats[ib], seed=r)
+      w = dr.weights
+      aucs.append(dr.auc)
+      wmax.append(w.max() / w.mean())
+      wmean.append(w.mean())
+      # the share of the weight on A's documents of the domains B holds (the true ratio is 0
+      # on the others, so the right weights put all of it there)
+      label_w.append(w[np.isin(dom[ia], list(cb))].sum() / w.sum())
+      truth[r] = np.exp(nll[:, ib].sum(1) / tok[ib].sum())
+      for m in METHODS:
+        try:
+          e = es.target_perplexity(nll[:, ia], tok[ia], w, m, n_target=len(ib))
+        except es.EstimatorError:
+          continue
+        est[m][r] = np.stack([e.perplexity, e.pred_low, e.pred_high], -1)
+        diag[m][r] = (e.ess, e.truncated_frac, np.nan if e.pareto_k is None else e.pareto_k)
+    rows = {}
+    for m in METHODS:
+      ok = ~np.isnan(est[m][:, 0, 0])
+      if not ok.any():
+        continue
+      rel_err = est[m][ok, :, 0] / truth[ok] - 1
+      cover = (est[m][ok, :, 1] <= truth[ok]) & (truth[ok] <= est[m][ok, :, 2])
+      rows[m] = {
+        "resamples": int(ok.sum()),
+        "bias": rel_err.mean(0).tolist(),
+        "rmse": np.sqrt((rel_err**2).mean(0)).tolist(),
+        "coverage": cover.mean(0).tolist(),
+        "ess": float(np.nanmean(diag[m][ok, 0])),
+        "truncated_frac": float(np.nanmean(diag[m][ok, 1])),
+        "pareto_k_median": None
+        if np.isnan(diag[m][ok, 2]).all()
+        else float(np.nanmedian(diag[m][ok, 2])),
+        "example": {"estimate": est[m][0, :, 0].tolist(), "measured": truth[0].tolist()},
+      }
+    out[name] = {
+      "A": ca,
+      "B": cb,
+      "heavy_tailed": heavy,
+      "auc_median": float(np.median(aucs)),
+      "max_weight_over_mean_median": float(np.median(wmax)),
+      "mean_weight_median": float(np.median(wmean)),
+      "weight_share_on_B_domains_median": float(np.median(label_w)),
+      "measured_median": np.median(truth, 0).tolist(),
+      "methods": rows,
+      "_scatter": {m: (est[m][:, :, 0], truth) for m in METHODS},
+    }
+    log(f"{PROG}: {name}: {resamples} resamples in {time.time() - t0:.0f}s")
   return out
 
 
-def report(args) -> None:
-  with open(os.path.join(args.runs, "A.json"), encoding="utf-8") as f:
-    a = json.load(f)
-  with open(os.path.join(args.runs, "B.json"), encoding="utf-8") as f:
-    b = json.load(f)
-  with open(os.path.join(args.runs, "plan.json"), encoding="utf-8") as f:
-    plan = json.load(f)
-  from ir_jax.eval.shift import parse_mix
+def verdicts(res: dict) -> dict:
+  """Item 4's targets per scenario (RMSE averaged over settings; coverage over all)."""
+  out = {}
+  for name, s in res.items():
+    m = s["methods"]
+    if "lr" not in m or "truncated" not in m:
+      continue
+    lr, tr = np.mean(m["lr"]["rmse"]), np.mean(m["truncated"]["rmse"])
+    out[name] = {
+      "rmse_lr": float(lr),
+      "rmse_truncated": float(tr),
+      "truncated_at_most_lr": bool(tr <= lr),
+      "truncated_at_most_half_lr": bool(tr <= 0.5 * lr) if s["heavy_tailed"] else None,
+      "coverage": {k: float(np.mean(v["coverage"])) for k, v in m.items()},
+    }
+  return out
 
-  rows = []
-  for e in a["shift"]["estimates"]:
-    truth = measured(b, parse_mix(e["target_mix"]))[(e["mode"], e["policy"], e["sparsity"])]
-    rows.append(
-      {
-        **e,
-        "measured": truth,
-        "error": e["perplexity"] - truth,
-        "rel_error": e["perplexity"] / truth - 1,
-      }
-    )
-  calib_measured = {(r["mode"], r["policy"], r["sparsity"]): r["perplexity"] for r in a["records"]}
+
+def write(res: dict, data: dict, args, docs: str) -> None:
   commit = subprocess.run(
     ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
   ).stdout.strip()
+  settings = data["settings"]
+  counts = {d: int((data["domains"] == d).sum()) for d in sorted(set(data["domains"]))}
+  clean = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in res.items()}
+  ver = verdicts(res)
   out = {
-    "format": "ir_jax.shift_experiment/1",
+    "format": "ir_jax.shift_experiment/2",
     "commit": commit,
-    "plan": plan,
     "date": datetime.date.today().isoformat(),
-    "calibration_mix": a["shift"]["calibration_mix"],
-    "rows": rows,
+    "eval": rel(args.eval),
+    "heldout": rel(args.heldout),
+    "sets": args.sets,
+    "documents": counts,
+    "settings": settings,
+    "resamples": args.resamples,
+    "seed": args.seed,
+    "scenarios": clean,
+    "targets": ver,
   }
-  with open(os.path.join(args.docs, "shift.json"), "w", encoding="utf-8") as f:
+  os.makedirs(docs, exist_ok=True)
+  with open(os.path.join(docs, "shift.json"), "w", encoding="utf-8") as f:
     json.dump(out, f, indent=1)
-  methods = list(dict.fromkeys(r["method"] for r in rows))
-  mixes = list(dict.fromkeys(r["target_mix"] for r in rows))
-  settings = list(dict.fromkeys((r["mode"], r["policy"], r["sparsity"]) for r in rows))
-  lines = [
-    "| target mix | setting | measured on B | " + " | ".join(methods) + " |",
-    "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
-  ]
-  for mix in mixes:
-    for st in settings:
-      cells = []
-      truth = None
-      for m in methods:
-        found = [
-          r
-          for r in rows
-          if r["target_mix"] == mix
-          and r["method"] == m
-          and (r["mode"], r["policy"], r["sparsity"]) == st
-        ]
-        if not found:
-          why = next(
-            (
-              k["reason"]
-              for k in a["shift"].get("skipped", [])
-              if k["target_mix"] == mix and k["method"] == m
-            ),
-            "",
-          )
-          cells.append(f"n/a ({why.split(';')[0]})")
-          continue
-        r = found[0]
-        truth = r["measured"]
-        cells.append(
-          f"{r['perplexity']:.2f} ± {r['perplexity_se']:.2f} ({r['rel_error']:+.1%}"
-          + (f", {r['truncated_frac']:.0%} cut" if r["truncated_frac"] else "")
-          + ")"
-        )
-      truth = measured(b, parse_mix(mix))[st]
-      name = "dense" if st[1] == "dense" else f"{st[1]} {st[2]:.2f}"
-      lines.append(f"| {mix} | {name} | {truth:.2f} | " + " | ".join(cells) + " |")
-  err = [
-    "| estimator | mean abs rel. error | max abs rel. error | mean ESS | rows with truncation |",
-    "| --- | --- | --- | --- | --- |",
-  ]
-  for m in methods:
-    rs = [r for r in rows if r["method"] == m]
-    e = np.abs([r["rel_error"] for r in rs])
-    err.append(
-      f"| {m} | {e.mean():.1%} | {e.max():.1%} | {np.mean([r['ess'] for r in rs]):.1f} "
-      f"| {sum(r['truncated_frac'] > 0 for r in rs)} / {len(rs)} |"
-    )
-  cm = ", ".join(f"{d} {p:.2f}" for d, p in sorted(a["shift"]["calibration_mix"].items()))
   md = [
-    f"Calibration set A: {a['shift']['documents']} passages, mix {cm}; check set B: "
-    f"{len(b['documents'])} passages ({', '.join(f'{d} {n}' for d, n in sorted(b['domains'].items()))}). "
-    f"Model: `{rel(plan['workdir'])}`; rows of {plan['seq_len']} tokens; commit {commit}.",
+    "# Quality under data shift, checked against measured perplexity",
     "",
-    "Estimated target-mix perplexity ± standard error (relative error vs B; share of "
-    "weights truncated):",
+    "Written by `launch/shift_experiment.py`; the method is in `estimators.md`. For each "
+    "target below and each resample, two disjoint pools are drawn from the held-out "
+    "documents: A (the documents every setting was evaluated on) and B (the unlabeled "
+    "documents where the model will be deployed; their domain labels are not used). The "
+    "weights w(x) = p_B(x) / p_A(x) at A's documents come from a cross-fitted, calibrated "
+    "logistic regression on hashed word n-grams (`estimators.classifier_weights`); each "
+    "estimator (`estimators.target_perplexity`) turns A's per-document NLLs and the weights "
+    "into every setting's perplexity on B with a 95 % prediction interval, and the truth is "
+    "the perplexity measured on B. For the perplexity, a ratio of two expectations, lr and "
+    "self_normalized coincide by construction; truncated (Ionides' boundary sqrt(n) mean(w)) "
+    "and psis treat the large weights differently.",
     "",
-    *lines,
+    f"Documents: {sum(counts.values())} ({', '.join(f'{d} {n}' for d, n in counts.items())}) of "
+    f"the held-out sets {args.sets} (`{rel(args.heldout)}`), per-document NLL from "
+    f"`{rel(args.eval)}`; settings: {', '.join(settings)}. {args.resamples} resamples per "
+    f"target, seed {args.seed}; commit {commit}. Regenerate: `python launch/shift_experiment.py "
+    f"--eval {rel(args.eval)} --heldout {rel(args.heldout)} --resamples {args.resamples}`.",
     "",
-    "Error of each estimator over all rows above:",
+    "Per target: documents of each domain in A and in B (disjoint, drawn afresh each "
+    "resample), the classifier's out-of-fold AUC (0.5: A and B indistinguishable), the "
+    "largest weight over the mean weight, and the share of the total weight on A's documents "
+    "of the domains B holds (1 for the true ratio; medians over resamples).",
     "",
-    *err,
-    "",
-    "Calibration-mix perplexity measured on A, for reference: "
-    + ", ".join(
-      f"{'dense' if k[1] == 'dense' else f'{k[1]} {k[2]:.2f}'} {v:.2f}"
-      for k, v in calib_measured.items()
-    )
-    + ".",
-    "",
+    "| target | A | B | AUC | max w / mean w | weight on B's domains | heavy-tailed |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
   ]
-  with open(os.path.join(args.docs, "shift.md"), "w", encoding="utf-8") as f:
+  fmt = lambda c: ", ".join(f"{d} {n}" for d, n in c.items())
+  for name, s in res.items():
+    md.append(
+      f"| {name} | {fmt(s['A'])} | {fmt(s['B'])} | {s['auc_median']:.2f} | "
+      f"{s['max_weight_over_mean_median']:.1f} | "
+      f"{s['weight_share_on_B_domains_median']:.2f} | {'yes' if s['heavy_tailed'] else ''} |"
+    )
+  md += [
+    "",
+    "Relative error of the estimated perplexity against the perplexity measured on B: "
+    "bias / RMSE / coverage of the 95 % prediction interval, averaged over the settings "
+    "(per setting in shift.json), and the mean ESS and share of weights truncated "
+    "(truncated) or smoothed (psis, with the median Pareto k):",
+    "",
+    "| target | " + " | ".join(METHODS) + " |",
+    "| --- | " + " | ".join("---" for _ in METHODS) + " |",
+  ]
+  for name, s in res.items():
+    cells = []
+    for m in METHODS:
+      v = s["methods"].get(m)
+      if v is None:
+        cells.append("n/a")
+        continue
+      extra = f", ESS {v['ess']:.1f}"
+      if m == "truncated":
+        extra += f", {v['truncated_frac']:.0%} cut"
+      if m == "psis" and v["pareto_k_median"] is not None:
+        extra += f", {v['truncated_frac']:.0%} smoothed, k {v['pareto_k_median']:.2f}"
+      cells.append(
+        f"{np.mean(v['bias']):+.1%} / {np.mean(v['rmse']):.1%} / {np.mean(v['coverage']):.0%}{extra}"
+      )
+    md.append(f"| {name} | " + " | ".join(cells) + " |")
+  md += [
+    "",
+    "Per setting (RMSE of the relative error; truncated vs lr):",
+    "",
+    "| target | " + " | ".join(settings) + " |",
+    "| --- | " + " | ".join("---" for _ in settings) + " |",
+  ]
+  for name, s in res.items():
+    m = s["methods"]
+    md.append(
+      f"| {name} | "
+      + " | ".join(
+        f"{m['truncated']['rmse'][i]:.1%} vs {m['lr']['rmse'][i]:.1%}" for i in range(len(settings))
+      )
+      + " |"
+    )
+  md += ["", "Targets of issue 27 item 4 (RMSE averaged over settings):", ""]
+  for name, v in ver.items():
+    half = (
+      ""
+      if v["truncated_at_most_half_lr"] is None
+      else f"; at most half: {v['truncated_at_most_half_lr']}"
+    )
+    cov = ", ".join(f"{k} {c:.0%}" for k, c in v["coverage"].items())
+    md.append(
+      f"- {name}: truncated {v['rmse_truncated']:.1%} vs lr {v['rmse_lr']:.1%}, at most lr: "
+      f"{v['truncated_at_most_lr']}{half}; coverage {cov}"
+    )
+  md.append("")
+  with open(os.path.join(docs, "shift.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(md))
   print("\n".join(md))
   try:
-    _plot(rows, b, os.path.join(args.docs, "shift.png"))
+    plot(res, settings, os.path.join(docs, "shift.png"))
   except ImportError:
-    pass
+    print(f"{PROG}: {plotting.NO_MATPLOTLIB}", file=sys.stderr)
 
 
-def _plot(rows: list[dict], b: dict, path: str) -> None:
+def plot(res: dict, settings: list[str], path: str) -> None:
+  """Estimated vs measured perplexity, one panel per estimator, every resample of every
+  target for dense and the first routed setting."""
   plt = plotting.pyplot()
-
-  mixes = list(dict.fromkeys(r["target_mix"] for r in rows))
-  methods = list(dict.fromkeys(r["method"] for r in rows))
-  fig, axes = plt.subplots(1, len(mixes), figsize=(4.2 * len(mixes), 3.8), squeeze=False)
-  for ax, mix in zip(axes[0], mixes):
-    rs = [r for r in rows if r["target_mix"] == mix and r["policy"] != "dense"]
-    first = sorted({(r["realized_sparsity"], r["measured"]) for r in rs})
-    ax.plot(*zip(*first), "k-o", label="measured (B)")
-    for k, m in enumerate(methods):
-      pts = sorted((r["realized_sparsity"], r["perplexity"]) for r in rs if r["method"] == m)
-      ax.plot(*zip(*pts), linestyle="--", marker="x", color=f"C{k}", label=m)
-    ax.set_title(mix, fontsize=8)
-    ax.set_xlabel("realized sparsity")
+  fig, axes = plt.subplots(1, len(METHODS), figsize=(4.0 * len(METHODS), 4.0), squeeze=False)
+  show = [0] + ([1] if len(settings) > 1 else [])
+  for ax, m in zip(axes[0], METHODS):
+    lo, hi = np.inf, 0.0
+    for k, (name, s) in enumerate(res.items()):
+      est, truth = s["_scatter"][m]
+      for j, i in enumerate(show):
+        ok = ~np.isnan(est[:, i])
+        ax.scatter(
+          truth[ok, i],
+          est[ok, i],
+          s=6,
+          alpha=0.5,
+          color=f"C{k}",
+          marker="o" if j == 0 else "^",
+          label=name if j == 0 else None,
+        )
+        if ok.any():
+          lo, hi = (
+            min(lo, truth[ok, i].min(), est[ok, i].min()),
+            max(hi, truth[ok, i].max(), est[ok, i].max()),
+          )
+    ax.plot([lo, hi], [lo, hi], "k-", linewidth=0.8)
+    ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_title(m, fontsize=9)
+    ax.set_xlabel("measured on B")
     ax.grid(True, which="both", alpha=0.3)
-  axes[0][0].set_ylabel("perplexity (informed routing)")
-  axes[0][0].legend(fontsize=7)
+  axes[0][0].set_ylabel(
+    f"estimated from A (o {settings[0]}" + (f", ^ {settings[1]})" if len(show) > 1 else ")")
+  )
+  axes[0][0].legend(fontsize=6)
   fig.tight_layout()
   plotting.save(fig, path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
     description=__doc__.splitlines()[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="\n".join(__doc__.splitlines()[2:]),
   )
-  p.add_argument(
-    "--workdir",
-    default=os.path.join(REPO, "runs", "quality", "router_informed_0.4"),
-    help="trained ir_jax.train workdir (forecasters + routers)",
-  )
-  p.add_argument("--config", default=os.path.join(REPO, "configs", "smollm2_135m.py"))
-  p.add_argument("--runs", default=os.path.join(REPO, "runs", "shift"))
-  p.add_argument("--docs", default=os.path.join(REPO, "docs"))
-  p.add_argument("--policy", default="informed,dense")
-  p.add_argument("--sparsity", default="0.25,0.4,0.7")
-  p.add_argument("--seq-len", type=int, default=256)
-  p.add_argument("--passage-words", type=int, default=100)
-  p.add_argument("--calib-mix", default="shakespeare=0.45,news=0.45,wiki=0.10")
-  p.add_argument(
-    "--target-mix",
-    action="append",
-    default=None,
-    help=f"repeatable (default: {'; '.join(DEFAULT_MIXES)})",
-  )
-  p.add_argument("--estimator", default=METHODS)
-  p.add_argument("--max-wiki-articles", type=int, default=12)
-  p.add_argument(
-    "--max-check-passages",
-    type=int,
-    default=30,
-    help="passages per domain in the check set B (default 30)",
-  )
+  p.add_argument("--eval", default=os.path.join(REPO, "runs", "budget", "eval"))
+  p.add_argument("--heldout", default=os.path.join(REPO, "runs", "budget", "heldout"))
+  p.add_argument("--sets", default="valid,pydoc")
+  p.add_argument("--resamples", type=int, default=200)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--report-only", action="store_true")
-  args = p.parse_args()
-  args.workdir = os.path.abspath(args.workdir)
-  args.config = os.path.abspath(args.config)
-  mixes = args.target_mix or list(DEFAULT_MIXES)
-  os.makedirs(args.runs, exist_ok=True)
-  if not args.report_only:
-    sys.path.insert(0, REPO)
-    from ir_jax.eval.shift import parse_mix
-
-    calib = parse_mix(args.calib_mix)
-    pools = build_pools(
-      args.config,
-      args.runs,
-      args.passage_words,
-      calib,
-      args.max_wiki_articles,
-      args.max_check_passages,
-      args.seed,
-    )
-    plan = {
-      k: getattr(args, k)
-      for k in (
-        "workdir",
-        "config",
-        "policy",
-        "sparsity",
-        "seq_len",
-        "passage_words",
-        "calib_mix",
-        "estimator",
-        "max_wiki_articles",
-        "max_check_passages",
-        "seed",
-      )
-    }
-    plan.update(target_mixes=mixes, pools=pools["counts"])
-    with open(os.path.join(args.runs, "plan.json"), "w", encoding="utf-8") as f:
-      json.dump(plan, f, indent=1)
-    print(f"{PROG}: pools {pools['counts']}", flush=True)
-    extra = ["--estimator", args.estimator]
-    for m in mixes:
-      extra += ["--target-mix", m]
-    run_eval(args, pools["paths"]["A"], os.path.join(args.runs, "A.json"), extra)
-    run_eval(args, pools["paths"]["B"], os.path.join(args.runs, "B.json"), [])
-  report(args)
+  p.add_argument("--docs", default=os.path.join(REPO, "docs"))
+  args = p.parse_args(argv)
+  data = load(args.eval, args.heldout, [s.strip() for s in args.sets.split(",") if s.strip()])
+  print(f"{PROG}: {len(data['texts'])} documents, settings {data['settings']}", flush=True)
+  res = run(data, args.resamples, args.seed)
+  write(res, data, args, args.docs)
   return 0
 
 

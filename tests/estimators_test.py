@@ -257,3 +257,67 @@ def test_bad_mixes():
     E.mix_perplexity(doms, [1.0, 2.0, 3.0], [1, -1, 1], {"a": 1.0})
   with pytest.raises(E.EstimatorError, match="loss_sums"):
     E.mix_perplexity(doms, [1.0, np.nan, 3.0], [1, 1, 1], {"a": 1.0})
+
+
+# ------------------------------------------------ continuous weights: a hand-worked example
+# Five documents, one weight far above the others: mean w = 4, the Ionides boundary
+# tau = sqrt(5) * 4 = 8.944 < 16, so truncation fires on the fifth document only.
+TINY_W = [1.0, 1.0, 1.0, 1.0, 16.0]
+TINY_NLL = [10.0, 20.0, 30.0, 40.0, 100.0]
+TINY_TOK = [10.0, 10.0, 10.0, 10.0, 20.0]
+TINY_TAU = math.sqrt(5) * 4
+
+
+def test_the_four_estimators_of_a_mean_differ_on_a_tiny_weight_vector():
+  f = [1.0, 2.0, 3.0, 4.0, 5.0]
+  assert E.lr_estimate(f, TINY_W).value == pytest.approx((1 + 2 + 3 + 4 + 80) / 5)  # 18
+  assert E.self_normalized_estimate(f, TINY_W).value == pytest.approx(90 / 20)  # 4.5
+  t = E.truncated_estimate(f, TINY_W)
+  assert t.tau == pytest.approx(TINY_TAU)
+  assert t.value == pytest.approx((1 + 2 + 3 + 4 + 5 * TINY_TAU) / 5)  # 2 + tau
+  assert t.truncated_frac == pytest.approx(0.2)
+  assert t.ess == pytest.approx((4 + TINY_TAU) ** 2 / (4 + TINY_TAU**2))
+
+
+def test_target_perplexity_by_hand_with_truncation_that_fires():
+  def by_hand(v, n_target):
+    r = sum(a * b for a, b in zip(v, TINY_NLL)) / sum(a * b for a, b in zip(v, TINY_TOK))
+    resid = [y - r * t for y, t in zip(TINY_NLL, TINY_TOK)]
+    den = sum(a * t for a, t in zip(v, TINY_TOK))
+    se = math.sqrt(5 / 4 * sum((a * e) ** 2 for a, e in zip(v, resid))) / den
+    var_r = sum(a * e * e for a, e in zip(v, resid)) / sum(v)
+    tok_mean = den / sum(v)
+    se_pred = math.sqrt(se**2 + var_r / n_target / tok_mean**2)
+    return r, se, se_pred
+
+  z = 1.959963984540054
+  for method, v in (
+    ("lr", TINY_W),
+    ("self_normalized", TINY_W),
+    ("truncated", [1.0, 1.0, 1.0, 1.0, TINY_TAU]),
+  ):
+    got = E.target_perplexity(TINY_NLL, TINY_TOK, TINY_W, method, n_target=3)
+    r, se, se_pred = by_hand(v, 3)
+    assert got.loss == pytest.approx(r, rel=1e-12), method
+    assert got.loss_se == pytest.approx(se, rel=1e-12), method
+    assert got.perplexity == pytest.approx(math.exp(r), rel=1e-12)
+    assert got.low == pytest.approx(math.exp(r - z * se), rel=1e-9)
+    assert got.high == pytest.approx(math.exp(r + z * se), rel=1e-9)
+    assert got.pred_low == pytest.approx(math.exp(r - z * se_pred), rel=1e-9)
+    assert got.pred_high == pytest.approx(math.exp(r + z * se_pred), rel=1e-9)
+  # the numbers themselves: 1700 / 360 untruncated, 5 (1 + tau) / (2 + tau) truncated
+  assert E.target_perplexity(TINY_NLL, TINY_TOK, TINY_W, "lr").loss == pytest.approx(1700 / 360)
+  t = E.target_perplexity(TINY_NLL, TINY_TOK, TINY_W, "truncated")
+  assert t.loss == pytest.approx(5 * (1 + TINY_TAU) / (2 + TINY_TAU))
+  assert t.truncated_frac == pytest.approx(0.2) and t.tau == pytest.approx(TINY_TAU)
+  # without n_target the prediction interval is the population interval
+  assert (t.pred_low, t.pred_high) == (t.low, t.high)
+
+
+def test_target_perplexity_errors():
+  with pytest.raises(E.EstimatorError, match="one entry per calibration document"):
+    E.target_perplexity(TINY_NLL[:4], TINY_TOK, TINY_W)
+  with pytest.raises(E.EstimatorError, match="n_target must be an integer >= 1"):
+    E.target_perplexity(TINY_NLL, TINY_TOK, TINY_W, n_target=0)
+  with pytest.raises(E.EstimatorError, match="level must lie in"):
+    E.target_perplexity(TINY_NLL, TINY_TOK, TINY_W, level=1.5)

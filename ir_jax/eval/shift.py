@@ -14,6 +14,15 @@ target-mix perplexity is estimated with the likelihood-ratio estimators of
 The second form reads an existing result, runs no model and writes the estimates
 (and a plot beside --json). A target mix equal to the calibration mix gives
 weights of exactly 1 and reproduces the measured curve.
+
+Without domain labels: --target-docs B (a text/JSONL file or a directory of them) holds
+unlabeled documents from where the model will be deployed. A cross-fitted classifier
+between the evaluated documents (their texts read back from the sources the result
+records, or --calib-docs) and B gives per-document weights w(x) = p_B(x) / p_calib(x)
+(`estimators.classifier_weights` on hashed word n-grams), and every setting's perplexity on
+B is estimated with a 95 % interval for the perplexity measured on those B documents:
+
+    python -m ir_jax.eval.shift calib.json --target-docs deploy/ --estimator truncated,psis
 """
 
 from __future__ import annotations
@@ -154,13 +163,159 @@ def estimate_curves(
   }
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".md", ".gz", ".csv")
+
+
+def read_documents(spec: str) -> list[tuple[str, str, str]]:
+  """(text, domain, source) of every document of a text/JSONL file or of every such file
+  under a directory (sorted), read as `python -m ir_jax.eval --data` reads them."""
+  from ir_jax.data import sources
+  from ir_jax.data.config import DataConfig, FileSpec
+
+  if os.path.isdir(spec):
+    paths = sorted(
+      os.path.join(root, f)
+      for root, _, files in os.walk(spec)
+      for f in files
+      if f.lower().endswith(TEXT_SUFFIXES)
+    )
+    if not paths:
+      raise ConfigError(f"{spec}: no text files ({', '.join(TEXT_SUFFIXES)}) in this directory")
+  elif os.path.isfile(spec):
+    paths = [spec]
+  else:
+    raise FileNotFoundError(f"{spec}: no such file or directory")
+  cfg = DataConfig(name="local", files=tuple(FileSpec(os.path.abspath(p)) for p in paths))
+  stats = sources.Stats()
+  docs = [
+    (d.text, d.domain, d.source)
+    for f in sources.resolve_files(cfg)
+    for d in sources.read_documents(f, cfg, stats)
+  ]
+  if not docs:
+    raise ConfigError(f"{spec}: no documents (empty files or records without text)")
+  return docs
+
+
+def calibration_texts(result: dict[str, Any], spec: str | None = None) -> list[str]:
+  """The texts of the result's documents, in its order: read from `spec` (the --data of
+  the evaluation) or, without it, from the files the result's sources ("path:line") name."""
+  docs = result["documents"]
+  if spec is not None:
+    read = read_documents(spec)
+    if len(read) != len(docs):
+      raise ConfigError(
+        f"--calib-docs {spec}: {len(read)} documents, but the result evaluated {len(docs)}; "
+        "give the --data the evaluation read"
+      )
+    return [t for t, _, _ in read]
+  by_source: dict[str, str] = {}
+  for path in dict.fromkeys(str(d.get("source", "")).rpartition(":")[0] for d in docs):
+    if not path or not os.path.isfile(path):
+      raise ConfigError(
+        f"the result's documents come from {path or 'an unnamed source'!r}, which is not a "
+        "readable file here; give their texts with --calib-docs (the evaluation's --data)"
+      )
+    by_source.update({src: t for t, _, src in read_documents(path)})
+  missing = [d["source"] for d in docs if d["source"] not in by_source]
+  if missing:
+    raise ConfigError(
+      f"{len(missing)} evaluated documents (first {missing[0]}) are no longer in their source "
+      "file; give their texts with --calib-docs"
+    )
+  return [by_source[d["source"]] for d in docs]
+
+
+def estimate_documents(
+  result: dict[str, Any],
+  calib_texts: Sequence[str],
+  target: tuple[str, Sequence[str]],
+  methods: Sequence[str] = ("truncated",),
+  *,
+  tau: str | float = "ionides",
+  c: float = 1.0,
+  beta: float = 0.5,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Every setting's perplexity on unlabeled target documents, per method, from classifier
+  density ratios (`estimators.classifier_weights`, `estimators.target_perplexity`).
+
+  Returns {"weights": diagnostics of the ratio fit, "estimates": rows as in
+  `estimate_curves` with "low"/"high" (the 95 % interval for the perplexity measured on the
+  target documents), "skipped"}.
+  """
+  label, target_texts = target
+  tokens = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
+  feats = es.text_features(list(calib_texts) + list(target_texts))
+  dr = es.classifier_weights(feats[: len(calib_texts)], feats[len(calib_texts) :], seed=seed)
+  w = dr.weights
+  rows, skipped = [], []
+  for method in methods:
+    for mode, recs, losses in _settings(result):
+      if not recs:
+        continue
+      try:
+        m = es.target_perplexity(
+          losses, tokens, w, method, n_target=len(target_texts), tau=tau, c=c, beta=beta
+        )
+      except es.EstimatorError as e:
+        skipped.append({"target_mix": label, "method": method, "mode": mode, "reason": str(e)})
+        continue
+      for i, r in enumerate(recs):
+        pick = lambda a: (
+          None if a is None else float(np.asarray(a).reshape(-1)[i if np.size(a) > 1 else 0])
+        )
+        rows.append(
+          {
+            "target_mix": label,
+            "target_documents": len(target_texts),
+            "method": method,
+            "mode": mode,
+            "policy": r["policy"],
+            "sparsity": r["sparsity"],
+            "realized_sparsity": r["realized_sparsity"],
+            "calibration_perplexity": r["perplexity"],
+            "perplexity": pick(m.perplexity),
+            "perplexity_se": pick(m.perplexity) * pick(m.loss_se),
+            "low": pick(m.pred_low),
+            "high": pick(m.pred_high),
+            "ess": pick(m.ess),
+            "truncated_frac": pick(m.truncated_frac),
+            "tau": pick(m.tau),
+            "pareto_k": pick(m.pareto_k),
+            "n": m.n,
+          }
+        )
+  return {
+    "weights": {
+      "target": label,
+      "auc": dr.auc,
+      "penalty": dr.penalty,
+      "calibration": list(dr.calibration),
+      "folds": dr.folds,
+      "mean": float(w.mean()),
+      "max": float(w.max()),
+      "ess": float(w.sum() ** 2 / (w * w).sum()),
+      "values": w.tolist(),
+    },
+    "estimates": rows,
+    "skipped": skipped,
+  }
+
+
 def table(shift: dict[str, Any]) -> str:
   """The estimates as a console table, one block per target mix."""
   calib = ", ".join(f"{d}={p:.3f}" for d, p in sorted(shift["calibration_mix"].items()))
   lines = [f"calibration mix ({shift['documents']} documents): {calib}"]
+  for wt in shift.get("weights", []):
+    lines.append(
+      f"target {wt['target']}: classifier AUC {wt['auc']:.3f} (0.5: indistinguishable), "
+      f"weights mean {wt['mean']:.3f} max {wt['max']:.2f}, ESS {wt['ess']:.1f} of "
+      f"{len(wt['values'])}"
+    )
   head = (
     f"{'method':16s} {'mode':6s} {'policy':8s} {'sparsity':>8s} {'calib ppl':>10s} "
-    f"{'target ppl':>10s} {'+-se':>8s} {'ess':>7s} {'trunc':>6s}"
+    f"{'target ppl':>10s} {'+-se':>8s} {'ess':>7s} {'trunc':>6s} {'95% interval':>19s}"
   )
   for label in dict.fromkeys(e["target_mix"] for e in shift["estimates"]):
     lines += ["", f"target mix {label}", head, "-" * len(head)]
@@ -170,6 +325,7 @@ def table(shift: dict[str, Any]) -> str:
           f"{e['method']:16s} {e['mode']:6s} {e['policy']:8s} {e['sparsity']:8.2f} "
           f"{e['calibration_perplexity']:10.4f} {e['perplexity']:10.4f} "
           f"{e['perplexity_se']:8.3f} {e['ess']:7.1f} {e['truncated_frac']:6.3f}"
+          + (f" {e['low']:9.3f}-{e['high']:<9.3f}" if "low" in e else "")
         )
     for k in shift.get("skipped", []):
       if k["target_mix"] == label:
@@ -239,6 +395,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     "every domain with weight > 0 must occur in the evaluated documents",
   )
   p.add_argument(
+    "--target-docs",
+    action="append",
+    default=[],
+    metavar="PATH",
+    help="unlabeled target documents (a text/JSONL file or a directory of them; repeat for "
+    "several targets): weights from a classifier between them and the evaluated documents",
+  )
+  p.add_argument(
+    "--calib-docs",
+    default=None,
+    metavar="PATH",
+    help="the evaluated documents' texts for --target-docs (default: read back from the "
+    "source files the result names)",
+  )
+  p.add_argument(
     "--estimator",
     default=DEFAULT_METHODS,
     help=f"comma-separated estimators of {','.join(es.METHODS)} (default {DEFAULT_METHODS})",
@@ -255,8 +426,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def from_args(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
-  """The estimates the parsed `add_arguments` options ask for, or None without --target-mix."""
-  if not args.target_mix:
+  """The estimates the parsed `add_arguments` options ask for, or None without --target-mix
+  and --target-docs."""
+  targets = getattr(args, "target_docs", None) or []
+  if not args.target_mix and not targets:
     return None
   mixes = [(t.replace(" ", ""), parse_mix(t)) for t in args.target_mix]
   methods = parse_methods(args.estimator)
@@ -268,23 +441,43 @@ def from_args(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
       raise ConfigError(
         f"--tau {args.tau!r}: expected {' or '.join(es.TAU_RULES)} or a number"
       ) from None
-  return estimate_curves(result, mixes, methods, tau=tau, c=args.tau_c, beta=args.tau_beta)
+  out = estimate_curves(result, mixes, methods, tau=tau, c=args.tau_c, beta=args.tau_beta)
+  if targets:
+    calib = calibration_texts(result, getattr(args, "calib_docs", None))
+    out["weights"] = []
+    for spec in targets:
+      docs = read_documents(spec)
+      got = estimate_documents(
+        result,
+        calib,
+        (f"docs:{spec}", [t for t, _, _ in docs]),
+        methods,
+        tau=tau,
+        c=args.tau_c,
+        beta=args.tau_beta,
+      )
+      out["weights"].append(got["weights"])
+      out["estimates"] += got["estimates"]
+      out["skipped"] += got["skipped"]
+  return out
 
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
     prog="python -m ir_jax.eval.shift",
-    description="Estimated perplexity-vs-sparsity curves for other domain mixes from an "
-    "existing `python -m ir_jax.eval` JSON (its per-document losses and "
-    "domains); runs no model.",
+    description="Estimated perplexity-vs-sparsity curves for other domain mixes, or for "
+    "unlabeled target documents, from an existing `python -m ir_jax.eval` JSON (its "
+    "per-document losses and domains); runs no model.",
   )
   p.add_argument("result", metavar="EVAL_JSON", help="a JSON written by python -m ir_jax.eval")
   add_arguments(p)
   p.add_argument("--json", default=None, help="write the estimates here (plot beside it, .png)")
   p.add_argument("--no-plot", action="store_true", help="do not write the .png plot")
   args = p.parse_args(argv)
-  if not args.target_mix:
-    raise ConfigError("give at least one --target-mix domain=weight,...")
+  if not args.target_mix and not args.target_docs:
+    raise ConfigError(
+      "give at least one --target-mix domain=weight,... or --target-docs FILE_OR_DIRECTORY"
+    )
   if not os.path.isfile(args.result):
     raise FileNotFoundError(f"{args.result}: no such file")
   with open(args.result, encoding="utf-8") as f:
