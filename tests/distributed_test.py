@@ -9,6 +9,9 @@ What is checked against what:
   one process  the same training in this process on 2 of its devices (same mesh
                data=2, same global batches): final forecasters, optimizer state and
                every logged metric bitwise equal to the two-process run
+  restore      a copy with its newest step damaged, rerun as two processes: both
+               restore the step before (process 0's integrity verdict), retrain and
+               end bitwise equal to the undamaged run
 
 Same global batch: each process reads every process_count-th document
 (ir_jax/data/pipeline.py) and packs its own rows, so an unmodified
@@ -264,6 +267,49 @@ def test_two_processes_train_write_once_and_restore(two_process_run):
       np.testing.assert_array_equal(restored[key], saved[key])
       moved += not np.array_equal(restored[key], np.asarray(jax.device_get(v[...])))
   assert moved > 0, f"the forecasters did not change in {STEPS} steps"
+
+
+def test_two_processes_agree_on_the_restore_step_of_a_damaged_run(two_process_run, tmp_path):
+  """A copy of the finished run with its newest step damaged, rerun as two processes:
+  process 0's integrity check rejects step 3, both restore step 2 (orbax, each its
+  shards), retrain step 3 and end bitwise equal to the uninterrupted run."""
+  import shutil
+
+  workdir = str(tmp_path / "w")
+  shutil.copytree(two_process_run["workdir"], workdir)
+  newest = os.path.join(workdir, "checkpoints", "forecaster", str(STEPS), "adapters")
+  files = [os.path.join(r, n) for r, _, names in os.walk(newest) for n in names]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.seek(os.path.getsize(biggest) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  args = [
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    "--workdir",
+    workdir,
+    f"--config.data.data_dir={two_process_run['data_dir']}",
+    *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
+  ]
+  out = io.StringIO()
+  status = _launcher().launch(
+    args, num_processes=2, devices_per_process=1, cwd=REPO, timeout=240, out=out
+  )
+  log = out.getvalue()
+  assert status == 0, log[-3000:]
+  assert f"[p0] checkpoint step {STEPS} of " in log and "changed since it was written" in log
+  assert f"using step {STEPS - 1}" in log, log[-3000:]
+  assert f"[p0] [forecaster] resumed from batch {STEPS - 1}" in log, log[-3000:]
+  for item in ("adapters", "opt_state"):
+    a = _raw(os.path.join(workdir, "checkpoints", "forecaster", str(STEPS), item))
+    b = _raw(
+      os.path.join(two_process_run["workdir"], "checkpoints", "forecaster", str(STEPS), item)
+    )
+    assert set(a) == set(b) and a
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{item} {key}")
 
 
 def test_two_processes_equal_one_process_on_the_same_global_batches(
