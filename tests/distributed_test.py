@@ -294,8 +294,8 @@ def test_two_processes_agree_on_the_restore_step_of_a_damaged_run(two_process_ru
     *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
   ]
   out = io.StringIO()
-  status = _launcher().launch(
-    args, num_processes=2, devices_per_process=1, cwd=REPO, timeout=240, out=out
+  status = _launcher().launch(  # a fresh start: model load and compiles, as the first run
+    args, num_processes=2, devices_per_process=1, cwd=REPO, timeout=400, out=out
   )
   log = out.getvalue()
   assert status == 0, log[-3000:]
