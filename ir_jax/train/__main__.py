@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ir_jax import absl_cli
 from ir_jax.progress import Heartbeat, doing
 
 if TYPE_CHECKING:
@@ -50,6 +49,7 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 PROG = "ir_jax.train"
+HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-?")  # as ir_jax.absl_cli's
 # "  ... WHAT (Ns so far)" whenever the output has been quiet for 8 s (ir_jax.progress)
 _HEARTBEAT = Heartbeat()
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped after a checkpoint; rerun to resume
@@ -61,13 +61,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   A --workdir that cannot be a directory is refused first, before the config file
   imports JAX (seconds); a heartbeat starts here too, so that no stretch of the run,
   the imports included, is silent for long."""
-  if not any(a in absl_cli.HELP_FLAGS for a in argv[1:]):
+  if not any(a in HELP_FLAGS for a in argv[1:]):
     problem = workdir_problem(_flag_value(argv, "workdir"))
     if problem:
       print(f"{PROG}: error: {problem}", file=sys.stderr)
       sys.exit(2)
     _HEARTBEAT.start()
   with doing("importing JAX and reading the config"):
+    from ir_jax import absl_cli  # imports JAX (through ir_jax.config)
+
     return absl_cli.parse_flags(argv, PROG, __doc__)
 
 
