@@ -221,7 +221,7 @@ def two_process_run(tmp_path_factory) -> dict[str, str]:
   ]
   out = io.StringIO()
   status = _launcher().launch(
-    args, num_processes=2, devices_per_process=1, cwd=REPO, timeout=240, out=out
+    args, num_processes=2, devices_per_process=1, cwd=REPO, timeout=400, out=out
   )
   log = out.getvalue()
   assert status == 0, log[-3000:]
