@@ -243,7 +243,11 @@ def test_static_run_at_a_flops_budget_trains_a_0_1_table_that_meets_it(tmp_path)
   table = np.asarray(m.routing.capacity[...])
   assert set(np.unique(table)) <= {0.0, 1.0} and (table == 0).any()
   spec = R.trained_spec(m, R.RoutingSpec(policy="static", flops=0.8), seq_len=cfg_seq(wd))
-  assert abs(R.flops(m.config, spec, cfg_seq(wd))["executed_fraction"] - 0.8) <= 0.02 + 1e-9
+  got = R.flops(m.config, spec, cfg_seq(wd))["executed_fraction"]
+  # Within one unit's switch of the budget (a few units: coarse), and never far above it.
+  from ir_jax.routing.budget import unit_step
+
+  assert abs(got - 0.8) <= max(0.02, unit_step(m.config, cfg_seq(wd), "static")) + 1e-9
 
 
 def cfg_seq(wd) -> int:

@@ -184,6 +184,17 @@ def _fill(table, slack, d, shape, cfg, seq_len, dense_tok) -> np.ndarray:
   return table
 
 
+def unit_step(cfg: LlamaConfig, seq_len: int, policy: str = "informed") -> float:
+  """The largest share of dense FLOPs one unit saves when forecast instead of executed:
+  how closely a table of whole units (0/1 capacities) can meet a budget."""
+  steps = []
+  for u in range(2):
+    t = np.ones((cfg.num_layers, 2))
+    t[0, u] = 0.0
+    steps.append(1.0 - table_flops(cfg, t, seq_len, policy))
+  return max(steps)
+
+
 def table_for_flops(
   cfg: LlamaConfig,
   table: Iterable[Iterable[float]],
@@ -206,7 +217,9 @@ def table_for_flops(
 
   now = frac(hi_s)
   static = bool(np.all((base == 0) | (base == 1)))
-  if abs(now - budget) <= (STATIC_SLACK if static else BUDGET_TOL):
+  # Whole units cannot meet a budget closer than one unit's switch from execute to forecast.
+  slack = max(STATIC_SLACK, unit_step(cfg, seq_len, policy)) if static else BUDGET_TOL
+  if abs(now - budget) <= slack:
     return tuple((float(a), float(m)) for a, m in base)  # the budget it was allocated for
   if static:
     raise ConfigError(
