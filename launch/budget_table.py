@@ -272,6 +272,14 @@ def _markdown(rows: list[dict], commit: dict, path: Path, a: argparse.Namespace)
       )
     lines.append("")
   lines += ["![perplexity x dense against executed FLOPs](results_flops.png)", ""]
+  reading = path.parent / "results_flops_reading.md"
+  if reading.is_file():  # hand-written: what the numbers say, kept beside the generated page
+    lines += [
+      "## Reading (hand-written in `results_flops_reading.md`, not generated)",
+      "",
+      reading.read_text(encoding="utf-8").strip(),
+      "",
+    ]
   path.write_text("\n".join(lines), encoding="utf-8")
 
 
