@@ -32,9 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
       random_init=False,  # True: random weights instead (smoke tests of the pod setup)
     )
   )
-  # C4 from the TFDS catalogue, prepared as array_record where the network is
-  # reachable (python -m ir_jax.data prepare --config ...; copy data_dir to
-  # the pod or point it at a bucket). The tokenizer comes from model.checkpoint.
+  # C4 as array_record. The route a user can take: the public release's json.gz
+  # shards through `python -m ir_jax.data c4 --src 'c4/en/c4-train.*.json.gz' --out DIR`,
+  # which prints the data.name / data.data_dir to set here (docs/scaling.md, step 3).
+  # The TFDS catalogue's c4/en below needs Apache Beam to build. The tokenizer
+  # comes from model.checkpoint.
   cfg.data = ml_collections.ConfigDict(
     dict(
       name="c4/en",
