@@ -17,20 +17,40 @@ import pytest
 
 from ir_jax.data.config import DataConfig, DataError, FileSpec
 from ir_jax.eval import __main__ as eval_main
-from ir_jax.train import __main__ as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _workdir_problems(paths: list[str]) -> list[str | None]:
+  # In a child process: ir_jax.train.__main__ defines absl flags (--config, ...) that
+  # other CLIs imported by this test session (ir_jax.aot) define too.
+  import json
+
+  code = (
+    "import json, sys; from ir_jax.train.__main__ import workdir_problem; "
+    "print(json.dumps([workdir_problem(p) for p in json.loads(sys.argv[1])]))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code, json.dumps(paths)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_workdir_problems_are_found_without_importing_anything(tmp_path):
   f = tmp_path / "notes.txt"
   f.write_text("x")
-  assert train_main.workdir_problem(str(tmp_path / "new" / "run")) is None
-  assert train_main.workdir_problem(str(tmp_path)) is None
-  assert "exists and is not a directory" in train_main.workdir_problem(str(f))
-  under = train_main.workdir_problem(str(f / "run" / "deeper"))
+  new, here, file, under, bucket = _workdir_problems(
+    [str(tmp_path / "new" / "run"), str(tmp_path), str(f), str(f / "run" / "deeper"), "gs://b/r"]
+  )
+  assert new is None and here is None
+  assert "exists and is not a directory" in file
   assert f"{f} is a file, so no directory can be made under it" in under
-  assert train_main.workdir_problem("gs://bucket/run") is None  # refused later, by name
+  assert bucket is None  # refused later, by name
 
 
 def test_train_refuses_a_workdir_under_a_file_in_one_line(tmp_path):
