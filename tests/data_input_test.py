@@ -291,8 +291,8 @@ def test_shipped_configs_have_data_sections(name):
     files = resolve_files(d, REPO)
     assert files
     if name == "smollm2_135m":
-      assert {f.domain for f in files} == {"shakespeare", "news"}
-      assert len(files) == 43
+      assert {f.domain for f in files} == {"shakespeare", "news", "wiki"}
+      assert len(files) == 44  # 42 plays, the news file, the Wikipedia JSONL
   if name == "tiny":
     assert load_text_tokenizer(d.tokenizer).vocab_size == cfg.model.vocab_size
 
