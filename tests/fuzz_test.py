@@ -523,11 +523,11 @@ BAD_CLI = st.one_of(
 
 @pytest.fixture(scope="module")
 def not_a_dir(tmp_path_factory):
-  # As --workdir: a config that somehow validated would stop at "is not a directory"
-  # (which the test then reports) instead of training.
-  path = tmp_path_factory.mktemp("cli") / "workdir-is-a-file"
-  path.write_text("")
-  return str(path)
+  # As --workdir: a directory that does not exist yet. (ir_jax.train checks the workdir
+  # before it loads the config, so a workdir that is a file would hide the config error
+  # this test looks for; a config that somehow validated starts training, which the
+  # test reports as a timeout or a wrong exit code.)
+  return str(tmp_path_factory.mktemp("cli") / "fresh-run")
 
 
 @fuzz("cli")
