@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from ir_jax import routing as R
-from ir_jax.bench_programs import Variant, build_variants
+from ir_jax.bench_programs import Variant, _stats, build_variants
 from ir_jax.bench_tpu import tpu_table, tpu_view
 from ir_jax.config import ConfigError, LlamaConfig, from_config_dict
 from ir_jax.model import init_model
@@ -113,14 +113,6 @@ def time_variants(
     log(
       f"round {r + 1}/{reps}: " + "  ".join(f"{v.name} {v.times[-1] * 1e3:.0f}ms" for v in variants)
     )
-
-
-def _stats(x: Sequence[float]) -> dict[str, float]:
-  a = np.asarray(x, np.float64)
-  q25, med, q75 = np.percentile(a, [25, 50, 75])
-  return dict(
-    median=float(med), q25=float(q25), q75=float(q75), min=float(a.min()), max=float(a.max())
-  )
 
 
 def _decode_fractions(cfg: LlamaConfig, v: Variant, cache_len: int) -> None:

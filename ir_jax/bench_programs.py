@@ -264,3 +264,12 @@ def _decode_variants(
         Variant(f"decode/rows@{s:g}", "decode", s, "rows", compiled, (state, feed_BxN), n, info)
       )
   return out
+
+
+def _stats(x: Sequence[float]) -> dict[str, float]:
+  """Median, quartiles and range of a list of timings (or ratios)."""
+  a = np.asarray(x, np.float64)
+  q25, med, q75 = np.percentile(a, [25, 50, 75])
+  return dict(
+    median=float(med), q25=float(q25), q75=float(q75), min=float(a.min()), max=float(a.max())
+  )

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ir_jax import routing as R
-from ir_jax.bench_programs import Variant, _compile
+from ir_jax.bench_programs import Variant, _compile, _stats
 from ir_jax.config import ConfigError
 from ir_jax.model import Llama
 
@@ -189,7 +189,6 @@ def summarize(
 ) -> dict[str, Any]:
   """Per length and for decode: dense and routed times, speedup (median of each, and per
   round), the FLOP ideal beside it and their ratio (efficiency)."""
-  from ir_jax.bench import _stats
 
   by = {v.name: v for v in variants}
 
