@@ -15,7 +15,9 @@ units execute or are forecast, chosen by the same probes). Each arm is evaluated
 informed arm also with the random policy (its table moved to the same budget
 under random's cost, which has no router) and the oracle (informed's table; it
 runs every unit to rank tokens, so its FLOPs are not its point), and at the
-paper's pair sparsities 0.25 and 0.4 (the table rescaled), as is greedy.
+paper's pair sparsities 0.25 and 0.4 (the table rescaled), as is greedy. At
+--lora-budget, informed+lora and greedy+lora add the LoRA stage (--lora-steps steps of
+4 x 256 tokens, base model frozen) on top of that arm's run, routing with its table.
 
 Held-out sets (built once with `launch/quality_table.py heldout`, round-robin
 over domains, each document cut to its first 1,024 tokens (wiki: 2,048)):
@@ -141,6 +143,34 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
         ]
         cmd += ["--flops", str(b), "--sparsity", pairs, "--json", str(js), "--no-plot"]
         out.append((f"eval {policy} {b:g} on {name}", js, cmd))
+    if b == a.lora_budget and a.lora_steps > 0:
+      out += _lora_steps(a, b)
+  return out
+
+
+def _lora_steps(a: argparse.Namespace, b: float) -> list[tuple[str, Path, list[str]]]:
+  """informed+lora and greedy+lora at budget b: the LoRA stage on top of each arm's run
+  (its forecasters, routers and table), routing as deployed, then evaluated like the arm."""
+  runs = Path(a.runs)
+  py = sys.executable
+  out: list[tuple[str, Path, list[str]]] = []
+  for policy in ("informed", "greedy"):
+    wd = runs / f"{policy}+lora_{b:g}"
+    extra = [
+      "--config.train.stages=lora",
+      f"--config.train.init_from={runs / f'{policy}_{b:g}'}",
+      f"--config.routing.policy={policy}",
+      f"--config.routing.flops={b}",
+      f"--config.train.lora.steps={a.lora_steps}",
+      "--config.train.checkpoint_every=10",
+    ]
+    out.append((f"train {policy}+lora {b:g}", wd / "train_summary.json", _train_cmd(wd, extra)))
+    for name in SETS:
+      js = runs / "eval" / name / f"{policy}+lora_{b:g}.json"
+      cmd = [py, "-m", "ir_jax.eval", "--workdir", str(wd), "--data"]
+      cmd += [str(runs / "heldout" / f"{name}.jsonl"), "--policy", f"dense,{policy}"]
+      cmd += ["--flops", str(b), "--sparsity", "", "--json", str(js), "--no-plot"]
+      out.append((f"eval {policy}+lora {b:g} on {name}", js, cmd))
   return out
 
 
@@ -160,6 +190,8 @@ def report(a: argparse.Namespace) -> None:
       for r in res["records"]:
         if r["policy"] == "dense" and not arm.startswith("informed"):
           continue  # dense once per set
+        if "+lora" in arm and r["policy"] != "dense":
+          r = dict(r, policy=r["policy"] + "+lora")
         budget = r.get("flops_budget") or 0.0
         rows.append(
           {
@@ -208,7 +240,15 @@ def _plot(rows: list[dict], path: Path) -> None:
   sets = list(SETS)
   fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
   for ax, name in zip(axes[0], sets):
-    for policy in ("informed", "greedy", "random", "oracle", "static"):
+    for policy in (
+      "informed",
+      "greedy",
+      "random",
+      "oracle",
+      "static",
+      "informed+lora",
+      "greedy+lora",
+    ):
       pts = sorted(
         (r["flops_fraction"], r["ratio"], r["ci_low"], r["ci_high"])
         for r in rows
@@ -292,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--max-tokens", type=int, default=16384, help="tokens per held-out set")
   p.add_argument("--probe-batches", type=int, default=2, help="batches of the loss probes")
   p.add_argument("--pair-arm", type=float, default=0.8, help="arm also evaluated at pairs")
+  p.add_argument("--lora-budget", type=float, default=0.8, help="budget of the +lora arms")
+  p.add_argument("--lora-steps", type=int, default=100, help="LoRA steps (0: no +lora arms)")
   p.add_argument("--report-only", action="store_true")
   p.add_argument("--dry-run", action="store_true")
   a = p.parse_args(argv)
