@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--probe-batches", type=int, default=2, help="batches of the loss probes")
   p.add_argument("--pair-arm", type=float, default=0.8, help="arm also evaluated at pairs")
   p.add_argument("--lora-budget", type=float, default=0.8, help="budget of the +lora arms")
-  p.add_argument("--lora-steps", type=int, default=100, help="LoRA steps (0: no +lora arms)")
+  p.add_argument("--lora-steps", type=int, default=40, help="LoRA steps (0: no +lora arms)")
   p.add_argument("--report-only", action="store_true")
   p.add_argument("--dry-run", action="store_true")
   a = p.parse_args(argv)
