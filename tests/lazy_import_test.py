@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,3 +69,53 @@ def test_train_package_names_still_import():
     "assert run is r and T.run is r\n"
     "assert set(T.__all__) <= set(dir(T))\n"
   )
+
+
+def test_cli_main_loads_no_module_that_raises():
+  loaded = _loaded_after("from ir_jax.errors import USER_ERRORS, cli_main")
+  assert sorted(m for m in loaded if m.startswith("ir_jax")) == [
+    "ir_jax",
+    "ir_jax.base_error",
+    "ir_jax.errors",
+  ]
+  assert "jax" not in loaded
+
+
+def test_every_user_error_class_is_caught_by_cli_main(capsys):
+  from ir_jax.checkpoint import CheckpointError
+  from ir_jax.config import ConfigError
+  from ir_jax.convert.export import ExportError
+  from ir_jax.convert.safetensors_io import SafetensorsError
+  from ir_jax.convert.sources import WeightImportError
+  from ir_jax.data.config import DataError
+  from ir_jax.errors import USER_ERRORS, cli_main
+  from ir_jax.eval.estimators import EstimatorError
+  from ir_jax.tokenizer import TokenizerError
+
+  classes = (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EstimatorError,
+    ExportError,
+    SafetensorsError,
+    TokenizerError,
+    WeightImportError,
+  )
+  for cls in classes:
+    assert issubclass(cls, ValueError), cls  # callers that catch ValueError still do
+
+    def fail(cls=cls):
+      raise cls("first line\nsecond line")
+
+    with pytest.raises(SystemExit) as info:
+      cli_main(fail, "prog")
+    assert info.value.code == 2, cls
+    assert capsys.readouterr().err == "prog: error: first line\n", cls
+  assert isinstance(FileNotFoundError("x"), USER_ERRORS)
+
+  def bug():
+    raise ValueError("a plain ValueError is a bug, not a user error")
+
+  with pytest.raises(ValueError):
+    cli_main(bug, "prog")
