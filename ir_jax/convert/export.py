@@ -36,6 +36,7 @@ from ir_jax import checkpoint
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.convert import mapping, routing_io
 from ir_jax.convert.safetensors_io import tensor_nbytes, write_streaming
+from ir_jax.rundir import is_run, read_run, stage_dir
 
 FORMATS = ("hf", "reference")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -189,8 +190,6 @@ def _check_checkpoint(path: str) -> None:
 
 def _newest_step(workdir: str, stages: list[str]) -> tuple[str, int]:
   """The (stage, step) whose adapters `run_result` loads, after checking it is complete."""
-  from ir_jax.train.rundir import stage_dir
-
   for stage in stages:
     pending = _orbax_pending(stage_dir(workdir, stage))
     if pending:
@@ -226,12 +225,12 @@ def _restore_run(workdir: str, cfg: LlamaConfig, base_path: str, stage: str, ste
   from flax import nnx
 
   from ir_jax.model import abstract_model
-  from ir_jax.train import checkpoints, rundir, steps
+  from ir_jax.train import checkpoints, steps
 
   _, abs_state = nnx.split(abstract_model(cfg))
   abs_adapters, abs_base = nnx.split_state(abs_state, steps.ADAPTERS, ...)
   mgr = ocp.CheckpointManager(
-    rundir.stage_dir(workdir, stage),
+    stage_dir(workdir, stage),
     options=ocp.CheckpointManagerOptions(create=False),
     item_handlers={"adapters": ocp.StandardCheckpointHandler()},
   )
@@ -262,10 +261,8 @@ def open_trained(path: str) -> Trained:
   from ir_jax import convert
 
   path = os.path.abspath(os.fspath(path))
-  if os.path.isfile(os.path.join(path, "run.json")):
-    from ir_jax.train import rundir
-
-    meta = rundir.read_run(path)
+  if is_run(path):
+    meta = read_run(path)
     stage, step = _newest_step(path, list(meta["stages"]))
     base = meta.get("base") or {}
     cfg = LlamaConfig.from_dict(meta["model"])
@@ -277,10 +274,9 @@ def open_trained(path: str) -> Trained:
       from flax import nnx
 
       from ir_jax import sharding
+      from ir_jax.train.rundir import run_result
 
-      model_state = rundir.run_result(
-        path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()])
-      )
+      model_state = run_result(path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()]))
       params, tok_dir = nnx.to_pure_dict(model_state.state), None
     return Trained(
       cfg,
