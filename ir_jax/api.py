@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-from ir_jax import checkpoint
+from ir_jax import checkpoint, convert
 from ir_jax.model import Llama
+from ir_jax.rundir import is_run
 
 
 def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None = None) -> Llama:
@@ -16,17 +17,15 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
   HuggingFace Llama directory (config.json + safetensors) or a `.gguf` file. `dtype` / `param_dtype`
   override the compute and parameter dtypes ("float32", "bfloat16").
   """
-  from ir_jax import convert  # avoids an import cycle at package import
-
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
   path = os.fspath(path)
-  if os.path.isfile(os.path.join(path, "run.json")):
+  if is_run(path):
     if overrides:
       raise ValueError(
         "dtype overrides are not supported for training workdirs; the run's "
         "model config decides them"
       )
-    from ir_jax.train.rundir import load_run_model
+    from ir_jax.train.rundir import load_run_model  # training code, only for workdirs
 
     return load_run_model(path)
   if os.path.isdir(path) and checkpoint.is_checkpoint(path):

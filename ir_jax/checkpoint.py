@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ir_jax.base_error import IrJaxError
 from ir_jax.config import ConfigError, LlamaConfig, read_json_object
 from ir_jax.forecast import NO_TABLE
 
@@ -32,7 +33,7 @@ FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IrJaxError, ValueError):
   """A checkpoint directory is missing a piece or is not an ir_jax checkpoint."""
 
 

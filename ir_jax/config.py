@@ -12,6 +12,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from ir_jax.base_error import IrJaxError
+
 # Upper bounds that no real Llama comes near; they stop a hostile or mistyped
 # config from asking for terabytes before anything is validated.
 _MAX_VOCAB = 4_000_000
@@ -23,7 +25,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(IrJaxError, ValueError):
   """A configuration value is missing, malformed or out of range."""
 
 

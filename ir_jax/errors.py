@@ -1,26 +1,20 @@
-"""The errors a user can meet, and the one-line CLI handler for them."""
+"""The errors a user can meet, and the one-line CLI handler for them.
+
+Every ir_jax error a user can fix subclasses `IrJaxError` where it is raised
+(ConfigError, CheckpointError, DataError, EstimatorError, SafetensorsError,
+TokenizerError, WeightImportError, ...), so this module imports only the base
+class and any `__main__` can use `cli_main` without loading the modules above.
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
-from ir_jax.checkpoint import CheckpointError
-from ir_jax.config import ConfigError
-from ir_jax.convert.safetensors_io import SafetensorsError
-from ir_jax.convert.sources import WeightImportError
-from ir_jax.data.config import DataError
-from ir_jax.eval.estimators import EstimatorError
-from ir_jax.tokenizer import TokenizerError
+from ir_jax.base_error import IrJaxError
 
 USER_ERRORS = (
-  ConfigError,
-  CheckpointError,
-  DataError,
-  EstimatorError,
-  SafetensorsError,
-  TokenizerError,
-  WeightImportError,
+  IrJaxError,
   FileNotFoundError,
   FileExistsError,
   NotADirectoryError,

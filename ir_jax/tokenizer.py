@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Union
 import gguf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from ir_jax.base_error import IrJaxError
+
 # llama.cpp token types (gguf.TokenType): NORMAL=1, UNKNOWN=2, CONTROL=3,
 # USER_DEFINED=4, UNUSED=5, BYTE=6.
 _CONTROL = 3
@@ -48,7 +50,7 @@ GGUFLike = Union[gguf.GGUFReader, "GGUFFile"]
 TOKENIZER_JSON = "tokenizer.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(IrJaxError, ValueError):
   """A tokenizer file is missing a piece, malformed or of an unsupported kind."""
 
 

@@ -81,3 +81,109 @@ def test_package_import_graph_is_acyclic():
   assert "ir_jax.routing.spec" in graph["ir_jax.routing.forward"]
   assert "ir_jax.routing.forward" in graph["ir_jax.routing"]
   assert _cycles(graph) == []
+
+
+# ------------------------------------------------------------ package level
+# A package-level arrow that closes a cycle, allowed until the named work
+# removes it. Each entry must still exist (a removed one is dropped from here),
+# and with these arrows taken out the package graph must be acyclic.
+ALLOWED_UPWARD = {
+  # fit.py imports train.steps.lm_loss; lm_loss moves to a lower floor (issue 28).
+  ("ir_jax.fit", "ir_jax.train"),
+  # export restores a run's adapters with train.checkpoints.restore_adapters (its
+  # old-checkpoint back-fill) and train.steps.ADAPTERS, and a random base with
+  # train.rundir.run_result; routing_io builds a run's spec with train.config.routing_spec.
+  # They go once the back-fill, the adapter lists and the spec builder sit below train.
+  ("ir_jax.convert", "ir_jax.train"),
+  # tokenizer reads GGUF vocabularies with convert.gguf_io (a file format reader
+  # that belongs below both).
+  ("ir_jax.tokenizer", "ir_jax.convert"),
+  # train.stepfns uses eval.bootstrap (statistics) while eval's drivers use the API,
+  # which loads training workdirs; the one held-out evaluator (issue 28) decides its home.
+  ("ir_jax.train", "ir_jax.eval"),
+}
+
+
+def _package(module: str) -> str:
+  """ir_jax.train.loop -> ir_jax.train; ir_jax.fit -> ir_jax.fit."""
+  return ".".join(module.split(".")[:2])
+
+
+def _package_graph() -> dict[str, set[str]]:
+  mods = _modules()
+  graph: dict[str, set[str]] = {}
+  for m, p in mods.items():
+    graph.setdefault(_package(m), set()).update(_package(d) for d in _imports(p, mods))
+  for pkg, deps in graph.items():
+    deps.discard(pkg)
+  return graph
+
+
+def test_package_collapse():
+  assert _package("ir_jax.train.loop") == "ir_jax.train"
+  assert _package("ir_jax.train") == "ir_jax.train"
+  assert _package("ir_jax.fit") == "ir_jax.fit"
+  assert _package("ir_jax") == "ir_jax"
+
+
+def test_package_graph_is_acyclic_but_for_the_allowed_arrows():
+  graph = _package_graph()
+  # Function-local imports count: train/rundir's import of convert is one the
+  # graph must see (it closed the train <-> convert cycle before export stopped
+  # reading run directories through train).
+  assert "ir_jax.convert" in graph["ir_jax.train"]
+  assert "ir_jax.rundir" in graph["ir_jax.convert"] and "ir_jax.rundir" in graph["ir_jax.train"]
+  stale = sorted(e for e in ALLOWED_UPWARD if e[1] not in graph.get(e[0], set()))
+  assert not stale, f"{stale} no longer exist; drop them from ALLOWED_UPWARD"
+  pruned = {a: {b for b in deps if (a, b) not in ALLOWED_UPWARD} for a, deps in graph.items()}
+  assert _cycles(pruned) == [], "package-level import cycles (function-local imports included)"
+
+
+def test_bottom_floor_modules_import_no_ir_jax_module():
+  mods = _modules()
+  for m in ("ir_jax.base_error",):
+    assert _imports(mods[m], mods) == set(), m
+  assert _imports(mods["ir_jax.errors"], mods) == {"ir_jax.base_error"}
+  assert _imports(mods["ir_jax.rundir"], mods) == {"ir_jax.config"}
+
+
+# ------------------------------------------------------------ function-local imports
+# Imports of ir_jax modules inside function bodies. Each one hides an arrow from
+# a reader of the module's head; the ceiling only goes down (78 before issue 28; goal ~15).
+LOCAL_IMPORT_CEILING = 65
+
+
+def _local_imports(path: str) -> list[int]:
+  """Line numbers of imports of ir_jax modules inside functions of the file at `path`."""
+  lines = set()
+  for fn in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      for node in ast.walk(fn):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+          if node.module.split(".")[0] == "ir_jax":
+            lines.add(node.lineno)
+        elif isinstance(node, ast.Import):
+          if any(a.name.split(".")[0] == "ir_jax" for a in node.names):
+            lines.add(node.lineno)
+  return sorted(lines)
+
+
+def test_local_import_counter(tmp_path):
+  src = tmp_path / "m.py"
+  src.write_text(
+    "import ir_jax.model\n"
+    "def f():\n"
+    "  import numpy\n"
+    "  from ir_jax import config\n"
+    "  def g():\n"
+    "    import ir_jax.fit as F\n"
+    "  return config\n"
+  )
+  assert _local_imports(str(src)) == [4, 6]
+
+
+def test_function_local_imports_stay_under_the_ceiling():
+  found = {m: _local_imports(p) for m, p in _modules().items()}
+  total = sum(len(v) for v in found.values())
+  listing = ", ".join(f"{m}:{len(v)}" for m, v in sorted(found.items()) if v)
+  assert total <= LOCAL_IMPORT_CEILING, f"{total} function-local ir_jax imports ({listing})"

@@ -7,7 +7,7 @@ import time
 
 from ir_jax.config import refuse_remote
 from ir_jax.convert import FORMATS, import_weights
-from ir_jax.convert.export import DEFAULT_SHARD_SIZE
+from ir_jax.convert.export import DEFAULT_SHARD_SIZE, export
 from ir_jax.convert.export import FORMATS as EXPORT_FORMATS
 from ir_jax.errors import cli_main
 from ir_jax.progress import Progress
@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
       log=lambda m: print(m, flush=True),
     )
   else:
-    from ir_jax.convert.export import export
-
     print(f"exporting {args.src} ({args.format}) ...", flush=True)
     out = export(
       args.src,

@@ -15,6 +15,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from ir_jax.base_error import IrJaxError
+
 _DTYPES = {
   "F64": np.dtype(np.float64),
   "F32": np.dtype(np.float32),
@@ -39,7 +41,7 @@ def _is_int(v: object) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(IrJaxError, ValueError):
   """A safetensors file is malformed or inconsistent."""
 
 

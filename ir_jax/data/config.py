@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ir_jax.base_error import IrJaxError
 from ir_jax.config import ConfigError, refuse_remote
 
 LOCAL = "local"  # data.name for the local-text builder over data.files
@@ -16,7 +17,7 @@ BAD_RECORDS = ("error", "skip")
 BYTE_TOKENIZER = "byte"  # data.tokenizer for the built-in 257-token byte tokenizer
 
 
-class DataError(ValueError):
+class DataError(IrJaxError, ValueError):
   """Input data is missing, unprepared or malformed in a way the user must fix."""
 
 

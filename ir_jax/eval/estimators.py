@@ -30,6 +30,8 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
+from ir_jax.base_error import IrJaxError
+
 METHODS = ("lr", "self_normalized", "truncated", "psis")
 TAU_RULES = ("ionides", "power")
 # Target weights within this relative distance of 1 are set to exactly 1, so that a
@@ -38,7 +40,7 @@ _UNIT_WEIGHT_RTOL = 1e-12
 _PSIS_MIN_SAMPLES = 25  # PSIS fits a Pareto tail to >= 5 draws (n / 5 below 225 draws)
 
 
-class EstimatorError(ValueError):
+class EstimatorError(IrJaxError, ValueError):
   """Weights, values or mixes that no estimate can be computed from."""
 
 

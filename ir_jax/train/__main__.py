@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ir_jax.errors import USER_ERRORS
 from ir_jax.progress import Heartbeat, doing
 
 if TYPE_CHECKING:
@@ -123,7 +124,6 @@ def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.* flag")
   from ir_jax.config import refuse_remote
-  from ir_jax.errors import USER_ERRORS
   from ir_jax.train import Preempted, TrainingError, run, settings_from_config
 
   cfg = _CONFIG.value

@@ -1,12 +1,7 @@
-"""The run directory (--workdir) of ir_jax.train, as training, export, eval and the API read it.
+"""The run directory (--workdir) of ir_jax.train: checks, base weights, run.json, the result.
 
-Workdir layout:
-  run.json                   model config, base weights, the config (a rerun must match)
-  base/                      the imported base model (when model.checkpoint is GGUF / HF)
-  checkpoints/<stage>/<N>/   orbax CheckpointManager steps: adapters (forecasters,
-                             routers, thresholds, LoRA), optimizer state, data iterator
-                             state, metadata; N counts batches of that stage
-  metrics.jsonl, tensorboard/, eval.json
+The layout and the readers that need no training code (`read_run`, `stage_dir`,
+`RUN_FILE`) live in `ir_jax.rundir`, and are importable from here too.
 """
 
 from __future__ import annotations
@@ -23,10 +18,12 @@ from flax import nnx
 from ir_jax import checkpoint as model_ckpt
 from ir_jax import sharding as sh
 from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.convert import import_weights
 from ir_jax.data.builder import catalogue_ready
 from ir_jax.data.config import LOCAL
 from ir_jax.files import write_json
 from ir_jax.model import Llama
+from ir_jax.rundir import RUN_FILE, RUN_FORMAT, RUN_VERSION, read_run, stage_dir
 from ir_jax.train.checkpoints import open_manager, restore_adapters, restore_whole
 from ir_jax.train.config import Settings
 from ir_jax.train.metrics import log
@@ -40,10 +37,6 @@ from ir_jax.train.state import (
   shape_diff,
 )
 
-RUN_FILE = "run.json"
-RUN_FORMAT = "ir_jax.run"
-RUN_VERSION = 1
-
 
 def barrier(name: str) -> None:
   """Waits for every process (process 0 alone writes the workdir's shared files)."""
@@ -51,19 +44,6 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(f"ir_jax.train.{name}")
-
-
-def read_run(workdir: str) -> dict[str, Any] | None:
-  """The run.json of `workdir`, checked to be one this version writes; None if absent."""
-  path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path):
-    return None
-  from ir_jax.config import read_json_object
-
-  meta = read_json_object(path, ConfigError)
-  if meta.get("format") != RUN_FORMAT or meta.get("version") != RUN_VERSION:
-    raise ConfigError(f"{path}: not an ir_jax run of format {RUN_FORMAT} v{RUN_VERSION}")
-  return meta
 
 
 def check_renames(workdir: str) -> None:
@@ -190,8 +170,6 @@ def resolve_base(s: Settings, workdir: str) -> dict[str, Any]:
         "every host reads it (the bucket), and set model.checkpoint=DIR (docs/scaling.md)"
       )
     if jax.process_index() == 0:
-      from ir_jax.convert import import_weights
-
       t0 = time.time()
       log(f"importing base weights {src} -> {base} ...")
       import_weights(src, base, param_dtype=s.model.param_dtype, overwrite=True)
@@ -213,11 +191,6 @@ def write_run(workdir: str, s: Settings, base: dict[str, Any]) -> None:
     "config": s.raw,
   }
   write_json(os.path.join(workdir, RUN_FILE), meta, indent=2, default=str)
-
-
-def stage_dir(workdir: str, stage: str) -> str:
-  """The checkpoint directory of `stage` in `workdir`."""
-  return os.path.join(os.path.abspath(workdir), "checkpoints", stage)
 
 
 def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelState:
