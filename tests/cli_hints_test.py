@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from ir_jax.data.config import DataConfig, DataError, FileSpec
-from ir_jax.eval import __main__ as eval_main
+from ir_jax.eval import documents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +84,7 @@ def test_eval_encoding_hint_names_what_eval_accepts(tmp_path):
   binary = tmp_path / "tool.txt"
   binary.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe\x80 some text\n")
   with pytest.raises(DataError) as e:
-    eval_main._local_docs(DataConfig(files=(FileSpec(str(binary)),), tokenizer="byte"), str(binary))
+    documents.local_docs(DataConfig(files=(FileSpec(str(binary)),), tokenizer="byte"), str(binary))
   msg = str(e.value)
   assert "not valid UTF-8" in msg and "iconv" in msg and "--config" in msg
   assert "data.files" not in msg  # a field ir_jax.eval has no flag for
