@@ -38,6 +38,7 @@ sys.path.insert(0, REPO)
 
 from ir_jax import plotting  # noqa: E402
 from ir_jax.eval import estimators as es  # noqa: E402
+from ir_jax.files import write_json  # noqa: E402
 
 PROG = "shift_experiment"
 METHODS = ("lr", "self_normalized", "truncated", "psis")
@@ -239,9 +240,7 @@ def write(res: dict, data: dict, args, docs: str) -> None:
     "scenarios": clean,
     "targets": ver,
   }
-  os.makedirs(docs, exist_ok=True)
-  with open(os.path.join(docs, "shift.json"), "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=1)
+  write_json(os.path.join(docs, "shift.json"), out)
   md = [
     "# Quality under data shift, checked against measured perplexity",
     "",

@@ -23,7 +23,6 @@ Needs libtpu (`pip install 'ir_jax[tpu]'`); nothing runs on a TPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from ir_jax import routing as R  # noqa: E402
 from ir_jax.bench_tpu import HBM_BYTES_PER_S, per_layer  # noqa: E402
 from ir_jax.config import ConfigError, from_config_dict  # noqa: E402
 from ir_jax.config_file import load_config  # noqa: E402
+from ir_jax.files import write_json  # noqa: E402
 from ir_jax.train.state import abstract_state  # noqa: E402
 
 
@@ -196,8 +196,7 @@ def main(argv=None) -> int:
   print("\n".join(lines))
   out["table"] = lines
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(out, f, indent=1)
+    write_json(args.json, out)
   return 0
 
 
