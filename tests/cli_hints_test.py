@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import train_cli
 
 from ir_jax.data.config import DataConfig, DataError, FileSpec
 from ir_jax.eval import documents
@@ -56,21 +57,7 @@ def test_workdir_problems_are_found_without_importing_anything(tmp_path):
 def test_train_refuses_a_workdir_under_a_file_in_one_line(tmp_path):
   f = tmp_path / "notes.txt"
   f.write_text("x")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "ir_jax.train",
-      "--config",
-      os.path.join(REPO, "configs", "tiny.py"),
-      "--workdir",
-      str(f / "run"),
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  proc = train_cli(str(f / "run"))
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert lines == [
