@@ -11,7 +11,6 @@ CPU backend of this machine:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 
@@ -21,15 +20,15 @@ import numpy as np
 from flax import nnx
 
 from ir_jax.config import from_config_dict
+from ir_jax.config_file import load_config
+from ir_jax.files import write_json
 from ir_jax.model import abstract_model
 from ir_jax.routing import RoutingSpec, layer_ks
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return from_config_dict(mod.get_config().model)
+def model_config(path: str):
+  """The model section of a config file."""
+  return from_config_dict(load_config(path).model)
 
 
 def compile_seconds(cfg, spec: RoutingSpec, batch: int, seq_len: int) -> dict:
@@ -58,7 +57,7 @@ def main() -> None:
   )
   p.add_argument("--json", default=None, help="write the figures here")
   args = p.parse_args()
-  cfg = load_config(args.config)
+  cfg = model_config(args.config)
   if args.table:
     with open(args.table, encoding="utf-8") as f:
       table = tuple(tuple(float(c) for c in row) for row in json.load(f)["capacities"])
@@ -88,8 +87,7 @@ def main() -> None:
     out[name] = compile_seconds(model_cfg, spec, args.batch, args.seq_len)
     print(name, out[name], flush=True)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
+    write_json(args.json, out, indent=2)
 
 
 if __name__ == "__main__":

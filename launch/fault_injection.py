@@ -28,7 +28,6 @@ Exit 1 if any check failed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -38,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from ir_jax.files import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
@@ -257,8 +258,7 @@ def main() -> int:
   root = args.root or tempfile.mkdtemp(prefix="ir_jax_faults_")
   summary = campaign(args.kills, 6 if args.quick else args.steps, args.seed, root)
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=1)
+    write_json(args.json, summary)
   if not args.root:
     shutil.rmtree(root, ignore_errors=True)
   return 0 if summary["survived"] else 1

@@ -11,8 +11,6 @@ prints tokens/s and the ratio of the forecaster train step to the dense forward
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -32,16 +30,15 @@ def main() -> int:
   p.add_argument("--json", default="")
   args = p.parse_args()
 
+  from ir_jax.config_file import load_config
+  from ir_jax.files import write_json
   from ir_jax.forecast import ForecasterParam
   from ir_jax.model import init_model
   from ir_jax.provenance import git_commit
   from ir_jax.train import settings_from_config, steps
   from ir_jax.train.stages import STAGES
 
-  spec = importlib.util.spec_from_file_location("cfg", args.config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  s = settings_from_config(mod.get_config())
+  s = settings_from_config(load_config(args.config))
   cfg = s.model
   model = init_model(cfg, 0)
   graphdef, trainable, frozen = nnx.split(model, ForecasterParam, ...)
@@ -112,8 +109,7 @@ def main() -> int:
     f"/ layers only: {rec['ratio_vs_forward_layers']:.2f}x"
   )
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rec, f, indent=2)
+    write_json(args.json, rec, indent=2)
   return 0
 
 

@@ -15,9 +15,7 @@ minutes on 2 quiet CPU cores.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
-import json
 import os
 import sys
 import time
@@ -49,18 +47,17 @@ def main(argv: list[str] | None = None) -> int:
   import ir_jax
   from ir_jax import fit
   from ir_jax import routing as R
+  from ir_jax.config_file import load_config
   from ir_jax.data import pipeline
   from ir_jax.data.packing import PACK
+  from ir_jax.files import write_json
   from ir_jax.provenance import git_commit
   from ir_jax.train.config import settings_from_config
 
   os.chdir(REPO)
   # The commit the code was loaded from (edits during the run do not change it).
   commit = git_commit(REPO)
-  spec = importlib.util.spec_from_file_location("_ablation_config", args.config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  s = settings_from_config(mod.get_config())
+  s = settings_from_config(load_config(args.config))
   fc, rc = s.train.forecaster, s.train.router
   t0 = time.time()
   model = ir_jax.load_model(s.model_checkpoint)
@@ -159,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     "heldout_explained": {"attn": float(ex[:, 0].mean()), "mlp": float(ex[:, 1].mean())},
     "rows": rows,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
+  write_json(args.out + ".json", result)
   lines = [
     f"Held-out perplexity on {result['eval_tokens']} tokens of the demo's validation "
     f"split (commit `{commit[:12]}`, `{result['command']}`).",

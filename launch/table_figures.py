@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from ir_jax import plotting
+from ir_jax.files import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,16 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     if table is not None:
       tables[d.rsplit("_", 1)[1]] = [list(r) for r in table]
   os.makedirs(args.docs, exist_ok=True)
-  with open(os.path.join(args.docs, "capacity_tables.json"), "w", encoding="utf-8") as f:
-    json.dump(
-      {
-        "what": "trained per-unit capacity tables (fraction of tokens executed), "
-        "rows = layers, columns = (attention, MLP), by target sparsity",
-        "tables": tables,
-      },
-      f,
-      indent=1,
-    )
+  write_json(
+    os.path.join(args.docs, "capacity_tables.json"),
+    {
+      "what": "trained per-unit capacity tables (fraction of tokens executed), "
+      "rows = layers, columns = (attention, MLP), by target sparsity",
+      "tables": tables,
+    },
+  )
   fig, axes = plt.subplots(1, len(tables), figsize=(2.2 * len(tables) + 1, 6), squeeze=False)
   for ax, (sp, table) in zip(axes[0], tables.items()):
     t = 1.0 - np.asarray(table)
@@ -67,19 +66,17 @@ def main(argv: list[str] | None = None) -> int:
   fig.suptitle("SmolLM2-135M capacity tables (informed routers)")
   plotting.save(fig, os.path.join(args.docs, "capacity_tables.png"), dpi=110, bbox_inches="tight")
   explained = _explained_on_heldout(args.runs)
-  with open(os.path.join(args.docs, "capacity_tables.json"), "w", encoding="utf-8") as f:
-    json.dump(
-      {
-        "what": "trained per-unit capacity tables (fraction of tokens executed), "
-        "rows = layers, columns = (attention, MLP), by target sparsity; and the "
-        "forecasters' explained variance per layer on each held-out set "
-        "(ordinary tokens: segment starts excluded)",
-        "tables": tables,
-        "explained": explained,
-      },
-      f,
-      indent=1,
-    )
+  write_json(
+    os.path.join(args.docs, "capacity_tables.json"),
+    {
+      "what": "trained per-unit capacity tables (fraction of tokens executed), "
+      "rows = layers, columns = (attention, MLP), by target sparsity; and the "
+      "forecasters' explained variance per layer on each held-out set "
+      "(ordinary tokens: segment starts excluded)",
+      "tables": tables,
+      "explained": explained,
+    },
+  )
   if explained:
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     for (name, ex), color in zip(explained.items(), ("C0", "C1", "C2")):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import train_cli
 
 pytestmark = pytest.mark.slow  # one interpreter (jax import) per entry point
 
@@ -53,14 +54,7 @@ def test_help_with_a_config_lists_its_fields(module):
 
 
 def test_unknown_override_is_one_line_naming_the_field(tmp_path):
-  proc = _run(
-    "ir_jax.train",
-    "--config",
-    "configs/tiny.py",
-    "--workdir",
-    str(tmp_path / "w"),
-    "--config.train.stagez=x",
-  )
+  proc = train_cli(str(tmp_path / "w"), "train.stagez=x", config="configs/tiny.py", timeout=300)
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr

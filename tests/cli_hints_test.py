@@ -14,9 +14,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import train_cli
 
 from ir_jax.data.config import DataConfig, DataError, FileSpec
-from ir_jax.eval import __main__ as eval_main
+from ir_jax.eval import documents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,21 +57,7 @@ def test_workdir_problems_are_found_without_importing_anything(tmp_path):
 def test_train_refuses_a_workdir_under_a_file_in_one_line(tmp_path):
   f = tmp_path / "notes.txt"
   f.write_text("x")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "ir_jax.train",
-      "--config",
-      os.path.join(REPO, "configs", "tiny.py"),
-      "--workdir",
-      str(f / "run"),
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  proc = train_cli(str(f / "run"))
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert lines == [
@@ -84,7 +71,7 @@ def test_eval_encoding_hint_names_what_eval_accepts(tmp_path):
   binary = tmp_path / "tool.txt"
   binary.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe\x80 some text\n")
   with pytest.raises(DataError) as e:
-    eval_main._local_docs(DataConfig(files=(FileSpec(str(binary)),), tokenizer="byte"), str(binary))
+    documents.local_docs(DataConfig(files=(FileSpec(str(binary)),), tokenizer="byte"), str(binary))
   msg = str(e.value)
   assert "not valid UTF-8" in msg and "iconv" in msg and "--config" in msg
   assert "data.files" not in msg  # a field ir_jax.eval has no flag for

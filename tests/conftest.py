@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny random HuggingFace Llama directories saved with transformers."""
+"""Shared test helpers: tiny random HuggingFace Llama directories saved with transformers,
+a tiny ir_jax model config (`tiny_llama_config`), and the training command line
+(`train_argv`, `train_cli`)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from typing import Any
 
 # Tests run on CPU; 8 fake devices let sharding tests build a mesh.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -12,6 +17,64 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+
+from ir_jax.config import LlamaConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
+
+# The smallest model with every part: GQA attention, forecasters, routers (2 layers, d=16).
+TINY_LLAMA = dict(
+  vocab_size=61,
+  hidden_size=16,
+  intermediate_size=24,
+  num_layers=2,
+  num_heads=2,
+  num_kv_heads=1,
+  lff_rank=4,
+  router_hidden=8,
+  max_position_embeddings=64,
+)
+
+
+def tiny_llama_config(**fields: Any) -> LlamaConfig:
+  """`TINY_LLAMA` as a LlamaConfig, with `fields` replacing or adding fields."""
+  return LlamaConfig(**{**TINY_LLAMA, **fields})
+
+
+def train_argv(
+  workdir: str,
+  *overrides: str,
+  config: str = TINY_CONFIG,
+  flags: tuple[str, ...] = (),
+  python: tuple[str, ...] = (sys.executable,),
+) -> list[str]:
+  """`python -m ir_jax.train --config CONFIG --workdir WORKDIR FLAGS --config.OVERRIDES`:
+  each override is `field=value` (e.g. "train.router.steps=2"), given as
+  `--config.field=value`; `flags` are other options, passed as they are."""
+  cfg = [o if o.startswith("--") else f"--config.{o}" for o in overrides]
+  return [*python, "-m", "ir_jax.train", "--config", config, "--workdir", workdir, *flags, *cfg]
+
+
+def train_cli(
+  workdir: str,
+  *overrides: str,
+  config: str = TINY_CONFIG,
+  flags: tuple[str, ...] = (),
+  cwd: str = REPO,
+  env: dict[str, str] | None = None,
+  timeout: float = 600,
+) -> subprocess.CompletedProcess:
+  """Run `train_argv(workdir, *overrides, ...)` to the end; output captured as text."""
+  return subprocess.run(
+    train_argv(workdir, *overrides, config=config, flags=flags),
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
 
 # name -> transformers.LlamaConfig kwargs. Together they cover GQA and
 # multi-head, tied and untied embeddings, non-default rope_theta, llama3 and

@@ -37,7 +37,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from typing import Any
 
 import grain
@@ -45,6 +44,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import train_cli
 from etils import epath
 from flax import nnx
 
@@ -361,24 +361,12 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(
 
 
 def test_half_given_multiprocess_flags_are_one_line_errors(tmp_path):
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "ir_jax.train",
-      "--config",
-      os.path.join(REPO, "configs", "tiny.py"),
-      "--workdir",
-      str(tmp_path / "w"),
-      "--coordinator",
-      "127.0.0.1:1234",
-    ],
+  out = train_cli(
+    str(tmp_path / "w"),
+    flags=("--coordinator", "127.0.0.1:1234"),
     cwd=str(tmp_path),
-    check=False,
-    capture_output=True,
-    text=True,
-    timeout=120,
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=120,
   )
   assert out.returncode == 2
   assert out.stderr.startswith("ir_jax.train: error: multi-process flags need all of")

@@ -27,8 +27,10 @@ from flax import nnx
 
 from ir_jax import checkpoint
 from ir_jax.config import ConfigError, from_config_dict
+from ir_jax.config_file import load_config
 from ir_jax.data.tokenize import load_text_tokenizer
-from ir_jax.eval.__main__ import main
+from ir_jax.eval import runner
+from ir_jax.eval.__main__ import main, parser, request_options
 from ir_jax.eval.estimators import mix_perplexity
 from ir_jax.eval.evaluate import doc_losses, pack_documents, tokenize_documents
 from ir_jax.model import init_model
@@ -55,10 +57,7 @@ FIELDS = (
 
 
 def tiny_model_cfg():
-  spec = importlib.util.spec_from_file_location("tiny_cfg", CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return from_config_dict(mod.get_config().model)
+  return from_config_dict(load_config(CONFIG).model)
 
 
 @pytest.fixture(scope="module")
@@ -453,3 +452,33 @@ def test_model_without_config_uses_its_own_tokenizer(tmp_path):
   with pytest.raises(ConfigError, match="--calibration-data"):
     main([*common, "--mode", "causal", "--json", str(tmp_path / "c.json")])
   assert not (tmp_path / "c.json").exists()
+
+
+def _settings(tmp_path, *argv: str):
+  """The settings `python -m ir_jax.eval --json J ARGV` would evaluate (nothing loaded)."""
+  args = parser().parse_args(["--json", str(tmp_path / "o.json"), *argv])
+  return runner.check(runner.EvalRequest(**request_options(args)))
+
+
+def test_default_settings_follow_the_runs_trained_budget(tmp_path):
+  # No --sparsity, no --flops: a run trained for a FLOPs budget is evaluated at it alone ...
+  (tmp_path / "run.json").write_text(json.dumps({"config": {"routing": {"flops": 0.6}}}))
+  got = _settings(tmp_path, "--workdir", str(tmp_path), "--policy", "informed")
+  assert [(s.policy, s.sparsity, s.flops) for s in got] == [("informed", 0.0, 0.6)]
+  # ... one without a budget at sparsities 0.25, 0.4, 0.7 ...
+  (tmp_path / "run.json").write_text(json.dumps({"config": {"routing": {}}}))
+  got = _settings(tmp_path, "--workdir", str(tmp_path), "--policy", "informed,dense")
+  assert [(s.policy, s.sparsity) for s in got] == [
+    ("dense", 0.0),
+    ("informed", 0.25),
+    ("informed", 0.4),
+    ("informed", 0.7),
+  ]
+  # ... and either flag given replaces both defaults.
+  model = ("--model", str(tmp_path))
+  got = _settings(
+    tmp_path, *model, "--policy", "random", "--sparsity", "0.5", "--mode", "topk,causal"
+  )
+  assert [(s.mode, s.sparsity, s.flops) for s in got] == [("topk", 0.5, 0.0), ("causal", 0.5, 0.0)]
+  got = _settings(tmp_path, *model, "--policy", "greedy", "--flops", "0.7")
+  assert [(s.sparsity, s.flops) for s in got] == [(0.0, 0.7)]

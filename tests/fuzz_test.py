@@ -26,7 +26,6 @@ import json
 import math
 import os
 import string
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -36,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama_config, train_cli
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as hypothesis_event
@@ -312,17 +312,7 @@ def test_routing_spec_fields_and_k(fields):
         assert isinstance(k, int) and 0 <= k <= t, (spec, t, layer, unit, k)
 
 
-TINY = LlamaConfig(
-  vocab_size=61,
-  hidden_size=16,
-  intermediate_size=24,
-  num_layers=2,
-  num_heads=2,
-  num_kv_heads=1,
-  lff_rank=4,
-  router_hidden=8,
-  max_position_embeddings=64,
-)
+TINY = tiny_llama_config()
 
 
 @pytest.fixture(scope="module")
@@ -535,23 +525,7 @@ def not_a_dir(tmp_path_factory):
 def test_cli_invalid_override_is_one_line(not_a_dir, case):
   field, value = case
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "ir_jax.train",
-      "--config",
-      os.path.join(REPO, "configs", "tiny.py"),
-      "--workdir",
-      not_a_dir,
-      f"--config.{field}={value}",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  out = train_cli(not_a_dir, f"{field}={value}", env=env, timeout=120)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 2, out.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("ir_jax.train: error: "), out.stderr[-2000:]

@@ -1,5 +1,6 @@
-"""launch/quality_table.py: the plan and its commands, the capped held-out sets, resuming
-(complete steps are skipped), and the report (table, plot, JSON) from synthetic run files.
+"""launch/quality_table.py over ir_jax.experiments.quality: the plan and its commands, the
+capped held-out sets, resuming (complete steps are skipped), and the report (table, plot,
+JSON) from synthetic run files.
 
 A real `--smoke` run starts 11 subprocesses of 5-35 s each (about 3 minutes on two busy
 cores), more than a CI test may take; it runs when IR_JAX_QUALITY_SMOKE=1 is set.
@@ -17,6 +18,8 @@ import sys
 
 import pytest
 
+from ir_jax.experiments.quality.run import StepRunner
+
 pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +29,7 @@ EVAL_DOCS = os.path.join(REPO, "tests", "data", "eval", "docs.jsonl")
 
 @pytest.fixture(scope="module")
 def qt():
-  """The command, loaded by path; loading it puts launch/ on sys.path for its parts."""
+  """The command (a thin driver), loaded by path."""
   spec = importlib.util.spec_from_file_location("quality_table", SCRIPT)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -35,14 +38,14 @@ def qt():
 
 @pytest.fixture(scope="module")
 def plan(qt):
-  """launch/quality/plan.py: arms, evaluations, steps and their completeness."""
-  return importlib.import_module("quality.plan")
+  """ir_jax.experiments.quality.plan: arms, evaluations, steps and their completeness."""
+  return importlib.import_module("ir_jax.experiments.quality.plan")
 
 
 @pytest.fixture(scope="module")
 def common(qt):
-  """launch/quality/common.py: file formats and JSON helpers."""
-  return importlib.import_module("quality.common")
+  """ir_jax.experiments.quality.common: file formats and JSON helpers."""
+  return importlib.import_module("ir_jax.experiments.quality.common")
 
 
 def _opts(qt, *argv: str):
@@ -301,7 +304,7 @@ def test_complete_steps_are_skipped_and_the_report_is_written(
   def no_run(self, argv, log_path):
     raise AssertionError(f"ran {argv} although its output is complete")
 
-  monkeypatch.setattr(qt._Runner, "run", no_run)
+  monkeypatch.setattr(StepRunner, "run", no_run)
   assert qt.main(argv) == 0
   out = capsys.readouterr().out
   assert out.count("complete, skipped") == len(plan.steps(_opts(qt, *argv))) == 41

@@ -28,6 +28,7 @@ import sys
 import time
 
 import pytest
+from conftest import train_argv
 
 from ir_jax import progress as pg
 
@@ -127,20 +128,14 @@ def _longest_gap(lines: list[tuple[float, str]]) -> tuple[float, str]:
 
 @pytest.mark.slow
 def test_no_silent_stretch_in_a_tiny_training_run_and_its_rerun(tmp_path):
-  cmd = [
-    sys.executable,
-    "-m",
-    "ir_jax.train",
-    "--config",
-    os.path.join(REPO, "configs", "tiny.py"),
-    "--workdir",
+  cmd = train_argv(
     str(tmp_path / "run"),
-    f"--config.data.data_dir={tmp_path / 'tfds'}",
-    "--config.train.forecaster.steps=2",
-    "--config.train.router.steps=2",
-    "--config.train.log_every=1",
-    "--config.train.checkpoint_every=2",
-  ]
+    f"data.data_dir={tmp_path / 'tfds'}",
+    "train.forecaster.steps=2",
+    "train.router.steps=2",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+  )
   for what in ("run", "rerun of the finished run"):
     rc, lines = _timed_lines(cmd, timeout=900)
     text = "\n".join(f"{t:7.1f}s  {l}" for t, l in lines)

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import train_argv, train_cli
 from flax import nnx
 
 from ir_jax import sharding as sh
@@ -253,26 +254,22 @@ def test_checkpoint_from_8_devices_resumes_on_1(full_run, data_dir, tmp_path):
   with pytest.raises(Preempted):
     run(s, workdir, should_stop=lambda stage, step: (stage, step) == ("router", 4))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cmd = [
-    sys.executable,
-    "-m",
-    "ir_jax.train",
-    "--config",
-    os.path.join(REPO, "configs", "tiny.py"),
-    "--workdir",
+  out = train_cli(
     workdir,
-    f"--config.data.data_dir={data_dir}",
-    f"--config.data.files=('{NEWS}',)",
-    "--config.mesh.data=1",
-    "--config.mesh.fsdp=1",
-    f"--config.train.forecaster.steps={STEPS}",
-    f"--config.train.router.steps={STEPS}",
-    "--config.train.checkpoint_every=3",
-    "--config.routing.sparsity=0.75",
-    "--config.train.eval_batches=1",
-    "--config.train.log_every=1",
-  ]
-  out = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    f"data.data_dir={data_dir}",
+    f"data.files=('{NEWS}',)",
+    "mesh.data=1",
+    "mesh.fsdp=1",
+    f"train.forecaster.steps={STEPS}",
+    f"train.router.steps={STEPS}",
+    "train.checkpoint_every=3",
+    "routing.sparsity=0.75",
+    "train.eval_batches=1",
+    "train.log_every=1",
+    cwd=str(tmp_path),
+    env=env,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "1 cpu device(s)" in out.stdout
   assert "[router] resumed from batch 4" in out.stdout
@@ -329,16 +326,6 @@ def test_lora_stage_from_another_run_trains_only_lora(full_run, data_dir, tmp_pa
 
 
 # ----------------------------------------------------------------- bad input
-def _cli(args: list[str], cwd: str, timeout: float = 120) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "ir_jax.train", *args],
-    cwd=cwd,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
-
-
 @pytest.mark.parametrize(
   "args, expect",
   [
@@ -354,10 +341,7 @@ def _cli(args: list[str], cwd: str, timeout: float = 120) -> subprocess.Complete
 )
 def test_bad_config_is_one_line_before_compiling(args, expect, tmp_path):
   t0 = time.time()
-  out = _cli(
-    ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(tmp_path / "w"), *args],
-    str(tmp_path),
-  )
+  out = train_cli(str(tmp_path / "w"), *args, cwd=str(tmp_path), timeout=120)
   assert out.returncode == 2, out.stderr
   assert expect in out.stderr
   assert "Traceback" not in out.stderr
@@ -410,22 +394,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
 
 def test_sigterm_saves_then_exits_and_rerun_finishes(data_dir, tmp_path):
   workdir = str(tmp_path / "term")
-  args = [
-    "--config",
-    os.path.join(REPO, "configs", "tiny.py"),
-    "--workdir",
-    workdir,
-    f"--config.data.data_dir={data_dir}",
-    f"--config.data.files=('{NEWS}',)",
-    "--config.train.stages=forecaster",
-    "--config.train.forecaster.steps=400",
-    "--config.train.checkpoint_every=1000",
-    "--config.train.log_every=1",
-    "--config.train.eval_batches=0",
-    "--config.mesh.data=-1",
+  overrides = [
+    f"data.data_dir={data_dir}",
+    f"data.files=('{NEWS}',)",
+    "train.stages=forecaster",
+    "train.forecaster.steps=400",
+    "train.checkpoint_every=1000",
+    "train.log_every=1",
+    "train.eval_batches=0",
+    "mesh.data=-1",
   ]
   proc = subprocess.Popen(
-    [sys.executable, "-u", "-m", "ir_jax.train", *args],
+    train_argv(workdir, *overrides, python=(sys.executable, "-u")),
     cwd=str(tmp_path),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
@@ -441,7 +421,9 @@ def test_sigterm_saves_then_exits_and_rerun_finishes(data_dir, tmp_path):
   mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "forecaster"))
   stopped = mgr.latest_step()
   assert stopped is not None and 3 <= stopped < 400
-  out = _cli([*args, "--config.train.forecaster.steps=" + str(stopped + 2)], str(tmp_path))
+  out = train_cli(
+    workdir, *overrides, f"train.forecaster.steps={stopped + 2}", cwd=str(tmp_path), timeout=120
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"resumed from batch {stopped}" in out.stdout
 

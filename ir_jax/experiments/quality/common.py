@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ir_jax import provenance
-from ir_jax.files import write_json  # noqa: F401
+from ir_jax.files import write_json  # noqa: F401  (the parts' one JSON writer)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # the checkout: ir_jax/experiments/quality/
 PROG = "quality_table"
 PLAN_FORMAT = "ir_jax.quality_table.plan/1"
 RESULTS_FORMAT = "ir_jax.quality_table/1"

@@ -14,7 +14,12 @@ import json
 import os
 from typing import Any, Sequence
 
-from .common import HELDOUT_FORMAT, rel, write_json
+from ir_jax.config_file import load_config
+from ir_jax.data import sources
+from ir_jax.data.builder import open_split
+from ir_jax.data.config import FileSpec, from_config
+from ir_jax.data.tokenize import load_text_tokenizer
+from ir_jax.experiments.quality.common import HELDOUT_FORMAT, rel, write_json
 
 
 def _cut(text: str, tok: Any, limit: int) -> tuple[str, int]:
@@ -56,24 +61,16 @@ def build_heldout(argv: Sequence[str]) -> int:
   p.add_argument("--data-dir", default="", help="override data.data_dir of the config")
   a = p.parse_args(argv)
 
-  from ir_jax.config_file import load_config
-  from ir_jax.data.config import FileSpec, from_config
-  from ir_jax.data.tokenize import load_text_tokenizer
-
   cfg = load_config(a.config)
   if a.data_dir:
     cfg.data.data_dir = a.data_dir
   dcfg = from_config(cfg)
   tok = load_text_tokenizer(dcfg.tokenizer, dcfg.add_bos, dcfg.add_eos)
   if a.source == "split":
-    from ir_jax.data.builder import open_split
-
     src = open_split(dcfg, dcfg.eval_split, prepare_if_missing=True)
     docs = [(*src.document(i), f"{dcfg.eval_split}:{i}") for i in range(len(src))]
     desc = f"split {dcfg.eval_split!r} of {rel(a.config)}"
   else:
-    from ir_jax.data import sources
-
     fcfg = dataclasses.replace(dcfg, name="local", files=(FileSpec(a.source, domain=a.domain),))
     stats = sources.Stats()
     docs = [

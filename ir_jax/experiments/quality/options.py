@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import PROG, REPO
+from ir_jax.experiments.quality.common import PROG, REPO
 
 WIKI = "assets/text/wiki/enwiki_articles.jsonl"
 FORECASTER_BATCH = 4  # data.batch_size of configs/smollm2_135m.py (rows per forecaster step)

@@ -13,10 +13,24 @@ import os
 from typing import Any
 
 from ir_jax import plotting
-
-from .common import PLAN_FORMAT, PROG, RESULTS_FORMAT, git_info, read_json, rel
-from .options import Options
-from .plan import arms, eval_jobs, eval_path, heldout_paths, show, steps, train_complete
+from ir_jax.experiments.quality.common import (
+  PLAN_FORMAT,
+  PROG,
+  RESULTS_FORMAT,
+  git_info,
+  read_json,
+  rel,
+)
+from ir_jax.experiments.quality.options import Options
+from ir_jax.experiments.quality.plan import (
+  arms,
+  eval_jobs,
+  eval_path,
+  heldout_paths,
+  show,
+  steps,
+  train_complete,
+)
 
 # Label order in tables and plots; greedy+lora is the greedy arm after a LoRA stage.
 LABELS = ("dense", "informed", "informed+lora", "greedy", "greedy+lora", "random", "oracle")

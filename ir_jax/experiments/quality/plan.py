@@ -13,8 +13,8 @@ import shlex
 import sys
 from typing import Callable, Sequence
 
-from .common import HELDOUT_FORMAT, read_json, rel
-from .options import FORECASTER_BATCH, Options
+from ir_jax.experiments.quality.common import HELDOUT_FORMAT, read_json, rel
+from ir_jax.experiments.quality.options import FORECASTER_BATCH, Options
 
 # The command the held-out steps run (`quality_table.py heldout`), beside this package.
 SCRIPT = os.path.join(
