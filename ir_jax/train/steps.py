@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from ir_jax.forecast import CalibratedFor, Capacity, ForecasterParam, RouterParam, Threshold
+from ir_jax.losses import lm_loss
 from ir_jax.model import Llama, LoraParam
 from ir_jax.nll import token_nll
 from ir_jax.routing import RoutingSpec, routed_forward, sink_mask
@@ -105,14 +106,6 @@ def forecaster_loss(model: Llama, batch: dict[str, Array]) -> tuple[Array, dict[
     "explained_attn": jnp.mean(explained_Lx2[:, 0]),
     "explained_mlp": jnp.mean(explained_Lx2[:, 1]),
   }
-
-
-def lm_loss(logits_BxTxV: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
-  """(mean next-token NLL over loss_mask, number of scored tokens)."""
-  mask = batch["loss_mask"].astype(jnp.float32)
-  nll = token_nll(logits_BxTxV, batch["targets"])
-  count = jnp.sum(mask)
-  return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
 
 
 def router_spec(routing: RoutingSpec, router_cfg: RouterStage) -> RoutingSpec:
