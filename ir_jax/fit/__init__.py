@@ -1,6 +1,7 @@
 """Closed-form fits from streamed statistics, one module per thing fitted: forecasters
 (`forecasters`), router warm starts (`routers`), capacity tables (`tables`); `common` holds
-the dense statistics pass they share."""
+the dense statistics pass they share. The allocation of a table from damage
+(`allocate_curves`, `allocate`) lives with the table type, `ir_jax.routing.capacity`."""
 
 from __future__ import annotations
 
@@ -14,14 +15,13 @@ from ir_jax.fit.forecasters import (
 )
 from ir_jax.fit.routers import center_routers, router_moments, set_routers, solve_router
 from ir_jax.fit.tables import (
-  allocate,
-  allocate_curves,
   error_curves,
   routed_nll,
   set_table,
   unit_damage,
   unit_scores,
 )
+from ir_jax.routing.capacity import allocate, allocate_curves
 
 _routed_nll = routed_nll  # the name launch/quality_ablation.py reaches for
 

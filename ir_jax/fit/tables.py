@@ -1,6 +1,7 @@
 """Capacity tables: per unit, a damage curve (by default the relative forecast error its
-router leaves behind at each sparsity; or measured loss probes); a greedy allocation then
-spreads the target sparsity where damage rises least."""
+router leaves behind at each sparsity; or measured loss probes), which the allocation in
+`ir_jax.routing.capacity` turns into a table by spreading the target sparsity where damage
+rises least; `set_table` stores it in the model (`CapacityTable.to_array`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ir_jax.losses import lm_loss
 from ir_jax.model import Llama
 from ir_jax.progress import counter, doing
 from ir_jax.routing import RoutingSpec
+from ir_jax.routing.capacity import CapacityTable
 
 Array = jax.Array
 
@@ -52,75 +54,6 @@ def error_curves(
       errs.append(host_array(out["rel_err"])[..., keep])
     bar(i + 1)
   return np.concatenate(scores, -1), np.concatenate(errs, -1)
-
-
-def allocate_curves(
-  scores: np.ndarray,
-  rel_err: np.ndarray,
-  sparsity: float,
-  step: float = 1 / 16,
-  max_sparsity: float = 0.875,
-  unit_cost: tuple[float, float] | None = None,
-) -> np.ndarray:
-  """Per-unit capacities `[L, 2]` from damage curves, at mean sparsity `sparsity`.
-
-  A unit's damage at sparsity s is the summed relative forecast error of the
-  s-fraction of tokens its router approximates (lowest scores): the residual
-  perturbation approximating leaves behind. Sparsity goes `step` at a time to
-  the unit whose curve rises least; the last increment is partial.
-
-  With `unit_cost` (FLOPs one token saves per approximated (attention, MLP)
-  unit, `routing.unit_flops`) the budget is compute instead: the table saves
-  what a uniform `sparsity` saves, and an increment is ranked by damage per
-  FLOP saved (its mean pair sparsity then differs from `sparsity`).
-  """
-  num_l, num_u, n = rel_err.shape
-  order = np.argsort(scores, axis=-1, kind="stable")
-  cum = np.concatenate(
-    [np.zeros((num_l, num_u, 1)), np.cumsum(np.take_along_axis(rel_err, order, -1), -1) / n], -1
-  )
-
-  def curve(s: np.ndarray) -> np.ndarray:  # damage at sparsity s per unit, interpolated
-    pos = np.clip(s, 0.0, 1.0) * n
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, n)
-    frac = pos - lo
-    a = np.take_along_axis(cum, lo[..., None], -1)[..., 0]
-    b = np.take_along_axis(cum, hi[..., None], -1)[..., 0]
-    return a + frac * (b - a)
-
-  w = (
-    np.ones((num_l, num_u))
-    if unit_cost is None
-    else np.broadcast_to(np.asarray(unit_cost, np.float64) / max(unit_cost), (num_l, num_u))
-  )
-  return _greedy_table(curve, w, sparsity, step, max_sparsity)
-
-
-def _greedy_table(
-  curve: Callable[[np.ndarray], np.ndarray],
-  w: np.ndarray,
-  sparsity: float,
-  step: float,
-  max_sparsity: float,
-) -> np.ndarray:
-  """Capacities `[L, 2]`: add sparsity `step` at a time to the unit whose damage
-  `curve(s)` rises least per unit of weight `w`, until the w-weighted mean sparsity is
-  `sparsity`; no unit passes `max_sparsity`; the last increment is partial."""
-  s = np.zeros(w.shape)
-  budget = sparsity * w.sum()  # in units of pairs (or of the dearer unit's FLOPs)
-  cap_s = max(max_sparsity, sparsity)
-  while budget > 1e-12:
-    inc = np.minimum(step, cap_s - s)
-    cost = (curve(s + inc) - curve(s)) / np.maximum(inc * w, 1e-12)
-    cost[inc <= 1e-12] = np.inf
-    j = np.unravel_index(np.argmin(cost), s.shape)
-    if not np.isfinite(cost[j]):
-      break
-    add = min(inc[j], budget / w[j])
-    s[j] += add
-    budget -= add * w[j]
-  return 1.0 - s
 
 
 @nnx.jit(static_argnames=("spec",))
@@ -190,26 +123,5 @@ def unit_damage(
 
 def set_table(model: Llama, capacities: np.ndarray, scores: np.ndarray) -> None:
   """Stores the capacity table `[L, 2]` in the model and centres the routers on it."""
-  _set(model.routing.capacity, np.asarray(capacities, np.float32))
+  _set(model.routing.capacity, CapacityTable.from_array(capacities).to_array(len(capacities)))
   center_routers(model, np.asarray(capacities), scores)
-
-
-def allocate(
-  damage: np.ndarray,
-  sparsity: float,
-  level: float,
-  step: float = 1 / 16,
-  max_sparsity: float = 0.875,
-) -> np.ndarray:
-  """Per-unit capacities `[L, 2]` whose mean sparsity is `sparsity`.
-
-  Models a unit's loss increase at sparsity s as damage (s / level)^2 (convex:
-  the router gives up its cheapest tokens first) and adds sparsity `step` at a
-  time where the marginal increase is smallest; no unit goes past
-  `max_sparsity`. The last increment is partial, so the mean is exact.
-  """
-  d = np.maximum(np.asarray(damage, np.float64), 0.0)
-  d = np.maximum(d, 1e-3 * max(d.max(), 1e-9))  # noise-level damage: cheap, not free
-  return _greedy_table(
-    lambda s: d * (s / level) ** 2, np.ones_like(d), sparsity, step, max_sparsity
-  )

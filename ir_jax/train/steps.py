@@ -19,7 +19,8 @@ from ir_jax.forecast import CalibratedFor, Capacity, ForecasterParam, RouterPara
 from ir_jax.losses import lm_loss
 from ir_jax.model import Llama, LoraParam
 from ir_jax.nll import token_nll
-from ir_jax.routing import RoutingSpec, routed_forward, sink_mask
+from ir_jax.routing import RoutingSpec, mean_capacity, routed_forward, sink_mask
+from ir_jax.routing.capacity import present as table_present
 from ir_jax.train.config import RouterStage, StageConfig
 
 Array = jax.Array
@@ -135,15 +136,11 @@ def router_loss(
   )
   lm, _ = lm_loss(logits, batch)
   exec_Lx2 = aux["exec_rate"]
-  capacity = (
-    1.0 - spec.sparsity
-    if spec.capacities is None
-    else jnp.mean(jnp.asarray(spec.capacities, jnp.float32))
-  )
+  capacity = mean_capacity(spec)
   # With a trained capacity table each unit is held to its own capacity (the
   # table is what evaluation routes with); without one, the mean rate is.
   table_Lx2 = model.routing.capacity[...]
-  has_table = jnp.all(table_Lx2 >= 0)
+  has_table = table_present(table_Lx2)
   sparsity_pen = jnp.where(
     has_table, jnp.mean(jnp.abs(table_Lx2 - exec_Lx2)), jnp.abs(capacity - jnp.mean(exec_Lx2))
   )
