@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from ir_jax.base_error import IrJaxError
 from ir_jax.config import ConfigError, LlamaConfig, read_json_object
-from ir_jax.forecast import NO_TABLE
+from ir_jax.routing.capacity import LATER_ROUTING_LEAVES, backfill
 
 META_FILE = "ir_jax.json"
 PARAMS_DIR = "params"
@@ -143,7 +143,7 @@ def restore_params(path: str, target: dict) -> dict:
   except (ValueError, KeyError, FileNotFoundError) as e:
     first = e
   # Checkpoints written before the routing leaves that came later (LATER_ROUTING_LEAVES,
-  # newest first) restore without them; those leaves get NO_TABLE.
+  # newest first) restore without them; those leaves are back-filled (`capacity.backfill`).
   routing = target.get("routing") if isinstance(target, dict) else None
   for n in range(1, len(LATER_ROUTING_LEAVES) + 1 if isinstance(routing, dict) else 0):
     absent = LATER_ROUTING_LEAVES[:n]
@@ -156,13 +156,9 @@ def restore_params(path: str, target: dict) -> dict:
       continue
     out["routing"] = dict(out["routing"])
     for k in absent:
-      out["routing"][k] = np.full(routing[k].shape, NO_TABLE, routing[k].dtype)
+      out["routing"][k] = backfill(routing[k].shape, routing[k].dtype)
     return out
   raise CheckpointError(f"{params_dir}: cannot restore parameters ({str(first)[:300]})") from None
-
-
-# Routing leaves added after the first checkpoints were written, newest first.
-LATER_ROUTING_LEAVES = ("calibrated_for", "capacity")
 
 
 def to_numpy(tree: Any) -> Any:

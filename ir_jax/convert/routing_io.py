@@ -31,7 +31,9 @@ from ir_jax.config import ConfigError, LlamaConfig, read_json_object
 from ir_jax.convert import reference
 from ir_jax.convert.errors import WeightImportError
 from ir_jax.convert.safetensors_io import SafetensorsFile, write_streaming
-from ir_jax.forecast import NO_TABLE, UNITS
+from ir_jax.forecast import UNITS
+from ir_jax.routing.capacity import CapacityTable, backfill
+from ir_jax.routing.spec import RoutingSpec
 
 MANIFEST = "routing.json"
 WEIGHTS = "routing.safetensors"
@@ -67,8 +69,6 @@ def spec_to_json(spec: Any) -> dict[str, Any] | None:
 
 
 def spec_from_json(d: Any, where: str) -> Any:
-  from ir_jax.routing import RoutingSpec
-
   if d is None:
     return None
   if not isinstance(d, dict) or set(d) - set(SPEC_FIELDS):
@@ -189,12 +189,10 @@ def write(
       "reference with post_norm_router=True and TokenRouter hidden width "
       f"{cfg.router_hidden or 2} (it hard-codes d // 4 - 200)"
     )
-  caps = np.asarray(routing["capacity"], np.float32) if "capacity" in routing else None
-  has_table = caps is not None and bool((caps >= 0).all())
-  capacity_table = {
-    "meaning": CAPACITY_MEANING,
-    "values": [[float(v) for v in row] for row in caps] if has_table else None,
-  }
+  table = CapacityTable.from_array(
+    np.asarray(routing["capacity"], np.float32) if "capacity" in routing else -1.0
+  )
+  capacity_table = {"meaning": CAPACITY_MEANING, "values": table.to_json()}
   manifest = {
     "format": FORMAT,
     "version": VERSION,
@@ -337,7 +335,7 @@ def _fractions(
   values = (manifest.get(where[0]) or {}).get(where[1])
   name = ".".join(where)
   if values is None:
-    return np.full((layers, len(UNITS)), NO_TABLE, np.float32)
+    return backfill((layers, len(UNITS)))
   if (
     not isinstance(values, list)
     or len(values) != layers

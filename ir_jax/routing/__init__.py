@@ -21,7 +21,8 @@ decision never depends on later tokens; it is what decoding uses.
 Modules, each building only on those listed above it:
   spec       RoutingSpec, its validation, per-unit capacities and token counts
   unit       route_unit: scores, top-k or thresholds, gather-run-scatter
-  calibrate  the model's capacity table and causal thresholds
+  capacity   CapacityTable: the per-unit capacity table in every form, and its allocation
+  calibrate  causal thresholds
   forward    routed_layer and routed_forward (what RoutingSpec.forward runs)
   decode     KV-cache decoding: decode_body, decode_step, generate
   cost       matmul FLOPs of a routed forward: each unit executes, forecasts or routes
@@ -29,12 +30,8 @@ Modules, each building only on those listed above it:
 """
 
 from ir_jax.routing.budget import allocate_flops, error_shape, table_for_flops, trained_spec
-from ir_jax.routing.calibrate import (
-  calibrate_thresholds,
-  check_calibrated,
-  model_table,
-  rescale_table,
-)
+from ir_jax.routing.calibrate import calibrate_thresholds, check_calibrated
+from ir_jax.routing.capacity import CapacityTable, mean_capacity, model_table, rescale_table
 from ir_jax.routing.cost import flops, form_flops, token_flops, unit_flops
 from ir_jax.routing.decode import decode_body, decode_step, generate, init_cache
 from ir_jax.routing.forward import Ctx, realized_sparsity, routed_forward, routed_layer
@@ -62,6 +59,7 @@ from ir_jax.routing.unit import (
 
 __all__ = [
   "COMPUTES",
+  "CapacityTable",
   "Ctx",
   "GATES",
   "MODES",
@@ -86,6 +84,7 @@ __all__ = [
   "is_temperature",
   "layer_caps",
   "layer_ks",
+  "mean_capacity",
   "model_table",
   "realized_sparsity",
   "rescale_table",

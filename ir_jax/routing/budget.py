@@ -22,7 +22,6 @@ is the one rule every entry point routes a trained model by.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterable
 
 import numpy as np
@@ -30,7 +29,7 @@ import numpy as np
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
-from ir_jax.routing.calibrate import model_table, rescale_table
+from ir_jax.routing.capacity import CapacityTable, rescale_table
 from ir_jax.routing.cost import flops, form_flops, token_flops, unit_flops
 from ir_jax.routing.spec import RoutingSpec
 
@@ -256,11 +255,11 @@ def trained_spec(
   """
   if spec.capacities is not None or spec.policy == "dense":
     return spec
-  table = model_table(model)
+  table = CapacityTable.from_model(model)
   if spec.flops:
     if seq_len is None:
       raise ValueError("trained_spec: a FLOPs budget needs the sequence length (seq_len)")
-    if table is None:
+    if not table.is_present:
       raise ConfigError(
         f"routing.flops={spec.flops:g} needs the model's capacity table, and this model has "
         "none: train its router stage with routing.flops set, or route by routing.sparsity"
@@ -268,12 +267,11 @@ def trained_spec(
     # The oracle runs every unit to rank tokens (an analysis bound, not a deployable cost):
     # it takes the table informed routing would run at this budget.
     cost_policy = "informed" if spec.policy == "oracle" else spec.policy
-    caps = table_for_flops(model.config, table, spec.flops, seq_len, cost_policy)
-    return dataclasses.replace(spec, capacities=caps)
-  if table is None:
+    moved = table_for_flops(model.config, table.rows, spec.flops, seq_len, cost_policy)
+    return CapacityTable(moved).spec(spec)
+  if not table.is_present:
     return spec
-  target = spec.sparsity if sparsity is None else sparsity
-  return dataclasses.replace(spec, capacities=rescale_table(table, target))
+  return table.rescale(spec.sparsity if sparsity is None else sparsity).spec(spec)
 
 
 def curves_for_flops(

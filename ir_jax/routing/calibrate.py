@@ -1,8 +1,6 @@
-"""Capacity tables and causal thresholds: what a model was trained and calibrated for.
+"""Causal thresholds: what a model was calibrated for.
 
-`model_table` reads the model's learned per-unit capacity table and
-`rescale_table` moves its pair sparsity (`ir_jax.routing.budget.trained_spec` routes
-with it); `calibrate_thresholds` sets the per-unit thresholds causal mode (decoding)
+`calibrate_thresholds` sets the per-unit thresholds causal mode (decoding)
 compares scores with, and `check_calibrated` refuses causal routing at
 capacities they were not calibrated for.
 """
@@ -21,51 +19,10 @@ from ir_jax.distributed import host_array
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
 from ir_jax.progress import counter, doing
-from ir_jax.routing.spec import RoutingSpec, is_fraction, layer_caps
+from ir_jax.routing.capacity import model_table
+from ir_jax.routing.spec import RoutingSpec, layer_caps
 
 Array = jax.Array
-
-
-# ------------------------------------------------------------ capacity tables
-def model_table(model: Llama) -> tuple[tuple[float, float], ...] | None:
-  """The model's trained per-unit capacity table, or None when it has none."""
-  caps = np.asarray(jax.device_get(model.routing.capacity[...]), np.float64)
-  if caps.ndim != 2 or (caps < 0).any():
-    return None
-  return tuple(tuple(float(c) for c in row) for row in caps)
-
-
-def rescale_table(
-  table: Iterable[Iterable[float]], sparsity: float
-) -> tuple[tuple[float, ...], ...]:
-  """The table with its mean sparsity moved to `sparsity`, keeping its shape.
-
-  Every unit's sparsity is multiplied by one factor (units the table keeps
-  dense stay dense); units that would pass 1 are clipped and the rest are
-  scaled again until the mean is exact. A table with no sparsity at all
-  becomes uniform.
-  """
-  caps = np.asarray(list(map(list, table)), np.float64)
-  s = 1.0 - caps
-  if not is_fraction(sparsity):
-    raise ConfigError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
-  if s.mean() <= 1e-12:
-    out = np.full_like(s, sparsity)
-  else:
-    out = s.copy()
-    for _ in range(len(s.ravel()) + 1):
-      free = out < 1.0 - 1e-12
-      fixed = out[~free].sum()
-      want = sparsity * s.size - fixed
-      base = s[free].sum()
-      if base <= 1e-12:
-        break
-      out = np.where(free, s * want / base, 1.0)
-      if (out <= 1.0 + 1e-12).all():
-        break
-      out = np.minimum(out, 1.0)
-    out = np.clip(out, 0.0, 1.0)
-  return tuple(tuple(float(1.0 - v) for v in row) for row in out)
 
 
 # ------------------------------------------------------------ calibration

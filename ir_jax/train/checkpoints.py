@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ir_jax import checkpoint as model_ckpt
-from ir_jax.forecast import NO_TABLE, CalibratedFor, Capacity
+from ir_jax.forecast import CalibratedFor, Capacity
+from ir_jax.routing.capacity import backfill
 from ir_jax.train import integrity
 from ir_jax.train.metrics import log
 
@@ -59,7 +60,7 @@ def restore_compat(
   """`restore(adapters_target)`, also for checkpoints written before newer adapter leaves.
 
   Checkpoints before capacity tables have no `capacity` (nor `calibrated_for`)
-  leaves: they get NO_TABLE, uniform routing as the run that wrote them routed.
+  leaves: they get no table (`capacity.backfill`), uniform routing as the run that wrote them routed.
   Checkpoints before calibration records have no `calibrated_for`: NO_TABLE, so
   their thresholds are recalibrated (or causal routing refused) before use.
   """
@@ -75,9 +76,9 @@ def restore_compat(
       continue
     fresh = jax.tree.map(
       lambda a: (
-        jax.device_put(jnp.full(a.shape, NO_TABLE, a.dtype), a.sharding)
+        jax.device_put(backfill(a.shape, a.dtype), a.sharding)
         if getattr(a, "sharding", None) is not None
-        else jnp.full(a.shape, NO_TABLE, a.dtype)
+        else jnp.asarray(backfill(a.shape, a.dtype))
       ),
       absent,
     )

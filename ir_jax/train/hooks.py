@@ -22,7 +22,7 @@ from ir_jax.data.packing import PACK
 from ir_jax.distributed import host_array
 from ir_jax.model import Llama
 from ir_jax.progress import doing
-from ir_jax.routing import RoutingSpec, calibrate_thresholds, trained_spec
+from ir_jax.routing import RoutingSpec, calibrate_thresholds, mean_capacity, trained_spec
 from ir_jax.train.config import Settings
 from ir_jax.train.init import forecaster_report
 from ir_jax.train.metrics import MetricWriter, log
@@ -39,7 +39,7 @@ def prior_router_bias(
   threshold routing are unchanged by a constant shift. Routers trained before
   (non-zero bias) are left alone.
   """
-  cap = 1.0 - routing.sparsity if routing.capacities is None else float(np.mean(routing.capacities))
+  cap = mean_capacity(routing)
   cap = min(max(cap, 1e-3), 1 - 1e-3)
   prior = math.log(cap / (1.0 - cap))
   flat = dict(nnx.to_flat_state(trainable))

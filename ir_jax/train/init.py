@@ -19,7 +19,7 @@ from ir_jax import fit
 from ir_jax.files import write_json
 from ir_jax.model import Llama
 from ir_jax.progress import Progress
-from ir_jax.routing import allocate_flops, error_shape, model_table, unit_flops
+from ir_jax.routing import CapacityTable, allocate_flops, error_shape, mean_capacity, unit_flops
 from ir_jax.routing.budget import curves_for_flops, table_flops
 from ir_jax.train.config import Settings, StageConfig
 
@@ -34,8 +34,7 @@ def _batches(it: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 
 def _target_sparsity(s: Settings) -> float:
-  r = s.routing
-  return r.sparsity if r.capacities is None else float(1.0 - np.mean(r.capacities))
+  return 1.0 - mean_capacity(s.routing)
 
 
 def fit_forecasters(
@@ -112,14 +111,11 @@ def fit_routers(
     fit.center_routers(model, caps, scores)
     return info
   fit.set_table(model, table, scores)
-  tab = np.asarray(model_table(model))
-  info.update(
-    table_sparsity_attn=float(1 - tab[:, 0].mean()),
-    table_sparsity_mlp=float(1 - tab[:, 1].mean()),
-  )
+  tab = CapacityTable.from_model(model)
+  info.update(zip(("table_sparsity_attn", "table_sparsity_mlp"), tab.unit_sparsity()))
   _log(
     f"[router] capacity table ({alloc}, budget {stage_cfg.budget}; mean sparsity "
-    f"{1 - tab.mean():.3f}): attention "
+    f"{1 - tab.mean(1.0):.3f}): attention "
     f"{info['table_sparsity_attn']:.3f}, MLP {info['table_sparsity_mlp']:.3f}"
   )
   return info
@@ -240,9 +236,10 @@ def _store_table(
     forecast=int((table <= 0).sum()),
     route=int(((table > 0) & (table < 1)).sum()),
   )
+  attn, mlp = CapacityTable.from_array(table).unit_sparsity()
   info.update(
-    table_sparsity_attn=float(1 - table[:, 0].mean()),
-    table_sparsity_mlp=float(1 - table[:, 1].mean()),
+    table_sparsity_attn=attn,
+    table_sparsity_mlp=mlp,
     table_flops=fl,
     **{f"units_{k}": float(v) for k, v in forms.items()},
   )

@@ -16,9 +16,11 @@ import optax
 from flax import nnx
 
 from ir_jax.forecast import CalibratedFor, Capacity, ForecasterParam, RouterParam, Threshold
+from ir_jax.losses import lm_loss
 from ir_jax.model import Llama, LoraParam
 from ir_jax.nll import token_nll
-from ir_jax.routing import RoutingSpec, routed_forward, sink_mask
+from ir_jax.routing import RoutingSpec, mean_capacity, routed_forward, sink_mask
+from ir_jax.routing.capacity import present as table_present
 from ir_jax.train.config import RouterStage, StageConfig
 
 Array = jax.Array
@@ -107,14 +109,6 @@ def forecaster_loss(model: Llama, batch: dict[str, Array]) -> tuple[Array, dict[
   }
 
 
-def lm_loss(logits_BxTxV: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
-  """(mean next-token NLL over loss_mask, number of scored tokens)."""
-  mask = batch["loss_mask"].astype(jnp.float32)
-  nll = token_nll(logits_BxTxV, batch["targets"])
-  count = jnp.sum(mask)
-  return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
-
-
 def router_spec(routing: RoutingSpec, router_cfg: RouterStage) -> RoutingSpec:
   """The training form of the configured routing: straight-through gates."""
   if router_cfg.gate == "gumbel":
@@ -142,15 +136,11 @@ def router_loss(
   )
   lm, _ = lm_loss(logits, batch)
   exec_Lx2 = aux["exec_rate"]
-  capacity = (
-    1.0 - spec.sparsity
-    if spec.capacities is None
-    else jnp.mean(jnp.asarray(spec.capacities, jnp.float32))
-  )
+  capacity = mean_capacity(spec)
   # With a trained capacity table each unit is held to its own capacity (the
   # table is what evaluation routes with); without one, the mean rate is.
   table_Lx2 = model.routing.capacity[...]
-  has_table = jnp.all(table_Lx2 >= 0)
+  has_table = table_present(table_Lx2)
   sparsity_pen = jnp.where(
     has_table, jnp.mean(jnp.abs(table_Lx2 - exec_Lx2)), jnp.abs(capacity - jnp.mean(exec_Lx2))
   )

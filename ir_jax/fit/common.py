@@ -1,0 +1,122 @@
+"""What every closed-form fit shares: the dense pass that hands each unit's input and output
+to a statistic, the streaming sum over batches, the centred moments of a ridge solve, and
+the write of a host-side solution back into the model.
+
+Every pass is one jitted function per batch whose outputs have a leading
+layers axis, so it shards like the model (d = 4096: 64 Gram matrices of
+4096^2 floats, about 4.3 GB, split over the devices with the layers).
+
+Across processes (a pod): batches are global arrays whose rows live on
+several hosts and the model may be FSDP-sharded over them, so every pass's
+outputs (and the token masks that select from them) are gathered whole onto
+every process (`ir_jax.distributed.host_array`, a collective all processes
+call in the same order); the solves then run on the same numbers on every
+host, and what is written back into the model is process 0's result, placed
+with the sharding the variable had (`_set`), so replicas cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ir_jax.distributed import host_array
+from ir_jax.model import Llama
+from ir_jax.progress import doing
+from ir_jax.routing.unit import sink_mask
+
+Array = jax.Array
+# SiLU(z + OFFSET) = z + OFFSET to within 1e-4 for z > -6 (z has unit std), and
+# ReLU(z + OFFSET) is exactly linear for z > -OFFSET.
+OFFSET = 12.0
+# Router scores are SCORE_SCALE standard deviations of predicted log error.
+SCORE_SCALE = 2.0
+_LOG_EPS = 1e-12
+
+
+def _ordinary(batch: dict[str, Array]) -> Array:
+  """1.0 at real tokens that are not segment starts `[B, T]`."""
+  seg = batch["segment_ids"]
+  b, t = seg.shape
+  index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return ((seg > 0) & ~sink_mask(index, seg)).astype(jnp.float32)
+
+
+def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> Any:
+  """Runs the dense model; `per_unit(rl, unit, n_BxTxD, u_BxTxD, x_BxTxD)` -> stats, stacked
+  [L, 2, ...]; x is the residual stream the unit's output is added to."""
+  tokens, positions, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
+  b, t = tokens.shape
+  index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+  def layer_fn(layer, routing_layer, x, _):
+    n = layer.input_layernorm(x)
+    a = layer.self_attn(n, positions, index, seg)
+    sa = per_unit(routing_layer, 0, n, a, x)
+    x = x + a
+    n2 = layer.post_attention_layernorm(x)
+    m = layer.mlp(n2)
+    sm = per_unit(routing_layer, 1, n2, m, x)
+    return x + m, jax.tree.map(lambda p, q: jnp.stack([p, q]), sa, sm)
+
+  _, stats = model.run_layers(layer_fn, model.embed(tokens))
+  return stats
+
+
+def _approximation(routing_layer, unit: int, n: Array, greedy: bool) -> Array:
+  """What approximating the unit puts in its place: the forecast, or nothing (greedy)."""
+  return jnp.zeros_like(n) if greedy else routing_layer.forecaster(unit)(n)
+
+
+def _accumulate(
+  fn: Callable,
+  model: Llama,
+  batches: Iterable[dict[str, Any]],
+  progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+  total = None
+  for i, batch in enumerate(batches):
+    with doing("compiling the statistics pass" if i == 0 else "gathering statistics"):
+      out = fn(model, {k: jnp.asarray(v) for k, v in batch.items()})
+      total = out if total is None else jax.tree.map(jnp.add, total, out)
+      if i == 0:  # the first batch's wait (compile and run) belongs to this label
+        jax.block_until_ready(total)
+    if progress is not None:
+      progress(i + 1)
+  if total is None:
+    raise ValueError("a closed-form fit needs at least one batch")
+  return {k: np.asarray(host_array(v), np.float64) for k, v in total.items()}
+
+
+def _centered(m: dict[str, np.ndarray], ridge: float) -> tuple[np.ndarray, ...]:
+  n = max(float(m["count"]), 1.0)
+  mx = m["sx"] / n
+  cxx = m["xtx"] / n - np.outer(mx, mx)
+  cxx = 0.5 * (cxx + cxx.T)
+  d = cxx.shape[0]
+  lam = ridge * max(np.trace(cxx) / d, 1e-12)
+  return n, mx, cxx, cxx + lam * np.eye(d)
+
+
+def _stack(per: list[list[dict[str, np.ndarray]]], name: str, unit: int) -> np.ndarray:
+  return np.stack([layer[unit][name] for layer in per])
+
+
+def _set(var: nnx.Variable, value: np.ndarray) -> None:
+  """Writes `value` into `var` with its dtype, shape and sharding. Across processes the
+  value is process 0's (host-side solves may differ in the last bit from host to host,
+  and every replica of a parameter must hold the same number)."""
+  old = var[...]
+  new = np.asarray(jnp.asarray(value, old.dtype).reshape(old.shape))
+  if not isinstance(old, jax.Array):
+    var[...] = jnp.asarray(new)
+    return
+  if not old.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    new = np.asarray(multihost_utils.broadcast_one_to_all(new))
+  var[...] = jax.device_put(new, old.sharding)
