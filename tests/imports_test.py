@@ -88,8 +88,6 @@ def test_package_import_graph_is_acyclic():
 # removes it. Each entry must still exist (a removed one is dropped from here),
 # and with these arrows taken out the package graph must be acyclic.
 ALLOWED_UPWARD = {
-  # fit.py imports train.steps.lm_loss; lm_loss moves to a lower floor (issue 28).
-  ("ir_jax.fit", "ir_jax.train"),
   # export restores a run's adapters with train.checkpoints.restore_adapters (its
   # old-checkpoint back-fill) and train.steps.ADAPTERS, and a random base with
   # train.rundir.run_result; routing_io builds a run's spec with train.config.routing_spec.
