@@ -37,6 +37,7 @@ from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.forecast import lff_flops, router_flops
 from ir_jax.routing import RoutingSpec
 from ir_jax.routing import flops as routed_flops
+from ir_jax.routing.plan import prefill_plan
 from ir_jax.train.config import Settings, settings_from_config
 from ir_jax.train.stages import STAGES
 from ir_jax.train.state import abstract_state
@@ -140,13 +141,10 @@ def target_devices(
 
 # ------------------------------------------------------------ analytic FLOPs
 def _unit_ks(cfg: LlamaConfig, spec: RoutingSpec | None, t: int) -> list[tuple[int, int]]:
-  """Tokens per row that run each layer's (attention, MLP) unit, as the forward computes."""
-  if spec is None or spec.policy == "dense":
-    return [(t, t)] * cfg.num_layers
-  runs_all = spec.mode == "causal" or spec.compute == "all" or spec.gate == "gumbel"
-  if runs_all or spec.policy == "oracle":
-    return [(t, t)] * cfg.num_layers
-  return [(spec.k(t, l, 0), spec.k(t, l, 1)) for l in range(cfg.num_layers)]
+  """Tokens per row that run each layer's (attention, MLP) unit, as the forward computes
+  (the routing plan's `tokens`)."""
+  plan = prefill_plan(cfg, RoutingSpec(policy="dense") if spec is None else spec, t)
+  return [(int(a), int(m)) for a, m in plan.tokens()]
 
 
 def step_flops(

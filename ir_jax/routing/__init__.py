@@ -21,9 +21,11 @@ decision never depends on later tokens; it is what decoding uses.
 Modules, each building only on those listed above it:
   spec       RoutingSpec, its validation, per-unit capacities and token counts
   unit       route_unit: scores, top-k or thresholds, gather-run-scatter
+  plan       Plan: each unit's static form per layer, computed once per forward or decode
+             step (prefill_plan, decode_plan); the layer, cost model and AOT view read it
   capacity   CapacityTable: the per-unit capacity table in every form, and its allocation
   calibrate  causal thresholds
-  forward    routed_layer and routed_forward (what RoutingSpec.forward runs)
+  forward    routed_layer (the one routed layer) and routed_forward (RoutingSpec.forward)
   decode     KV-cache decoding: decode_body, decode_step, generate
   cost       matmul FLOPs of a routed forward: each unit executes, forecasts or routes
   budget     tables for an executed-FLOPs budget; trained_spec (route a trained model)
@@ -34,7 +36,14 @@ from ir_jax.routing.calibrate import calibrate_thresholds, check_calibrated
 from ir_jax.routing.capacity import CapacityTable, mean_capacity, model_table, rescale_table
 from ir_jax.routing.cost import flops, form_flops, token_flops, unit_flops
 from ir_jax.routing.decode import decode_body, decode_step, generate, init_cache
-from ir_jax.routing.forward import Ctx, realized_sparsity, routed_forward, routed_layer
+from ir_jax.routing.forward import (
+  Ctx,
+  LayerInputs,
+  realized_sparsity,
+  routed_forward,
+  routed_layer,
+)
+from ir_jax.routing.plan import Form, Plan, decode_plan, prefill_plan
 from ir_jax.routing.spec import (
   COMPUTES,
   GATES,
@@ -61,6 +70,9 @@ __all__ = [
   "COMPUTES",
   "CapacityTable",
   "Ctx",
+  "Form",
+  "LayerInputs",
+  "Plan",
   "GATES",
   "MODES",
   "POLICIES",
@@ -70,6 +82,7 @@ __all__ = [
   "calibrate_thresholds",
   "check_calibrated",
   "decode_body",
+  "decode_plan",
   "decode_step",
   "flops",
   "form_flops",
@@ -86,6 +99,7 @@ __all__ = [
   "layer_ks",
   "mean_capacity",
   "model_table",
+  "prefill_plan",
   "realized_sparsity",
   "rescale_table",
   "route_unit",

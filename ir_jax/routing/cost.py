@@ -22,7 +22,8 @@ import numpy as np
 
 from ir_jax.config import LlamaConfig
 from ir_jax.forecast import UNITS, lff_flops, router_flops
-from ir_jax.routing.spec import RoutingSpec, layer_ks
+from ir_jax.routing.plan import prefill_plan
+from ir_jax.routing.spec import RoutingSpec
 
 
 def token_flops(cfg: LlamaConfig, seq_len: int) -> dict[str, float]:
@@ -101,8 +102,8 @@ def flops(cfg: LlamaConfig, spec: RoutingSpec, seq_len: int, batch: int = 1) -> 
   c = token_flops(cfg, t)
   dense_layer = c["q_o"] + c["kv"] + c["core"] + c["mlp"]
   dense = batch * t * (cfg.num_layers * dense_layer + c["head"])
-  runs_all = spec.mode == "causal" or spec.compute == "all" or spec.gate == "gumbel"
-  ks = layer_ks(spec, cfg, t)
+  plan = prefill_plan(cfg, spec, t)  # what the routed forward runs
+  runs_all, ks = plan.runs_all, plan.ks
   per_unit = np.zeros((cfg.num_layers, len(UNITS)))
   ideal_unit = np.zeros_like(per_unit)
   for l in range(cfg.num_layers):

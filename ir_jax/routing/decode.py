@@ -8,11 +8,11 @@ import numpy as np
 from flax import nnx
 
 from ir_jax.config import ConfigError, LlamaConfig
-from ir_jax.forecast import UNITS
 from ir_jax.model import BxTxD, Llama
 from ir_jax.routing.calibrate import check_calibrated
-from ir_jax.routing.forward import Ctx, routed_layer
-from ir_jax.routing.spec import MODES, RoutingSpec, layer_caps, row_k
+from ir_jax.routing.forward import LayerInputs, routed_layer
+from ir_jax.routing.plan import decode_plan
+from ir_jax.routing.spec import MODES, RoutingSpec
 from ir_jax.sharding import constrain
 
 Array = jax.Array
@@ -46,23 +46,19 @@ def decode_body(
       "(thresholds) or spec.inference('topk') (static row capacity)"
     )
   cfg = model.config
-  spec.check_layers(cfg.num_layers)
   b = token_B.shape[0]
+  plan = decode_plan(cfg, spec, b)  # checks the table's rows
+  levels = plan.levels
   pos_Bx1 = jnp.full((b, 1), pos, jnp.int32)
-  ctx = Ctx(pos_Bx1, pos_Bx1, None, sink_BxT=(pos_Bx1 == 0) if spec.protect_sinks else None)
+  inputs = LayerInputs(
+    pos_Bx1, pos_Bx1, None, sink_BxT=(pos_Bx1 == 0) if spec.protect_sinks else None
+  )
   key = jax.random.key(spec.seed)
   x = model.embed(token_B[:, None])
   graphdef, state = nnx.split(model.layers)
   rgraphdef, rstate = nnx.split(model.routing)
-  caps = layer_caps(spec, cfg)
-  if spec.mode == "topk":
-    ks = np.array(
-      [[row_k(spec, b, l, u) for u in range(len(UNITS))] for l in range(cfg.num_layers)], np.int32
-    )
-  else:
-    ks = np.ones((cfg.num_layers, len(UNITS)), np.int32)
 
-  def one_layer(lid, x, ck, cv, cap, k_pair):
+  def one_layer(x, lid, ck, cv, cap, level_pair):
     take = lambda a: a[lid]
     layer = lambda: nnx.merge(graphdef, jax.tree.map(take, state))  # sliced where used
     routing_layer = nnx.merge(rgraphdef, jax.tree.map(take, rstate))
@@ -70,30 +66,31 @@ def decode_body(
       layer,
       routing_layer,
       constrain(x, BxTxD),
-      ctx,
+      inputs,
       spec,
-      k_pair,
+      levels,
+      level_pair,
       jax.random.fold_in(key, lid),
       cache=(ck, cv, pos),
       caps=cap,
     )
     return constrain(x, BxTxD), (ck, cv, aux["gate_BxT"][:, :, 0])
 
-  # Each layer returns only this step's keys/values `[B, 1, N, K]`; they are written
-  # into the cache once below (in place when the caller donates the cache).
-  if (ks == ks[0]).all() and cfg.scan_layers:
-    k_pair = (int(ks[0, 0]), int(ks[0, 1]))
+  # The same rule as the prefill (`routed_forward`): scanned layers switch among each
+  # unit type's forms, unrolled ones take their own statically. Each layer returns only
+  # this step's keys/values `[B, 1, N, K]`; they are written into the cache once below
+  # (in place when the caller donates the cache).
+  if cfg.scan_layers:
+    per = (jnp.arange(cfg.num_layers), cache["k"], cache["v"], jnp.asarray(plan.caps))
     x, (new_k, new_v, gates) = jax.lax.scan(
-      lambda x, per: one_layer(*per[:1], x, *per[1:], k_pair),
-      x,
-      (jnp.arange(cfg.num_layers), cache["k"], cache["v"], jnp.asarray(caps)),
+      lambda x, per: one_layer(x, *per), x, (*per, jnp.asarray(plan.level_index))
     )
-  else:  # per-layer row counts: unrolled, each layer with its own static k
+  else:
     outs = []
+    index = plan.level_index
     for l in range(cfg.num_layers):
-      x, o = one_layer(
-        l, x, cache["k"][l], cache["v"][l], jnp.asarray(caps[l]), (int(ks[l, 0]), int(ks[l, 1]))
-      )
+      caps_l = jnp.asarray(plan.caps[l])
+      x, o = one_layer(x, l, cache["k"][l], cache["v"][l], caps_l, index[l])
       outs.append(o)
     new_k, new_v, gates = (jnp.stack(a) for a in zip(*outs))
   write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, pos, axis=2)

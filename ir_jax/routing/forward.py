@@ -1,7 +1,8 @@
 """The routed forward: every decoder layer with both units routed.
 
 `routed_layer` runs one layer (attention then MLP, each through `route_unit`),
-for a whole sequence or, with a KV cache, for one decode step; `routed_forward`
+for a whole sequence or, with a KV cache, for one decode step (`routing.decode`),
+each unit in the form its routing plan gives it (`routing.plan`); `routed_forward`
 runs the model with it, and is what `model(tokens, routing=spec)` reaches
 through `RoutingSpec.forward` (set here).
 """
@@ -18,7 +19,8 @@ import numpy as np
 from ir_jax.forecast import RoutingLayer
 from ir_jax.model import DecoderLayer, Llama
 from ir_jax.routing.calibrate import check_calibrated
-from ir_jax.routing.spec import RoutingSpec, layer_caps, layer_ks
+from ir_jax.routing.plan import Form, prefill_plan
+from ir_jax.routing.spec import RoutingSpec
 from ir_jax.routing.unit import gather, route_unit, sink_mask
 
 Array = jax.Array
@@ -26,7 +28,7 @@ Array = jax.Array
 
 # ------------------------------------------------------------- the layer
 @dataclasses.dataclass
-class Ctx:
+class LayerInputs:
   """Per-token inputs every routed layer of one forward (or decode step) shares."""
 
   positions_BxT: Array
@@ -36,41 +38,44 @@ class Ctx:
   sink_BxT: Array | None = None  # tokens that always execute (segment starts)
 
 
+Ctx = LayerInputs  # the earlier name
+
+
 def routed_layer(
   layer: DecoderLayer | Callable[[], DecoderLayer],
   routing_layer: RoutingLayer,
   x_BxTxD: Array,
-  ctx: Ctx,
+  inputs: LayerInputs,
   spec: RoutingSpec,
-  ks: tuple[int, int],
+  levels: tuple[tuple[Form, ...], ...],
+  level_index: Any,
   key: Array,
   cache: tuple[Array, Array, Array] | None = None,
   caps: Array | None = None,
-  k_levels: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
-  level_index: Array | None = None,
 ):
   """One decoder layer with both units routed; returns (x, aux[, this step's (k, v)]).
 
+  `levels` (static, `Plan.levels`): the distinct forms of each unit type over all layers;
+  `level_index` `[2]`: this layer's position in each. A traced index (scanned layers)
+  switches among the forms (`lax.switch`, one branch taken, so a per-layer capacity
+  table still scans the layers); a concrete one (unrolled layers) picks its form
+  statically; a unit type with one form needs neither.
   `layer` may be a function returning the layer: each unit then asks for its
   weights inside the code that runs it, so in a decode step a skipped unit
   (a `lax.cond` branch not taken) never reads them (see `decode_body`).
-  `caps` `[2]`: the spec's capacities of this layer; in causal mode a unit at
-  capacity 1 always executes and one at 0 never does, whatever its calibrated threshold.
-  With a cache in top-k mode, `ks` count rows (static row capacity, `unit._route_rows`).
-  An entry of `ks` (or of `k_levels`) may be a pair (k, forecast_only): a unit at capacity 0
-  runs no router and executes only segment starts in its k sink slots (`spec.forecast_only`).
-  `k_levels` (static: the distinct k of each unit type over all layers) with `level_index` `[2]`
-  (traced: this layer's position in each) replace `ks`: each unit then runs under a
-  `lax.switch` over its levels, one branch per distinct k, so a per-layer capacity table
-  still scans the layers (see `routed_forward`).
+  `caps` `[2]`: this layer's capacities; in causal mode a unit at capacity 1 always
+  executes and one at 0 never does, whatever its calibrated threshold.
+  With a cache in top-k mode, forms count rows (static row capacity, `unit._route_rows`).
+  A forecast-only form (capacity 0) runs no router and executes only segment starts in
+  its k sink slots (`spec.forecast_only`).
   """
   get = (lambda: layer) if isinstance(layer, DecoderLayer) else layer
-  rows = cache is not None and spec.mode == "topk"
+  by_rows = cache is not None and spec.mode == "topk"
   n = get().input_layernorm(x_BxTxD)
   if cache is None:  # keys and values are computed where a unit runs (see attn_fn)
     k_new = v_new = None
   else:  # decode: write this step's keys/values, attend over the cache
-    k_new, v_new = get().self_attn.keys_values(n, ctx.positions_BxT)
+    k_new, v_new = get().self_attn.keys_values(n, inputs.positions_BxT)
     ck, cv, pos = cache
     k_all = jax.lax.dynamic_update_slice_in_dim(ck, k_new.astype(ck.dtype), pos, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cv, v_new.astype(cv.dtype), pos, axis=1)
@@ -83,13 +88,13 @@ def routed_layer(
     tokens alone: each one's earlier tokens of its segment are gathered too, so this is
     exact, and no other token needs keys or values."""
     attn = get().self_attn
-    q_pos, q_index, q_seg = ctx.positions_BxT, ctx.index_BxT, ctx.segment_ids_BxT
+    q_pos, q_index, q_seg = inputs.positions_BxT, inputs.index_BxT, inputs.segment_ids_BxT
     if cache is None and not own_kv:
       keys, values = attn.keys_values(n, q_pos)
       kv_index, kv_seg = q_index, q_seg
     elif cache is not None:
       keys, values, kv_index, kv_seg = k_all, v_all, k_index, k_seg
-    if idx is not None and rows:  # idx `[k]`: rows of the batch, with their caches
+    if idx is not None and by_rows:  # idx `[k]`: rows of the batch, with their caches
       q_pos, q_index = q_pos[idx], q_index[idx]
       keys, values, kv_index = keys[idx], values[idx], kv_index[idx]
     elif idx is not None:  # idx `[B, S]`: tokens of every row
@@ -106,31 +111,31 @@ def routed_layer(
     thr = jnp.where(caps >= 1.0, -jnp.inf, jnp.where(caps <= 0.0, jnp.inf, thr))
 
   def unit(u: int, n: Array, x: Array, unit_fn: Callable, lff: Any, router: Any):
-    def run(level: int | tuple[int, bool]):
-      k, forecast_only = (level, False) if isinstance(level, (int, np.integer)) else level
-      own = forecast_only and u == 0 and cache is None and spec.mode == "topk"
+    def run(form: Form):
+      own = form.forecast_only and u == 0 and cache is None and spec.mode == "topk"
       delta, aux = route_unit(
         n,
         x,
-        (lambda idx, ns: unit_fn(idx, ns, own_kv=True)) if own and k else unit_fn,
+        (lambda idx, ns: unit_fn(idx, ns, own_kv=True)) if own and form.k else unit_fn,
         lff,
         router,
         spec,
-        k,
+        form.k,
         thr[u],
         jax.random.fold_in(key, u),
-        ctx.temperature,
-        ctx.sink_BxT,
-        rows=rows,
-        forecast_only=forecast_only,
+        inputs.temperature,
+        inputs.sink_BxT,
+        rows=by_rows,
+        forecast_only=form.forecast_only,
       )
       return delta.astype(x.dtype), aux
 
-    if k_levels is None:
-      return run(ks[u])
-    if len(k_levels[u]) == 1:
-      return run(k_levels[u][0])
-    return jax.lax.switch(level_index[u], [lambda k=k: run(k) for k in k_levels[u]])
+    forms, index = levels[u], level_index[u]
+    if len(forms) == 1:
+      return run(forms[0])
+    if isinstance(index, (int, np.integer)):
+      return run(forms[int(index)])
+    return jax.lax.switch(index, [lambda f=f: run(f) for f in forms])
 
   delta, aux_a = unit(0, n, x_BxTxD, attn_fn, routing_layer.attn_lff, routing_layer.attn_router)
   x_BxTxD = x_BxTxD + delta
@@ -161,18 +166,17 @@ def routed_forward(
   `temperature` (a scalar, may be traced) replaces `spec.temperature` for
   Gumbel gates, so an annealed temperature does not recompile every step.
 
-  aux: exec_rate [L, 2], importance [L, 2], scores_BxT and gate_BxT [L, 2, B, T]. A uniform
-  capacity scans the layers with one static k per unit type. A per-layer
-  capacity table scans them too: each unit switches (`lax.switch`, one branch
-  taken) among the distinct k its type has in the table, so the compiled body
-  holds one copy of a unit per distinct k rather than one per layer. With the
-  config's `scan_layers=False` the layers are unrolled, each with its own static k.
+  aux: exec_rate [L, 2], importance [L, 2], scores_BxT and gate_BxT [L, 2, B, T]. The
+  layers run one routed layer over the plan (`prefill_plan`): scanned (the config's
+  `scan_layers`), each unit switching among the distinct forms its type has in the
+  plan, so the compiled body holds one copy of a unit per distinct k rather than one
+  per layer (one for a uniform spec); or unrolled, each layer with its own static form.
   """
   cfg = model.config
   check_calibrated(model, spec)
   b, t = tokens_BxT.shape
   index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  ctx = Ctx(
+  inputs = LayerInputs(
     index_BxT if positions_BxT is None else positions_BxT,
     index_BxT,
     segment_ids_BxT,
@@ -180,64 +184,26 @@ def routed_forward(
     sink_mask(index_BxT, segment_ids_BxT) if spec.protect_sinks else None,
   )
   key = jax.random.key(spec.seed) if rng is None else rng
-  ks = layer_ks(spec, cfg, t)
-  # A unit's static form: (k, forecast-only); a capacity-0 unit and a small capacity may
-  # share k but not code (the former runs no router).
-  forms = [
-    [(int(ks[l, u]), spec.forecast_only(l, u)) for u in range(ks.shape[1])]
-    for l in range(cfg.num_layers)
-  ]
-  x = model.embed(tokens_BxT)
+  plan = prefill_plan(cfg, spec, t)
+  levels = plan.levels
+
+  def layer_fn(layer, routing_layer, x, per):
+    lid, level_pair, cap_pair = per  # numpy (static) in unrolled layers, traced when scanned
+    return routed_layer(
+      layer,
+      routing_layer,
+      x,
+      inputs,
+      spec,
+      levels,
+      level_pair,
+      jax.random.fold_in(key, lid),
+      caps=jnp.asarray(cap_pair),
+    )
+
   layer_ids = np.arange(cfg.num_layers, dtype=np.int32)
-  if all(row == forms[0] for row in forms):
-    static_ks = tuple(forms[0])
-
-    caps = jnp.asarray(layer_caps(spec, cfg))
-
-    def layer_fn(layer, routing_layer, x, lid):
-      return routed_layer(
-        layer, routing_layer, x, ctx, spec, static_ks, jax.random.fold_in(key, lid), caps=caps[lid]
-      )
-
-    x, aux = model.run_layers(layer_fn, x, jnp.asarray(layer_ids))
-  elif model.config.scan_layers:
-    levels = tuple(tuple(sorted({row[u] for row in forms})) for u in range(ks.shape[1]))
-    index = np.array([[levels[u].index(f) for u, f in enumerate(row)] for row in forms])
-
-    def layer_fn(layer, routing_layer, x, per):
-      lid, level_pair, cap_pair = per
-      return routed_layer(
-        layer,
-        routing_layer,
-        x,
-        ctx,
-        spec,
-        (0, 0),  # unused: k_levels and level_index choose
-        jax.random.fold_in(key, lid),
-        caps=cap_pair,
-        k_levels=levels,
-        level_index=level_pair,
-      )
-
-    per_layer = (jnp.asarray(layer_ids), jnp.asarray(index), jnp.asarray(layer_caps(spec, cfg)))
-    x, aux = model.run_layers(layer_fn, x, per_layer)
-  else:
-
-    def layer_fn(layer, routing_layer, x, per):
-      lid, k_pair, cap_pair = per  # numpy leaves in the unrolled loop: static
-      l = int(lid)
-      return routed_layer(
-        layer,
-        routing_layer,
-        x,
-        ctx,
-        spec,
-        tuple((int(k_pair[u]), spec.forecast_only(l, u)) for u in range(len(k_pair))),
-        jax.random.fold_in(key, int(lid)),
-        caps=jnp.asarray(cap_pair),
-      )
-
-    x, aux = model.run_layers(layer_fn, x, (layer_ids, ks, layer_caps(spec, cfg)), scan=False)
+  x = model.embed(tokens_BxT)
+  x, aux = model.run_layers(layer_fn, x, (layer_ids, plan.level_index, plan.caps))
   logits = model.logits(x)
   return (logits, aux) if return_aux else logits
 
