@@ -933,6 +933,11 @@ ALLOWED = {
   # `--config FILE`: configs/*.py are Python by design (ml_collections' get_config()),
   # named by the user as code to run, like DEFINE_config_file in ir_jax.train.
   ("ir_jax/config_file.py", "spec.loader.exec_module(mod)"),
+  # The lazy package attributes (PEP 562): module names from a fixed table in the
+  # package itself, or `ir_jax.<attribute>` for an existing submodule; never from a file.
+  ("ir_jax/__init__.py", "importlib.import_module(_LAZY[name])"),
+  ("ir_jax/__init__.py", 'importlib.import_module(f"ir_jax.{name}")'),
+  ("ir_jax/train/__init__.py", "importlib.import_module(_LAZY[name])"),
   # Docstrings naming the eval step's signature, not calls.
   ("ir_jax/train/stepfns.py", '"""eval(state, batch)'),
   ("ir_jax/train/steps.py", '"""eval(state, batch)'),
