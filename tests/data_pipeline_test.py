@@ -617,3 +617,29 @@ def test_domain_mix_state_restores_and_old_states_still_load(corpus):
   make_iterator(corpus["cfg"], "train", base_dir=corpus["root"], **kw).set_state(old)
   with pytest.raises(DataError, match="mix"):
     make_iterator(cfg, "train", base_dir=corpus["root"], **kw).set_state(old)
+
+
+def test_max_doc_tokens_keeps_each_documents_first_tokens(corpus):
+  """A capped evaluation stream is the uncapped documents, each cut to its first N tokens
+  (shorter ones whole), every document once, packed as always."""
+  cap = 12
+  docs = corpus["doc_ids"]
+  seen: Counter[int] = Counter()
+  for split in ("train", "validation"):
+    batches = local_batches(iterator(corpus, split, mode="pack", shuffle=True, max_doc_tokens=cap))
+    for b in batches:
+      check_row_format(b)
+    order = parse_stream(segments(batches), [d[:cap] for d in docs], [1] * len(docs))
+    seen.update(order)
+  assert sorted(seen) == list(range(len(docs)))
+  assert any(len(d) > cap for d in docs) and any(len(d) <= cap for d in docs)
+
+
+def test_max_doc_tokens_is_refused_where_it_has_no_meaning(corpus):
+  with pytest.raises(DataError, match="max_doc_tokens must be >= 0"):
+    iterator(corpus, "validation", max_doc_tokens=-1)
+  cfg = dataclasses.replace(corpus["cfg"], train_mix="domains", piece_chars=100)
+  with pytest.raises(DataError, match="applies to mix 'documents' only"):
+    make_iterator(
+      cfg, "train", base_dir=corpus["root"], process_index=0, process_count=1, max_doc_tokens=8
+    )

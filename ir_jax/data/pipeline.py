@@ -31,16 +31,18 @@ STATE_FORMAT = "ir_jax.data/1"
 
 
 class _Tokenize:
-  """Record index -> {tokens, doc_id, domain_id}; runs inside the grain map."""
+  """Record index -> {tokens, doc_id, domain_id}; runs inside the grain map. With
+  `max_tokens` > 0 a document keeps only its first `max_tokens` tokens."""
 
-  def __init__(self, source: TextSource, tokenizer: TextTokenizer) -> None:
-    self.source, self.tokenizer = source, tokenizer
+  def __init__(self, source: TextSource, tokenizer: TextTokenizer, max_tokens: int = 0) -> None:
+    self.source, self.tokenizer, self.max_tokens = source, tokenizer, max_tokens
     self.domain_ids = {d: i for i, d in enumerate(source.domains)}
 
   def __call__(self, index: int) -> dict[str, Any]:
     text, domain = self.source.document(int(index))
+    tokens = self.tokenizer.encode(text)
     return {
-      "tokens": self.tokenizer.encode(text),
+      "tokens": tokens[: self.max_tokens] if self.max_tokens > 0 else tokens,
       "doc_id": int(index),
       "domain_id": self.domain_ids.get(domain, -1),
     }
@@ -123,8 +125,12 @@ def document_stream(
   process_count: int,
   mix: str = DOCUMENTS,
   piece_chars: int = 0,
+  max_doc_tokens: int = 0,
 ) -> grain.MapDataset:
   """This process's tokenized documents, in order: every process_count-th record, shuffled.
+
+  max_doc_tokens > 0 keeps only each document's first `max_doc_tokens` tokens (an
+  evaluation then rests on many documents, not on the few longest).
 
   mix="domains": instead of whole documents, pieces of at most `piece_chars`
   characters drawn with equal weight per domain (`domain_table`), so a few
@@ -142,7 +148,7 @@ def document_stream(
     fn: Any = _TokenizePiece(source, tokenizer, table)
   else:
     ds = grain.MapDataset.range(n)[process_index::process_count]
-    fn = _Tokenize(source, tokenizer)
+    fn = _Tokenize(source, tokenizer, max_doc_tokens)
   if shuffle:
     ds = ds.shuffle(seed=seed)  # grain reseeds the permutation every epoch of a repeat
   if num_epochs != 1:
@@ -187,6 +193,7 @@ class DataIterator(grain.DatasetIterator):
     num_batches: int | None = None,
     mix: str = DOCUMENTS,
     piece_chars: int = 0,
+    max_doc_tokens: int = 0,
   ) -> None:
     super().__init__()
     pi = jax.process_index() if process_index is None else process_index
@@ -206,6 +213,11 @@ class DataIterator(grain.DatasetIterator):
       raise DataError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
     if num_batches is not None and num_batches < 0:
       raise DataError(f"num_batches must be None or >= 0, got {num_batches}")
+    if max_doc_tokens < 0 or (max_doc_tokens and mix != DOCUMENTS):
+      raise DataError(
+        f"max_doc_tokens must be >= 0 (0: whole documents) and applies to mix "
+        f"{DOCUMENTS!r} only, got {max_doc_tokens} with mix {mix!r}"
+      )
     if mix not in (DOCUMENTS, DOMAINS):
       raise DataError(f"mix must be {DOCUMENTS!r} or {DOMAINS!r}, got {mix!r}")
     if mix == DOMAINS and (mode != PACK or piece_chars < 1):
@@ -239,6 +251,7 @@ class DataIterator(grain.DatasetIterator):
       process_count=pc,
       mix=mix,
       piece_chars=piece_chars,
+      max_doc_tokens=max_doc_tokens,
     )
     # All that must match between saving and restoring a state: anything else
     # would silently continue a different stream.
@@ -258,6 +271,8 @@ class DataIterator(grain.DatasetIterator):
     }
     if mix != DOCUMENTS:  # only when set: states saved before the option still restore
       self._layout.update(mix=mix, piece_chars=piece_chars)
+    if max_doc_tokens:
+      self._layout.update(max_doc_tokens=max_doc_tokens)
     batches: grain.IterDataset = TokenBatches(self._docs, seq_len, self.local_batch_size, mode)
     if prefetch > 0:
       batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
@@ -373,8 +388,10 @@ def make_iterator(
   base_dir: str | os.PathLike[str] | None = None,
   prepare_if_missing: bool = False,
   num_batches: int | None = None,
+  max_doc_tokens: int = 0,
 ) -> DataIterator:
-  """A DataIterator over `split` (default `cfg.train_split`) of the dataset `cfg` names."""
+  """A DataIterator over `split` (default `cfg.train_split`) of the dataset `cfg` names;
+  `max_doc_tokens` > 0 keeps each document's first that many tokens (documents only)."""
   split_name = split or cfg.train_split
   source = open_split(cfg, split_name, base_dir, prepare_if_missing)
   tok = tokenizer or load_text_tokenizer(cfg.tokenizer, cfg.add_bos, cfg.add_eos)
@@ -397,6 +414,7 @@ def make_iterator(
     # and calibration all read it); evaluation and other splits see documents.
     mix=cfg.train_mix if (split_name == cfg.train_split and mode == PACK) else DOCUMENTS,
     piece_chars=cfg.piece_chars,
+    max_doc_tokens=max_doc_tokens,
   )
 
 

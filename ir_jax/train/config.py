@@ -271,7 +271,11 @@ class TrainConfig:
   checkpoint_every: steps between checkpoints (one is always written at the end).
   keep_checkpoints: checkpoints kept per stage.
   async_checkpoints: write checkpoints in a background thread.
-  eval_batches:     held-out batches for the final dense-vs-routed perplexity (0: skip).
+  eval_batches:     held-out batches for the final dense-vs-routed perplexity (0: skip);
+                    the evaluation stops sooner when the split is used up.
+  eval_doc_tokens:  that evaluation scores each held-out document's first N tokens
+                    (0: whole documents), so its interval rests on many documents
+                    rather than on a few long ones.
   tensorboard:      also write TensorBoard event files (needs tensorboardX).
   """
 
@@ -283,6 +287,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
   eval_batches: int = 16
+  eval_doc_tokens: int = 0
   tensorboard: bool = True
   forecaster: ForecasterStage = ForecasterStage()
   router: RouterStage = RouterStage()
@@ -313,6 +318,7 @@ class TrainConfig:
       ("checkpoint_every", 1),
       ("keep_checkpoints", 1),
       ("eval_batches", 0),
+      ("eval_doc_tokens", 0),
     ):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < low:

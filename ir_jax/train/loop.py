@@ -441,8 +441,14 @@ def run(
     write_json(os.path.join(workdir, "train_summary.json"), {"stages": summary["stages"]}, indent=2)
   if s.train.eval_batches:
     log(
-      f"evaluating held-out perplexity, dense and routed, on {s.train.eval_batches} batches "
-      f"of {s.data.batch_size} x {s.data.seq_len} tokens ..."
+      f"evaluating held-out perplexity, dense and routed, on up to {s.train.eval_batches} "
+      f"batches of {s.data.batch_size} x {s.data.seq_len} tokens"
+      + (
+        f" (each document's first {s.train.eval_doc_tokens} tokens)"
+        if s.train.eval_doc_tokens
+        else ""
+      )
+      + " ..."
     )
     t_eval = time.time()
     with doing("evaluating held-out perplexity"):

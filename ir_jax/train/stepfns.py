@@ -96,6 +96,7 @@ def evaluate(
   results: dict[str, Any] = {
     "split": data.eval_split,
     "seq_len": data.seq_len,
+    "doc_tokens": s.train.eval_doc_tokens,
     "policy": eval_spec.policy,
     "sparsity": eval_spec.sparsity,
     "flops_budget": eval_spec.flops,
@@ -117,6 +118,7 @@ def evaluate(
       batch_axes=sh.BATCH_AXES,
       num_batches=num_batches,
       prepare_if_missing=True,
+      max_doc_tokens=s.train.eval_doc_tokens,
     )
     nll, tokens, execs = 0.0, 0.0, []
     tally = DocumentTally()
@@ -127,6 +129,8 @@ def evaluate(
         # the first batch waits for the compile: nothing to count until it is done
         with doing(f"compiling the {name} evaluation" if i == 0 else f"evaluating {name}"):
           out = jax.device_get(fn(model_state.state, batch))
+        if not float(out["tokens"]):  # every process's share of the split is used up
+          break
         bar(i + 1)
         tally.add(
           host_array(out["nll_BxT"]),
