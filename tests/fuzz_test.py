@@ -415,6 +415,7 @@ TRAIN_FIELDS.update(
     "train.checkpoint_every": _INT,
     "train.keep_checkpoints": _INT,
     "train.eval_batches": _INT,
+    "train.eval_doc_tokens": _INT,
     "train.async_checkpoints": st.booleans(),
     "train.tensorboard": st.booleans(),
     "train.init_from": st.sampled_from(["", "runs/other"]),

@@ -86,6 +86,16 @@ def jit_stage_step(
   return StageStep(fn, tx, abs_opt, opt_sh, tr_sh, fr_sh)
 
 
+def _split_batches(it: pipeline.DataIterator) -> int:
+  """Batches one pass over `it`'s split takes: the most any process's shard needs."""
+  n = it.local_batch_count()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    n = int(np.max(multihost_utils.process_allgather(np.int32(n))))
+  return n
+
+
 def evaluate(
   s: Settings, model_state: ModelState, mesh: jax.sharding.Mesh, num_batches: int
 ) -> dict[str, Any]:
@@ -120,6 +130,8 @@ def evaluate(
       prepare_if_missing=True,
       max_doc_tokens=s.train.eval_doc_tokens,
     )
+    if name == "dense":  # the batches the split holds, so the bar ends where the data does
+      num_batches = min(num_batches, _split_batches(it))
     nll, tokens, execs = 0.0, 0.0, []
     tally = DocumentTally()
     bar = counter(f"  {name} pass", num_batches, unit="batches")
