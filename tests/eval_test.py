@@ -201,6 +201,23 @@ def test_realized_sparsity_counts_real_tokens_only(topk):
     assert r["sparsity_attn"] == pytest.approx(r["sparsity_mlp"], abs=1e-9)
 
 
+def test_document_sparsity_adds_up_to_the_realized_sparsity(topk):
+  """Per-document shares (counted per token) weighted by each document's token count (from
+  the tokenizer) give the record's realized sparsity (counted per unit)."""
+  _, result = topk
+  tok = load_text_tokenizer("byte", None, True)
+  real = np.asarray([len(tok.encode(json.loads(l)["text"])) for l in open(DOCS)], np.float64)
+  for policy, sparsity in (("dense", 0.0), ("informed", 0.0), ("informed", 0.5), ("random", 0.5)):
+    r = _rec(result, policy, sparsity)
+    per = np.asarray(r["doc_sparsity"])
+    assert per.shape == (len(result["documents"]),)
+    assert (per >= 0).all() and (per <= 1).all()
+    assert per @ real / real.sum() == pytest.approx(r["realized_sparsity"], abs=1e-9)
+    if sparsity == 0.0:
+      assert (per == 0).all()
+  assert np.ptp(_rec(result, "informed", 0.5)["doc_sparsity"]) > 0  # documents differ
+
+
 def test_document_records_feed_mix_perplexity(topk):
   _, result = topk
   domains, recs, losses, tokens = doc_losses(result)

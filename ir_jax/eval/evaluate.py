@@ -187,8 +187,8 @@ def settings(
 def eval_rows(
   model: Llama, batch: dict[str, Array], rng: Array, spec: RoutingSpec
 ) -> dict[str, Array]:
-  """Per-token NLL `[B, T]` (0 off the loss mask) and executed (token, unit) counts `[L, 2]`
-  over real tokens (segment id > 0)."""
+  """Per-token NLL `[B, T]` (0 off the loss mask), executed (token, unit) counts `[L, 2]`
+  over real tokens (segment id > 0), and units executed per token `[B, T]`."""
   logits, aux = model(
     batch["inputs"],
     batch["positions"],
@@ -205,6 +205,7 @@ def eval_rows(
   return {
     "nll_BxT": nll_BxT,
     "exec_Lx2": counts.astype(jnp.float32),
+    "exec_BxT": jnp.sum(aux["gate_BxT"], axis=(0, 1)).astype(jnp.float32),
     "real": jnp.sum(real_BxT).astype(jnp.float32),
   }
 
@@ -229,11 +230,15 @@ def evaluate_setting(
   batch_size: int,
   progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-  """One record: perplexity, realized sparsity, per-document NLL sums.
+  """One record: perplexity, realized sparsity, per-document NLL sums and realized
+  sparsity (`doc_sparsity`: the share of the document's real (token, unit) pairs
+  approximated).
 
   `progress(batches_done)` is called after every batch."""
   nll_doc = np.zeros(num_docs, np.float64)
   tok_doc = np.zeros(num_docs, np.int64)
+  exec_doc = np.zeros(num_docs, np.float64)
+  real_doc = np.zeros(num_docs, np.float64)
   exec_Lx2, real = 0.0, 0.0
   key = jax.random.key(spec.seed)
   for i, rows in enumerate(_batches(full, tail, batch_size)):
@@ -245,6 +250,9 @@ def evaluate_setting(
     mask = rows.loss_mask > 0
     np.add.at(nll_doc, rows.doc_index[mask], np.asarray(out["nll_BxT"], np.float64)[mask])
     np.add.at(tok_doc, rows.doc_index[mask], 1)
+    real_tok = rows.segment_ids > 0
+    np.add.at(exec_doc, rows.doc_index[real_tok], np.asarray(out["exec_BxT"])[real_tok])
+    np.add.at(real_doc, rows.doc_index[real_tok], 1.0)
     exec_Lx2 = exec_Lx2 + np.asarray(out["exec_Lx2"], np.float64)
     real += float(out["real"])
     if progress is not None:
@@ -265,6 +273,7 @@ def evaluate_setting(
     "sparsity_attn": float(1.0 - rate_Lx2[:, 0].mean()),
     "sparsity_mlp": float(1.0 - rate_Lx2[:, 1].mean()),
     "doc_nll": nll_doc.tolist(),
+    "doc_sparsity": (1.0 - exec_doc / np.maximum(real_doc * exec_Lx2.size, 1.0)).tolist(),
     "doc_tokens": tok_doc.tolist(),
   }
 
