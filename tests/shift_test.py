@@ -118,6 +118,8 @@ def _result(tmp_path) -> tuple[str, dict]:
       "realized_sparsity": sparsity,
       "perplexity": float(np.exp(nll.sum() / sum(tok))),
       "doc_nll": nll.tolist(),
+      # news routes harder than the rest: the target's mix moves the expected sparsity
+      "doc_sparsity": [min(1.0, sparsity * (1.4 if d == "news" else 0.8)) for d, _ in DOCS],
     }
 
   result = {
@@ -199,3 +201,31 @@ def test_shift_cli_errors(tmp_path):
   os.remove(tmp_path / "calib.jsonl")
   with pytest.raises(ConfigError, match="give their texts with --calib-docs"):
     shift.main([src, "--target-docs", str(other)])
+
+
+def test_expected_sparsity_on_target_documents_is_the_weighted_share(tmp_path):
+  """The realized sparsity to expect on B: the documents' approximated shares weighted by
+  density ratio x tokens, by hand from the weights the command reports."""
+  src, result = _result(tmp_path)
+  target = tmp_path / "news_like.jsonl"
+  with open(target, "w", encoding="utf-8") as f:
+    for d, t in DOCS:
+      if d == "news":
+        f.write(json.dumps({"text": t}) + "\n")
+  out = str(tmp_path / "est.json")
+  code = shift.main([src, "--target-docs", str(target), "--estimator", "lr", "--json", out])
+  assert code == 0
+  with open(out, encoding="utf-8") as f:
+    est = json.load(f)
+  (wt,) = est["weights"]
+  w = np.asarray(wt["values"])
+  tok = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
+  for e in est["estimates"]:
+    (r,) = [r for r in result["records"] if r["policy"] == e["policy"]]
+    share = np.asarray(r["doc_sparsity"])
+    assert e["est_realized_sparsity"] == pytest.approx((w * tok) @ share / (w * tok).sum())
+    assert e["est_realized_sparsity_se"] >= 0
+  informed = next(e for e in est["estimates"] if e["policy"] == "informed")
+  plain = next(r for r in result["records"] if r["policy"] == "informed")
+  pool = tok @ np.asarray(plain["doc_sparsity"]) / tok.sum()
+  assert informed["est_realized_sparsity"] > pool  # a news-like target routes harder

@@ -226,6 +226,18 @@ def calibration_texts(result: dict[str, Any], spec: str | None = None) -> list[s
   return [by_source[d["source"]] for d in docs]
 
 
+def _sparsity_estimate(
+  recs: Sequence[dict[str, Any]], tokens: np.ndarray, w: np.ndarray, method: str, **kw: Any
+) -> es.Estimate | None:
+  """The realized sparsity each setting should have on the target: the documents'
+  approximated shares (`doc_sparsity`) averaged with weight w x tokens (`ratio_estimate`);
+  None for results written before per-document sparsity was recorded."""
+  if not all("doc_sparsity" in r for r in recs):
+    return None
+  share = np.asarray([r["doc_sparsity"] for r in recs], np.float64)
+  return es.ratio_estimate(share * tokens, tokens, w, method, **kw)
+
+
 def estimate_documents(
   result: dict[str, Any],
   calib_texts: Sequence[str],
@@ -238,7 +250,8 @@ def estimate_documents(
   seed: int = 0,
 ) -> dict[str, Any]:
   """Every setting's perplexity on unlabeled target documents, per method, from classifier
-  density ratios (`estimators.classifier_weights`, `estimators.target_perplexity`).
+  density ratios (`estimators.classifier_weights`, `estimators.target_perplexity`), and the
+  realized sparsity to expect there (`est_realized_sparsity`, from per-document sparsity).
 
   Returns {"weights": diagnostics of the ratio fit, "estimates": rows as in
   `estimate_curves` with "low"/"high" (the 95 % interval for the perplexity measured on the
@@ -261,6 +274,7 @@ def estimate_documents(
       except es.EstimatorError as e:
         skipped.append({"target_mix": label, "method": method, "mode": mode, "reason": str(e)})
         continue
+      sparsity = _sparsity_estimate(recs, tokens, w, method, tau=tau, c=c, beta=beta)
       for i, r in enumerate(recs):
         pick = lambda a: (
           None if a is None else float(np.asarray(a).reshape(-1)[i if np.size(a) > 1 else 0])
@@ -284,6 +298,14 @@ def estimate_documents(
             "tau": pick(m.tau),
             "pareto_k": pick(m.pareto_k),
             "n": m.n,
+            **(
+              {}
+              if sparsity is None
+              else {
+                "est_realized_sparsity": pick(sparsity.value),
+                "est_realized_sparsity_se": pick(sparsity.se),
+              }
+            ),
           }
         )
   return {
@@ -326,6 +348,12 @@ def table(shift: dict[str, Any]) -> str:
           f"{e['calibration_perplexity']:10.4f} {e['perplexity']:10.4f} "
           f"{e['perplexity_se']:8.3f} {e['ess']:7.1f} {e['truncated_frac']:6.3f}"
           + (f" {e['low']:9.3f}-{e['high']:<9.3f}" if "low" in e else "")
+          + (
+            f" expected sparsity {e['est_realized_sparsity']:.3f}"
+            f" +-{e['est_realized_sparsity_se']:.3f}"
+            if "est_realized_sparsity" in e and e["policy"] != "dense"
+            else ""
+          )
         )
     for k in shift.get("skipped", []):
       if k["target_mix"] == label:
