@@ -499,3 +499,29 @@ def test_default_settings_follow_the_runs_trained_budget(tmp_path):
   assert [(s.mode, s.sparsity, s.flops) for s in got] == [("topk", 0.5, 0.0), ("causal", 0.5, 0.0)]
   got = _settings(tmp_path, *model, "--policy", "greedy", "--flops", "0.7")
   assert [(s.sparsity, s.flops) for s in got] == [(0.0, 0.7)]
+
+
+def test_split_mode_cuts_a_text_file_into_paragraphs(ckpt, tmp_path, capsys):
+  from ir_jax.data.config import SPLIT_MODES
+  from ir_jax.eval.__main__ import SPLIT_MODES as CLI_SPLIT_MODES
+
+  assert CLI_SPLIT_MODES == SPLIT_MODES
+  paragraphs = [
+    "The river rose in the night and the town woke to water in the streets.",
+    "By noon the council had opened the school hall to the families who left.",
+    "Engineers said the old levee held, and the water fell within two days.",
+  ]
+  txt = tmp_path / "notes.txt"
+  txt.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+  common = ["--model", ckpt, "--policy", "dense", "--data", str(txt)]
+  one = run_eval(str(tmp_path / "one.json"), *common, "--split-mode", "file")
+  out = capsys.readouterr().out
+  assert len(one["documents"]) == 1
+  assert "evaluating 1 document (" in out and "--split-mode blank_lines" in out
+  three = run_eval(str(tmp_path / "three.json"), *common, "--split-mode", "blank_lines")
+  out = capsys.readouterr().out
+  assert "evaluating 3 documents (" in out and "--split-mode blank_lines" not in out
+  # each paragraph is its own document: scored tokens = its bytes less one, all alike
+  got = [d["tokens"] for d in three["documents"]]
+  assert [g - len(p.encode("utf-8")) for g, p in zip(got, paragraphs)] == [-1, -1, -1]
+  assert sum(got) < one["documents"][0]["tokens"] + 3

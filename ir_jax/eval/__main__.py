@@ -24,6 +24,10 @@ from ir_jax.errors import cli_main
 from ir_jax.eval import shift
 from ir_jax.progress import Heartbeat
 
+# ir_jax.data.config.SPLIT_MODES, spelled out: importing ir_jax.data loads JAX, and --help
+# stays quick without it.
+SPLIT_MODES = ("file", "blank_lines", "lines")
+
 PROG = "ir_jax.eval"
 DEFAULT_POLICIES = "informed,greedy,random,oracle,dense"
 DEFAULT_SPARSITIES = "0.25,0.4,0.7"  # runner.DEFAULT_SPARSITIES
@@ -86,6 +90,15 @@ def parser() -> argparse.ArgumentParser:
     help="held-out text: a text/JSONL file or glob, or several comma separated "
     "(every document is evaluated), or a TFDS dataset name / prepared "
     "directory (its eval split); default: the config's data eval split",
+  )
+  p.add_argument(
+    "--split-mode",
+    choices=SPLIT_MODES,  # = ir_jax.data.config.SPLIT_MODES (tests/eval_test.py checks)
+    default=None,
+    help="how a .txt/.text/.md file given to --data becomes documents: file (the whole "
+    "file is one document), blank_lines (each block between blank lines is one), lines "
+    "(each non-empty line is one); JSONL files always give one document per line "
+    "(default: the config's data.split_mode, file unless the config says otherwise)",
   )
   p.add_argument(
     "--policy",
@@ -188,6 +201,7 @@ def request_options(args: argparse.Namespace) -> dict[str, Any]:
     seq_len=args.seq_len,
     batch_size=args.batch_size,
     max_documents=args.max_documents,
+    split_mode=args.split_mode,
     seed=args.seed,
     target_mixes=list(zip(args.target_mix, mixes)),
   )

@@ -51,6 +51,7 @@ class EvalRequest:
   seq_len: int | None = None
   batch_size: int | None = None
   max_documents: int | None = None
+  split_mode: str | None = None  # how --data text files split into documents (None: config's)
   seed: int = 0
   target_mixes: Sequence[tuple[str, dict[str, float]]] = ()  # (as given, parsed)
 
@@ -132,6 +133,11 @@ def calibration(
   return lambda: documents.split_calibration(dcfg, tok, seq_len, batch_size, n_cal), desc
 
 
+def plural(n: int, noun: str) -> str:
+  """`1 document`, `2 documents`, `0 documents`."""
+  return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def run(req: EvalRequest) -> dict[str, Any]:
   """Evaluate `req` (printing progress) and return the result (what the JSON holds)."""
   todo = check(req)
@@ -147,6 +153,8 @@ def run(req: EvalRequest) -> dict[str, Any]:
   seq_len = req.seq_len or dcfg.seq_len
   batch_size = req.batch_size or dcfg.batch_size
   tok = load_text_tokenizer(dcfg.tokenizer, dcfg.add_bos, dcfg.add_eos)
+  if req.split_mode:
+    dcfg = dataclasses.replace(dcfg, split_mode=req.split_mode)
 
   texts, data_desc, eval_files = documents.heldout_texts(dcfg, req.data)
   with doing(f"reading and tokenizing {data_desc}"):
@@ -171,10 +179,17 @@ def run(req: EvalRequest) -> dict[str, Any]:
   n_tok = sum(len(d.tokens) for d in docs)
   print(
     f"loaded {model_path} ({c.num_layers} layers, d={c.hidden_size}) in "
-    f"{time.time() - t0:.1f}s; evaluating {len(docs)} documents ({n_tok} tokens) of "
-    f"{data_desc}, rows of {seq_len}, {len(todo)} settings",
+    f"{time.time() - t0:.1f}s; evaluating {plural(len(docs), 'document')} "
+    f"({plural(n_tok, 'token')}) of {data_desc}, rows of {seq_len}, "
+    f"{plural(len(todo), 'setting')}",
     flush=True,
   )
+  if eval_files and dcfg.split_mode == "file" and len(docs) < 2:
+    print(
+      "  (a text file is one document: --split-mode blank_lines makes each paragraph "
+      "one, --split-mode lines each line; the interval over documents needs several)",
+      flush=True,
+    )
   result = ev.evaluate(
     model,
     docs,
