@@ -32,7 +32,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -98,6 +98,43 @@ def _settings(result: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]], n
   return out
 
 
+def _pick(a: Any, i: int) -> float | None:
+  """Setting i's value of an estimate field (a scalar is shared by every setting)."""
+  return None if a is None else float(np.asarray(a).reshape(-1)[i if np.size(a) > 1 else 0])
+
+
+def _rows(
+  head: dict[str, Any],
+  recs: Sequence[dict[str, Any]],
+  m: Any,
+  perplexity_se: Any,
+  extra: Callable[[int], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+  """One estimate row per setting: `head` (target, method, mode), the setting, its
+  calibration perplexity and the estimate `m` (a mix or target perplexity) with its
+  diagnostics, then `extra(i)`."""
+  out = []
+  for i, r in enumerate(recs):
+    row = {
+      **head,
+      "policy": r["policy"],
+      "sparsity": r["sparsity"],
+      "realized_sparsity": r["realized_sparsity"],
+      "calibration_perplexity": r["perplexity"],
+      "perplexity": _pick(m.perplexity, i),
+      "perplexity_se": _pick(perplexity_se, i),
+      "ess": _pick(m.ess, i),
+      "truncated_frac": _pick(m.truncated_frac, i),
+      "tau": _pick(m.tau, i),
+      "pareto_k": _pick(m.pareto_k, i),
+      "n": m.n,
+    }
+    if extra is not None:
+      row.update(extra(i))
+    out.append(row)
+  return out
+
+
 def estimate_curves(
   result: dict[str, Any],
   mixes: Sequence[tuple[str, dict[str, float]]],
@@ -130,29 +167,8 @@ def estimate_curves(
         except es.EstimatorError as e:  # e.g. PSIS with too few positive weights
           skipped.append({"target_mix": label, "method": method, "mode": mode, "reason": str(e)})
           continue
-        for i, r in enumerate(recs):
-          pick = lambda a: (
-            None if a is None else float(np.asarray(a).reshape(-1)[i if np.size(a) > 1 else 0])
-          )
-          rows.append(
-            {
-              "target_mix": label,
-              "mix": mix,
-              "method": method,
-              "mode": mode,
-              "policy": r["policy"],
-              "sparsity": r["sparsity"],
-              "realized_sparsity": r["realized_sparsity"],
-              "calibration_perplexity": r["perplexity"],
-              "perplexity": pick(m.perplexity),
-              "perplexity_se": pick(m.perplexity_se),
-              "ess": pick(m.ess),
-              "truncated_frac": pick(m.truncated_frac),
-              "tau": pick(m.tau),
-              "pareto_k": pick(m.pareto_k),
-              "n": m.n,
-            }
-          )
+        head = {"target_mix": label, "mix": mix, "method": method, "mode": mode}
+        rows += _rows(head, recs, m, m.perplexity_se)
   return {
     "calibration_mix": calib,
     "documents": len(domains),
@@ -275,39 +291,22 @@ def estimate_documents(
         skipped.append({"target_mix": label, "method": method, "mode": mode, "reason": str(e)})
         continue
       sparsity = _sparsity_estimate(recs, tokens, w, method, tau=tau, c=c, beta=beta)
-      for i, r in enumerate(recs):
-        pick = lambda a: (
-          None if a is None else float(np.asarray(a).reshape(-1)[i if np.size(a) > 1 else 0])
-        )
-        rows.append(
-          {
-            "target_mix": label,
-            "target_documents": len(target_texts),
-            "method": method,
-            "mode": mode,
-            "policy": r["policy"],
-            "sparsity": r["sparsity"],
-            "realized_sparsity": r["realized_sparsity"],
-            "calibration_perplexity": r["perplexity"],
-            "perplexity": pick(m.perplexity),
-            "perplexity_se": pick(m.perplexity) * pick(m.loss_se),
-            "low": pick(m.pred_low),
-            "high": pick(m.pred_high),
-            "ess": pick(m.ess),
-            "truncated_frac": pick(m.truncated_frac),
-            "tau": pick(m.tau),
-            "pareto_k": pick(m.pareto_k),
-            "n": m.n,
-            **(
-              {}
-              if sparsity is None
-              else {
-                "est_realized_sparsity": pick(sparsity.value),
-                "est_realized_sparsity_se": pick(sparsity.se),
-              }
-            ),
-          }
-        )
+      head = {
+        "target_mix": label,
+        "target_documents": len(target_texts),
+        "method": method,
+        "mode": mode,
+      }
+      se = np.asarray(m.perplexity) * np.asarray(m.loss_se)
+
+      def extra(i: int, m=m, sparsity=sparsity) -> dict[str, Any]:
+        out = {"low": _pick(m.pred_low, i), "high": _pick(m.pred_high, i)}
+        if sparsity is not None:
+          out["est_realized_sparsity"] = _pick(sparsity.value, i)
+          out["est_realized_sparsity_se"] = _pick(sparsity.se, i)
+        return out
+
+      rows += _rows(head, recs, m, se, extra)
   return {
     "weights": {
       "target": label,
