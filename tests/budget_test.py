@@ -8,6 +8,7 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 
 from ir_jax import routing as R
 from ir_jax.config import ConfigError, LlamaConfig
@@ -60,10 +61,9 @@ def test_flops_table_meets_its_budget_and_beats_static(seed, budget):
 
 def test_static_allocation_is_the_best_subset_on_a_small_model():
   # 2 layers x 2 units: every one of the 16 execute/forecast choices, checked by brute force.
-  cfg = LlamaConfig(
-    vocab_size=64, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
-    num_kv_heads=2, lff_rank=4, router_hidden=8,
-  )  # fmt: skip
+  cfg = tiny_llama_config(
+    vocab_size=64, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=2
+  )
   rng = np.random.RandomState(3)
   for _ in range(20):
     damage = rng.exponential(size=(2, 2))
