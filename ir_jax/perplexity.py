@@ -19,6 +19,7 @@ from ir_jax import nll
 from ir_jax.api import load_model
 from ir_jax.config import refuse_remote
 from ir_jax.errors import cli_main
+from ir_jax.text import read_text
 from ir_jax.tokenizer import load_tokenizer
 
 
@@ -78,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
   refuse_remote("--text", args.text)
   if args.seq_len < 2 or args.max_tokens < 2 or args.batch < 1:
     p.error("--seq-len and --max-tokens must be >= 2 and --batch >= 1")
-
-  from ir_jax.text import read_text
 
   if not os.path.isfile(args.text):
     raise FileNotFoundError(f"{args.text}: no such text file")

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
   def ppl(spec: R.RoutingSpec) -> float:
     tot = cnt = 0.0
     for b in evals:
-      nll, _ = fit._routed_nll(model, b, spec)
+      nll, _ = fit.routed_nll(model, b, spec)
       c = float(jnp.sum(b["loss_mask"]))
       tot, cnt = tot + float(nll) * c, cnt + c
     return float(np.exp(tot / cnt))

@@ -8,6 +8,7 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 
 from ir_jax import routing as R
 from ir_jax.config import ConfigError, LlamaConfig
@@ -60,10 +61,9 @@ def test_flops_table_meets_its_budget_and_beats_static(seed, budget):
 
 def test_static_allocation_is_the_best_subset_on_a_small_model():
   # 2 layers x 2 units: every one of the 16 execute/forecast choices, checked by brute force.
-  cfg = LlamaConfig(
-    vocab_size=64, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
-    num_kv_heads=2, lff_rank=4, router_hidden=8,
-  )  # fmt: skip
+  cfg = tiny_llama_config(
+    vocab_size=64, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=2
+  )
   rng = np.random.RandomState(3)
   for _ in range(20):
     damage = rng.exponential(size=(2, 2))
@@ -153,6 +153,47 @@ def test_lora_trains_under_the_routing_it_is_evaluated_with(tmp_path):
   assert lora_spec == eval_spec
   np.testing.assert_allclose(np.asarray(lora_spec.capacities), table, atol=1e-7)
   assert lora_spec.mode == "topk" and lora_spec.gate == "hard"
+
+
+@pytest.mark.parametrize("flops", [0.0, 0.8])
+def test_router_steps_gate_as_evaluation_does(flops):
+  # The router stage trains under the table its fit allocated (train_stage asks
+  # stage_settings after the fit): with straight-through gates (hard top-k forward) a
+  # router step executes exactly the tokens evaluation executes with the trained table.
+  from ir_jax.config_file import load_config
+  from ir_jax.train.config import settings_from_config
+  from ir_jax.train.stages import STAGES, stage_settings
+
+  cfg = load_config("configs/tiny.py")
+  cfg.routing.flops = flops
+  cfg.train.router.gate = "ste"
+  s = settings_from_config(cfg)
+  m = make_model(s.model)
+  seq = s.stage_data("router").seq_len
+  if flops:
+    damage, shape = _problem(7, m.config)
+    table = R.allocate_flops(m.config, seq, flops, damage, shape)
+  else:  # pair sparsity 0.4, routing.sparsity of configs/tiny.py
+    table = np.array([[0.5, 0.75], [0.375, 0.775]])
+  m.routing.capacity[...] = jnp.asarray(table, jnp.float32)
+  toks = tokens(2, seq, vocab=m.config.vocab_size)
+
+  def gates(spec: R.RoutingSpec) -> np.ndarray:
+    _, aux = R.routed_forward(m, toks, None, None, spec, return_aux=True)
+    return np.asarray(aux["gate_BxT"])
+
+  eval_spec = R.trained_spec(m, s.routing.inference(), seq_len=seq)
+  router_spec = STAGES["router"].spec(stage_settings(s, "router", m))
+  assert router_spec.gate == "ste" and router_spec.capacities == eval_spec.capacities
+  np.testing.assert_allclose(np.asarray(router_spec.capacities), table, atol=1e-6)
+  np.testing.assert_array_equal(gates(router_spec), gates(eval_spec))
+  # Before the fit there is no table to read, and the configured routing gates uniformly.
+  assert not np.array_equal(gates(STAGES["router"].spec(s)), gates(eval_spec))
+  # Gumbel gates sample, but route by the same table.
+  cfg.train.router.gate = "gumbel"
+  s_gumbel = settings_from_config(cfg)
+  spec_g = STAGES["router"].spec(stage_settings(s_gumbel, "router", m))
+  assert spec_g.gate == "gumbel" and spec_g.capacities == eval_spec.capacities
 
 
 def test_forecast_only_attention_runs_its_slots_on_their_own_keys():

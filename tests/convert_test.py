@@ -11,6 +11,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 
 import ir_jax
 from ir_jax.config import ConfigError
@@ -154,28 +155,11 @@ def test_pickled_weights_are_refused(tiny_hf_dirs, tmp_path):
 
 def test_config_values_are_validated():
   with pytest.raises(ConfigError, match="num_kv_heads"):
-    ir_jax.LlamaConfig(
-      vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2
-    )
+    tiny_llama_config(num_heads=3, num_kv_heads=2)
   with pytest.raises(ConfigError, match="vocab_size"):
-    ir_jax.LlamaConfig(
-      vocab_size=10**12,
-      hidden_size=8,
-      intermediate_size=8,
-      num_layers=1,
-      num_heads=2,
-      num_kv_heads=2,
-    )
+    tiny_llama_config(vocab_size=10**12)
   with pytest.raises(ConfigError, match="rope_scaling type 'yarn'"):
-    ir_jax.LlamaConfig(
-      vocab_size=10,
-      hidden_size=8,
-      intermediate_size=8,
-      num_layers=1,
-      num_heads=2,
-      num_kv_heads=2,
-      rope_scaling={"rope_type": "yarn"},
-    )
+    tiny_llama_config(rope_scaling={"rope_type": "yarn"})
 
 
 def test_safetensors_header_offsets_past_end(tmp_path):

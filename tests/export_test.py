@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY_HF_CONFIGS, save_tiny_hf
+from conftest import TINY_HF_CONFIGS, save_tiny_hf, tiny_llama_config
 from flax import nnx
 
 import ir_jax
@@ -410,16 +410,7 @@ def test_reference_export_layout_and_reload(router_hidden, tmp_path):
 # ------------------------------------------------------------- bad input
 @pytest.fixture()
 def small_ckpt(tmp_path):
-  cfg = LlamaConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    lff_rank=8,
-    router_hidden=8,
-  )
+  cfg = tiny_llama_config()
   return checkpoint.save(str(tmp_path / "ckpt"), cfg, _random_params(cfg, 2))
 
 

@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 from flax import nnx
 from routing_test import CFG, make_model, packed_row, tokens
 
 from ir_jax import fit
 from ir_jax import routing as R
-from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.config import ConfigError
 from ir_jax.forecast import Forecaster
 
 
@@ -36,16 +37,7 @@ def test_solve_forecaster_recovers_a_low_rank_linear_map_through_silu():
   y = x @ true + rng.randn(d)
   m = dict(count=np.float64(n), sx=x.sum(0), sy=y.sum(0), xtx=x.T @ x, xty=x.T @ y)
   w = fit.solve_forecaster(m, rank=r, ridge=1e-9)
-  cfg = LlamaConfig(
-    vocab_size=8,
-    hidden_size=d,
-    intermediate_size=8,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    lff_rank=r,
-  )
-  lff = Forecaster(cfg, nnx.Rngs(0))
+  lff = Forecaster(tiny_llama_config(hidden_size=d, lff_rank=r), nnx.Rngs(0))
   for k, v in w.items():
     getattr(lff, k)[...] = jnp.asarray(v, jnp.float32)
   pred = np.asarray(lff(jnp.asarray(x[:200], jnp.float32)))

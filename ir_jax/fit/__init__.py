@@ -23,8 +23,6 @@ from ir_jax.fit.tables import (
 )
 from ir_jax.routing.capacity import allocate, allocate_curves
 
-_routed_nll = routed_nll  # the name launch/quality_ablation.py reaches for
-
 __all__ = [
   "OFFSET",
   "SCORE_SCALE",

@@ -29,7 +29,7 @@ import numpy as np
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.forecast import UNITS
 from ir_jax.model import Llama
-from ir_jax.routing.capacity import CapacityTable, rescale_table
+from ir_jax.routing.capacity import CapacityTable, greedy_marginal, rescale_table
 from ir_jax.routing.cost import flops, form_flops, token_flops, unit_flops
 from ir_jax.routing.spec import RoutingSpec
 
@@ -162,25 +162,17 @@ def _knapsack(cost: np.ndarray, harm: np.ndarray, avail: float, bins: int = 4096
 
 
 def _fill(table, slack, d, shape, cfg, seq_len, dense_tok) -> np.ndarray:
-  """Spends `slack` (a fraction of dense FLOPs) on routed units' capacities."""
-  table = table.copy()
-  step = 1.0 / (4 * GRID)
-  for _ in range(100_000):
-    routed = (table > 0) & (table < 1)
-    if not routed.any() or slack <= 1e-12:
-      break
-    # a routed unit's FLOPs grow by its skippable work per unit of capacity
-    per_cap = np.broadcast_to(np.asarray(unit_flops(cfg, seq_len)) / dense_tok, table.shape)
-    inc = np.minimum(step, 1.0 - 1e-9 - table)
-    gain = d * (_shape_at(shape, 1.0 - table) - _shape_at(shape, 1.0 - table - inc))
-    rate = np.where(routed & (inc > 0), gain / np.maximum(inc * per_cap, 1e-30), -np.inf)
-    j = np.unravel_index(np.argmax(rate), table.shape)
-    if not np.isfinite(rate[j]):
-      break
-    add = min(inc[j], slack / per_cap[j])
-    table[j] += add
-    slack -= add * per_cap[j]
-  return table
+  """Spends `slack` (a fraction of dense FLOPs) on routed units' capacities, where damage
+  falls fastest per FLOP."""
+  routed = (table > 0) & (table < 1)  # executed and forecast units keep their form
+  # a routed unit's FLOPs grow by its skippable work per unit of capacity
+  per_cap = np.broadcast_to(np.asarray(unit_flops(cfg, seq_len)) / dense_tok, table.shape)
+
+  def price(c: np.ndarray, inc: np.ndarray) -> np.ndarray:  # damage change per FLOP (< 0)
+    gain = d * (_shape_at(shape, 1.0 - c) - _shape_at(shape, 1.0 - c - inc))
+    return np.where(routed & (inc > 0), -gain / np.maximum(inc * per_cap, 1e-30), np.inf)
+
+  return greedy_marginal(table, slack, per_cap, 1.0 / (4 * GRID), 1.0 - 1e-9, price, 100_000)
 
 
 def unit_step(cfg: LlamaConfig, seq_len: int, policy: str = "informed") -> float:

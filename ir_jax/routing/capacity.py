@@ -153,6 +153,36 @@ def rescale_table(table: Iterable[Iterable[float]], sparsity: float) -> Rows:
 
 
 # ------------------------------------------------------------ allocation
+def greedy_marginal(
+  x: np.ndarray,
+  budget: float,
+  w: np.ndarray,
+  step: float,
+  limit: float,
+  price: Callable[[np.ndarray, np.ndarray], np.ndarray],
+  max_rounds: int | None = None,
+) -> np.ndarray:
+  """Greedy marginal allocation: `x` (one amount per unit) raised `step` at a time (less
+  where a unit meets `limit`) at the unit whose `price(x, inc)` is least, each unit of
+  amount spending `w` of `budget`, until the budget is spent (the last increment is
+  partial), no unit is finite-priced, or `max_rounds` increments. `price` is the change
+  of the objective per unit of budget spent (+inf: the unit may not grow). Returns the
+  raised copy of `x`."""
+  x = x.copy()
+  rounds = 0
+  while budget > 1e-12 and (max_rounds is None or rounds < max_rounds):
+    rounds += 1
+    inc = np.minimum(step, limit - x)
+    cost = price(x, inc)
+    j = np.unravel_index(np.argmin(cost), x.shape)
+    if not np.isfinite(cost[j]):
+      break
+    add = min(inc[j], budget / w[j])
+    x[j] += add
+    budget -= add * w[j]
+  return x
+
+
 def greedy_table(
   curve: Callable[[np.ndarray], np.ndarray],
   w: np.ndarray,
@@ -163,19 +193,15 @@ def greedy_table(
   """Capacities `[L, 2]`: add sparsity `step` at a time to the unit whose damage
   `curve(s)` rises least per unit of weight `w`, until the w-weighted mean sparsity is
   `sparsity`; no unit passes `max_sparsity`; the last increment is partial."""
-  s = np.zeros(w.shape)
-  budget = sparsity * w.sum()  # in units of pairs (or of the dearer unit's FLOPs)
-  cap_s = max(max_sparsity, sparsity)
-  while budget > 1e-12:
-    inc = np.minimum(step, cap_s - s)
-    cost = (curve(s + inc) - curve(s)) / np.maximum(inc * w, 1e-12)
-    cost[inc <= 1e-12] = np.inf
-    j = np.unravel_index(np.argmin(cost), s.shape)
-    if not np.isfinite(cost[j]):
-      break
-    add = min(inc[j], budget / w[j])
-    s[j] += add
-    budget -= add * w[j]
+
+  def price(s: np.ndarray, inc: np.ndarray) -> np.ndarray:  # damage rise per unit of weight
+    rise = (curve(s + inc) - curve(s)) / np.maximum(inc * w, 1e-12)
+    return np.where(inc <= 1e-12, np.inf, rise)
+
+  # the budget is in units of pairs (or of the dearer unit's FLOPs)
+  s = greedy_marginal(
+    np.zeros(w.shape), sparsity * w.sum(), w, step, max(max_sparsity, sparsity), price
+  )
   return 1.0 - s
 
 
