@@ -192,6 +192,10 @@ class _ProcessShards(grain.DatasetIterator):
       for k in rows[0]
     }
 
+  def local_batch_count(self) -> int:
+    """What the processes agree a pass over the split takes: the most any shard needs."""
+    return max(it.local_batch_count() for it in self.shards)
+
   def get_state(self) -> dict[str, Any]:
     return {"shards": [it.get_state() for it in self.shards]}
 
