@@ -24,7 +24,8 @@ instead: a directory passed as --include_path holding a task YAML whose
 `custom_dataset: !function utils.load` names a function in a utils.py beside it
 that returns a datasets.DatasetDict read from local files (see
 tests/data/lm_eval_task/ and docs/lm_eval.md for one to copy).
-`python -m ir_jax.tasks prepare` writes BIG-bench multiple-choice tasks so.
+`python -m ir_jax.tasks prepare` writes multiple-choice reasoning tasks so (PIQA,
+Social IQa, OpenBookQA, CommonsenseQA, ...; docs/tasks.md).
 Errors in ir_jax's part (a missing model, a bad model arg) print one line.
 """
 
