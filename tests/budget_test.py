@@ -155,6 +155,47 @@ def test_lora_trains_under_the_routing_it_is_evaluated_with(tmp_path):
   assert lora_spec.mode == "topk" and lora_spec.gate == "hard"
 
 
+@pytest.mark.parametrize("flops", [0.0, 0.8])
+def test_router_steps_gate_as_evaluation_does(flops):
+  # The router stage trains under the table its fit allocated (train_stage asks
+  # stage_settings after the fit): with straight-through gates (hard top-k forward) a
+  # router step executes exactly the tokens evaluation executes with the trained table.
+  from ir_jax.config_file import load_config
+  from ir_jax.train.config import settings_from_config
+  from ir_jax.train.stages import STAGES, stage_settings
+
+  cfg = load_config("configs/tiny.py")
+  cfg.routing.flops = flops
+  cfg.train.router.gate = "ste"
+  s = settings_from_config(cfg)
+  m = make_model(s.model)
+  seq = s.stage_data("router").seq_len
+  if flops:
+    damage, shape = _problem(7, m.config)
+    table = R.allocate_flops(m.config, seq, flops, damage, shape)
+  else:  # pair sparsity 0.4, routing.sparsity of configs/tiny.py
+    table = np.array([[0.5, 0.75], [0.375, 0.775]])
+  m.routing.capacity[...] = jnp.asarray(table, jnp.float32)
+  toks = tokens(2, seq, vocab=m.config.vocab_size)
+
+  def gates(spec: R.RoutingSpec) -> np.ndarray:
+    _, aux = R.routed_forward(m, toks, None, None, spec, return_aux=True)
+    return np.asarray(aux["gate_BxT"])
+
+  eval_spec = R.trained_spec(m, s.routing.inference(), seq_len=seq)
+  router_spec = STAGES["router"].spec(stage_settings(s, "router", m))
+  assert router_spec.gate == "ste" and router_spec.capacities == eval_spec.capacities
+  np.testing.assert_allclose(np.asarray(router_spec.capacities), table, atol=1e-6)
+  np.testing.assert_array_equal(gates(router_spec), gates(eval_spec))
+  # Before the fit there is no table to read, and the configured routing gates uniformly.
+  assert not np.array_equal(gates(STAGES["router"].spec(s)), gates(eval_spec))
+  # Gumbel gates sample, but route by the same table.
+  cfg.train.router.gate = "gumbel"
+  s_gumbel = settings_from_config(cfg)
+  spec_g = STAGES["router"].spec(stage_settings(s_gumbel, "router", m))
+  assert spec_g.gate == "gumbel" and spec_g.capacities == eval_spec.capacities
+
+
 def test_forecast_only_attention_runs_its_slots_on_their_own_keys():
   # Rows of 128 tokens keep 2 sink slots; three documents start at 0, 50 and 90, so the
   # first two starts execute attention (each attends only to itself) and everything else

@@ -148,7 +148,6 @@ def train_stage(
   A stage already finished is only restored. Stops by saving a checkpoint and
   raising `Preempted`; a non-finite loss raises `TrainingError`.
   """
-  s = stage_settings(s, stage, nnx.merge(model_state.graphdef, model_state.state))
   stage_cfg = s.train.stage(stage)
   total = stage_cfg.steps * stage_cfg.grad_accum  # batches
   data_cfg = s.stage_data(stage)
@@ -265,6 +264,12 @@ def train_stage(
   if start < total and row.loss_doc:
     log(f"[{stage}] loss = {row.loss_doc}")
   step_fn = built.fn
+  if row.routes_with_table and start < total:
+    # Train under the routing evaluation uses: the capacity table as this stage's fit (the
+    # router's allocates it), the stages before it or the restored checkpoint left it.
+    # (The step built above only lent its optimizer shapes to the restore; never compiled.)
+    route_s = stage_settings(s, stage, nnx.merge(graphdef, trainable, frozen))
+    step_fn = jit_stage_step(route_s, stage, graphdef, trainable, model_state.shardings, mesh).fn
   sched = steps.schedule(stage_cfg)
   tokens_per_batch = data_cfg.batch_size * data_cfg.seq_len
 

@@ -54,8 +54,8 @@ class Stage:
   # (model, context) -> None, may change the frozen part of `model` in place.
   finish: Callable[[Llama, HookContext], None] | None = None
   lora: bool = False  # the model carries LoRA adapters (rank from train.lora)
-  # Routes as deployed: with the model's trained capacity table (`stage_settings`).
-  routes_as_deployed: bool = False
+  # Routes with the model's trained capacity table, as evaluation does (`stage_settings`).
+  routes_with_table: bool = False
   # What the stage's logged `loss` is, printed when it starts training.
   loss_doc: str = ""
 
@@ -98,11 +98,12 @@ STAGES: dict[str, Stage] = {
   "router": Stage(
     name="router",
     trainable=RouterParam,
-    train_spec=steps.router_spec,  # Gumbel gates at the target capacity
+    train_spec=steps.router_spec,  # Gumbel (or STE) gates at the model's capacity table
     loss=steps.router_loss_fn,
     fit=init.fit_routers,
     start=_router_start,
     finish=_router_finish,
+    routes_with_table=True,
     loss_doc="lm (next-token NLL in nats under Gumbel gates) + sparsity_weight x "
     "sparsity_penalty (execute rate above the capacity table) + importance_weight x importance",
   ),
@@ -113,7 +114,7 @@ STAGES: dict[str, Stage] = {
     loss=steps.lora_loss_fn,
     fit=None,
     lora=True,
-    routes_as_deployed=True,
+    routes_with_table=True,
     loss_doc="next-token NLL in nats under hard top-k routing with the model's trained "
     "capacity table at the routing budget (what evaluation and export route with)",
   ),
@@ -122,10 +123,12 @@ assert tuple(STAGES) == config.STAGES, "ir_jax.train.config.STAGES names the tab
 
 
 def stage_settings(settings: Settings, stage: str, model: Llama) -> Settings:
-  """The settings `stage` trains under. A stage that routes as deployed (LoRA) takes the
-  model's trained capacity table, moved to the routing budget exactly as evaluation and
-  export move it (`routing.trained_spec`), so it adapts to the routing it is used with."""
-  if not STAGES[stage].routes_as_deployed:
+  """The settings `stage` trains under. A stage that routes with the table (router, LoRA)
+  takes the model's trained capacity table, moved to the routing budget exactly as
+  evaluation and export move it (`routing.trained_spec`), so it trains under the routing
+  it is used with. Ask once the table is there: the router stage's own fit allocates it
+  (`ir_jax.train.loop.train_stage` asks after the fit or restore)."""
+  if not STAGES[stage].routes_with_table:
     return settings
   seq_len = settings.stage_data(stage).seq_len
   spec = trained_spec(model, settings.routing.inference(), seq_len=seq_len)
