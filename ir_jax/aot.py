@@ -340,6 +340,17 @@ def _spec(sharding: Any) -> str:
   return "P()" if spec is None else str(spec).replace("PartitionSpec", "P")
 
 
+def _gather_bytes(info: dict[str, Any], shardings: dict[str, Any], glob: dict[str, int]) -> int:
+  """Per-chip bytes XLA allocates (outputs + temporaries) to replicate the largest statistic
+  on every chip, as `multihost_utils.process_allgather` does for an array that spans other
+  hosts' devices (a jitted identity with a replicated output sharding); compiled here."""
+  k = max(glob, key=glob.get)
+  src = jax.ShapeDtypeStruct(info[k].shape, info[k].dtype, sharding=shardings[k])
+  rep = jax.sharding.NamedSharding(shardings[k].mesh, jax.sharding.PartitionSpec())
+  ma = jax.jit(lambda x: x, out_shardings=rep).lower(src).compile().memory_analysis()
+  return _stat(ma, "output_size_in_bytes") + _stat(ma, "temp_size_in_bytes")
+
+
 def stats_memory(
   lowered: Any, compiled: Any, target: Target, accumulates: bool, batches: int
 ) -> dict[str, Any]:
@@ -370,7 +381,7 @@ def stats_memory(
   stats_g, stats_c = sum(glob.values()), sum(chip.values())
   largest = max(glob.values())
   held = stats_c if accumulates else 0
-  multi = target.hosts > 1
+  multi = target.hosts > 1  # then host_array gathers with process_allgather
   rec = {
     "stats_shapes": {k: list(info[k].shape) for k in names},
     "stats_shardings": {k: _spec(shardings[k]) for k in names},
@@ -380,7 +391,7 @@ def stats_memory(
     "stats_chip_gib": stats_c / GIB,
     "running_total_gib": held / GIB,
     "held_output_gib": held / GIB,
-    "gather_chip_gib": (largest if multi else 0) / GIB,
+    "gather_chip_gib": (_gather_bytes(info, shardings, glob) if multi else 0) / GIB,
     "host_fetch_gb": stats_g / GB,
     "host_float64_gb": 2 * stats_g / GB if accumulates else 0.0,
     "host_peak_gb": (2 * stats_g + largest if accumulates else 2 * stats_g * batches) / GB,

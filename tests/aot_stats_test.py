@@ -30,7 +30,7 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 
 L, D, F32 = 2, 64, 4  # configs/tiny.py: 2 layers, d 64; statistics in float32
 UNITS = L * 2  # (attention, MLP) per layer
-GRAM = UNITS * D * D * F32  # one [L, 2, d, d] matrix: 32,768 ... x 4 bytes = 131,072 / 2
+GRAM = UNITS * D * D * F32  # one [L, 2, d, d] matrix of float32: 65,536 bytes
 VEC = UNITS * D * F32  # one [L, 2, d] moment
 SCALAR = UNITS * F32  # one [L, 2] sum
 B, T = 8, 64  # configs/tiny.py's batch (both stages)
@@ -112,3 +112,39 @@ def test_statistics_passes_compile_and_their_sizes_are_the_outputs(mesh):
     assert "statistics" in text and "host, on every host" in text
     row = aot.stats_markdown_row(r, "tiny.py")
     assert row.startswith(f"| tiny.py | {stage} | cpu:8 (8) | {mesh[0]}x{mesh[1]}x1 | 8 x 64 |")
+
+
+def test_across_hosts_the_gather_replicates_the_largest_statistic_on_every_chip():
+  # process_allgather (host_array across hosts) replicates each leaf on every chip; the
+  # record compiles that for the largest leaf. Eight CPU devices stand in for 2 hosts.
+  cfg = tiny_config(1, 8)
+  s = settings_from_config(cfg)
+  one = aot.target_devices("cpu:8")
+  two = aot.Target("cpu:8 (2 hosts)", one.devices, one.chip, hosts=2)
+  r = aot.check_stage(s, "forecaster_stats", two, 0.4)
+  # One [L, 2, d, d] matrix whole per chip (XLA's CPU all-gather adds a temporary of
+  # the same size), not the whole statistics (2 matrices + moments).
+  assert GRAM <= r["gather_chip_gib"] * aot.GIB <= 2 * GRAM < HAND["forecaster_stats"]
+  gather = r["argument_gib"] + r["running_total_gib"] + r["held_output_gib"]
+  assert r["gather_peak_gib"] == pytest.approx(gather + r["gather_chip_gib"])
+  assert "process_allgather replicates one leaf" in aot.describe(r)
+
+
+def test_accumulate_holds_the_running_total_and_the_previous_output_during_a_pass():
+  # What the AOT record adds to a pass (running total + held output) is what
+  # ir_jax.fit.common._accumulate keeps live while the next batch's pass runs.
+  from ir_jax.fit import common
+
+  n = 12_345  # a length no other live array has
+  live = []
+
+  def pass_(model, batch):
+    live.append(sum(x.nbytes for x in jax.live_arrays() if x.shape == (n,)))
+    return {"s": jax.numpy.full((n,), batch["x"][0], jax.numpy.float32)}
+
+  batches = [{"x": [float(i)]} for i in range(4)]
+  out = common._accumulate(pass_, None, batches)
+  assert out["s"][0] == 0 + 1 + 2 + 3
+  # batch 0: nothing yet; batch 1: the total (= batch 0's output); then the total and
+  # the previous batch's output, two copies beside the pass's own.
+  assert live == [0, 4 * n, 8 * n, 8 * n]
