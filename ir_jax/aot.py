@@ -48,6 +48,7 @@ from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.fit import forecasters as fit_forecasters
 from ir_jax.fit import routers as fit_routers
 from ir_jax.fit import tables as fit_tables
+from ir_jax.fit.common import pass_context
 from ir_jax.forecast import lff_flops, router_flops
 from ir_jax.routing import RoutingSpec
 from ir_jax.routing import flops as routed_flops
@@ -305,9 +306,11 @@ class _Pass:
 
   fn: Any
   static: tuple[Any, ...]
+  in_context: bool  # traced in fit.common.pass_context, as fit.common._accumulate does
 
   def lower(self, model: Any, batch: Any) -> Any:
-    return self.fn.lower(model, batch, *self.static)
+    with pass_context(model if self.in_context else None):
+      return self.fn.lower(model, batch, *self.static)
 
 
 def build_stats(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
@@ -320,12 +323,14 @@ def build_stats(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
   graphdef, abs_state, shardings = abstract_state(s.model, mesh)
   model = nnx.merge(graphdef, sh.with_shardings(abs_state, shardings))
   greedy = s.routing.policy == "greedy"  # as ir_jax.train.init decides
+  # The moments go through fit.common._accumulate (traced on the model's mesh); the error
+  # curves are called by fit.tables.error_curves directly, outside any mesh.
   if stage == "forecaster_stats":
-    fn = _Pass(fit_forecasters._forecaster_moments, (s.train.forecaster.outlier,))
+    fn = _Pass(fit_forecasters._forecaster_moments, (s.train.forecaster.outlier,), True)
   elif stage == "router_stats":
-    fn = _Pass(fit_routers._router_moments, (greedy,))
+    fn = _Pass(fit_routers._router_moments, (greedy,), True)
   else:
-    fn = _Pass(fit_tables._error_curves, (greedy,))
+    fn = _Pass(fit_tables._error_curves, (greedy,), False)
   data_cfg = s.stage_data(data_stage)
   b, t = data_cfg.batch_size, data_cfg.seq_len
   return Built(fn, (model, batch_structs(mesh, b, t)), b, t, None, 0)
@@ -610,6 +615,18 @@ def describe_stats(r: dict[str, Any]) -> list[str]:
   return lines
 
 
+STATS_TABLE_HEAD = (
+  "| config | pass | topology (chips) | mesh d x f x t | per-host batch | statistics GB | "
+  "split over every chip (per chip) | per-chip GiB: pass (args + temps + outputs) | "
+  "+ running total + held output | gathering | host GB per host | fits |\n"
+  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def _gb(x: float) -> str:
+  return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
+
+
 def stats_markdown_row(r: dict[str, Any], config: str) -> str:
   """One row of docs/scaling.md's statistics-pass table."""
   fits = "n/a" if r["fits"] is None else ("yes" if r["fits"] else "**no**")
@@ -625,12 +642,12 @@ def stats_markdown_row(r: dict[str, Any], config: str) -> str:
     )
   sharded = {True: "yes", False: "**no**", None: "-"}[r["stats_sharded"]]
   host = (
-    f"{r['host_fetch_gb']:.1f} + {r['host_float64_gb']:.1f}"
+    f"{r['host_fetch_gb']:.1f} f32 + {r['host_float64_gb']:.1f} f64 (peak {r['host_peak_gb']:.1f})"
     if r["host_float64_gb"]
-    else f"{r['host_fetch_gb'] * r['batches']:.2f}"
+    else f"{_gb(r['host_peak_gb'])} f32"
   )
   return (
-    f"{head} {r['stats_gib'] * GIB / GB:.2f} | {sharded} ({_size(r['stats_chip_gib'])}) | "
+    f"{head} {_gb(r['stats_gib'] * GIB / GB)} | {sharded} ({_size(r['stats_chip_gib'])}) | "
     f"{r['total_gib']:.2f} ({r['argument_gib']:.2f} + {r['temp_gib']:.2f} + "
     f"{r['output_gib']:.2f}) | {r['peak_gib']:.2f} | {r['gather_peak_gib']:.2f} | {host} | "
     f"{fits} |"
