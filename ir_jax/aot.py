@@ -315,9 +315,9 @@ class _Pass:
 
 def build_stats(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
   """The jitted statistics pass `stage` of the closed-form fits, on the model state as the
-  training run holds it when it fits (ir_jax.train.loop: the state of
-  ir_jax.train.state.abstract_state's shardings, merged into one model, no mesh context)
-  and one batch of its stage's data (`batch_structs`)."""
+  training run holds it when it fits (ir_jax.train.loop: the state with
+  ir_jax.train.state.abstract_state's shardings, merged into one model) and one batch of
+  its stage's data (`batch_structs`), traced in the context the run traces it in."""
   data_stage = STATS_STAGES[stage]
   s = stage_settings(s, data_stage)
   graphdef, abs_state, shardings = abstract_state(s.model, mesh)
