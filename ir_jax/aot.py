@@ -2,6 +2,8 @@
 
   python -m ir_jax.aot --config configs/llama7b.py --topology v5e:4x4 [--stage router]
   python -m ir_jax.aot --config configs/tiny.py --topology cpu:8        # no libtpu needed
+  python -m ir_jax.aot --config configs/llama7b.py --topology v5e:2x2 \
+      --stage forecaster_stats,router_stats,error_curves               # the closed-form fits
 
 Builds exactly the step `python -m ir_jax.train` runs (ir_jax.train.steps with
 the shardings of ir_jax.train.stepfns / ir_jax.sharding), lowers it on abstract
@@ -14,6 +16,15 @@ total vs the chip's HBM) and an estimated step time from *analytic* model
 FLOPs at an assumed MFU: XLA's cost_analysis() counts a scanned layer body
 once, so its FLOPs (and time estimate) are wrong for scanned models. Exit
 status 1 when a stage does not fit, 2 on a user error.
+
+The statistics passes of the closed-form fits (`forecaster_stats`,
+`router_stats`, `error_curves`: ir_jax.fit's jitted dense passes, lowered
+with the model state as training holds it and batches as the pipeline
+yields them) are compiled the same way. Their records add what XLA's
+figures leave out: how the statistics come out sharded, the running total
+`ir_jax.fit.common._accumulate` keeps on device beside each new batch's
+output, the per-chip copy a multi-host gather makes, and the host memory of
+fetching them whole (float32) and converting them to float64 on every host.
 """
 
 from __future__ import annotations
@@ -34,6 +45,10 @@ from ml_collections import config_flags
 
 from ir_jax import sharding as sh
 from ir_jax.config import ConfigError, LlamaConfig
+from ir_jax.fit import forecasters as fit_forecasters
+from ir_jax.fit import routers as fit_routers
+from ir_jax.fit import tables as fit_tables
+from ir_jax.fit.common import pass_context
 from ir_jax.forecast import lff_flops, router_flops
 from ir_jax.routing import RoutingSpec
 from ir_jax.routing import flops as routed_flops
@@ -45,7 +60,16 @@ from ir_jax.train.stepfns import jit_eval_step, jit_stage_step
 
 PROG = "ir_jax.aot"
 AOT_STAGES = tuple(STAGES) + ("infer", "infer_dense")
+# The closed-form fits' dense statistics passes (ir_jax.fit), by the training stage whose
+# data (batch x seq_len) they read.
+STATS_STAGES = {
+  "forecaster_stats": "forecaster",  # fit.forecasters._forecaster_moments
+  "router_stats": "router",  # fit.routers._router_moments
+  "error_curves": "router",  # fit.tables._error_curves (allocation='error')
+}
+ALL_STAGES = AOT_STAGES + tuple(STATS_STAGES)
 GIB = 1024**3
+GB = 1e9
 EXIT_DOES_NOT_FIT = 1
 
 
@@ -195,6 +219,22 @@ def step_flops(
   return {"forward": float(fwd), "backward": float(bwd), "total": float(fwd + bwd)}
 
 
+def stats_flops(cfg: LlamaConfig, stage: str, batch: int, seq_len: int) -> dict[str, float]:
+  """Model FLOPs of one statistics pass (forward only): the dense layers without the LM head,
+  plus per unit and token what the pass adds: forecaster_stats X^T X and X^T Y (2 d^2 each),
+  router_stats the forecast and X^T X, error_curves the forecast and the router."""
+  b, t, L, d = batch, seq_len, cfg.num_layers, cfg.hidden_size
+  dense = routed_flops(cfg, RoutingSpec(policy="dense"), t, b)["dense"]
+  fwd = dense - b * t * 2 * d * cfg.vocab_size
+  per_unit = {
+    "forecaster_stats": 2 * 2 * d * d,
+    "router_stats": lff_flops(cfg) + 2 * d * d,
+    "error_curves": lff_flops(cfg) + router_flops(cfg),
+  }[stage]
+  fwd += b * t * L * 2 * per_unit
+  return {"forward": float(fwd), "backward": 0.0, "total": float(fwd)}
+
+
 # ------------------------------------------------------------ the steps
 @dataclasses.dataclass
 class Built:
@@ -259,6 +299,111 @@ def build_step(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
   return Built(fn, args, b, t, spec, n_train)
 
 
+@dataclasses.dataclass
+class _Pass:
+  """A statistics pass of ir_jax.fit bound to its static arguments, lowered as it is called:
+  `fn(model, batch, *static)`."""
+
+  fn: Any
+  static: tuple[Any, ...]
+  in_context: bool  # traced in fit.common.pass_context, as fit.common._accumulate does
+
+  def lower(self, model: Any, batch: Any) -> Any:
+    with pass_context(model if self.in_context else None):
+      return self.fn.lower(model, batch, *self.static)
+
+
+def build_stats(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
+  """The jitted statistics pass `stage` of the closed-form fits, on the model state as the
+  training run holds it when it fits (ir_jax.train.loop: the state with
+  ir_jax.train.state.abstract_state's shardings, merged into one model) and one batch of
+  its stage's data (`batch_structs`), traced in the context the run traces it in."""
+  data_stage = STATS_STAGES[stage]
+  s = stage_settings(s, data_stage)
+  graphdef, abs_state, shardings = abstract_state(s.model, mesh)
+  model = nnx.merge(graphdef, sh.with_shardings(abs_state, shardings))
+  greedy = s.routing.policy == "greedy"  # as ir_jax.train.init decides
+  # The moments go through fit.common._accumulate (traced on the model's mesh); the error
+  # curves are called by fit.tables.error_curves directly, outside any mesh.
+  if stage == "forecaster_stats":
+    fn = _Pass(fit_forecasters._forecaster_moments, (s.train.forecaster.outlier,), True)
+  elif stage == "router_stats":
+    fn = _Pass(fit_routers._router_moments, (greedy,), True)
+  else:
+    fn = _Pass(fit_tables._error_curves, (greedy,), False)
+  data_cfg = s.stage_data(data_stage)
+  b, t = data_cfg.batch_size, data_cfg.seq_len
+  return Built(fn, (model, batch_structs(mesh, b, t)), b, t, None, 0)
+
+
+def _leaf_bytes(shape: tuple[int, ...], dtype: Any) -> int:
+  return math.prod(shape) * jnp.dtype(dtype).itemsize
+
+
+def _spec(sharding: Any) -> str:
+  spec = getattr(sharding, "spec", None)
+  return "P()" if spec is None else str(spec).replace("PartitionSpec", "P")
+
+
+def _gather_bytes(info: dict[str, Any], shardings: dict[str, Any], glob: dict[str, int]) -> int:
+  """Per-chip bytes XLA allocates (outputs + temporaries) to replicate the largest statistic
+  on every chip, as `multihost_utils.process_allgather` does for an array that spans other
+  hosts' devices (a jitted identity with a replicated output sharding); compiled here."""
+  k = max(glob, key=glob.get)
+  src = jax.ShapeDtypeStruct(info[k].shape, info[k].dtype, sharding=shardings[k])
+  rep = jax.sharding.NamedSharding(shardings[k].mesh, jax.sharding.PartitionSpec())
+  ma = jax.jit(lambda x: x, out_shardings=rep).lower(src).compile().memory_analysis()
+  return _stat(ma, "output_size_in_bytes") + _stat(ma, "temp_size_in_bytes")
+
+
+def stats_memory(
+  lowered: Any, compiled: Any, target: Target, accumulates: bool, batches: int
+) -> dict[str, Any]:
+  """What the statistics outputs of a compiled pass take: global and per chip (by the
+  compiled output shardings), how each is sharded, and the copies around the pass.
+
+  The jitted fits are `nnx.jit` functions: besides the statistics (the last output) they
+  return the model state (written back into the model), so XLA's output size is the
+  statistics plus one more copy of the state per chip.
+
+  Around the pass (ir_jax.fit.common._accumulate): the running total (one copy of the
+  statistics per chip) and the previous batch's output, which `_accumulate` still holds
+  while the next batch's pass runs; then `host_array` per output leaf: across hosts,
+  `multihost_utils.process_allgather` first replicates the leaf on every chip (a jitted
+  identity), and every host fetches it whole (float32) and keeps a float64 copy. A pass
+  that does not accumulate (error_curves) is fetched per batch in float32 and the
+  `batches` batches' arrays are concatenated on the host (about twice their size).
+  """
+  inner = getattr(lowered, "lowered", lowered)
+  info = inner.out_info[-1]
+  shardings = compiled.output_shardings[-1]
+  names = sorted(info)
+  glob = {k: _leaf_bytes(info[k].shape, info[k].dtype) for k in names}
+  chip = {k: _leaf_bytes(shardings[k].shard_shape(info[k].shape), info[k].dtype) for k in names}
+  n = len(target.devices)
+  split = {k: glob[k] // max(chip[k], 1) for k in names}
+  big = [k for k in names if len(info[k].shape) > 2]  # [L, 2, d, ...]: the Gram matrices
+  stats_g, stats_c = sum(glob.values()), sum(chip.values())
+  largest = max(glob.values())
+  held = stats_c if accumulates else 0
+  multi = target.hosts > 1  # then host_array gathers with process_allgather
+  rec = {
+    "stats_shapes": {k: list(info[k].shape) for k in names},
+    "stats_shardings": {k: _spec(shardings[k]) for k in names},
+    "stats_split": split,
+    "stats_sharded": all(split[k] == n for k in big) if big else None,
+    "stats_gib": stats_g / GIB,
+    "stats_chip_gib": stats_c / GIB,
+    "running_total_gib": held / GIB,
+    "held_output_gib": held / GIB,
+    "gather_chip_gib": (_gather_bytes(info, shardings, glob) if multi else 0) / GIB,
+    "host_fetch_gb": stats_g / GB,
+    "host_float64_gb": 2 * stats_g / GB if accumulates else 0.0,
+    "host_peak_gb": (2 * stats_g + largest if accumulates else 2 * stats_g * batches) / GB,
+  }
+  return rec
+
+
 _UNITS = {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 2**10}
 
 
@@ -285,7 +430,8 @@ def check_stage(s: Settings, stage: str, target: Target, mfu: float) -> dict[str
       f"mesh {s.mesh.describe()} does not map onto the {target.topology} torus "
       f"({str(e).splitlines()[0][:120]}...)"
     ) from None
-  built = build_step(s, stage, mesh)
+  stats = stage in STATS_STAGES
+  built = build_stats(s, stage, mesh) if stats else build_step(s, stage, mesh)
   shards = sh.mesh_axis_size(mesh, sh.BATCH_AXES)
   if built.batch % shards or built.batch % target.hosts:
     raise ConfigError(
@@ -296,9 +442,12 @@ def check_stage(s: Settings, stage: str, target: Target, mfu: float) -> dict[str
   lowered = built.fn.lower(*built.args)
   hbm = target.chip.hbm_bytes
   cfg = stage_settings(s, stage).model
-  fl = step_flops(
-    cfg, "infer" if stage.startswith("infer") else stage, built.spec, built.batch, built.seq_len
-  )
+  if stats:
+    fl = stats_flops(cfg, stage, built.batch, built.seq_len)
+  else:
+    fl = step_flops(
+      cfg, "infer" if stage.startswith("infer") else stage, built.spec, built.batch, built.seq_len
+    )
   chips = len(target.devices)
   tokens = built.batch * built.seq_len
   rec: dict[str, Any] = {
@@ -352,6 +501,26 @@ def check_stage(s: Settings, stage: str, target: Target, mfu: float) -> dict[str
       total_gib=total / GIB,
       fits=(total <= hbm) if hbm else None,
     )
+    if stats:
+      accumulates = stage != "error_curves"
+      stage_cfg = s.train.stage(STATS_STAGES[stage])
+      n_batches = stage_cfg.fit_batches if accumulates else stage_cfg.allocation_batches
+      sm = stats_memory(lowered, compiled, target, accumulates, n_batches)
+      chip_out = out / GIB
+      # On device while a batch's pass runs: the pass itself, the running total and the
+      # previous batch's output; while gathering across hosts: the model, the total, the
+      # last output and one leaf replicated on every chip.
+      peak = total / GIB + sm["running_total_gib"] + sm["held_output_gib"]
+      gather = (arg / GIB) + sm["running_total_gib"] + sm["held_output_gib"]
+      gather += sm["gather_chip_gib"]
+      sm.update(
+        state_out_gib=chip_out - sm["stats_chip_gib"],
+        batches=n_batches,
+        peak_gib=peak,
+        gather_peak_gib=gather,
+        fits=(max(peak, gather) * GIB <= hbm) if hbm else None,
+      )
+      rec.update(sm)
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     if ca and "flops" in ca:
@@ -397,7 +566,92 @@ def describe(r: dict[str, Any]) -> str:
       f"  estimated step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s "
       f"at MFU {r['mfu']:.0%} of {r['peak_tflops']:.0f} TFLOP/s bf16 per chip"
     )
+  if "stats_gib" in r:
+    lines.extend(describe_stats(r))
   return "\n".join(lines)
+
+
+def describe_stats(r: dict[str, Any]) -> list[str]:
+  """The statistics pass's lines: sharding of its outputs, the copies around it, the host."""
+  split = ", ".join(
+    f"{k} {'x'.join(map(str, r['stats_shapes'][k]))} {r['stats_shardings'][k]}"
+    + (f" ({r['stats_split'][k]}-way)" if r["stats_split"][k] > 1 else " (replicated)")
+    for k in r["stats_shapes"]
+  )
+  sharded = {True: "split over every chip", False: "NOT split over every chip", None: "-"}
+  hbm = f" of {r['hbm_gib']:.1f} GiB" if r["hbm_gib"] else ""
+  fit = "n/a" if r["fits"] is None else ("FITS" if r["fits"] else "DOES NOT FIT")
+  lines = [
+    f"  statistics {r['stats_gib']:.3f} GiB global ({sharded[r['stats_sharded']]}), "
+    f"{_size(r['stats_chip_gib'])} per chip: {split}",
+    f"  outputs also hold the model state nnx.jit returns: {_size(r['state_out_gib'])} per chip",
+  ]
+  if r["running_total_gib"]:
+    lines.append(
+      f"  over {r['batches']} batches: + running total {_size(r['running_total_gib'])} + the "
+      f"previous batch's output {_size(r['held_output_gib'])} = {_size(r['peak_gib'])} per "
+      f"chip while a pass runs"
+    )
+  lines.append(
+    f"  gather: {_size(r['gather_peak_gib'])} per chip"
+    + (
+      f" (process_allgather replicates one leaf, {_size(r['gather_chip_gib'])}, on every chip)"
+      if r["gather_chip_gib"]
+      else " (one host: fetched from the shards)"
+    )
+    + f"; peak {_size(max(r['peak_gib'], r['gather_peak_gib']))}{hbm}: {fit}"
+  )
+  if r["host_float64_gb"]:
+    host = (
+      f"  host, on every host: {r['host_fetch_gb']:.2f} GB float32 fetched + "
+      f"{r['host_float64_gb']:.2f} GB float64 kept (peak {r['host_peak_gb']:.2f} GB)"
+    )
+  else:
+    host = (
+      f"  host, on every host: {r['host_fetch_gb']:.3f} GB float32 per batch, "
+      f"{r['batches']} batches kept and concatenated (peak {r['host_peak_gb']:.3f} GB)"
+    )
+  lines.append(host)
+  return lines
+
+
+STATS_TABLE_HEAD = (
+  "| config | pass | topology (chips) | mesh d x f x t | per-host batch | statistics GB | "
+  "split over every chip (per chip) | per-chip GiB: pass (args + temps + outputs) | "
+  "+ running total + held output | gathering | host GB per host | fits |\n"
+  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def _gb(x: float) -> str:
+  return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
+
+
+def stats_markdown_row(r: dict[str, Any], config: str) -> str:
+  """One row of docs/scaling.md's statistics-pass table."""
+  fits = "n/a" if r["fits"] is None else ("yes" if r["fits"] else "**no**")
+  mesh = "x".join(str(v) for v in r["mesh"].values())
+  head = (
+    f"| {config} | {r['stage']} | {r['topology']} ({r['chips']}) | {mesh} | "
+    f"{r['per_host_batch']} x {r['seq_len']} |"
+  )
+  if r["total_gib"] is None:
+    return (
+      f"{head} - | - | > {r['available_gib']:.2f} (temporaries alone {r['temp_gib']:.2f}) "
+      f"| - | - | - | {fits} |"
+    )
+  sharded = {True: "yes", False: "**no**", None: "-"}[r["stats_sharded"]]
+  host = (
+    f"{r['host_fetch_gb']:.1f} f32 + {r['host_float64_gb']:.1f} f64 (peak {r['host_peak_gb']:.1f})"
+    if r["host_float64_gb"]
+    else f"{_gb(r['host_peak_gb'])} f32"
+  )
+  return (
+    f"{head} {_gb(r['stats_gib'] * GIB / GB)} | {sharded} ({_size(r['stats_chip_gib'])}) | "
+    f"{r['total_gib']:.2f} ({r['argument_gib']:.2f} + {r['temp_gib']:.2f} + "
+    f"{r['output_gib']:.2f}) | {r['peak_gib']:.2f} | {r['gather_peak_gib']:.2f} | {host} | "
+    f"{fits} |"
+  )
 
 
 def markdown_row(r: dict[str, Any], config: str) -> str:
@@ -433,8 +687,9 @@ _TOPOLOGY = flags.DEFINE_string(
 _STAGE = flags.DEFINE_string(
   "stage",
   "forecaster,router,lora,infer",
-  f"comma-separated steps to compile, from {list(AOT_STAGES)} (infer: the routed hard top-k "
-  "eval step; infer_dense: the dense one)",
+  f"comma-separated steps to compile, from {list(ALL_STAGES)} (infer: the routed hard top-k "
+  "eval step; infer_dense: the dense one; *_stats, error_curves: the closed-form fits' "
+  "statistics passes)",
 )
 _MFU = flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation for the step time")
 _HOST = flags.DEFINE_string(
@@ -458,9 +713,9 @@ def run(
   peak_tflops: float | None = None,
 ) -> list[dict[str, Any]]:
   """Checks every stage in `stages` of config `cfg` on `topology`; one record per stage."""
-  bad = [x for x in stages if x not in AOT_STAGES]
+  bad = [x for x in stages if x not in ALL_STAGES]
   if not stages or bad:
-    raise ConfigError(f"--stage must list steps from {list(AOT_STAGES)}, got {stages}")
+    raise ConfigError(f"--stage must list steps from {list(ALL_STAGES)}, got {stages}")
   if not 0 < mfu <= 1:
     raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
   s = settings_from_config(cfg)
@@ -501,7 +756,8 @@ def main(argv: list[str]) -> int:
     )
     print(describe(r), flush=True)
     if _MD.value:
-      print(markdown_row(r, config_file), flush=True)
+      row = stats_markdown_row if r["stage"] in STATS_STAGES else markdown_row
+      print(row(r, config_file), flush=True)
     if _JSON.value:
       with open(_JSON.value, "a", encoding="utf-8") as f:
         f.write(json.dumps(dict(r, config=config_file)) + "\n")

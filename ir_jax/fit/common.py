@@ -3,8 +3,23 @@ to a statistic, the streaming sum over batches, the centred moments of a ridge s
 the write of a host-side solution back into the model.
 
 Every pass is one jitted function per batch whose outputs have a leading
-layers axis, so it shards like the model (d = 4096: 64 Gram matrices of
-4096^2 floats, about 4.3 GB, split over the devices with the layers).
+layers axis `[L, 2, ...]`. The passes that accumulate (`_accumulate`:
+forecaster and router moments) are traced on the model's mesh
+(`pass_context`), so the model's activation constraints split the tokens over
+the batch axes as in the training steps, and each layer's d x d statistics
+are pinned to be split along a feature dimension over every mesh axis that
+divides d (`_split_features`); not along the layers, which `ir_jax.sharding`
+replicates. Llama-2-7B's forecaster moments (X^T X and X^T Y, 128 matrices
+of 4096^2 float32, 8.6 GB) are then 2 GiB per chip on 4 v5e chips and 0.5 on
+16; the router moments half that. Before, traced without a mesh, XLA
+replicated the batch inside the pass (per-chip temporaries grew with the
+global batch) and split the statistics over `fsdp` only. The error-curve pass
+(`fit.tables`) is still called outside any mesh; its per-token outputs are
+small. `_accumulate` keeps the running total and the previous batch's output
+beside each new pass (two more copies per chip), and the jitted passes
+(nnx.jit) also return the model state, one more copy of it per chip.
+`python -m ir_jax.aot --stage forecaster_stats,router_stats,error_curves`
+compiles the passes for a TPU slice; docs/scaling.md has the figures.
 
 Across processes (a pod): batches are global arrays whose rows live on
 several hosts and the model may be FSDP-sharded over them, so every pass's
@@ -13,17 +28,24 @@ every process (`ir_jax.distributed.host_array`, a collective all processes
 call in the same order); the solves then run on the same numbers on every
 host, and what is written back into the model is process 0's result, placed
 with the sharding the variable had (`_set`), so replicas cannot drift apart.
+On every host that is the whole statistics in float32 and then a float64 copy
+(Llama-2-7B forecaster moments: 8.6 + 17.2 GB per host); across hosts
+`process_allgather` first replicates each leaf on every chip (one X^T X,
+4 GiB, per chip at a time).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from ir_jax import sharding as sh
 from ir_jax.distributed import host_array
 from ir_jax.model import Llama
 from ir_jax.progress import doing
@@ -46,11 +68,36 @@ def _ordinary(batch: dict[str, Array]) -> Array:
   return ((seg > 0) & ~sink_mask(index, seg)).astype(jnp.float32)
 
 
+def _split_features(stats: Any, d: int) -> Any:
+  """Pins one layer's per-unit statistics `[2, d, ...]` (X^T X, X^T Y, sums over tokens) to
+  be split along their first feature dimension over every mesh axis that divides d, under
+  the mesh of `pass_context` (no-op without one). With the activations split over the batch
+  axes, XLA would otherwise all-reduce them into a whole copy on every chip (Llama-2-7B
+  forecaster moments: 8 GiB per chip, three times over while accumulating)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return stats
+  axes = tuple(a for a in sh.MESH_AXES if mesh.shape[a] > 1)
+  while axes and d % math.prod(mesh.shape[a] for a in axes):
+    axes = axes[1:]  # drop data first: fsdp (and tensor) are the model's own axes
+  if not axes:
+    return stats
+
+  def pin(x):
+    if x.ndim < 2 or x.shape[1] != d:
+      return x
+    spec = PartitionSpec(None, axes, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(pin, stats)
+
+
 def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> Any:
   """Runs the dense model; `per_unit(rl, unit, n_BxTxD, u_BxTxD, x_BxTxD)` -> stats, stacked
   [L, 2, ...]; x is the residual stream the unit's output is added to."""
   tokens, positions, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
   b, t = tokens.shape
+  d = model.config.hidden_size
   index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
   def layer_fn(layer, routing_layer, x, _):
@@ -61,7 +108,7 @@ def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> A
     n2 = layer.post_attention_layernorm(x)
     m = layer.mlp(n2)
     sm = per_unit(routing_layer, 1, n2, m, x)
-    return x + m, jax.tree.map(lambda p, q: jnp.stack([p, q]), sa, sm)
+    return x + m, _split_features(jax.tree.map(lambda p, q: jnp.stack([p, q]), sa, sm), d)
 
   _, stats = model.run_layers(layer_fn, model.embed(tokens))
   return stats
@@ -70,6 +117,26 @@ def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> A
 def _approximation(routing_layer, unit: int, n: Array, greedy: bool) -> Array:
   """What approximating the unit puts in its place: the forecast, or nothing (greedy)."""
   return jnp.zeros_like(n) if greedy else routing_layer.forecaster(unit)(n)
+
+
+def model_mesh(model: Llama | None) -> jax.sharding.Mesh | None:
+  """The multi-device mesh the model's state is sharded over (None: none)."""
+  if model is None:
+    return None
+  for x in jax.tree.leaves(nnx.state(model)):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1:
+      return s.mesh
+  return None
+
+
+def pass_context(model: Llama | None):
+  """The context a statistics pass is traced in: the model's mesh, so that the model's
+  activation constraints (`ir_jax.sharding.constrain`: the residual stream over the batch
+  axes) take effect as in the training steps. Without it XLA replicated the batch in the
+  pass: per-chip temporaries grew with the global batch (Llama-2-7B router moments, one
+  2,048-token row per chip: 2.5 GiB on 16 v5e chips, 12.1 GiB on 64)."""
+  return sh.use_mesh(model_mesh(model))
 
 
 def _accumulate(
@@ -81,7 +148,8 @@ def _accumulate(
   total = None
   for i, batch in enumerate(batches):
     with doing("compiling the statistics pass" if i == 0 else "gathering statistics"):
-      out = fn(model, {k: jnp.asarray(v) for k, v in batch.items()})
+      with pass_context(model):
+        out = fn(model, {k: jnp.asarray(v) for k, v in batch.items()})
       total = out if total is None else jax.tree.map(jnp.add, total, out)
       if i == 0:  # the first batch's wait (compile and run) belongs to this label
         jax.block_until_ready(total)
