@@ -135,8 +135,25 @@ def pass_context(model: Llama | None):
   activation constraints (`ir_jax.sharding.constrain`: the residual stream over the batch
   axes) take effect as in the training steps. Without it XLA replicated the batch in the
   pass: per-chip temporaries grew with the global batch (Llama-2-7B router moments, one
-  2,048-token row per chip: 2.5 GiB on 16 v5e chips, 12.1 GiB on 64)."""
+  2,048-token row per chip: 2.5 GiB on 16 v5e chips, 12.1 GiB on 64).
+
+  Only models whose per-layer moments reach `SPLIT_MIN_BYTES` are placed so: on smaller
+  ones a whole copy per chip costs little, and their passes keep the summation order
+  (and so the bits) they had before (the multi-process tests compare them)."""
+  if model is None or moments_bytes(model.config.hidden_size) < SPLIT_MIN_BYTES:
+    return sh.use_mesh(None)
   return sh.use_mesh(model_mesh(model))
+
+
+# Per-layer statistics (X^T X and X^T Y of both units, float32) from which the passes are
+# traced on the model's mesh and split over it: 64 MiB (d >= 2,048; SmolLM2's d 576 is
+# 5 MiB, Llama-2-7B's d 4,096 is 256 MiB).
+SPLIT_MIN_BYTES = 64 * 2**20
+
+
+def moments_bytes(d: int) -> int:
+  """Bytes of one layer's forecaster moments: X^T X and X^T Y of two units, float32."""
+  return 2 * 2 * d * d * 4
 
 
 def _accumulate(
