@@ -21,7 +21,7 @@ from ir_jax.model import Llama, LoraParam
 from ir_jax.nll import token_nll
 from ir_jax.routing import RoutingSpec, mean_capacity, routed_forward, sink_mask
 from ir_jax.routing.capacity import present as table_present
-from ir_jax.train.config import RouterStage, StageConfig
+from ir_jax.train.config import ForecasterStage, RouterStage, StageConfig
 
 Array = jax.Array
 # Everything a training run produces on top of the base weights.
@@ -45,10 +45,49 @@ def schedule(stage_cfg: StageConfig) -> optax.Schedule:
   )
 
 
+def _centred_forecaster_updates(updates: Any, offset: float) -> Any:
+  """Moves each forecaster's b2 update by -offset x (its W2 update summed over the rank).
+
+  A closed-form forecaster (ir_jax.fit.forecasters) holds every hidden unit at
+  offset + z (z about unit scale) and cancels the constant in b2. Adam moves every W2
+  entry by about the learning rate, which alone would shift the output by about
+  offset x rank x lr per dimension (SmolLM2: ~1.2 at lr 1e-3) and wreck the fit in one
+  step; with this correction the step changes the output only through z, as an update
+  of the centred form z W2 + (b2 + offset 1^T W2) would."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  keys = [jax.tree_util.keystr(p) for p, _ in flat]
+  leaves = [v for _, v in flat]
+  index = {k: i for i, k in enumerate(keys)}
+  for i, k in enumerate(keys):
+    if "_lff']" in k and "['w2']" in k:
+      j = index.get(k.replace("['w2']", "['b2']"))
+      if j is not None:
+        shift = offset * jnp.sum(leaves[i].astype(jnp.float32), axis=-2)
+        leaves[j] = (leaves[j].astype(jnp.float32) - shift).astype(leaves[j].dtype)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _centred(tx: optax.GradientTransformation, offset: float) -> optax.GradientTransformation:
+  """`tx` whose forecaster updates are centred (`_centred_forecaster_updates`); the state
+  is `tx`'s own, so checkpoints of either load into the other."""
+
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, state, params)
+    return _centred_forecaster_updates(updates, offset), state
+
+  return optax.GradientTransformation(tx.init, update)
+
+
 def optimizer(stage_cfg: StageConfig) -> optax.GradientTransformation:
-  """AdamW with the stage's schedule, clipping and accumulation."""
+  """AdamW with the stage's schedule, clipping and accumulation; forecaster steps after a
+  closed-form fit take centred updates (`_centred_forecaster_updates`)."""
+  from ir_jax.fit.common import OFFSET
+
   parts = [optax.clip_by_global_norm(stage_cfg.grad_clip)] if stage_cfg.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule(stage_cfg), weight_decay=stage_cfg.weight_decay))
+  adam = optax.adamw(schedule(stage_cfg), weight_decay=stage_cfg.weight_decay)
+  if isinstance(stage_cfg, ForecasterStage) and stage_cfg.init == "fit":
+    adam = _centred(adam, OFFSET)
+  parts.append(adam)
   tx = optax.chain(*parts)
   if stage_cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=stage_cfg.grad_accum)
