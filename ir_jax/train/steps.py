@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ir_jax.fit.common import OFFSET
 from ir_jax.forecast import CalibratedFor, Capacity, ForecasterParam, RouterParam, Threshold
 from ir_jax.losses import lm_loss
 from ir_jax.model import Llama, LoraParam
@@ -81,8 +82,6 @@ def _centred(tx: optax.GradientTransformation, offset: float) -> optax.GradientT
 def optimizer(stage_cfg: StageConfig) -> optax.GradientTransformation:
   """AdamW with the stage's schedule, clipping and accumulation; forecaster steps after a
   closed-form fit take centred updates (`_centred_forecaster_updates`)."""
-  from ir_jax.fit.common import OFFSET
-
   parts = [optax.clip_by_global_norm(stage_cfg.grad_clip)] if stage_cfg.grad_clip > 0 else []
   adam = optax.adamw(schedule(stage_cfg), weight_decay=stage_cfg.weight_decay)
   if isinstance(stage_cfg, ForecasterStage) and stage_cfg.init == "fit":
