@@ -37,7 +37,9 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from ir_jax import bench_profile as BP
 from ir_jax import bench_trained as BT
+from ir_jax import files
 from ir_jax.bench_programs import build_variants
 from ir_jax.bench_summary import summarize, table, time_variants
 from ir_jax.bench_tpu import tpu_table, tpu_view
@@ -216,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     default="512,2048",
     help="with --workdir / --checkpoint: comma-separated prefill lengths (one row each)",
   )
+  p.add_argument(
+    "--profile",
+    action="store_true",
+    help="with --workdir / --checkpoint: instead of timing, run each prefill length dense and "
+    "routed under jax.profiler and split the time into units, forecasters, routers, "
+    "gather/scatter and the rest (ir_jax.bench_profile); calls per program: --reps",
+  )
   p.add_argument("--quiet", action="store_true", help="no per-round lines")
   return p
 
@@ -246,6 +255,8 @@ def trained_main(args: argparse.Namespace, argv: Sequence[str], log: Callable[[s
       f"{cfg.max_position_embeddings}; pass shorter --seq-lens"
     )
   steps = 32 if args.decode_steps is None else args.decode_steps
+  if args.profile:
+    steps = 0
   k_multiple = args.k_multiple or spec.k_multiple
   t0 = time.perf_counter()
   log(
@@ -253,6 +264,8 @@ def trained_main(args: argparse.Namespace, argv: Sequence[str], log: Callable[[s
   )
   variants, tables = BT.build(model, spec, seq_lens, steps, k_multiple, args.seed, log)
   log(f"compiled {len(variants)} programs in {time.perf_counter() - t0:.0f}s")
+  if args.profile:
+    return _profile_main(args, argv, variants, tables, path, log)
   time_variants(variants, args.reps, args.warmup, log)
   result = dict(
     kind="trained",
@@ -281,6 +294,32 @@ def trained_main(args: argparse.Namespace, argv: Sequence[str], log: Callable[[s
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
+  return 0
+
+
+def _profile_main(args, argv, variants, tables, path, log) -> int:
+  prof = BP.profile_trained(variants, args.reps, log)
+  texts = []
+  for t in sorted({v.info["seq_len"] for v in variants if v.kind == "prefill"}):
+    d, r = prof[f"prefill/dense@{t}"], prof[f"prefill/routed@{t}"]
+    frac = tables[str(t)]["executed_fraction"]
+    texts.append(BP.report(f"prefill 1 x {t} (routed: executed FLOPs {frac:.3f} of dense)", d, r))
+  print("\n\n".join(texts))
+  if args.json:
+    files.write_json(
+      args.json,
+      dict(
+        kind="profile",
+        path=os.path.abspath(path),
+        tables=tables,
+        calls=args.reps,
+        profile=prof,
+        backend=jax.default_backend(),
+        jax_version=jax.__version__,
+        commit=_commit(),
+        command="python -m ir_jax.bench " + " ".join(argv),
+      ),
+    )
   return 0
 
 
