@@ -75,6 +75,7 @@ _CONTROL = {"while", "conditional", "call", "parameter", "tuple", "get-tuple-ele
 _INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s=\s.*?([a-z][\w\-]*)\(")
 _META_FRAME = re.compile(r"stack_frame_id=(\d+)")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,6 +178,7 @@ def instruction_components(hlo_text: str) -> dict[str, str]:
 
   # Per computation: its instructions (name, opcode, frame id).
   comps: dict[str, list[tuple[str, str, int | None, str | None]]] = {}
+  operands: dict[str, list[str]] = {}
   current = None
   for ln in lines:
     if ln and not ln.startswith(" ") and "{" in ln and "(" in ln and not ln.startswith("HloModule"):
@@ -190,6 +192,9 @@ def instruction_components(hlo_text: str) -> dict[str, str]:
       comps[current].append(
         (m.group(1), m.group(2), int(fm.group(1)) if fm else None, cm.group(1) if cm else None)
       )
+      rest = ln[m.end() :]
+      args = rest[: rest.find(")")] if ")" in rest else rest
+      operands[m.group(1)] = _OPERAND.findall(args)
 
   def fusion_frame(called: str | None, own: int | None) -> int | None:
     for _name, op, fid, _c in comps.get(called or "", []):
@@ -198,6 +203,7 @@ def instruction_components(hlo_text: str) -> dict[str, str]:
     return own
 
   out: dict[str, str] = {}
+  inherit: dict[str, str] = {}  # fused computation -> the fusion calling it
   for instrs in comps.values():
     for name, op, fid, called in instrs:
       if op in _CONTROL:
@@ -205,6 +211,34 @@ def instruction_components(hlo_text: str) -> dict[str, str]:
       if op == "fusion":
         fid = fusion_frame(called, fid)
       out[name] = frame_component(fid) if fid is not None else "other"
+      if op == "fusion" and called:
+        inherit[called] = name
+  # An instruction XLA made with no metadata at all (e.g. a matmul fusion of the attention
+  # core) takes the component of the instructions that read it, else of those it reads.
+  users: dict[str, list[str]] = collections.defaultdict(list)
+  for name, ops in operands.items():
+    for o in ops:
+      users[o].append(name)
+  orphans = [
+    name
+    for instrs in comps.values()
+    for name, op, fid, called in instrs
+    if name in out and fid is None and (op != "fusion" or fusion_frame(called, None) is None)
+  ]
+  for _ in range(3):
+    for name in orphans:
+      if out[name] != "other":
+        continue
+      for near in (users.get(name, []), operands.get(name, [])):
+        known = [out[n] for n in near if out.get(n, "other") != "other"]
+        if known:
+          out[name] = collections.Counter(known).most_common(1)[0][0]
+          break
+  # Instructions XLA made inside a fusion (no metadata of their own) belong to the fusion.
+  for comp_name, fusion in inherit.items():
+    for name, op, fid, _called in comps.get(comp_name, []):
+      if fid is None and name in out:
+        out[name] = out[fusion]
   return out
 
 
