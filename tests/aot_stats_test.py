@@ -21,6 +21,7 @@ import os
 
 import jax
 import pytest
+from conftest import wide_tiny_config
 
 from ir_jax import aot
 from ir_jax import sharding as sh
@@ -171,16 +172,7 @@ def test_per_chip_temporaries_of_the_moments_do_not_grow_with_the_global_batch(s
   # on v5e:4x4 -> 12.1 GiB on v5e:8x8).
   temps = []
   for n in (2, 8):
-    cfg = tiny_config(1, -1)
-    cfg.model.update(
-      vocab_size=8192,
-      hidden_size=256,
-      intermediate_size=512,
-      num_heads=8,
-      num_kv_heads=4,
-      head_dim=32,
-    )
-    cfg.data.batch_size, cfg.data.seq_len = n, 128
+    cfg = wide_tiny_config(n)
     cfg.train.forecaster.batch_size, cfg.train.forecaster.seq_len = n, 128
     (r,) = aot.run(cfg, f"cpu:{n}", [stage])
     assert r["per_host_batch"] == n and r["stats_sharded"] is True

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import wide_tiny_config
 
 from ir_jax import aot
 from ir_jax.config import ConfigError
@@ -107,17 +108,7 @@ def test_per_chip_temporaries_do_not_grow_with_the_global_batch():
   # around the LM head and loss (router step: 40 MiB on 2 chips, 108 MiB on 8).
   temps = []
   for n in (2, 8):
-    cfg = tiny_config()
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
-    cfg.model.update(
-      vocab_size=8192,
-      hidden_size=256,
-      intermediate_size=512,
-      num_heads=8,
-      num_kv_heads=4,
-      head_dim=32,
-    )
-    cfg.data.batch_size, cfg.data.seq_len = n, 128
+    cfg = wide_tiny_config(n)
     (r,) = aot.run(cfg, f"cpu:{n}", ["router"])
     temps.append(r["temp_gib"])
   assert temps[1] < 1.25 * temps[0], temps

@@ -1,9 +1,10 @@
 """Shared test helpers: tiny random HuggingFace Llama directories saved with transformers,
-a tiny ir_jax model config (`tiny_llama_config`), and the training command line
-(`train_argv`, `train_cli`)."""
+a tiny ir_jax model config (`tiny_llama_config`), configs/tiny.py widened for memory
+checks (`wide_tiny_config`), and the training command line (`train_argv`, `train_cli`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -40,6 +41,27 @@ TINY_LLAMA = dict(
 def tiny_llama_config(**fields: Any) -> LlamaConfig:
   """`TINY_LLAMA` as a LlamaConfig, with `fields` replacing or adding fields."""
   return LlamaConfig(**{**TINY_LLAMA, **fields})
+
+
+def wide_tiny_config(rows: int) -> Any:
+  """configs/tiny.py widened so that XLA's per-chip temporaries are large enough to compare
+  (vocab 8192, d 256, 8 heads of 32 with 4 kv heads, MLP 512), on an all-FSDP mesh (data 1,
+  fsdp -1, tensor 1), with `rows` 128-token rows per training batch."""
+  spec = importlib.util.spec_from_file_location("tiny_cfg", TINY_CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
+  cfg.model.update(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=512,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+  )
+  cfg.data.batch_size, cfg.data.seq_len = rows, 128
+  return cfg
 
 
 def train_argv(

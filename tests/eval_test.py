@@ -31,7 +31,7 @@ from ir_jax.config_file import load_config
 from ir_jax.data.tokenize import load_text_tokenizer
 from ir_jax.eval import runner
 from ir_jax.eval.__main__ import main, parser, request_options
-from ir_jax.eval.estimators import mix_perplexity
+from ir_jax.eval.domain_mix import mix_perplexity
 from ir_jax.eval.evaluate import doc_losses, pack_documents, tokenize_documents
 from ir_jax.model import init_model
 

@@ -89,7 +89,7 @@ def test_every_user_error_class_is_caught_by_cli_main(capsys):
   from ir_jax.convert.sources import WeightImportError
   from ir_jax.data.config import DataError
   from ir_jax.errors import USER_ERRORS, cli_main
-  from ir_jax.eval.estimators import EstimatorError
+  from ir_jax.eval.estimator_inputs import EstimatorError
   from ir_jax.tokenizer import TokenizerError
 
   classes = (

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from ir_jax.config import ConfigError
-from ir_jax.eval import estimators as E
 from ir_jax.eval import shift
+from ir_jax.eval.density_ratio import classifier_weights, text_features
+from ir_jax.eval.estimator_inputs import EstimatorError
+from ir_jax.eval.importance_weights import METHODS
+from ir_jax.eval.lr_estimates import target_perplexity
 
 
 # ------------------------------------------------ classifier weights, known ratio
@@ -25,7 +28,7 @@ def test_classifier_recovers_the_ratio_of_two_gaussians(seed):
   rng = np.random.default_rng(seed)
   xa = rng.normal(size=(2000, 1))
   xb = rng.normal(1.0, 1.0, size=(2000, 1))
-  dr = E.classifier_weights(xa, xb, seed=seed)
+  dr = classifier_weights(xa, xb, seed=seed)
   err = np.log(dr.weights) - (xa[:, 0] - 0.5)
   assert np.median(np.abs(err)) < 0.1
   assert np.abs(err[np.abs(xa[:, 0]) < 2]).max() < 0.35
@@ -40,7 +43,7 @@ def test_classifier_recovers_the_ratio_of_two_gaussians(seed):
 def test_samples_of_one_distribution_give_weights_near_one(seed):
   # 20 seeds of this setup: ESS / n at least 0.927.
   rng = np.random.default_rng(seed)
-  w = E.classifier_weights(rng.normal(size=(300, 3)), rng.normal(size=(300, 3)), seed=seed).weights
+  w = classifier_weights(rng.normal(size=(300, 3)), rng.normal(size=(300, 3)), seed=seed).weights
   assert w.sum() ** 2 / (w * w).sum() >= 0.9 * len(w)
 
 
@@ -62,18 +65,18 @@ DOCS = [
 
 def test_the_same_documents_give_weights_one_and_the_pools_own_perplexity():
   texts = [t for _, t in DOCS]
-  feats = E.text_features(texts)
-  dr = E.classifier_weights(feats, feats.copy())
+  feats = text_features(texts)
+  dr = classifier_weights(feats, feats.copy())
   np.testing.assert_array_equal(dr.weights, 1.0)  # the classifier cannot tell them apart
   assert dr.auc == 0.5 and dr.calibration == (0.0, 0.0)
   rng = np.random.default_rng(0)
   tok = rng.integers(10, 40, size=len(texts)).astype(float)
   nll = tok * rng.uniform(2, 4, size=(2, len(texts)))  # two settings
   own = np.exp(nll.sum(1) / tok.sum())
-  for m in E.METHODS:
+  for m in METHODS:
     if m == "psis":
       continue  # psis needs >= 25 documents
-    got = E.target_perplexity(nll, tok, dr.weights, m, n_target=len(texts))
+    got = target_perplexity(nll, tok, dr.weights, m, n_target=len(texts))
     np.testing.assert_allclose(got.perplexity, own, rtol=1e-9)
     assert np.all(got.pred_low < own) and np.all(own < got.pred_high)
 
@@ -81,20 +84,20 @@ def test_the_same_documents_give_weights_one_and_the_pools_own_perplexity():
 def test_text_features_by_hand():
   # "a b a": unigrams a x2, b x1; bigrams "a b", "b a" once each. Four distinct buckets
   # (checked: no collision at dim 4096), values log(1 + count) up to a hash sign, unit norm.
-  (row,) = E.text_features(["A b a"])
+  (row,) = text_features(["A b a"])
   nz = np.sort(np.abs(row[row != 0]))
   want = np.sort([math.log(3), math.log(2), math.log(2), math.log(2)])
   np.testing.assert_allclose(nz, want / np.linalg.norm(want), rtol=1e-12)
-  np.testing.assert_array_equal(E.text_features(["A b a"]), E.text_features(["a B A"]))
+  np.testing.assert_array_equal(text_features(["A b a"]), text_features(["a B A"]))
 
 
 def test_classifier_errors_are_one_line():
-  with pytest.raises(E.EstimatorError, match="same d"):
-    E.classifier_weights(np.zeros((5, 2)), np.zeros((5, 3)))
-  with pytest.raises(E.EstimatorError, match="at least 2 documents on each side"):
-    E.classifier_weights(np.zeros((5, 2)), np.zeros((1, 2)))
-  with pytest.raises(E.EstimatorError, match="finite"):
-    E.classifier_weights(np.full((5, 2), np.nan), np.zeros((5, 2)))
+  with pytest.raises(EstimatorError, match="same d"):
+    classifier_weights(np.zeros((5, 2)), np.zeros((5, 3)))
+  with pytest.raises(EstimatorError, match="at least 2 documents on each side"):
+    classifier_weights(np.zeros((5, 2)), np.zeros((1, 2)))
+  with pytest.raises(EstimatorError, match="finite"):
+    classifier_weights(np.full((5, 2), np.nan), np.zeros((5, 2)))
 
 
 # ------------------------------------------------ the command line on target documents

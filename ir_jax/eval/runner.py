@@ -23,8 +23,9 @@ from ir_jax.config import ConfigError, refuse_remote
 from ir_jax.data.config import DataError
 from ir_jax.data.tokenize import load_text_tokenizer
 from ir_jax.eval import documents, shift
-from ir_jax.eval import estimators as es
 from ir_jax.eval import evaluate as ev
+from ir_jax.eval.domain_mix import domain_weights
+from ir_jax.eval.estimator_inputs import EstimatorError
 from ir_jax.files import write_json
 from ir_jax.progress import Progress, doing
 
@@ -163,9 +164,9 @@ def run(req: EvalRequest) -> dict[str, Any]:
     raise DataError(f"--data {data_desc}: no documents")
   for text, mix in req.target_mixes:  # refused now, not after the evaluation
     try:
-      es.domain_weights([d.domain for d in docs], mix)
-    except es.EstimatorError as e:
-      raise es.EstimatorError(f"--target-mix {text}: {e}") from None
+      domain_weights([d.domain for d in docs], mix)
+    except EstimatorError as e:
+      raise EstimatorError(f"--target-mix {text}: {e}") from None
 
   calibrate, calib_desc = None, None
   if any(s.mode == "causal" and s.policy != "dense" for s in todo):

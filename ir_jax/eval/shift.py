@@ -38,7 +38,11 @@ import numpy as np
 
 from ir_jax import plotting
 from ir_jax.config import ConfigError
-from ir_jax.eval import estimators as es
+from ir_jax.eval.density_ratio import classifier_weights, text_features
+from ir_jax.eval.domain_mix import domain_weights, empirical_mix, mix_perplexity
+from ir_jax.eval.estimator_inputs import EstimatorError
+from ir_jax.eval.importance_weights import METHODS, TAU_RULES
+from ir_jax.eval.lr_estimates import Estimate, ratio_estimate, target_perplexity
 from ir_jax.files import write_json
 
 PROG = "ir_jax.eval.shift"
@@ -77,9 +81,9 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def parse_methods(text: str) -> list[str]:
   methods = [m.strip() for m in text.split(",") if m.strip()]
-  bad = [m for m in methods if m not in es.METHODS]
+  bad = [m for m in methods if m not in METHODS]
   if not methods or bad:
-    raise ConfigError(f"--estimator {text!r}: choose from {','.join(es.METHODS)}")
+    raise ConfigError(f"--estimator {text!r}: choose from {','.join(METHODS)}")
   return methods
 
 
@@ -151,20 +155,18 @@ def estimate_curves(
   """
   domains = [d["domain"] for d in result["documents"]]
   tokens = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
-  calib = es.empirical_mix(domains)
+  calib = empirical_mix(domains)
   groups = _settings(result)
   rows, skipped = [], []
   for label, mix in mixes:
-    es.domain_weights(domains, mix)  # a domain without records is the caller's error
+    domain_weights(domains, mix)  # a domain without records is the caller's error
     for method in methods:
       for mode, recs, losses in groups:
         if not recs:
           continue
         try:
-          m = es.mix_perplexity(
-            domains, losses, tokens, mix, method=method, tau=tau, c=c, beta=beta
-          )
-        except es.EstimatorError as e:  # e.g. PSIS with too few positive weights
+          m = mix_perplexity(domains, losses, tokens, mix, method=method, tau=tau, c=c, beta=beta)
+        except EstimatorError as e:  # e.g. PSIS with too few positive weights
           skipped.append({"target_mix": label, "method": method, "mode": mode, "reason": str(e)})
           continue
         head = {"target_mix": label, "mix": mix, "method": method, "mode": mode}
@@ -244,14 +246,14 @@ def calibration_texts(result: dict[str, Any], spec: str | None = None) -> list[s
 
 def _sparsity_estimate(
   recs: Sequence[dict[str, Any]], tokens: np.ndarray, w: np.ndarray, method: str, **kw: Any
-) -> es.Estimate | None:
+) -> Estimate | None:
   """The realized sparsity each setting should have on the target: the documents'
   approximated shares (`doc_sparsity`) averaged with weight w x tokens (`ratio_estimate`);
   None for results written before per-document sparsity was recorded."""
   if not all("doc_sparsity" in r for r in recs):
     return None
   share = np.asarray([r["doc_sparsity"] for r in recs], np.float64)
-  return es.ratio_estimate(share * tokens, tokens, w, method, **kw)
+  return ratio_estimate(share * tokens, tokens, w, method, **kw)
 
 
 def estimate_documents(
@@ -275,8 +277,8 @@ def estimate_documents(
   """
   label, target_texts = target
   tokens = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
-  feats = es.text_features(list(calib_texts) + list(target_texts))
-  dr = es.classifier_weights(feats[: len(calib_texts)], feats[len(calib_texts) :], seed=seed)
+  feats = text_features(list(calib_texts) + list(target_texts))
+  dr = classifier_weights(feats[: len(calib_texts)], feats[len(calib_texts) :], seed=seed)
   w = dr.weights
   rows, skipped = [], []
   for method in methods:
@@ -284,10 +286,10 @@ def estimate_documents(
       if not recs:
         continue
       try:
-        m = es.target_perplexity(
+        m = target_perplexity(
           losses, tokens, w, method, n_target=len(target_texts), tau=tau, c=c, beta=beta
         )
-      except es.EstimatorError as e:
+      except EstimatorError as e:
         skipped.append({"target_mix": label, "method": method, "mode": mode, "reason": str(e)})
         continue
       sparsity = _sparsity_estimate(recs, tokens, w, method, tau=tau, c=c, beta=beta)
@@ -439,7 +441,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--estimator",
     default=DEFAULT_METHODS,
-    help=f"comma-separated estimators of {','.join(es.METHODS)} (default {DEFAULT_METHODS})",
+    help=f"comma-separated estimators of {','.join(METHODS)} (default {DEFAULT_METHODS})",
   )
   p.add_argument(
     "--tau",
@@ -461,12 +463,12 @@ def from_args(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
   mixes = [(t.replace(" ", ""), parse_mix(t)) for t in args.target_mix]
   methods = parse_methods(args.estimator)
   tau: str | float = args.tau
-  if tau not in es.TAU_RULES:
+  if tau not in TAU_RULES:
     try:
       tau = float(tau)
     except ValueError:
       raise ConfigError(
-        f"--tau {args.tau!r}: expected {' or '.join(es.TAU_RULES)} or a number"
+        f"--tau {args.tau!r}: expected {' or '.join(TAU_RULES)} or a number"
       ) from None
   out = estimate_curves(result, mixes, methods, tau=tau, c=args.tau_c, beta=args.tau_beta)
   if targets:

@@ -15,7 +15,9 @@ import time
 
 import numpy as np
 
-from ir_jax.eval import estimators as es
+from ir_jax.eval.density_ratio import classifier_weights, text_features
+from ir_jax.eval.estimator_inputs import EstimatorError
+from ir_jax.eval.lr_estimates import target_perplexity
 
 PROG = "shift_experiment"
 METHODS = ("lr", "self_normalized", "truncated", "psis")
@@ -112,7 +114,7 @@ def draw(rng: np.random.Generator, domains: np.ndarray, a: dict, b: dict) -> tup
 def run(data: dict, resamples: int, seed: int, log=print, scenarios: dict | None = None) -> dict:
   """Every scenario (default SCENARIOS): per resample, weights, estimates and the truth;
   bias, RMSE and coverage per estimator and setting."""
-  feats = es.text_features(data["texts"])
+  feats = text_features(data["texts"])
   nll, tok, dom = data["nll"], data["tokens"], data["domains"]
   out = {}
   for si, (name, (ca, cb, heavy)) in enumerate((scenarios or SCENARIOS).items()):
@@ -124,7 +126,7 @@ def run(data: dict, resamples: int, seed: int, log=print, scenarios: dict | None
     aucs, wmax, wmean, label_w = [], [], [], []
     for r in range(resamples):
       ia, ib = draw(rng, dom, ca, cb)
-      dr = es.classifier_weights(feats[ia], feats[ib], seed=r)
+      dr = classifier_weights(feats[ia], feats[ib], seed=r)
       w = dr.weights
       aucs.append(dr.auc)
       wmax.append(w.max() / w.mean())
@@ -135,8 +137,8 @@ def run(data: dict, resamples: int, seed: int, log=print, scenarios: dict | None
       truth[r] = np.exp(nll[:, ib].sum(1) / tok[ib].sum())
       for m in METHODS:
         try:
-          e = es.target_perplexity(nll[:, ia], tok[ia], w, m, n_target=len(ib))
-        except es.EstimatorError:
+          e = target_perplexity(nll[:, ia], tok[ia], w, m, n_target=len(ib))
+        except EstimatorError:
           continue
         est[m][r] = np.stack([e.perplexity, e.pred_low, e.pred_high], -1)
         diag[m][r] = (e.ess, e.truncated_frac, np.nan if e.pareto_k is None else e.pareto_k)
