@@ -37,12 +37,14 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from ir_jax import aot
+from ir_jax import bench_components as BC
 from ir_jax import bench_profile as BP
 from ir_jax import bench_trained as BT
 from ir_jax import files
 from ir_jax.bench_programs import build_variants
 from ir_jax.bench_summary import summarize, table, time_variants
-from ir_jax.bench_tpu import tpu_table, tpu_view
+from ir_jax.bench_tpu import HBM_BYTES_PER_S, tpu_table, tpu_view
 from ir_jax.config import ConfigError, LlamaConfig, from_config_dict
 from ir_jax.config_file import load_config
 from ir_jax.errors import cli_main
@@ -197,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     "(default configs/llama7b.py) on a TPU slice (needs libtpu) or cpu:N",
   )
   p.add_argument(
+    "--components",
+    action="store_true",
+    help="with --tpu: predict the time of each part of one routed prefill (units, "
+    "forecasters, routers, gather/scatter, ...) on one chip of the slice from XLA's cost of "
+    "each part compiled alone (ir_jax.bench_components), at the FLOPs fraction --flops",
+  )
+  p.add_argument(
+    "--flops",
+    type=float,
+    default=0.8,
+    help="with --components: route every unit at the uniform capacity whose executed FLOPs "
+    "(forecasters and routers included) are this fraction of dense (default 0.8)",
+  )
+  p.add_argument(
     "--tpu-layers",
     default="2,4",
     help="two unrolled depths to compile for --tpu (per-layer cost by difference)",
@@ -297,6 +313,41 @@ def trained_main(args: argparse.Namespace, argv: Sequence[str], log: Callable[[s
   return 0
 
 
+def _components_main(args, argv, log) -> int:
+  config = args.config or "configs/llama7b.py"
+  cfg = load_model_config(config)
+  if args.dtype:
+    cfg = cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
+  seq_len = args.seq_len or 2048
+  if not 0.0 < args.flops < 1.0:
+    raise ConfigError(f"--flops must be a fraction of dense in (0, 1), got {args.flops}")
+  target = aot.target_devices(args.tpu)
+  kind = args.tpu.partition(":")[0]
+  peak = target.chip.peak_flops
+  bw = HBM_BYTES_PER_S.get(kind)
+  if not peak or not bw:
+    raise ConfigError(
+      f"--components needs a chip with a known peak and HBM bandwidth (a TPU: "
+      f"{sorted(HBM_BYTES_PER_S)}), got {args.tpu}"
+    )
+  cap = BC.capacity_for_flops(cfg, seq_len, args.flops)
+  log(f"{config} on one chip of {args.tpu}: compiling each part at {seq_len} tokens ...")
+  v = BC.predict(cfg, seq_len, cap, target.devices[0], peak, bw, log)
+  v.update(
+    config=config,
+    topology=args.tpu,
+    peak_flops=peak,
+    hbm_bytes_per_s=bw,
+    commit=_commit(),
+    jax_version=jax.__version__,
+    command="python -m ir_jax.bench " + " ".join(argv),
+  )
+  print(BC.report(v, f"{config} on one {target.chip.name} chip"))
+  if args.json:
+    files.write_json(args.json, v)
+  return 0
+
+
 def _profile_main(args, argv, variants, tables, path, log) -> int:
   prof = BP.profile_trained(variants, args.reps, log)
   texts = []
@@ -328,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   log = (lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
   if args.workdir or args.checkpoint:
     return trained_main(args, list(argv if argv is not None else sys.argv[1:]), log)
+  if args.tpu and args.components:
+    return _components_main(args, list(argv if argv is not None else sys.argv[1:]), log)
   if args.tpu:
     try:
       depths = tuple(int(x) for x in args.tpu_layers.split(","))
