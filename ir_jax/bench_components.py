@@ -199,25 +199,28 @@ def predict(
 
   layers = cfg.num_layers
 
-  def side(m_attn: int, m_mlp: int, routed: bool) -> dict[str, float]:
+  def side(m_attn: int, m_mlp: int, routed: bool, sec: Callable[[Part], float]) -> dict[str, float]:
     per = {
-      "K/V projections": parts["K/V projections"][t].seconds,
-      "attention q/o projections": parts["attention q/o projections"][m_attn].seconds,
-      "attention scores+values": parts["attention scores+values"][m_attn].seconds,
-      "MLP": parts["MLP"][m_mlp].seconds,
-      "norms": 2 * parts["norms"][t].seconds,
+      "K/V projections": sec(parts["K/V projections"][t]),
+      "attention q/o projections": sec(parts["attention q/o projections"][m_attn]),
+      "attention scores+values": sec(parts["attention scores+values"][m_attn]),
+      "MLP": sec(parts["MLP"][m_mlp]),
+      "norms": 2 * sec(parts["norms"][t]),
     }
     if routed:
-      per["forecasters"] = 2 * parts["forecasters"][t].seconds
-      per["routers"] = 2 * parts["routers"][t].seconds
-      per["routing glue (top-k, gather, scatter)"] = (
-        2 * parts["routing glue (top-k, gather, scatter)"][k].seconds
+      per["forecasters"] = 2 * sec(parts["forecasters"][t])
+      per["routers"] = 2 * sec(parts["routers"][t])
+      per["routing glue (top-k, gather, scatter)"] = 2 * sec(
+        parts["routing glue (top-k, gather, scatter)"][k]
       )
     out = {name: layers * s for name, s in per.items()}
-    out["LM head"] = parts["LM head"][t].seconds
+    out["LM head"] = sec(parts["LM head"][t])
     return out
 
-  dense, routed = side(t, t, False), side(k, k, True)
+  roof = lambda p: p.seconds
+  compute = lambda p: p.flops / peak_flops
+  dense, routed = side(t, t, False, roof), side(k, k, True, roof)
+  dense_c, routed_c = side(t, t, False, compute), side(k, k, True, compute)
   spec = R.RoutingSpec(policy="informed", sparsity=1.0 - capacity)
   return dict(
     seq_len=t,
@@ -229,6 +232,8 @@ def predict(
     routed_s=routed,
     dense_total_s=sum(dense.values()),
     routed_total_s=sum(routed.values()),
+    dense_compute_s=sum(dense_c.values()),
+    routed_compute_s=sum(routed_c.values()),
   )
 
 
@@ -238,7 +243,10 @@ def report(v: dict[str, Any], title: str) -> str:
     f"{v['capacity']:.3f} ({v['tokens_executed']} tokens per unit; executed FLOPs "
     f"{v['executed_fraction']:.3f} of dense). Predicted step: dense "
     f"{v['dense_total_s'] * 1e3:.2f} ms, routed {v['routed_total_s'] * 1e3:.2f} ms, speedup "
-    f"{v['dense_total_s'] / v['routed_total_s']:.2f}x (ideal {1 / v['executed_fraction']:.2f}x)",
+    f"{v['dense_total_s'] / v['routed_total_s']:.2f}x (ideal {1 / v['executed_fraction']:.2f}x); "
+    f"at peak FLOPs alone (every part compute-bound): dense {v['dense_compute_s'] * 1e3:.2f} ms, "
+    f"routed {v['routed_compute_s'] * 1e3:.2f} ms, "
+    f"{v['dense_compute_s'] / v['routed_compute_s']:.2f}x",
     "",
     "| part | dense ms | share | routed ms | share |",
     "| --- | --- | --- | --- | --- |",
