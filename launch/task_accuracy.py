@@ -112,8 +112,8 @@ def summarize(args, names: list[str]) -> dict:
     return float(np.mean([acc[n][t][pick[t]].mean() for t in tasks]))
 
   def kept(n, pick):
-    d = pooled("dense", pick)
-    return (pooled(n, pick) - chance) / (d - chance)
+    d = pooled("dense", pick) - chance
+    return (pooled(n, pick) - chance) / d if d else float("nan")  # a resample at chance
 
   full = {t: np.arange(n_items[t]) for t in tasks}
   rows = []
@@ -132,7 +132,8 @@ def summarize(args, names: list[str]) -> dict:
     if n != "dense":
       bs = _bootstrap(lambda p: kept(n, p), n_items, args.reps, 2)
       row["margin_kept"] = dict(
-        value=kept(n, full), ci=[float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))]
+        value=kept(n, full),
+        ci=[float(np.nanpercentile(bs, 2.5)), float(np.nanpercentile(bs, 97.5))],
       )
     rows.append(row)
   return dict(workdir=args.workdir, limit=args.limit, calibration=args.calibration, tasks=tasks, rows=rows)
