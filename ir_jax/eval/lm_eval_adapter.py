@@ -133,6 +133,10 @@ def batch_plan(
   ]
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
+
+
 @register_model(NAME)
 class IrJaxLM(LM):
   """An ir_jax model at one routing spec, as an lm-eval `LM`."""
@@ -267,15 +271,16 @@ class IrJaxLM(LM):
         out[i] = (np.asarray(lp[j, : n - 1], np.float64), np.asarray(greedy[j, : n - 1]))
       done += len(chunk)
       padded += int(segments.size - segments.sum())
-      bar(done, note=f"{len(self.shapes)} programs")
+      bar(done, note=_count(len(self.shapes), "program"))
     if active() is not None and seqs:
       total = sum(length for length, _ in plan) * self.batch
       lengths = sorted({length for length, _ in plan})
       how = "padded to buckets" if self.buckets else "each its own length (top-k routing)"
       print(
-        f"  scored {len(seqs)} requests in {len(plan)} batches of {self.batch} rows, "
-        f"{how}: {len(lengths)} row lengths ({lengths[0]}..{lengths[-1]} tokens), "
-        f"{new} programs compiled ({compile_s:.0f}s with their first batch), "
+        f"  scored {_count(len(seqs), 'request')} in {_count(len(plan), 'batch')} of "
+        f"{_count(self.batch, 'row')}, {how}: {_count(len(lengths), 'row length')} "
+        f"({lengths[0]}..{lengths[-1]} tokens), {_count(new, 'program')} compiled "
+        f"({compile_s:.0f}s with their first batch), "
         f"{100 * padded / total:.0f}% of positions padding, {time.time() - t0:.0f}s",
         flush=True,
       )
