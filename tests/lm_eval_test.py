@@ -374,11 +374,11 @@ with open(CALIB, encoding="utf-8") as f:
   _TEXT = f.read()
 # (context bytes, continuation bytes): rows of 1 (the prefix) + context + continuation
 # tokens, 8 lengths from 5 to 154, in the buckets 32 (rows of 6, 32: the edge, 5),
-# 64 (48, 33, 64: the edge), 128 (101) and 256 (154); given in no order of length, so
-# the results must come back unsorted.
+# 48 (48: the edge, 33), 64 (64: the edge), 128 (101) and 192 (154); given in no order
+# of length, so the results must come back unsorted.
 _SPANS = [(40, 7), (0, 5), (150, 3), (19, 12), (3, 1), (20, 12), (90, 10), (59, 4)]
 _REQUESTS = [(_TEXT[:c], _TEXT[c : c + k]) for c, k in _SPANS]
-_BUCKETS_HIT = 4
+_BUCKETS_HIT = 5
 
 
 def _alone(model, spec: RoutingSpec, context: str, continuation: str) -> tuple[float, bool]:
@@ -414,8 +414,9 @@ def test_batch_plan_by_hand():
   assert plan == [(128, [5]), (64, [4, 1]), (64, [2]), (32, [0, 3])]
   exact = lm_eval_adapter.batch_plan([5, 40, 5, 3], 2, None)
   assert exact == [(40, [1]), (5, [0, 2]), (3, [3])]
-  assert lm_eval_adapter.bucket_lengths(512) == (32, 64, 128, 256, 512)
-  assert lm_eval_adapter.bucket_lengths(100) == (32, 64, 100)
+  assert lm_eval_adapter.bucket_lengths(512) == (32, 48, 64, 96, 128, 192, 256, 384, 512)
+  assert lm_eval_adapter.bucket_lengths(100) == (32, 48, 64, 96, 100)
+  assert lm_eval_adapter.bucket_lengths(64) == (32, 48, 64)
   assert lm_eval_adapter.bucket_lengths(20) == (20,)
   with pytest.raises(ConfigError, match="longer than the longest bucket 64"):
     lm_eval_adapter.batch_plan([65], 2, (32, 64))
@@ -439,9 +440,9 @@ def test_buckets_score_as_each_request_alone(ckpt, policy, mode, sparsity):
     calibration_seq_len=64,
     batch_size=2,
   )
-  assert lm.buckets == (32, 64, 128, 256, 512)
+  assert lm.buckets == lm_eval_adapter.bucket_lengths(512)  # configs/tiny.py's length
   got = lm.loglikelihood([_Req(c, k) for c, k in _REQUESTS])
-  assert len(lm.shapes) == _BUCKETS_HIT  # 8 lengths, 4 buckets, one batch shape
+  assert len(lm.shapes) == _BUCKETS_HIT  # 8 lengths, 5 buckets, one batch shape
   for (lp, greedy), (c, k) in zip(got, _REQUESTS):
     want_lp, want_greedy = _alone(lm.model, lm.spec, c, k)
     assert lp == pytest.approx(want_lp, rel=1e-5, abs=0)
@@ -459,8 +460,8 @@ def test_compiles_bounded_and_progress_said(ckpt, capsys):
   assert _COMPILES.n - before == _BUCKETS_HIT <= len(lm.buckets)  # not one per length (8)
   out = capsys.readouterr().out
   assert "  scoring 8/8 (100%)" in out and "requests/s" in out, out
-  assert "8 requests in 4 batches of 3 rows, padded to buckets" in out, out
-  assert "4 row lengths (32..256 tokens), 4 programs compiled" in out, out
+  assert "8 requests in 5 batches of 3 rows, padded to buckets" in out, out
+  assert "5 row lengths (32..192 tokens), 5 programs compiled" in out, out
   # The same shapes again: nothing compiles.
   before = _COMPILES.n
   lm.loglikelihood([_Req(c, k) for c, k in reversed(_REQUESTS)])
