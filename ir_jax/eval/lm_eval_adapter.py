@@ -30,17 +30,17 @@ refused unless they were calibrated for this spec's capacities),
 
 Scoring. A request is the row [prefix token] + context + continuation, cut on the
 left to `max_length` tokens; the model reads the whole row (its last token too, which
-top-k routing counts) and each token after the first is scored. Rows are sorted by length (longest first; results
-come back in request order) and padded on the right to a bucket length (32, 48, 64,
-96, 128, ...: powers of two from 32 and 1.5 times each, up to `max_length`, then
-`max_length` itself), with padding rows filling every batch to `batch_size`: a run
-compiles at most one program per bucket (13 for 2,048 tokens, 3 to 5 for short
-multiple-choice prompts) whatever the mix of lengths, and a row is padded by less
-than a third of its bucket. Padded
-tokens take segment id 0 (the model's padding convention; real tokens have 1), so
-no real token attends to one, and causal routing decides each token by its own
-score against its unit's threshold: padding changes no real token's attention,
-routing or score (up to float32 summation order in programs of other shapes).
+top-k routing counts) and each token after the first is scored. Rows are sorted by
+length (longest first; results come back in request order) and padded on the right
+to a bucket length (32, 48, 64, 96, 128, ...: powers of two from 32 and 1.5 times
+each, below `max_length`, then `max_length`), with padding rows filling every batch
+to `batch_size`: a run compiles at most one program per bucket (13 for 2,048 tokens,
+3 to 5 for short multiple-choice prompts) whatever the mix of lengths, and a row is
+padded by less than a third of its bucket. Padded tokens take segment id 0 (the
+model's padding convention; real tokens have 1), so no real token attends to one,
+and causal routing decides each token by its own score against its unit's
+threshold: padding changes no real token's attention, routing or score (up to
+float32 summation order in programs of other shapes).
 Top-k routing (mode=topk, any policy but dense) is the exception: it executes
 k = round(capacity x length) tokens of each row, so padding would change k and
 compete for its slots. There every row keeps exactly its own length (one program
