@@ -26,6 +26,9 @@ that returns a datasets.DatasetDict read from local files (see
 tests/data/lm_eval_task/ and docs/lm_eval.md for one to copy).
 `python -m ir_jax.tasks prepare` writes multiple-choice reasoning tasks so (PIQA,
 Social IQa, OpenBookQA, CommonsenseQA, ...; docs/tasks.md).
+Scoring pads rows to a few bucket lengths (one compiled program each), prints
+progress with rate and ETA, and ends with a line counting the programs compiled;
+no stretch of the output is quiet for more than about 10 seconds.
 Errors in ir_jax's part (a missing model, a bad model arg) print one line.
 """
 
@@ -57,8 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = ["run", *argv]  # lm-eval's subcommand for evaluating
   sys.argv = ["lm_eval", *argv]
   from ir_jax.errors import cli_main
+  from ir_jax.progress import Heartbeat
 
-  cli_main(cli_evaluate, "ir_jax.lm_eval")
+  # Scoring prints progress and its compiles; "  ... WHAT (Ns so far)" fills any quiet
+  # stretch of 8 s (a compile, lm-eval building its requests).
+  with Heartbeat():
+    cli_main(cli_evaluate, "ir_jax.lm_eval")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ generation      the text lm-eval got vs ir_jax.routing.generate (greedy, causal)
 workdir         the README's command line on a trained workdir whose tokenizer (a BPE
                 trained here) lives only in WORKDIR/base: the logged log-likelihoods vs
                 our forward over that BPE's ids (the tokenizers library, not ir_jax)
+bucketing       requests of many lengths, padded to a few bucket lengths and batched, vs
+                each request scored alone, unpadded; programs compiled counted by JAX's
+                own compile events; the padded model's causal gates vs the unpadded ones
 """
 
 from __future__ import annotations
@@ -152,12 +155,10 @@ def test_generation_needs_causal_routing(ckpt):
 
 def test_loglikelihood_rolling_matches_own_scoring(ckpt):
   lm = lm_eval_adapter.IrJaxLM(pretrained=ckpt, tokenizer="byte", policy="dense")
-
-  class Req:
-    args = ("The sky on a clear day is blue",)
-
-  (got,) = lm.loglikelihood_rolling([Req()])
-  want = _own_logprob(lm.model, lm.spec, "", Req.args[0])
+  texts = ["The sky on a clear day is blue", "Snow fell on the hills for three days."]
+  # Both texts' windows are scored in one pass, in buckets; each total goes to its text.
+  got = lm.loglikelihood_rolling([_Req(t) for t in texts])
+  want = [_own_logprob(lm.model, lm.spec, "", t) for t in texts]
   assert got == pytest.approx(want, rel=1e-5)
 
 
@@ -361,3 +362,159 @@ def test_missing_model_is_one_line(tmp_path, capsys, monkeypatch):
   assert "Traceback" not in err
   last = err.strip().splitlines()[-1]
   assert last.startswith("ir_jax.lm_eval: error: ") and "nope" in last, err[-3000:]
+
+
+# --------------------------------------------------------------- length buckets
+class _Req:
+  def __init__(self, *args):
+    self.args = args
+
+
+with open(CALIB, encoding="utf-8") as f:
+  _TEXT = f.read()
+# (context bytes, continuation bytes): rows of 1 (the prefix) + context + continuation
+# tokens, 8 lengths from 5 to 154, in the buckets 32 (rows of 6, 32: the edge, 5),
+# 48 (48: the edge, 33), 64 (64: the edge), 128 (101) and 192 (154); given in no order
+# of length, so the results must come back unsorted.
+_SPANS = [(40, 7), (0, 5), (150, 3), (19, 12), (3, 1), (20, 12), (90, 10), (59, 4)]
+_REQUESTS = [(_TEXT[:c], _TEXT[c : c + k]) for c, k in _SPANS]
+_BUCKETS_HIT = 5
+
+
+def _alone(model, spec: RoutingSpec, context: str, continuation: str) -> tuple[float, bool]:
+  """One request scored by itself (one row of exactly its length, no padding, no segment
+  ids): (log-likelihood from a float64 log-softmax, whether every token is the argmax)."""
+  ctx, cont = list(context.encode("utf-8")), list(continuation.encode("utf-8"))
+  toks = np.asarray([[BYTE_EOS, *ctx, *cont]], np.int32)
+  logits = np.asarray(_forward(model, jnp.asarray(toks), spec), np.float64)[0]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  pos = np.arange(len(ctx), len(ctx) + len(cont))
+  target = toks[0, pos + 1]
+  return float(logp[pos, target].sum()), bool((logits[pos].argmax(-1) == target).all())
+
+
+class _Compiles:
+  """Counts XLA compiles of the adapter's scoring function, as JAX reports them."""
+
+  def __init__(self) -> None:
+    self.n = 0
+    jax.monitoring.register_event_duration_secs_listener(self._seen)
+
+  def _seen(self, event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.n += kwargs.get("fun_name") == "jit(token_logprobs)"
+
+
+_COMPILES = _Compiles()
+
+
+def test_batch_plan_by_hand():
+  plan = lm_eval_adapter.batch_plan([5, 40, 33, 3, 64, 65], 2, (32, 64, 128))
+  assert plan == [(128, [5]), (64, [4, 1]), (64, [2]), (32, [0, 3])]
+  exact = lm_eval_adapter.batch_plan([5, 40, 5, 3], 2, None)
+  assert exact == [(40, [1]), (5, [0, 2]), (3, [3])]
+  assert lm_eval_adapter.bucket_lengths(512) == (32, 48, 64, 96, 128, 192, 256, 384, 512)
+  assert lm_eval_adapter.bucket_lengths(100) == (32, 48, 64, 96, 100)
+  assert lm_eval_adapter.bucket_lengths(64) == (32, 48, 64)
+  assert lm_eval_adapter.bucket_lengths(20) == (20,)
+  with pytest.raises(ConfigError, match="longer than the longest bucket 64"):
+    lm_eval_adapter.batch_plan([65], 2, (32, 64))
+
+
+# float32 throughout: a padded row runs its matmuls and softmaxes in programs of other
+# shapes, so sums may be ordered differently; each token's log-probability then moves by
+# a few float32 ulps of the logits (|logit| < 10, ulp ~1e-6), and a request's total
+# (up to 12 tokens, ~5.5 nats each) by far less than 1e-5 of it.
+@pytest.mark.parametrize(
+  "policy,mode,sparsity", [("dense", "topk", 0.0), ("informed", "causal", 0.5)]
+)
+def test_buckets_score_as_each_request_alone(ckpt, policy, mode, sparsity):
+  lm = lm_eval_adapter.IrJaxLM(
+    pretrained=ckpt,
+    tokenizer="byte",
+    policy=policy,
+    sparsity=sparsity,
+    mode=mode,
+    calibration=CALIB if mode == "causal" else None,
+    calibration_seq_len=64,
+    batch_size=2,
+  )
+  assert lm.buckets == lm_eval_adapter.bucket_lengths(512)  # configs/tiny.py's length
+  got = lm.loglikelihood([_Req(c, k) for c, k in _REQUESTS])
+  assert len(lm.shapes) == _BUCKETS_HIT  # 8 lengths, 5 buckets, one batch shape
+  for (lp, greedy), (c, k) in zip(got, _REQUESTS):
+    want_lp, want_greedy = _alone(lm.model, lm.spec, c, k)
+    assert lp == pytest.approx(want_lp, rel=1e-5, abs=0)
+    assert greedy == want_greedy
+
+
+def test_compiles_bounded_and_progress_said(ckpt, capsys):
+  from ir_jax.progress import Heartbeat
+
+  # batch_size 3: shapes no other test compiles, so every program counted here is new.
+  lm = lm_eval_adapter.IrJaxLM(pretrained=ckpt, tokenizer="byte", policy="dense", batch_size=3)
+  before = _COMPILES.n
+  with Heartbeat():
+    lm.loglikelihood([_Req(c, k) for c, k in _REQUESTS])
+  assert _COMPILES.n - before == _BUCKETS_HIT <= len(lm.buckets)  # not one per length (8)
+  out = capsys.readouterr().out
+  assert "  scoring 8/8 (100%)" in out and "requests/s" in out, out
+  assert "8 requests in 5 batches of 3 rows, padded to buckets" in out, out
+  assert "5 row lengths (32..192 tokens), 5 programs compiled" in out, out
+  # The same shapes again: nothing compiles.
+  before = _COMPILES.n
+  lm.loglikelihood([_Req(c, k) for c, k in reversed(_REQUESTS)])
+  assert _COMPILES.n == before
+
+
+# Batch sizes no other test uses with this spec: every program counted here is new.
+@pytest.mark.parametrize("batch", [2, 3])
+def test_topk_routing_keeps_each_rows_length(ckpt, batch):
+  # Top-k executes round(capacity x length) tokens per row: no length padding, so one
+  # program per distinct length (rows of one length share it, the batch padded).
+  lm = lm_eval_adapter.IrJaxLM(
+    pretrained=ckpt, tokenizer="byte", policy="informed", sparsity=0.4, batch_size=batch
+  )
+  assert lm.buckets is None
+  reqs = [_REQUESTS[1], _REQUESTS[5], (_TEXT[100:104], _TEXT[104])]  # rows of 6, 33, 6
+  before = _COMPILES.n
+  got = lm.loglikelihood([_Req(c, k) for c, k in reqs])
+  assert _COMPILES.n - before == 2
+  assert lm.shapes == {(batch, 6), (batch, 33)}
+  for (lp, _), (c, k) in zip(got, reqs):
+    assert lp == pytest.approx(_alone(lm.model, lm.spec, c, k)[0], rel=1e-5, abs=0)
+
+
+def test_padding_leaves_causal_routing_of_real_tokens(ckpt):
+  # What bucketing relies on: padded positions (segment id 0) change neither the gates
+  # nor the logits of the real tokens before them, in causal routing.
+  lm = lm_eval_adapter.IrJaxLM(
+    pretrained=ckpt,
+    tokenizer="byte",
+    policy="informed",
+    sparsity=0.5,
+    mode="causal",
+    calibration=CALIB,
+    calibration_seq_len=64,
+  )
+  real = np.asarray([BYTE_EOS, *_TEXT[:39].encode("utf-8")], np.int32)  # 40 tokens
+  other = np.asarray(list(_TEXT[100:164].encode("utf-8")), np.int32)  # a full row of 64
+  padded = np.full((2, 64), BYTE_EOS, np.int32)
+  padded[0, :40], padded[1] = real, other
+  segments = np.zeros((2, 64), np.int32)
+  segments[0, :40], segments[1] = 1, 1
+
+  @nnx.jit(static_argnames=("spec",))
+  def run(model, toks, seg, spec):
+    return model(toks, segment_ids_BxT=seg, routing=spec, return_aux=True)
+
+  logits_p, aux_p = run(lm.model, jnp.asarray(padded), jnp.asarray(segments), lm.spec)
+  logits_a, aux_a = run(lm.model, jnp.asarray(real[None]), None, lm.spec)
+  gate_p = np.asarray(aux_p["gate_BxT"])[:, :, 0, :40]  # [L, 2, B, T]
+  gate_a = np.asarray(aux_a["gate_BxT"])[:, :, 0]
+  assert 0 < gate_a.mean() < 1  # some tokens execute, some are forecast
+  np.testing.assert_array_equal(gate_p, gate_a)
+  np.testing.assert_allclose(
+    np.asarray(logits_p)[0, :40], np.asarray(logits_a)[0], rtol=1e-5, atol=1e-5
+  )
