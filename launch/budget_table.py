@@ -29,7 +29,10 @@ over domains, each document cut to its first 1,024 tokens (wiki: 2,048)):
          a domain that played no part in fitting, choosing or calibrating.
 
 Every perplexity ratio carries a 95% bootstrap interval over documents
-(ir_jax.eval.bootstrap). Output: RUNS/... and docs/results_flops.{json,md,png}.
+(ir_jax.eval.bootstrap). Each trained arm's own table is also timed
+(`python -m ir_jax.bench --workdir ARM`, prefill at 2,048 tokens, dense vs routed
+in one run): the speed column, FLOPs alone where a JSON is missing.
+Output: RUNS/... and docs/results_flops.{json,md,png}.
 A step whose output exists is skipped, so a killed run resumes when rerun.
 """
 
@@ -130,6 +133,10 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
       if policy == "static":
         extra.append("--config.train.router.calibration_batches=0")
       out.append((f"train {policy} {b:g}", wd / "train_summary.json", _train_cmd(wd, extra)))
+      # The speed column: this arm's own table timed, dense vs routed prefill in one run.
+      bench = [py, "-m", "ir_jax.bench", "--workdir", str(wd), "--seq-lens", "2048"]
+      bench += ["--decode-steps", "0", "--reps", "3", "--quiet", "--json", str(bench_json(runs, wd.name))]
+      out.append((f"bench {policy} {b:g}", bench_json(runs, wd.name), bench))
       pairs = ",".join(str(p) for p in PAIRS) if (policy != "static" and b == a.pair_arm) else ""
       for name in SETS:
         if name != "valid":
@@ -146,6 +153,23 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
     if b == a.lora_budget and a.lora_steps > 0:
       out += _lora_steps(a, b)
   return out
+
+
+def bench_json(runs: Path, arm: str) -> Path:
+  return runs / "bench" / f"{arm}.json"
+
+
+def speed_for(runs: Path, arm: str, policy: str) -> dict:
+  """The measured prefill speedup of an arm's own table (its `ir_jax.bench --workdir`
+  JSON), for the arm's own policy only (random and oracle rows route differently)."""
+  js = bench_json(runs, arm)
+  if not js.is_file() or not arm.startswith(policy + "_"):
+    return {}
+  speed = json.loads(js.read_text()).get("speed", {})
+  return {
+    "prefill_speedup_2048": speed.get("prefill_2048"),
+    "prefill_ideal_2048": speed.get("prefill_2048_ideal"),
+  }
 
 
 def _lora_steps(a: argparse.Namespace, b: float) -> list[tuple[str, Path, list[str]]]:
@@ -210,6 +234,7 @@ def report(a: argparse.Namespace) -> None:
             "tokens": r["tokens"],
             "documents": len(res["documents"]),
             "commit": commit.get("commit", "?") + ("+dirty" if commit.get("dirty") else ""),
+            **speed_for(runs, arm, r["policy"]),
           }
         )
   seen, uniq = set(), []
@@ -298,17 +323,20 @@ def _markdown(rows: list[dict], commit: dict, path: Path, a: argparse.Namespace)
       f"## {name} (dense perplexity {d:.2f}, {sub[0]['tokens']} tokens, "
       f"{sub[0]['documents']} documents)",
       "",
-      "| policy | budget | executed FLOPs | perplexity | x dense (95% CI) | realized sparsity |",
-      "|---|---|---|---|---|---|",
+      "| policy | budget | executed FLOPs | perplexity | x dense (95% CI) | realized sparsity "
+      "| prefill speedup at 2,048 tokens (ideal) |",
+      "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(sub, key=lambda r: (r["budget_kind"], -r["budget"], r["policy"])):
       if r["policy"] == "dense":
         continue
       b = f"{r['budget']:g} of FLOPs" if r["budget_kind"] == "flops" else f"pairs {r['budget']:g}"
       ci = f"{r['ratio']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})"
+      sp = r.get("prefill_speedup_2048")
+      speed = f"{sp:.2f}x ({r['prefill_ideal_2048']:.2f}x)" if sp else "-"
       lines.append(
         f"| {r['policy']} | {b} | {r['flops_fraction']:.3f} | {r['perplexity']:.2f} | {ci} | "
-        f"{r['realized_sparsity']:.3f} |"
+        f"{r['realized_sparsity']:.3f} | {speed} |"
       )
     lines.append("")
   lines += ["![perplexity x dense against executed FLOPs](results_flops.png)", ""]
