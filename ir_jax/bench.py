@@ -377,6 +377,13 @@ def _profile_main(args, argv, variants, tables, path, log) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   log = (lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+  if args.profile and not (args.workdir or args.checkpoint):
+    raise ConfigError("--profile profiles a trained model: pass --workdir RUN or --checkpoint PATH")
+  if args.components and not args.tpu:
+    raise ConfigError(
+      "--components predicts per-part times on an accelerator: pass --tpu TOPOLOGY "
+      "(e.g. v5e:2x2, with libtpu installed)"
+    )
   if args.workdir or args.checkpoint:
     return trained_main(args, list(argv if argv is not None else sys.argv[1:]), log)
   if args.tpu and args.components:
