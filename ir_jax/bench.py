@@ -37,11 +37,10 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from ir_jax import aot
+from ir_jax import aot, files
 from ir_jax import bench_components as BC
 from ir_jax import bench_profile as BP
 from ir_jax import bench_trained as BT
-from ir_jax import files
 from ir_jax.bench_programs import build_variants
 from ir_jax.bench_summary import summarize, table, time_variants
 from ir_jax.bench_tpu import HBM_BYTES_PER_S, tpu_table, tpu_view

@@ -182,7 +182,9 @@ def instruction_components(hlo_text: str) -> dict[str, str]:
   current = None
   for ln in lines:
     if ln and not ln.startswith(" ") and "{" in ln and "(" in ln and not ln.startswith("HloModule"):
-      current = ln.split()[0].lstrip("%") if not ln.startswith("ENTRY") else ln.split()[1].lstrip("%")
+      current = (
+        ln.split()[0].lstrip("%") if not ln.startswith("ENTRY") else ln.split()[1].lstrip("%")
+      )
       comps[current] = []
       continue
     m = _INSTR.match(ln)

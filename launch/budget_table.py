@@ -135,7 +135,15 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
       out.append((f"train {policy} {b:g}", wd / "train_summary.json", _train_cmd(wd, extra)))
       # The speed column: this arm's own table timed, dense vs routed prefill in one run.
       bench = [py, "-m", "ir_jax.bench", "--workdir", str(wd), "--seq-lens", "2048"]
-      bench += ["--decode-steps", "0", "--reps", "3", "--quiet", "--json", str(bench_json(runs, wd.name))]
+      bench += [
+        "--decode-steps",
+        "0",
+        "--reps",
+        "3",
+        "--quiet",
+        "--json",
+        str(bench_json(runs, wd.name)),
+      ]
       out.append((f"bench {policy} {b:g}", bench_json(runs, wd.name), bench))
       pairs = ",".join(str(p) for p in PAIRS) if (policy != "static" and b == a.pair_arm) else ""
       for name in SETS:

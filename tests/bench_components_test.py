@@ -11,17 +11,21 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 
 from ir_jax import bench_components as BC
 from ir_jax import routing as R
 from ir_jax.config import ConfigError
 
-from conftest import tiny_llama_config
-
 
 def test_chunks_and_prefixes_by_hand():
   # Dense at 2,048 tokens: four chunks of 512, each to the end of its own block.
-  assert BC.core_chunks(np.arange(2048), 2048) == [(512, 512), (512, 1024), (512, 1536), (512, 2048)]
+  assert BC.core_chunks(np.arange(2048), 2048) == [
+    (512, 512),
+    (512, 1024),
+    (512, 1536),
+    (512, 2048),
+  ]
   # 600 gathered queries: two chunks of 304 (even split, multiple of 8); the first ends
   # at index 303 * 3 + 250 = 1,159 (prefix 1,536), the second at 2,047.
   q = np.arange(600) * 3 + 250

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import collections
 import importlib.util
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 from flax import nnx
 
 from ir_jax import bench_profile as BP
 from ir_jax import routing as R
 from ir_jax.model import init_model
-
-from conftest import tiny_llama_config
 
 
 def test_qualname_at_a_line(tmp_path):
@@ -158,7 +156,13 @@ def test_every_matmul_of_the_tiny_model_is_charged(tiny):
     "attention scores+values": 2,
     "LM head": 1,
   }
-  for c in ("attention q/o projections", "attention scores+values", "K/V projections", "MLP", "LM head"):
+  for c in (
+    "attention q/o projections",
+    "attention scores+values",
+    "K/V projections",
+    "MLP",
+    "LM head",
+  ):
     assert c in dense_comps and c in routed_comps, (c, dense_comps, routed_comps)
   assert "forecasters" in routed_comps and "forecasters" not in dense_comps
   assert "routing glue (top-k, gather, scatter)" in routed_comps

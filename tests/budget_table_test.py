@@ -36,7 +36,9 @@ def test_each_arm_is_benchmarked_after_it_trains(tmp_path):
     assert names[i + 1] == f"bench {policy} 0.9"
     done, cmd = [(o, c) for n, o, c in bt.steps(a) if n == f"bench {policy} 0.9"][0]
     assert done == tmp_path / "bench" / f"{policy}_0.9.json"
-    assert cmd[1:4] == ["-m", "ir_jax.bench", "--workdir"] and cmd[4] == str(tmp_path / f"{policy}_0.9")
+    assert cmd[1:4] == ["-m", "ir_jax.bench", "--workdir"] and cmd[4] == str(
+      tmp_path / f"{policy}_0.9"
+    )
     assert cmd[cmd.index("--json") + 1] == str(done)
 
 
