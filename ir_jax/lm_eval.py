@@ -37,6 +37,9 @@ from __future__ import annotations
 import os
 import sys
 
+from ir_jax.errors import cli_main
+from ir_jax.progress import Heartbeat
+
 SUBCOMMANDS = ("run", "ls", "validate")
 
 
@@ -59,9 +62,6 @@ def main(argv: list[str] | None = None) -> None:
   elif argv and argv[0] not in SUBCOMMANDS:
     argv = ["run", *argv]  # lm-eval's subcommand for evaluating
   sys.argv = ["lm_eval", *argv]
-  from ir_jax.errors import cli_main
-  from ir_jax.progress import Heartbeat
-
   # Scoring prints progress and its compiles; "  ... WHAT (Ns so far)" fills any quiet
   # stretch of 8 s (a compile, lm-eval building its requests).
   with Heartbeat():
