@@ -205,6 +205,11 @@ def step_flops(
   if stage == "router":
     trained = b * t * L * 2 * router_flops(cfg)
     bwd = fwd + core_fwd + trained
+  elif stage == "distill":
+    # The dense teacher's forward, then the routed student's backward: activation
+    # gradients through every layer and the forecasters' weight gradients (as above).
+    bwd = fwd + core_fwd + b * t * L * 2 * 1.5 * lff
+    fwd += routed_flops(cfg, RoutingSpec(policy="dense"), t, b)["dense"]
   elif stage == "lora":
     r, n, f = cfg.lora_rank, cfg.num_kv_heads, cfg.intermediate_size
     # v on every token (keys/values are computed for all); q and gate on executed tokens.

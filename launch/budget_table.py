@@ -17,7 +17,13 @@ under random's cost, which has no router) and the oracle (informed's table; it
 runs every unit to rank tokens, so its FLOPs are not its point), and at the
 paper's pair sparsities 0.25 and 0.4 (the table rescaled), as is greedy. At
 --lora-budget, informed+lora and greedy+lora add the LoRA stage (--lora-steps steps of
-4 x 256 tokens, base model frozen) on top of that arm's run, routing with its table.
+4 x 256 tokens, base model frozen) on top of that arm's run, routing with its table. At
+each of --distill-budgets, informed+distill and static+distill add the distill stage
+(--distill-steps steps of 4 x 256 tokens: the forecasters trained end to end on the KL
+divergence from the dense model, routing with the arm's table) on top of that arm's run;
+greedy has no distill arm (it skips: no forecast to train). --policies restricts the
+arms of a partial run (the rest keep whatever exists), --no-bench leaves out the timing
+(for a run that shares its cores: timings would measure the other work).
 
 Held-out sets (built once with `launch/quality_table.py heldout`, round-robin
 over domains, each document cut to its first 1,024 tokens (wiki: 2,048)):
@@ -121,7 +127,7 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
   )
   evals = {"informed": "dense,informed,random,oracle", "static": "dense,static"}
   for b in a.budgets:  # one budget at a time: partial results are whole rows
-    for policy in ("informed", "static", "greedy"):
+    for policy in [p for p in ("informed", "static", "greedy") if p in a.policies]:
       wd = runs / f"{policy}_{b:g}"
       extra = [
         "--config.train.stages=router",
@@ -144,7 +150,8 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
         "--json",
         str(bench_json(runs, wd.name)),
       ]
-      out.append((f"bench {policy} {b:g}", bench_json(runs, wd.name), bench))
+      if a.bench:
+        out.append((f"bench {policy} {b:g}", bench_json(runs, wd.name), bench))
       pairs = ",".join(str(p) for p in PAIRS) if (policy != "static" and b == a.pair_arm) else ""
       for name in SETS:
         if name != "valid":
@@ -159,7 +166,10 @@ def steps(a: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
         cmd += ["--flops", str(b), "--sparsity", pairs, "--json", str(js), "--no-plot"]
         out.append((f"eval {policy} {b:g} on {name}", js, cmd))
     if b == a.lora_budget and a.lora_steps > 0:
-      out += _lora_steps(a, b)
+      out += _tuned_arms(a, b, "lora", ("informed", "greedy"), a.lora_steps, [])
+    if b in a.distill_budgets and a.distill_steps > 0:
+      lr = [f"--config.train.distill.learning_rate={a.distill_lr}"]
+      out += _tuned_arms(a, b, "distill", ("informed", "static"), a.distill_steps, lr)
   return out
 
 
@@ -180,29 +190,39 @@ def speed_for(runs: Path, arm: str, policy: str) -> dict:
   }
 
 
-def _lora_steps(a: argparse.Namespace, b: float) -> list[tuple[str, Path, list[str]]]:
-  """informed+lora and greedy+lora at budget b: the LoRA stage on top of each arm's run
-  (its forecasters, routers and table), routing as deployed, then evaluated like the arm."""
+def _tuned_arms(
+  a: argparse.Namespace,
+  b: float,
+  stage: str,
+  policies: tuple[str, ...],
+  n_steps: int,
+  extra_cfg: list[str],
+) -> list[tuple[str, Path, list[str]]]:
+  """POLICY+STAGE arms at budget b (stage lora or distill): the stage on top of each
+  arm's run (its forecasters, routers and table), routing as deployed, then evaluated
+  like the arm."""
   runs = Path(a.runs)
   py = sys.executable
   out: list[tuple[str, Path, list[str]]] = []
-  for policy in ("informed", "greedy"):
-    wd = runs / f"{policy}+lora_{b:g}"
+  for policy in [p for p in policies if p in a.policies]:
+    wd = runs / f"{policy}+{stage}_{b:g}"
     extra = [
-      "--config.train.stages=lora",
+      f"--config.train.stages={stage}",
       f"--config.train.init_from={runs / f'{policy}_{b:g}'}",
       f"--config.routing.policy={policy}",
       f"--config.routing.flops={b}",
-      f"--config.train.lora.steps={a.lora_steps}",
+      f"--config.train.{stage}.steps={n_steps}",
       "--config.train.checkpoint_every=10",
+      *extra_cfg,
     ]
-    out.append((f"train {policy}+lora {b:g}", wd / "train_summary.json", _train_cmd(wd, extra)))
-    for name in SETS:
-      js = runs / "eval" / name / f"{policy}+lora_{b:g}.json"
+    name = f"{policy}+{stage} {b:g}"
+    out.append((f"train {name}", wd / "train_summary.json", _train_cmd(wd, extra)))
+    for set_name in SETS:
+      js = runs / "eval" / set_name / f"{policy}+{stage}_{b:g}.json"
       cmd = [py, "-m", "ir_jax.eval", "--workdir", str(wd), "--data"]
-      cmd += [str(runs / "heldout" / f"{name}.jsonl"), "--policy", f"dense,{policy}"]
+      cmd += [str(runs / "heldout" / f"{set_name}.jsonl"), "--policy", f"dense,{policy}"]
       cmd += ["--flops", str(b), "--sparsity", "", "--json", str(js), "--no-plot"]
-      out.append((f"eval {policy}+lora {b:g} on {name}", js, cmd))
+      out.append((f"eval {name} on {set_name}", js, cmd))
   return out
 
 
@@ -222,8 +242,9 @@ def report(a: argparse.Namespace) -> None:
       for r in res["records"]:
         if r["policy"] == "dense" and not arm.startswith("informed"):
           continue  # dense once per set
-        if "+lora" in arm and r["policy"] != "dense":
-          r = dict(r, policy=r["policy"] + "+lora")
+        tuned = arm.split("_")[0].partition("+")[2]  # lora / distill arms
+        if tuned and r["policy"] != "dense":
+          r = dict(r, policy=f"{r['policy']}+{tuned}")
         budget = r.get("flops_budget") or 0.0
         rows.append(
           {
@@ -281,6 +302,8 @@ def _plot(rows: list[dict], path: Path) -> None:
       "static",
       "informed+lora",
       "greedy+lora",
+      "informed+distill",
+      "static+distill",
     ):
       pts = sorted(
         (r["flops_fraction"], r["ratio"], r["ci_low"], r["ci_high"])
@@ -370,10 +393,30 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--pair-arm", type=float, default=0.8, help="arm also evaluated at pairs")
   p.add_argument("--lora-budget", type=float, default=0.8, help="budget of the +lora arms")
   p.add_argument("--lora-steps", type=int, default=40, help="LoRA steps (0: no +lora arms)")
+  p.add_argument(
+    "--distill-budgets", default="0.9,0.8", help="budgets of the +distill arms (comma-separated)"
+  )
+  p.add_argument(
+    "--distill-steps", type=int, default=100, help="distill steps (0: no +distill arms)"
+  )
+  p.add_argument("--distill-lr", type=float, default=1e-4, help="distill learning rate")
+  p.add_argument(
+    "--policies",
+    default="informed,static,greedy",
+    help="arms to run (a partial run: the others keep what exists)",
+  )
+  p.add_argument(
+    "--no-bench", dest="bench", action="store_false", help="leave out the timing of each arm"
+  )
   p.add_argument("--report-only", action="store_true")
   p.add_argument("--dry-run", action="store_true")
   a = p.parse_args(argv)
   a.budgets = [float(b) for b in a.budgets.split(",")]
+  a.distill_budgets = [float(b) for b in a.distill_budgets.split(",") if b.strip()]
+  a.policies = tuple(p.strip() for p in a.policies.split(",") if p.strip())
+  unknown = sorted(set(a.policies) - {"informed", "static", "greedy"})
+  if unknown:
+    p.error(f"--policies takes informed, static, greedy; got {unknown}")
   if a.report_only:
     report(a)
     return 0

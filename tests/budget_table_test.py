@@ -28,7 +28,8 @@ def test_each_arm_is_benchmarked_after_it_trains(tmp_path):
   bt = _bt()
   a = bt.main.__globals__["argparse"].Namespace(
     runs=str(tmp_path), budgets=[0.9], max_tokens=100, probe_batches=1, pair_arm=0.9,
-    lora_budget=0.0, lora_steps=0,
+    lora_budget=0.0, lora_steps=0, distill_budgets=[], distill_steps=0, distill_lr=1e-4,
+    policies=("informed", "static", "greedy"), bench=True,
   )  # fmt: skip
   names = [n for n, _, _ in bt.steps(a)]
   for policy in ("informed", "static", "greedy"):
@@ -52,3 +53,54 @@ def test_speed_is_read_for_the_arms_own_policy(tmp_path):
   assert got == {"prefill_speedup_2048": 1.07, "prefill_ideal_2048": 1.12}
   assert bt.speed_for(Path(tmp_path), "informed_0.9", "random") == {}
   assert bt.speed_for(Path(tmp_path), "greedy_0.9", "greedy") == {}
+
+
+def test_distill_arms_build_on_their_arm_and_route_at_its_budget(tmp_path):
+  bt = _bt()
+  a = bt.main.__globals__["argparse"].Namespace(
+    runs=str(tmp_path), budgets=[0.9, 0.8], max_tokens=100, probe_batches=1, pair_arm=0.9,
+    lora_budget=0.0, lora_steps=0, distill_budgets=[0.8], distill_steps=7, distill_lr=3e-4,
+    policies=("informed", "static"), bench=False,
+  )  # fmt: skip
+  plan = bt.steps(a)
+  names = [n for n, _, _ in plan]
+  assert not any(n.startswith("bench") or "greedy" in n for n in names)
+  assert not any("+distill 0.9" in n for n in names)
+  for policy in ("informed", "static"):
+    i = names.index(f"train {policy}+distill 0.8")
+    assert names.index(f"train {policy} 0.8") < i
+    cmd = plan[i][2]
+    assert f"--config.train.init_from={tmp_path / f'{policy}_0.8'}" in cmd
+    assert "--config.train.stages=distill" in cmd and "--config.routing.flops=0.8" in cmd
+    assert "--config.train.distill.steps=7" in cmd
+    assert "--config.train.distill.learning_rate=0.0003" in cmd
+    evals = [n for n in names if n.startswith(f"eval {policy}+distill 0.8 on ")]
+    assert evals == [f"eval {policy}+distill 0.8 on {s}" for s in bt.SETS]
+
+
+def test_tuned_arm_rows_carry_the_stage_in_their_policy(tmp_path):
+  bt = _bt()
+  rec = {"perplexity": 2.0, "flops_fraction": 0.8, "realized_sparsity": 0.3, "tokens": 10}
+  for name in bt.SETS:
+    d = tmp_path / "eval" / name
+    d.mkdir(parents=True)
+    (d / "informed+distill_0.8.json").write_text(
+      json.dumps(
+        {
+          "documents": ["a", "b"],
+          "records": [
+            dict(rec, policy="dense", perplexity=1.0, flops_fraction=1.0, sparsity=0.0),
+            dict(rec, policy="informed", flops_budget=0.8, ratio=2.0, ci_low=1.5, ci_high=2.5),
+          ],
+        }
+      )
+    )
+  a = bt.main.__globals__["argparse"].Namespace(runs=str(tmp_path))
+  written = {}
+  bt.main.__globals__["write_json"] = lambda path, obj, indent=None: written.setdefault(path, obj)
+  bt.main.__globals__["_plot"] = lambda rows_, path: None
+  bt.main.__globals__["_markdown"] = lambda rows_, commit, path, a_: None
+  bt.report(a)
+  rows = written[str(bt.ROOT / "docs" / "results_flops.json")]["rows"]
+  got = {(r["eval_set"], r["policy"], r["ratio"]) for r in rows if r["policy"] != "dense"}
+  assert got == {(s, "informed+distill", 2.0) for s in bt.SETS}

@@ -25,7 +25,7 @@ from ir_jax.data.config import DataConfig, data_config
 from ir_jax.routing import RoutingSpec, is_temperature
 from ir_jax.sharding import MeshConfig
 
-STAGES = ("forecaster", "router", "lora")
+STAGES = ("forecaster", "router", "distill", "lora")
 # The routing section: the policy and target the routers train for and the run is evaluated at.
 ROUTING_FIELDS = ("policy", "sparsity", "flops", "capacities", "k_multiple", "seed")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -256,14 +256,36 @@ class LoraStage(StageConfig):
       raise ConfigError(f"train.lora.alpha must be a number > 0, got {self.alpha!r}")
 
 
-_STAGE_TYPES = {"forecaster": ForecasterStage, "router": RouterStage, "lora": LoraStage}
+@dataclasses.dataclass(frozen=True)
+class DistillStage(StageConfig):
+  """Forecasters trained end to end after the router stage: the KL divergence from the
+  dense model's next-token distribution to the routed model's, under hard top-k routing
+  with the model's trained capacity table (what evaluation and export route with). Only
+  the forecasters train; base weights, routers and the table are frozen. The closed-form
+  fit regresses each unit's output alone; this stage fits what the forecasts do to the
+  next-token distribution, through every layer after them. Updates are centred as the
+  forecaster stage's are after a fit (`ir_jax.train.steps.optimizer`)."""
+
+  steps: int = 200
+  learning_rate: float = 1e-4
+  schedule: str = "cosine"
+  warmup: float = 0.05
+  weight_decay: float = 0.0
+
+
+_STAGE_TYPES = {
+  "forecaster": ForecasterStage,
+  "router": RouterStage,
+  "distill": DistillStage,
+  "lora": LoraStage,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """What to train and how often to log, checkpoint and evaluate.
 
-  stages:           comma-separated, in order: forecaster, router, lora.
+  stages:           comma-separated, in order: forecaster, router, distill, lora.
   init_from:        another run's workdir whose result (base + trained modules)
                     the first stage starts from ('' : model.checkpoint, fresh modules).
   seed:             initialisation of new modules and Gumbel noise.
@@ -291,6 +313,7 @@ class TrainConfig:
   tensorboard: bool = True
   forecaster: ForecasterStage = ForecasterStage()
   router: RouterStage = RouterStage()
+  distill: DistillStage = DistillStage()
   lora: LoraStage = LoraStage()
 
   @property

@@ -107,6 +107,17 @@ STAGES: dict[str, Stage] = {
     loss_doc="lm (next-token NLL in nats under Gumbel gates) + sparsity_weight x "
     "sparsity_penalty (execute rate above the capacity table) + importance_weight x importance",
   ),
+  "distill": Stage(
+    name="distill",
+    trainable=ForecasterParam,
+    train_spec=lambda routing, stage_cfg: routing.inference(),  # hard top-k, as deployed
+    loss=steps.distill_loss_fn,
+    fit=None,
+    routes_with_table=True,
+    loss_doc="KL divergence (nats per token) from the dense model's next-token "
+    "distribution to the routed model's under hard top-k routing with the model's trained "
+    "capacity table; only the forecasters train",
+  ),
   "lora": Stage(
     name="lora",
     trainable=LoraParam,

@@ -22,7 +22,7 @@ from ir_jax.model import Llama, LoraParam
 from ir_jax.nll import token_nll
 from ir_jax.routing import RoutingSpec, mean_capacity, routed_forward, sink_mask
 from ir_jax.routing.capacity import present as table_present
-from ir_jax.train.config import ForecasterStage, RouterStage, StageConfig
+from ir_jax.train.config import DistillStage, ForecasterStage, RouterStage, StageConfig
 
 Array = jax.Array
 # Everything a training run produces on top of the base weights.
@@ -84,7 +84,8 @@ def optimizer(stage_cfg: StageConfig) -> optax.GradientTransformation:
   closed-form fit take centred updates (`_centred_forecaster_updates`)."""
   parts = [optax.clip_by_global_norm(stage_cfg.grad_clip)] if stage_cfg.grad_clip > 0 else []
   adam = optax.adamw(schedule(stage_cfg), weight_decay=stage_cfg.weight_decay)
-  if isinstance(stage_cfg, ForecasterStage) and stage_cfg.init == "fit":
+  fitted = isinstance(stage_cfg, ForecasterStage) and stage_cfg.init == "fit"
+  if fitted or isinstance(stage_cfg, DistillStage):
     adam = _centred(adam, OFFSET)
   parts.append(adam)
   tx = optax.chain(*parts)
@@ -211,6 +212,31 @@ def lora_loss(
   }
 
 
+def distill_loss(
+  model: Llama, batch: dict[str, Array], spec: RoutingSpec
+) -> tuple[Array, dict[str, Array]]:
+  """KL(dense || routed) of the next-token distributions, averaged over scored tokens.
+
+  The teacher is the same model run dense (its forward reads no forecaster, so no
+  gradient flows into it); the student routes with `spec` (hard top-k with the table)."""
+  inputs, positions, segments = batch["inputs"], batch["positions"], batch["segment_ids"]
+  teacher = jax.lax.stop_gradient(model(inputs, positions, segments))
+  logits, aux = routed_forward(model, inputs, positions, segments, spec, return_aux=True)
+  logp_t = jax.nn.log_softmax(teacher.astype(jnp.float32), axis=-1)
+  logp_s = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  kl_BxT = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  kl = jnp.sum(kl_BxT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  lm, _ = lm_loss(logits, batch)
+  exec_Lx2 = aux["exec_rate"]
+  return kl, {
+    "loss": kl,
+    "lm": lm,
+    "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
+    "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1]),
+  }
+
+
 LossFn = Callable[[Llama, dict[str, Array], Array], tuple[Array, dict]]
 
 
@@ -236,6 +262,11 @@ def router_loss_fn(stage_cfg: StageConfig, spec: RoutingSpec | None, seed: int) 
     return router_loss(model, batch, spec, stage_cfg, temp, jax.random.fold_in(base_key, step))
 
   return loss
+
+
+def distill_loss_fn(stage_cfg: StageConfig, spec: RoutingSpec | None, seed: int) -> LossFn:
+  assert spec is not None
+  return lambda model, batch, step: distill_loss(model, batch, spec)
 
 
 def lora_loss_fn(stage_cfg: StageConfig, spec: RoutingSpec | None, seed: int) -> LossFn:
