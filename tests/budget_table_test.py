@@ -95,7 +95,7 @@ def test_tuned_arm_rows_carry_the_stage_in_their_policy(tmp_path):
         }
       )
     )
-  a = bt.main.__globals__["argparse"].Namespace(runs=str(tmp_path))
+  a = bt.main.__globals__["argparse"].Namespace(runs=str(tmp_path), keep_rows=False)
   written = {}
   bt.main.__globals__["write_json"] = lambda path, obj, indent=None: written.setdefault(path, obj)
   bt.main.__globals__["_plot"] = lambda rows_, path: None
@@ -104,3 +104,17 @@ def test_tuned_arm_rows_carry_the_stage_in_their_policy(tmp_path):
   rows = written[str(bt.ROOT / "docs" / "results_flops.json")]["rows"]
   got = {(r["eval_set"], r["policy"], r["ratio"]) for r in rows if r["policy"] != "dense"}
   assert got == {(s, "informed+distill", 2.0) for s in bt.SETS}
+
+
+def test_a_partial_run_keeps_the_rows_it_did_not_rerun(tmp_path):
+  bt = _bt()
+  row = lambda policy, budget, ratio, commit: {  # noqa: E731
+    "policy": policy, "budget_kind": "flops", "budget": budget, "eval_set": "valid",
+    "ratio": ratio, "commit": commit,
+  }  # fmt: skip
+  old = [row("informed", 0.8, 2.0, "a"), row("static", 0.8, 2.8, "a"), row("greedy", 0.9, 1.5, "a")]
+  path = tmp_path / "results_flops.json"
+  path.write_text(json.dumps({"rows": old}))
+  new = [row("informed", 0.8, 1.9, "b"), row("informed+distill", 0.8, 1.7, "b")]
+  assert bt.kept_rows(path, new) == [old[1], old[2]]
+  assert bt.kept_rows(tmp_path / "missing.json", new) == []

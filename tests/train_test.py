@@ -325,6 +325,29 @@ def test_lora_stage_from_another_run_trains_only_lora(full_run, data_dir, tmp_pa
   assert len(losses) == 6 and np.isfinite(losses).all()
 
 
+def test_distill_stage_from_another_run_trains_only_forecasters(full_run, data_dir, tmp_path):
+  cfg = tiny_config(
+    data_dir,
+    **{
+      "train.stages": "distill",
+      "train.init_from": full_run["workdir"],
+      "train.distill.steps": 4,
+      "train.eval_batches": 0,
+    },
+  )
+  summary = run(settings_from_config(cfg), str(tmp_path / "distill"))
+  after = _leaves(summary.pop("state").state)
+  n_moved = 0
+  for path, (t, v) in after.items():
+    if t is ForecasterParam:
+      n_moved += int(not np.array_equal(v, full_run["final"][path][1]))
+    else:  # base weights, routers, thresholds and the table as the other run left them
+      np.testing.assert_array_equal(v, full_run["final"][path][1], err_msg=path)
+  assert n_moved == 8  # w1, b1, w2, b2 of both units' forecasters (stacked over layers)
+  losses = [r["loss"] for r in _metrics(str(tmp_path / "distill"))["distill"]]
+  assert len(losses) == 4 and np.isfinite(losses).all() and min(losses) >= 0
+
+
 # ----------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
   "args, expect",
@@ -335,7 +358,7 @@ def test_lora_stage_from_another_run_trains_only_lora(full_run, data_dir, tmp_pa
       ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.data.batch_size=6"],
       "not divisible by the 8 data shards",
     ),
-    (["--config.train.stages=forecaster,distill"], "train.stages must list stages"),
+    (["--config.train.stages=forecaster,prune"], "train.stages must list stages"),
     (["--config.routing.sparsity=1.5"], "routing.sparsity must be a number in [0, 1]"),
   ],
 )

@@ -263,14 +263,24 @@ class DistillStage(StageConfig):
   with the model's trained capacity table (what evaluation and export route with). Only
   the forecasters train; base weights, routers and the table are frozen. The closed-form
   fit regresses each unit's output alone; this stage fits what the forecasts do to the
-  next-token distribution, through every layer after them. Updates are centred as the
-  forecaster stage's are after a fit (`ir_jax.train.steps.optimizer`)."""
+  next-token distribution, through every layer after them.
+
+  centred: take centred updates, as the forecaster stage does after a closed-form fit
+           (`ir_jax.train.steps.optimizer`); set False for forecasters trained from
+           scratch (forecaster.init=none), whose hidden units do not sit at the fit's offset.
+  """
 
   steps: int = 200
-  learning_rate: float = 1e-4
+  learning_rate: float = 5e-4
   schedule: str = "cosine"
   warmup: float = 0.05
   weight_decay: float = 0.0
+  centred: bool = True
+
+  def validate(self, name: str) -> None:
+    super().validate(name)
+    if not isinstance(self.centred, bool):
+      raise ConfigError(f"train.{name}.centred must be True or False, got {self.centred!r}")
 
 
 _STAGE_TYPES = {

@@ -81,11 +81,12 @@ def _centred(tx: optax.GradientTransformation, offset: float) -> optax.GradientT
 
 def optimizer(stage_cfg: StageConfig) -> optax.GradientTransformation:
   """AdamW with the stage's schedule, clipping and accumulation; forecaster steps after a
-  closed-form fit take centred updates (`_centred_forecaster_updates`)."""
+  closed-form fit, and distill steps unless told otherwise, take centred updates
+  (`_centred_forecaster_updates`)."""
   parts = [optax.clip_by_global_norm(stage_cfg.grad_clip)] if stage_cfg.grad_clip > 0 else []
   adam = optax.adamw(schedule(stage_cfg), weight_decay=stage_cfg.weight_decay)
   fitted = isinstance(stage_cfg, ForecasterStage) and stage_cfg.init == "fit"
-  if fitted or isinstance(stage_cfg, DistillStage):
+  if fitted or (isinstance(stage_cfg, DistillStage) and stage_cfg.centred):
     adam = _centred(adam, OFFSET)
   parts.append(adam)
   tx = optax.chain(*parts)
