@@ -55,6 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ir_jax.eval.bootstrap import ratio_interval  # noqa: E402
 from ir_jax.files import write_json  # noqa: E402
 from ir_jax.plotting import pyplot, save  # noqa: E402
 from ir_jax.provenance import git_info  # noqa: E402
@@ -276,9 +277,10 @@ def report(a: argparse.Namespace) -> None:
   docs = ROOT / "docs"
   if getattr(a, "keep_rows", True):
     rows = kept_rows(docs / "results_flops.json", rows) + rows
+  paired = paired_rows(runs)
   write_json(
     str(docs / "results_flops.json"),
-    {"generated_by": "launch/budget_table.py", "commit": commit, "rows": rows},
+    {"generated_by": "launch/budget_table.py", "commit": commit, "rows": rows, "paired": paired},
     indent=1,
   )
   # The same rows in docs/results.json (launch/quality_table.py keeps this key).
@@ -287,8 +289,43 @@ def report(a: argparse.Namespace) -> None:
   merged["flops_records"] = rows
   write_json(str(main_json), merged, indent=1)
   _plot(rows, docs / "results_flops.png")
-  _markdown(rows, commit, docs / "results_flops.md", a)
+  _markdown(rows, commit, docs / "results_flops.md", a, paired)
   print(f"wrote docs/results_flops.json, .md, .png ({len(rows)} rows)")
+
+
+def paired_rows(runs: Path) -> list[dict]:
+  """Each tuned arm (POLICY+STAGE_B: lora, distill) against the arm it builds on
+  (POLICY_B), on the same documents of each held-out set: the perplexity ratio tuned /
+  base with a paired 95% bootstrap interval over documents (both resampled together)."""
+  out = []
+  for name in SETS:
+    for js in sorted((runs / "eval" / name).glob("*+*.json")):
+      arm = js.stem
+      head, _, budget = arm.rpartition("_")
+      policy, _, stage = head.partition("+")
+      base_js = js.parent / f"{policy}_{budget}.json"
+      if not base_js.is_file():
+        continue
+      tuned, base = json.loads(js.read_text()), json.loads(base_js.read_text())
+      if [d["source"] for d in tuned["documents"]] != [d["source"] for d in base["documents"]]:
+        raise SystemExit(f"{js} and {base_js} scored different documents; rerun both")
+      rec = lambda res: next(r for r in res["records"] if r["policy"] == policy)  # noqa: E731
+      t, b = rec(tuned), rec(base)
+      tokens = [d["tokens"] for d in tuned["documents"]]
+      ratio, lo, hi = ratio_interval(t["doc_nll"], b["doc_nll"], tokens)
+      out.append(
+        {
+          "eval_set": name,
+          "tuned": f"{policy}+{stage}",
+          "base": policy,
+          "budget": float(budget),
+          "ratio": ratio,
+          "ci_low": lo,
+          "ci_high": hi,
+          "documents": len(tokens),
+        }
+      )
+  return out
 
 
 def kept_rows(path: Path, rows: list[dict]) -> list[dict]:
@@ -345,7 +382,9 @@ def _plot(rows: list[dict], path: Path) -> None:
   save(fig, str(path))
 
 
-def _markdown(rows: list[dict], commit: dict, path: Path, a: argparse.Namespace) -> None:
+def _markdown(
+  rows: list[dict], commit: dict, path: Path, a: argparse.Namespace, paired: list[dict] = ()
+) -> None:
   lines = [
     "# Quality at matched compute: SmolLM2-135M at executed-FLOPs budgets",
     "",
@@ -386,6 +425,23 @@ def _markdown(rows: list[dict], commit: dict, path: Path, a: argparse.Namespace)
       lines.append(
         f"| {r['policy']} | {b} | {r['flops_fraction']:.3f} | {r['perplexity']:.2f} | {ci} | "
         f"{r['realized_sparsity']:.3f} | {speed} | {r['commit'][:7]} |"
+      )
+    lines.append("")
+  if paired:
+    lines += [
+      "## Tuned arms against the arm they build on (paired, same documents)",
+      "",
+      "Perplexity of the tuned arm over its base arm's, both routed at the same budget on "
+      "the same documents; 95% paired bootstrap interval over documents (below 1: the "
+      "tuning helps).",
+      "",
+      "| set | tuned | base | budget | ratio (95% CI) | documents |",
+      "|---|---|---|---|---|---|",
+    ]
+    for p in paired:
+      lines.append(
+        f"| {p['eval_set']} | {p['tuned']} | {p['base']} | {p['budget']:g} of FLOPs | "
+        f"{p['ratio']:.3f} ({p['ci_low']:.3f}-{p['ci_high']:.3f}) | {p['documents']} |"
       )
     lines.append("")
   lines += ["![perplexity x dense against executed FLOPs](results_flops.png)", ""]

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -99,7 +101,7 @@ def test_tuned_arm_rows_carry_the_stage_in_their_policy(tmp_path):
   written = {}
   bt.main.__globals__["write_json"] = lambda path, obj, indent=None: written.setdefault(path, obj)
   bt.main.__globals__["_plot"] = lambda rows_, path: None
-  bt.main.__globals__["_markdown"] = lambda rows_, commit, path, a_: None
+  bt.main.__globals__["_markdown"] = lambda *args: None
   bt.report(a)
   rows = written[str(bt.ROOT / "docs" / "results_flops.json")]["rows"]
   got = {(r["eval_set"], r["policy"], r["ratio"]) for r in rows if r["policy"] != "dense"}
@@ -118,3 +120,25 @@ def test_a_partial_run_keeps_the_rows_it_did_not_rerun(tmp_path):
   new = [row("informed", 0.8, 1.9, "b"), row("informed+distill", 0.8, 1.7, "b")]
   assert bt.kept_rows(path, new) == [old[1], old[2]]
   assert bt.kept_rows(tmp_path / "missing.json", new) == []
+
+
+def test_a_tuned_arm_is_paired_with_its_base_on_the_same_documents(tmp_path):
+  bt = _bt()
+  docs = [{"source": f"d{i}", "tokens": n} for i, n in enumerate((10, 20, 30))]
+  base_nll, tuned_nll = [20.0, 50.0, 60.0], [18.0, 41.0, 60.0]
+  for name in bt.SETS:
+    d = tmp_path / "eval" / name
+    d.mkdir(parents=True)
+    for arm, nll in (("informed_0.8", base_nll), ("informed+distill_0.8", tuned_nll)):
+      recs = [
+        {"policy": "dense", "doc_nll": [1.0, 1.0, 1.0]},
+        {"policy": "informed", "doc_nll": nll},
+      ]
+      (d / f"{arm}.json").write_text(json.dumps({"documents": docs, "records": recs}))
+  got = bt.paired_rows(tmp_path)
+  assert [(p["eval_set"], p["tuned"], p["base"], p["budget"]) for p in got] == [
+    (s, "informed+distill", "informed", 0.8) for s in bt.SETS
+  ]
+  # by hand: exp((119 - 130) / 60)
+  np.testing.assert_allclose(got[0]["ratio"], np.exp(-11 / 60), rtol=1e-12)
+  assert got[0]["ci_low"] <= got[0]["ratio"] <= got[0]["ci_high"] and got[0]["documents"] == 3
