@@ -24,10 +24,10 @@ from ir_jax.distributed import host_array
 from ir_jax.nll import perplexity
 from ir_jax.progress import counter, doing
 from ir_jax.routing import RoutingSpec, flops, trained_spec
+from ir_jax.rundir.state import ModelState
 from ir_jax.train import steps
 from ir_jax.train.config import Settings
 from ir_jax.train.stages import STAGES
-from ir_jax.train.state import ModelState
 
 
 def jit_eval_step(
