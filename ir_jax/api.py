@@ -7,6 +7,7 @@ import os
 from ir_jax import checkpoint, convert
 from ir_jax.model import Llama
 from ir_jax.rundir import is_run
+from ir_jax.rundir.result import load_run_model
 
 
 def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None = None) -> Llama:
@@ -25,8 +26,6 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
         "dtype overrides are not supported for training workdirs; the run's "
         "model config decides them"
       )
-    from ir_jax.train.rundir import load_run_model  # training code, only for workdirs
-
     return load_run_model(path)
   if os.path.isdir(path) and checkpoint.is_checkpoint(path):
     cfg = checkpoint.load_config(path).replace(**overrides)

@@ -13,7 +13,11 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from ir_jax import aot
+from ir_jax import sharding as sh
 from ir_jax.config import ConfigError
+from ir_jax.config_file import load_config
+from ir_jax.train.config import settings_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # HBM bandwidth per chip (public spec sheets), for a roofline on XLA's byte count.
@@ -66,11 +70,6 @@ def tpu_view(
   at HBM bandwidth) and the ratio routed / dense of each, next to the
   analytic step time `ir_jax.aot` prints (model FLOPs at an assumed MFU).
   """
-  from ir_jax import aot
-  from ir_jax import sharding as sh
-  from ir_jax.config_file import load_config
-  from ir_jax.train.config import settings_from_config
-
   if not os.path.isfile(config_path) and os.path.isfile(os.path.join(REPO, config_path)):
     config_path = os.path.join(REPO, config_path)
   l0, l1 = layers

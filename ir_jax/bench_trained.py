@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ir_jax import convert
 from ir_jax import routing as R
+from ir_jax.api import load_model
 from ir_jax.bench_programs import Variant, _compile, _stats
 from ir_jax.config import ConfigError
 from ir_jax.model import Llama
@@ -35,9 +37,6 @@ Array = jax.Array
 def load_trained(workdir: str | None, checkpoint: str | None) -> tuple[Llama, R.RoutingSpec, str]:
   """(model, the routing spec it was trained for, the path read); a clear error otherwise."""
   import os
-
-  from ir_jax import convert
-  from ir_jax.api import load_model
 
   path = workdir or checkpoint
   assert path is not None

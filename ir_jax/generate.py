@@ -23,7 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ir_jax.config import ConfigError, refuse_remote
+from ir_jax.data.config import DataError
 from ir_jax.errors import cli_main
+from ir_jax.routing import RoutingSpec, check_calibrated, decode_step, init_cache
+from ir_jax.rundir import read_run
+from ir_jax.tokenizer import TOKENIZER_JSON
 
 PROG = "ir_jax.generate"
 CACHE_ROUND = 64  # cache lengths round up to this: one compile serves many prompt lengths
@@ -38,10 +42,6 @@ def model_tokenizer(path: str) -> str:
   base weights' own source, the copy imported with them (`WORKDIR/base/tokenizer.json`,
   or the base checkpoint's), so the workdir does not need the original GGUF.
   """
-  from ir_jax.data.config import DataError
-  from ir_jax.tokenizer import TOKENIZER_JSON
-  from ir_jax.train.rundir import read_run
-
   meta = read_run(path) if os.path.isdir(path) else None
   if meta is None:
     return path
@@ -67,8 +67,6 @@ def model_tokenizer(path: str) -> str:
 def routed_spec(model: Any) -> Any:
   """Informed causal routing at the capacities the model's thresholds were calibrated
   for; None when they never were (an imported or untrained model)."""
-  from ir_jax.routing import RoutingSpec
-
   caps = np.asarray(model.routing.calibrated_for[...], np.float64)
   if (caps < 0).any():
     return None
@@ -94,8 +92,6 @@ def decode(
   the new tokens so far after each one. `cache_len` (default: prompt + max_new rounded
   up to CACHE_ROUND) fixes the KV cache's length, so calls of one length share a compile.
   """
-  from ir_jax.routing import check_calibrated, decode_step, init_cache
-
   cfg = model.config
   total = len(prompt) + max_new
   if total > cfg.max_position_embeddings:
@@ -136,8 +132,6 @@ def cache_length(cfg: Any, total: int) -> int:
 def warm_up(model: Any, specs: list[Any], cache_len: int) -> None:
   """Compiles the decode step for each spec at this cache length (seconds for SmolLM2 on
   a CPU), saying so, before any continuation is streamed."""
-  from ir_jax.routing import decode_step, init_cache
-
   t0 = time.time()
   print(f"compiling the decode step ({len(specs)} routing(s)) ...", flush=True)
   for spec in specs:
@@ -249,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     )
   prompts = read_prompts(args.prompt, args.prompt_file)
 
+  # The weight loaders (orbax, the converters) load once the arguments are checked, so
+  # --help and a mistyped path answer at once.
   from ir_jax.api import load_model
   from ir_jax.data.tokenize import load_text_tokenizer
-  from ir_jax.routing import RoutingSpec
 
   t0 = time.time()
   print(f"loading {args.model} ...", flush=True)

@@ -52,6 +52,18 @@ class LoraParam(nnx.Param):
   """Parameters of a LoRA adapter (trained by the `lora` stage only)."""
 
 
+# Everything a training run produces on top of the base weights (forecasters, routers,
+# thresholds, capacity tables, calibration records, LoRA): what a run's checkpoints hold.
+ADAPTERS = nnx.Any(
+  forecast.ForecasterParam,
+  forecast.RouterParam,
+  forecast.Threshold,
+  forecast.Capacity,
+  forecast.CalibratedFor,
+  LoraParam,
+)
+
+
 def _param(
   rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, init: str = "normal"
 ) -> nnx.Param:

@@ -173,6 +173,14 @@ class Heartbeat:
         self.last, self.open_line = now, False
 
 
+def log(msg: str) -> None:
+  """Prints `msg` on process 0 only, so a multi-host run logs each line once."""
+  import jax  # only where a run logs: progress lines themselves need no JAX
+
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
 def active() -> Heartbeat | None:
   """The innermost active heartbeat of this process, if any."""
   return _ACTIVE[-1] if _ACTIVE else None

@@ -15,12 +15,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import gguf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ir_jax.base_error import IrJaxError
+from ir_jax.gguf_io import GGUFError, GGUFFile
 
 # llama.cpp token types (gguf.TokenType): NORMAL=1, UNKNOWN=2, CONTROL=3,
 # USER_DEFINED=4, UNUSED=5, BYTE=6.
@@ -42,10 +43,8 @@ _DIGITS_THEN_GPT2_PRE = {
   "minerva",
 }
 
-if TYPE_CHECKING:
-  from ir_jax.convert.gguf_io import GGUFFile
 # Anything with GGUFReader's `fields[key].contents()`: ours (validating) or the gguf package's.
-GGUFLike = Union[gguf.GGUFReader, "GGUFFile"]
+GGUFLike = Union[gguf.GGUFReader, GGUFFile]
 
 TOKENIZER_JSON = "tokenizer.json"
 
@@ -310,10 +309,8 @@ def save_tokenizer(
 MAX_TOKENIZER_JSON = 512 << 20
 
 
-def read_gguf(path: str | os.PathLike[str]) -> "GGUFFile":
-  """A validated GGUF file (`ir_jax.convert.gguf_io.GGUFFile`); ValueError names the file."""
-  from ir_jax.convert.gguf_io import GGUFError, GGUFFile  # lazy: ir_jax.convert is heavy
-
+def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+  """A validated GGUF file (`ir_jax.gguf_io.GGUFFile`); ValueError names the file."""
   try:
     return GGUFFile(path)
   except GGUFError as e:

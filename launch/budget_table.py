@@ -35,7 +35,7 @@ over domains, each document cut to its first 1,024 tokens (wiki: 2,048)):
          a domain that played no part in fitting, choosing or calibrating.
 
 Every perplexity ratio carries a 95% bootstrap interval over documents
-(ir_jax.eval.bootstrap). Each trained arm's own table is also timed
+(ir_jax.bootstrap). Each trained arm's own table is also timed
 (`python -m ir_jax.bench --workdir ARM`, prefill at 2,048 tokens, dense vs routed
 in one run): the speed column, FLOPs alone where a JSON is missing.
 Output: RUNS/... and docs/results_flops.{json,md,png}.
@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ir_jax.eval.bootstrap import ratio_interval  # noqa: E402
+from ir_jax.bootstrap import ratio_interval  # noqa: E402
 from ir_jax.files import write_json  # noqa: E402
 from ir_jax.plotting import pyplot, save  # noqa: E402
 from ir_jax.provenance import git_info  # noqa: E402

@@ -12,8 +12,8 @@ held-out JSONL each evaluation read, in the same order). No model runs here.
 For each target (a scenario: how many documents of each domain A and B hold) and each
 resample: A and B are drawn without replacement, disjoint; B's domain labels are then
 forgotten. Weights w(x) = p_B(x) / p_A(x) at A's documents come from
-`estimators.classifier_weights` on hashed word n-grams (`estimators.text_features`),
-cross-fitted. Every estimator of `estimators.target_perplexity` turns A's NLLs, the weights
+`density_ratio.classifier_weights` on hashed word n-grams (`density_ratio.text_features`),
+cross-fitted. Every estimator of `lr_estimates.target_perplexity` turns A's NLLs, the weights
 and B's mean token count into B's perplexity with a 95 % prediction interval, for every
 setting; the truth is the perplexity measured on B. Output: docs/shift.{json,md,png}
 (bias, RMSE and coverage per target, setting and estimator).

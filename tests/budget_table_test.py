@@ -7,23 +7,18 @@ arm's own policy only (a random row evaluated on the informed arm routes otherwi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+from conftest import load_launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bt():
-  spec = importlib.util.spec_from_file_location(
-    "budget_table", os.path.join(REPO, "launch", "budget_table.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_launcher("budget_table")
 
 
 def test_each_arm_is_benchmarked_after_it_trains(tmp_path):

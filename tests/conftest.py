@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random HuggingFace Llama directories saved with transformers,
 a tiny ir_jax model config (`tiny_llama_config`), configs/tiny.py widened for memory
-checks (`wide_tiny_config`), and the training command line (`train_argv`, `train_cli`)."""
+checks (`wide_tiny_config`), the training command line (`train_argv`, `train_cli`) and
+the launch/ scripts loaded as modules (`load_launcher`)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ TINY_LLAMA = dict(
   router_hidden=8,
   max_position_embeddings=64,
 )
+
+
+def load_launcher(name: str) -> Any:
+  """launch/NAME.py loaded as a module (launch/ holds scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "launch", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
 def tiny_llama_config(**fields: Any) -> LlamaConfig:

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import train_cli
+from conftest import load_launcher, train_cli
 from etils import epath
 from flax import nnx
 
@@ -64,12 +64,7 @@ NEWS = os.path.join(REPO, "assets", "text", "news", "lee.cor")
 
 
 def _launcher():
-  spec = importlib.util.spec_from_file_location(
-    "local_multiprocess", os.path.join(REPO, "launch", "local_multiprocess.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_launcher("local_multiprocess")
 
 
 # ------------------------------------------------------------ the decision

@@ -3,12 +3,12 @@ disjoint pools, the verdicts, and one small end-to-end run through the driver.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+from conftest import load_launcher
 
 from ir_jax.experiments.shift import trials
 
@@ -99,11 +99,7 @@ def test_driver_writes_the_page_for_a_small_scenario(tmp_path, monkeypatch):
   monkeypatch.setattr(
     trials, "SCENARIOS", {"code only": ({"news": 6, "code": 4}, {"code": 6}, False)}
   )
-  spec = importlib.util.spec_from_file_location(
-    "shift_experiment", os.path.join(REPO, "launch", "shift_experiment.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_launcher("shift_experiment")
   docs = tmp_path / "docs"
   argv = ["--eval", str(tmp_path / "eval"), "--heldout", str(tmp_path / "heldout")]
   assert mod.main([*argv, "--sets", "valid", "--resamples", "3", "--docs", str(docs)]) == 0

@@ -9,10 +9,10 @@ bitwise. The full campaign (many kills) is `python launch/fault_injection.py`
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
+from conftest import load_launcher
 
 pytestmark = pytest.mark.slow  # fast tier: pytest -m 'not slow'
 
@@ -20,12 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location(
-    "fault_injection", os.path.join(REPO, "launch", "fault_injection.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_launcher("fault_injection")
 
 
 def test_killed_and_restarted_run_ends_bit_identical(tmp_path):

@@ -87,19 +87,7 @@ def test_package_import_graph_is_acyclic():
 # A package-level arrow that closes a cycle, allowed until the named work
 # removes it. Each entry must still exist (a removed one is dropped from here),
 # and with these arrows taken out the package graph must be acyclic.
-ALLOWED_UPWARD = {
-  # export restores a run's adapters with train.checkpoints.restore_adapters (its
-  # old-checkpoint back-fill) and train.steps.ADAPTERS, and a random base with
-  # train.rundir.run_result; routing_io builds a run's spec with train.config.routing_spec.
-  # They go once the back-fill, the adapter lists and the spec builder sit below train.
-  ("ir_jax.convert", "ir_jax.train"),
-  # tokenizer reads GGUF vocabularies with convert.gguf_io (a file format reader
-  # that belongs below both).
-  ("ir_jax.tokenizer", "ir_jax.convert"),
-  # train.stepfns uses eval.bootstrap (statistics) while eval's drivers use the API,
-  # which loads training workdirs; the one held-out evaluator (issue 28) decides its home.
-  ("ir_jax.train", "ir_jax.eval"),
-}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def _package(module: str) -> str:
@@ -139,7 +127,7 @@ def test_package_graph_is_acyclic_but_for_the_allowed_arrows():
 
 def test_bottom_floor_modules_import_no_ir_jax_module():
   mods = _modules()
-  for m in ("ir_jax.base_error",):
+  for m in ("ir_jax.base_error", "ir_jax.bootstrap", "ir_jax.gguf_io"):
     assert _imports(mods[m], mods) == set(), m
   assert _imports(mods["ir_jax.errors"], mods) == {"ir_jax.base_error"}
   assert _imports(mods["ir_jax.rundir"], mods) == {"ir_jax.config"}
@@ -147,8 +135,10 @@ def test_bottom_floor_modules_import_no_ir_jax_module():
 
 # ------------------------------------------------------------ function-local imports
 # Imports of ir_jax modules inside function bodies. Each one hides an arrow from
-# a reader of the module's head; the ceiling only goes down (78 before issue 28; goal ~15).
-LOCAL_IMPORT_CEILING = 55
+# a reader of the module's head; the ceiling only goes down (78 before issue 28). The ones
+# left are deliberate: a CLI's --help answers before JAX, tensorflow_datasets or the weight
+# loaders load (train, data, eval, generate, aot), lm_eval's registration after its check.
+LOCAL_IMPORT_CEILING = 15
 
 
 def _local_imports(path: str) -> list[int]:

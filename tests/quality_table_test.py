@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import load_launcher
 
 from ir_jax.experiments.quality.run import StepRunner
 
@@ -30,10 +31,7 @@ EVAL_DOCS = os.path.join(REPO, "tests", "data", "eval", "docs.jsonl")
 @pytest.fixture(scope="module")
 def qt():
   """The command (a thin driver), loaded by path."""
-  spec = importlib.util.spec_from_file_location("quality_table", SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_launcher("quality_table")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ process restored it); a process deciding alone would pick another step in every 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 
 import pytest
+from conftest import load_launcher
 
 from ir_jax.train import integrity
 
@@ -77,12 +77,7 @@ run("empty", [], os.path.join(a.root, "empty"))
 
 
 def _launcher():
-  spec = importlib.util.spec_from_file_location(
-    "local_multiprocess", os.path.join(REPO, "launch", "local_multiprocess.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_launcher("local_multiprocess")
 
 
 def _stage(directory: str, steps: list[int]) -> None:

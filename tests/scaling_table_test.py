@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
+
+from conftest import load_launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location(
-    "scaling_table", os.path.join(REPO, "launch", "scaling_table.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_launcher("scaling_table")
 
 
 def _record(stage: str, total: float, per_host_batch: int = 4) -> dict:

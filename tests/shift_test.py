@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 
+from ir_jax.base_error import IrJaxError
 from ir_jax.config import ConfigError
 from ir_jax.eval import shift
 from ir_jax.eval.density_ratio import classifier_weights, text_features
@@ -98,6 +99,20 @@ def test_classifier_errors_are_one_line():
     classifier_weights(np.zeros((5, 2)), np.zeros((1, 2)))
   with pytest.raises(EstimatorError, match="finite"):
     classifier_weights(np.full((5, 2), np.nan), np.zeros((5, 2)))
+
+
+def test_identical_rows_that_empty_a_fold_are_a_clear_error():
+  # Every row the same (or one row per side): identical rows share a fold, so one fold
+  # holds every document and leaves nothing to fit on; once a bare numpy ValueError.
+  for calib, target in (
+    (np.ones((10, 3)), np.ones((10, 3))),
+    (np.ones((10, 3)), np.full((6, 3), 2.0)),
+  ):
+    with pytest.raises(IrJaxError, match="fold 0 leaves none to fit on") as e:
+      classifier_weights(calib, target)
+    assert isinstance(e.value, EstimatorError)
+    msg = str(e.value)
+    assert "\n" not in msg and "give more distinct documents" in msg
 
 
 # ------------------------------------------------ the command line on target documents

@@ -9,22 +9,17 @@ present for only some settings are left out of every setting.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 
 import pytest
+from conftest import load_launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _launcher():
-  spec = importlib.util.spec_from_file_location(
-    "task_accuracy", os.path.join(REPO, "launch", "task_accuracy.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_launcher("task_accuracy")
 
 
 def _write(root, setting, task, accs):

@@ -20,7 +20,7 @@ import tarfile
 
 import pytest
 
-from ir_jax import tasks
+from ir_jax import task_sources, tasks
 from ir_jax.config import ConfigError
 
 FAKE = {
@@ -265,9 +265,9 @@ def test_registry_without_bigbench_1_0_0_says_so(tmp_path, monkeypatch, capsys):
     assert "bigbench==1.0.0" in cmd
     err = ("ERROR: Could not find a version that satisfies the requirement bigbench==1.0.0 "
            "(from versions: 0.0.1)\nERROR: No matching distribution found for bigbench==1.0.0\n")  # fmt: skip
-    return tasks.subprocess.CompletedProcess(cmd, 1, "", err)
+    return task_sources.subprocess.CompletedProcess(cmd, 1, "", err)
 
-  monkeypatch.setattr(tasks.subprocess, "run", fake_run)
+  monkeypatch.setattr(task_sources.subprocess, "run", fake_run)  # pip runs there
   assert tasks.main(["prepare", "--tasks", "winowhy", "--out", str(tmp_path / "o")]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1

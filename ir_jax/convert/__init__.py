@@ -11,9 +11,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ir_jax import checkpoint, forecast
+from ir_jax import checkpoint, forecast, tokenizer
 from ir_jax.config import ConfigError, LlamaConfig
-from ir_jax.convert import mapping
+from ir_jax.convert import mapping, routing_io
 from ir_jax.convert.sources import GGUFSource, HFSource, Source, WeightImportError
 from ir_jax.model import abstract_model
 
@@ -23,8 +23,6 @@ FORMATS = ("hf", "gguf")
 def routing_spec(path: str) -> Any:
   """The RoutingSpec an export directory, ir_jax checkpoint or training workdir was
   trained for (None when it does not say)."""
-  from ir_jax.convert import routing_io
-
   return routing_io.load_spec(path)
 
 
@@ -102,8 +100,6 @@ def read_params(
     _set_in(out, e.path, np.stack(slices) if e.per_layer else slices[0])
   manifest = getattr(source, "routing", None)
   if manifest is not None:  # an ir_jax export: its trained forecasters, routers, thresholds
-    from ir_jax.convert import routing_io
-
     out["routing"] = routing_io.read(source.path, manifest, cfg, target["routing"])
   return out
 
@@ -151,8 +147,6 @@ def import_weights(
   routing = manifest.get("spec") if manifest is not None else None
   with tempfile.TemporaryDirectory() as tmp:
     if isinstance(source, GGUFSource):
-      from ir_jax import tokenizer
-
       try:
         tok = tokenizer.tokenizer_from_gguf(source.reader)
         special = tokenizer.special_tokens_from_gguf(source.reader)

@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ir_jax import checkpoint
 from ir_jax.config import ConfigError, LlamaConfig, read_json_object
+from ir_jax.config_sections import routing_spec
 from ir_jax.convert import reference
 from ir_jax.convert.errors import WeightImportError
 from ir_jax.convert.safetensors_io import SafetensorsFile, write_streaming
@@ -358,8 +360,6 @@ def load_spec(path: str) -> Any:
   Reads an exported directory's routing.json, an ir_jax checkpoint's
   ir_jax.json (`routing`) or a training workdir's run.json.
   """
-  from ir_jax import checkpoint
-
   path = os.fspath(path)
   manifest = read_manifest(path)
   if manifest is not None:
@@ -370,8 +370,6 @@ def load_spec(path: str) -> Any:
     return spec_from_json(meta.get("routing"), meta_file)
   run_file = os.path.join(path, "run.json")
   if os.path.isfile(run_file):
-    from ir_jax.train.config import routing_spec
-
     meta = read_json_object(run_file, ConfigError)
     return routing_spec((meta.get("config") or {}).get("routing") or {})
   return None

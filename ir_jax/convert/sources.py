@@ -16,6 +16,7 @@ from ir_jax.config import ConfigError, LlamaConfig, load_hf_config
 from ir_jax.convert import mapping, routing_io
 from ir_jax.convert.errors import WeightImportError  # noqa: F401  (also importable from here)
 from ir_jax.convert.safetensors_io import SafetensorsFile
+from ir_jax.gguf_io import GGUFError, GGUFFile
 
 
 class Source(Protocol):
@@ -123,8 +124,6 @@ class GGUFSource:
   """A llama.cpp GGUF file of the `llama` architecture; tensors dequantized to float32."""
 
   def __init__(self, path: str, **config_overrides):
-    from ir_jax.convert.gguf_io import GGUFError, GGUFFile
-
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such GGUF file")
     self.path = path

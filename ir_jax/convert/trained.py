@@ -20,8 +20,10 @@ from flax import nnx
 from ir_jax import checkpoint, sharding
 from ir_jax.config import LlamaConfig
 from ir_jax.convert import abstract_params, routing_io
-from ir_jax.model import abstract_model
+from ir_jax.model import ADAPTERS, abstract_model
 from ir_jax.rundir import is_run, read_run, stage_dir
+from ir_jax.rundir.checkpoints import restore_adapters
+from ir_jax.rundir.result import run_result
 
 ORBAX_TMP = ".orbax-checkpoint-tmp"
 ORBAX_COMMIT = "commit_success.txt"
@@ -199,21 +201,17 @@ def _on_host(abstract: Any) -> Any:
 
 
 def _restore_run(workdir: str, cfg: LlamaConfig, base_path: str, stage: str, step: int) -> dict:
-  """What `ir_jax.train.rundir.run_result` gives (base weights + the newest adapters),
+  """What `ir_jax.rundir.result.run_result` gives (base weights + the newest adapters),
   restored straight into host memory without initialising a model."""
-  # training code: the adapter filter and the restore that back-fills leaves
-  # older checkpoints lack (see ALLOWED_UPWARD in tests/imports_test.py)
-  from ir_jax.train import checkpoints, steps
-
   _, abs_state = nnx.split(abstract_model(cfg))
-  abs_adapters, abs_base = nnx.split_state(abs_state, steps.ADAPTERS, ...)
+  abs_adapters, abs_base = nnx.split_state(abs_state, ADAPTERS, ...)
   mgr = ocp.CheckpointManager(
     stage_dir(workdir, stage),
     options=ocp.CheckpointManagerOptions(create=False),
     item_handlers={"adapters": ocp.StandardCheckpointHandler()},
   )
   try:
-    adapters = nnx.to_pure_dict(checkpoints.restore_adapters(mgr, step, _on_host(abs_adapters)))
+    adapters = nnx.to_pure_dict(restore_adapters(mgr, step, _on_host(abs_adapters)))
   finally:
     mgr.close()
   # Base weights stay on disk until written, in the run's parameter dtype (as
@@ -247,8 +245,6 @@ def open_trained(path: str) -> Trained:
       params = _restore_run(path, cfg, base["path"], stage, step)
       tok_dir = base["path"]
     else:  # random base weights: only the run's own initialisation can remake them
-      from ir_jax.train.rundir import run_result
-
       model_state = run_result(path, sharding.make_mesh(sharding.MeshConfig(data=1), [_host()]))
       params, tok_dir = nnx.to_pure_dict(model_state.state), None
     return Trained(

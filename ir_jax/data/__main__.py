@@ -14,6 +14,8 @@ import numpy as np
 
 from ir_jax import config_file
 from ir_jax.config import ConfigError
+from ir_jax.data.c4 import prepare_c4
+from ir_jax.data.config import DataConfig, DataError, from_config
 from ir_jax.errors import cli_main
 
 PROG = "python -m ir_jax.data"
@@ -27,8 +29,6 @@ def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
   """
   import dataclasses
 
-  from ir_jax.data.config import DataConfig
-
   cfg = config_file.load_config(path)
   if "data" in cfg and hasattr(cfg.data, "to_dict"):
     defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
@@ -38,8 +38,6 @@ def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
 
 
 def _data_config(args: argparse.Namespace):
-  from ir_jax.data.config import from_config
-
   cfg = load_config(args.config, args.overrides)
   dcfg = from_config(cfg)
   if args.data_dir:
@@ -50,6 +48,7 @@ def _data_config(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+  # tensorflow_datasets and grain load only for the commands that read data
   from ir_jax.data.builder import prepare
 
   dcfg = _data_config(args)
@@ -113,8 +112,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_c4(args: argparse.Namespace) -> int:
-  from ir_jax.data.c4 import prepare_c4
-
   t0 = time.time()
   path = prepare_c4(args.src, args.out, validation_fraction=args.validation_fraction)
   print(f"done in {time.time() - t0:.1f}s: {path}")
@@ -211,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run() -> int:
-  from ir_jax.data.config import DataError
-
   try:
     return main()
   except DataError as e:  # not (yet) in ir_jax.errors.USER_ERRORS

@@ -106,7 +106,7 @@ def prepare_c4(
 ) -> str:
   """Converts and prepares the C4 shards `src` under `out` (see the module docstring);
   returns the prepared dataset directory (the value for data.name)."""
-  from ir_jax.data.builder import prepare
+  from ir_jax.data.builder import prepare  # tensorflow_datasets: only when preparing
 
   for s in src:
     refuse_remote("--src", s)

@@ -173,6 +173,16 @@ def classifier_weights(
   for g in np.unique(group):  # a shared row takes the fold of its first occurrence
     members = np.flatnonzero(group == g)
     fold[members] = fold[members[0]]
+  for j in range(k):  # with few distinct rows, a fold can take all of one sample (or all)
+    train = fold != j
+    if not train.any() or y[train].min() == y[train].max():
+      raise EstimatorError(
+        f"cross-fitting needs documents of both samples outside every fold, but fold {j} "
+        f"leaves {'none' if not train.any() else 'only one sample'} to fit on: the "
+        f"{len(xa)} calibration and {len(xb)} target documents have {int(group.max()) + 1} "
+        "distinct feature row(s), and identical rows share a fold; give more distinct "
+        f"documents on each side (or fewer folds than {folds})"
+      )
   if x.shape[1] > x.shape[0]:
     # An L2-penalised fit lies in the span of its rows: rotating onto that span
     # (eigenvectors of the Gram matrix, no labels used) keeps every fit identical and
@@ -187,8 +197,6 @@ def classifier_weights(
     for j in range(k):
       test = fold == j
       train = ~test
-      if y[train].min() == y[train].max():
-        raise EstimatorError("a cross-fitting fold left one class empty; use fewer folds")
       theta = _fit_logistic(x[train], y[train], _balanced(y[train]), float(lam))
       z[test] = x[test] @ theta[:-1] + theta[-1]
     loss = float(sw_all @ _softplus(-(2 * y - 1) * z))

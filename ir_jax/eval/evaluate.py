@@ -15,7 +15,7 @@ is taken over real tokens only.
 Records. One per (mode, policy, sparsity); `dense` once, at sparsity 0. Each
 carries perplexity, scored token count, realized sparsity (overall, attention,
 MLP), executed and ideal FLOPs fractions (`ir_jax.routing.flops`) and the
-summed NLL of every document, so `ir_jax.eval.estimators.mix_perplexity` can
+summed NLL of every document, so `ir_jax.eval.domain_mix.mix_perplexity` can
 turn one evaluation into estimates for other domain mixes (`doc_losses`).
 
 Causal mode routes by per-unit thresholds (what decoding uses); they are
@@ -35,13 +35,14 @@ import numpy as np
 from flax import nnx
 
 from ir_jax import plotting
+from ir_jax.bootstrap import ratio_interval
 from ir_jax.config import ConfigError
 from ir_jax.data.config import DataError
 from ir_jax.data.tokenize import TextTokenizer
-from ir_jax.eval.bootstrap import ratio_interval
+from ir_jax.eval.shift_mix import doc_losses  # noqa: F401  (also importable from here)
 from ir_jax.model import Llama
 from ir_jax.nll import perplexity, token_nll
-from ir_jax.routing import MODES, POLICIES, RoutingSpec, flops, trained_spec
+from ir_jax.routing import MODES, POLICIES, RoutingSpec, calibrate_thresholds, flops, trained_spec
 
 FORMAT = "ir_jax.eval/1"
 Array = jax.Array
@@ -326,8 +327,6 @@ def evaluate(
           calib_batches = [np.asarray(b, np.int32) for b in calibration()]
           if not calib_batches:
             raise DataError("the calibration data gave no batches")
-        from ir_jax.routing import calibrate_thresholds
-
         thresholds = calibrate_thresholds(model, calib_batches, spec).tolist()
       label = f"  {st.mode:6s} {st.policy:8s} {st.label}"
       bar = progress(label, num_batches(full, tail, batch_size)) if progress else None
@@ -377,26 +376,6 @@ def evaluate(
 
 
 # ------------------------------------------------------------------ reading results
-def doc_losses(
-  result: dict[str, Any], mode: str = "topk", policy: str | None = None
-) -> tuple[list[str], list[dict[str, Any]], np.ndarray, np.ndarray]:
-  """(domains [n], records, loss sums [R, n], token counts [n]) for `mix_perplexity`.
-
-  The records of `mode` (and `policy` if given; dense is always included),
-  in file order; rows of the loss sums follow them.
-  """
-  recs = [
-    r
-    for r in result["records"]
-    if (r["mode"] == mode or r["policy"] == "dense")
-    and (policy is None or r["policy"] in (policy, "dense"))
-  ]
-  domains = [d["domain"] for d in result["documents"]]
-  tokens = np.asarray([d["tokens"] for d in result["documents"]], np.float64)
-  losses = np.asarray([r["doc_nll"] for r in recs], np.float64).reshape(len(recs), len(domains))
-  return domains, recs, losses, tokens
-
-
 def table(result: dict[str, Any]) -> str:
   """The records as a console table."""
   recs = result["records"]

@@ -78,10 +78,23 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ir_jax.api import load_model
 from ir_jax.config import ConfigError
+from ir_jax.data import sources
+from ir_jax.data.config import DataConfig, DataError, FileSpec
+from ir_jax.data.tokenize import load_text_tokenizer
+from ir_jax.eval.evaluate import Document, pack_documents
+from ir_jax.generate import model_tokenizer
 from ir_jax.nll import token_nll
 from ir_jax.progress import active, counter, doing
-from ir_jax.routing import RoutingSpec, check_calibrated, decode_step, init_cache, trained_spec
+from ir_jax.routing import (
+  RoutingSpec,
+  calibrate_thresholds,
+  check_calibrated,
+  decode_step,
+  init_cache,
+  trained_spec,
+)
 
 NAME = "ir_jax"
 
@@ -162,10 +175,6 @@ class IrJaxLM(LM):
     **kwargs: Any,
   ) -> None:
     super().__init__()
-    from ir_jax.api import load_model
-    from ir_jax.data.tokenize import load_text_tokenizer
-    from ir_jax.generate import model_tokenizer
-
     # lm-eval passes device, dtype etc. for every model type; JAX chooses devices itself.
     self.model = load_model(str(pretrained))
     # The model's trained capacity table when it has one: moved to the FLOPs budget
@@ -181,8 +190,6 @@ class IrJaxLM(LM):
       ),
       seq_len=int(calibration_seq_len),
     )
-    from ir_jax.data.config import DataError
-
     tok_spec = str(tokenizer or model_tokenizer(str(pretrained)))
     self.tok = load_text_tokenizer(tok_spec, add_bos=None, add_eos=False)
     try:  # the BOS the tokenizer declares, even if its post-processor does not add it
@@ -217,11 +224,6 @@ class IrJaxLM(LM):
 
   # ------------------------------------------------------------- helpers
   def _calibrate(self, files: str, seq_len: int, batches: int) -> None:
-    from ir_jax.data import sources
-    from ir_jax.data.config import DataConfig, DataError, FileSpec
-    from ir_jax.eval.evaluate import Document, pack_documents
-    from ir_jax.routing import calibrate_thresholds
-
     cfg = DataConfig(files=tuple(FileSpec(p.strip()) for p in files.split(",") if p.strip()))
     stats = sources.Stats()
     docs = [

@@ -22,7 +22,7 @@ from ir_jax import routing as R
 from ir_jax.bench_tpu import HBM_BYTES_PER_S, per_layer
 from ir_jax.config import ConfigError, from_config_dict
 from ir_jax.config_file import load_config
-from ir_jax.train.state import abstract_state
+from ir_jax.rundir.state import abstract_state
 
 
 def _stderr(line: str) -> None:

@@ -12,9 +12,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+  from ir_jax.rundir.result import load_run_model, run_result
   from ir_jax.train.config import STAGES, Settings, TrainConfig, settings_from_config
   from ir_jax.train.loop import Preempted, TrainingError, run
-  from ir_jax.train.rundir import load_run_model, run_result
 
 # public name -> the module that defines it
 _LAZY = {
@@ -25,8 +25,8 @@ _LAZY = {
   "Preempted": "ir_jax.train.loop",
   "TrainingError": "ir_jax.train.loop",
   "run": "ir_jax.train.loop",
-  "load_run_model": "ir_jax.train.rundir",
-  "run_result": "ir_jax.train.rundir",
+  "load_run_model": "ir_jax.rundir.result",
+  "run_result": "ir_jax.rundir.result",
 }
 
 __all__ = [

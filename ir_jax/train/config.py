@@ -21,13 +21,13 @@ import math
 from typing import Any
 
 from ir_jax.config import ConfigError, LlamaConfig, from_config_dict, is_int, is_number
+from ir_jax.config_sections import ROUTING_FIELDS, routing_spec
+from ir_jax.config_sections import build_section as _build
 from ir_jax.data.config import DataConfig, data_config
 from ir_jax.routing import RoutingSpec, is_temperature
 from ir_jax.sharding import MeshConfig
 
 STAGES = ("forecaster", "router", "distill", "lora")
-# The routing section: the policy and target the routers train for and the run is evaluated at.
-ROUTING_FIELDS = ("policy", "sparsity", "flops", "capacities", "k_multiple", "seed")
 SCHEDULES = ("constant", "cosine", "linear")
 SECTIONS = ("model", "data", "train", "routing", "mesh")
 
@@ -414,17 +414,6 @@ def _section(cfg: Any, name: str) -> dict[str, Any]:
   return d
 
 
-def _build(kind: type, d: dict[str, Any], where: str) -> Any:
-  names = {f.name for f in dataclasses.fields(kind)}
-  unknown = sorted(set(d) - names)
-  if unknown:
-    raise ConfigError(f"unknown {where} config fields {unknown}; known: {sorted(names)}")
-  try:
-    return kind(**d)
-  except TypeError as e:
-    raise ConfigError(f"{where}: {e}") from None
-
-
 def train_config(d: dict[str, Any]) -> TrainConfig:
   d = dict(d)
   for s in STAGES:
@@ -435,20 +424,6 @@ def train_config(d: dict[str, Any]) -> TrainConfig:
   tc = _build(TrainConfig, d, "train")
   tc.validate()
   return tc
-
-
-def routing_spec(d: dict[str, Any]) -> RoutingSpec:
-  d = dict(d)
-  unknown = sorted(set(d) - set(ROUTING_FIELDS))
-  if unknown:
-    raise ConfigError(
-      f"unknown routing config fields {unknown}; known: {list(ROUTING_FIELDS)} "
-      "(gates and modes follow the stage: see train.router.gate)"
-    )
-  caps = d.get("capacities")
-  if isinstance(caps, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in caps):
-    d["capacities"] = tuple(tuple(r) for r in caps)  # hashable; RoutingSpec checks the rest
-  return _build(RoutingSpec, d, "routing")
 
 
 def settings_from_config(cfg: Any) -> Settings:

@@ -10,13 +10,7 @@ import sys
 import time
 from typing import Any
 
-import jax
-
-
-def log(msg: str) -> None:
-  """Prints `msg` on process 0 only, so a multi-host run logs each line once."""
-  if jax.process_index() == 0:
-    print(msg, flush=True)
+from ir_jax.progress import log  # noqa: F401  (also importable from here)
 
 
 class MetricWriter:

@@ -1,7 +1,8 @@
 """The run directory (--workdir) of ir_jax.train: checks, base weights, run.json, the result.
 
 The layout and the readers that need no training code (`read_run`, `stage_dir`,
-`RUN_FILE`) live in `ir_jax.rundir`, and are importable from here too.
+`RUN_FILE`, and `run_result` / `load_run_model`, the model a run produced) live in
+`ir_jax.rundir`, and are importable from here too.
 """
 
 from __future__ import annotations
@@ -13,29 +14,18 @@ import time
 from typing import Any
 
 import jax
-from flax import nnx
 
 from ir_jax import checkpoint as model_ckpt
-from ir_jax import sharding as sh
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.convert import import_weights
 from ir_jax.data.builder import catalogue_ready
 from ir_jax.data.config import LOCAL
 from ir_jax.files import write_json
-from ir_jax.model import Llama
-from ir_jax.rundir import RUN_FILE, RUN_FORMAT, RUN_VERSION, read_run, stage_dir
-from ir_jax.train.checkpoints import open_manager, restore_adapters, restore_whole
+from ir_jax.progress import log
+from ir_jax.rundir import RUN_FILE, RUN_FORMAT, RUN_VERSION, read_run, stage_dir  # noqa: F401
+from ir_jax.rundir.result import load_run_model, run_result  # noqa: F401  (also from here)
+from ir_jax.rundir.state import ADAPTER_FIELDS, SHAPE_FIELDS, shape_diff
 from ir_jax.train.config import Settings
-from ir_jax.train.metrics import log
-from ir_jax.train.state import (
-  ADAPTER_FIELDS,
-  SHAPE_FIELDS,
-  ModelState,
-  adapter_target,
-  init_state,
-  replace_adapters,
-  shape_diff,
-)
 
 
 def barrier(name: str) -> None:
@@ -191,34 +181,3 @@ def write_run(workdir: str, s: Settings, base: dict[str, Any]) -> None:
     "config": s.raw,
   }
   write_json(os.path.join(workdir, RUN_FILE), meta, indent=2, default=str)
-
-
-def run_result(workdir: str, mesh: jax.sharding.Mesh | None = None) -> ModelState:
-  """The model a finished (or interrupted) run produced: base + its newest adapters."""
-  meta = read_run(workdir)
-  if meta is None:
-    raise FileNotFoundError(f"{workdir}: no {RUN_FILE}; not an ir_jax.train workdir")
-  cfg = LlamaConfig.from_dict(meta["model"])
-  mesh = mesh or sh.make_mesh(sh.MeshConfig(data=-1))
-  model_state = init_state(cfg, mesh, meta["base"], int(meta.get("seed", 0)))
-  for stage in reversed(meta["stages"]):
-    d = stage_dir(workdir, stage)
-    if not os.path.isdir(d):
-      continue
-    mgr = open_manager(d)
-    try:
-      found = restore_whole(
-        mgr, d, lambda n: restore_adapters(mgr, n, adapter_target(model_state)), quarantine=False
-      )
-    finally:
-      mgr.close()
-    if found is not None:
-      replace_adapters(model_state, found[1])
-      break
-  return model_state
-
-
-def load_run_model(workdir: str) -> Llama:
-  """`run_result(workdir)` as a Llama module."""
-  model_state = run_result(workdir)
-  return nnx.merge(model_state.graphdef, model_state.state)

@@ -16,18 +16,18 @@ import optax
 from flax import nnx
 
 from ir_jax import sharding as sh
+from ir_jax.bootstrap import DocumentTally, ratio_interval
 from ir_jax.data import pipeline
 from ir_jax.data.config import DataError
 from ir_jax.data.packing import PACK
 from ir_jax.distributed import host_array
-from ir_jax.eval.bootstrap import DocumentTally, ratio_interval
 from ir_jax.nll import perplexity
 from ir_jax.progress import counter, doing
 from ir_jax.routing import RoutingSpec, flops, trained_spec
+from ir_jax.rundir.state import ModelState
 from ir_jax.train import steps
 from ir_jax.train.config import Settings
 from ir_jax.train.stages import STAGES
-from ir_jax.train.state import ModelState
 
 
 def jit_eval_step(

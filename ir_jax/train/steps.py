@@ -16,17 +16,14 @@ import optax
 from flax import nnx
 
 from ir_jax.fit.common import OFFSET
-from ir_jax.forecast import CalibratedFor, Capacity, ForecasterParam, RouterParam, Threshold
 from ir_jax.losses import lm_loss
-from ir_jax.model import Llama, LoraParam
+from ir_jax.model import ADAPTERS, Llama  # noqa: F401  (ADAPTERS: also importable from here)
 from ir_jax.nll import token_nll
 from ir_jax.routing import RoutingSpec, mean_capacity, routed_forward, sink_mask
 from ir_jax.routing.capacity import present as table_present
 from ir_jax.train.config import DistillStage, ForecasterStage, RouterStage, StageConfig
 
 Array = jax.Array
-# Everything a training run produces on top of the base weights.
-ADAPTERS = nnx.Any(ForecasterParam, RouterParam, Threshold, Capacity, CalibratedFor, LoraParam)
 
 
 # ------------------------------------------------------------ optimizers

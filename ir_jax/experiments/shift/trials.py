@@ -3,7 +3,7 @@ and their verdicts (`launch/shift_experiment.py` is the driver; `report` writes 
 
 `load` reads the per-document NLL of every evaluated setting and the documents' texts;
 `run` draws, per scenario and resample, disjoint pools A and B, weights A's documents by
-classifier density ratios (`ir_jax.eval.estimators.classifier_weights`) and compares every
+classifier density ratios (`ir_jax.eval.density_ratio.classifier_weights`) and compares every
 estimator's perplexity on B with the perplexity measured there.
 """
 
