@@ -309,7 +309,11 @@ def paired_rows(runs: Path) -> list[dict]:
       tuned, base = json.loads(js.read_text()), json.loads(base_js.read_text())
       if [d["source"] for d in tuned["documents"]] != [d["source"] for d in base["documents"]]:
         raise SystemExit(f"{js} and {base_js} scored different documents; rerun both")
-      rec = lambda res: next(r for r in res["records"] if r["policy"] == policy)  # noqa: E731
+      rec = lambda res: next(  # noqa: E731  (the row at this FLOPs budget, not a pairs row)
+        r
+        for r in res["records"]
+        if r["policy"] == policy and (r.get("flops_budget") or 0.0) == float(budget)
+      )
       t, b = rec(tuned), rec(base)
       tokens = [d["tokens"] for d in tuned["documents"]]
       ratio, lo, hi = ratio_interval(t["doc_nll"], b["doc_nll"], tokens)

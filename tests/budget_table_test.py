@@ -127,7 +127,8 @@ def test_a_tuned_arm_is_paired_with_its_base_on_the_same_documents(tmp_path):
     for arm, nll in (("informed_0.8", base_nll), ("informed+distill_0.8", tuned_nll)):
       recs = [
         {"policy": "dense", "doc_nll": [1.0, 1.0, 1.0]},
-        {"policy": "informed", "doc_nll": nll},
+        {"policy": "informed", "sparsity": 0.25, "doc_nll": [9.0, 9.0, 9.0]},  # a pairs row
+        {"policy": "informed", "flops_budget": 0.8, "doc_nll": nll},
       ]
       (d / f"{arm}.json").write_text(json.dumps({"documents": docs, "records": recs}))
   got = bt.paired_rows(tmp_path)
