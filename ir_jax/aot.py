@@ -531,11 +531,12 @@ def check_stage(s: Settings, stage: str, target: Target, mfu: float) -> dict[str
       n_batches = stage_cfg.fit_batches if accumulates else stage_cfg.allocation_batches
       sm = stats_memory(lowered, compiled, target, accumulates, n_batches)
       chip_out = out / GIB
-      # The whole model stays on the chips; XLA's arguments leave out the variables a pass
-      # does not read (the LM head, the routers of the moments passes), which are added.
+      # The whole model and batch stay on the chips; XLA's arguments leave out what a pass
+      # does not read (the LM head, the routers of the moments passes, the batch's targets
+      # and loss mask), which is added back.
       model_c = _chip_bytes(nnx.state(built.args[0])) / GIB
       unread = max(model_c + _chip_bytes(built.args[1]) / GIB - arg / GIB, 0.0)
-      # On device while a batch's pass runs: the pass itself, the unread model variables
+      # On device while a batch's pass runs: the pass itself, the inputs it does not read
       # and the running total (the previous batch's output, held_output_gib, is no longer
       # kept: 0); while gathering across hosts: the model, the total and one gathered
       # block on every chip.
@@ -544,7 +545,7 @@ def check_stage(s: Settings, stage: str, target: Target, mfu: float) -> dict[str
       gather += sm["gather_chip_gib"]
       sm.update(
         model_chip_gib=model_c,
-        unread_model_gib=unread,
+        unread_inputs_gib=unread,
         state_out_gib=chip_out - sm["stats_chip_gib"],
         batches=n_batches,
         peak_gib=peak,
@@ -618,10 +619,11 @@ def describe_stats(r: dict[str, Any]) -> list[str]:
     f"  outputs beside the statistics (model state nnx.jit returns): "
     f"{_size(r['state_out_gib'])} per chip",
   ]
-  if r["unread_model_gib"]:
+  if r["unread_inputs_gib"]:
     lines.append(
-      f"  model variables the pass does not read (on the chips, not in its arguments): "
-      f"{_size(r['unread_model_gib'])} per chip"
+      f"  model variables and batch fields the pass does not read (on the chips, not in "
+      f"its arguments): "
+      f"{_size(r['unread_inputs_gib'])} per chip"
     )
   if r["running_total_gib"]:
     lines.append(
@@ -655,7 +657,7 @@ def describe_stats(r: dict[str, Any]) -> list[str]:
 STATS_TABLE_HEAD = (
   "| config | pass | topology (chips) | mesh d x f x t | per-host batch | statistics GB | "
   "split over every chip (per chip) | per-chip GiB: pass (args + temps + outputs) | "
-  "+ unread model + running total + held output | gathering | host GB per host | fits |\n"
+  "+ unread inputs + running total + held output | gathering | host GB per host | fits |\n"
   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
