@@ -43,6 +43,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from ir_jax import distributed
 from ir_jax import sharding as sh
 from ir_jax.config import ConfigError, LlamaConfig
 from ir_jax.fit import forecasters as fit_forecasters
@@ -307,14 +308,13 @@ def build_step(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
 @dataclasses.dataclass
 class _Pass:
   """A statistics pass of ir_jax.fit bound to its static arguments, lowered as it is called:
-  `fn(model, batch, *static)`."""
+  `fn(model, batch, *static)`, traced in fit.common.pass_context as the fits trace it."""
 
   fn: Any
   static: tuple[Any, ...]
-  in_context: bool  # traced in fit.common.pass_context, as fit.common._accumulate does
 
   def lower(self, model: Any, batch: Any) -> Any:
-    with pass_context(model if self.in_context else None):
+    with pass_context(model):
       return self.fn.lower(model, batch, *self.static)
 
 
@@ -328,14 +328,14 @@ def build_stats(s: Settings, stage: str, mesh: jax.sharding.Mesh) -> Built:
   graphdef, abs_state, shardings = abstract_state(s.model, mesh)
   model = nnx.merge(graphdef, sh.with_shardings(abs_state, shardings))
   greedy = s.routing.policy == "greedy"  # as ir_jax.train.init decides
-  # The moments go through fit.common._accumulate (traced on the model's mesh); the error
-  # curves are called by fit.tables.error_curves directly, outside any mesh.
+  # All three are traced on the model's mesh (fit.common._accumulate and
+  # fit.tables.error_curves call them in fit.common.pass_context).
   if stage == "forecaster_stats":
-    fn = _Pass(fit_forecasters._forecaster_moments, (s.train.forecaster.outlier,), True)
+    fn = _Pass(fit_forecasters._forecaster_moments, (s.train.forecaster.outlier,))
   elif stage == "router_stats":
-    fn = _Pass(fit_routers._router_moments, (greedy,), True)
+    fn = _Pass(fit_routers._router_moments, (greedy,))
   else:
-    fn = _Pass(fit_tables._error_curves, (greedy,), False)
+    fn = _Pass(fit_tables._error_curves, (greedy,))
   data_cfg = s.stage_data(data_stage)
   b, t = data_cfg.batch_size, data_cfg.seq_len
   return Built(fn, (model, batch_structs(mesh, b, t)), b, t, None, 0)
@@ -345,20 +345,41 @@ def _leaf_bytes(shape: tuple[int, ...], dtype: Any) -> int:
   return math.prod(shape) * jnp.dtype(dtype).itemsize
 
 
+def _chip_bytes(tree: Any) -> int:
+  """Per-chip bytes of a tree of sharded ShapeDtypeStructs."""
+  leaves = jax.tree.leaves(tree)
+  return sum(_leaf_bytes(x.sharding.shard_shape(x.shape), x.dtype) for x in leaves)
+
+
 def _spec(sharding: Any) -> str:
   spec = getattr(sharding, "spec", None)
   return "P()" if spec is None else str(spec).replace("PartitionSpec", "P")
 
 
-def _gather_bytes(info: dict[str, Any], shardings: dict[str, Any], glob: dict[str, int]) -> int:
-  """Per-chip bytes XLA allocates (outputs + temporaries) to replicate the largest statistic
-  on every chip, as `multihost_utils.process_allgather` does for an array that spans other
-  hosts' devices (a jitted identity with a replicated output sharding); compiled here."""
-  k = max(glob, key=glob.get)
+def _gather_bytes(info: dict[str, Any], shardings: dict[str, Any]) -> tuple[int, str]:
+  """(per-chip bytes XLA allocates, outputs + temporaries, for the largest single gather
+  `ir_jax.distributed.host_array` makes across hosts; its description). host_array
+  replicates on every chip one leading-axis block at a time (`distributed.layer_gather`)
+  where `distributed.gathers_by_layer` says so, else the whole leaf (process_allgather's
+  jitted identity); the same programs are compiled here."""
+
+  def unit(k: str) -> int:
+    size = _leaf_bytes(info[k].shape, info[k].dtype)
+    by_layer = distributed.gathers_by_layer(info[k].shape, shardings[k])
+    return size // info[k].shape[0] if by_layer else size
+
+  k = max(sorted(info), key=unit)
   src = jax.ShapeDtypeStruct(info[k].shape, info[k].dtype, sharding=shardings[k])
   rep = jax.sharding.NamedSharding(shardings[k].mesh, jax.sharding.PartitionSpec())
-  ma = jax.jit(lambda x: x, out_shardings=rep).lower(src).compile().memory_analysis()
-  return _stat(ma, "output_size_in_bytes") + _stat(ma, "temp_size_in_bytes")
+  if distributed.gathers_by_layer(info[k].shape, shardings[k]):
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    lowered = distributed.layer_gather(shardings[k]).lower(src, index)
+    what = f"one layer of {k}, {'x'.join(map(str, info[k].shape[1:]))}"
+  else:
+    lowered = jax.jit(lambda x: x, out_shardings=rep).lower(src)
+    what = f"{k} whole, {'x'.join(map(str, info[k].shape))}"
+  ma = lowered.compile().memory_analysis()
+  return _stat(ma, "output_size_in_bytes") + _stat(ma, "temp_size_in_bytes"), what
 
 
 def stats_memory(
@@ -367,21 +388,22 @@ def stats_memory(
   """What the statistics outputs of a compiled pass take: global and per chip (by the
   compiled output shardings), how each is sharded, and the copies around the pass.
 
-  The jitted fits are `nnx.jit` functions: besides the statistics (the last output) they
-  return the model state (written back into the model), so XLA's output size is the
-  statistics plus one more copy of the state per chip.
+  The jitted fits are `nnx.jit(graph_updates=False)` functions: they return the
+  statistics (the first output) and the model variables the pass changed (none), not the
+  model state, so XLA's output size is the statistics alone.
 
   Around the pass (ir_jax.fit.common._accumulate): the running total (one copy of the
-  statistics per chip) and the previous batch's output, which `_accumulate` still holds
-  while the next batch's pass runs; then `host_array` per output leaf: across hosts,
-  `multihost_utils.process_allgather` first replicates the leaf on every chip (a jitted
-  identity), and every host fetches it whole (float32) and keeps a float64 copy. A pass
-  that does not accumulate (error_curves) is fetched per batch in float32 and the
-  `batches` batches' arrays are concatenated on the host (about twice their size).
+  statistics per chip); the previous batch's output is added into it in place and
+  dropped, so none is held beside the next pass (`held_output_gib` 0; it was one more
+  copy). Then `host_array` per output leaf: across hosts, a gather that replicates on
+  every chip one layer's block of the leaf at a time (`_gather_bytes`), and every host
+  fetches the leaf whole (float32) and keeps a float64 copy. A pass that does not
+  accumulate (error_curves) is fetched per batch in float32 and the `batches` batches'
+  arrays are concatenated on the host (about twice their size).
   """
   inner = getattr(lowered, "lowered", lowered)
-  info = inner.out_info[-1]
-  shardings = compiled.output_shardings[-1]
+  info = inner.out_info[0]
+  shardings = compiled.output_shardings[0]
   names = sorted(info)
   glob = {k: _leaf_bytes(info[k].shape, info[k].dtype) for k in names}
   chip = {k: _leaf_bytes(shardings[k].shard_shape(info[k].shape), info[k].dtype) for k in names}
@@ -390,8 +412,9 @@ def stats_memory(
   big = [k for k in names if len(info[k].shape) > 2]  # [L, 2, d, ...]: the Gram matrices
   stats_g, stats_c = sum(glob.values()), sum(chip.values())
   largest = max(glob.values())
-  held = stats_c if accumulates else 0
-  multi = target.hosts > 1  # then host_array gathers with process_allgather
+  total = stats_c if accumulates else 0
+  multi = target.hosts > 1  # then host_array gathers across hosts
+  gather, gathered = _gather_bytes(info, shardings) if multi else (0, "")
   rec = {
     "stats_shapes": {k: list(info[k].shape) for k in names},
     "stats_shardings": {k: _spec(shardings[k]) for k in names},
@@ -399,9 +422,10 @@ def stats_memory(
     "stats_sharded": all(split[k] == n for k in big) if big else None,
     "stats_gib": stats_g / GIB,
     "stats_chip_gib": stats_c / GIB,
-    "running_total_gib": held / GIB,
-    "held_output_gib": held / GIB,
-    "gather_chip_gib": (_gather_bytes(info, shardings, glob) if multi else 0) / GIB,
+    "running_total_gib": total / GIB,
+    "held_output_gib": 0.0,  # _accumulate drops each output once it is added
+    "gather_chip_gib": gather / GIB,
+    "gathered": gathered,
     "host_fetch_gb": stats_g / GB,
     "host_float64_gb": 2 * stats_g / GB if accumulates else 0.0,
     "host_peak_gb": (2 * stats_g + largest if accumulates else 2 * stats_g * batches) / GB,
@@ -512,13 +536,21 @@ def check_stage(s: Settings, stage: str, target: Target, mfu: float) -> dict[str
       n_batches = stage_cfg.fit_batches if accumulates else stage_cfg.allocation_batches
       sm = stats_memory(lowered, compiled, target, accumulates, n_batches)
       chip_out = out / GIB
-      # On device while a batch's pass runs: the pass itself, the running total and the
-      # previous batch's output; while gathering across hosts: the model, the total, the
-      # last output and one leaf replicated on every chip.
-      peak = total / GIB + sm["running_total_gib"] + sm["held_output_gib"]
-      gather = (arg / GIB) + sm["running_total_gib"] + sm["held_output_gib"]
+      # The whole model and batch stay on the chips; XLA's arguments leave out what a pass
+      # does not read (the LM head, the routers of the moments passes, the batch's targets
+      # and loss mask), which is added back.
+      model_c = _chip_bytes(nnx.state(built.args[0])) / GIB
+      unread = max(model_c + _chip_bytes(built.args[1]) / GIB - arg / GIB, 0.0)
+      # On device while a batch's pass runs: the pass itself, the inputs it does not read
+      # and the running total (the previous batch's output, held_output_gib, is no longer
+      # kept: 0); while gathering across hosts: the model, the total and one gathered
+      # block on every chip.
+      peak = total / GIB + unread + sm["running_total_gib"] + sm["held_output_gib"]
+      gather = model_c + sm["running_total_gib"] + sm["held_output_gib"]
       gather += sm["gather_chip_gib"]
       sm.update(
+        model_chip_gib=model_c,
+        unread_inputs_gib=unread,
         state_out_gib=chip_out - sm["stats_chip_gib"],
         batches=n_batches,
         peak_gib=peak,
@@ -589,18 +621,25 @@ def describe_stats(r: dict[str, Any]) -> list[str]:
   lines = [
     f"  statistics {r['stats_gib']:.3f} GiB global ({sharded[r['stats_sharded']]}), "
     f"{_size(r['stats_chip_gib'])} per chip: {split}",
-    f"  outputs also hold the model state nnx.jit returns: {_size(r['state_out_gib'])} per chip",
+    f"  outputs beside the statistics (model state nnx.jit returns): "
+    f"{_size(r['state_out_gib'])} per chip",
   ]
+  if r["unread_inputs_gib"]:
+    lines.append(
+      f"  model variables and batch fields the pass does not read (on the chips, not in "
+      f"its arguments): "
+      f"{_size(r['unread_inputs_gib'])} per chip"
+    )
   if r["running_total_gib"]:
     lines.append(
-      f"  over {r['batches']} batches: + running total {_size(r['running_total_gib'])} + the "
-      f"previous batch's output {_size(r['held_output_gib'])} = {_size(r['peak_gib'])} per "
-      f"chip while a pass runs"
+      f"  over {r['batches']} batches: + running total {_size(r['running_total_gib'])} (each "
+      f"output is added into it and dropped; held beside the pass: "
+      f"{_size(r['held_output_gib'])}) = {_size(r['peak_gib'])} per chip while a pass runs"
     )
   lines.append(
     f"  gather: {_size(r['gather_peak_gib'])} per chip"
     + (
-      f" (process_allgather replicates one leaf, {_size(r['gather_chip_gib'])}, on every chip)"
+      f" (host_array replicates {r['gathered']}, {_size(r['gather_chip_gib'])}, on every chip)"
       if r["gather_chip_gib"]
       else " (one host: fetched from the shards)"
     )
@@ -623,7 +662,7 @@ def describe_stats(r: dict[str, Any]) -> list[str]:
 STATS_TABLE_HEAD = (
   "| config | pass | topology (chips) | mesh d x f x t | per-host batch | statistics GB | "
   "split over every chip (per chip) | per-chip GiB: pass (args + temps + outputs) | "
-  "+ running total + held output | gathering | host GB per host | fits |\n"
+  "+ unread inputs + running total + held output | gathering | host GB per host | fits |\n"
   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 

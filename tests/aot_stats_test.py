@@ -3,14 +3,18 @@
 configs/tiny.py (d 64, 2 layers) on the 8 fake CPU devices. What is checked against what:
   sizes     the record's global statistics bytes vs a hand count of the outputs
             (L x 2 Gram matrices of d x d float32, moments, counts)
-  per chip  the record's per-chip statistics bytes + the model state nnx.jit returns vs
-            XLA's own output size (so neither can be made up)
+  per chip  the record's per-chip statistics bytes vs XLA's own output size (the passes
+            return their statistics only, no model state); the inputs a pass does not
+            read (XLA drops them from its arguments) vs a hand count of those variables
   sharding  the Gram matrices come out split over every device (fit.common pins them), on
-            the configs' FSDP mesh (data 1, fsdp all) and with data 2; per-chip
-            temporaries of the moments do not grow with the global batch; the moments
+            the configs' FSDP mesh (data 1, fsdp all) and with data 2, and the error
+            curves' per-token outputs over the batch axes; per-chip temporaries of every
+            pass do not grow with the global batch; the moments and error curves
             computed so on 8 devices equal a one-device run to float32 summation order
-  copies    running total and held output = one copy each of the per-chip statistics;
-            host figures = float32 fetch + float64 copy of the global statistics
+  copies    running total = one copy of the per-chip statistics, no held output (checked
+            on _accumulate itself with jax.live_arrays); host figures = float32 fetch +
+            float64 copy of the global statistics; across hosts one layer's block of the
+            largest statistic is replicated per chip
 """
 
 from __future__ import annotations
@@ -66,14 +70,36 @@ def tiny_config(data: int, fsdp: int):
   return cfg
 
 
-def _state_per_chip(cfg, n: int) -> tuple[int, int]:
-  """(bytes, leaves) of the model state per device, from the shardings training gives it."""
+def _path(keys) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
+
+
+def _state_per_chip(cfg, n: int, under: tuple[str, ...] = ("",)) -> int:
+  """Bytes per device of the model variables whose path starts with one of `under`, from
+  the shardings training gives them (ir_jax.train.state.abstract_state)."""
   s = settings_from_config(cfg)
   mesh = sh.make_mesh(s.mesh, jax.devices("cpu")[:n])
   _, abs_state, shardings = abstract_state(s.model, mesh)
-  leaves = list(zip(jax.tree.leaves(abs_state), jax.tree.leaves(shardings)))
-  size = sum(math.prod(s_.shard_shape(a.shape)) * a.dtype.itemsize for a, s_ in leaves)
-  return size, len(leaves)
+  leaves = zip(jax.tree_util.tree_flatten_with_path(abs_state)[0], jax.tree.leaves(shardings))
+  return sum(
+    math.prod(sd.shard_shape(a.shape)) * a.dtype.itemsize
+    for (keys, a), sd in leaves
+    if _path(keys).startswith(under)
+  )
+
+
+# What each pass does not read, so XLA leaves it out of its arguments: the LM head and final
+# norm (no pass computes logits), the routing variables it has no use for (the forecaster
+# moments read no routing module, the router moments only the forecasters, the error curves
+# forecasters and routers), and the batch's targets and loss mask.
+ROUTING_STATE = ("routing/threshold", "routing/capacity", "routing/calibrated_for")
+ROUTERS = ("routing/attn_router", "routing/mlp_router")
+UNREAD = {
+  "forecaster_stats": ("lm_head", "norm", "routing"),
+  "router_stats": ("lm_head", "norm") + ROUTERS + ROUTING_STATE,
+  "error_curves": ("lm_head", "norm") + ROUTING_STATE,
+}
+UNREAD_BATCH = 2 * B * T * F32 // 8  # targets (int32) and loss_mask (float32), split 8 ways
 
 
 def test_hand_counts():
@@ -85,7 +111,7 @@ def test_hand_counts():
 def test_statistics_passes_compile_and_their_sizes_are_the_outputs(mesh):
   cfg = tiny_config(*mesh)
   recs = aot.run(cfg, "cpu:8", list(aot.STATS_STAGES))
-  state, state_leaves = _state_per_chip(cfg, 8)
+  state = _state_per_chip(cfg, 8)
   for r in recs:
     stage = r["stage"]
     assert r["mesh"] == {"data": mesh[0], "fsdp": mesh[1], "tensor": 1}
@@ -98,28 +124,42 @@ def test_statistics_passes_compile_and_their_sizes_are_the_outputs(mesh):
     # Per chip: each output's global size over the ways it is split ...
     chip = sum(glob[k] // r["stats_split"][k] for k in shapes)
     assert r["stats_chip_gib"] * aot.GIB == chip, stage
-    # ... and with the model state nnx.jit hands back, XLA's output size (the CPU
+    # ... and that alone is XLA's output size: the passes return no model state (the CPU
     # backend adds an 8-byte pointer per output leaf for the result tuple).
-    n_out = len(shapes) + state_leaves
     out = r["output_gib"] * aot.GIB
-    assert chip + state <= out <= chip + state + 8 * n_out, (stage, out, chip, state)
+    assert chip <= out <= chip + 8 * len(shapes), (stage, out, chip)
     assert r["state_out_gib"] * aot.GIB == pytest.approx(out - chip)
-    # The per-unit matrices are split along a feature dimension over the mesh (the
-    # moments: over every device, fit.common._split_features).
+    # The whole model stays on the chips; what the pass does not read is not among XLA's
+    # arguments and is counted beside it: the hand-picked variables and batch fields.
+    assert r["model_chip_gib"] * aot.GIB == state
+    unread = _state_per_chip(cfg, 8, UNREAD[stage]) + UNREAD_BATCH
+    assert r["unread_inputs_gib"] * aot.GIB == unread, (stage, r["unread_inputs_gib"] * aot.GIB)
+    batch = 5 * B * T * 4 // 8  # inputs, targets, loss_mask, positions, segment_ids
+    assert r["argument_gib"] * aot.GIB == state + batch - unread, stage
+    # The per-unit matrices are split along a feature dimension over every device
+    # (fit.common._split_features), the error curves' per-token outputs over the batch
+    # axes, here every device too (fit.common._split_tokens).
+    assert r["stats_sharded"] is True, (stage, r["stats_shardings"])
     for k, v in shapes.items():
       if len(v) == 4:  # [L, 2, d, d or 1]: Gram matrices
-        assert r["stats_split"][k] % mesh[1] == 0, (stage, k, r["stats_shardings"][k])
+        assert r["stats_split"][k] == 8, (stage, k, r["stats_shardings"][k])
+      if stage == "error_curves":  # [L, 2, B x T]
+        assert v == [L, 2, B * T] and r["stats_split"][k] == 8, (k, r["stats_shardings"][k])
+    assert r["held_output_gib"] == 0  # _accumulate drops each output once it is added
     if stage != "error_curves":
-      assert r["stats_sharded"] is True, (stage, r["stats_shardings"])
-      # The running total and the previous batch's output: one copy each, per chip.
-      assert r["running_total_gib"] == r["held_output_gib"] == r["stats_chip_gib"]
-      assert r["peak_gib"] == pytest.approx(r["total_gib"] + 2 * r["stats_chip_gib"])
+      # The running total: one copy of the statistics per chip.
+      assert r["running_total_gib"] == r["stats_chip_gib"]
+      assert r["peak_gib"] == pytest.approx(
+        r["total_gib"] + r["unread_inputs_gib"] + r["stats_chip_gib"]
+      )
       # Host: the whole statistics in float32, then a float64 copy.
       assert r["host_fetch_gb"] * aot.GB == pytest.approx(HAND[stage])
       assert r["host_float64_gb"] * aot.GB == pytest.approx(2 * HAND[stage])
     else:
       assert r["running_total_gib"] == 0 and r["host_float64_gb"] == 0
+      assert r["peak_gib"] == pytest.approx(r["total_gib"] + r["unread_inputs_gib"])
     assert r["gather_chip_gib"] == 0  # one host: nothing is replicated to gather
+    assert r["gather_peak_gib"] == pytest.approx(r["model_chip_gib"] + r["running_total_gib"])
     assert r["flops"] > 0 and r["trained_params"] == 0
     text = aot.describe(r)
     assert "statistics" in text and "host, on every host" in text
@@ -127,24 +167,53 @@ def test_statistics_passes_compile_and_their_sizes_are_the_outputs(mesh):
     assert row.startswith(f"| tiny.py | {stage} | cpu:8 (8) | {mesh[0]}x{mesh[1]}x1 | 8 x 64 |")
 
 
-def test_across_hosts_the_gather_replicates_the_largest_statistic_on_every_chip():
-  # process_allgather (host_array across hosts) replicates each leaf on every chip; the
-  # record compiles that for the largest leaf. Eight CPU devices stand in for 2 hosts.
+@pytest.mark.parametrize("stage", list(aot.STATS_STAGES))
+def test_across_hosts_the_gather_replicates_one_layer_of_the_largest_statistic(stage):
+  # host_array across hosts replicates one layer's block of a statistic at a time on every
+  # chip (ir_jax.distributed.layer_gather); the record compiles that program for the
+  # largest block. Eight CPU devices stand in for 2 hosts.
   cfg = tiny_config(1, 8)
   s = settings_from_config(cfg)
   one = aot.target_devices("cpu:8")
   two = aot.Target("cpu:8 (2 hosts)", one.devices, one.chip, hosts=2)
-  r = aot.check_stage(s, "forecaster_stats", two, 0.4)
-  # One [L, 2, d, d] matrix whole per chip (XLA's CPU all-gather adds a temporary of
-  # the same size), not the whole statistics (2 matrices + moments).
-  assert GRAM <= r["gather_chip_gib"] * aot.GIB <= 2 * GRAM < HAND["forecaster_stats"]
-  gather = r["argument_gib"] + r["running_total_gib"] + r["held_output_gib"]
+  r = aot.check_stage(s, stage, two, 0.4)
+  # One layer of an [L, 2, d, d] matrix (of [L, 2, B x T] per-token values for the error
+  # curves) whole per chip (XLA's CPU all-gather adds a temporary of the same size), not
+  # the whole matrix (L layers), let alone the whole statistics.
+  block = {"error_curves": 2 * B * T * F32}.get(stage, GRAM // L)
+  assert block <= r["gather_chip_gib"] * aot.GIB <= 2 * block < HAND[stage], r["gathered"]
+  assert r["gathered"].startswith("one layer of")
+  gather = r["model_chip_gib"] + r["running_total_gib"] + r["held_output_gib"]
   assert r["gather_peak_gib"] == pytest.approx(gather + r["gather_chip_gib"])
-  assert "process_allgather replicates one leaf" in aot.describe(r)
+  assert "host_array replicates one layer of" in aot.describe(r)
 
 
-def test_accumulate_holds_the_running_total_and_the_previous_output_during_a_pass():
-  # What the AOT record adds to a pass (running total + held output) is what
+def test_layer_gather_is_the_layer_replicated_and_says_which_arrays_it_takes():
+  # The gather host_array uses across hosts, run here on 8 devices of one process: the
+  # block x[i] (numpy's), replicated on every device.
+  import numpy as np
+
+  from ir_jax import distributed
+
+  mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=4, tensor=1), jax.devices("cpu")[:8])
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "fsdp"))
+  x = np.random.default_rng(0).standard_normal((3, 2, 8, 5)).astype(np.float32)
+  xs = jax.device_put(x, split)
+  assert distributed.gathers_by_layer(x.shape, split)
+  gather = distributed.layer_gather(split)
+  for i in range(3):
+    got = gather(xs, np.int32(i))
+    assert got.sharding.is_fully_replicated and got.shape == (2, 8, 5)
+    np.testing.assert_array_equal(np.asarray(got.addressable_data(0)), x[i])
+  # Rank 2 ([L, 2] sums, [B, T] masks), a split leading axis, one layer: gathered whole.
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  assert not distributed.gathers_by_layer((3, 2), split.update(spec=jax.sharding.PartitionSpec()))
+  assert not distributed.gathers_by_layer((8, 2, 8), rows)
+  assert not distributed.gathers_by_layer((1, 2, 8, 5), split)
+
+
+def test_accumulate_holds_only_the_running_total_during_a_pass():
+  # What the AOT record adds to a pass (the running total, no held output) is what
   # ir_jax.fit.common._accumulate keeps live while the next batch's pass runs.
   from ir_jax.fit import common
 
@@ -158,18 +227,19 @@ def test_accumulate_holds_the_running_total_and_the_previous_output_during_a_pas
   batches = [{"x": [float(i)]} for i in range(4)]
   out = common._accumulate(pass_, None, batches)
   assert out["s"][0] == 0 + 1 + 2 + 3
-  # batch 0: nothing yet; batch 1: the total (= batch 0's output); then the total and
-  # the previous batch's output, two copies beside the pass's own.
-  assert live == [0, 4 * n, 8 * n, 8 * n]
+  # batch 0: nothing yet; then the total alone (batch 0's output, then the sums): each
+  # output was added into it in place and dropped (before the change, from batch 2 on,
+  # the previous batch's output was live too: 8 n bytes).
+  assert live == [0, 4 * n, 4 * n, 4 * n]
 
 
-@pytest.mark.parametrize("stage", ["forecaster_stats", "router_stats"])
-def test_per_chip_temporaries_of_the_moments_do_not_grow_with_the_global_batch(stage):
-  # One 128-token row per chip on an all-FSDP mesh of 2, then 8 devices. The moments
+@pytest.mark.parametrize("stage", list(aot.STATS_STAGES))
+def test_per_chip_temporaries_of_the_passes_do_not_grow_with_the_global_batch(stage):
+  # One 128-token row per chip on an all-FSDP mesh of 2, then 8 devices. The passes
   # are traced on the model's mesh (fit.common.pass_context), so the model's activation
   # constraints keep each chip to its own rows; without it XLA replicated the batch
-  # (here 3.7 -> 11.8 MiB of temporaries; Llama-2-7B router moments 2.5 GiB per chip
-  # on v5e:4x4 -> 12.1 GiB on v5e:8x8).
+  # (here 3.7 -> 11.8 MiB of temporaries for the moments; Llama-2-7B router moments 2.5
+  # GiB per chip on v5e:4x4 -> 12.1 GiB on v5e:8x8, error curves 1.35 -> 5.44 GiB).
   temps = []
   for n in (2, 8):
     cfg = wide_tiny_config(n)
@@ -180,7 +250,7 @@ def test_per_chip_temporaries_of_the_moments_do_not_grow_with_the_global_batch(s
   assert temps[1] < 1.25 * temps[0], temps
 
 
-def test_moments_on_8_devices_come_out_split_and_equal_one_device_to_float32_order():
+def test_passes_on_8_devices_come_out_split_and_equal_one_device_to_float32_order():
   # The real pass on real arrays: a random tiny model FSDP-sharded on data 2 x fsdp 4,
   # batches split over the batch axes. The moments come back split over all 8 devices
   # and equal the same pass on one device to float32 summation order (the tokens are
@@ -189,7 +259,7 @@ def test_moments_on_8_devices_come_out_split_and_equal_one_device_to_float32_ord
   import numpy as np
   from flax import nnx
 
-  from ir_jax.fit import common, forecasters, routers
+  from ir_jax.fit import common, forecasters, routers, tables
   from ir_jax.train.state import init_state
 
   s = settings_from_config(tiny_config(2, 4))
@@ -227,3 +297,16 @@ def test_moments_on_8_devices_come_out_split_and_equal_one_device_to_float32_ord
       v = np.asarray(v, np.float64)
       scale = max(float(np.max(np.abs(v))), 1e-30)
       assert np.max(np.abs(got[k] - v)) <= 2e-6 * scale, k
+  # The error curves: per-token outputs split over the 8 devices as the tokens are, fetched
+  # whole: bitwise the values of one device (measured; each token's values are computed
+  # from its own row, with the FSDP-split weights gathered whole before each matmul).
+  with common.pass_context(model):
+    out = tables._error_curves(model, batches[0], False)
+  for k in ("score", "rel_err"):
+    assert out[k].sharding.shard_shape(out[k].shape) == (L, 2, B * T // 8), k
+  got = tables.error_curves(model, batches)
+  ref = tables.error_curves(one, [jax.device_put(b, d0) for b in batches])
+  n = 2 * B * (T - 2)  # ordinary tokens: all but the two segment starts of each row
+  for name, g, v in zip(("score", "rel_err"), got, ref):
+    assert g.shape == v.shape == (L, 2, n), name
+    np.testing.assert_array_equal(g, v, err_msg=name)

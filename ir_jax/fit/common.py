@@ -3,23 +3,23 @@ to a statistic, the streaming sum over batches, the centred moments of a ridge s
 the write of a host-side solution back into the model.
 
 Every pass is one jitted function per batch whose outputs have a leading
-layers axis `[L, 2, ...]`. The passes that accumulate (`_accumulate`:
-forecaster and router moments) are traced on the model's mesh
+layers axis `[L, 2, ...]`. All are traced on the model's mesh
 (`pass_context`), so the model's activation constraints split the tokens over
-the batch axes as in the training steps, and each layer's d x d statistics
-are pinned to be split along a feature dimension over every mesh axis that
-divides d (`_split_features`); not along the layers, which `ir_jax.sharding`
-replicates. Llama-2-7B's forecaster moments (X^T X and X^T Y, 128 matrices
-of 4096^2 float32, 8.6 GB) are then 2 GiB per chip on 4 v5e chips and 0.5 on
-16; the router moments half that. Before, traced without a mesh, XLA
-replicated the batch inside the pass (per-chip temporaries grew with the
-global batch) and split the statistics over `fsdp` only. The error-curve pass
-(`fit.tables`) is still called outside any mesh; its per-token outputs are
-small. `_accumulate` keeps the running total and the previous batch's output
-beside each new pass (two more copies per chip), and the jitted passes
-(nnx.jit) also return the model state, one more copy of it per chip.
-`python -m ir_jax.aot --stage forecaster_stats,router_stats,error_curves`
-compiles the passes for a TPU slice; docs/scaling.md has the figures.
+the batch axes as in the training steps; each layer's d x d statistics are
+pinned to be split along a feature dimension over every mesh axis that divides
+d (`_split_features`; not along the layers, which `ir_jax.sharding`
+replicates), and the error-curve pass's per-token outputs over the batch axes
+as the tokens are (`_split_tokens`). Llama-2-7B's forecaster moments (X^T X and
+X^T Y, 128 matrices of 4096^2 float32, 8.6 GB) are then 2 GiB per chip on 4
+v5e chips and 0.5 on 16; the router moments half that. Traced without a mesh,
+XLA replicated the batch inside a pass (per-chip temporaries grew with the
+global batch: the error-curve pass 5.4 GiB per chip on 64 v5e chips). The
+passes are `nnx.jit(graph_updates=False)`: they return their statistics only,
+not the model state (one more copy of the model per chip). `_accumulate` keeps
+only the running total beside each new pass (each output is added into it in
+place and dropped). `python -m ir_jax.aot --stage
+forecaster_stats,router_stats,error_curves` compiles the passes for a TPU
+slice; docs/scaling.md has the figures.
 
 Across processes (a pod): batches are global arrays whose rows live on
 several hosts and the model may be FSDP-sharded over them, so every pass's
@@ -29,13 +29,14 @@ call in the same order); the solves then run on the same numbers on every
 host, and what is written back into the model is process 0's result, placed
 with the sharding the variable had (`_set`), so replicas cannot drift apart.
 On every host that is the whole statistics in float32 and then a float64 copy
-(Llama-2-7B forecaster moments: 8.6 + 17.2 GB per host); across hosts
-`process_allgather` first replicates each leaf on every chip (one X^T X,
-4 GiB, per chip at a time).
+(Llama-2-7B forecaster moments: 8.6 + 17.2 GB per host); on device the gather
+replicates one layer's block at a time on every chip (one layer's X^T X of
+both units, 0.125 GiB).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ir_jax import sharding as sh
@@ -92,13 +94,34 @@ def _split_features(stats: Any, d: int) -> Any:
   return jax.tree.map(pin, stats)
 
 
-def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> Any:
+def _split_tokens(stats: Any) -> Any:
+  """Pins one layer's per-token outputs `[2, n]` (n = the batch's B x T tokens, batch-major)
+  to be split over the batch axes as the tokens are, under the mesh of `pass_context`
+  (no-op without one); an axis that does not divide n is dropped (`sh.logical_to_mesh`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return stats
+
+  def pin(x):
+    spec = sh.logical_to_mesh((None, "batch"), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(pin, stats)
+
+
+def _dense_units(
+  model: Llama, batch: dict[str, Array], per_unit: Callable, per_token: bool = False
+) -> Any:
   """Runs the dense model; `per_unit(rl, unit, n_BxTxD, u_BxTxD, x_BxTxD)` -> stats, stacked
-  [L, 2, ...]; x is the residual stream the unit's output is added to."""
+  [L, 2, ...]; x is the residual stream the unit's output is added to. Each layer's stats
+  are placed on the mesh of `pass_context`: d x d statistics split along a feature
+  dimension (`_split_features`), or, `per_token`, per-token outputs `[2, B x T]` over the
+  batch axes (`_split_tokens`)."""
   tokens, positions, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
   b, t = tokens.shape
   d = model.config.hidden_size
   index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  place = _split_tokens if per_token else lambda stats: _split_features(stats, d)
 
   def layer_fn(layer, routing_layer, x, _):
     n = layer.input_layernorm(x)
@@ -108,7 +131,7 @@ def _dense_units(model: Llama, batch: dict[str, Array], per_unit: Callable) -> A
     n2 = layer.post_attention_layernorm(x)
     m = layer.mlp(n2)
     sm = per_unit(routing_layer, 1, n2, m, x)
-    return x + m, _split_features(jax.tree.map(lambda p, q: jnp.stack([p, q]), sa, sm), d)
+    return x + m, place(jax.tree.map(lambda p, q: jnp.stack([p, q]), sa, sm))
 
   _, stats = model.run_layers(layer_fn, model.embed(tokens))
   return stats
@@ -156,18 +179,28 @@ def moments_bytes(d: int) -> int:
   return 2 * 2 * d * d * 4
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _add(total: Any, out: Any) -> Any:
+  """total + out, leaf by leaf, written into the running total's buffers (donated)."""
+  return jax.tree.map(jnp.add, total, out)
+
+
 def _accumulate(
   fn: Callable,
   model: Llama,
   batches: Iterable[dict[str, Any]],
   progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
+  """Sums `fn(model, batch)` over `batches` on device, traced in `pass_context(model)`; the
+  total whole on every process in float64. Beside each batch's pass only the running total
+  is kept: each output is added into it in place (`_add` donates the total) and dropped."""
   total = None
   for i, batch in enumerate(batches):
     with doing("compiling the statistics pass" if i == 0 else "gathering statistics"):
       with pass_context(model):
         out = fn(model, {k: jnp.asarray(v) for k, v in batch.items()})
-      total = out if total is None else jax.tree.map(jnp.add, total, out)
+      total = out if total is None else _add(total, out)
+      del out  # added (or now the total): no second copy waits beside the next pass
       if i == 0:  # the first batch's wait (compile and run) belongs to this label
         jax.block_until_ready(total)
     if progress is not None:
@@ -201,7 +234,5 @@ def _set(var: nnx.Variable, value: np.ndarray) -> None:
     var[...] = jnp.asarray(new)
     return
   if not old.is_fully_addressable:
-    from jax.experimental import multihost_utils
-
     new = np.asarray(multihost_utils.broadcast_one_to_all(new))
   var[...] = jax.device_put(new, old.sharding)

@@ -19,7 +19,7 @@ from ir_jax.progress import counter, doing
 Array = jax.Array
 
 
-@nnx.jit(static_argnames=("outlier",))
+@nnx.jit(static_argnames=("outlier",), graph_updates=False)
 def _forecaster_moments(model: Llama, batch: dict[str, Array], outlier: float) -> dict[str, Array]:
   ordinary = _ordinary(batch).reshape(-1)
 
@@ -44,7 +44,7 @@ def _forecaster_moments(model: Llama, batch: dict[str, Array], outlier: float) -
   return _dense_units(model, batch, per_unit)
 
 
-@nnx.jit
+@nnx.jit(graph_updates=False)
 def _forecast_error(model: Llama, batch: dict[str, Array]) -> dict[str, Array]:
   w = _ordinary(batch).reshape(-1)
 

@@ -30,7 +30,7 @@ from ir_jax.progress import counter
 Array = jax.Array
 
 
-@nnx.jit(static_argnames=("greedy",))
+@nnx.jit(static_argnames=("greedy",), graph_updates=False)
 def _router_moments(model: Llama, batch: dict[str, Array], greedy: bool) -> dict[str, Array]:
   w = _ordinary(batch).reshape(-1)
 

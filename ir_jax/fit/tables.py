@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from ir_jax.distributed import host_array
-from ir_jax.fit.common import _approximation, _dense_units, _ordinary, _set
+from ir_jax.fit.common import _approximation, _dense_units, _ordinary, _set, pass_context
 from ir_jax.fit.routers import center_routers
 from ir_jax.losses import lm_loss
 from ir_jax.model import Llama
@@ -24,7 +24,7 @@ from ir_jax.routing.capacity import CapacityTable
 Array = jax.Array
 
 
-@nnx.jit(static_argnames=("greedy",))
+@nnx.jit(static_argnames=("greedy",), graph_updates=False)
 def _error_curves(model: Llama, batch: dict[str, Array], greedy: bool) -> dict[str, Array]:
   def per_unit(routing_layer, unit, n, u, x_res):
     f = _approximation(routing_layer, unit, n, greedy)
@@ -35,20 +35,23 @@ def _error_curves(model: Llama, batch: dict[str, Array], greedy: bool) -> dict[s
       rel_err=(err / jnp.maximum(scale, 1e-30)).reshape(-1),
     )
 
-  return _dense_units(model, batch, per_unit)
+  return _dense_units(model, batch, per_unit, per_token=True)
 
 
 def error_curves(
   model: Llama, batches: list[dict[str, Any]], greedy: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
   """(router scores, relative approximation errors |Unit(n) - LFF(n)|^2 / |x|^2, LFF = 0 when
-  `greedy`), `[L, 2, n]` over the n ordinary tokens of `batches` in the dense model."""
+  `greedy`), `[L, 2, n]` over the n ordinary tokens of `batches` in the dense model. The
+  pass is traced as the moments passes are (`fit.common.pass_context`: on the model's
+  mesh, its per-token outputs split over the batch axes)."""
   scores, errs = [], []
   bar = counter("  error curves", len(batches), unit="batches")
   for i, b in enumerate(batches):
     b = {k: jnp.asarray(v) for k, v in b.items()}
     with doing("compiling the error-curve pass" if i == 0 else "measuring error curves"):
-      out = _error_curves(model, b, greedy)
+      with pass_context(model):
+        out = _error_curves(model, b, greedy)
       keep = host_array(_ordinary(b)).reshape(-1) > 0  # global rows, as the outputs
       scores.append(host_array(out["score"])[..., keep])
       errs.append(host_array(out["rel_err"])[..., keep])
