@@ -119,7 +119,9 @@ class Heartbeat:
 
   def __init__(self, every: float = 8.0, poll: float = 0.5) -> None:
     self.every, self.poll = every, poll
-    self.lock = threading.Lock()
+    # Reentrant: a signal handler that prints (train.loop's SIGTERM notice) runs in the
+    # main thread, possibly while that thread is inside a write holding this lock.
+    self.lock = threading.RLock()
     self.last = time.time()
     self.open_line = False  # a progress bar is being redrawn on the current line
     self.labels: list[tuple[str, float]] = []

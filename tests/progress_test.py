@@ -67,3 +67,20 @@ def test_no_escape_codes_when_stdout_is_not_a_terminal(monkeypatch, capsys):
     "eval 1/2 (50%) 1/s, 1s elapsed, ETA 1s",
     "eval 2/2 (100%) 1/s, 2s elapsed, done",
   ]
+
+
+def test_a_signal_handler_may_print_while_a_write_holds_the_lock():
+  # A SIGTERM handler that prints (ir_jax.train.loop) runs in the main thread between
+  # bytecodes, possibly inside a watched write that holds the heartbeat's lock: its own
+  # write must get the lock again (it deadlocked the training run with a plain Lock).
+  beat = pg.Heartbeat()
+  out = io.StringIO()
+  watched = pg._Watched(out, beat)
+  assert beat.lock.acquire(timeout=2)  # the interrupted write
+  try:
+    assert beat.lock.acquire(timeout=2), "a handler that prints would deadlock here"
+    beat.lock.release()
+    watched.write("ir_jax.train: SIGTERM received\n")
+  finally:
+    beat.lock.release()
+  assert out.getvalue() == "ir_jax.train: SIGTERM received\n"
