@@ -194,6 +194,16 @@ def router_loss(
   }
 
 
+def _routed_metrics(loss: Array, lm: Array, exec_Lx2: Array) -> dict[str, Array]:
+  """What a stage that trains under hard top-k routing logs (lora, distill)."""
+  return {
+    "loss": loss,
+    "lm": lm,
+    "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
+    "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1]),
+  }
+
+
 def lora_loss(
   model: Llama, batch: dict[str, Array], spec: RoutingSpec
 ) -> tuple[Array, dict[str, Array]]:
@@ -201,13 +211,7 @@ def lora_loss(
     model, batch["inputs"], batch["positions"], batch["segment_ids"], spec, return_aux=True
   )
   lm, _ = lm_loss(logits, batch)
-  exec_Lx2 = aux["exec_rate"]
-  return lm, {
-    "loss": lm,
-    "lm": lm,
-    "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
-    "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1]),
-  }
+  return lm, _routed_metrics(lm, lm, aux["exec_rate"])
 
 
 def distill_loss(
@@ -226,13 +230,7 @@ def distill_loss(
   mask = batch["loss_mask"].astype(jnp.float32)
   kl = jnp.sum(kl_BxT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
   lm, _ = lm_loss(logits, batch)
-  exec_Lx2 = aux["exec_rate"]
-  return kl, {
-    "loss": kl,
-    "lm": lm,
-    "sparsity_attn": 1.0 - jnp.mean(exec_Lx2[:, 0]),
-    "sparsity_mlp": 1.0 - jnp.mean(exec_Lx2[:, 1]),
-  }
+  return kl, _routed_metrics(kl, lm, aux["exec_rate"])
 
 
 LossFn = Callable[[Llama, dict[str, Array], Array], tuple[Array, dict]]
